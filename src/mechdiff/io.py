@@ -1,0 +1,87 @@
+"""Small I/O helpers shared by the stages: JSON metrics, CSV plots, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mechdiff.errors import MechdiffError
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else round(x, 6)
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON (numpy-safe, floats rounded to 6 decimals, NaN -> null) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write records as CSV (header from the union of keys, in first-seen order) atomically."""
+    rows = [_clean(dict(r)) for r in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    os.replace(tmp, path)
+    return path
+
+
+def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts with '.'-joined keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def run_stage(fn: Callable[[], Any]) -> None:
+    """Run a stage's main; a MechdiffError prints one line 'mechdiff: ...' and exits 2."""
+    try:
+        fn()
+    except MechdiffError as e:
+        print(f"mechdiff: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,329 @@
+"""Typed parameters mirroring params.yaml, validated with one-line errors.
+
+Only `stages/` call `load_params`; the library takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mechdiff.errors import MechdiffError
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from: hub id, local dir, .gguf file or package:<name>."""
+
+    id: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class TunedSpec:
+    """The tuned model: a spec like the base, or a recipe applied to the base."""
+
+    id: str | None = None
+    recipe: str = "finetune"
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class Finetune:
+    """A narrow gradient fine-tune of the base."""
+
+    dataset: str = "cultural"
+    layers: list[int] | None = None
+    steps: int = 60
+    lr: float = 3e-4
+    batch_size: int = 8
+    max_len: int = 64
+
+
+@dataclass
+class Edit:
+    """A planted low-rank change of known layer, site, rank and scale."""
+
+    layer: int = 20
+    site: str = "attn_out"
+    rank: int = 4
+    scale: float = 4.0
+
+
+@dataclass
+class Fairness:
+    """Shared-vocabulary fairness settings."""
+
+    enabled: bool = True
+    mode: str = "strict"
+    min_shared_ratio: float = 0.9
+
+
+@dataclass
+class Pair:
+    """The model pair."""
+
+    base: ModelSpec = field(default_factory=ModelSpec)
+    tuned: TunedSpec = field(default_factory=TunedSpec)
+    finetune: Finetune = field(default_factory=Finetune)
+    edit: Edit = field(default_factory=Edit)
+    dtype: str = "float32"
+    fairness: Fairness = field(default_factory=Fairness)
+
+
+@dataclass
+class Data:
+    """Corpora and splits."""
+
+    dir: str = "data"
+    sources: list[dict] | None = None
+    max_per_dataset: int | None = None
+    splits: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    chat: bool = True
+    max_len: int = 128
+
+
+@dataclass
+class Extract:
+    """Activation extraction."""
+
+    batch_size: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
+    layer_stride: int = 2
+    detail_layers: list[int] = field(default_factory=list)
+    store_logits: bool = True
+    shard_rows: int = 1024
+
+
+@dataclass
+class Divergence:
+    """CKA, KL and layer patch."""
+
+    n_boot: int = 200
+    layer_patch_prompts: int = 48
+
+
+@dataclass
+class Transport:
+    """Transport maps base -> tuned."""
+
+    sites: list[str] = field(default_factory=list)
+    solver: str = "procrustes_scaled"
+    shrink: float = 0.05
+    rank_mode: str = "delta"
+
+
+@dataclass
+class Patch:
+    """Mapped patching and the rank / alpha sweeps."""
+
+    ranks: list[int | str] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, "full"])
+    alphas: list[float | str] = field(default_factory=lambda: ["auto", 1.0])
+    target_drop: float = 50.0
+    max_prompts: int = 96
+    batch_size: int = 16
+    n_boot: int = 1000
+
+
+@dataclass
+class SAE:
+    """Sparse autoencoders."""
+
+    sources: list[str] = field(default_factory=lambda: ["base", "tuned", "delta", "crosscoder"])
+    layers: list[int] = field(default_factory=list)
+    view: str = "tokens"
+    expansion: int = 8
+    k: int = 32
+    k_aux: int | None = None
+    batchtopk: bool = False
+    lr: float = 4e-4
+    batch_size: int = 1024
+    epochs: int = 4
+    eval_prompts: int = 64
+
+
+@dataclass
+class Features:
+    """Feature statistics."""
+
+    cohens_d: float = 0.5
+    active_freq: float = 0.01
+    n_perm: int = 500
+    fdr: float = 0.05
+    top_examples: int = 8
+    max_themes: int = 12
+
+
+@dataclass
+class Params:
+    """Every knob of the pipeline."""
+
+    seed: int = 17
+    rank: int | str = 8
+    alpha: float | str = "auto"
+    pair: Pair = field(default_factory=Pair)
+    data: Data = field(default_factory=Data)
+    extract: Extract = field(default_factory=Extract)
+    divergence: Divergence = field(default_factory=Divergence)
+    transport: Transport = field(default_factory=Transport)
+    patch: Patch = field(default_factory=Patch)
+    sae: SAE = field(default_factory=SAE)
+    features: Features = field(default_factory=Features)
+
+
+_CHOICES = {
+    "pair.tuned.recipe": ("finetune", "edit"),
+    "pair.dtype": ("float32", "bfloat16", "float16"),
+    "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
+    "pair.fairness.mode": ("strict", "ratio"),
+    "extract.dtype": ("float32", "bfloat16", "float16"),
+    "transport.solver": ("ridge", "procrustes", "procrustes_scaled"),
+    "transport.rank_mode": ("delta", "subspace"),
+    "sae.view": ("tokens", "last", "mean"),
+}
+_POSITIVE = {
+    "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
+    "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "divergence.n_boot", "patch.max_prompts",
+    "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs",
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except MechdiffError as e:
+                errors.append(e)
+        raise MechdiffError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise MechdiffError(f"params.yaml: {key} must be null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise MechdiffError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MechdiffError(f"params.yaml: {key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise MechdiffError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise MechdiffError(
+            f"params.yaml: unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name in names & set(raw):
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(raw[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rank_ok(v: Any) -> bool:
+    return v == "full" or (isinstance(v, int) and v >= 0)
+
+
+def validate(p: Params) -> Params:
+    """Check values beyond their types (choices, ranges, consistency); raise a one-line MechdiffError."""
+    for key, choices in _CHOICES.items():
+        v = _get(p, key)
+        if v not in choices:
+            raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        v = _get(p, key)
+        if v < 1:
+            raise MechdiffError(f"params.yaml: {key} must be >= 1, got {v!r}")
+    if not p.pair.base.id:
+        raise MechdiffError("params.yaml: pair.base.id is empty: give a hub id, local directory, .gguf file or package:<name>")
+    if not _rank_ok(p.rank):
+        raise MechdiffError(f"params.yaml: rank must be a non-negative int or 'full', got {p.rank!r}")
+    for r in p.patch.ranks:
+        if not _rank_ok(r):
+            raise MechdiffError(f"params.yaml: patch.ranks entries must be ints >= 0 or 'full', got {r!r}")
+    for a in [p.alpha, *p.patch.alphas]:
+        if a != "auto" and (isinstance(a, str) or a <= 0):
+            raise MechdiffError(f"params.yaml: alpha values must be 'auto' or a positive number, got {a!r}")
+    if len(p.data.splits) != 3 or any(f < 0 for f in p.data.splits) or abs(sum(p.data.splits) - 1) > 1e-6:
+        raise MechdiffError(f"params.yaml: data.splits must be three non-negative fractions summing to 1, got {p.data.splits}")
+    if not 0 <= p.transport.shrink < 1:
+        raise MechdiffError(f"params.yaml: transport.shrink must be in [0, 1), got {p.transport.shrink}")
+    for s in p.sae.sources:
+        if s not in ("base", "tuned", "delta", "crosscoder"):
+            raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
+    if p.pair.finetune.lr <= 0 or p.sae.lr <= 0:
+        raise MechdiffError("params.yaml: learning rates (pair.finetune.lr, sae.lr) must be > 0")
+    from mechdiff.sites import Site
+
+    for s in p.transport.sites:
+        Site.parse(s)
+    return p
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml into typed dataclasses."""
+    path = Path(path)
+    if not path.exists():
+        raise MechdiffError(f"no {path}: run from the repository root (where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MechdiffError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise MechdiffError(f"{path} must be a mapping of sections")
+    return validate(_build(Params, raw))
+
+
+def rank_value(r: int | str) -> int | None:
+    """Rank param as an int, or None for full rank."""
+    return None if r == "full" else int(r)

@@ -1,0 +1,269 @@
+"""Hook sites of any HF causal LM: find blocks, capture and replace activations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mechdiff.errors import MechdiffError
+
+KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A hook site: decoder block `layer` (0-based) and activation `kind`."""
+
+    layer: int
+    kind: str = "resid_post"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MechdiffError(f"unknown site kind {self.kind!r}: use one of {', '.join(KINDS)}")
+
+    @property
+    def name(self) -> str:
+        """The site's canonical name, e.g. 'L12.resid_post'."""
+        return f"L{self.layer}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> Site:
+        """Parse 'L12.resid_post' (or 'L12' for resid_post) into a Site."""
+        head, _, kind = name.partition(".")
+        if not head.startswith("L") or not head[1:].isdigit():
+            raise MechdiffError(f"bad site name {name!r}: write it as L<layer>.<kind>, e.g. L12.resid_post")
+        return cls(int(head[1:]), kind or "resid_post")
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass after the last needed layer."""
+
+
+def get_body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (e.g. `model.model` for Llama)."""
+    for name in ("model", "transformer", "gpt_neox", "decoder"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, nn.Module) and find_blocks(sub, strict=False) is not None:
+            return sub
+    return model
+
+
+def find_blocks(model: nn.Module, strict: bool = True) -> nn.ModuleList | None:
+    """The ModuleList of decoder blocks (the one with num_hidden_layers entries)."""
+    cfg = getattr(model, "config", None)
+    n = None
+    if cfg is not None:
+        n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        if n is None and hasattr(cfg, "get_text_config"):
+            n = getattr(cfg.get_text_config(), "num_hidden_layers", None)
+    best: nn.ModuleList | None = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if n is not None and len(mod) == n:
+                return mod
+            if best is None or len(mod) > len(best):
+                best = mod
+    if n is None and best is not None:
+        return best
+    if strict:
+        raise MechdiffError(
+            f"cannot find the decoder blocks of {type(model).__name__}: it is not a supported causal LM"
+        )
+    return None
+
+
+def n_layers(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(find_blocks(model))
+
+
+def _child(block: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for nm in names:
+        sub = getattr(block, nm, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    raise MechdiffError(f"block {type(block).__name__} has no {what} submodule (looked for {', '.join(names)})")
+
+
+def site_module(model: nn.Module, site: Site) -> nn.Module:
+    """The module whose input (resid_pre) or output (other kinds) is the site's activation."""
+    blocks = find_blocks(model)
+    if not 0 <= site.layer < len(blocks):
+        raise MechdiffError(f"site {site.name}: layer out of range, the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    block = blocks[site.layer]
+    if site.kind in ("resid_pre", "resid_post"):
+        return block
+    if site.kind == "attn_out":
+        return _child(block, _ATTN_NAMES, "attention")
+    return _child(block, _MLP_NAMES, "MLP")
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple | list) else x
+
+
+def _with_first(out, new):
+    if isinstance(out, tuple):
+        return (new, *out[1:])
+    if isinstance(out, list):
+        return [new, *out[1:]]
+    return new
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _register_read(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.RemovableHandle:
+    """Register `fn(tensor)` on the site's activation; the returned value (if any) replaces it."""
+    if kind == "resid_pre":
+
+        def pre(_m, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return ((new, *args[1:]), kwargs) if new is not None else None
+            new = fn(kwargs["hidden_states"])
+            if new is not None:
+                kwargs = {**kwargs, "hidden_states": new}
+                return args, kwargs
+            return None
+
+        return mod.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_m, _args, out):
+        new = fn(_first(out))
+        return _with_first(out, new) if new is not None else None
+
+    return mod.register_forward_hook(post)
+
+
+def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, body_only: bool):
+    target = get_body(model) if body_only else model
+    return target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sites: Sequence[Site],
+    *,
+    logits_at: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Run the model once; return {site name: (B, T, d)} and, if `logits_at` (B,) positions are given, logits (B, V) there.
+
+    Without `logits_at` the forward stops right after the last needed block and never runs the LM head.
+    """
+    acts: dict[str, torch.Tensor] = {}
+    sites = list(dict.fromkeys(sites))
+    handles = []
+    last_layer = max(s.layer for s in sites) if sites else -1
+    for s in sites:
+        def fn(t, _name=s.name):
+            acts[_name] = t.detach()
+        handles.append(_register_read(site_module(model, s), s.kind, fn))
+    blocks = find_blocks(model)
+    if logits_at is None and sites:
+        def stop(_m, _a, _o):
+            raise _Stop
+        handles.append(blocks[last_layer].register_forward_hook(stop))
+    with _hooks(handles):
+        try:
+            if logits_at is None:
+                _call(model, input_ids, attention_mask, body_only=True)
+                return acts, None
+            out = _call(model, input_ids, attention_mask, body_only=True)
+        except _Stop:
+            return acts, None
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return acts, head_logits(model, hidden[torch.arange(hidden.shape[0]), logits_at])
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and any final logit soft-capping) to final hidden states (..., d)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise MechdiffError(f"{type(model).__name__} has no output embedding (LM head)")
+    logits = head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+@torch.no_grad()
+def decision_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, V) at one position per row, computing the LM head only there."""
+    out = _call(model, input_ids, attention_mask, body_only=True)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return head_logits(model, hidden[torch.arange(hidden.shape[0]), positions])
+
+
+@contextlib.contextmanager
+def replace_at(model: nn.Module, site: Site, positions: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+    """Within the block, the site's activation at row b, position positions[b] becomes vectors[b]."""
+    positions = positions.long()
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        rows = torch.arange(t.shape[0], device=t.device)
+        t[rows, positions.to(t.device)] = vectors.to(device=t.device, dtype=t.dtype)
+        return t
+
+    with _hooks([_register_read(site_module(model, site), site.kind, fn)]):
+        yield
+
+
+def model_width(model: nn.Module) -> int:
+    """Residual stream width (hidden size)."""
+    cfg = model.config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return int(cfg.get_text_config().hidden_size)
+
+
+def plan_sites(
+    n_layers: int, *, stride: int, detail_layers: Sequence[int] = (), extra: Sequence[str] = (),
+    token_layers: Sequence[int] = (),
+) -> dict[str, list[str]]:
+    """Which views to store at which sites: {site name: views}.
+
+    resid_post `last`+`mean` every `stride` layers (and the last layer); `detail_layers` add attn_out and
+    mlp_out; `extra` sites (e.g. transport sites) get `last`+`mean`; `token_layers` add every-token rows
+    at resid_post (for SAEs). Layers out of range raise a one-line error.
+    """
+    plan: dict[str, list[str]] = {}
+
+    def add(site: Site, views: Sequence[str]) -> None:
+        if not 0 <= site.layer < n_layers:
+            raise MechdiffError(
+                f"site {site.name} is out of range: the model has {n_layers} blocks (0..{n_layers - 1}); fix params.yaml"
+            )
+        cur = plan.setdefault(site.name, [])
+        cur.extend(v for v in views if v not in cur)
+
+    for layer in [*range(0, n_layers, stride), n_layers - 1]:
+        add(Site(layer, "resid_post"), ["last", "mean"])
+    for layer in detail_layers:
+        for kind in ("resid_post", "attn_out", "mlp_out"):
+            add(Site(layer, kind), ["last", "mean"])
+    for name in extra:
+        add(Site.parse(name), ["last", "mean"])
+    for layer in token_layers:
+        add(Site(layer, "resid_post"), ["last", "mean", "tokens"])
+    return dict(sorted(plan.items(), key=lambda kv: Site.parse(kv[0])))

@@ -1,0 +1,104 @@
+"""Chat rendering, tokenisation with the decision position, and right-padded batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mechdiff.errors import MechdiffError
+
+
+@dataclass
+class Encoded:
+    """Token ids per prompt and the index of each prompt's decision token."""
+
+    ids: list[list[int]]
+    decision: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of tokens per prompt."""
+        return np.array([len(x) for x in self.ids], dtype=np.int64)
+
+
+def render(tokenizer, text: str, chat: bool = True) -> str:
+    """The prompt as the model sees it: chat-templated with a generation prompt when `chat` and a template exist."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def decision_position(ids: Sequence[int], special_ids: set[int]) -> int:
+    """Index of the last non-special token (the decision token)."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] not in special_ids:
+            return i
+    raise MechdiffError("a prompt has no non-special token: check the corpus for empty texts")
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # chat-template role markers ("assistant", newline) are ordinary tokens; only true specials are skipped
+    return {int(i) for i in ids if i is not None}
+
+
+def encode(tokenizer, texts: Sequence[str], *, chat: bool = True, max_len: int = 256) -> Encoded:
+    """Tokenise prompts (chat-templated), keeping the last `max_len` tokens, and find each decision token."""
+    if len(texts) == 0:
+        raise MechdiffError("no prompts to encode: the corpus or split is empty")
+    special = _special_ids(tokenizer)
+    out_ids, dec = [], []
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise MechdiffError(f"empty or non-text prompt {t!r}: remove it from the corpus")
+        ids = tokenizer(render(tokenizer, t, chat), add_special_tokens=False)["input_ids"]
+        if chat and getattr(tokenizer, "chat_template", None):
+            pass
+        elif getattr(tokenizer, "bos_token_id", None) is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [tokenizer.bos_token_id, *ids]
+        ids = list(ids)[-max_len:]
+        out_ids.append(ids)
+        dec.append(decision_position(ids, special))
+    return Encoded(out_ids, dec)
+
+
+def pad_id(tokenizer) -> int:
+    """The id used for right padding (pad, else eos, else 0)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def batches(
+    enc: Encoded, idx: Sequence[int] | np.ndarray, batch_size: int, pad: int, device: str | torch.device = "cpu",
+    sort_by_length: bool = True,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (rows, input_ids, attention_mask, decision positions) right-padded batches over prompts `idx`.
+
+    With `sort_by_length`, prompts of similar length share a batch (less padding); `rows` says which prompts.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if batch_size < 1:
+        raise MechdiffError(f"batch_size must be >= 1, got {batch_size}")
+    order = idx[np.argsort(enc.lengths[idx], kind="stable")] if sort_by_length else idx
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        T = max(len(enc.ids[r]) for r in rows)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for j, r in enumerate(rows):
+            x = enc.ids[r]
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        pos = torch.tensor([enc.decision[r] for r in rows], dtype=torch.long)
+        yield rows, ids.to(device), mask.to(device), pos.to(device)

@@ -1,0 +1,34 @@
+"""Stage fairness: shared vocabulary of the two tokenizers, prompt filter and logit masks."""
+
+import numpy as np
+
+from mechdiff.corpus import load_prompts
+from mechdiff.fairness import filter_prompts, shared_vocab
+from mechdiff.io import run_stage, write_json
+from mechdiff.pair import load_tokenizer
+from mechdiff.params import load_params
+
+
+def main() -> None:
+    p = load_params()
+    prompts = load_prompts("artifacts/prompts/prompts.jsonl")
+    tb, tt = load_tokenizer("artifacts/models/base"), load_tokenizer("artifacts/models/tuned")
+    sv = shared_vocab(tb, tt)
+    f = p.pair.fairness
+    if sv.identical or not f.enabled:
+        keep = np.arange(len(prompts))
+    else:
+        keep = np.asarray(filter_prompts([q.text for q in prompts], tb, tt, sv, mode=f.mode,
+                                         min_ratio=f.min_shared_ratio, chat=p.data.chat), dtype=np.int64)
+    kept_pids = np.array([prompts[i].pid for i in keep], dtype=np.int64)
+    np.savez("artifacts/prompts/fairness.npz", identical=sv.identical, kept_pids=kept_pids,
+             allowed_base=sv.allowed_a, allowed_tuned=sv.allowed_b)
+    write_json("metrics/fairness.json", {
+        "identical_tokenizers": int(sv.identical), "n_shared_tokens": sv.n_shared,
+        "n_prompts": len(prompts), "n_kept": len(kept_pids),
+    })
+    print(f"fairness: tokenizers {'identical' if sv.identical else 'differ'}; kept {len(kept_pids)}/{len(prompts)} prompts")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,33 @@
+"""Stage transport@<site>: fit a base -> tuned map on train decision-token vectors, report on val."""
+
+import sys
+
+from mechdiff.errors import MechdiffError
+from mechdiff.io import run_stage, write_json
+from mechdiff.params import load_params
+from mechdiff.store import ActStore
+from mechdiff.transport import auto_alpha, diagnostics, fit_map, save_map
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise MechdiffError("usage: python stages/transport.py <site, e.g. L20.attn_out>")
+    site = sys.argv[1]
+    p = load_params()
+    t = p.transport
+    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    if site not in base.sites:
+        raise MechdiffError(f"site {site} is not in the activation store: add it to transport.sites and rerun extract")
+    tr, va = base.rows_where(split="train"), base.rows_where(split="val")
+    X, Y = base.read(site, "last"), tuned.read(site, "last")
+    m = fit_map(X[tr], Y[tr], solver=t.solver, shrink=t.shrink, X_val=X[va], Y_val=Y[va], rank_mode=t.rank_mode,
+                site=site)
+    m = m.with_alpha(auto_alpha(m, X[va], Y[va]))
+    diag = diagnostics(m, X[tr], Y[tr], X[va], Y[va], seed=p.seed)
+    save_map(m, f"artifacts/maps/{site}")
+    write_json(f"metrics/transport/{site}.json", {"alpha_auto": m.alpha, **diag})
+    print(f"transport: {site} {t.solver}: val R2 {diag.get('r2_val', float('nan')):.3f}, alpha {m.alpha:.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
