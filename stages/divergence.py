@@ -1,13 +1,13 @@
 """Stage divergence: CKA by layer and site, next-token KL by dataset, and the RQ1 layer patch."""
 
 import numpy as np
+from mechdiff.patching import layer_patch
+from mechdiff.report import plot_series
 
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params
-from mechdiff.patching import layer_patch
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
-from mechdiff.report import plot_series
 from mechdiff.similarity import bootstrap_mean_ci, cka_bootstrap, kl_divergence
 from mechdiff.sites import Site
 from mechdiff.store import ActStore
@@ -54,9 +54,9 @@ def main() -> None:
         rows = pick_rows(prompts, split="val", n=d.layer_patch_prompts, seed=p.seed)
         layer_sites = [Site.parse(s) for s in base.sites if Site.parse(s).kind == "resid_post"]
         results = {}
-        for direction, (dst, src, dst_store, src_store, logits) in {
-            "base_into_tuned": ("tuned", "base", tuned, base, lt),
-            "tuned_into_base": ("base", "tuned", base, tuned, lb),
+        for direction, (dst, dst_store, src_store) in {
+            "base_into_tuned": ("tuned", tuned, base),
+            "tuned_into_base": ("base", base, tuned),
         }.items():
             model, tok = load_saved(f"artifacts/models/{dst}")
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
@@ -64,7 +64,7 @@ def main() -> None:
             dst_stats = {s.name: dst_store.stats(s.name, "last") for s in layer_sites}
             src_stats = {s.name: src_store.stats(s.name, "last") for s in layer_sites}
             allowed = allowed_t if dst == "tuned" else allowed_b
-            ref = (tuned if dst == "tuned" else base).read_logits(rows)
+            ref = dst_store.read_logits(rows)
             results[direction] = layer_patch(model, enc, rows, layer_sites, src_vecs, dst_stats, src_stats, ref,
                                              allowed=allowed, batch_size=p.extract.batch_size)
             del model

@@ -1,16 +1,18 @@
 """Stage extract@<model>: run one model over the kept prompts and write artifacts/acts/<model>.zarr."""
 
+import shutil
 import sys
+from pathlib import Path
 
-import numpy as np
-
-from mechdiff.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.extract import extract
 from mechdiff.io import run_stage
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params
+from mechdiff.pipeline import kept_prompts
+from mechdiff.resume import fingerprint
 from mechdiff.sites import Site, n_layers, plan_sites
+from mechdiff.store import ActStore
 
 
 def main() -> None:
@@ -20,16 +22,28 @@ def main() -> None:
     p = load_params()
     e = p.extract
     model, tok = load_saved(f"artifacts/models/{which}", dtype=e.dtype, device=e.device)
-    keep = set(np.load("artifacts/prompts/fairness.npz")["kept_pids"].tolist())
-    prompts = [q for q in load_prompts("artifacts/prompts/prompts.jsonl") if q.pid in keep]
-    if not prompts:
-        raise MechdiffError("no prompts left after the fairness filter: relax pair.fairness.mode to ratio")
+    prompts = kept_prompts()
     plan = plan_sites(n_layers(model), stride=e.layer_stride, detail_layers=e.detail_layers,
                       extra=p.transport.sites, token_layers=p.sae.layers)
     sites = [Site.parse(s) for s in plan]
-    store = extract(model, tok, prompts, sites, plan, f"artifacts/acts/{which}.zarr", batch_size=e.batch_size,
+    path = Path(f"artifacts/acts/{which}.zarr")
+    model_meta = Path(f"artifacts/models/{which}/mechdiff_model.json")
+    fp = fingerprint([plan, vars(e), p.data.chat, p.data.max_len, [q.pid for q in prompts],
+                      model_meta.read_text() if model_meta.exists() else which])
+    if path.exists():  # resume only our own unfinished store; never write into a finished (cache-linked) one
+        try:
+            old = ActStore.open(path)
+            stale = old.complete or old.attrs.get("fingerprint") != fp
+        except Exception:
+            stale = True
+        if stale:
+            shutil.rmtree(path)
+        else:
+            print(f"extract: resuming {path} from row {old.attrs.get('rows_done', '?')}")
+    store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
-                    device=e.device, shard_rows=e.shard_rows, attrs={"model": which, "params": vars(e)})
+                    device=e.device, shard_rows=e.shard_rows, resume=True,
+                    attrs={"model": which, "fingerprint": fp, "extract": vars(e)})
     print(f"extract: {which}: {store.n} prompts x {len(sites)} sites -> artifacts/acts/{which}.zarr")
 
 

@@ -1,9 +1,9 @@
 """Stage fairness: shared vocabulary of the two tokenizers, prompt filter and logit masks."""
 
 import numpy as np
-
 from mechdiff.corpus import load_prompts
 from mechdiff.fairness import filter_prompts, shared_vocab
+
 from mechdiff.io import run_stage, write_json
 from mechdiff.pair import load_tokenizer
 from mechdiff.params import load_params
@@ -22,7 +22,7 @@ def main() -> None:
                                          min_ratio=f.min_shared_ratio, chat=p.data.chat), dtype=np.int64)
     kept_pids = np.array([prompts[i].pid for i in keep], dtype=np.int64)
     np.savez("artifacts/prompts/fairness.npz", identical=sv.identical, kept_pids=kept_pids,
-             allowed_base=sv.allowed_a, allowed_tuned=sv.allowed_b)
+             allowed_base=sv.pair_a, allowed_tuned=sv.pair_b)  # aligned string by string
     write_json("metrics/fairness.json", {
         "identical_tokenizers": int(sv.identical), "n_shared_tokens": sv.n_shared,
         "n_prompts": len(prompts), "n_kept": len(kept_pids),

@@ -59,12 +59,13 @@ def cmd_data(ns: argparse.Namespace) -> int:
         files = write_default_corpora(data_dir)
         print(f"wrote {len(files)} corpus files into {data_dir}")
     if dvcfile.exists():
-        st = _sh([_dvc(), "status", "data.dvc"], root)
-        if st.returncode != 0 or "changed" in st.stdout or "deleted" in st.stdout:
+        recorded = dvcfile.read_text()
+        _sh([_dvc(), "commit", "-f", "-q", "data.dvc"], root)  # hash the files and put them into the local cache
+        if dvcfile.read_text() != recorded:
+            dvcfile.write_text(recorded)
             raise MechdiffError(
-                "data/ differs from data.dvc: the corpus code changed; run `dvc add data` and commit data.dvc"
+                "the rebuilt data/ differs from data.dvc (the corpus code changed): run `dvc add data` and commit data.dvc"
             )
-        _sh([_dvc(), "commit", "-f", "-q", "data.dvc"], root)  # put the files into the local cache
     else:
         r = _sh([_dvc(), "add", "-q", "data"], root)
         if r.returncode != 0:

@@ -25,7 +25,7 @@ def kept_prompts(prompts_path: Path = PROMPTS, fairness_path: Path = FAIRNESS) -
 
 
 def allowed_ids(fairness_path: Path = FAIRNESS) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Allowed token ids (base, tuned) for logit masking, or (None, None) when the tokenizers are identical."""
+    """Shared token ids (base, tuned), aligned string by string, or (None, None) when the tokenizers are identical."""
     f = np.load(fairness_path)
     if bool(f["identical"]):
         return None, None
