@@ -1,13 +1,13 @@
 """Stage divergence: CKA by layer and site, next-token KL by dataset, and the RQ1 layer patch."""
 
 import numpy as np
-from mechdiff.patching import layer_patch
-from mechdiff.report import plot_series
 
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params
+from mechdiff.patching import layer_patch
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
+from mechdiff.report import plot_series
 from mechdiff.similarity import bootstrap_mean_ci, cka_bootstrap, kl_divergence
 from mechdiff.sites import Site
 from mechdiff.store import ActStore
@@ -75,7 +75,7 @@ def main() -> None:
                 metrics.setdefault("layer_patch", {}).setdefault(direction, {})[f"L{s.layer}"] = rec[f"kl_{direction}"]
             lp_rows.append(rec)
     write_csv("plots/layer_patch.csv", lp_rows)
-    plot_series("plots/cka.csv", "plots/divergence.png", x="layer", y=["cka_last", "cka_mean"],
+    plot_series("plots/cka.csv", "plots/cka.png", x="layer", y=["cka_last", "cka_mean"],
                 title="CKA(base, tuned) by layer, resid_post")
     write_json("metrics/divergence.json", metrics)
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', float('nan')):.4f} "

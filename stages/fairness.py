@@ -1,9 +1,9 @@
 """Stage fairness: shared vocabulary of the two tokenizers, prompt filter and logit masks."""
 
 import numpy as np
+
 from mechdiff.corpus import load_prompts
 from mechdiff.fairness import filter_prompts, shared_vocab
-
 from mechdiff.io import run_stage, write_json
 from mechdiff.pair import load_tokenizer
 from mechdiff.params import load_params

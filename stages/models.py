@@ -4,7 +4,6 @@ import sys
 import time
 
 from mechdiff.corpus import load_prompts
-
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import check_pair, finetune, load_model, load_saved, plant_edit, save_model

@@ -1,13 +1,13 @@
 """Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k."""
 
 import numpy as np
-from mechdiff.patching import kl_drop, min_k, patched_logits, sweep_kl
-from mechdiff.report import plot_series
 
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params, rank_value
+from mechdiff.patching import kl_drop, min_k, patched_logits, sweep_kl
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
+from mechdiff.report import plot_series
 from mechdiff.sites import Site
 from mechdiff.store import ActStore
 from mechdiff.transport import load_map, recolour
@@ -80,7 +80,7 @@ def main() -> None:
     write_csv("plots/rank_k.csv", rank_rows)
     write_csv("plots/alpha.csv", alpha_rows)
     plot_series("plots/rank_k.csv", "plots/rank_k.png", x="k", y="kl_drop", group="site",
-                title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})", logx=True)
+                title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})")
     write_json("metrics/patch.json", metrics)
 
 

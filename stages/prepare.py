@@ -3,7 +3,6 @@
 from collections import Counter
 
 from mechdiff.corpus import load_corpus, save_prompts, split_prompts
-
 from mechdiff.io import run_stage, write_json
 from mechdiff.params import load_params
 

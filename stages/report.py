@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from mechdiff.report import build_report
-
 from mechdiff.io import run_stage
+from mechdiff.report import build_report
 
 
 def main() -> None:

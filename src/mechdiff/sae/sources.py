@@ -1,0 +1,87 @@
+"""Training inputs for each SAE source: base, tuned, delta (tuned - base) and crosscoder ([base, tuned])."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from mechdiff.errors import MechdiffError
+from mechdiff.store import ActStore, DeltaView
+
+SOURCES = ("base", "tuned", "delta", "crosscoder")
+
+
+def check_paired(base: ActStore, tuned: ActStore, view: str) -> None:
+    """Delta and crosscoder sources need the two stores to hold the same rows (same tokens for 'tokens')."""
+    if view == "tokens" and not np.array_equal(base.index("tok_id"), tuned.index("tok_id")):
+        raise MechdiffError(
+            "the two models tokenise the prompts differently, so token-level delta/crosscoder rows do not pair up: "
+            "set sae.view to last or mean"
+        )
+
+
+def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
+    """Row indices of `view` for the given prompt rows (token rows for 'tokens')."""
+    return store.token_rows(prompt_rows) if view == "tokens" else np.asarray(prompt_rows, dtype=np.int64)
+
+
+def read_source(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> np.ndarray:
+    """All rows of a source as one array (for evaluation on held-out prompts)."""
+    if source == "base":
+        return base.read(site, view, rows)
+    if source == "tuned":
+        return tuned.read(site, view, rows)
+    if source == "delta":
+        return DeltaView(base, tuned).read(site, view, rows)
+    if source == "crosscoder":
+        return np.concatenate([base.read(site, view, rows), tuned.read(site, view, rows)], axis=1)
+    raise MechdiffError(f"unknown SAE source {source!r}: choose one of {', '.join(SOURCES)}")
+
+
+def source_batches(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray, *,
+                   batch_size: int, seed: int, epochs: int) -> Iterator[np.ndarray]:
+    """Shuffled training batches of a source, streamed from the stores with bounded memory."""
+    kw = {"rows": rows, "shuffle": True, "seed": seed, "epochs": epochs}
+    if source == "base":
+        yield from base.iter_batches(site, view, batch_size, **kw)
+    elif source == "tuned":
+        yield from tuned.iter_batches(site, view, batch_size, **kw)
+    elif source == "delta":
+        yield from DeltaView(base, tuned).iter_batches(site, view, batch_size, **kw)
+    elif source == "crosscoder":  # same seed, same layout: both streams visit rows in the same order
+        for a, b in zip(base.iter_batches(site, view, batch_size, **kw), tuned.iter_batches(site, view, batch_size, **kw),
+                        strict=True):
+            yield np.concatenate([a, b], axis=1)
+    else:
+        raise MechdiffError(f"unknown SAE source {source!r}: choose one of {', '.join(SOURCES)}")
+
+
+def encode_rows(sae, X: np.ndarray, *, features: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
+    """SAE latent activations of rows X (n, d), optionally only the given feature columns, in chunks."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(X), chunk):
+            z = sae.encode(torch.as_tensor(np.ascontiguousarray(X[s : s + chunk]), dtype=torch.float32))
+            out.append((z if features is None else z[:, torch.as_tensor(features)]).numpy())
+    width = sae.width if features is None else len(features)
+    return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
+
+
+def prompt_feature_means(sae, source: str, base: ActStore, tuned: ActStore, site: str, view: str,
+                         prompt_rows: np.ndarray, *, chunk_prompts: int = 256) -> np.ndarray:
+    """Per-prompt SAE activations (n_prompts, width): the mean over the prompt's tokens for 'tokens', else the row."""
+    prompt_rows = np.asarray(prompt_rows, dtype=np.int64)
+    if view != "tokens":
+        return encode_rows(sae, read_source(source, base, tuned, site, view, prompt_rows))
+    n_tok = base.index("n_tokens")
+    out = []
+    for s in range(0, len(prompt_rows), chunk_prompts):
+        pr = prompt_rows[s : s + chunk_prompts]
+        Z = encode_rows(sae, read_source(source, base, tuned, site, view, base.token_rows(pr)))
+        lens = n_tok[pr].astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        out.append(np.add.reduceat(Z, starts, axis=0) / lens[:, None])
+    return np.concatenate(out)

@@ -1,0 +1,108 @@
+"""Stage features: feature statistics, Type A/B/C, cultural enrichment, themes, graded concepts, top examples."""
+
+import numpy as np
+
+from mechdiff.features import (
+    activation_stats,
+    classify_types,
+    examples_markdown,
+    graded_scores,
+    permutation_enrichment,
+    theme_enrichment,
+    themes,
+    top_examples,
+)
+from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.pair import load_tokenizer
+from mechdiff.params import load_params
+from mechdiff.pipeline import kept_prompts
+from mechdiff.sae import load_sae
+from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
+from mechdiff.store import ActStore
+
+MAX_ROWS = 16384  # token rows sampled for the base-vs-tuned statistics
+
+
+def main() -> None:
+    p = load_params()
+    s, f = p.sae, p.features
+    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    prompts = kept_prompts()
+    rng = np.random.default_rng(p.seed)
+    datasets = np.array([q.dataset for q in prompts])
+    tok = load_tokenizer("artifacts/models/base")
+    metrics: dict = {}
+    enrich: dict = {}
+    enrich_rows, graded_rows, md = [], [], ["# Top-activating examples", ""]
+    for layer in s.layers:
+        site = f"L{layer}.resid_post"
+        saes = {src: load_sae(f"artifacts/saes/{src}_L{layer}") for src in s.sources if src != "crosscoder"}
+        all_rows = source_rows(base, s.view, np.arange(len(prompts)))
+        sample = np.sort(rng.choice(all_rows, size=min(MAX_ROWS, len(all_rows)), replace=False))
+        Xb, Xt = base.read(site, s.view, sample), tuned.read(site, s.view, sample)
+        for src in ("base", "tuned"):
+            if src not in saes:
+                continue
+            st = activation_stats(encode_rows(saes[src], Xb), encode_rows(saes[src], Xt))
+            _, counts = classify_types(st, active_freq=f.active_freq, d_min=f.cohens_d)
+            metrics[f"{src}_L{layer}"] = {f"type_{t}": n for t, n in counts.items()}
+        # cultural vs control, per prompt
+        cc = np.flatnonzero(np.isin(datasets, ["cultural", "control"]))
+        means = {}
+        for src, sae in saes.items():
+            A = prompt_feature_means(sae, src, base, tuned, site, s.view, cc)
+            means[src] = A
+            res = permutation_enrichment(A, datasets[cc] == "cultural", n_perm=f.n_perm, seed=p.seed, alpha=f.fdr)
+            metrics.setdefault(f"{src}_L{layer}", {})["n_cultural_features"] = res["n_significant"]
+            if src == "tuned":
+                top_cultural = np.argsort(-res["diff"])[:3]
+        # themes over the pooled decoder directions; enrichment of delta-SAE features per theme
+        if "delta" in saes and len(saes) > 1:
+            names = list(saes)
+            dirs = np.concatenate([saes[n].W_dec.detach().numpy().T for n in names])
+            origin = np.concatenate([[n] * saes[n].width for n in names])
+            th = themes(dirs, k_range=range(2, f.max_themes + 1), seed=p.seed)
+            rows = theme_enrichment(th["labels"], origin == "delta", alpha=f.fdr)
+            for r in rows:
+                r = {"layer": layer, **r}
+                enrich_rows.append(r)
+                enrich[f"L{layer}.theme{r['theme']}"] = {k: r[k] for k in ("enrichment", "p", "q", "n_group", "n_group_selected")}
+            enrich[f"L{layer}.k"] = th["k"]
+        # graded concepts on the trait corpus
+        tr = np.flatnonzero(datasets == "trait")
+        if len(tr):
+            traits = np.array([prompts[i].trait for i in tr])
+            labels = np.array([prompts[i].label for i in tr])
+            for src in ("base", "tuned"):
+                if src not in saes:
+                    continue
+                A = prompt_feature_means(saes[src], src, base, tuned, site, s.view, tr)
+                for trait in sorted(set(traits)):
+                    m = traits == trait
+                    g = graded_scores(A[m], labels[m])
+                    best = int(np.argmax(g["score"]))
+                    graded_rows.append({"layer": layer, "source": src, "trait": trait, "best_feature": best,
+                                        "score": g["score"][best], "r": g["r"][best], "tpr": g["tpr"][best],
+                                        "fpr": g["fpr"][best], "n_keep": int(g["keep"].sum())})
+                    metrics.setdefault(f"{src}_L{layer}", {})[f"graded_{trait}_best_score"] = float(g["score"][best])
+                    metrics[f"{src}_L{layer}"][f"graded_{trait}_n_keep"] = int(g["keep"].sum())
+        # top-activating examples of the tuned SAE's most cultural features
+        if s.view == "tokens" and "tuned" in saes:
+            trows = base.token_rows(np.arange(len(prompts)))
+            Z = encode_rows(saes["tuned"], tuned.read(site, "tokens", trows), features=top_cultural)
+            toks = [tok.decode([int(i)]) for i in base.index("tok_id")[trows]]
+            pids = base.index("tok_prompt")[trows]
+            for j, feat in enumerate(top_cultural):
+                recs = top_examples(Z[:, j], toks, pids, k=f.top_examples)
+                md.append(examples_markdown(recs, title=f"L{layer} tuned SAE feature {int(feat)} (most cultural)"))
+    write_csv("plots/enrichment.csv", enrich_rows)
+    write_csv("plots/graded.csv", graded_rows)
+    with open("plots/top_examples.md", "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    write_json("metrics/features.json", metrics)
+    write_json("metrics/enrichment.json", enrich)
+    print(f"features: {len(enrich_rows)} themes, {len(graded_rows)} graded rankings")
+
+
+if __name__ == "__main__":
+    run_stage(main)
