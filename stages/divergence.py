@@ -5,7 +5,7 @@ import numpy as np
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params
-from mechdiff.patching import layer_patch
+from mechdiff.patching import layer_patch, reference_logits
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
 from mechdiff.report import plot_series
 from mechdiff.similarity import bootstrap_mean_ci, cka_bootstrap, kl_divergence
@@ -64,7 +64,7 @@ def main() -> None:
             dst_stats = {s.name: dst_store.stats(s.name, "last") for s in layer_sites}
             src_stats = {s.name: src_store.stats(s.name, "last") for s in layer_sites}
             allowed = allowed_t if dst == "tuned" else allowed_b
-            ref = dst_store.read_logits(rows)
+            ref = reference_logits(model, enc, rows, batch_size=p.extract.batch_size)
             results[direction] = layer_patch(model, enc, rows, layer_sites, src_vecs, dst_stats, src_stats, ref,
                                              allowed=allowed, batch_size=p.extract.batch_size)
             del model

@@ -5,7 +5,7 @@ import numpy as np
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.pair import load_saved
 from mechdiff.params import load_params, rank_value
-from mechdiff.patching import kl_drop, min_k, patched_logits, sweep_kl
+from mechdiff.patching import kl_drop, min_k, reference_logits, sweep_kl
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
 from mechdiff.report import plot_series
 from mechdiff.sites import Site
@@ -43,7 +43,7 @@ def main() -> None:
                 if a != "auto":
                     mk = mk.with_alpha(float(a))
                 configs[f"k={k}|a={_alpha_key(a)}"] = mk.apply(X)
-        ref = patched_logits(model, enc, rows, site, None, batch_size=pp.batch_size)
+        ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)
         kls = sweep_kl(model, enc, rows, site, configs, ref, allowed=allowed, batch_size=pp.batch_size)
         raw = kls["raw"]
         a_main = _alpha_key(p.alpha)
@@ -58,14 +58,13 @@ def main() -> None:
                                       "ci_low": res["ci_low"], "ci_high": res["ci_high"]})
                 alpha_rows.append({"site": site_name, "alpha": _alpha_key(a), "k": kx, "kl_drop": res["drop_pct"]})
         main = kl_drop(raw, kls[f"k={p.rank}|a={a_main}"], n_boot=pp.n_boot, seed=p.seed)
-        numeric = [k for k in ranks if k != "full"]
-        mk_ = min_k(numeric + (["full"] if "full" in ranks else []),
-                    [drops[k] for k in numeric] + ([drops["full"]] if "full" in ranks else []), pp.target_drop)
+        ks = [d if k == "full" else int(k) for k in ranks]
+        mk_ = min_k(ks, [drops[k] for k in ranks], pp.target_drop)
         site_metrics = {
             "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
             "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],
             "kl_drop_full": drops.get("full", float("nan")),
-            "min_k": -1 if mk_ is None else (d if mk_ == "full" else int(mk_)),
+            "min_k": -1 if mk_ is None else int(mk_),
             "alpha": m.alpha if p.alpha == "auto" else float(p.alpha),
         }
         for ds in sorted(set(datasets)):
