@@ -1,0 +1,339 @@
+"""Feature statistics: Cohen's d, Type A/B/C, enrichment with chi-square + BH, permutation nulls, graded ranking, themes.
+
+Conventions: activation matrices are (n_samples, n_features); "base" and "tuned" are the two models. Effect
+sizes are signed tuned - base (positive = stronger on the tuned model).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+
+from mechdiff.errors import MechdiffError
+
+
+def _mat(a: object, name: str) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise MechdiffError(f"{name} must be a non-empty (n_samples, n_features) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise MechdiffError(f"{name} contains NaN or inf: check the SAE activations")
+    return arr
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cohen's d per feature, (mean_b - mean_a) / pooled SD (ddof=1); 0 where both sides are constant and equal.
+
+    a: (n_a, F) (e.g. base), b: (n_b, F) (e.g. tuned); 1-D inputs are one feature. Where the pooled SD is 0
+    but the means differ the result is +-inf.
+    """
+    A, B = _mat(a, "a"), _mat(b, "b")
+    if A.shape[1] != B.shape[1]:
+        raise MechdiffError(f"cohens_d: feature counts differ ({A.shape[1]} vs {B.shape[1]})")
+    na, nb = A.shape[0], B.shape[0]
+    if na + nb < 3:
+        raise MechdiffError("cohens_d needs at least 3 samples in total (pooled SD with ddof=1)")
+    va = A.var(0, ddof=1) if na > 1 else np.zeros(A.shape[1])
+    vb = B.var(0, ddof=1) if nb > 1 else np.zeros(B.shape[1])
+    sp = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+    diff = B.mean(0) - A.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = diff / sp
+    d[(sp == 0) & (diff == 0)] = 0.0
+    return d
+
+
+def activation_stats(Z_base: np.ndarray, Z_tuned: np.ndarray, *, eps: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-feature firing frequency (share of rows > eps) and mean activation on each side, plus Cohen's d."""
+    A, B = _mat(Z_base, "Z_base"), _mat(Z_tuned, "Z_tuned")
+    if A.shape[1] != B.shape[1]:
+        raise MechdiffError(f"activation_stats: feature counts differ ({A.shape[1]} vs {B.shape[1]})")
+    return {
+        "freq_base": (A > eps).mean(0), "freq_tuned": (B > eps).mean(0),
+        "mean_base": A.mean(0), "mean_tuned": B.mean(0),
+        "cohens_d": cohens_d(A, B),
+    }
+
+
+TYPES = ("A", "B", "C")
+
+
+def classify_types(stats: dict[str, np.ndarray], *, active_freq: float = 0.01, inactive_freq: float = 0.001,
+                   d_min: float = 0.5, suppress_ratio: float = 0.5, amplify_ratio: float = 2.0,
+                   delta_only: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Per-feature type 'A' / 'B' / 'C' / '' and the counts.
+
+    A: active on base (freq_base >= active_freq), suppressed on tuned (mean_tuned <= suppress_ratio *
+    mean_base and d <= -d_min). B: active on base, amplified on tuned (mean_tuned >= amplify_ratio *
+    mean_base and d >= d_min). C: only active on tuned (freq_base < inactive_freq, freq_tuned >=
+    active_freq), or marked in `delta_only` (features of a delta SAE with no base counterpart).
+    """
+    need = ("freq_base", "freq_tuned", "mean_base", "mean_tuned", "cohens_d")
+    missing = [k for k in need if k not in stats]
+    if missing:
+        raise MechdiffError(f"classify_types: stats lack {', '.join(missing)} (use activation_stats)")
+    fb, ft = np.asarray(stats["freq_base"]), np.asarray(stats["freq_tuned"])
+    mb, mt, d = np.asarray(stats["mean_base"]), np.asarray(stats["mean_tuned"]), np.asarray(stats["cohens_d"])
+    active = fb >= active_freq
+    a = active & (mt <= suppress_ratio * mb) & (d <= -d_min)
+    b = active & (mt >= amplify_ratio * mb) & (d >= d_min)
+    c = (fb < inactive_freq) & (ft >= active_freq)
+    if delta_only is not None:
+        dm = np.asarray(delta_only, dtype=bool)
+        if dm.shape != fb.shape:
+            raise MechdiffError(f"delta_only has shape {dm.shape}, expected {fb.shape}")
+        c = c | dm
+    out = np.full(fb.shape, "", dtype="<U1")
+    out[a] = "A"
+    out[b] = "B"
+    out[c & ~a & ~b] = "C"
+    return out, {t: int((out == t).sum()) for t in TYPES}
+
+
+def benjamini_hochberg(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), same order as `p`; reject where q <= alpha."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1:
+        raise MechdiffError(f"benjamini_hochberg expects a 1-D array of p-values, got shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise MechdiffError("p-values must be finite and within [0, 1]")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q_sorted = np.minimum.accumulate(ranked[::-1])[::-1]
+    q = np.empty(m)
+    q[order] = np.minimum(q_sorted, 1.0)
+    return q
+
+
+def enrichment(in_group: np.ndarray, selected: np.ndarray) -> dict[str, float]:
+    """E_c = (n_sel,c / n_c) / (N_sel / N) with a df=1 chi-square test (no Yates correction).
+
+    Returns n, n_group, n_selected, n_group_selected, enrichment, chi2, p (p = 1, chi2 = 0 when a margin of the
+    2x2 table is empty).
+    """
+    from scipy.stats import chi2_contingency
+
+    g = np.asarray(in_group, dtype=bool)
+    s = np.asarray(selected, dtype=bool)
+    if g.shape != s.shape or g.ndim != 1 or g.size == 0:
+        raise MechdiffError(f"enrichment: masks must be equal-length non-empty 1-D arrays, got {g.shape}, {s.shape}")
+    N, n_c, N_sel = g.size, int(g.sum()), int(s.sum())
+    n_sc = int((g & s).sum())
+    E = (n_sc / n_c) / (N_sel / N) if n_c > 0 and N_sel > 0 else float("nan")
+    table = np.array([[n_sc, n_c - n_sc], [N_sel - n_sc, N - n_c - N_sel + n_sc]], dtype=np.float64)
+    if (table.sum(0) == 0).any() or (table.sum(1) == 0).any():
+        chi2, p = 0.0, 1.0
+    else:
+        res = chi2_contingency(table, correction=False)
+        chi2, p = float(res[0]), float(res[1])
+    return {"n": N, "n_group": n_c, "n_selected": N_sel, "n_group_selected": n_sc, "enrichment": E,
+            "chi2": chi2, "p": p}
+
+
+def theme_enrichment(theme_labels: np.ndarray, delta_selected: np.ndarray, *, alpha: float = 0.05) -> list[dict]:
+    """Per theme (cluster) enrichment of the selected (e.g. delta / changed) features, chi-square + BH q-values."""
+    labels = np.asarray(theme_labels)
+    sel = np.asarray(delta_selected, dtype=bool)
+    if labels.shape != sel.shape or labels.ndim != 1:
+        raise MechdiffError(f"theme labels {labels.shape} and selection {sel.shape} must be equal-length 1-D arrays")
+    rows = []
+    for t in np.unique(labels):
+        r = enrichment(labels == t, sel)
+        rows.append({"theme": t.item() if hasattr(t, "item") else t, **r})
+    q = benjamini_hochberg([r["p"] for r in rows])
+    for r, qi in zip(rows, q):
+        r["q"] = float(qi)
+        r["significant"] = bool(qi <= alpha)
+    return rows
+
+
+def permutation_enrichment(acts: np.ndarray, is_cultural: np.ndarray, *, n_perm: int = 1000, seed: int = 0,
+                           alpha: float = 0.05, chunk: int = 100) -> dict:
+    """Per feature: mean activation on cultural - control prompts, two-sided permutation p, BH q, significance.
+
+    p = (1 + #{perm: |diff_perm| >= |diff_obs|}) / (n_perm + 1), labels permuted over prompts.
+    """
+    X = _mat(acts, "acts")
+    y = np.asarray(is_cultural, dtype=bool)
+    if y.shape != (X.shape[0],):
+        raise MechdiffError(f"is_cultural has shape {y.shape}, expected ({X.shape[0]},)")
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        raise MechdiffError("permutation_enrichment needs both cultural and control prompts")
+    if n_perm < 1:
+        raise MechdiffError(f"n_perm must be >= 1, got {n_perm}")
+    tot = X.sum(0)
+
+    def diff_of(mask_rows: np.ndarray) -> np.ndarray:
+        s1 = mask_rows @ X
+        return s1 / n1 - (tot - s1) / n0
+
+    obs = diff_of(y.astype(np.float64)[None])[0]
+    rng = np.random.default_rng(seed)
+    exceed = np.zeros(X.shape[1], dtype=np.int64)
+    tol = 1e-12 * np.maximum(1.0, np.abs(obs))
+    done = 0
+    while done < n_perm:
+        m = min(chunk, n_perm - done)
+        perms = np.zeros((m, y.size))
+        for i in range(m):
+            perms[i, rng.permutation(y.size)[:n1]] = 1.0
+        exceed += (np.abs(diff_of(perms)) >= np.abs(obs) - tol).sum(0)
+        done += m
+    p = (1 + exceed) / (n_perm + 1)
+    q = benjamini_hochberg(p)
+    sig = q <= alpha
+    return {"diff": obs, "p": p, "q": q, "significant": sig, "n_significant": int(sig.sum())}
+
+
+def graded_scores(a: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Graded-label ranking per feature (labels y in {0,1,2,3}): r, rho, class means, separation, TPR/FPR, score, keep.
+
+    separation = (m3 - m0) / std(a) (population SD); tau = 95th percentile of a on y=0; TPR = mean(a[y=3] > tau);
+    FPR = mean(a[y=0] > tau); score = 0.4 r + 0.3 separation + 0.3 (TPR - FPR); keep = r >= 0.4 and monotonic
+    (m0 <= m1 <= m2 <= m3 over the classes present) and TPR >= 0.5 and FPR <= 0.2. Constant features get r =
+    rho = separation = 0.
+    """
+    from scipy.stats import rankdata
+
+    X = _mat(a, "a")
+    y = np.asarray(y)
+    if y.shape != (X.shape[0],):
+        raise MechdiffError(f"labels have shape {y.shape}, expected ({X.shape[0]},)")
+    if not np.isin(y, [0, 1, 2, 3]).all():
+        raise MechdiffError("graded labels must lie in {0, 1, 2, 3}")
+    if not (y == 0).any() or not (y == 3).any():
+        raise MechdiffError("graded_scores needs examples with label 0 and with label 3")
+    yf = y.astype(np.float64)
+
+    def pearson_cols(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+        Mc = M - M.mean(0)
+        vc = v - v.mean()
+        den = np.sqrt((Mc ** 2).sum(0) * (vc ** 2).sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = (Mc * vc[:, None]).sum(0) / den
+        return np.where(den > 0, r, 0.0)
+
+    r = pearson_cols(X, yf)
+    rho = pearson_cols(rankdata(X, axis=0), rankdata(yf))
+    means = np.full((4, X.shape[1]), np.nan)
+    for j in range(4):
+        if (y == j).any():
+            means[j] = X[y == j].mean(0)
+    present = means[~np.isnan(means[:, 0])]
+    monotonic = np.all(np.diff(present, axis=0) >= 0, axis=0) if present.shape[0] > 1 else np.ones(X.shape[1], bool)
+    sd = X.std(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sep = np.where(sd > 0, (means[3] - means[0]) / sd, 0.0)
+    tau = np.percentile(X[y == 0], 95, axis=0)
+    tpr = (X[y == 3] > tau).mean(0)
+    fpr = (X[y == 0] > tau).mean(0)
+    score = 0.4 * r + 0.3 * sep + 0.3 * (tpr - fpr)
+    keep = (r >= 0.4) & monotonic & (tpr >= 0.5) & (fpr <= 0.2)
+    return {"r": r, "rho": rho, "class_means": means.T, "monotonic": monotonic, "separation": sep, "tau": tau,
+            "tpr": tpr, "fpr": fpr, "score": score, "keep": keep}
+
+
+def themes(decoder_dirs: np.ndarray, *, k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0,
+           max_silhouette_samples: int = 5000) -> dict:
+    """K-means themes of unit-normalised feature directions (F, d); k chosen by the best silhouette score.
+
+    Returns labels (F,), k, centroids (k, d) and silhouette {k: score}.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    X = _mat(decoder_dirs, "decoder_dirs")
+    nrm = np.linalg.norm(X, axis=1, keepdims=True)
+    X = X / np.where(nrm > 0, nrm, 1.0)
+    ks = sorted({int(k) for k in k_range if 2 <= int(k) < X.shape[0]})
+    if not ks:
+        raise MechdiffError(f"themes: no k in {list(k_range)} fits {X.shape[0]} features (need 2 <= k < n)")
+    sample = min(max_silhouette_samples, X.shape[0])
+    scores: dict[int, float] = {}
+    best = None
+    for k in ks:
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(X)
+        if len(np.unique(km.labels_)) < 2:
+            continue
+        s = float(silhouette_score(X, km.labels_, sample_size=sample, random_state=seed))
+        scores[k] = s
+        if best is None or s > scores[best[0]]:
+            best = (k, km)
+    if best is None:
+        raise MechdiffError("themes: k-means found fewer than 2 distinct clusters (identical feature directions?)")
+    return {"labels": best[1].labels_.copy(), "k": best[0], "centroids": best[1].cluster_centers_,
+            "silhouette": scores}
+
+
+def top_examples(acts: np.ndarray, token_strings: Sequence[str], prompt_ids: np.ndarray, *, k: int = 10,
+                 window: int = 8, per_prompt: int = 1) -> list[dict]:
+    """Top-activating tokens of one feature with their context (rows of one prompt are contiguous and in order).
+
+    Each record: rank, row, prompt_id, activation, token, left (tokens before), right (tokens after).
+    At most `per_prompt` examples per prompt; tokens with activation <= 0 are skipped.
+    """
+    a = np.asarray(acts, dtype=np.float64).reshape(-1)
+    pid = np.asarray(prompt_ids)
+    if a.shape[0] != len(token_strings) or pid.shape != a.shape:
+        raise MechdiffError(
+            f"top_examples: acts ({a.shape[0]}), tokens ({len(token_strings)}) and prompt ids ({pid.shape[0]}) "
+            "must have one entry per token"
+        )
+    if not np.isfinite(a).all():
+        raise MechdiffError("top_examples: activations contain NaN or inf")
+    order = np.argsort(-a, kind="stable")
+    used: dict = {}
+    out: list[dict] = []
+    for row in order:
+        if len(out) >= k or a[row] <= 0:
+            break
+        p = pid[row].item()
+        if used.get(p, 0) >= per_prompt:
+            continue
+        used[p] = used.get(p, 0) + 1
+        lo = row
+        while lo > 0 and pid[lo - 1] == pid[row] and row - lo < window:
+            lo -= 1
+        hi = row
+        while hi + 1 < a.size and pid[hi + 1] == pid[row] and hi - row < window:
+            hi += 1
+        out.append({"rank": len(out) + 1, "row": int(row), "prompt_id": p, "activation": float(a[row]),
+                    "token": str(token_strings[row]), "left": [str(t) for t in token_strings[lo:row]],
+                    "right": [str(t) for t in token_strings[row + 1 : hi + 1]]})
+    return out
+
+
+def examples_markdown(records: list[dict], *, title: str | None = None) -> str:
+    """Markdown table of `top_examples` records, the activating token in bold."""
+
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| # | act | prompt | context |", "|---|---|---|---|"]
+    for r in records:
+        ctx = " ".join([*map(esc, r["left"]), f"**{esc(r['token'])}**", *map(esc, r["right"])])
+        lines.append(f"| {r['rank']} | {r['activation']:.3g} | {r['prompt_id']} | {ctx} |")
+    return "\n".join(lines) + "\n"
+
+
+def examples_html(records: list[dict], *, title: str | None = None) -> str:
+    """HTML list of `top_examples` records, the activating token in <mark> (all text escaped)."""
+    parts = [f"<h4>{html.escape(str(title))}</h4>"] if title else []
+    parts.append('<ol class="examples">')
+    for r in records:
+        ctx = " ".join([*map(html.escape, r["left"]), f"<mark>{html.escape(r['token'])}</mark>",
+                        *map(html.escape, r["right"])])
+        parts.append(f'<li><span class="act">{r["activation"]:.3g}</span> '
+                     f'<span class="pid">#{html.escape(str(r["prompt_id"]))}</span> {ctx}</li>')
+    parts.append("</ol>")
+    return "\n".join(parts)

@@ -1,0 +1,312 @@
+"""Streaming trainer for `TopKSAE`: Adam, AuxK, dead-latent statistics, atomic checkpoints and resume.
+
+The trainer consumes any iterable of (B, d_in * n_blocks) arrays (numpy or torch): one model's activations,
+a delta view (tuned - base) or concatenated [base, tuned] rows for a crosscoder. The first batch sets the
+input scale (unless given) and b_pre (its mean), then is trained on like every other batch.
+
+Dead latents: a running counter of tokens since each latent last fired; a latent is dead once the counter
+reaches `dead_tokens` (default min(10M, total_tokens / 10), at least one batch).
+
+Checkpoints (every `ckpt_every` steps) go to `out_dir/checkpoints/step-<n>/` (SAE + optimizer state + dead
+counter + RNG state + log so far) and `out_dir/checkpoints/latest.json` points at the newest complete one
+(written last, by an atomic rename). On resume the trainer reloads it and skips the `step` batches that were
+already consumed: the caller's iterator must be deterministic (same seed, same order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mechdiff.errors import MechdiffError
+from mechdiff.sae.model import TopKSAE, load_sae, save_sae
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and optimisation settings of one SAE / crosscoder run."""
+
+    d_in: int
+    width: int
+    k: int
+    k_aux: int | None = None  # default d_in // 2
+    lr: float | None = None  # default 2e-4 * sqrt(2^14 / width), capped at 2e-3
+    batch_size: int = 4096
+    batchtopk: bool = False
+    n_blocks: int = 1
+    dead_tokens: int | None = None  # default min(10M, total_tokens // 10)
+    seed: int = 0
+    aux_coef: float = 1 / 32
+    warmup_frac: float = 0.02  # linear lr warm-up over this share of steps
+    decay_frac: float = 0.2  # linear lr decay to 0 over the last share of steps
+    beta1: float = 0.9
+    beta2: float = 0.999
+    resample_every: int = 0  # steps between dead-latent resamplings; 0 = off (AuxK only)
+    ckpt_every: int = 500
+    sparse: bool = True  # sparse decoder + sparse encoder backward (False: dense autograd reference)
+    bf16: bool = False  # select the active latents with a bf16 encoder matmul (values and grads stay fp32)
+    input_scale: float | None = None  # default: estimated from the first batch
+    threshold_decay: float = 0.99  # BatchTopK: EMA of the smallest kept activation
+    meta: dict = field(default_factory=dict)  # hook site, source, model id ... (written to cfg.json)
+
+    def validate(self) -> None:
+        """Raise MechdiffError on an inconsistent config."""
+        for name in ("d_in", "width", "k", "batch_size", "n_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise MechdiffError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+        if self.k > self.width:
+            raise MechdiffError(f"SAEConfig.k={self.k} exceeds width={self.width}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MechdiffError(f"SAEConfig.lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:
+            raise MechdiffError("SAEConfig.warmup_frac and decay_frac must lie in [0, 1)")
+        if self.aux_coef < 0:
+            raise MechdiffError(f"SAEConfig.aux_coef must be >= 0, got {self.aux_coef}")
+
+    def resolved_lr(self) -> float:
+        """The learning rate actually used."""
+        return float(self.lr) if self.lr is not None else min(2e-3, 2e-4 * math.sqrt(2 ** 14 / self.width))
+
+
+def _lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    warm = max(1, int(round(warmup_frac * total)))
+    f = min(1.0, (step + 1) / warm)
+    dec_start = total - int(round(decay_frac * total))
+    if decay_frac > 0 and step >= dec_start:
+        f *= max(0.0, (total - step) / max(1, total - dec_start))
+    return f
+
+
+def _make_optimizer(sae: TopKSAE, cfg: SAEConfig) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
+    try:
+        return torch.optim.Adam(sae.parameters(), fused=True, **kw)
+    except (RuntimeError, TypeError):  # fused kernels unavailable for this device/dtype
+        return torch.optim.Adam(sae.parameters(), foreach=True, **kw)
+
+
+def _to_tensor(batch: object, d: int) -> torch.Tensor:
+    if isinstance(batch, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    elif isinstance(batch, torch.Tensor):
+        x = batch.detach().to(torch.float32)
+    else:
+        raise MechdiffError(f"SAE batches must be numpy arrays or torch tensors, got {type(batch).__name__}")
+    if x.dim() != 2 or x.shape[1] != d or x.shape[0] == 0:
+        raise MechdiffError(f"SAE batch has shape {tuple(x.shape)}, expected (B > 0, {d}): check d_in / n_blocks")
+    if not bool(torch.isfinite(x).all()):
+        raise MechdiffError("an SAE batch contains NaN or inf: check the activation store")
+    return x
+
+
+class _State:
+    """Mutable training state saved with each checkpoint."""
+
+    def __init__(self, width: int, seed: int) -> None:
+        self.step = 0
+        self.tokens = 0
+        self.since_fired = torch.zeros(width, dtype=torch.int64)
+        self.gen = torch.Generator().manual_seed(int(seed) + 1)
+        self.log: list[dict] = []
+
+
+def _ckpt_root(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def _save_checkpoint(out_dir: Path, sae: TopKSAE, opt: torch.optim.Optimizer, st: _State, cfg: SAEConfig) -> None:
+    from safetensors.torch import save_file
+
+    root = _ckpt_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{st.step:09d}"
+    tmp = root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_sae(sae, tmp)
+    torch.save(opt.state_dict(), tmp / "optim.pt")
+    save_file({"since_fired": st.since_fired, "rng": st.gen.get_state(),
+               "input_scale": sae.input_scale.detach().reshape(1), "threshold": sae.threshold.detach().reshape(1)},
+              str(tmp / "train_state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": st.step, "tokens": st.tokens, "log": st.log,
+                                                "cfg": asdict(cfg)}))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    ptr = root / ".latest.json.tmp"
+    ptr.write_text(json.dumps({"dir": name, "step": st.step}))
+    os.replace(ptr, root / "latest.json")
+    for old in root.iterdir():
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out_dir: Path, cfg: SAEConfig) -> tuple[TopKSAE, dict, _State] | None:
+    from safetensors.torch import load_file
+
+    root = _ckpt_root(out_dir)
+    ptr = root / "latest.json"
+    if not ptr.is_file():
+        return None
+    d = root / json.loads(ptr.read_text())["dir"]
+    state = json.loads((d / "state.json").read_text())
+    saved = state["cfg"]
+    for key in ("d_in", "width", "k", "n_blocks", "batchtopk", "batch_size", "seed"):
+        if saved.get(key) != getattr(cfg, key):
+            raise MechdiffError(
+                f"checkpoint in {root} was made with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}: "
+                f"delete {root} or train with resume=False"
+            )
+    sae = load_sae(d)
+    ts = load_file(str(d / "train_state.safetensors"))
+    with torch.no_grad():
+        sae.input_scale.copy_(ts["input_scale"][0])
+        sae.threshold.copy_(ts["threshold"][0])
+    st = _State(cfg.width, cfg.seed)
+    st.step, st.tokens, st.log = int(state["step"]), int(state["tokens"]), list(state["log"])
+    st.since_fired = ts["since_fired"].to(torch.int64).clone()
+    st.gen.set_state(ts["rng"])
+    opt_state = torch.load(d / "optim.pt", weights_only=True)
+    return sae, opt_state, st
+
+
+def _reset_adam_rows(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], idx: torch.Tensor) -> None:
+    for p in params:
+        s = opt.state.get(p)
+        if not s:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in s:
+                s[key][idx] = 0.0
+
+
+def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_dir: Path | str | None, *,
+              total_tokens: int, resume: bool = True, progress: bool = True, log_every: int = 50,
+              on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False) -> TopKSAE:
+    """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
+
+    Stops after ceil(total_tokens / batch_size) steps or when the stream ends. The returned SAE carries the
+    training curve as `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr), also
+    written to `out_dir/train_log.json`. Checkpoints are removed at the end unless `keep_checkpoints`.
+    """
+    cfg.validate()
+    if not isinstance(total_tokens, int) or total_tokens < 1:
+        raise MechdiffError(f"total_tokens must be a positive int, got {total_tokens!r}")
+    out = Path(out_dir) if out_dir is not None else None
+    D = cfg.d_in * cfg.n_blocks
+    total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
+    dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(cfg.batch_size,
+                                                                                         total_tokens // 10))
+    loaded = _load_checkpoint(out, cfg) if (out is not None and resume) else None
+    if loaded is not None:
+        sae, opt_state, st = loaded
+        opt = _make_optimizer(sae, cfg)
+        opt.load_state_dict(opt_state)
+    else:
+        sae = TopKSAE(cfg.d_in, cfg.width, cfg.k, k_aux=cfg.k_aux, batchtopk=cfg.batchtopk,
+                      n_blocks=cfg.n_blocks, seed=cfg.seed)
+        opt = _make_optimizer(sae, cfg)
+        st = _State(cfg.width, cfg.seed)
+    sae.meta.update(cfg.meta)
+    sae.train()
+    base_lr = cfg.resolved_lr()
+    select_dtype = torch.bfloat16 if cfg.bf16 else None
+    it = iter(batches)
+    if st.step:
+        for _ in itertools.islice(it, st.step):
+            pass
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=st.step, desc="sae", unit="step", leave=False)
+    last_info: dict = {}
+    try:
+        while st.step < total_steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            x = _to_tensor(batch, D)
+            if st.step == 0:
+                with torch.no_grad():
+                    if cfg.input_scale is not None:
+                        if not cfg.input_scale > 0:
+                            raise MechdiffError(f"SAEConfig.input_scale must be > 0, got {cfg.input_scale}")
+                        sae.input_scale.fill_(float(cfg.input_scale))
+                    else:
+                        sae.set_input_scale(x)
+                    sae.b_pre.copy_((x * sae.input_scale).mean(0))
+            x_n = x * sae.input_scale
+            for g in opt.param_groups:
+                g["lr"] = base_lr * _lr_factor(st.step, total_steps, cfg.warmup_frac, cfg.decay_frac)
+            dead = st.since_fired >= dead_tokens
+            opt.zero_grad(set_to_none=True)
+            loss, info = sae.training_loss(x_n, dead, aux_coef=cfg.aux_coef, sparse=cfg.sparse,
+                                           select_dtype=select_dtype)
+            loss.backward()
+            sae.project_decoder_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+            B = x.shape[0]
+            st.since_fired += B
+            st.since_fired[info["fired"]] = 0
+            if cfg.batchtopk and "min_kept" in info:
+                with torch.no_grad():
+                    if not bool(sae.threshold_set):
+                        sae.threshold.fill_(info["min_kept"])
+                        sae.threshold_set.fill_(True)
+                    else:
+                        sae.threshold.mul_(cfg.threshold_decay).add_((1 - cfg.threshold_decay) * info["min_kept"])
+            if cfg.resample_every and (st.step + 1) % cfg.resample_every == 0 and bool(dead.any()):
+                idx = sae.resample_dead_(x_n, dead, generator=st.gen)
+                _reset_adam_rows(opt, [sae.W_enc, sae.dec, sae.b_enc], idx)
+                st.since_fired[idx] = 0
+            st.step += 1
+            st.tokens += B
+            last_info = {"loss": float(loss.detach()), "fvu": info["fvu"], "l0": info["l0"], "aux": info["aux"]}
+            if st.step % log_every == 0 or st.step == total_steps:
+                rec = {"step": st.step, "tokens": st.tokens, **last_info,
+                       "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
+                       "lr": opt.param_groups[0]["lr"]}
+                st.log.append(rec)
+                if on_log is not None:
+                    on_log(rec)
+                if bar is not None:
+                    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_pct']:.1f}%")
+            if bar is not None:
+                bar.update(1)
+            if out is not None and cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < total_steps:
+                _save_checkpoint(out, sae, opt, st, cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+    if st.step == 0:
+        raise MechdiffError("the SAE got no training batches: the activation store or split is empty")
+    if not st.log or st.log[-1]["step"] != st.step:
+        rec = {"step": st.step, "tokens": st.tokens, **last_info,
+               "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
+               "lr": opt.param_groups[0]["lr"]}
+        st.log.append(rec)
+    sae.eval()
+    sae.train_log = st.log
+    sae.dead_tokens = dead_tokens
+    if out is not None:
+        save_sae(sae, out, meta={"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens})
+        tmp = out / ".train_log.json.tmp"
+        tmp.write_text(json.dumps(st.log))
+        os.replace(tmp, out / "train_log.json")
+        if not keep_checkpoints:
+            shutil.rmtree(_ckpt_root(out), ignore_errors=True)
+    return sae
