@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
+# stages run `python stages/...`: the venv must come first on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help setup data run test test-fast lint bench clean-venv
 

@@ -71,7 +71,6 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
 def tiny_repo(tmp_path_factory) -> Path:
     """A repo copy whose pipeline ran to completion on the tiny edited pair."""
     from mechdiff.corpus import load_corpus
-
     from mechdiff.tiny import save_tiny_pair_dir
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -103,7 +102,7 @@ def test_pipeline_outputs(tiny_repo):
     assert site["kl_drop_full"] > 90  # the map is exact at the planted site
     assert site["min_k"] == 2  # the 80% target is reached at exactly the planted rank
     assert (tiny_repo / "plots/rank_k.csv").read_text().count("L2.attn_out") >= 6
-    for f in ("cka.csv", "kl_by_dataset.csv", "layer_patch.csv", "divergence.png", "rank_k.png"):
+    for f in ("cka.csv", "kl_by_dataset.csv", "layer_patch.csv", "cka.png", "rank_k.png"):
         assert (tiny_repo / "plots" / f).stat().st_size > 0
     assert (tiny_repo / "artifacts/maps/L2.attn_out").is_dir()
     assert (tiny_repo / "report/index.html").stat().st_size > 1000
