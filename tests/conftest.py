@@ -32,3 +32,11 @@ def tiny_model(tiny_tok):
     """A 4-layer width-64 random Llama model matching tiny_tok."""
     torch.set_num_threads(1)
     return make_tiny_model(len(tiny_tok), n_layers=4, d_model=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """A repo copy whose DVC pipeline ran to completion on the tiny edited pair (committed in its own git)."""
+    from tests.e2e_repo import build_tiny_repo
+
+    return build_tiny_repo(tmp_path_factory.mktemp("e2e"))
