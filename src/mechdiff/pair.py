@@ -37,6 +37,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.sites import Site, find_blocks, model_width, site_module
+from mechdiff.tokens import pad_id
 
 META_FILE = "mechdiff_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -441,14 +442,6 @@ def _encode_texts(tokenizer: Any, texts: list[str], max_len: int) -> list[list[i
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 def finetune(
     model: nn.Module, tokenizer: Any, texts: list[str], *, layers: list[int] | None, steps: int, lr: float,
     batch_size: int, max_len: int, seed: int, progress: bool = True,
@@ -469,7 +462,7 @@ def finetune(
     if not chosen or any(not 0 <= x < n for x in chosen):
         raise MechdiffError(f"finetune layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
     ids = _encode_texts(tokenizer, list(texts), int(max_len))
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
 
     orig_dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device

@@ -13,33 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from mechdiff.checks import as_f64, matrix
 from mechdiff.errors import MechdiffError
 
 
-def _as_f64(x: Any, what: str) -> np.ndarray:
-    """A float64 numpy copy of a numpy array or torch tensor."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().double().numpy()
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise MechdiffError(f"{what} must be a numeric array or tensor, got {type(x).__name__}") from exc
-
-
-def _matrix(x: Any, what: str, min_rows: int = 1) -> np.ndarray:
-    a = _as_f64(x, what)
-    if a.ndim != 2:
-        raise MechdiffError(f"{what} must be a 2-D (rows x features) array, got shape {a.shape}")
-    if a.shape[0] < min_rows or a.shape[1] == 0:
-        raise MechdiffError(f"{what} has shape {a.shape}: need at least {min_rows} rows and 1 column")
-    if not np.isfinite(a).all():
-        raise MechdiffError(f"{what} contains NaN or inf: check the activations (dtype overflow?) before comparing")
-    return a
-
-
 def _pair(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
-    x = _matrix(X, "X", min_rows=2)
-    y = _matrix(Y, "Y", min_rows=2)
+    x = matrix(X, "X", min_rows=2)
+    y = matrix(Y, "Y", min_rows=2)
     if x.shape[0] != y.shape[0]:
         raise MechdiffError(f"X and Y must have the same rows (prompts): got {x.shape[0]} and {y.shape[0]}")
     return x, y
@@ -94,7 +74,7 @@ def cka_bootstrap(
 
 
 def _logits(x: Any, what: str) -> np.ndarray:
-    a = _as_f64(x, what)
+    a = as_f64(x, what)
     if a.ndim == 1:
         a = a[None, :]
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
@@ -150,7 +130,7 @@ def bootstrap_mean_ci(
 ) -> tuple[float, float, float]:
     """(mean, lower, upper): the mean of x and a percentile bootstrap CI of it."""
     _check_boot(n_boot, ci)
-    a = _as_f64(x, "x").ravel()
+    a = as_f64(x, "x").ravel()
     if a.size == 0:
         raise MechdiffError("cannot bootstrap an empty sample: no prompts were evaluated")
     if not np.isfinite(a).all():

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from mechdiff.checks import as_f64, matrix
 from mechdiff.errors import MechdiffError
 from mechdiff.similarity import linear_cka
 
@@ -71,29 +72,9 @@ _STAT_KEYS = ("mu_b", "sd_b", "mu_t", "sd_t")
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _to_np(x: Any, what: str) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().double().numpy()
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise MechdiffError(f"{what} must be a numeric array or tensor, got {type(x).__name__}") from exc
-
-
-def _matrix(x: Any, what: str, min_rows: int = 2) -> np.ndarray:
-    a = _to_np(x, what)
-    if a.ndim != 2:
-        raise MechdiffError(f"{what} must be a 2-D (prompts x width) array, got shape {a.shape}")
-    if a.shape[0] < min_rows or a.shape[1] == 0:
-        raise MechdiffError(f"{what} has shape {a.shape}: need at least {min_rows} rows (prompts) and 1 column")
-    if not np.isfinite(a).all():
-        raise MechdiffError(f"{what} contains NaN or inf: check the activation store (dtype overflow?)")
-    return a
-
-
 def _pair(X: Any, Y: Any, what: str, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    x = _matrix(X, f"{what} base activations", min_rows)
-    y = _matrix(Y, f"{what} tuned activations", min_rows)
+    x = matrix(X, f"{what} base activations", min_rows)
+    y = matrix(Y, f"{what} tuned activations", min_rows)
     if x.shape[0] != y.shape[0]:
         raise MechdiffError(
             f"{what} base and tuned activations must have the same prompts (rows): got {x.shape[0]} and {y.shape[0]}"
@@ -148,7 +129,7 @@ class TransportMap:
             W = torch.as_tensor(self.W, dtype=torch.float64, device=H.device)
             b = torch.as_tensor(self.b, dtype=torch.float64, device=H.device)
             return (self.alpha * (H.double() @ W + b)).to(H.dtype)
-        h = _to_np(H, "activations")
+        h = as_f64(H, "activations")
         if h.shape[-1] != self.d_in:
             raise MechdiffError(f"map expects width {self.d_in}, got activations of width {h.shape[-1]}")
         if not np.isfinite(h).all():
@@ -214,7 +195,7 @@ def _ratio(stats: dict[str, np.ndarray]) -> np.ndarray:
 def recolour(H: Any, stats: dict) -> np.ndarray:
     """The raw cross-patch vector ((h - mu_b)/sd_b) sd_t + mu_t per dimension (mu_t where sd_b <= 1e-6)."""
     st = _check_stats(stats)
-    h = _to_np(H, "activations")
+    h = as_f64(H, "activations")
     if h.shape[-1] != st["mu_b"].size:
         raise MechdiffError(f"recolour stats have width {st['mu_b'].size}, activations width {h.shape[-1]}")
     if not np.isfinite(h).all():
@@ -512,7 +493,7 @@ def load_map(out_dir: str | Path) -> TransportMap:
 
 
 def _span(A: np.ndarray, what: str) -> np.ndarray:
-    a = _to_np(A, what)
+    a = as_f64(A, what)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2 or a.shape[1] == 0 or not np.isfinite(a).all():
