@@ -121,9 +121,12 @@ def cmd_remote(ns: argparse.Namespace) -> int:
         print(f"remote {ns.name!r} -> {ns.url} (default)")
         plugin = remote.remote_plugin_for(ns.url)
         if plugin:
-            print(f"needs the DVC plugin {plugin}: pip install {plugin}")
+            import importlib.util
+
+            if importlib.util.find_spec(plugin.replace("-", "_")) is None:
+                print(f"this remote needs the DVC plugin {plugin}: {remote.plugin_install_hint(ns.url)}")
     else:
-        remote.check_remote(root, ns.name)
+        remote.check_remote(root, ns.name, for_pull=not ns.for_push)
         print(f"remote {ns.name!r} is configured and reachable")
     return 0
 
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("url", nargs="?", help="remote URL: s3://, gs://, azure://, ssh://, or a directory")
     r.add_argument("--name", default="storage", help="remote name (default: storage)")
     r.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, moto, ...)")
+    r.add_argument("--for-push", action="store_true",
+                   help="check: only that the remote is reachable (an empty remote is fine before the first push)")
     r.set_defaults(fn=cmd_remote)
     return ap
 
