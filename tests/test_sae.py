@@ -139,6 +139,73 @@ def test_sparse_gradients_equal_dense(batchtopk, n_blocks):
     assert losses[0] == pytest.approx(float(main + aux / 32), rel=1e-5)
 
 
+@pytest.mark.parametrize("batchtopk", [False, True])
+def test_sparse_kernels_with_bf16_selection_and_input_grad_match_dense(batchtopk):
+    """bf16 selection (values recomputed in fp32 by sampled dot products) and d loss / d x: sparse == dense."""
+    sae = TopKSAE(10, 40, 3, k_aux=5, batchtopk=batchtopk, seed=5)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=g)
+        sae.b_pre.normal_(generator=g)
+    x0 = torch.randn(33, 10, generator=g)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[1::3] = True
+    res = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        loss, info = sae.training_loss(x, dead, sparse=sparse, select_dtype=torch.bfloat16)
+        loss.backward()
+        res.append((float(loss.detach()), x.grad.clone(), {n: p.grad.clone() for n, p in sae.named_parameters()},
+                    info["fired"].clone()))
+    assert res[0][0] == pytest.approx(res[1][0], rel=1e-5)
+    assert torch.allclose(res[0][1], res[1][1], rtol=1e-4, atol=1e-6)
+    assert torch.equal(res[0][3], res[1][3])
+    for name in res[0][2]:
+        assert torch.allclose(res[0][2][name], res[1][2][name], rtol=1e-4, atol=1e-6), name
+    # central differences (float64 copy) confirm the sparse input gradient of L_main (L_aux uses a detached e)
+    sae64 = TopKSAE(10, 40, 3, k_aux=5, batchtopk=batchtopk, seed=5).double()
+    sae64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in sae.state_dict().items()})
+    x = x0.double().clone().requires_grad_(True)
+    loss, _ = sae64.training_loss(x, dead, aux_coef=0.0)
+    loss.backward()
+    h = 1e-6
+    for i, j in ((4, 7), (0, 0), (32, 9)):
+        with torch.no_grad():
+            xp, xm = x0.double().clone(), x0.double().clone()
+            xp[i, j] += h
+            xm[i, j] -= h
+            fd = (float(sae64.training_loss(xp, dead, aux_coef=0.0)[0])
+                  - float(sae64.training_loss(xm, dead, aux_coef=0.0)[0])) / (2 * h)
+        assert float(x.grad[i, j]) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_scratch_buffers_do_not_leak_between_batches():
+    """Reused selection buffers: a big batch then a small one gives what a fresh model gives."""
+    g = torch.Generator().manual_seed(3)
+    big, small = torch.randn(50, 6, generator=g), torch.randn(7, 6, generator=g)
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[::2] = True
+    a, b = TopKSAE(6, 24, 2, seed=1), TopKSAE(6, 24, 2, seed=1)
+    a.training_loss(big, dead)
+    la, ia = a.training_loss(small, dead)
+    lb, ib = b.training_loss(small, dead)
+    assert float(la.detach()) == float(lb.detach()) and ia["aux"] == ib["aux"] and torch.equal(ia["fired"], ib["fired"])
+    a.release_workspace()
+    assert float(a.training_loss(small, dead)[0].detach()) == float(lb.detach())
+
+
+def test_decoder_grad_projection_matches_numpy():
+    sae = TopKSAE(5, 9, 2, seed=2)
+    G = np.random.default_rng(0).standard_normal((9, 5))
+    sae.dec.grad = torch.from_numpy(G).float()
+    D = sae.dec.detach().double().numpy()
+    sae.project_decoder_grad_()
+    want = G - (G * D).sum(1, keepdims=True) * D
+    np.testing.assert_allclose(sae.dec.grad.double().numpy(), want, atol=1e-6)
+    np.testing.assert_allclose((sae.dec.grad.double().numpy() * D).sum(1), 0.0, atol=1e-6)
+
+
 def test_auxk_gives_dead_latents_gradient():
     sae = TopKSAE(8, 64, 2, k_aux=4, seed=0)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))

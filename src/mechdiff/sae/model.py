@@ -21,11 +21,14 @@ Training loss (normalised MSE, scale free):
              e_hat = W_dec ReLU(TopK_{k_aux}(pre restricted to dead latents))   (no b_pre)
     L      = L_main + aux_coef * L_aux,  aux_coef = 1/32 by default.
 
-The sparse path never forms the dense (B, width) latent matrix for the backward pass: the decoder is an
-embedding bag over the active columns, and custom autograd functions give the encoder and decoder gradients
-through sparse x dense products (`torch.sparse.mm`) and sampled dense-dense products
-(`torch.sparse.sampled_addmm`). The dense path (`sparse=False`) is the plain autograd reference; both give
-the same gradients.
+Cost of one training step (sparse path): one dense encoder matmul (B, D) x (D, width) into a reused scratch
+buffer, serving both the TopK and the AuxK selection (the AuxK top-k runs on its dead columns only, and costs
+nothing when no latent is dead); the TopK values are read off that matmul. Everything after touches only the
+B*k selected (row, latent) pairs: the decoder is an embedding bag over the active columns, and custom autograd
+functions give the gradients through sampled dot products (`torch.sparse.sampled_addmm`, for d vals) and
+embedding bags over the pairs sorted by latent (for d W_enc and d W_dec, whose rows of unselected latents are
+zero). The dense (B, width) latent matrix is never formed. The dense path (`sparse=False`) is the plain
+autograd reference; both give the same gradients.
 """
 
 from __future__ import annotations
@@ -43,45 +46,81 @@ from torch import nn
 from mechdiff.errors import MechdiffError
 
 
-def _coo_t(cols: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, n_cols: int, n_rows: int) -> torch.Tensor:
-    """Sparse (n_cols, n_rows) matrix with vals at (cols, rows)."""
-    return torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_cols, n_rows), check_invariants=False)
+def _bag(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_n weights[n] table[indices[n]] over bag b = [offsets[b], offsets[b+1]) (empty bag -> 0)."""
+    return F.embedding_bag(indices, table.detach(), offsets, mode="sum",
+                           per_sample_weights=weights.detach().contiguous())
 
 
-def _sampled(pattern_crow: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
-             width: int) -> torch.Tensor:
-    """Values of (a @ b_t.T) at a CSR pattern (rows sorted), i.e. rowwise dot products a[r] . b_t[c]."""
-    zeros = torch.zeros(cols.shape[0], dtype=a.dtype, device=a.device)
+def _sort_key(key: torch.Tensor, bound: int) -> torch.Tensor:
+    """Integer sort key in int32 when `bound` fits (1-D int64 sorts take a far slower path on CPU)."""
+    return key.to(torch.int32) if bound < 2 ** 31 else key
+
+
+def _rowdot(pat: _Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Values of (a @ b.T) at the pattern, i.e. the dot products a[rows[n]] . b[cols[n]] (sampled dense product)."""
+    zeros = torch.zeros(pat.cols.shape[0], dtype=a.dtype, device=a.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        pat = torch.sparse_csr_tensor(pattern_crow, cols, zeros, (a.shape[0], width), check_invariants=False)
-    return torch.sparse.sampled_addmm(pat, a, b_t.t()).values()
+        sp = torch.sparse_csr_tensor(pat.crow, pat.cols, zeros, (a.shape[0], pat.width), check_invariants=False)
+    return torch.sparse.sampled_addmm(sp, a.contiguous(), b.t()).values()
 
 
 class _Pattern:
-    """Active (row, col) pairs of a sparse latent batch, rows ascending (CSR order)."""
+    """Active (row, col) pairs of a sparse latent batch: rows ascending, cols ascending within a row (CSR).
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, width: int) -> None:
+    The column-major view (`by_col`: the pairs sorted by latent, with per-latent offsets) is built once on
+    demand and shared by the encoder and decoder backward passes, which reduce over latents.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, width: int,
+                 crow: torch.Tensor | None = None) -> None:
         self.rows, self.cols, self.n_rows, self.width = rows, cols, n_rows, width
-        counts = torch.bincount(rows, minlength=n_rows)
-        self.crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
-        self.crow[1:] = counts.cumsum(0)
+        if crow is None:
+            crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+            crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+        self.crow = crow
+        self.xc: torch.Tensor | None = None  # x - b_pre of the step, when the caller already has it
+        self._by_col: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_topk(cls, idx: torch.Tensor, width: int) -> _Pattern:
-        """Pattern of a (B, k) index matrix."""
+        """Pattern of a (B, k) index matrix (each row sorted ascending)."""
         B, k = idx.shape
         rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-        return cls(rows, idx.reshape(-1), B, width)
+        crow = torch.arange(0, B * k + 1, k, device=idx.device)
+        return cls(rows, idx.reshape(-1), B, width, crow)
+
+    def by_col(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(perm, rows[perm], col_offsets): the pairs in latent order and where each latent's run starts."""
+        if self._by_col is None:
+            perm = torch.argsort(_sort_key(self.cols, self.width), stable=True)
+            counts = torch.bincount(self.cols, minlength=self.width)
+            self._by_col = (perm, self.rows[perm], counts.cumsum(0) - counts)
+        return self._by_col
+
+    def scatter_rows(self, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(width, D) matrix G[c] = sum over pairs n with cols[n] = c of w[n] * table[rows[n]]."""
+        perm, rows_c, off = self.by_col()
+        return _bag(rows_c, table, off, w[perm])
 
 
 class _SparseEncode(torch.autograd.Function):
-    """vals[n] = (x - b_pre)[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]] with a sparse backward."""
+    """vals[n] = (x - b_pre)[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]] with a sparse backward.
+
+    `known` (optional) holds these values already (gathered from the selection matmul); otherwise they are
+    computed as sampled dot products. Backward: dW_enc[c] = sum_n g[n] (x - b_pre)[rows[n]] over the pairs
+    of latent c (an embedding bag over the latent-sorted pairs), db_enc = index_add of g, db_pre =
+    -db_enc @ W_enc, dx[r] = sum_n g[n] W_enc[cols[n]].
+    """
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, pat: _Pattern):  # type: ignore[override]
-        xc = x - b_pre
-        vals = _sampled(pat.crow, pat.cols, xc, W_enc, pat.width) + b_enc[pat.cols]
+    def forward(ctx, x, b_pre, W_enc, b_enc, pat: _Pattern, known):  # type: ignore[override]
+        xc = pat.xc if pat.xc is not None else x - b_pre
+        if known is not None:
+            vals = known.clone()
+        else:
+            vals = _rowdot(pat, xc, W_enc) + b_enc[pat.cols]
         ctx.save_for_backward(xc, W_enc)
         ctx.pat = pat
         return vals
@@ -92,25 +131,29 @@ class _SparseEncode(torch.autograd.Function):
         pat: _Pattern = ctx.pat
         g = g.contiguous()
         gx = gbp = gW = gb = None
-        gb_full = torch.zeros(pat.width, dtype=g.dtype, device=g.device).index_add_(0, pat.cols, g)
         if ctx.needs_input_grad[2]:
-            gW = torch.sparse.mm(_coo_t(pat.cols, pat.rows, g, pat.width, pat.n_rows), xc)
-        if ctx.needs_input_grad[3]:
-            gb = gb_full
+            gW = pat.scatter_rows(g, xc)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
+            gb_full = torch.zeros(pat.width, dtype=g.dtype, device=g.device).index_add_(0, pat.cols, g)
+            if ctx.needs_input_grad[3]:
+                gb = gb_full
+            if ctx.needs_input_grad[1]:
+                gbp = -(gb_full @ W_enc)
         if ctx.needs_input_grad[0]:
-            gx = torch.sparse.mm(_coo_t(pat.rows, pat.cols, g, pat.n_rows, pat.width), W_enc)
-        if ctx.needs_input_grad[1]:
-            gbp = -(gb_full @ W_enc)
-        return gx, gbp, gW, gb, None
+            gx = _bag(pat.cols, W_enc, pat.crow[:-1], g)
+        return gx, gbp, gW, gb, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """out[r] = sum_n vals[n] dec[cols[n]] over the active entries of row r, with a sparse backward."""
+    """out[r] = sum_n vals[n] dec[cols[n]] over the active entries of row r, with a sparse backward.
+
+    Forward is an embedding bag over the active columns; backward: dvals[n] = g[rows[n]] . dec[cols[n]]
+    (sampled dot products) and ddec[c] = sum_n vals[n] g[rows[n]] over the pairs of latent c.
+    """
 
     @staticmethod
     def forward(ctx, vals, dec, pat: _Pattern):  # type: ignore[override]
-        out = F.embedding_bag(pat.cols, dec, pat.crow[:-1], mode="sum", per_sample_weights=vals,
-                              include_last_offset=False)
+        out = _bag(pat.cols, dec, pat.crow[:-1], vals)
         ctx.save_for_backward(vals, dec)
         ctx.pat = pat
         return out
@@ -122,9 +165,9 @@ class _SparseDecode(torch.autograd.Function):
         g = g.contiguous()
         gv = gd = None
         if ctx.needs_input_grad[0]:
-            gv = _sampled(pat.crow, pat.cols, g, dec, pat.width)
+            gv = _rowdot(pat, g, dec)
         if ctx.needs_input_grad[1]:
-            gd = torch.sparse.mm(_coo_t(pat.cols, pat.rows, vals, pat.width, pat.n_rows), g)
+            gd = pat.scatter_rows(vals, g)
         return gv, gd, None
 
 
@@ -236,17 +279,30 @@ class TopKSAE(nn.Module):
         g = self.dec.grad
         if g is None:
             return
-        g.sub_((g * self.dec).sum(1, keepdim=True) * self.dec)
+        g.addcmul_(self.dec, torch.linalg.vecdot(g, self.dec).unsqueeze(1), value=-1.0)
 
     # ------------------------------------------------------------------ training
-    def _select(self, pre: torch.Tensor, sel: torch.Tensor | None = None) -> _Pattern:
-        """Active pattern: TopK per row, or BatchTopK (k * B over the batch) when `batchtopk`."""
-        src = pre if sel is None else sel
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A scratch tensor reused across training steps (large fresh allocations page-fault on every step)."""
+        ws: dict = self.__dict__.setdefault("_ws", {})
+        n = math.prod(shape)
+        buf = ws.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=device)
+            ws[name] = buf
+        return buf[:n].view(shape)
+
+    def release_workspace(self) -> None:
+        """Free the scratch buffers kept between training steps."""
+        self.__dict__.pop("_ws", None)
+
+    def _select(self, src: torch.Tensor) -> tuple[_Pattern, torch.Tensor]:
+        """Active pattern and the values of `src` there: TopK per row, or BatchTopK (k * B over the batch)."""
         B = src.shape[0]
         if not self.batchtopk:
-            idx = src.topk(self.k, dim=1, sorted=False).indices
-            idx, _ = idx.sort(dim=1)
-            return _Pattern.from_topk(idx, self.width)
+            v, idx = src.topk(self.k, dim=1, sorted=False)
+            idx, order = idx.sort(dim=1)
+            return _Pattern.from_topk(idx, self.width), v.gather(1, order).reshape(-1)
         cap = min(self.width, 4 * self.k)
         while True:
             cv, ci = src.topk(cap, dim=1, sorted=False)
@@ -260,69 +316,89 @@ class TopKSAE(nn.Module):
             cap = min(self.width, cap * 4)  # some row may have more than `cap` winners: widen (exact)
         rows = torch.arange(B, device=src.device).unsqueeze(1).expand(B, cap)[mask]
         cols = ci[mask]
-        order = torch.argsort(rows * self.width + cols)
-        return _Pattern(rows[order], cols[order], B, self.width)
+        order = torch.argsort(_sort_key(rows * self.width + cols, B * self.width))
+        return _Pattern(rows[order], cols[order], B, self.width), cv[mask][order]
+
+    def _select_aux(self, src: torch.Tensor, dead_idx: torch.Tensor) -> tuple[_Pattern, torch.Tensor]:
+        """AuxK pattern: top k_aux of `src` restricted to the dead latents, per row; values of `src` there."""
+        B, n_dead = src.shape[0], int(dead_idx.numel())
+        ka = min(self.k_aux, n_dead)
+        sub = torch.index_select(src, 1, dead_idx,
+                                 out=self._workspace("aux", (B, n_dead), src.dtype, src.device))
+        v, local = sub.topk(ka, dim=1, sorted=False)
+        aidx, order = dead_idx[local].sort(dim=1)
+        return _Pattern.from_topk(aidx, self.width), v.gather(1, order).reshape(-1)
 
     def training_loss(self, x_n: torch.Tensor, dead: torch.Tensor | None = None, *, aux_coef: float = 1 / 32,
                       sparse: bool = True, select_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
         """Loss L_main + aux_coef * L_aux on normalised inputs; `dead` is a (width,) bool mask of dead latents.
 
+        The encoder matmul runs once (in `select_dtype` when given, e.g. bf16) and serves both the TopK and
+        the AuxK selection; with `sparse=True` the values and gradients then only touch the selected pairs.
         Returns the loss and a dict with the batch fvu, l0, aux loss, the fired latents mask and, for
         BatchTopK, the smallest kept positive activation.
         """
         B = x_n.shape[0]
+        dev = x_n.device
         with torch.no_grad():
+            xc = x_n - self.b_pre
             if select_dtype is not None and select_dtype != x_n.dtype:
-                sel = torch.addmm(self.b_enc.to(select_dtype), (x_n - self.b_pre).to(select_dtype),
-                                  self.W_enc.detach().to(select_dtype).t())
-                pre_d = None
+                sd = select_dtype
+                src = torch.addmm(self.b_enc.detach().to(sd), xc.to(sd), self.W_enc.detach().to(sd).t(),
+                                  out=self._workspace("pre", (B, self.width), sd, dev))
+                exact = False  # selection values are approximate: recompute them in full precision
             else:
-                pre_d = self.pre_acts(x_n)
-                sel = pre_d
-            pat = self._select(sel)
+                src = torch.addmm(self.b_enc, xc, self.W_enc.t(),
+                                  out=self._workspace("pre", (B, self.width), x_n.dtype, dev))
+                exact = True
+            pat, pvals = self._select(src)
+            pat.xc = xc
+            aux_sel = None
+            if dead is not None and aux_coef > 0 and bool(dead.any()):
+                aux_sel = self._select_aux(src, torch.nonzero(dead).squeeze(1))
+                aux_sel[0].xc = xc
+            del src
         if sparse:
-            vals = _SparseEncode.apply(x_n, self.b_pre, self.W_enc, self.b_enc, pat).relu()
+            vals = _SparseEncode.apply(x_n, self.b_pre, self.W_enc, self.b_enc, pat,
+                                       pvals if exact else None).relu()
             recon = _SparseDecode.apply(vals, self.dec, pat)
         else:
             pre = self.pre_acts(x_n)
             vals = pre[pat.rows, pat.cols].relu()
-            z = torch.zeros(B, self.width, dtype=pre.dtype, device=pre.device).index_put(
-                (pat.rows, pat.cols), vals)
+            z = torch.zeros(B, self.width, dtype=pre.dtype, device=dev).index_put((pat.rows, pat.cols), vals)
             recon = z @ self.dec
         x_hat = recon + self.b_pre
-        denom = ((x_n - x_n.mean(0)) ** 2).sum().clamp_min(1e-12)
-        err = ((x_hat - x_n) ** 2).sum()
+        denom = (x_n.var(0, correction=0).sum() * B).clamp_min(1e-12)  # sum_b ||x_n - mean_b(x_n)||^2
+        err = F.mse_loss(x_hat, x_n, reduction="sum")
         main = err / denom
         info: dict = {"fvu": float(main.detach())}
-        fired = torch.zeros(self.width, dtype=torch.bool, device=x_n.device)
         with torch.no_grad():
-            pos = vals.detach() > 0
-            fired[pat.cols[pos]] = True
+            v = vals.detach()
+            pos = (v > 0).to(v.dtype)
+            fired = torch.zeros(self.width, dtype=v.dtype, device=dev).index_add_(0, pat.cols, pos) > 0
             info["l0"] = float(pos.sum()) / B
-            if self.batchtopk and bool(pos.any()):
-                info["min_kept"] = float(vals.detach()[pos].min())
+            if self.batchtopk:
+                mk = float(torch.where(v > 0, v, torch.inf).min())
+                if math.isfinite(mk):
+                    info["min_kept"] = mk
         info["fired"] = fired
         loss = main
         aux_val = 0.0
-        if dead is not None and bool(dead.any()) and aux_coef > 0:
-            dead_idx = torch.nonzero(dead).squeeze(1)
-            ka = min(self.k_aux, int(dead_idx.numel()))
+        if aux_sel is not None:
+            apat, apvals = aux_sel
             e = (x_n - x_hat).detach()
-            with torch.no_grad():
-                src = sel if pre_d is None else pre_d
-                local = src[:, dead_idx].topk(ka, dim=1, sorted=False).indices
-                aidx, _ = dead_idx[local].sort(dim=1)
-                apat = _Pattern.from_topk(aidx, self.width)
             if sparse:
-                avals = _SparseEncode.apply(x_n, self.b_pre, self.W_enc, self.b_enc, apat).relu()
+                avals = _SparseEncode.apply(x_n, self.b_pre, self.W_enc, self.b_enc, apat,
+                                            apvals if exact else None).relu()
                 e_hat = _SparseDecode.apply(avals, self.dec, apat)
             else:
                 pre = self.pre_acts(x_n)
                 avals = pre[apat.rows, apat.cols].relu()
-                za = torch.zeros(B, self.width, dtype=pre.dtype, device=pre.device).index_put(
-                    (apat.rows, apat.cols), avals)
+                za = torch.zeros(B, self.width, dtype=pre.dtype, device=dev).index_put((apat.rows, apat.cols),
+                                                                                      avals)
                 e_hat = za @ self.dec
-            aux = ((e_hat - e) ** 2).sum() / (e ** 2).sum().clamp_min(1e-12)
+            e_sq = torch.linalg.vecdot(e.reshape(-1), e.reshape(-1)).clamp_min(1e-12)
+            aux = F.mse_loss(e_hat, e, reduction="sum") / e_sq
             aux = torch.nan_to_num(aux, nan=0.0)
             aux_val = float(aux.detach())
             loss = loss + aux_coef * aux

@@ -299,6 +299,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
                "lr": opt.param_groups[0]["lr"]}
         st.log.append(rec)
+    sae.release_workspace()
     sae.eval()
     sae.train_log = st.log
     sae.dead_tokens = dead_tokens
