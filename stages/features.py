@@ -88,7 +88,7 @@ def main() -> None:
                     metrics[f"{src}_L{layer}"][f"graded_{trait}_n_keep"] = int(g["keep"].sum())
         # top-activating examples of the tuned SAE's most cultural features
         if s.view == "tokens" and "tuned" in saes:
-            trows = base.token_rows(np.arange(len(prompts)))
+            trows = source_rows(base, "tokens", np.arange(len(prompts)))
             Z = encode_rows(saes["tuned"], tuned.read(site, "tokens", trows), features=top_cultural)
             toks = [tok.decode([int(i)]) for i in base.index("tok_id")[trows]]
             pids = base.index("tok_prompt")[trows]

@@ -2,7 +2,6 @@
 
 import sys
 import time
-from pathlib import Path
 
 from mechdiff.corpus import load_prompts
 from mechdiff.errors import MechdiffError
@@ -48,9 +47,8 @@ def main() -> None:
         info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed)
         meta = {"role": "tuned", "recipe": "edit", "edit": info.to_json()}
         summary = {"edit_layer": e.layer, "edit_rank": e.rank}
-    if not (t.recipe == "finetune" and not t.id):  # no training curve: keep the declared plot, header only
-        Path("plots").mkdir(exist_ok=True)
-        Path("plots/finetune_loss.csv").write_text("step,loss\n")
+    if not (t.recipe == "finetune" and not t.id):
+        write_csv("plots/finetune_loss.csv", [])
     save_model(model, tok, "artifacts/models/tuned", meta)
     write_json("metrics/model_tuned.json", {**summary, "seconds": time.time() - t0})
     print(f"models: tuned saved in {time.time() - t0:.0f}s")

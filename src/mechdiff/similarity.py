@@ -65,9 +65,10 @@ def cka_bootstrap(
     rng = np.random.default_rng(seed)
     n = x.shape[0]
     vals = np.empty(n_boot, dtype=np.float64)
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)  # the replicates only set the CI: float32 is 2x faster
     for i in range(n_boot):
         idx = rng.integers(0, n, size=n)
-        xb, yb = x[idx], y[idx]
+        xb, yb = x32[idx], y32[idx]
         vals[i] = _cka_centred(xb - xb.mean(axis=0), yb - yb.mean(axis=0))
     lo, hi = _percentile_ci(vals, ci)
     return est, lo, hi

@@ -22,8 +22,16 @@ def check_paired(base: ActStore, tuned: ActStore, view: str) -> None:
 
 
 def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
-    """Row indices of `view` for the given prompt rows (token rows for 'tokens')."""
-    return store.token_rows(prompt_rows) if view == "tokens" else np.asarray(prompt_rows, dtype=np.int64)
+    """Row indices of `view` for the given prompt rows (token rows for 'tokens', without position 0).
+
+    The first token of a prompt is an attention sink whose residual norm is ~100x the others' (25000 vs
+    ~200 at SmolLM2's layer 20): left in, it dominates the SAE's input scale and its FVU, so it is
+    left out, as is usual for SAE training.
+    """
+    if view != "tokens":
+        return np.asarray(prompt_rows, dtype=np.int64)
+    rows = store.token_rows(prompt_rows)
+    return rows[store.index("tok_pos")[rows] > 0]
 
 
 def read_source(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> np.ndarray:
@@ -76,12 +84,16 @@ def prompt_feature_means(sae, source: str, base: ActStore, tuned: ActStore, site
     prompt_rows = np.asarray(prompt_rows, dtype=np.int64)
     if view != "tokens":
         return encode_rows(sae, read_source(source, base, tuned, site, view, prompt_rows))
-    n_tok = base.index("n_tokens")
+    tok_prompt = base.index("tok_prompt")
     out = []
     for s in range(0, len(prompt_rows), chunk_prompts):
         pr = prompt_rows[s : s + chunk_prompts]
-        Z = encode_rows(sae, read_source(source, base, tuned, site, view, base.token_rows(pr)))
-        lens = n_tok[pr].astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        rows = source_rows(base, view, pr)  # in prompt order, position 0 left out
+        Z = encode_rows(sae, read_source(source, base, tuned, site, view, rows))
+        owner = tok_prompt[rows]
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        lens = np.diff(np.r_[starts, len(owner)])
+        if len(lens) != len(pr):
+            raise MechdiffError("a prompt has a single token: per-prompt SAE activations need longer prompts")
         out.append(np.add.reduceat(Z, starts, axis=0) / lens[:, None])
     return np.concatenate(out)
