@@ -57,3 +57,17 @@ def test_exp_run_changes_metric_and_diff_shows_it(tiny_repo):
     diff = sh(["dvc", "metrics", "diff", "HEAD", "--json"], tiny_repo).stdout
     changed = json.loads(diff)
     assert any("kl_drop" in k for entry in changed.values() for k in entry), diff
+
+
+def test_pipeline_report_renders_in_chromium(tiny_repo, tmp_path):
+    """The report `dvc repro` wrote loads in headless chromium: every figure loads, no console errors."""
+    from tests.browser import browse
+
+    page = browse(tiny_repo / "report" / "index.html", tmp_path / "pipeline_report.png")
+    assert page["ok"] and not page["errors"], page["errors"]
+    assert len(page["images"]) >= 5 and all(im[1] and im[2] > 0 for im in page["images"]), page["images"]
+    for section in ("Divergence", "Transport & rank-k", "SAE quality", "Features & enrichment"):
+        assert section in page["headings"], page["headings"]
+    out = Path(__file__).parent / "_output"
+    out.mkdir(exist_ok=True)
+    (out / "pipeline_report.png").write_bytes((tmp_path / "pipeline_report.png").read_bytes())

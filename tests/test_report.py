@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import html
 import json
-import os
 import re
 import shutil
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +14,9 @@ import yaml
 
 from mechdiff import MechdiffError
 from mechdiff.report import build_report, classify, markdown_to_html, plot_series
+from tests.browser import browse
 
 OUTPUT_DIR = Path(__file__).parent / "_output"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
 def _png(path: Path, seed: int) -> None:
     """A small matplotlib figure saved as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -250,63 +241,17 @@ def test_markdown_to_html_escapes() -> None:
     assert "<li>item <code>c</code></li>" in out
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    """Static file handler that does not log to stderr."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        return
-
-
 def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     """Chromium loads the page over HTTP with no console errors, failed requests or broken images."""
-    chromium = shutil.which("chromium")
-    ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
-    if chromium is None:
-        if ci:
-            pytest.fail("chromium is not installed (CI=true): run `apt-get install -y chromium`")
-        pytest.skip("chromium is not installed (set CI=true to make this a failure)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if ci:
-            pytest.fail("the playwright package is not installed (CI=true): pip install -e '.[dev]'")
-        pytest.skip("the playwright package is not installed")
-
-    handler = functools.partial(_QuietHandler, directory=str(report.parent))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
-    errors: list[str] = []
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-                page.on("requestfailed", lambda r: errors.append(f"requestfailed: {r.url}"))
-                page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
-                resp = page.goto(url, wait_until="load")
-                assert resp is not None and resp.ok
-                assert page.title() == "test report"
-                images = page.evaluate(
-                    "() => Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
-                )
-                html_srcs = re.findall(r'<img src="([^"]+)"', report.read_text())
-                assert [im[0] for im in images] == html_srcs and len(images) == 3
-                broken = [im for im in images if not (im[1] and im[2] > 0)]
-                assert not broken, broken
-                headings = page.locator("h2").all_inner_texts()
-                assert headings[0] == "Pair & params" and "Divergence" in headings
-                shot = tmp_path / "report.png"
-                page.screenshot(path=str(shot), full_page=True)
-            finally:
-                browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert not errors, errors
+    shot = tmp_path / "report.png"
+    page = browse(report, shot)
+    assert page["title"] == "test report"
+    html_srcs = re.findall(r'<img src="([^"]+)"', report.read_text())
+    assert [im[0] for im in page["images"]] == html_srcs and len(page["images"]) == 3
+    broken = [im for im in page["images"] if not (im[1] and im[2] > 0)]
+    assert not broken, broken
+    assert page["headings"][0] == "Pair & params" and "Divergence" in page["headings"]
+    assert not page["errors"], page["errors"]
     assert shot.stat().st_size > 10_000
     OUTPUT_DIR.mkdir(exist_ok=True)
     shutil.copy(shot, OUTPUT_DIR / "report.png")
