@@ -79,7 +79,7 @@ def main() -> None:
     write_csv("plots/rank_k.csv", rank_rows)
     write_csv("plots/alpha.csv", alpha_rows)
     plot_series("plots/rank_k.csv", "plots/rank_k.png", x="k", y="kl_drop", group="site",
-                title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})")
+                title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})", logx=True)
     write_json("metrics/patch.json", metrics)
 
 

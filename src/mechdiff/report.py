@@ -370,7 +370,7 @@ def _series_spec(stem: str, df: pd.DataFrame) -> tuple[str, list[str], str | Non
 
 
 def _plot_frame(
-    df: pd.DataFrame, png_path: Path, x: str, ys: Sequence[str], group: str | None, title: str
+    df: pd.DataFrame, png_path: Path, x: str, ys: Sequence[str], group: str | None, title: str, logx: bool = False
 ) -> Path:
     """Draw one line per (group, y) against x into png_path with matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -392,7 +392,9 @@ def _plot_frame(
             if lo and hi:
                 ax.fill_between(part[x], part[lo], part[hi], alpha=0.18)
             n_lines += 1
-    if pd.api.types.is_integer_dtype(df[x]):
+    if logx:  # symmetric log keeps x = 0 (e.g. rank 0) on the axis
+        ax.set_xscale("symlog", linthresh=1)
+    elif pd.api.types.is_integer_dtype(df[x]):
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -410,7 +412,7 @@ def _plot_frame(
 
 def _band_cols(cols: list[str], y: str) -> tuple[str | None, str | None]:
     """Columns holding a confidence band for y ({y}_lo/{y}_hi or ci_lo/ci_hi), if present."""
-    for lo, hi in ((f"{y}_lo", f"{y}_hi"), (f"{y}_low", f"{y}_high"), ("ci_lo", "ci_hi")):
+    for lo, hi in ((f"{y}_lo", f"{y}_hi"), (f"{y}_low", f"{y}_high"), ("ci_lo", "ci_hi"), ("ci_low", "ci_high")):
         if lo in cols and hi in cols:
             return lo, hi
     return None, None
@@ -423,6 +425,7 @@ def plot_series(
     y: str | Sequence[str],
     group: str | None = None,
     title: str | None = None,
+    logx: bool = False,
 ) -> Path:
     """Plot column(s) y against x from a CSV (one line per group value) into a PNG; returns png_path."""
     csv_path, png_path = Path(csv_path), Path(png_path)
@@ -443,7 +446,7 @@ def plot_series(
     for col in [x, *ys]:
         if not pd.api.types.is_numeric_dtype(df[col]):
             raise MechdiffError(f"column '{col}' of {csv_path} is not numeric: it cannot be plotted")
-    return _plot_frame(df, png_path, x, ys, group, title or f"{', '.join(ys)} by {x}")
+    return _plot_frame(df, png_path, x, ys, group, title or f"{', '.join(ys)} by {x}", logx)
 
 
 def _md_inline(text: str) -> str:
