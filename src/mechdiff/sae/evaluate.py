@@ -95,7 +95,8 @@ def spliced_metrics(model: nn.Module, enc: Encoded, rows: Sequence[int] | np.nda
                     positions: str = "all", pad: int = 0) -> dict:
     """CE / KL recovered when the SAE reconstruction replaces the site's activation (vs zero-ablation).
 
-    `positions="all"` splices every prompt position (the standard); `"decision"` only the decision token.
+    `positions="all"` splices every prompt position but the first (the standard; position 0 is an attention sink
+    left out of SAE training); `"decision"` only the decision token.
     CE = mean next-token cross-entropy over the prompt's own tokens (positions 0..len-2; "all" only);
     KL = KL(p_patched || p_ref) at the decision token, p_ref from `ref_logits` (len(rows), V) in the order of
     `rows`, or the clean model's logits when None. recovered = (L_zero - L_sae) / (L_zero - L_clean).
@@ -130,8 +131,10 @@ def spliced_metrics(model: nn.Module, enc: Encoded, rows: Sequence[int] | np.nda
 
         def make(kind: str, _pos: torch.Tensor = pos, _ar: torch.Tensor = ar) -> Callable:
             def fn(t: torch.Tensor) -> torch.Tensor:
-                if positions == "all":
-                    return recon(t) if kind == "sae" else torch.zeros_like(t)
+                if positions == "all":  # every position but the first (the attention sink SAEs are not trained on)
+                    t = t.clone()
+                    t[:, 1:] = recon(t[:, 1:]) if kind == "sae" else 0.0
+                    return t
                 t = t.clone()
                 v = t[_ar, _pos]
                 t[_ar, _pos] = recon(v.unsqueeze(1)).squeeze(1) if kind == "sae" else torch.zeros_like(v)
