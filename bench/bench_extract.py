@@ -1,11 +1,12 @@
 """Benchmark: extraction throughput (tokens/s) against a plain HF forward pass, on SmolLM2-135M-Instruct.
 
-Run: ``python bench/bench_extract.py`` (about 3-4 minutes on 2 CPU cores) or ``--quick``.
+Run: ``python bench/bench_extract.py`` (about 4-6 minutes on 2 CPU cores) or ``--quick``.
 Measures, on the same prompts, batch 16, each repeated and the median kept:
   (a)  plain HF forward with logits, model(ids, attention_mask=mask), fp32 (length-sorted batches)
   (a') the same in corpus order (unsorted batches), for reference (run once)
   (a") the same without the attention mask (what extract passes by default), for reference (run once)
   (b)  extract() of resid_post at all layers (last + mean), written to a store
+  (b') the same with plain torch linears (extract.pack_weights: false), for reference
   (c)  extract() of three layers (8, 16, 24), written to a store
   (d)  (c) with the model in bfloat16
 and prints a table with ratios to (a), the store sizes and file counts.
@@ -130,11 +131,11 @@ def main() -> int:
     views = {"*": ["last", "mean"]}
     sizes: dict[str, tuple[int, int]] = {}
 
-    def run_extract(tag: str, site_list, dtype: str) -> float:
+    def run_extract(tag: str, site_list, dtype: str, pack: bool = True) -> float:
         path = tmp / f"{tag}.zarr"
         t = time.perf_counter()
         extract(model, tok, prompts, site_list, views, path, batch_size=args.batch_size, dtype=dtype,
-                progress=False, resume=False)
+                progress=False, resume=False, pack_weights=pack)
         dt = time.perf_counter() - t
         sizes[tag] = store_size(path)
         return dt
@@ -147,6 +148,7 @@ def main() -> int:
     cases = {
         ref_key: lambda: plain_forward(model, enc, args.batch_size, pad, True),
         f"(b)  extract all {nl} layers, fp32": lambda: run_extract("all", every, "float32"),
+        "(b') same, plain torch linears": lambda: run_extract("all_unpacked", every, "float32", pack=False),
         "(c)  extract layers 8,16,24, fp32": lambda: run_extract("few", few, "float32"),
         "(d)  extract layers 8,16,24, bf16": lambda: run_extract("few_bf16", few, "bfloat16"),
     }

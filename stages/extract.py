@@ -42,7 +42,7 @@ def main() -> None:
             print(f"extract: resuming {path} from row {old.attrs.get('rows_done', '?')}")
     store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
-                    device=e.device, shard_rows=e.shard_rows, resume=True,
+                    device=e.device, shard_rows=e.shard_rows, resume=True, pack_weights=e.pack_weights,
                     attrs={"model": which, "fingerprint": fp, "extract": vars(e)})
     print(f"extract: {which}: {store.n} prompts x {len(sites)} sites -> artifacts/acts/{which}.zarr")
 

@@ -3,11 +3,14 @@
 import numpy as np
 
 from mechdiff.features import (
+    NO_THEME,
     activation_stats,
     classify_types,
     examples_markdown,
     graded_scores,
     permutation_enrichment,
+    text_themes,
+    text_themes_markdown,
     theme_enrichment,
     themes,
     top_examples,
@@ -21,6 +24,8 @@ from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
 from mechdiff.store import ActStore
 
 MAX_ROWS = 16384  # token rows sampled for the base-vs-tuned statistics
+TOP_TEXTS = 10  # a feature's text theme is read from its TOP_TEXTS most activating cultural / control prompts
+ENRICH_KEYS = ("enrichment", "p", "q", "n_group", "n_group_selected")
 
 
 def main() -> None:
@@ -34,6 +39,10 @@ def main() -> None:
     metrics: dict = {}
     enrich: dict = {}
     enrich_rows, graded_rows, md = [], [], ["# Top-activating examples", ""]
+    themes_md = ["# Feature themes by top-activating texts", "",
+                 "Pooled base / tuned / delta SAE features, each represented by the TF-IDF of its most activating",
+                 "prompts, clustered with k-means (k by silhouette); E_c = share of delta-SAE features in the theme",
+                 "over their share among all features with a theme (README: How to read the metrics).", ""]
     for layer in s.layers:
         site = f"L{layer}.resid_post"
         saes = {src: load_sae(f"artifacts/saes/{src}_L{layer}") for src in s.sources if src != "crosscoder"}
@@ -64,10 +73,21 @@ def main() -> None:
             th = themes(dirs, k_range=range(2, f.max_themes + 1), seed=p.seed)
             rows = theme_enrichment(th["labels"], origin == "delta", alpha=f.fdr)
             for r in rows:
-                r = {"layer": layer, **r}
-                enrich_rows.append(r)
-                enrich[f"L{layer}.theme{r['theme']}"] = {k: r[k] for k in ("enrichment", "p", "q", "n_group", "n_group_selected")}
+                enrich_rows.append({"layer": layer, "by": "decoder", **r})
+                enrich[f"L{layer}.theme{r['theme']}"] = {k: r[k] for k in ENRICH_KEYS}
             enrich[f"L{layer}.k"] = th["k"]
+            # the same features clustered by their top-activating cultural / control prompts
+            A_all = np.concatenate([means[n] for n in names], axis=1)
+            tt = text_themes(A_all, [prompts[i].text for i in cc], top_n=TOP_TEXTS,
+                             k_range=range(2, f.max_themes + 1), seed=p.seed)
+            rows = theme_enrichment(tt["labels"], origin == "delta", alpha=f.fdr, ignore_label=NO_THEME)
+            for r in rows:
+                words = " ".join(tt["top_words"][r["theme"]])
+                enrich_rows.append({"layer": layer, "by": "text", **r, "top_words": words})
+                enrich[f"L{layer}.text_theme{r['theme']}"] = {k: r[k] for k in ENRICH_KEYS}
+            enrich[f"L{layer}.text_k"] = tt["k"]
+            enrich[f"L{layer}.text_n_no_theme"] = int((tt["labels"] == NO_THEME).sum())
+            themes_md.append(text_themes_markdown(tt, rows, title=f"L{layer}"))
         # graded concepts on the trait corpus
         tr = np.flatnonzero(datasets == "trait")
         if len(tr):
@@ -99,6 +119,10 @@ def main() -> None:
     write_csv("plots/graded.csv", graded_rows)
     with open("plots/top_examples.md", "w") as fh:
         fh.write("\n".join(md) + "\n")
+    if not enrich_rows:
+        themes_md.append("No themes: the features stage needs the delta SAE and at least one other source.")
+    with open("plots/themes.md", "w") as fh:
+        fh.write("\n".join(themes_md) + "\n")
     write_json("metrics/features.json", metrics)
     write_json("metrics/enrichment.json", enrich)
     print(f"features: {len(enrich_rows)} themes, {len(graded_rows)} graded rankings")

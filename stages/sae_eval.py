@@ -20,23 +20,36 @@ def main() -> None:
     base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
     prompts = kept_prompts()
     val = pick_rows(prompts, split="val", n=s.eval_prompts, seed=p.seed)
-    models: dict = {}
+    models: dict = {}  # name -> (model, tokenizer, encoded prompts), each loaded once
     metrics: dict = {}
     norm_rows = []
+
+    def load(name: str) -> tuple:
+        if name not in models:
+            model, tok = load_saved(f"artifacts/models/{name}")
+            models[name] = (model, tok, encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len))
+        return models[name]
+
     for layer in s.layers:
         site = f"L{layer}.resid_post"
         rows = source_rows(base, s.view, val)
         for source in s.sources:
             sae = load_sae(f"artifacts/saes/{source}_L{layer}")
             m = eval_sae(sae, read_source(source, base, tuned, site, s.view, rows))
-            if source in ("base", "tuned"):  # splice the reconstruction into the model it was trained on
-                if source not in models:
-                    models[source] = load_saved(f"artifacts/models/{source}")
-                model, tok = models[source]
-                enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
-                sp = spliced_metrics(model, enc, val, Site(layer), sae, batch_size=p.extract.batch_size,
-                                     positions="all" if s.view == "tokens" else "decision", pad=pad_id(tok))
-                m.update({k: v for k, v in sp.items() if k.endswith("recovered") or k.startswith(("ce_", "kl_"))})
+            # splice the reconstruction into the model(s) it was trained on (delta / crosscoder: both)
+            names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
+            loaded = {n: load(n) for n in names}
+            encs = {n: v[2] for n, v in loaded.items()}
+            if len(names) == 2 and (loaded["base"][1].get_vocab() != loaded["tuned"][1].get_vocab()
+                                    or any(encs["base"].ids[r] != encs["tuned"].ids[r] for r in val)):
+                print(f"sae_eval: {source}_L{layer}: base and tuned tokenisers differ, so tokens do not pair up: "
+                      "no spliced metrics")
+            else:
+                sp = spliced_metrics({n: v[0] for n, v in loaded.items()}, encs, val, Site(layer), sae,
+                                     source=source, batch_size=p.extract.batch_size,
+                                     positions="all" if s.view == "tokens" else "decision",
+                                     pad=pad_id(loaded[names[-1]][1]))
+                m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
             if source == "crosscoder":
                 rel = sae.relative_norms(block=1).numpy()  # share of the tuned decoder
                 m.update({"n_base_only": int((rel < 0.1).sum()), "n_tuned_only": int((rel > 0.9).sum()),
@@ -45,7 +58,8 @@ def main() -> None:
                 norm_rows += [{"layer": layer, "rel_norm_tuned": round(float(e), 3), "n_latents": int(h)}
                               for e, h in zip(edges[:-1] + 0.025, hist)]
             metrics[f"{source}_L{layer}"] = m
-            print(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%")
+            rec = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("ce_recovered"))
+            print(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%  {rec}")
     if not norm_rows:  # no crosscoder configured: keep the declared figure, saying so
         norm_rows = [{"layer": -1, "rel_norm_tuned": 0.5, "n_latents": 0}]
     write_csv("plots/crosscoder_norms.csv", norm_rows)

@@ -10,6 +10,7 @@ from scipy import stats
 
 from mechdiff.errors import MechdiffError
 from mechdiff.features import (
+    NO_THEME,
     activation_stats,
     benjamini_hochberg,
     classify_types,
@@ -19,6 +20,8 @@ from mechdiff.features import (
     examples_markdown,
     graded_scores,
     permutation_enrichment,
+    text_themes,
+    text_themes_markdown,
     theme_enrichment,
     themes,
     top_examples,
@@ -182,6 +185,135 @@ def test_themes_recovers_planted_clusters():
     assert res["k"] == 3
     assert adjusted_rand_score(truth, res["labels"]) == pytest.approx(1.0)
     assert max(res["silhouette"], key=res["silhouette"].get) == 3
+
+
+def test_themes_unchanged_by_refactor_reference():
+    # independent reference: the pre-refactor themes() loop, written out with sklearn
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(6)
+    dirs = rng.normal(0, 1, (90, 10))
+    dirs[:30, 0] += 4
+    dirs[30:60, 1] += 4
+    dirs[7] = 0.0  # a zero direction stays zero
+    X = dirs / np.where(np.linalg.norm(dirs, axis=1, keepdims=True) > 0, np.linalg.norm(dirs, axis=1, keepdims=True), 1)
+    ref = {}
+    for k in range(2, 6):
+        km = KMeans(n_clusters=k, n_init=4, random_state=1).fit(X)
+        ref[k] = (silhouette_score(X, km.labels_, sample_size=90, random_state=1), km)
+    best = max(ref, key=lambda k: ref[k][0])
+    res = themes(dirs, k_range=range(2, 6), seed=1)
+    assert res["k"] == best
+    assert res["silhouette"] == pytest.approx({k: v[0] for k, v in ref.items()}, abs=1e-12)
+    np.testing.assert_array_equal(res["labels"], ref[best][1].labels_)
+    np.testing.assert_allclose(res["centroids"], ref[best][1].cluster_centers_)
+    with pytest.raises(MechdiffError):
+        themes(dirs[:2], k_range=range(2, 6))
+
+
+VOCABS = [
+    ["rice", "curry", "spice", "noodle", "dumpling", "bread", "cheese", "soup"],
+    ["guitar", "drum", "melody", "violin", "choir", "rhythm", "song", "piano"],
+    ["football", "cricket", "tennis", "stadium", "goal", "racket", "league", "referee"],
+]
+
+
+def _planted_topics(seed: int = 0):
+    """60 texts from 3 vocabularies (+ 1 stop-word-only text), 90 features each firing on one topic's texts."""
+    rng = np.random.default_rng(seed)
+    texts, topic = [], []
+    for t, words in enumerate(VOCABS):
+        for _ in range(20):
+            texts.append("what is the " + " and ".join(rng.choice(words, 4, replace=False)) + " in it")
+            topic.append(t)
+    texts.append("is it the one")  # stop words only
+    topic.append(-1)
+    topic = np.array(topic)
+    truth = np.repeat([0, 1, 2], 30)
+    A = np.zeros((len(texts), 93))
+    for j, t in enumerate(truth):
+        on = rng.choice(np.flatnonzero(topic == t), 12, replace=False)
+        A[on, j] = rng.uniform(1, 3, 12)
+        # weak firing on other topics' texts: below the top 10, so it must not leak into the representation
+        A[rng.choice(np.flatnonzero((topic != t) & (topic >= 0)), 3, replace=False), j] = 0.05
+    # 90, 91: never fire; 92: fires only on the stop-word text
+    A[-1, 92] = 1.0
+    return texts, topic, truth, A
+
+
+def test_text_themes_recovers_planted_topics():
+    from sklearn.metrics import adjusted_rand_score
+
+    texts, _, truth, A = _planted_topics()
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 9), seed=0, n_top_words=5)
+    assert res["k"] == 3 and max(res["silhouette"], key=res["silhouette"].get) == 3
+    assert adjusted_rand_score(truth, res["labels"][:90]) == pytest.approx(1.0)
+    assert list(res["labels"][90:]) == [NO_THEME] * 3
+    assert res["alive"].sum() == 90
+    for c in range(3):
+        topic = np.bincount(truth[res["labels"][:90] == c]).argmax()
+        assert len(res["top_words"][c]) == 5 and set(res["top_words"][c]) <= set(VOCABS[topic])
+
+
+def test_text_themes_representation_matches_reference():
+    # independent reference: per feature, weighted mean of the unit TF-IDF rows of its top-10 texts, renormalised;
+    # each k-means centroid must be the mean of its members' reference vectors
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts, _, _, A = _planted_topics(seed=1)
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 6), seed=0)
+    vec = TfidfVectorizer(stop_words="english")
+    T = vec.fit_transform(texts).toarray()
+    assert list(vec.get_feature_names_out()) == list(res["vocabulary"])
+    R = np.zeros((90, T.shape[1]))
+    for j in range(90):
+        top = np.argsort(-A[:, j])[:10]
+        v = sum(A[i, j] * T[i] for i in top)
+        R[j] = v / np.linalg.norm(v)
+        assert set(top) <= set(np.flatnonzero(A[:, j] >= 1))  # the weak 0.05 firings are not among them
+    for c in range(res["k"]):
+        np.testing.assert_allclose(res["centroids"][c], R[res["labels"][:90] == c].mean(0), atol=1e-10)
+
+
+def test_text_theme_enrichment_ignores_features_without_theme():
+    texts, _, truth, A = _planted_topics()
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 9), seed=0)
+    delta = np.zeros(93, bool)
+    delta[:20] = True  # 20 of topic 0's 30 features
+    delta[30:35] = True  # 5 of topic 1's
+    delta[90:93] = True  # features without a theme: must not count anywhere
+    rows = theme_enrichment(res["labels"], delta, ignore_label=NO_THEME)
+    assert NO_THEME not in [r["theme"] for r in rows] and len(rows) == 3
+    by_topic = {int(np.bincount(truth[res["labels"][:90] == r["theme"]]).argmax()): r for r in rows}
+    assert by_topic[0]["n"] == 90 and by_topic[0]["n_selected"] == 25
+    assert by_topic[0]["enrichment"] == pytest.approx((20 / 30) / (25 / 90))
+    assert by_topic[2]["enrichment"] == 0.0
+    obs = np.array([[20, 10], [5, 55]], float)
+    exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
+    assert by_topic[0]["p"] == pytest.approx(stats.chi2.sf(((obs - exp) ** 2 / exp).sum(), 1))
+    assert by_topic[0]["significant"]
+    # without ignoring, the 3 no-theme features form their own group and join the background
+    assert len(theme_enrichment(res["labels"], delta)) == 4
+    md = text_themes_markdown(res, rows, title="L2")
+    assert md.count("\n| ") == 2 + 3 and "k = 3" in md and "3 features have no theme" in md
+    row0 = next(line for line in md.splitlines() if line.startswith(f"| {by_topic[0]['theme']} |"))
+    assert f"| 30 | 20 | {(20 / 30) / (25 / 90):.2f} |" in row0
+    assert set(row0.split(" | ")[1].split(", ")) <= set(VOCABS[0])
+    with pytest.raises(MechdiffError):
+        theme_enrichment(np.full(5, NO_THEME), np.ones(5, bool), ignore_label=NO_THEME)
+
+
+def test_text_themes_rejects_bad_input():
+    texts, _, _, A = _planted_topics()
+    with pytest.raises(MechdiffError, match="texts"):
+        text_themes(A, texts[:-1])
+    with pytest.raises(MechdiffError):
+        text_themes(np.zeros((0, 5)), [])
+    with pytest.raises(MechdiffError, match="vocabulary"):
+        text_themes(np.ones((3, 4)), ["the", "is it", "and"])
+    with pytest.raises(MechdiffError, match="no k"):
+        text_themes(A[:, 90:], texts)  # one feature with a theme: nothing to cluster
 
 
 def test_top_examples_and_renderers():

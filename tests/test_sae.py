@@ -369,3 +369,216 @@ def test_spliced_identity_sae_recovers_everything():
     assert m2["kl_clean"] == pytest.approx(0.0, abs=1e-6) and m2["kl_recovered"] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(MechdiffError):
         spliced_metrics(model, enc, rows, Site(1, "resid_post"), TopKSAE(d, 8, 2, n_blocks=2))
+
+
+# ------------------------------------------------------------------ spliced delta SAE and crosscoder
+
+_PAIR_TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "tea is hot", "rain falls on the red roof",
+               "the red cat ran to the park"]
+
+
+def _edited_pair():
+    """A tiny base model and a tuned copy with a planted rank-2 change at L1's MLP output (U: d x 2)."""
+    import copy
+
+    from mechdiff.pair import plant_edit
+    from mechdiff.tiny import make_tiny_model, make_tiny_tokenizer
+    from mechdiff.tokens import encode
+
+    tok = make_tiny_tokenizer(_PAIR_TEXTS)
+    base = make_tiny_model(len(tok), n_layers=3, d_model=16, seed=0)
+    tuned = copy.deepcopy(base)
+    info = plant_edit(tuned, layer=1, kind="mlp_out", rank=2, scale=50.0, seed=1)  # a visible change
+    return base, tuned, encode(tok, _PAIR_TEXTS), info.directions
+
+
+def _span_sae(V: np.ndarray, d_in: int) -> TopKSAE:
+    """A hand-built SAE (crosscoder when V has 2 d_in rows) with x_hat = V V^T x exactly (V orthonormal columns)."""
+    D, r = V.shape
+    sae = TopKSAE(d_in, 2 * r, 2 * r, n_blocks=D // d_in)
+    Vt = torch.from_numpy(np.ascontiguousarray(V.T)).float()
+    with torch.no_grad():  # z = relu([V^T x; -V^T x]), x_hat = V z+ - V z- = V V^T x
+        sae.W_enc.copy_(torch.cat([Vt, -Vt]))
+        sae.dec.copy_(torch.cat([Vt, -Vt]))
+        sae.input_scale.fill_(0.7)
+    return sae
+
+
+def _zero_sae(d_in: int, n_blocks: int = 1) -> TopKSAE:
+    sae = TopKSAE(d_in, 8, 2, n_blocks=n_blocks, seed=3)
+    with torch.no_grad():
+        sae.dec.zero_()
+    return sae
+
+
+@torch.no_grad()
+def _reference(model, enc, rows, layer: int, new_rows) -> tuple[float, float]:
+    """Token-mean CE and prompt-mean decision KL(p || p_clean), one unpadded prompt at a time, with the output of
+    block `layer` at positions 1.. replaced by new_rows(i) (T-1, d) through a hook of the test's own (numpy maths)."""
+    blk = model.model.layers[layer]
+    ce_sum, n_tok, kl = 0.0, 0, []
+    for i in rows:
+        ids = torch.tensor([enc.ids[i]])
+        clean = model(input_ids=ids).logits[0].double().numpy()
+        new = torch.as_tensor(new_rows(i)).float()
+
+        def hook(_m, _a, out, _new=new):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[0, 1:] = _new
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        hd = blk.register_forward_hook(hook)
+        try:
+            lg = model(input_ids=ids).logits[0].double().numpy()
+        finally:
+            hd.remove()
+        lp = lg - np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1, keepdims=True)) - lg.max(1, keepdims=True)
+        tg = np.asarray(enc.ids[i][1:])
+        ce_sum += float(-lp[np.arange(len(tg)), tg].sum())
+        n_tok += len(tg)
+        q = clean[enc.decision[i]]
+        lq = q - q.max() - np.log(np.exp(q - q.max()).sum())
+        p = lp[enc.decision[i]]
+        kl.append(float((np.exp(p) * (p - lq)).sum()))
+    return ce_sum / n_tok, float(np.mean(kl))
+
+
+def _hidden(model, enc, i: int, layer: int) -> np.ndarray:
+    """L<layer>.resid_post of prompt i (T, d) from output_hidden_states (not the library's hooks)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([enc.ids[i]]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0].double().numpy()
+
+
+def test_spliced_delta_sae_planted_change():
+    from mechdiff.sites import Site
+
+    base, tuned, enc, U = _edited_pair()
+    d, rows = 16, np.arange(len(_PAIR_TEXTS))
+    models = {"base": base, "tuned": tuned}
+    Q = np.linalg.qr(np.c_[U, np.random.default_rng(0).standard_normal((d, d - 2))])[0]
+    for kind in ("resid_post", "mlp_out"):
+        site = Site(1, kind)
+        # the planted change lies in span(U): a delta SAE spanning U reconstructs it exactly
+        m = spliced_metrics(models, enc, rows, site, _span_sae(U, d), source="delta", batch_size=2)
+        assert m["kl_zero"] > 0.05 and abs(m["ce_zero"] - m["ce_clean"]) > 0.03, m
+        assert m["kl_clean"] == pytest.approx(0.0, abs=1e-9)
+        assert m["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+        assert m["ce_sae"] == pytest.approx(m["ce_clean"], abs=1e-5)
+        assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-5)
+        assert m["kl_recovered"] == pytest.approx(1.0, abs=1e-5)
+        # an SAE outputting 0, or one spanning only the complement of U, recovers nothing
+        for sae in (_zero_sae(d), _span_sae(Q[:, 2:], d)):
+            m0 = spliced_metrics(models, enc, rows, site, sae, source="delta", batch_size=2)
+            assert m0["ce_recovered"] == pytest.approx(0.0, abs=1e-4)
+            assert m0["kl_recovered"] == pytest.approx(0.0, abs=1e-4)
+            assert m0["kl_zero"] == m["kl_zero"] and m0["ce_clean"] == m["ce_clean"]
+    # decision-token splicing only: KL fully recovered, CE recovered undefined
+    md = spliced_metrics(models, enc, rows, Site(1), _span_sae(U, d), source="delta", positions="decision")
+    assert md["kl_recovered"] == pytest.approx(1.0, abs=1e-5) and np.isnan(md["ce_recovered"])
+
+
+def test_spliced_delta_matches_independent_reference():
+    """A delta SAE keeping only u1 of the planted change: CE / KL vs hooks + numpy on unpadded prompts."""
+    from mechdiff.sites import Site
+
+    base, tuned, enc, U = _edited_pair()
+    rows = np.arange(len(_PAIR_TEXTS))
+    u1 = U[:, :1]
+    m = spliced_metrics({"base": base, "tuned": tuned}, enc, rows, Site(1), _span_sae(u1, 16), source="delta",
+                        batch_size=3)
+    hb = {i: _hidden(base, enc, i, 1) for i in rows}
+    ht = {i: _hidden(tuned, enc, i, 1) for i in rows}
+    ce_sae, kl_sae = _reference(tuned, enc, rows, 1, lambda i: (hb[i] + (ht[i] - hb[i]) @ u1 @ u1.T)[1:])
+    ce_zero, kl_zero = _reference(tuned, enc, rows, 1, lambda i: hb[i][1:])
+    ce_clean, kl_clean = _reference(tuned, enc, rows, 1, lambda i: ht[i][1:])
+    assert kl_clean == pytest.approx(0.0, abs=1e-9) and 0.05 < (ce_zero - ce_sae) / (ce_zero - ce_clean) < 0.95
+    for key, want in (("ce_sae", ce_sae), ("ce_zero", ce_zero), ("ce_clean", ce_clean), ("kl_sae", kl_sae),
+                      ("kl_zero", kl_zero)):
+        assert m[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+    assert m["ce_recovered"] == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), rel=1e-3)
+    assert m["kl_recovered"] == pytest.approx((kl_zero - kl_sae) / kl_zero, rel=1e-3)
+    assert m["n_prompts"] == len(rows) and m["n_tokens"] == sum(len(x) - 1 for x in enc.ids)
+
+
+def test_spliced_crosscoder_per_model():
+    from mechdiff.sites import Site
+
+    base, tuned, enc, _ = _edited_pair()
+    d, rows = 16, np.arange(len(_PAIR_TEXTS))
+    models = {"base": base, "tuned": tuned}
+    site = Site(1)
+    eye = np.eye(2 * d)
+    m = spliced_metrics(models, enc, rows, site, _span_sae(eye, d), source="crosscoder", batch_size=2)
+    m0 = spliced_metrics(models, enc, rows, site, _zero_sae(d, 2), source="crosscoder", batch_size=2)
+    # reconstructs the base block exactly, outputs 0 for the tuned block: the blocks go to their own models
+    mb = spliced_metrics(models, enc, rows, site, _span_sae(eye[:, :d], d), source="crosscoder", batch_size=4)
+    for sfx in ("_base", "_tuned"):
+        assert m[f"kl_zero{sfx}"] > 1e-2
+        assert m[f"kl_sae{sfx}"] == pytest.approx(0.0, abs=1e-6)
+        assert m[f"ce_recovered{sfx}"] == pytest.approx(1.0, abs=1e-5)
+        assert m[f"kl_recovered{sfx}"] == pytest.approx(1.0, abs=1e-5)
+        assert m0[f"ce_recovered{sfx}"] == pytest.approx(0.0, abs=1e-9)
+        assert m0[f"kl_recovered{sfx}"] == pytest.approx(0.0, abs=1e-9)
+    assert mb["ce_recovered_base"] == pytest.approx(1.0, abs=1e-5) and mb["kl_recovered_base"] == pytest.approx(1.0, abs=1e-5)
+    assert mb["ce_recovered_tuned"] == pytest.approx(0.0, abs=1e-9) and mb["kl_recovered_tuned"] == pytest.approx(0.0, abs=1e-9)
+    assert m["ce_clean_base"] != pytest.approx(m["ce_clean_tuned"], abs=1e-4)
+    assert "ce_recovered" not in m
+    # a random crosscoder: each model's spliced CE / KL against hooks + numpy on unpadded prompts
+    cc = TopKSAE(d, 24, 3, n_blocks=2, seed=4)
+    hb = {i: _hidden(base, enc, i, 1) for i in rows}
+    ht = {i: _hidden(tuned, enc, i, 1) for i in rows}
+    cc.set_input_scale(torch.from_numpy(np.concatenate([np.c_[hb[i], ht[i]][1:] for i in rows])).float())
+    mr = spliced_metrics(models, enc, rows, site, cc, source="crosscoder", batch_size=3)
+    with torch.no_grad():
+        rec = {i: cc(torch.from_numpy(np.c_[hb[i], ht[i]][1:]).float()).double().numpy() for i in rows}
+    for b, (name, model) in enumerate(models.items()):
+        ce, kl = _reference(model, enc, rows, 1, lambda i, _b=b: rec[i][:, _b * d : (_b + 1) * d])
+        ce0, kl0 = _reference(model, enc, rows, 1, lambda i: np.zeros((len(enc.ids[i]) - 1, d)))
+        assert mr[f"ce_sae_{name}"] == pytest.approx(ce, rel=1e-4), name
+        assert mr[f"kl_sae_{name}"] == pytest.approx(kl, rel=1e-4, abs=1e-6), name
+        assert mr[f"ce_zero_{name}"] == pytest.approx(ce0, rel=1e-4), name
+        assert mr[f"kl_zero_{name}"] == pytest.approx(kl0, rel=1e-4), name
+
+
+def test_spliced_bad_inputs_are_one_line_errors():
+    from mechdiff.sites import Site
+    from mechdiff.tiny import make_tiny_model
+    from mechdiff.tokens import Encoded
+
+    base, tuned, enc, U = _edited_pair()
+    rows, site, d = np.arange(3), Site(1), 16
+    delta, cc = _span_sae(U, d), _span_sae(np.eye(2 * d), d)
+    other_vocab = make_tiny_model(len(enc.ids) + 200, n_layers=3, d_model=16, seed=0)
+    shifted = Encoded([list(x) for x in enc.ids], list(enc.decision))
+    shifted.ids[1][2] = shifted.ids[1][2] + 1
+    bad = [
+        lambda: spliced_metrics(tuned, enc, rows, site, delta, source="delta"),  # one model for a delta SAE
+        lambda: spliced_metrics({"tuned": tuned}, enc, rows, site, delta, source="delta"),  # base missing
+        lambda: spliced_metrics({"base": base}, enc, rows, site, cc, source="crosscoder"),  # tuned missing
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, delta),  # no source
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, delta, source="bogus"),
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, delta, source="crosscoder"),
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, cc, source="delta"),
+        lambda: spliced_metrics({"base": base, "tuned": other_vocab}, enc, rows, site, delta, source="delta"),
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, {"base": enc, "tuned": shifted}, rows, site, cc,
+                                source="crosscoder"),
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, cc, np.zeros((3, 5)),
+                                source="crosscoder"),
+        lambda: spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, _span_sae(np.eye(8), 8),
+                                source="delta"),
+    ]
+    for i, call in enumerate(bad):
+        with pytest.raises(MechdiffError) as e:
+            call()
+        assert "\n" not in str(e.value), i
+    # the same tokens given per model are accepted, and base / tuned by name work as single-model sources
+    same = Encoded([list(x) for x in enc.ids], list(enc.decision))
+    m = spliced_metrics({"base": base, "tuned": tuned}, {"base": enc, "tuned": same}, rows, site, delta,
+                        source="delta")
+    assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-5)
+    ident = _span_sae(np.eye(d), d)
+    for name, model in (("base", base), ("tuned", tuned)):
+        mb = spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, ident, source=name)
+        assert mb == spliced_metrics(model, enc, rows, site, ident)
+        assert mb["kl_recovered"] == pytest.approx(1.0, abs=1e-5)

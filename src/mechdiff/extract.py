@@ -15,6 +15,7 @@ from torch import nn
 
 from mechdiff import sites as _sites
 from mechdiff.errors import MechdiffError
+from mechdiff.kernels import packed_linears
 from mechdiff.sites import Site
 from mechdiff.store import VIEWS, ActStore, StoreWriter
 from mechdiff.tokens import batches, encode, pad_id
@@ -119,7 +120,7 @@ def extract(
     *, batch_size: int = 16, dtype: str = "float32", chat: bool = True, max_len: int = 256,
     store_logits: bool = False, device: str = "cpu", progress: bool = True, resume: bool = True,
     shard_rows: int = 1024, attrs: dict | None = None, store_dtype: str = "float32", compressor: str | None = None,
-    threads: int | None = None, attention_mask: bool = False,
+    threads: int | None = None, attention_mask: bool = False, pack_weights: bool = True,
 ) -> ActStore:
     """Extract activations at `sites` for `prompts` into the store at `path` and return it (opened read-only).
 
@@ -133,7 +134,8 @@ def extract(
     padding mask is not passed to the model (attention then takes its fast causal path; outputs at real tokens
     are the same). Set `attention_mask=True` for a model whose positions or attention depend on the mask.
     A model in another dtype than `dtype` is copied and cast (the caller's model is unchanged); it is moved
-    to `device` in place.
+    to `device` in place. On CPU, `pack_weights` runs the blocks' linear layers on oneDNN-packed weights
+    (mechdiff.kernels; same dtype, one extra copy of the weights while extracting).
     """
     from tqdm.auto import tqdm
 
@@ -167,7 +169,9 @@ def extract(
     was_training = run.training
     run.eval()
     try:
-        with store.writer() as writer, torch.inference_mode():
+        with store.writer() as writer, torch.inference_mode(), \
+                packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
+                               enabled=pack_weights and str(device).startswith("cpu")):
             _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
                   device=device, store_logits=store_logits, d=d, n=len(pids), shard_rows=shard_rows,
                   pass_mask=attention_mask,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,12 +138,22 @@ def enrichment(in_group: np.ndarray, selected: np.ndarray) -> dict[str, float]:
             "chi2": chi2, "p": p}
 
 
-def theme_enrichment(theme_labels: np.ndarray, delta_selected: np.ndarray, *, alpha: float = 0.05) -> list[dict]:
-    """Per theme (cluster) enrichment of the selected (e.g. delta / changed) features, chi-square + BH q-values."""
+def theme_enrichment(theme_labels: np.ndarray, delta_selected: np.ndarray, *, alpha: float = 0.05,
+                     ignore_label: object | None = None) -> list[dict]:
+    """Per theme (cluster) enrichment of the selected (e.g. delta / changed) features, chi-square + BH q-values.
+
+    Features labelled `ignore_label` (e.g. NO_THEME) are dropped before counting: they form no theme and are not
+    part of N or N_selected.
+    """
     labels = np.asarray(theme_labels)
     sel = np.asarray(delta_selected, dtype=bool)
     if labels.shape != sel.shape or labels.ndim != 1:
         raise MechdiffError(f"theme labels {labels.shape} and selection {sel.shape} must be equal-length 1-D arrays")
+    if ignore_label is not None:
+        keep = labels != ignore_label
+        labels, sel = labels[keep], sel[keep]
+        if labels.size == 0:
+            raise MechdiffError(f"theme_enrichment: every feature has the ignored label {ignore_label!r}")
     rows = []
     for t in np.unique(labels):
         r = enrichment(labels == t, sel)
@@ -242,22 +253,20 @@ def graded_scores(a: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
             "tpr": tpr, "fpr": fpr, "score": score, "keep": keep}
 
 
-def themes(decoder_dirs: np.ndarray, *, k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0,
-           max_silhouette_samples: int = 5000) -> dict:
-    """K-means themes of unit-normalised feature directions (F, d); k chosen by the best silhouette score.
+NO_THEME = -1  # theme label of features that never fire on the prompts (left out of text themes and their enrichment)
 
-    Returns labels (F,), k, centroids (k, d) and silhouette {k: score}.
-    """
+
+def _kmeans_silhouette(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_samples: int,
+                       who: str) -> dict:
+    """K-means over the rows of X (dense or sparse) for each k in k_range; keep the k with the best silhouette."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    X = _mat(decoder_dirs, "decoder_dirs")
-    nrm = np.linalg.norm(X, axis=1, keepdims=True)
-    X = X / np.where(nrm > 0, nrm, 1.0)
-    ks = sorted({int(k) for k in k_range if 2 <= int(k) < X.shape[0]})
+    n = X.shape[0]
+    ks = sorted({int(k) for k in k_range if 2 <= int(k) < n})
     if not ks:
-        raise MechdiffError(f"themes: no k in {list(k_range)} fits {X.shape[0]} features (need 2 <= k < n)")
-    sample = min(max_silhouette_samples, X.shape[0])
+        raise MechdiffError(f"{who}: no k in {list(k_range)} fits {n} features (need 2 <= k < n)")
+    sample = min(max_silhouette_samples, n)
     scores: dict[int, float] = {}
     best = None
     for k in ks:
@@ -269,9 +278,90 @@ def themes(decoder_dirs: np.ndarray, *, k_range: Sequence[int] = tuple(range(2, 
         if best is None or s > scores[best[0]]:
             best = (k, km)
     if best is None:
-        raise MechdiffError("themes: k-means found fewer than 2 distinct clusters (identical feature directions?)")
-    return {"labels": best[1].labels_.copy(), "k": best[0], "centroids": best[1].cluster_centers_,
+        raise MechdiffError(f"{who}: k-means found fewer than 2 distinct clusters (identical feature representations?)")
+    return {"labels": best[1].labels_.copy(), "k": best[0], "centroids": np.asarray(best[1].cluster_centers_),
             "silhouette": scores}
+
+
+def themes(decoder_dirs: np.ndarray, *, k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0,
+           max_silhouette_samples: int = 5000) -> dict:
+    """K-means themes of unit-normalised feature directions (F, d); k chosen by the best silhouette score.
+
+    Returns labels (F,), k, centroids (k, d) and silhouette {k: score}.
+    """
+    X = _mat(decoder_dirs, "decoder_dirs")
+    nrm = np.linalg.norm(X, axis=1, keepdims=True)
+    X = X / np.where(nrm > 0, nrm, 1.0)
+    return _kmeans_silhouette(X, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples, who="themes")
+
+
+def text_themes(acts: np.ndarray, texts: Sequence[str], *, top_n: int = 10,
+                k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0, n_top_words: int = 8,
+                max_vocab: int = 20000, max_silhouette_samples: int = 5000) -> dict:
+    """K-means themes of features represented by their top-activating texts (TF-IDF); k by the best silhouette.
+
+    acts: per-prompt activations (n_prompts, F), texts: the n_prompts prompts. A feature is the activation-weighted
+    mean of the (l2-normalised, English stop words removed) TF-IDF vectors of its top_n prompts with activation
+    > 0, normalised to unit length. Features that never fire (or whose firing texts are all stop words) get label
+    NO_THEME (-1) and are not clustered. Returns labels (F,), k, centroids (k, vocab), silhouette {k: score},
+    top_words (per theme, the highest-weight centroid terms), alive (F,) bool (clustered) and vocabulary.
+    """
+    from scipy import sparse
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    A = _mat(acts, "acts")
+    if len(texts) != A.shape[0]:
+        raise MechdiffError(f"text_themes: {len(texts)} texts for {A.shape[0]} rows of activations (one per prompt)")
+    if top_n < 1 or n_top_words < 1:
+        raise MechdiffError(f"text_themes: top_n ({top_n}) and n_top_words ({n_top_words}) must be >= 1")
+    vec = TfidfVectorizer(stop_words="english", max_features=max_vocab)
+    try:
+        T = vec.fit_transform([str(t) for t in texts])  # (n_prompts, V), rows l2-normalised
+    except ValueError as e:
+        raise MechdiffError(f"text_themes: the texts give no vocabulary ({e}); pass real prompt texts") from e
+    vocab = vec.get_feature_names_out()
+    alive = (A > 0).any(0)
+    idx = np.flatnonzero(alive)
+    n_top = min(top_n, A.shape[0])
+    sub = A[:, idx]
+    top = np.argsort(-sub, axis=0, kind="stable")[:n_top]  # (n_top, F_alive) prompt rows
+    w = np.take_along_axis(sub, top, axis=0)
+    w = np.where(w > 0, w, 0.0)
+    W = sparse.csr_matrix((w.T.ravel(), top.T.ravel(), np.arange(0, (idx.size + 1) * n_top, n_top)),
+                          shape=(idx.size, A.shape[0]))
+    W.eliminate_zeros()
+    X = normalize(W @ T).tocsr()  # weighted mean up to scale, then unit length
+    X.eliminate_zeros()
+    has_words = X.getnnz(axis=1) > 0
+    alive[idx[~has_words]] = False
+    idx, X = idx[has_words], X[has_words]
+    res = _kmeans_silhouette(X, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples,
+                             who="text_themes")
+    labels = np.full(A.shape[1], NO_THEME, dtype=np.int64)
+    labels[idx] = res["labels"]
+    top_words = []
+    for c in res["centroids"]:
+        order = np.argsort(-c, kind="stable")[:n_top_words]
+        top_words.append([str(vocab[i]) for i in order if c[i] > 0])
+    return {**res, "labels": labels, "top_words": top_words, "alive": alive, "vocabulary": vocab}
+
+
+def text_themes_markdown(th: dict, rows: list[dict], *, title: str | None = None) -> str:
+    """Markdown table of `text_themes` with their `theme_enrichment` rows: top words, counts, E_c, p and BH q."""
+    if not rows:
+        raise MechdiffError("text_themes_markdown: no enrichment rows (run theme_enrichment on the text themes)")
+    k, n_none = th["k"], int((np.asarray(th["labels"]) == NO_THEME).sum())
+    head = f"{title}: " if title else ""
+    lines = [f"### {head}themes by top-activating texts (k = {k}, silhouette {th['silhouette'][k]:.3f})", "",
+             f"{n_none} features have no theme (they never fire on these prompts, or only on stop words).", "",
+             "| theme | top words | features | delta features | E_c | chi² p | BH q |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        words = ", ".join(th["top_words"][int(r["theme"])])
+        lines.append(f"| {r['theme']} | {words} | {r['n_group']} | {r['n_group_selected']} | "
+                     f"{r['enrichment']:.2f} | {r['p']:.3g} | {r['q']:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def top_examples(acts: np.ndarray, token_strings: Sequence[str], prompt_ids: np.ndarray, *, k: int = 10,

@@ -102,6 +102,7 @@ class Extract:
     detail_layers: list[int] = field(default_factory=list)
     store_logits: bool = True
     shard_rows: int = 1024
+    pack_weights: bool = True
 
 
 @dataclass

@@ -219,6 +219,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _hint(key: str) -> str:
     """Reading hint for a dotted metric key, or ''."""
     last = key.rsplit(".", 1)[-1].lower()
+    if last not in KEY_HINTS and last.endswith(("_base", "_tuned")):  # per-model crosscoder keys
+        last = last.rsplit("_", 1)[0]
     return KEY_HINTS.get(last, "")
 
 
