@@ -32,13 +32,28 @@ def test_packed_model_logits_match_plain_forward_and_restore():
     with torch.inference_mode():
         ref = model(input_ids=ids).logits
         with packed_linears(model.model) as n:
+            fused = ["forward" in layer.mlp.__dict__ for layer in model.model.layers]
             out = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     n_lin = sum(type(m) is nn.Linear for m in model.model.modules())
     assert n == n_lin > 0
+    assert all(fused)  # the gated SiLU MLPs run as fused oneDNN calls
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(after, ref)
+
+
+def test_mlp_with_another_activation_is_not_fused():
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=4).eval()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    ids = torch.randint(4, 64, (2, 7))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        with packed_linears(model.model):
+            assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+            out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_layers_fall_back_under_autograd_and_when_disabled():
