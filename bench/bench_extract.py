@@ -9,7 +9,8 @@ Measures, on the same prompts, batch 16, each repeated and the median kept:
   (b') the same with plain torch linears (extract.pack_weights: false), for reference
   (c)  extract() of three layers (8, 16, 24), written to a store
   (d)  (c) with the model in bfloat16
-and prints a table with ratios to (a), the store sizes and file counts.
+and prints a table with ratios to (a) (of the medians, and the range of the same-round ratios), the store
+sizes and file counts.
 """
 
 from __future__ import annotations
@@ -164,10 +165,14 @@ def main() -> int:
     times = {k: times[k] for k in [ref_key, *once, *list(cases)[1:]]}
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = n_tok / med[ref_key]
-    print(f"\n{'case':42s} {'tok/s':>9s} {'ratio':>6s}   runs (s)")
+    print(f"\n{'case':42s} {'tok/s':>9s} {'ratio':>6s} {'per round':>15s}   runs (s)")
     for k, v in times.items():
         tps = n_tok / med[k]
-        print(f"{k:42s} {tps:9.0f} {tps / ref:6.2f}x  " + " ".join(f"{x:.2f}" for x in v))
+        rounds = ""
+        if k in cases and len(v) == len(times[ref_key]) > 1:  # same-round ratios: similar machine load
+            r = [a / b for a, b in zip(times[ref_key], v)]
+            rounds = f"[{min(r):.2f}-{max(r):.2f}]"
+        print(f"{k:42s} {tps:9.0f} {tps / ref:6.2f}x {rounds:>15s}  " + " ".join(f"{x:.2f}" for x in v))
     print()
     for tag, (b, nf) in sizes.items():
         print(f"store {tag:9s}: {b / 2**20:7.2f} MiB in {nf} files")
