@@ -12,7 +12,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.sae.model import TopKSAE
-from mechdiff.sites import Site, capture, model_width, site_module
+from mechdiff.sites import Site, _hooks, _register_read, capture, model_width, site_module
 from mechdiff.tokens import Encoded, batches
 
 RefLogits = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray] | None
@@ -61,29 +61,8 @@ def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 40
 @contextlib.contextmanager
 def _splice(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, the site's activation tensor t (B, T, d) becomes fn(t)."""
-    mod = site_module(model, site)
-    if site.kind == "resid_pre":
-
-        def pre(_m, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-        h = mod.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-
-        def post(_m, _args, out):
-            if isinstance(out, tuple):
-                return (fn(out[0]), *out[1:])
-            if isinstance(out, list):
-                return [fn(out[0]), *out[1:]]
-            return fn(out)
-
-        h = mod.register_forward_hook(post)
-    try:
+    with _hooks([_register_read(site_module(model, site), site.kind, fn)]):
         yield
-    finally:
-        h.remove()
 
 
 def _kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
