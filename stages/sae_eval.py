@@ -1,5 +1,7 @@
 """Stage sae_eval: FVU, L0, dead %, CE/KL recovered per SAE on held-out prompts; crosscoder norm shares."""
 
+import functools
+
 import numpy as np
 
 from mechdiff.io import run_stage, write_csv, write_json
@@ -30,6 +32,11 @@ def main() -> None:
             models[name] = (model, tok, encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len))
         return models[name]
 
+    @functools.cache
+    def paired() -> bool:  # do base and tuned give the same tokens on the held-out prompts? (checked once)
+        (_, tb, eb), (_, tt, et) = load("base"), load("tuned")
+        return tb.get_vocab() == tt.get_vocab() and all(eb.ids[r] == et.ids[r] for r in val)
+
     for layer in s.layers:
         site = f"L{layer}.resid_post"
         rows = source_rows(base, s.view, val)
@@ -40,8 +47,7 @@ def main() -> None:
             names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
             loaded = {n: load(n) for n in names}
             encs = {n: v[2] for n, v in loaded.items()}
-            if len(names) == 2 and (loaded["base"][1].get_vocab() != loaded["tuned"][1].get_vocab()
-                                    or any(encs["base"].ids[r] != encs["tuned"].ids[r] for r in val)):
+            if len(names) == 2 and not paired():
                 print(f"sae_eval: {source}_L{layer}: base and tuned tokenisers differ, so tokens do not pair up: "
                       "no spliced metrics")
             else:

@@ -16,18 +16,23 @@ import numpy as np
 from mechdiff.errors import MechdiffError
 
 
-def _clean(x: Any) -> Any:
+def to_jsonable(x: Any, *, digits: int | None = None) -> Any:
+    """Nested dicts / lists / numpy values as plain Python for json; with `digits`, floats rounded and NaN/inf -> None."""
     if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v, digits=digits) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [to_jsonable(v, digits=digits) for v in x]
     if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
+        return to_jsonable(x.tolist(), digits=digits)
     if isinstance(x, np.generic):
         x = x.item()
-    if isinstance(x, float):
-        return None if not math.isfinite(x) else round(x, 6)
+    if digits is not None and isinstance(x, float):
+        return None if not math.isfinite(x) else round(x, digits)
     return x
+
+
+def _clean(x: Any) -> Any:
+    return to_jsonable(x, digits=6)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -56,6 +56,7 @@ import numpy as np
 
 from mechdiff.checks import as_f64, matrix
 from mechdiff.errors import MechdiffError
+from mechdiff.io import to_jsonable
 from mechdiff.similarity import linear_cka
 
 SOLVERS = ("ridge", "procrustes", "procrustes_scaled")
@@ -439,20 +440,6 @@ def diagnostics(m: TransportMap, X_tr: Any, Y_tr: Any, X_val: Any, Y_val: Any, *
 # --------------------------------------------------------------------------------------------- save / load
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    return o
-
-
 def save_map(m: TransportMap, out_dir: str | Path) -> None:
     """Write `map.safetensors` (W, b, recolour stats, basis, rank factors) and `map.json` (config) to out_dir."""
     from safetensors.numpy import save_file
@@ -467,7 +454,7 @@ def save_map(m: TransportMap, out_dir: str | Path) -> None:
     cfg = {
         "solver": m.solver, "site": m.site, "rank": m.rank, "rank_mode": m.rank_mode, "alpha": float(m.alpha),
         "shrink": m.meta.get("shrink"), "lambda": m.meta.get("lambda"), "d_in": m.d_in, "d_out": m.d_out,
-        "formula": FORMULA, "recolour": RECOLOUR_FORMULA, "meta": _jsonable(m.meta),
+        "formula": FORMULA, "recolour": RECOLOUR_FORMULA, "meta": to_jsonable(m.meta),
     }
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
