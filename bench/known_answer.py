@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechdiff.corpus import load_corpus, split_prompts, write_default_corpora
-from mechdiff.pair import load_model, plant_edit
-from mechdiff.patching import kl_drop, reference_logits, sweep_kl
-from mechdiff.similarity import linear_cka
-from mechdiff.sites import Site, capture, n_layers
-from mechdiff.tokens import batches, encode, pad_id
-from mechdiff.transport import fit_map, principal_cosines, recolour
+from mechdiff.analysis.patching import kl_drop, reference_logits, sweep_kl
+from mechdiff.analysis.similarity import linear_cka
+from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
+from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
+from mechdiff.model.load import load_model
+from mechdiff.model.recipes import plant_edit
+from mechdiff.model.sites import Site, capture, n_layers
+from mechdiff.model.tokens import batches, encode, pad_id
 
 
 def collect(model, tok, enc, sites, batch_size=16):

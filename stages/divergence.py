@@ -2,21 +2,21 @@
 
 import numpy as np
 
+import mechdiff.pipeline as P
+from mechdiff.analysis.patching import layer_patch, reference_logits
+from mechdiff.analysis.similarity import bootstrap_mean_ci, cka_bootstrap, kl_divergence
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.pair import load_saved
+from mechdiff.model.load import load_saved
+from mechdiff.model.sites import Site
 from mechdiff.params import load_params
-from mechdiff.patching import layer_patch, reference_logits
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
-from mechdiff.report import plot_series
-from mechdiff.similarity import bootstrap_mean_ci, cka_bootstrap, kl_divergence
-from mechdiff.sites import Site
-from mechdiff.store import ActStore
+from mechdiff.report.html import plot_series
 
 
 def main() -> None:
     p = load_params()
     d = p.divergence
-    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    base, tuned = P.open_stores()
     prompts = kept_prompts()
     metrics: dict = {}
     rows_cka, rows_sites = [], []
@@ -28,8 +28,8 @@ def main() -> None:
             rec.update({f"cka_{view}": c, f"cka_{view}_lo": lo, f"cka_{view}_hi": hi})
             metrics.setdefault("cka", {}).setdefault(name, {})[view] = c
         (rows_cka if site.kind == "resid_post" else rows_sites).append(rec)
-    write_csv("plots/cka.csv", rows_cka)
-    write_csv("plots/cka_sites.csv", rows_sites)
+    write_csv(P.plot("cka.csv"), rows_cka)
+    write_csv(P.plot("cka_sites.csv"), rows_sites)
 
     # next-token KL(tuned || base) at the decision token, per prompt
     allowed_b, allowed_t = allowed_ids()
@@ -44,7 +44,7 @@ def main() -> None:
         m, lo, hi = bootstrap_mean_ci(x, n_boot=d.n_boot, seed=p.seed)
         kl_rows.append({"dataset": ds, "kl_mean": m, "kl_lo": lo, "kl_hi": hi, "n": len(x)})
         metrics.setdefault("kl", {})[ds] = m
-    write_csv("plots/kl_by_dataset.csv", kl_rows)
+    write_csv(P.plot("kl_by_dataset.csv"), kl_rows)
     if "cultural" in metrics["kl"] and "control" in metrics["kl"]:
         metrics["kl"]["cultural_over_control"] = metrics["kl"]["cultural"] / max(metrics["kl"]["control"], 1e-12)
 
@@ -58,7 +58,7 @@ def main() -> None:
             "base_into_tuned": ("tuned", tuned, base),
             "tuned_into_base": ("base", base, tuned),
         }.items():
-            model, tok = load_saved(f"artifacts/models/{dst}")
+            model, tok = load_saved(P.model_dir(dst))
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
             src_vecs = {s.name: src_store.read(s.name, "last", rows) for s in layer_sites}
             dst_stats = {s.name: dst_store.stats(s.name, "last") for s in layer_sites}
@@ -74,10 +74,10 @@ def main() -> None:
                 rec[f"kl_{direction}"] = float(np.mean(res[s.name]))
                 metrics.setdefault("layer_patch", {}).setdefault(direction, {})[f"L{s.layer}"] = rec[f"kl_{direction}"]
             lp_rows.append(rec)
-    write_csv("plots/layer_patch.csv", lp_rows)
-    plot_series("plots/cka.csv", "plots/cka.png", x="layer", y=["cka_last", "cka_mean"],
+    write_csv(P.plot("layer_patch.csv"), lp_rows)
+    plot_series(P.plot("cka.csv"), P.plot("cka.png"), x="layer", y=["cka_last", "cka_mean"],
                 title="CKA(base, tuned) by layer, resid_post")
-    write_json("metrics/divergence.json", metrics)
+    write_json(P.metric("divergence.json"), metrics)
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', float('nan')):.4f} "
           f"control {metrics['kl'].get('control', float('nan')):.4f}")
 

@@ -2,17 +2,17 @@
 
 import shutil
 import sys
-from pathlib import Path
 
+import mechdiff.pipeline as P
+from mechdiff.data.extract import extract
+from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
-from mechdiff.extract import extract
 from mechdiff.io import run_stage
-from mechdiff.pair import load_saved
+from mechdiff.model.load import load_saved
+from mechdiff.model.sites import Site, n_layers, plan_sites
 from mechdiff.params import load_params
 from mechdiff.pipeline import kept_prompts
 from mechdiff.resume import fingerprint
-from mechdiff.sites import Site, n_layers, plan_sites
-from mechdiff.store import ActStore
 
 
 def main() -> None:
@@ -21,13 +21,13 @@ def main() -> None:
         raise MechdiffError("usage: python stages/extract.py base|tuned")
     p = load_params()
     e = p.extract
-    model, tok = load_saved(f"artifacts/models/{which}", dtype=e.dtype, device=e.device)
+    model, tok = load_saved(P.model_dir(which), dtype=e.dtype, device=e.device)
     prompts = kept_prompts()
     plan = plan_sites(n_layers(model), stride=e.layer_stride, detail_layers=e.detail_layers,
                       extra=p.transport.sites, token_layers=p.sae.layers)
     sites = [Site.parse(s) for s in plan]
-    path = Path(f"artifacts/acts/{which}.zarr")
-    model_meta = Path(f"artifacts/models/{which}/mechdiff_model.json")
+    path = P.acts_path(which)
+    model_meta = P.model_dir(which) / "mechdiff_model.json"
     fp = fingerprint([plan, vars(e), p.data.chat, p.data.max_len, [q.pid for q in prompts],
                       model_meta.read_text() if model_meta.exists() else which])
     if path.exists():  # resume only our own unfinished store; never write into a finished (cache-linked) one
@@ -44,7 +44,7 @@ def main() -> None:
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
                     device=e.device, shard_rows=e.shard_rows, resume=True, pack_weights=e.pack_weights,
                     attrs={"model": which, "fingerprint": fp, "extract": vars(e)})
-    print(f"extract: {which}: {store.n} prompts x {len(sites)} sites -> artifacts/acts/{which}.zarr")
+    print(f"extract: {which}: {store.n} prompts x {len(sites)} sites -> {path}")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,18 @@
 
 import numpy as np
 
-from mechdiff.corpus import load_prompts
-from mechdiff.fairness import filter_prompts, shared_vocab
+import mechdiff.pipeline as P
+from mechdiff.data.corpus import load_prompts
+from mechdiff.data.fairness import filter_prompts, shared_vocab
 from mechdiff.io import run_stage, write_json
-from mechdiff.pair import load_tokenizer
+from mechdiff.model.load import load_tokenizer
 from mechdiff.params import load_params
 
 
 def main() -> None:
     p = load_params()
-    prompts = load_prompts("artifacts/prompts/prompts.jsonl")
-    tb, tt = load_tokenizer("artifacts/models/base"), load_tokenizer("artifacts/models/tuned")
+    prompts = load_prompts(P.PROMPTS)
+    tb, tt = load_tokenizer(P.model_dir("base")), load_tokenizer(P.model_dir("tuned"))
     sv = shared_vocab(tb, tt)
     f = p.pair.fairness
     if sv.identical or not f.enabled:
@@ -21,9 +22,9 @@ def main() -> None:
         keep = np.asarray(filter_prompts([q.text for q in prompts], tb, tt, sv, mode=f.mode,
                                          min_ratio=f.min_shared_ratio, chat=p.data.chat), dtype=np.int64)
     kept_pids = np.array([prompts[i].pid for i in keep], dtype=np.int64)
-    np.savez("artifacts/prompts/fairness.npz", identical=sv.identical, kept_pids=kept_pids,
+    np.savez(P.FAIRNESS, identical=sv.identical, kept_pids=kept_pids,
              allowed_base=sv.pair_a, allowed_tuned=sv.pair_b)  # aligned string by string
-    write_json("metrics/fairness.json", {
+    write_json(P.metric("fairness.json"), {
         "identical_tokenizers": int(sv.identical), "n_shared_tokens": sv.n_shared,
         "n_prompts": len(prompts), "n_kept": len(kept_pids),
     })

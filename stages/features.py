@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from mechdiff.features import (
+import mechdiff.pipeline as P
+from mechdiff.analysis.features import (
     NO_THEME,
     activation_stats,
     classify_types,
@@ -16,12 +17,11 @@ from mechdiff.features import (
     top_examples,
 )
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.pair import load_tokenizer
+from mechdiff.model.load import load_tokenizer
 from mechdiff.params import load_params
 from mechdiff.pipeline import kept_prompts
 from mechdiff.sae import load_sae
 from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
-from mechdiff.store import ActStore
 
 MAX_ROWS = 16384  # token rows sampled for the base-vs-tuned statistics
 TOP_TEXTS = 10  # a feature's text theme is read from its TOP_TEXTS most activating cultural / control prompts
@@ -31,11 +31,11 @@ ENRICH_KEYS = ("enrichment", "p", "q", "n_group", "n_group_selected")
 def main() -> None:
     p = load_params()
     s, f = p.sae, p.features
-    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    base, tuned = P.open_stores()
     prompts = kept_prompts()
     rng = np.random.default_rng(p.seed)
     datasets = np.array([q.dataset for q in prompts])
-    tok = load_tokenizer("artifacts/models/base")
+    tok = load_tokenizer(P.model_dir("base"))
     metrics: dict = {}
     enrich: dict = {}
     enrich_rows, graded_rows, md = [], [], ["# Top-activating examples", ""]
@@ -45,7 +45,7 @@ def main() -> None:
                  "over their share among all features with a theme (README: How to read the metrics).", ""]
     for layer in s.layers:
         site = f"L{layer}.resid_post"
-        saes = {src: load_sae(f"artifacts/saes/{src}_L{layer}") for src in s.sources if src != "crosscoder"}
+        saes = {src: load_sae(P.sae_dir(src, layer)) for src in s.sources if src != "crosscoder"}
         all_rows = source_rows(base, s.view, np.arange(len(prompts)))
         sample = np.sort(rng.choice(all_rows, size=min(MAX_ROWS, len(all_rows)), replace=False))
         Xb, Xt = base.read(site, s.view, sample), tuned.read(site, s.view, sample)
@@ -115,16 +115,16 @@ def main() -> None:
             for j, feat in enumerate(top_cultural):
                 recs = top_examples(Z[:, j], toks, pids, k=f.top_examples)
                 md.append(examples_markdown(recs, title=f"L{layer} tuned SAE feature {int(feat)} (most cultural)"))
-    write_csv("plots/enrichment.csv", enrich_rows)
-    write_csv("plots/graded.csv", graded_rows)
-    with open("plots/top_examples.md", "w") as fh:
+    write_csv(P.plot("enrichment.csv"), enrich_rows)
+    write_csv(P.plot("graded.csv"), graded_rows)
+    with open(P.plot("top_examples.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     if not enrich_rows:
         themes_md.append("No themes: the features stage needs the delta SAE and at least one other source.")
-    with open("plots/themes.md", "w") as fh:
+    with open(P.plot("themes.md"), "w") as fh:
         fh.write("\n".join(themes_md) + "\n")
-    write_json("metrics/features.json", metrics)
-    write_json("metrics/enrichment.json", enrich)
+    write_json(P.metric("features.json"), metrics)
+    write_json(P.metric("enrichment.json"), enrich)
     print(f"features: {len(enrich_rows)} themes, {len(graded_rows)} graded rankings")
 
 

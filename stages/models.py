@@ -3,10 +3,12 @@
 import sys
 import time
 
-from mechdiff.corpus import load_prompts
+import mechdiff.pipeline as P
+from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.pair import check_pair, finetune, load_model, load_saved, plant_edit, save_model
+from mechdiff.model.load import check_pair, load_model, load_saved, save_model
+from mechdiff.model.recipes import finetune, plant_edit
 from mechdiff.params import load_params
 
 
@@ -19,38 +21,38 @@ def main() -> None:
     if which == "base":
         spec = p.pair.base
         model, tok = load_model(spec.id, gguf_file=spec.gguf_file, revision=spec.revision, dtype=p.pair.dtype)
-        save_model(model, tok, "artifacts/models/base", {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file})
+        save_model(model, tok, P.model_dir("base"), {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file})
         print(f"models: base {spec.id} saved in {time.time() - t0:.0f}s")
         return
     t = p.pair.tuned
     if t.id:
         model, tok = load_model(t.id, gguf_file=t.gguf_file, revision=t.revision, dtype=p.pair.dtype)
-        base, btok = load_saved("artifacts/models/base")
+        base, btok = load_saved(P.model_dir("base"))
         check_pair(base, btok, model, tok, fairness=p.pair.fairness.enabled)
         meta = {"role": "tuned", "spec": t.id}
         summary = {"recipe": 0}
     elif t.recipe == "finetune":
-        model, tok = load_saved("artifacts/models/base")
+        model, tok = load_saved(P.model_dir("base"))
         ft = p.pair.finetune
-        texts = [q.text for q in load_prompts("artifacts/prompts/prompts.jsonl")
+        texts = [q.text for q in load_prompts(P.PROMPTS)
                  if q.dataset == ft.dataset and q.split == "train"]
         if not texts:
             raise MechdiffError(f"pair.finetune.dataset {ft.dataset!r} has no train prompts: check data/ and data.splits")
         losses = finetune(model, tok, texts, layers=ft.layers, steps=ft.steps, lr=ft.lr,
                           batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed)
-        write_csv("plots/finetune_loss.csv", [{"step": i, "loss": v} for i, v in enumerate(losses)])
+        write_csv(P.plot("finetune_loss.csv"), [{"step": i, "loss": v} for i, v in enumerate(losses)])
         meta = {"role": "tuned", "recipe": "finetune", "finetune": vars(ft), "n_texts": len(texts)}
         summary = {"n_texts": len(texts), "loss_first": losses[0], "loss_last": losses[-1]}
     else:
-        model, tok = load_saved("artifacts/models/base")
+        model, tok = load_saved(P.model_dir("base"))
         e = p.pair.edit
         info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed)
         meta = {"role": "tuned", "recipe": "edit", "edit": info.to_json()}
         summary = {"edit_layer": e.layer, "edit_rank": e.rank}
     if not (t.recipe == "finetune" and not t.id):
-        write_csv("plots/finetune_loss.csv", [])
-    save_model(model, tok, "artifacts/models/tuned", meta)
-    write_json("metrics/model_tuned.json", {**summary, "seconds": time.time() - t0})
+        write_csv(P.plot("finetune_loss.csv"), [])
+    save_model(model, tok, P.model_dir("tuned"), meta)
+    write_json(P.metric("model_tuned.json"), {**summary, "seconds": time.time() - t0})
     print(f"models: tuned saved in {time.time() - t0:.0f}s")
 
 

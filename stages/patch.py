@@ -2,15 +2,16 @@
 
 import numpy as np
 
+import mechdiff.pipeline as P
+from mechdiff.analysis.patching import kl_drop, min_k, reference_logits, sweep_kl
+from mechdiff.analysis.transport import load_map, recolour
+from mechdiff.data.store import ActStore
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.pair import load_saved
+from mechdiff.model.load import load_saved
+from mechdiff.model.sites import Site
 from mechdiff.params import load_params, rank_value
-from mechdiff.patching import kl_drop, min_k, reference_logits, sweep_kl
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
-from mechdiff.report import plot_series
-from mechdiff.sites import Site
-from mechdiff.store import ActStore
-from mechdiff.transport import load_map, recolour
+from mechdiff.report.html import plot_series
 
 
 def _alpha_key(a) -> str:
@@ -20,11 +21,11 @@ def _alpha_key(a) -> str:
 def main() -> None:
     p = load_params()
     pp = p.patch
-    base = ActStore.open("artifacts/acts/base.zarr")
+    base = ActStore.open(P.acts_path("base"))
     prompts = kept_prompts()
     rows = pick_rows(prompts, split="val", n=pp.max_prompts, seed=p.seed)
     datasets = np.array([prompts[r].dataset for r in rows])
-    model, tok = load_saved("artifacts/models/tuned")
+    model, tok = load_saved(P.model_dir("tuned"))
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     _, allowed = allowed_ids()
     ranks = list(dict.fromkeys([*pp.ranks, p.rank]))
@@ -33,7 +34,7 @@ def main() -> None:
     rank_rows, alpha_rows = [], []
     for site_name in p.transport.sites:
         site = Site.parse(site_name)
-        m = load_map(f"artifacts/maps/{site_name}")
+        m = load_map(P.map_dir(site_name))
         X = base.read(site_name, "last", rows)
         d = X.shape[1]
         configs = {"raw": recolour(X, m.stats)}
@@ -73,14 +74,14 @@ def main() -> None:
                 r = kl_drop(raw[sel], kls[f"k={p.rank}|a={a_main}"][sel], n_boot=pp.n_boot, seed=p.seed)
                 site_metrics[f"kl_drop_{ds}"] = r["drop_pct"]
         metrics[site_name] = site_metrics
-        write_csv(f"plots/rank_k/{site_name}.csv", [r for r in rank_rows if r["site"] == site_name])
+        write_csv(P.plot(f"rank_k/{site_name}.csv"), [r for r in rank_rows if r["site"] == site_name])
         print(f"patch: {site_name}: drop at rank {p.rank} = {main['drop_pct']:.1f}%  min_k = {site_metrics['min_k']}")
     metrics["rank"] = p.rank if p.rank != "full" else -1
-    write_csv("plots/rank_k.csv", rank_rows)
-    write_csv("plots/alpha.csv", alpha_rows)
-    plot_series("plots/rank_k.csv", "plots/rank_k.png", x="k", y="kl_drop", group="site",
+    write_csv(P.plot("rank_k.csv"), rank_rows)
+    write_csv(P.plot("alpha.csv"), alpha_rows)
+    plot_series(P.plot("rank_k.csv"), P.plot("rank_k.png"), x="k", y="kl_drop", group="site",
                 title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})", logx=True)
-    write_json("metrics/patch.json", metrics)
+    write_json(P.metric("patch.json"), metrics)
 
 
 if __name__ == "__main__":

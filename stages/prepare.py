@@ -2,7 +2,8 @@
 
 from collections import Counter
 
-from mechdiff.corpus import load_corpus, save_prompts, split_prompts
+import mechdiff.pipeline as P
+from mechdiff.data.corpus import load_corpus, save_prompts, split_prompts
 from mechdiff.io import run_stage, write_json
 from mechdiff.params import load_params
 
@@ -11,13 +12,13 @@ def main() -> None:
     p = load_params()
     prompts = load_corpus(p.data.dir, p.data.sources, max_per_dataset=p.data.max_per_dataset, seed=p.seed)
     prompts = split_prompts(prompts, tuple(p.data.splits), seed=p.seed)
-    save_prompts("artifacts/prompts/prompts.jsonl", prompts)
+    save_prompts(P.PROMPTS, prompts)
     counts = Counter((q.dataset, q.split) for q in prompts)
-    write_json("metrics/prepare.json", {
+    write_json(P.metric("prepare.json"), {
         "n_prompts": len(prompts),
         **{f"n_{d}_{s}": n for (d, s), n in sorted(counts.items())},
     })
-    print(f"prepare: {len(prompts)} prompts -> artifacts/prompts/prompts.jsonl")
+    print(f"prepare: {len(prompts)} prompts -> {P.PROMPTS}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+import mechdiff.pipeline as P
 from mechdiff.io import run_stage
-from mechdiff.report import build_report
+from mechdiff.report.html import build_report
 
 
 def main() -> None:
-    out = build_report(Path("."), Path("report"))
+    out = build_report(Path("."), P.REPORT)
     print(f"report: {out}")
 
 

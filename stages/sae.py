@@ -2,13 +2,13 @@
 
 import sys
 
+import mechdiff.pipeline as P
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
 from mechdiff.sae.sources import SOURCES, check_paired, source_batches, source_rows
-from mechdiff.store import ActStore
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     p = load_params()
     s = p.sae
     site = f"L{layer}.resid_post"
-    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    base, tuned = P.open_stores()
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
     if source in ("delta", "crosscoder"):
@@ -28,7 +28,7 @@ def main() -> None:
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1, seed=p.seed,
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
-    out = f"artifacts/saes/{source}_L{layer}"
+    out = P.sae_dir(source, layer)
     resumed = prepare_output(out, fingerprint([vars(s), p.seed, source, layer, base.attrs.get("fingerprint"),
                                                tuned.attrs.get("fingerprint")]))
     if resumed:
@@ -37,7 +37,7 @@ def main() -> None:
                              epochs=s.epochs)
     sae = train_sae(batches, cfg, out, total_tokens=len(rows) * s.epochs, resume=resumed)
     mark_complete(out)
-    write_csv(f"plots/sae/{source}_L{layer}.csv", sae.train_log)
+    write_csv(P.plot(f"sae/{source}_L{layer}.csv"), sae.train_log)
     last = sae.train_log[-1] if sae.train_log else {}
     print(f"sae: {source} {site}: {len(rows)} rows x {s.epochs} epochs, final fvu {last.get('fvu', float('nan')):.3f}")
 

@@ -4,22 +4,22 @@ import functools
 
 import numpy as np
 
+import mechdiff.pipeline as P
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.pair import load_saved
+from mechdiff.model.load import load_saved
+from mechdiff.model.sites import Site
+from mechdiff.model.tokens import pad_id
 from mechdiff.params import load_params
 from mechdiff.pipeline import encode_prompts, kept_prompts, pick_rows
-from mechdiff.report import plot_series
+from mechdiff.report.html import plot_series
 from mechdiff.sae import eval_sae, load_sae, spliced_metrics
 from mechdiff.sae.sources import read_source, source_rows
-from mechdiff.sites import Site
-from mechdiff.store import ActStore
-from mechdiff.tokens import pad_id
 
 
 def main() -> None:
     p = load_params()
     s = p.sae
-    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    base, tuned = P.open_stores()
     prompts = kept_prompts()
     val = pick_rows(prompts, split="val", n=s.eval_prompts, seed=p.seed)
     models: dict = {}  # name -> (model, tokenizer, encoded prompts), each loaded once
@@ -28,7 +28,7 @@ def main() -> None:
 
     def load(name: str) -> tuple:
         if name not in models:
-            model, tok = load_saved(f"artifacts/models/{name}")
+            model, tok = load_saved(P.model_dir(name))
             models[name] = (model, tok, encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len))
         return models[name]
 
@@ -41,7 +41,7 @@ def main() -> None:
         site = f"L{layer}.resid_post"
         rows = source_rows(base, s.view, val)
         for source in s.sources:
-            sae = load_sae(f"artifacts/saes/{source}_L{layer}")
+            sae = load_sae(P.sae_dir(source, layer))
             m = eval_sae(sae, read_source(source, base, tuned, site, s.view, rows))
             # splice the reconstruction into the model(s) it was trained on (delta / crosscoder: both)
             names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
@@ -68,10 +68,10 @@ def main() -> None:
             print(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%  {rec}")
     if not norm_rows:  # no crosscoder configured: keep the declared figure, saying so
         norm_rows = [{"layer": -1, "rel_norm_tuned": 0.5, "n_latents": 0}]
-    write_csv("plots/crosscoder_norms.csv", norm_rows)
-    plot_series("plots/crosscoder_norms.csv", "plots/crosscoder.png", x="rel_norm_tuned", y="n_latents",
+    write_csv(P.plot("crosscoder_norms.csv"), norm_rows)
+    plot_series(P.plot("crosscoder_norms.csv"), P.plot("crosscoder.png"), x="rel_norm_tuned", y="n_latents",
                 group="layer", title="crosscoder latents by tuned decoder-norm share (0 = base-only, 1 = tuned-only)")
-    write_json("metrics/sae.json", metrics)
+    write_json(P.metric("sae.json"), metrics)
 
 
 if __name__ == "__main__":

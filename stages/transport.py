@@ -2,11 +2,11 @@
 
 import sys
 
+import mechdiff.pipeline as P
+from mechdiff.analysis.transport import auto_alpha, diagnostics, fit_map, save_map
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_json
 from mechdiff.params import load_params
-from mechdiff.store import ActStore
-from mechdiff.transport import auto_alpha, diagnostics, fit_map, save_map
 
 
 def main() -> None:
@@ -15,7 +15,7 @@ def main() -> None:
     site = sys.argv[1]
     p = load_params()
     t = p.transport
-    base, tuned = ActStore.open("artifacts/acts/base.zarr"), ActStore.open("artifacts/acts/tuned.zarr")
+    base, tuned = P.open_stores()
     if site not in base.sites:
         raise MechdiffError(f"site {site} is not in the activation store: add it to transport.sites and rerun extract")
     tr, va = base.rows_where(split="train"), base.rows_where(split="val")
@@ -24,8 +24,8 @@ def main() -> None:
                 site=site)
     m = m.with_alpha(auto_alpha(m, X[va], Y[va]))
     diag = diagnostics(m, X[tr], Y[tr], X[va], Y[va], seed=p.seed)
-    save_map(m, f"artifacts/maps/{site}")
-    write_json(f"metrics/transport/{site}.json", {"alpha_auto": m.alpha, **diag})
+    save_map(m, P.map_dir(site))
+    write_json(P.metric(f"transport/{site}.json"), {"alpha_auto": m.alpha, **diag})
     print(f"transport: {site} {t.solver}: val R2 {diag.get('r2_val', float('nan')):.3f}, alpha {m.alpha:.3f}")
 
 

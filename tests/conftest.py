@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechdiff.tiny import make_tiny_model, make_tiny_tokenizer
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
 
 SENTENCES = [
     "the festival of lights fills every street with lamps",

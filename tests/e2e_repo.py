@@ -66,8 +66,8 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
 
 def build_tiny_repo(tmp: Path) -> Path:
     """Copy the repo into tmp, point params at a tiny edited pair, run `dvc repro` and commit the results."""
-    from mechdiff.corpus import load_corpus
-    from mechdiff.tiny import save_tiny_pair_dir
+    from mechdiff.data.corpus import load_corpus
+    from mechdiff.model.tiny import save_tiny_pair_dir
 
     texts = [q.text for q in load_corpus(ROOT / "data")]
     base_dir = save_tiny_pair_dir(tmp / "tiny_base", texts, n_layers=4, d_model=64, seed=0)

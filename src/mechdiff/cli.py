@@ -52,7 +52,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
             pulled = r.returncode == 0
             print("pulled data/ from the DVC remote" if pulled else "DVC remote did not answer; rebuilding data/")
     if not pulled:
-        from mechdiff.corpus import write_default_corpora
+        from mechdiff.data.corpus import write_default_corpora
 
         if data_dir.exists():
             shutil.rmtree(data_dir)
@@ -89,8 +89,8 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 def cmd_sites(ns: argparse.Namespace) -> int:
     """Print the sites and views `extract` stores for the current params and model."""
+    from mechdiff.model.sites import plan_sites
     from mechdiff.params import load_params
-    from mechdiff.sites import plan_sites
 
     p = load_params(Path(ns.root) / "params.yaml")
     n = ns.n_layers

@@ -304,7 +304,7 @@ def validate(p: Params) -> Params:
             raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
     if p.pair.finetune.lr <= 0 or p.sae.lr <= 0:
         raise MechdiffError("params.yaml: learning rates (pair.finetune.lr, sae.lr) must be > 0")
-    from mechdiff.sites import Site
+    from mechdiff.model.sites import Site
 
     for s in p.transport.sites:
         Site.parse(s)

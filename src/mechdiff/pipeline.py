@@ -1,4 +1,8 @@
-"""Glue shared by the stages: kept prompts, encodings and row selections (no params reading)."""
+"""The one place that knows the pipeline's file layout, and the glue shared by the stages.
+
+Every artifact, metric and plot path of the DVC pipeline is defined here (dvc.yaml declares the same paths);
+the rest of the library takes paths and arrays as arguments. Also: kept prompts, encodings, row selections.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,56 @@ from pathlib import Path
 import numpy as np
 
 from mechdiff.errors import MechdiffError
-from mechdiff.tokens import Encoded, encode
+from mechdiff.model.tokens import Encoded, encode
 
-PROMPTS = Path("artifacts/prompts/prompts.jsonl")
-FAIRNESS = Path("artifacts/prompts/fairness.npz")
+ARTIFACTS = Path("artifacts")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORT = Path("report")
+PROMPTS = ARTIFACTS / "prompts" / "prompts.jsonl"
+FAIRNESS = ARTIFACTS / "prompts" / "fairness.npz"
+
+
+def model_dir(which: str) -> Path:
+    """Saved model `which` (base | tuned)."""
+    return ARTIFACTS / "models" / which
+
+
+def acts_path(which: str) -> Path:
+    """Activation store of model `which` (base | tuned)."""
+    return ARTIFACTS / "acts" / f"{which}.zarr"
+
+
+def map_dir(site: str) -> Path:
+    """Transport map of one site."""
+    return ARTIFACTS / "maps" / site
+
+
+def sae_dir(source: str, layer: int) -> Path:
+    """Checkpoint folder of one SAE (source base | tuned | delta | crosscoder)."""
+    return ARTIFACTS / "saes" / f"{source}_L{layer}"
+
+
+def metric(name: str) -> Path:
+    """A metrics file, e.g. metric("patch.json") or metric("transport/L20.attn_out.json")."""
+    return METRICS / name
+
+
+def plot(name: str) -> Path:
+    """A plots file, e.g. plot("cka.csv")."""
+    return PLOTS / name
+
+
+def open_stores():
+    """The base and tuned activation stores."""
+    from mechdiff.data.store import ActStore
+
+    return ActStore.open(acts_path("base")), ActStore.open(acts_path("tuned"))
 
 
 def kept_prompts(prompts_path: Path = PROMPTS, fairness_path: Path = FAIRNESS) -> list:
     """Prompts that passed the fairness filter, in store row order."""
-    from mechdiff.corpus import load_prompts
+    from mechdiff.data.corpus import load_prompts
 
     keep = set(np.load(fairness_path)["kept_pids"].tolist())
     prompts = [q for q in load_prompts(prompts_path) if q.pid in keep]

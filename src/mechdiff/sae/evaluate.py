@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import Site, _hooks, _register_read, capture, model_width, site_module
+from mechdiff.model.tokens import Encoded, batches
 from mechdiff.sae.model import TopKSAE
-from mechdiff.sites import Site, _hooks, _register_read, capture, model_width, site_module
-from mechdiff.tokens import Encoded, batches
 
 RefLogits = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray] | None
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mechdiff.data.store import ActStore, DeltaView
 from mechdiff.errors import MechdiffError
-from mechdiff.store import ActStore, DeltaView
 
 SOURCES = ("base", "tuned", "delta", "crosscoder")
 

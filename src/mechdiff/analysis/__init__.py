@@ -1,0 +1,1 @@
+"""Analyses of a pair: similarity (CKA), transport maps, patching, feature statistics."""

@@ -1,0 +1,1 @@
+"""Data: corpora, splits, fairness, the zarr activation store and extraction into it."""

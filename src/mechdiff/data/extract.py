@@ -1,0 +1,241 @@
+"""Run a model over prompts in batches and stream the activations at chosen sites into an ActStore."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mechdiff.data.store import VIEWS, ActStore, StoreWriter
+from mechdiff.errors import MechdiffError
+from mechdiff.model import sites as _sites
+from mechdiff.model.kernels import packed_linears
+from mechdiff.model.sites import Site
+from mechdiff.model.tokens import batches, encode, pad_id
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_VIEWS = ["last", "mean"]
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use `threads` torch threads (default: the CPUs this process may run on, never more); return the count."""
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        avail = os.cpu_count() or 1
+    n = int(threads) if threads else min(torch.get_num_threads(), avail)
+    if n < 1:
+        raise MechdiffError(f"threads must be >= 1, got {threads}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _window(shard_rows: int, batch_size: int) -> int:
+    """Prompts sorted by length together: a divisor of shard_rows (so resumed runs batch alike) near 16 batches."""
+    target = max(batch_size, 16 * batch_size)
+    for w in range(min(shard_rows, target), 0, -1):
+        if shard_rows % w == 0:
+            return w
+    return 1
+
+
+def _norm_sites(sites: Sequence[Site | str], model: nn.Module) -> list[Site]:
+    if not sites:
+        raise MechdiffError("no sites to extract: give at least one site, e.g. L12.resid_post")
+    out = []
+    for s in sites:
+        if isinstance(s, str):
+            s = Site.parse(s)
+        if not isinstance(s, Site):
+            raise MechdiffError(f"bad site {s!r}: use mechdiff.model.sites.Site or a name like 'L12.resid_post'")
+        out.append(s)
+    out = list(dict.fromkeys(out))
+    nl = _sites.n_layers(model)
+    for s in out:
+        if not 0 <= s.layer < nl:
+            raise MechdiffError(f"site {s.name}: layer out of range, the model has {nl} blocks (0..{nl - 1})")
+    return out
+
+
+def _norm_views(views: Mapping[Any, Sequence[str]] | None, sites: list[Site]) -> dict[str, list[str]]:
+    views = {(k.name if isinstance(k, Site) else str(k)): v for k, v in (views or {}).items()}
+    names = {s.name for s in sites}
+    unknown = set(views) - names - {"*"}
+    if unknown:
+        raise MechdiffError(f"views given for sites not extracted: {sorted(unknown)}; extracted: {sorted(names)}")
+    out = {}
+    for s in sites:
+        v = list(dict.fromkeys(views.get(s.name, views.get("*", DEFAULT_VIEWS))))
+        if not v or any(x not in VIEWS for x in v):
+            raise MechdiffError(f"site {s.name}: views must be a non-empty subset of {', '.join(VIEWS)}, got {v}")
+        out[s.name] = v
+    return out
+
+
+def _prompt_fields(prompts: Sequence[Any]) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+    if len(prompts) == 0:
+        raise MechdiffError("no prompts to extract: the corpus or split is empty")
+    try:
+        pids = np.asarray([int(p.pid) for p in prompts], dtype=np.int64)
+        texts = [p.text for p in prompts]
+        ds = [str(p.dataset) for p in prompts]
+        sp = [str(p.split) for p in prompts]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise MechdiffError(f"prompts need .pid (int), .text, .dataset and .split (corpus.Prompt): {exc}") from exc
+    return pids, texts, ds, sp
+
+
+def _run_model(model: nn.Module, dtype: str, device: str) -> nn.Module:
+    """The model in `dtype` on `device`: a cast copy when the dtype differs (the caller's model is kept)."""
+    if dtype not in DTYPES:
+        raise MechdiffError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    tdt = DTYPES[dtype]
+    p = next(model.parameters(), None)
+    if p is None:
+        raise MechdiffError(f"{type(model).__name__} has no parameters: not a model")
+    run = copy.deepcopy(model).to(tdt) if p.dtype != tdt else model
+    try:
+        return run.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise MechdiffError(f"cannot move the model to device {device!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise MechdiffError(f"{type(model).__name__} has no LM head: cannot store logits")
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
+def extract(
+    model: nn.Module, tokenizer: Any, prompts: list, sites: list[Site], views: dict[str, list[str]], path: str | Path,
+    *, batch_size: int = 16, dtype: str = "float32", chat: bool = True, max_len: int = 256,
+    store_logits: bool = False, device: str = "cpu", progress: bool = True, resume: bool = True,
+    shard_rows: int = 1024, attrs: dict | None = None, store_dtype: str = "float32", compressor: str | None = None,
+    threads: int | None = None, attention_mask: bool = False, pack_weights: bool = True,
+) -> ActStore:
+    """Extract activations at `sites` for `prompts` into the store at `path` and return it (opened read-only).
+
+    Views per site: 'last' (decision token), 'mean' (attention-masked mean over the prompt), 'tokens' (every
+    token); `views` maps site names (or '*') to views, default last + mean. The model runs in `dtype` under
+    inference mode and stops after the last needed block unless `store_logits`, which computes the LM head at
+    the decision token only. Stored arrays and statistics are float32 (or `store_dtype`). With `resume`, an
+    interrupted store made with the same params continues where it stopped.
+
+    Batches are right-padded, so under causal attention no real token ever attends to padding: by default the
+    padding mask is not passed to the model (attention then takes its fast causal path; outputs at real tokens
+    are the same). Set `attention_mask=True` for a model whose positions or attention depend on the mask.
+    A model in another dtype than `dtype` is copied and cast (the caller's model is unchanged); it is moved
+    to `device` in place. On CPU, `pack_weights` runs the blocks' linear layers on oneDNN-packed weights
+    (mechdiff.model.kernels; same dtype, one extra copy of the weights while extracting).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise MechdiffError(f"batch_size must be >= 1, got {batch_size}")
+    site_list = _norm_sites(sites, model)
+    vw = _norm_views(views, site_list)
+    pids, texts, ds, sp = _prompt_fields(prompts)
+    enc = encode(tokenizer, texts, chat=chat, max_len=max_len)
+    lengths = enc.lengths
+    flat = np.fromiter((t for ids in enc.ids for t in ids), dtype=np.int64, count=int(lengths.sum()))
+    d = _sites.model_width(model)
+    user = dict(attrs or {})
+    model_id = user.pop("model", None) or getattr(getattr(model, "config", None), "_name_or_path", None) \
+        or type(model).__name__
+    meta = {
+        "model": str(model_id), "model_dtype": dtype, "chat": chat, "max_len": max_len,
+        "store_logits": store_logits, "tokenizer": type(tokenizer).__name__,
+        "token_ids_sha": hashlib.sha256(flat.tobytes()).hexdigest()[:16], **user,
+    }
+    store = ActStore.create(
+        path, prompt_ids=pids, n_tokens=lengths, datasets=ds, splits=sp, sites={s.name: d for s in site_list},
+        views=vw, vocab_size=_vocab(model) if store_logits else None, attrs=meta, dtype=store_dtype,
+        shard_rows=shard_rows, compressor=compressor, resume=resume,
+        decision=np.asarray(enc.decision, dtype=np.int64), tok_ids=flat,
+    )
+    if store.complete:
+        return ActStore.open(path)
+    set_threads(threads)
+    run = _run_model(model, dtype, device)
+    was_training = run.training
+    run.eval()
+    try:
+        with store.writer() as writer, torch.inference_mode(), \
+                packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
+                               enabled=pack_weights and str(device).startswith("cpu")):
+            _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
+                  device=device, store_logits=store_logits, d=d, n=len(pids), shard_rows=shard_rows,
+                  pass_mask=attention_mask,
+                  bar=tqdm(total=int(lengths.sum()), initial=int(lengths[: writer.start].sum()), unit="tok",
+                           unit_scale=True, disable=not progress, desc=f"extract {Path(path).name}"))
+    finally:
+        if was_training:
+            run.train()
+    return ActStore.open(path)
+
+
+def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict[str, list[str]],
+          writer: StoreWriter, *, batch_size: int, pad: int, device: str, store_logits: bool, d: int, n: int,
+          shard_rows: int, pass_mask: bool, bar) -> None:
+    """Process prompts window by window (in store order), sorting by length within a window."""
+    lengths = enc.lengths
+    W = _window(shard_rows, batch_size)
+    row_views = [(s.name, v) for s in site_list for v in vw[s.name] if v != "tokens"]
+    tok_sites = [s.name for s in site_list if "tokens" in vw[s.name]]
+    vocab = writer._vocab
+    with bar:
+        for w0 in range(writer.start, n, W):
+            idx = np.arange(w0, min(n, w0 + W))
+            loc_off = np.concatenate([[0], np.cumsum(lengths[idx])])
+            out = {s.name: {} for s in site_list}
+            for s, v in row_views:
+                out[s][v] = np.empty((len(idx), d), dtype=np.float32)
+            toks = {s: np.empty((int(loc_off[-1]), d), dtype=np.float32) for s in tok_sites}
+            logits = np.empty((len(idx), vocab), dtype=np.float16) if store_logits else None
+            for rows, ids, mask, pos in batches(enc, idx, batch_size, pad, device=device):
+                acts, lg = _sites.capture(run, ids, mask if pass_mask else None, site_list,
+                                          logits_at=pos if store_logits else None)
+                local = rows - w0
+                lens = mask.sum(1)
+                maskf = mask.bool().unsqueeze(-1)
+                ar = torch.arange(len(rows), device=ids.device)
+                for s in site_list:
+                    a = acts[s.name]
+                    bad = None
+                    if "last" in vw[s.name]:
+                        last = a[ar, pos].float()
+                        bad = ~torch.isfinite(last).all(1)
+                        out[s.name]["last"][local] = last.cpu().numpy()
+                    if "mean" in vw[s.name] or "tokens" in vw[s.name]:
+                        mean = torch.where(maskf, a, 0).float().sum(1) / lens.unsqueeze(1).float()
+                        b2 = ~torch.isfinite(mean).all(1)
+                        bad = b2 if bad is None else bad | b2
+                        if "mean" in vw[s.name]:
+                            out[s.name]["mean"][local] = mean.cpu().numpy()
+                    if bad is not None and bool(bad.any()):
+                        r = int(rows[int(torch.nonzero(bad)[0, 0])])
+                        raise MechdiffError(
+                            f"non-finite activations at {s.name} for prompt id {int(pids[r])}: "
+                            f"try dtype float32, or check the model weights"
+                        )
+                    if "tokens" in vw[s.name]:
+                        af = a.float().cpu().numpy()
+                        for j, r in enumerate(local):
+                            L = int(lengths[w0 + r])
+                            toks[s.name][loc_off[r] : loc_off[r] + L] = af[j, :L]
+                if store_logits:
+                    if not bool(torch.isfinite(lg).all()):
+                        j = int(torch.nonzero(~torch.isfinite(lg).all(1))[0, 0])
+                        raise MechdiffError(f"non-finite logits for prompt id {int(pids[rows[j]])}: try dtype float32")
+                    logits[local] = lg.cpu().numpy().astype(np.float16)
+                bar.update(int(lens.sum()))
+            writer.append(out, toks or None, logits, n=len(idx))

@@ -1,0 +1,1 @@
+"""Models: loading and tuned recipes, sites and the hook API, tokenisation, CPU kernels, tiny test models."""

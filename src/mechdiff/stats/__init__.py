@@ -1,0 +1,1 @@
+"""Statistics primitives shared by every analysis: input checks, KL, bootstrap, multiple testing."""

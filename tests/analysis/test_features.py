@@ -1,0 +1,334 @@
+"""Feature statistics against scipy / numpy references and planted ground truth."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mechdiff.analysis.features import (
+    NO_THEME,
+    activation_stats,
+    benjamini_hochberg,
+    classify_types,
+    cohens_d,
+    enrichment,
+    examples_html,
+    examples_markdown,
+    graded_scores,
+    permutation_enrichment,
+    text_themes,
+    text_themes_markdown,
+    theme_enrichment,
+    themes,
+    top_examples,
+)
+from mechdiff.errors import MechdiffError
+
+
+def test_cohens_d_matches_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, (40, 6))
+    b = rng.normal(0.5, 2.0, (25, 6))
+    d = cohens_d(a, b)
+    for j in range(6):
+        sp = np.sqrt(((40 - 1) * np.var(a[:, j], ddof=1) + (25 - 1) * np.var(b[:, j], ddof=1)) / (40 + 25 - 2))
+        assert d[j] == pytest.approx((b[:, j].mean() - a[:, j].mean()) / sp, rel=1e-12)
+        t = stats.ttest_ind(b[:, j], a[:, j], equal_var=True).statistic
+        assert d[j] == pytest.approx(t * np.sqrt(1 / 40 + 1 / 25), rel=1e-10)
+    # constant and equal -> 0; constant but different -> inf
+    z = cohens_d(np.zeros((5, 2)), np.c_[np.zeros(4), np.ones(4)])
+    assert z[0] == 0.0 and np.isinf(z[1]) and z[1] > 0
+
+
+def test_cohens_d_rejects_bad_input():
+    with pytest.raises(MechdiffError):
+        cohens_d(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(MechdiffError):
+        cohens_d(np.array([[np.nan]]), np.zeros((3, 1)))
+    with pytest.raises(MechdiffError):
+        cohens_d(np.zeros((0, 2)), np.zeros((3, 2)))
+
+
+def test_activation_stats_and_types_planted():
+    rng = np.random.default_rng(1)
+    n = 400
+    zb = np.zeros((n, 4))
+    zt = np.zeros((n, 4))
+    on = rng.random(n) < 0.5
+    zb[on, 0] = rng.uniform(1, 2, on.sum())  # feature 0: base only -> suppressed on tuned (A)
+    zt[on, 0] = 0.05 * zb[on, 0]
+    zb[on, 1] = rng.uniform(1, 2, on.sum())  # feature 1: amplified 3x (B)
+    zt[on, 1] = 3 * zb[on, 1]
+    zt[on, 2] = rng.uniform(1, 2, on.sum())  # feature 2: only on tuned (C)
+    zb[:, 3] = rng.uniform(1, 2, n)  # feature 3: unchanged
+    zt[:, 3] = zb[:, 3] + rng.normal(0, 0.01, n)
+    st = activation_stats(zb, zt)
+    np.testing.assert_allclose(st["freq_base"], (zb > 0).mean(0))
+    np.testing.assert_allclose(st["mean_tuned"], zt.mean(0))
+    np.testing.assert_allclose(st["cohens_d"], cohens_d(zb, zt))
+    types, counts = classify_types(st)
+    assert list(types) == ["A", "B", "C", ""]
+    assert counts == {"A": 1, "B": 1, "C": 1}
+    types2, counts2 = classify_types(st, delta_only=np.array([False, False, False, True]))
+    assert types2[3] == "C" and counts2["C"] == 2
+
+
+def _bh_reference(p):
+    m = len(p)
+    order = np.argsort(p)
+    rank = np.empty(m, int)
+    rank[order] = np.arange(1, m + 1)
+    return np.array([min(1.0, min(m * p[j] / rank[j] for j in range(m) if p[j] >= p[i])) for i in range(m)])
+
+
+def test_benjamini_hochberg_hand_example_and_reference():
+    np.testing.assert_allclose(benjamini_hochberg([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
+    np.testing.assert_allclose(benjamini_hochberg([0.02, 0.03, 0.035, 0.5]), [0.035 * 4 / 3] * 3 + [0.5])
+    rng = np.random.default_rng(2)
+    p = rng.random(50) ** 3
+    q = benjamini_hochberg(p)
+    np.testing.assert_allclose(q, _bh_reference(p))
+    o = np.argsort(p)
+    assert np.all(np.diff(q[o]) >= 0) and np.all(q >= p)
+    with pytest.raises(MechdiffError):
+        benjamini_hochberg([0.1, np.nan])
+
+
+def test_enrichment_matches_chi2_formula():
+    g = np.zeros(200, bool)
+    g[:50] = True
+    s = np.zeros(200, bool)
+    s[:30] = True  # 30 of the group's 50
+    s[50:70] = True  # 20 of the other 150
+    r = enrichment(g, s)
+    assert r["enrichment"] == pytest.approx((30 / 50) / (50 / 200))
+    obs = np.array([[30, 20], [20, 130]], float)
+    exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert r["chi2"] == pytest.approx(chi2)
+    assert r["p"] == pytest.approx(stats.chi2.sf(chi2, 1))
+    empty = enrichment(g, np.zeros(200, bool))
+    assert empty["p"] == 1.0 and np.isnan(empty["enrichment"])
+
+
+def test_theme_enrichment_planted():
+    labels = np.repeat([0, 1, 2], 100)
+    sel = np.zeros(300, bool)
+    sel[:40] = True
+    sel[100:105] = True
+    sel[200:205] = True
+    rows = theme_enrichment(labels, sel)
+    by = {r["theme"]: r for r in rows}
+    assert by[0]["enrichment"] == pytest.approx((40 / 100) / (50 / 300))
+    assert by[0]["significant"] and by[0]["enrichment"] > 2
+    assert by[1]["enrichment"] < 1
+    np.testing.assert_allclose([r["q"] for r in rows], benjamini_hochberg([r["p"] for r in rows]))
+
+
+def test_permutation_enrichment_planted_and_exact():
+    rng = np.random.default_rng(3)
+    n = 120
+    y = np.arange(n) < 60
+    acts = rng.normal(0, 1, (n, 30))
+    acts[y, 0] += 2.0  # planted cultural feature
+    res = permutation_enrichment(acts, y, n_perm=2000, seed=0)
+    assert res["diff"][0] == pytest.approx(acts[y, 0].mean() - acts[~y, 0].mean())
+    assert res["significant"][0] and res["p"][0] == pytest.approx(1 / 2001)
+    assert res["n_significant"] <= 3
+    # tiny case against the exact permutation distribution (all C(8,4) = 70 splits)
+    x = np.array([[0.1], [0.5], [0.3], [1.2], [0.9], [1.5], [0.2], [1.1]])
+    yy = np.array([0, 0, 0, 1, 0, 1, 0, 1], bool) | np.array([0, 0, 1, 0, 0, 0, 0, 0], bool)
+    obs = abs(x[yy, 0].mean() - x[~yy, 0].mean())
+    splits = [np.isin(np.arange(8), c) for c in itertools.combinations(range(8), 4)]
+    exact = np.mean([abs(x[m, 0].mean() - x[~m, 0].mean()) >= obs - 1e-12 for m in splits])
+    est = permutation_enrichment(x, yy, n_perm=4000, seed=1)["p"][0]
+    assert est == pytest.approx(exact, abs=0.02)
+
+
+def test_graded_scores_vs_scipy():
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1, 2, 3], 50)
+    good = y * 1.0 + rng.normal(0, 0.5, y.size)
+    noise = rng.normal(0, 1, y.size)
+    anti = -y + rng.normal(0, 0.3, y.size)
+    A = np.c_[good, noise, anti, np.ones(y.size)]
+    g = graded_scores(A, y)
+    for j in range(3):
+        assert g["r"][j] == pytest.approx(stats.pearsonr(A[:, j], y).statistic, abs=1e-10)
+        assert g["rho"][j] == pytest.approx(stats.spearmanr(A[:, j], y).statistic, abs=1e-10)
+        m = np.array([A[y == c, j].mean() for c in range(4)])
+        np.testing.assert_allclose(g["class_means"][j], m)
+        assert g["separation"][j] == pytest.approx((m[3] - m[0]) / np.std(A[:, j]))
+        tau = np.percentile(A[y == 0, j], 95)
+        tpr, fpr = np.mean(A[y == 3, j] > tau), np.mean(A[y == 0, j] > tau)
+        assert g["tpr"][j] == pytest.approx(tpr) and g["fpr"][j] == pytest.approx(fpr)
+        r = stats.pearsonr(A[:, j], y).statistic
+        assert g["score"][j] == pytest.approx(0.4 * r + 0.3 * (m[3] - m[0]) / np.std(A[:, j]) + 0.3 * (tpr - fpr))
+    assert list(g["keep"]) == [True, False, False, False]
+    assert g["monotonic"][0] and not g["monotonic"][2]
+    assert g["r"][3] == 0.0 and g["separation"][3] == 0.0
+    with pytest.raises(MechdiffError):
+        graded_scores(A, np.repeat([0, 1, 2, 4], 50))
+
+
+def test_themes_recovers_planted_clusters():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(5)
+    centres = np.eye(16)[:3] * 5
+    truth = np.repeat([0, 1, 2], 40)
+    dirs = centres[truth] + rng.normal(0, 0.3, (120, 16))
+    res = themes(dirs, k_range=range(2, 8), seed=0)
+    assert res["k"] == 3
+    assert adjusted_rand_score(truth, res["labels"]) == pytest.approx(1.0)
+    assert max(res["silhouette"], key=res["silhouette"].get) == 3
+
+
+def test_themes_unchanged_by_refactor_reference():
+    # independent reference: the pre-refactor themes() loop, written out with sklearn
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(6)
+    dirs = rng.normal(0, 1, (90, 10))
+    dirs[:30, 0] += 4
+    dirs[30:60, 1] += 4
+    dirs[7] = 0.0  # a zero direction stays zero
+    X = dirs / np.where(np.linalg.norm(dirs, axis=1, keepdims=True) > 0, np.linalg.norm(dirs, axis=1, keepdims=True), 1)
+    ref = {}
+    for k in range(2, 6):
+        km = KMeans(n_clusters=k, n_init=4, random_state=1).fit(X)
+        ref[k] = (silhouette_score(X, km.labels_, sample_size=90, random_state=1), km)
+    best = max(ref, key=lambda k: ref[k][0])
+    res = themes(dirs, k_range=range(2, 6), seed=1)
+    assert res["k"] == best
+    assert res["silhouette"] == pytest.approx({k: v[0] for k, v in ref.items()}, abs=1e-12)
+    np.testing.assert_array_equal(res["labels"], ref[best][1].labels_)
+    np.testing.assert_allclose(res["centroids"], ref[best][1].cluster_centers_)
+    with pytest.raises(MechdiffError):
+        themes(dirs[:2], k_range=range(2, 6))
+
+
+VOCABS = [
+    ["rice", "curry", "spice", "noodle", "dumpling", "bread", "cheese", "soup"],
+    ["guitar", "drum", "melody", "violin", "choir", "rhythm", "song", "piano"],
+    ["football", "cricket", "tennis", "stadium", "goal", "racket", "league", "referee"],
+]
+
+
+def _planted_topics(seed: int = 0):
+    """60 texts from 3 vocabularies (+ 1 stop-word-only text), 90 features each firing on one topic's texts."""
+    rng = np.random.default_rng(seed)
+    texts, topic = [], []
+    for t, words in enumerate(VOCABS):
+        for _ in range(20):
+            texts.append("what is the " + " and ".join(rng.choice(words, 4, replace=False)) + " in it")
+            topic.append(t)
+    texts.append("is it the one")  # stop words only
+    topic.append(-1)
+    topic = np.array(topic)
+    truth = np.repeat([0, 1, 2], 30)
+    A = np.zeros((len(texts), 93))
+    for j, t in enumerate(truth):
+        on = rng.choice(np.flatnonzero(topic == t), 12, replace=False)
+        A[on, j] = rng.uniform(1, 3, 12)
+        # weak firing on other topics' texts: below the top 10, so it must not leak into the representation
+        A[rng.choice(np.flatnonzero((topic != t) & (topic >= 0)), 3, replace=False), j] = 0.05
+    # 90, 91: never fire; 92: fires only on the stop-word text
+    A[-1, 92] = 1.0
+    return texts, topic, truth, A
+
+
+def test_text_themes_recovers_planted_topics():
+    from sklearn.metrics import adjusted_rand_score
+
+    texts, _, truth, A = _planted_topics()
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 9), seed=0, n_top_words=5)
+    assert res["k"] == 3 and max(res["silhouette"], key=res["silhouette"].get) == 3
+    assert adjusted_rand_score(truth, res["labels"][:90]) == pytest.approx(1.0)
+    assert list(res["labels"][90:]) == [NO_THEME] * 3
+    assert res["alive"].sum() == 90
+    for c in range(3):
+        topic = np.bincount(truth[res["labels"][:90] == c]).argmax()
+        assert len(res["top_words"][c]) == 5 and set(res["top_words"][c]) <= set(VOCABS[topic])
+
+
+def test_text_themes_representation_matches_reference():
+    # independent reference: per feature, weighted mean of the unit TF-IDF rows of its top-10 texts, renormalised;
+    # each k-means centroid must be the mean of its members' reference vectors
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts, _, _, A = _planted_topics(seed=1)
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 6), seed=0)
+    vec = TfidfVectorizer(stop_words="english")
+    T = vec.fit_transform(texts).toarray()
+    assert list(vec.get_feature_names_out()) == list(res["vocabulary"])
+    R = np.zeros((90, T.shape[1]))
+    for j in range(90):
+        top = np.argsort(-A[:, j])[:10]
+        v = sum(A[i, j] * T[i] for i in top)
+        R[j] = v / np.linalg.norm(v)
+        assert set(top) <= set(np.flatnonzero(A[:, j] >= 1))  # the weak 0.05 firings are not among them
+    for c in range(res["k"]):
+        np.testing.assert_allclose(res["centroids"][c], R[res["labels"][:90] == c].mean(0), atol=1e-10)
+
+
+def test_text_theme_enrichment_ignores_features_without_theme():
+    texts, _, truth, A = _planted_topics()
+    res = text_themes(A, texts, top_n=10, k_range=range(2, 9), seed=0)
+    delta = np.zeros(93, bool)
+    delta[:20] = True  # 20 of topic 0's 30 features
+    delta[30:35] = True  # 5 of topic 1's
+    delta[90:93] = True  # features without a theme: must not count anywhere
+    rows = theme_enrichment(res["labels"], delta, ignore_label=NO_THEME)
+    assert NO_THEME not in [r["theme"] for r in rows] and len(rows) == 3
+    by_topic = {int(np.bincount(truth[res["labels"][:90] == r["theme"]]).argmax()): r for r in rows}
+    assert by_topic[0]["n"] == 90 and by_topic[0]["n_selected"] == 25
+    assert by_topic[0]["enrichment"] == pytest.approx((20 / 30) / (25 / 90))
+    assert by_topic[2]["enrichment"] == 0.0
+    obs = np.array([[20, 10], [5, 55]], float)
+    exp = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
+    assert by_topic[0]["p"] == pytest.approx(stats.chi2.sf(((obs - exp) ** 2 / exp).sum(), 1))
+    assert by_topic[0]["significant"]
+    # without ignoring, the 3 no-theme features form their own group and join the background
+    assert len(theme_enrichment(res["labels"], delta)) == 4
+    md = text_themes_markdown(res, rows, title="L2")
+    assert md.count("\n| ") == 2 + 3 and "k = 3" in md and "3 features have no theme" in md
+    row0 = next(line for line in md.splitlines() if line.startswith(f"| {by_topic[0]['theme']} |"))
+    assert f"| 30 | 20 | {(20 / 30) / (25 / 90):.2f} |" in row0
+    assert set(row0.split(" | ")[1].split(", ")) <= set(VOCABS[0])
+    with pytest.raises(MechdiffError):
+        theme_enrichment(np.full(5, NO_THEME), np.ones(5, bool), ignore_label=NO_THEME)
+
+
+def test_text_themes_rejects_bad_input():
+    texts, _, _, A = _planted_topics()
+    with pytest.raises(MechdiffError, match="texts"):
+        text_themes(A, texts[:-1])
+    with pytest.raises(MechdiffError):
+        text_themes(np.zeros((0, 5)), [])
+    with pytest.raises(MechdiffError, match="vocabulary"):
+        text_themes(np.ones((3, 4)), ["the", "is it", "and"])
+    with pytest.raises(MechdiffError, match="no k"):
+        text_themes(A[:, 90:], texts)  # one feature with a theme: nothing to cluster
+
+
+def test_top_examples_and_renderers():
+    toks = ["a", "b", "<c>", "d", "e", "f", "g", "h"]
+    pid = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    acts = np.array([0.0, 0.5, 3.0, 2.9, 0.0, 1.0, 0.0, 0.2])
+    rec = top_examples(acts, toks, pid, k=3, window=1, per_prompt=1)
+    assert [r["row"] for r in rec] == [2, 5]  # row 3 skipped (same prompt), row 7 (0.2) after 5 in prompt 1
+    assert rec[0]["left"] == ["b"] and rec[0]["right"] == ["d"] and rec[0]["token"] == "<c>"
+    assert rec[1]["left"] == ["e"] and rec[1]["right"] == ["g"]
+    rec2 = top_examples(acts, toks, pid, k=10, window=2, per_prompt=2)
+    assert [r["row"] for r in rec2] == [2, 3, 5, 7]
+    md = examples_markdown(rec, title="f1")
+    assert "**<c>**" in md and md.count("\n| ") == 3
+    h = examples_html(rec)
+    assert "<mark>&lt;c&gt;</mark>" in h and "<c>" not in h
+    with pytest.raises(MechdiffError):
+        top_examples(acts[:3], toks, pid)

@@ -1,0 +1,164 @@
+"""Patching: hook semantics, identity patch, prefix-cache exactness and the planted-edit known-answer test."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mechdiff.analysis.patching import kl_drop, layer_patch, min_k, patch_kl, patched_logits, sweep_kl
+from mechdiff.analysis.similarity import kl_divergence, linear_cka
+from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
+from mechdiff.errors import MechdiffError
+from mechdiff.model.recipes import plant_edit
+from mechdiff.model.sites import Site, capture, decision_logits, replace_at
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+from mechdiff.model.tokens import batches, encode, pad_id
+
+N_PROMPTS, N_TRAIN, LAYER, D = 150, 100, 2, 64
+WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
+         "old new fast slow happy sad sun moon rain snow city road hill lake").split()
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 14))) for _ in range(N_PROMPTS)]
+    tok = make_tiny_tokenizer(texts[:60], extra_words=WORDS)
+    base = make_tiny_model(len(tok), n_layers=4, d_model=D, seed=0)
+    return tok, base, encode(tok, texts)
+
+
+def _collect(model, tok, enc, sites):
+    n = len(enc)
+    acts = {s.name: np.zeros((n, D)) for s in sites}
+    logits = np.zeros((n, len(tok)), np.float32)
+    for r, ids, mask, pos in batches(enc, np.arange(n), 50, pad_id(tok)):
+        a, lg = capture(model, ids, mask, sites, logits_at=pos)
+        logits[r] = lg.numpy()
+        for k, v in a.items():
+            acts[k][r] = v[torch.arange(len(r)), pos].double().numpy()
+    return acts, logits
+
+
+def test_patch_touches_only_the_decision_position(world):
+    tok, model, enc = world
+    site = Site(1, "attn_out")
+    rows = np.arange(8)
+    r, ids, mask, pos = next(batches(enc, rows, 8, pad_id(tok), sort_by_length=False))
+    vec = torch.randn(8, D)
+    with replace_at(model, site, pos, vec):
+        patched, _ = capture(model, ids, mask, [Site(3, "resid_post")])
+    clean, _ = capture(model, ids, mask, [Site(3, "resid_post")])
+    h0, h1 = clean["L3.resid_post"], patched["L3.resid_post"]
+    for b in range(8):
+        p = int(pos[b])
+        torch.testing.assert_close(h1[b, :p], h0[b, :p])  # earlier positions are untouched
+        assert (h1[b, p] - h0[b, p]).abs().max() > 1e-3  # the decision position did change
+
+
+def test_prefix_cache_equals_full_forward_and_identity_patch(world):
+    tok, model, enc = world
+    site = Site(LAYER, "attn_out")
+    acts, ref = _collect(model, tok, enc, [site])
+    rows = np.arange(60, 90)
+    vec = acts[site.name][rows] + np.random.default_rng(1).normal(size=(30, D))
+    want = np.zeros((30, len(tok)), np.float32)
+    # reference: replace_at + decision_logits on the same rows, one plain forward per batch
+    sub = type(enc)([enc.ids[i] for i in rows], [enc.decision[i] for i in rows])
+    for r, ids, mask, pos in batches(sub, np.arange(30), 16, pad_id(tok)):
+        with replace_at(model, site, pos, torch.tensor(vec[r], dtype=torch.float32)):
+            want[r] = decision_logits(model, ids, mask, pos).numpy()
+    for pc in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the prefix-cache path must not fall back silently
+            got = patched_logits(model, enc, rows, site, vec, prefix_cache=pc, batch_size=7)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        np.testing.assert_allclose(patched_logits(model, enc, rows, site, None, prefix_cache=pc), ref[rows],
+                                   atol=2e-5)
+    # identity patch (tuned with its own activations) gives KL 0; KL and masked KL match the numpy reference
+    allowed = np.arange(0, len(tok), 2)
+    kl = sweep_kl(model, enc, rows, site, {"self": acts[site.name][rows], "vec": vec}, ref[rows], progress=False)
+    kl_m = patch_kl(model, enc, rows, site, vec, ref[rows], allowed=allowed, batch_size=8)
+    assert np.abs(kl["self"]).max() < 1e-6
+    np.testing.assert_allclose(kl["vec"], kl_divergence(want, ref[rows]), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(kl_m, kl_divergence(want, ref[rows], allowed=allowed), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind,r", [("attn_out", 1), ("attn_out", 4), ("resid_post", 4)])
+def test_planted_edit_known_answer(world, kind, r):
+    tok, base, enc = world
+    tuned = copy.deepcopy(base)
+    info = plant_edit(tuned, layer=LAYER, kind=kind, rank=r, scale=2.0, seed=1)
+    site = Site(LAYER, kind)
+    sites = [Site(layer, "resid_post") for layer in range(4)] + [site]
+    A, _ = _collect(base, tok, enc, sites)
+    B, ref = _collect(tuned, tok, enc, sites)
+    # (1) representations are identical before the edited layer and differ from it on
+    cka = [linear_cka(A[f"L{layer}.resid_post"], B[f"L{layer}.resid_post"]) for layer in range(4)]
+    assert all(abs(c - 1.0) < 1e-6 for c in cka[:LAYER])
+    assert all(c < 1.0 - 1e-3 for c in cka[LAYER:])
+    X, Y = A[site.name], B[site.name]
+    m = fit_map(X[:N_TRAIN], Y[:N_TRAIN], site=site.name)
+    # (3) the change basis finds the planted directions
+    cos = principal_cosines(m.basis[:, :r], info.directions)
+    assert cos.min() >= 0.9, cos
+    # (2) the mapped patch at k = r recovers (almost) all of the full map's KL drop
+    val = np.arange(N_TRAIN, N_PROMPTS)
+    ks = sorted({0, max(r - 1, 0), r, r + 2})
+    cfg = {"raw": recolour(X[val], m.stats), "full": m.apply(X[val])}
+    cfg.update({f"k{k}": m.at_rank(k).apply(X[val]) for k in ks})
+    kl = sweep_kl(tuned, enc, val, site, cfg, ref[val], progress=False)
+    drop = {k: kl_drop(kl["raw"], kl[f"k{k}"], n_boot=200)["drop_pct"] for k in ks}
+    full = kl_drop(kl["raw"], kl["full"], n_boot=200)
+    assert drop[0] == pytest.approx(0.0, abs=1e-6)
+    assert full["ci_low"] <= full["drop_pct"] <= full["ci_high"]
+    strict = kind == "attn_out"  # resid_post after an MLP edit is not a linear function of the base vector
+    assert full["drop_pct"] > (90.0 if strict else 30.0)
+    assert drop[r] >= 0.9 * full["drop_pct"], (drop, full)
+    if r > 1:
+        assert drop[r - 1] < 0.9 * full["drop_pct"], (drop, full)
+    assert min_k(ks, [drop[k] for k in ks], 0.9 * full["drop_pct"]) == r
+
+
+def test_layer_patch_identity_and_direction(world):
+    tok, base, enc = world
+    tuned = copy.deepcopy(base)
+    plant_edit(tuned, layer=LAYER, kind="attn_out", rank=2, scale=2.0, seed=3)
+    sites = [Site(layer, "resid_post") for layer in range(4)]
+    A, _ = _collect(base, tok, enc, sites)
+    B, ref = _collect(tuned, tok, enc, sites)
+    rows = np.arange(30)
+    st_b = {s.name: {"mu": A[s.name].mean(0), "sd": A[s.name].std(0)} for s in sites}
+    st_t = {s.name: {"mu": B[s.name].mean(0), "sd": B[s.name].std(0)} for s in sites}
+    kl = layer_patch(tuned, enc, rows, sites, {s.name: A[s.name][rows] for s in sites}, st_t, st_b, ref[rows],
+                     progress=False)
+    # before the edit the re-coloured base vector equals the tuned one (same stats): no divergence
+    assert kl["L0.resid_post"].max() < 1e-6 and kl["L1.resid_post"].max() < 1e-6
+    assert kl["L2.resid_post"].mean() > 1e-4
+    kl_self = layer_patch(tuned, enc, rows, sites, {s.name: B[s.name][rows] for s in sites}, st_t, st_t,
+                          ref[rows], progress=False)
+    assert max(v.max() for v in kl_self.values()) < 1e-6
+
+
+def test_kl_drop_min_k_and_errors(world):
+    rng = np.random.default_rng(0)
+    raw = rng.exponential(size=200) + 0.5
+    mapped = 0.25 * raw
+    d = kl_drop(raw, mapped, n_boot=300)
+    assert d["drop_pct"] == pytest.approx(75.0)
+    assert d["ci_low"] == pytest.approx(75.0) and d["ci_high"] == pytest.approx(75.0)
+    noisy = kl_drop(raw, mapped * rng.uniform(0.5, 1.5, size=200), n_boot=300)
+    assert noisy["ci_low"] < noisy["drop_pct"] < noisy["ci_high"]
+    assert min_k([1, 2, 4, 8], [10.0, 50.0, 91.0, 95.0], 90.0) == 4
+    assert min_k([1, 2], [10.0, 50.0], 90.0) is None
+    with pytest.raises(MechdiffError):
+        kl_drop(raw, mapped[:10])
+    tok, model, enc = world
+    with pytest.raises(MechdiffError):
+        patched_logits(model, enc, [0, 1], Site(1, "attn_out"), np.zeros((3, D)))
+    with pytest.raises(MechdiffError):
+        patched_logits(model, enc, [0, 1], Site(1, "attn_out"), np.full((2, D), np.nan))
+    with pytest.raises(MechdiffError):
+        patched_logits(model, enc, [], Site(1, "attn_out"), None)

@@ -1,0 +1,183 @@
+"""extract(): stored views against independent references from a plain forward pass of a tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import mechdiff.data.extract as ex
+from mechdiff.data.extract import extract
+from mechdiff.data.store import ActStore
+from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import Site
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+
+WORDS = "the cat sat on a mat while dogs ran far from home under grey skies and quiet rain".split()
+
+
+@dataclass
+class P:
+    pid: int
+    text: str
+    dataset: str
+    split: str
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 14)))) for _ in range(29)]
+    tok = make_tiny_tokenizer(texts + ["poison"])
+    model = make_tiny_model(len(tok), n_layers=4, d_model=32, seed=1)
+    prompts = [P(100 + 3 * i, t, ["cultural", "control"][i % 2], ["train", "test"][i % 3 == 0])
+               for i, t in enumerate(texts)]
+    return model, tok, prompts
+
+
+def reference(model, tok, text: str):
+    """Independent reference for one prompt: ids, decision index, hidden states, logits, MLP outputs (unbatched)."""
+    msgs = [{"role": "user", "content": text}]
+    ids = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = tok(ids, add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids)
+    dec = max(i for i, t in enumerate(ids) if t not in special)
+    mlp = {}
+    hooks = [model.model.layers[i].mlp.register_forward_hook(lambda m, a, o, i=i: mlp.__setitem__(i, o[0]))
+             for i in range(len(model.model.layers))]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    hs = [h[0].numpy() for h in out.hidden_states]
+    return ids, dec, hs, out.logits[0, dec].numpy(), {i: v.numpy() for i, v in mlp.items()}
+
+
+SITES = [Site(0), Site(2), Site(1, "mlp_out"), Site(3, "resid_pre")]
+VIEWS = {"L0.resid_post": ["last", "mean", "tokens"], "L2.resid_post": ["last", "mean"],
+         "L1.mlp_out": ["mean"], "L3.resid_pre": ["last", "tokens"]}
+
+
+def test_views_and_logits_match_plain_forward(tiny, tmp_path):
+    model, tok, prompts = tiny
+    st = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "a.zarr", batch_size=4, shard_rows=8,
+                 store_logits=True, progress=False)
+    assert st.complete and st.n == len(prompts)
+    np.testing.assert_array_equal(st.index("prompt_id"), [p.pid for p in prompts])
+    assert list(st.index("split")) == [p.split for p in prompts]
+    got = {(s, v): st.read(s, v) for s, vs in VIEWS.items() for v in vs}
+    logits = st.read_logits()
+    off = st.index("tok_offset")
+    tok_ids = st.index("tok_id")
+    for r, p in enumerate(prompts):
+        ids, dec, hs, lg, mlp = reference(model, tok, p.text)
+        L = len(ids)
+        assert st.index("n_tokens")[r] == L and st.index("decision")[r] == dec
+        np.testing.assert_array_equal(tok_ids[off[r] : off[r] + L], ids)
+        # resid_post of block l = hidden_states[l + 1] (not the last block: HF applies the final norm there)
+        for layer in (0, 2):
+            s = f"L{layer}.resid_post"
+            np.testing.assert_allclose(got[(s, "last")][r], hs[layer + 1][dec], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got[(s, "mean")][r], hs[layer + 1].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[("L0.resid_post", "tokens")][off[r] : off[r] + L], hs[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[("L3.resid_pre", "last")][r], hs[3][dec], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[("L3.resid_pre", "tokens")][off[r] : off[r] + L], hs[3], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[("L1.mlp_out", "mean")][r], mlp[1].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits[r], lg.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+    x = got[("L2.resid_post", "mean")].astype(np.float64)
+    m, s = st.stats("L2.resid_post", "mean")
+    np.testing.assert_allclose(m, x.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s, x.std(0), rtol=1e-9)
+
+
+def test_stops_early_without_logits(tiny, tmp_path):
+    model, tok, prompts = tiny
+    calls = {"head": 0, "block3": 0}
+    h1 = model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    h2 = model.model.layers[3].register_forward_hook(lambda *a: calls.__setitem__("block3", calls["block3"] + 1))
+    try:
+        extract(model, tok, prompts[:6], [Site(1)], {}, tmp_path / "e.zarr", batch_size=4, progress=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert calls == {"head": 0, "block3": 0}
+
+
+def test_resume_after_crash_is_identical(tiny, tmp_path, monkeypatch):
+    model, tok, prompts = tiny
+    kw = dict(batch_size=4, shard_rows=8, store_logits=True, progress=False)
+    ref = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "ref.zarr", **kw)
+    real = ex._sites.capture
+    n = {"calls": 0}
+
+    def flaky(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 6:  # 5 batches of 4 done: 2 blocks of 8 committed, the third half done
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex._sites, "capture", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, tok, prompts, SITES, VIEWS, tmp_path / "c.zarr", **kw)
+    monkeypatch.setattr(ex._sites, "capture", real)
+    part = ActStore.open(tmp_path / "c.zarr")
+    assert part.rows_done == 16 and not part.complete
+    seen = {"calls": 0}
+
+    def counting(*a, **k):
+        seen["calls"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex._sites, "capture", counting)
+    st = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "c.zarr", **kw)
+    assert seen["calls"] == int(np.ceil((len(prompts) - 16) / 4))  # only the remaining prompts ran
+    for s, vs in VIEWS.items():
+        for v in vs:
+            np.testing.assert_array_equal(st.read(s, v), ref.read(s, v))
+            np.testing.assert_allclose(st.stats(s, v)[1], ref.stats(s, v)[1], rtol=1e-12)
+    np.testing.assert_array_equal(st.read_logits(), ref.read_logits())
+
+
+def test_params_mismatch_and_bad_inputs(tiny, tmp_path):
+    model, tok, prompts = tiny
+    p = tmp_path / "m.zarr"
+    extract(model, tok, prompts[:5], [Site(1)], {}, p, batch_size=4, progress=False)
+    with pytest.raises(MechdiffError, match="sites.*delete it or use a new path"):
+        extract(model, tok, prompts[:5], [Site(2)], {}, p, batch_size=4, progress=False)
+    with pytest.raises(MechdiffError, match="model_dtype|params"):
+        extract(model, tok, prompts[:5], [Site(1)], {}, p, batch_size=4, progress=False, dtype="bfloat16")
+    with pytest.raises(MechdiffError, match="prompt_ids"):
+        extract(model, tok, prompts[:6], [Site(1)], {}, p, batch_size=4, progress=False)
+    with pytest.raises(MechdiffError, match="layer out of range"):
+        extract(model, tok, prompts, [Site(4)], {}, tmp_path / "x.zarr", progress=False)
+    with pytest.raises(MechdiffError, match="views"):
+        extract(model, tok, prompts, [Site(1)], {"L1.resid_post": ["max"]}, tmp_path / "x.zarr", progress=False)
+    with pytest.raises(MechdiffError, match="no prompts"):
+        extract(model, tok, [], [Site(1)], {}, tmp_path / "x.zarr", progress=False)
+    with pytest.raises(MechdiffError, match=r"\.pid"):
+        extract(model, tok, ["just text"], [Site(1)], {}, tmp_path / "x.zarr", progress=False)
+
+
+def test_non_finite_activation_names_the_prompt(tiny, tmp_path):
+    model, tok, prompts = tiny
+    bad = P(777, "the cat poison on a mat", "control", "train")
+    m2 = make_tiny_model(len(tok), n_layers=4, d_model=32, seed=1)
+    with torch.no_grad():
+        m2.model.embed_tokens.weight[tok.convert_tokens_to_ids("poison")] = float("nan")
+    with pytest.raises(MechdiffError, match="prompt id 777"):
+        extract(m2, tok, [*prompts[:5], bad, *prompts[5:9]], [Site(1)], {}, tmp_path / "n.zarr", batch_size=4,
+                progress=False)
+
+
+def test_bfloat16_close_to_float32_and_model_untouched(tiny, tmp_path):
+    model, tok, prompts = tiny
+    kw = dict(batch_size=8, progress=False)
+    a = extract(model, tok, prompts, [Site(2)], {}, tmp_path / "f.zarr", **kw)
+    b = extract(model, tok, prompts, [Site(2)], {}, tmp_path / "b.zarr", dtype="bfloat16", **kw)
+    assert next(model.parameters()).dtype == torch.float32
+    x, y = a.read("L2.resid_post", "mean"), b.read("L2.resid_post", "mean")
+    assert b.read("L2.resid_post", "mean").dtype == np.float32
+    rel = np.linalg.norm(x - y) / np.linalg.norm(x)
+    assert 0 < rel < 0.05, rel

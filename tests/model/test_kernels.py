@@ -1,0 +1,68 @@
+"""Packed oneDNN linears: same numbers as F.linear, restored afterwards, inert under autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mechdiff.model.kernels import onednn_linear_available, packed_linears
+from mechdiff.model.tiny import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear packing")
+
+
+def test_packed_linear_matches_numpy_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80)
+    x = torch.randn(3, 11, 48)
+    ref = x.numpy().astype(np.float64) @ lin.weight.detach().numpy().T.astype(np.float64) + lin.bias.detach().numpy()
+    with torch.inference_mode(), packed_linears(lin) as n:
+        out = lin(x)
+    assert n == 1
+    assert out.shape == (3, 11, 80) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert "forward" not in lin.__dict__  # restored
+
+
+def test_packed_model_logits_match_plain_forward_and_restore():
+    model = make_tiny_model(64, n_layers=3, d_model=32, seed=3).eval()
+    ids = torch.randint(4, 64, (4, 9))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        with packed_linears(model.model) as n:
+            fused = ["forward" in layer.mlp.__dict__ for layer in model.model.layers]
+            out = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    n_lin = sum(type(m) is nn.Linear for m in model.model.modules())
+    assert n == n_lin > 0
+    assert all(fused)  # the gated SiLU MLPs run as fused oneDNN calls
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(after, ref)
+
+
+def test_mlp_with_another_activation_is_not_fused():
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=4).eval()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    ids = torch.randint(4, 64, (2, 7))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        with packed_linears(model.model):
+            assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+            out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_layers_fall_back_under_autograd_and_when_disabled():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    with packed_linears(lin) as n:
+        assert n == 1
+        y = lin(x).sum()  # grad mode: plain F.linear, so gradients flow
+        y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), lin.weight.detach().sum(0).expand(5, 16).numpy(), rtol=1e-6)
+    with packed_linears(lin, enabled=False) as n:
+        assert n == 0

