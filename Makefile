@@ -28,7 +28,8 @@ setup: $(STAMP)  ## create .venv with torch (CPU), mechdiff and its dependencies
 data: setup  ## materialise data/ (dvc pull when a remote answers, else rebuild it from the package's corpora)
 	@$(BIN)/mechdiff data
 
-run: data  ## run the whole pipeline on the default pair (dvc repro)
+run: data  ## run the whole pipeline on the default pair (checks params, models and data first, then dvc repro)
+	$(BIN)/mechdiff params --check
 	$(BIN)/dvc repro
 	@echo "results: metrics/ (dvc metrics show), plots/ (dvc plots show), report/index.html"
 

@@ -1,18 +1,20 @@
-"""Stage extract@<model>: run one model over the kept prompts and write artifacts/acts/<model>.zarr."""
+"""Stage extract@<model>: run one model over the kept prompts and write artifacts/acts/<model>.zarr.
 
-import shutil
+An interrupted run resumes from the store's last committed shard (mechdiff.resume); a finished store or one
+made with other settings is replaced, and only after the model and prompts have loaded.
+"""
+
 import sys
 
 import mechdiff.pipeline as P
 from mechdiff.data.extract import extract
-from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage
-from mechdiff.model.load import load_saved
+from mechdiff.model.load import META_FILE, load_saved
 from mechdiff.model.sites import Site, n_layers, plan_sites
 from mechdiff.params import load_params
 from mechdiff.pipeline import kept_prompts
-from mechdiff.resume import fingerprint
+from mechdiff.resume import fingerprint, prepare_output, store_record
 
 
 def main() -> None:
@@ -27,19 +29,11 @@ def main() -> None:
                       extra=p.transport.sites, token_layers=p.sae.layers)
     sites = [Site.parse(s) for s in plan]
     path = P.acts_path(which)
-    model_meta = P.model_dir(which) / "mechdiff_model.json"
+    model_meta = P.model_dir(which) / META_FILE
     fp = fingerprint([plan, vars(e), p.data.chat, p.data.max_len, [q.pid for q in prompts],
                       model_meta.read_text() if model_meta.exists() else which])
-    if path.exists():  # resume only our own unfinished store; never write into a finished (cache-linked) one
-        try:
-            old = ActStore.open(path)
-            stale = old.complete or old.attrs.get("fingerprint") != fp
-        except Exception:
-            stale = True
-        if stale:
-            shutil.rmtree(path)
-        else:
-            print(f"extract: resuming {path} from row {old.attrs.get('rows_done', '?')}")
+    if prepare_output(path, fp, record=store_record, create=False):
+        print(f"extract: resuming {path} from row {store_record(path)['rows_done']}")
     store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
                     device=e.device, shard_rows=e.shard_rows, resume=True, pack_weights=e.pack_weights,

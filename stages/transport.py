@@ -3,7 +3,7 @@
 import sys
 
 import mechdiff.pipeline as P
-from mechdiff.analysis.transport import auto_alpha, diagnostics, fit_map, save_map
+from mechdiff.analysis.transport import fit_site, save_map
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_json
 from mechdiff.params import load_params
@@ -18,15 +18,12 @@ def main() -> None:
     base, tuned = P.open_stores()
     if site not in base.sites:
         raise MechdiffError(f"site {site} is not in the activation store: add it to transport.sites and rerun extract")
-    tr, va = base.rows_where(split="train"), base.rows_where(split="val")
-    X, Y = base.read(site, "last"), tuned.read(site, "last")
-    m = fit_map(X[tr], Y[tr], solver=t.solver, shrink=t.shrink, X_val=X[va], Y_val=Y[va], rank_mode=t.rank_mode,
-                site=site)
-    m = m.with_alpha(auto_alpha(m, X[va], Y[va]))
-    diag = diagnostics(m, X[tr], Y[tr], X[va], Y[va], seed=p.seed)
+    m, metrics = fit_site(base.read(site, "last"), tuned.read(site, "last"), base.rows_where(split="train"),
+                          base.rows_where(split="val"), solver=t.solver, shrink=t.shrink, rank_mode=t.rank_mode,
+                          site=site, seed=p.seed)
     save_map(m, P.map_dir(site))
-    write_json(P.metric(f"transport/{site}.json"), {"alpha_auto": m.alpha, **diag})
-    print(f"transport: {site} {t.solver}: val R2 {diag.get('r2_val', float('nan')):.3f}, alpha {m.alpha:.3f}")
+    write_json(P.metric(f"transport/{site}.json"), metrics)
+    print(f"transport: {site} {t.solver}: val R2 {metrics['r2_val']:.3f}, alpha {m.alpha:.3f}")
 
 
 if __name__ == "__main__":

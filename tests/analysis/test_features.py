@@ -332,3 +332,161 @@ def test_top_examples_and_renderers():
     assert "<mark>&lt;c&gt;</mark>" in h and "<c>" not in h
     with pytest.raises(MechdiffError):
         top_examples(acts[:3], toks, pid)
+
+
+def test_benjamini_hochberg_hand_derived_example():
+    """q_(i) = min_{j >= i} m p_(j) / j worked by hand for ten p-values, given out of order."""
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216])
+    q = np.array([0.01, 0.04, 0.084, 0.084, 0.084, 0.1, 0.074 * 10 / 7, 0.216, 0.216, 0.216])
+    perm = np.random.default_rng(0).permutation(p.size)
+    np.testing.assert_allclose(benjamini_hochberg(p[perm]), q[perm], rtol=1e-12)
+    assert benjamini_hochberg([]).shape == (0,)
+    with pytest.raises(MechdiffError):
+        benjamini_hochberg([[0.1, 0.2]])
+
+
+def _planted_sae(rows: np.ndarray):
+    """A TopK SAE whose latents are ReLU(<row_j, x>) exactly: encoder = decoder = `rows` (unit), k = width."""
+    import torch
+
+    from mechdiff.sae import TopKSAE
+
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    sae = TopKSAE(rows.shape[1], rows.shape[0], rows.shape[0])
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.as_tensor(rows, dtype=torch.float32))
+        sae.dec.copy_(torch.as_tensor(rows, dtype=torch.float32))
+    return sae
+
+
+def _planted_pair(n: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Base / tuned activations (n, 8): coord 0 suppressed on tuned (A), 1 amplified 3x (B), 2 only on tuned,
+    3 unchanged, 4 and 6 new tuned-only content, 5 and 7 always 0."""
+    rng = np.random.default_rng(seed)
+    Xb, Xt = np.zeros((n, 8)), np.zeros((n, 8))
+    on = rng.random(n) < 0.5
+    Xb[on, 0] = rng.uniform(1, 2, on.sum())
+    Xt[on, 0] = 0.05 * Xb[on, 0]
+    Xb[on, 1] = rng.uniform(1, 2, on.sum())
+    Xt[on, 1] = 3 * Xb[on, 1]
+    Xt[on, 2] = rng.uniform(1, 2, on.sum())
+    Xb[:, 3] = rng.uniform(1, 2, n)
+    Xt[:, 3] = Xb[:, 3] + rng.normal(0, 0.01, n)
+    Xt[~on, 4] = 1.5
+    Xt[rng.random(n) < 0.3, 6] = 1.0
+    return Xb, Xt
+
+
+def test_type_c_comes_from_the_delta_sae_planted():
+    from mechdiff.analysis.features import FeatureSettings, decoder_dirs, delta_types, sae_type_counts
+    from mechdiff.sae.sources import encode_rows
+
+    Xb, Xt = _planted_pair()
+    eye = np.eye(8)
+    base = _planted_sae(eye[:4])  # features = coords 0..3
+    tuned = _planted_sae(eye[:5])  # ... and coord 4 (new on tuned)
+    # delta features: -e0 (suppression of base feature 0), e1, e2 (changes of base features), e4 (new, fires),
+    # e5 (new, never fires), (e6 + e7)/sqrt 2 (new, fires on 30 % of rows)
+    delta_rows = np.stack([-eye[0], eye[1], eye[2], eye[4], eye[5], eye[6] + eye[7]])
+    delta = _planted_sae(delta_rows)
+    Zd = encode_rows(delta, (Xt - Xb).astype(np.float32))
+    types, counts = delta_types(decoder_dirs(delta), decoder_dirs(base), Zd)
+    assert list(types) == ["", "", "", "C", "", "C"]
+    assert counts == {"A": 0, "B": 0, "C": 2}
+    # only live base features are counterparts: the base SAE's e2 never fires on base rows (coord 2 is tuned-only
+    # content), so the delta's e2 feature is new as well
+    base_freq = (encode_rows(base, Xb.astype(np.float32)) > 0).mean(0)
+    types, counts = delta_types(decoder_dirs(delta), decoder_dirs(base), Zd, base_freq=base_freq)
+    assert list(types) == ["", "", "C", "C", "", "C"] and counts == {"A": 0, "B": 0, "C": 3}
+    got = sae_type_counts({"base": base, "tuned": tuned, "delta": delta}, Xb.astype(np.float32),
+                          Xt.astype(np.float32), FeatureSettings())
+    assert got == {"base": {"A": 1, "B": 1, "C": 1}, "tuned": {"A": 1, "B": 1, "C": 2},
+                   "delta": {"A": 0, "B": 0, "C": 3}}
+    # a base counterpart is |cos| >= match_cos: at 0.75 the diagonal feature (cos 0.707 with e6) is still new,
+    # at 0.7 it matches once the base SAE has an e6 feature
+    base6 = _planted_sae(eye[[0, 1, 2, 3, 6]])
+    assert delta_types(decoder_dirs(delta), decoder_dirs(base6), Zd, match_cos=0.75)[1]["C"] == 2
+    assert list(delta_types(decoder_dirs(delta), decoder_dirs(base6), Zd, match_cos=0.7)[0]) == [""] * 3 + ["C"] + [""] * 2
+    # without a base SAE there is nothing to match against: the delta SAE gets no types
+    assert "delta" not in sae_type_counts({"tuned": tuned, "delta": delta}, Xb.astype(np.float32),
+                                          Xt.astype(np.float32), FeatureSettings())
+
+
+def test_delta_only_features_rejects_bad_input():
+    from mechdiff.analysis.features import delta_only_features
+
+    with pytest.raises(MechdiffError, match="width"):
+        delta_only_features(np.eye(3), np.eye(4), np.ones(3))
+    with pytest.raises(MechdiffError, match="delta_freq"):
+        delta_only_features(np.eye(3), np.eye(3), np.ones(2))
+    with pytest.raises(MechdiffError, match="match_cos"):
+        delta_only_features(np.eye(3), np.eye(3), np.ones(3), match_cos=0.0)
+    with pytest.raises(MechdiffError, match="base_freq"):
+        delta_only_features(np.eye(3), np.eye(3), np.ones(3), base_freq=np.ones(2))
+    # no live base feature at all: every firing delta feature is new
+    assert delta_only_features(np.eye(3), np.eye(3), np.array([0.5, 0.0, 0.5]),
+                               base_freq=np.zeros(3)).tolist() == [True, False, True]
+
+
+def test_graded_rankings_skip_a_trait_that_lost_a_grade():
+    from mechdiff.analysis.features import FeatureResults, graded_rankings
+
+    rng = np.random.default_rng(3)
+    y_a = np.repeat([0, 1, 2, 3], 10)
+    y_b = np.repeat([0, 1, 2], 10)  # grade 3 subsampled away
+    labels = np.concatenate([y_a, y_b])
+    traits = np.array(["a"] * y_a.size + ["b"] * y_b.size)
+    A = rng.normal(size=(labels.size, 5))
+    A[:, 2] += labels  # feature 2 tracks the grade
+    rows, skipped = graded_rankings(A, traits, labels)
+    assert [r["trait"] for r in rows] == ["a"] and set(skipped) == {"b"} and "grade 3" in skipped["b"]
+    ref = graded_scores(A[traits == "a"], y_a)
+    assert rows[0]["best_feature"] == int(np.argmax(ref["score"])) == 2
+    assert rows[0]["score"] == pytest.approx(ref["score"][2]) and rows[0]["n_keep"] == int(ref["keep"].sum())
+    res = FeatureResults(metrics={"base_L0": {"type_A": 0}})
+    assert "skipped_traits" not in res.metrics_json()
+    res.skipped_traits.update(skipped)
+    assert res.metrics_json()["skipped_traits"] == {"b": skipped["b"]}
+
+
+def test_analyse_features_end_to_end_on_stores(tmp_path):
+    """The whole analysis on two small stores: planted types per SAE, delta Type C, a trait without grade 3
+    skipped (recorded, no crash), themes and examples written."""
+    from mechdiff.analysis.features import FeatureSettings, analyse_features
+    from mechdiff.data.corpus import Prompt
+    from mechdiff.data.store import ActStore
+
+    words = {"cultural": ["festival", "lantern", "harvest", "dance"], "control": ["engine", "bolt", "gear", "pump"]}
+    prompts = []
+    for ds in ("cultural", "control"):
+        for i in range(12):
+            prompts.append(Prompt(len(prompts), " ".join(words[ds][j % 4] for j in range(i, i + 3)), ds))
+    for trait, grades in (("calm", [0, 1, 2, 3]), ("wry", [0, 1, 2])):
+        for g in grades * 3:
+            prompts.append(Prompt(len(prompts), f"{trait} sentence of grade {g}", "trait", label=g, trait=trait))
+    n, L = len(prompts), 5  # every prompt 5 tokens; position 0 (the sink) is left out of the SAE rows
+    rng = np.random.default_rng(0)
+    Xb, Xt = _planted_pair(n * L, seed=2)
+    stores = []
+    for name, X in (("base", Xb), ("tuned", Xt)):
+        st = ActStore.create(tmp_path / f"{name}.zarr", prompt_ids=np.arange(n), n_tokens=np.full(n, L),
+                             datasets=[q.dataset for q in prompts], splits=["train"] * n,
+                             sites={"L0.resid_post": 8}, views={"L0.resid_post": ["tokens"]},
+                             tok_ids=rng.integers(0, 50, n * L) if name == "base" else stores[0].index("tok_id"))
+        with st.writer() as w:
+            w.append({}, {"L0.resid_post": X.astype(np.float32)}, n=n)
+        stores.append(ActStore.open(tmp_path / f"{name}.zarr"))
+    eye = np.eye(8)
+    saes = {"base": _planted_sae(eye[:4]), "tuned": _planted_sae(eye[:5]),
+            "delta": _planted_sae(np.stack([-eye[0], eye[1], eye[2], eye[4], eye[5], eye[6] + eye[7]]))}
+    res = analyse_features([0], lambda layer: saes, *stores, prompts, lambda i: f"t{i}", view="tokens",
+                           settings=FeatureSettings(n_perm=50, max_themes=4, top_examples=2, seed=1))
+    m = res.metrics_json()
+    assert {k: m["base_L0"][f"type_{k}"] for k in "ABC"} == {"A": 1, "B": 1, "C": 1}
+    assert {k: m["tuned_L0"][f"type_{k}"] for k in "ABC"} == {"A": 1, "B": 1, "C": 2}
+    assert {k: m["delta_L0"][f"type_{k}"] for k in "ABC"} == {"A": 0, "B": 0, "C": 3}
+    assert set(m["skipped_traits"]) == {"wry"} and "grade 3" in m["skipped_traits"]["wry"]
+    assert "graded_calm_best_score" in m["tuned_L0"] and not any("wry" in k for k in m["tuned_L0"])
+    assert {(r["source"], r["trait"]) for r in res.graded_rows} == {("base", "calm"), ("tuned", "calm")}
+    assert res.enrichment["L0.k"] >= 2 and {r["by"] for r in res.enrichment_rows} == {"decoder", "text"}
+    assert res.examples_markdown().count("most cultural") == 3 and "L0" in res.themes_markdown()

@@ -7,14 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from mechdiff.analysis.patching import kl_drop, layer_patch, min_k, patch_kl, patched_logits, sweep_kl
-from mechdiff.analysis.similarity import kl_divergence, linear_cka
+from mechdiff.analysis.patching import (
+    kl_drop,
+    layer_patch,
+    layer_patch_direction,
+    layer_patch_table,
+    layer_recolour_stats,
+    min_k,
+    patch_kl,
+    patched_logits,
+    reference_logits,
+    sweep_kl,
+)
+from mechdiff.analysis.similarity import linear_cka
 from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.errors import MechdiffError
 from mechdiff.model.recipes import plant_edit
 from mechdiff.model.sites import Site, capture, decision_logits, replace_at
 from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
 from mechdiff.model.tokens import batches, encode, pad_id
+from mechdiff.stats.kl import kl_divergence
 
 N_PROMPTS, N_TRAIN, LAYER, D = 150, 100, 2, 64
 WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
@@ -122,6 +134,17 @@ def test_planted_edit_known_answer(world, kind, r):
     assert min_k(ks, [drop[k] for k in ks], 0.9 * full["drop_pct"]) == r
 
 
+class _MemStore:
+    """An in-memory stand-in for an activation store: read(site, view, rows)."""
+
+    def __init__(self, acts):
+        self.acts = acts
+
+    def read(self, site, view="last", rows=None):
+        a = self.acts[site]
+        return a if rows is None else a[np.asarray(rows)]
+
+
 def test_layer_patch_identity_and_direction(world):
     tok, base, enc = world
     tuned = copy.deepcopy(base)
@@ -129,17 +152,68 @@ def test_layer_patch_identity_and_direction(world):
     sites = [Site(layer, "resid_post") for layer in range(4)]
     A, _ = _collect(base, tok, enc, sites)
     B, ref = _collect(tuned, tok, enc, sites)
-    rows = np.arange(30)
-    st_b = {s.name: {"mu": A[s.name].mean(0), "sd": A[s.name].std(0)} for s in sites}
-    st_t = {s.name: {"mu": B[s.name].mean(0), "sd": B[s.name].std(0)} for s in sites}
-    kl = layer_patch(tuned, enc, rows, sites, {s.name: A[s.name][rows] for s in sites}, st_t, st_b, ref[rows],
+    train, rows = np.arange(N_TRAIN), np.arange(N_TRAIN, N_TRAIN + 30)
+    st = layer_recolour_stats(_MemStore(A), _MemStore(B), sites, train)
+    kl = layer_patch(tuned, enc, rows, sites, {s.name: A[s.name][rows] for s in sites}, st, ref[rows],
                      progress=False)
     # before the edit the re-coloured base vector equals the tuned one (same stats): no divergence
     assert kl["L0.resid_post"].max() < 1e-6 and kl["L1.resid_post"].max() < 1e-6
     assert kl["L2.resid_post"].mean() > 1e-4
-    kl_self = layer_patch(tuned, enc, rows, sites, {s.name: B[s.name][rows] for s in sites}, st_t, st_t,
+    st_self = layer_recolour_stats(_MemStore(B), _MemStore(B), sites, train)
+    kl_self = layer_patch(tuned, enc, rows, sites, {s.name: B[s.name][rows] for s in sites}, st_self,
                           ref[rows], progress=False)
     assert max(v.max() for v in kl_self.values()) < 1e-6
+
+
+def test_layer_patch_recolours_with_train_rows_only(world):
+    """The RQ1 layer patch's recolour statistics are the train rows' moments; val rows never enter them."""
+    tok, base, enc = world
+    tuned = copy.deepcopy(base)
+    plant_edit(tuned, layer=LAYER, kind="attn_out", rank=2, scale=2.0, seed=3)
+    sites = [Site(LAYER, "resid_post"), Site(3, "resid_post")]
+    A, _ = _collect(base, tok, enc, sites)
+    B, _ = _collect(tuned, tok, enc, sites)
+    train, val = np.arange(N_TRAIN), np.arange(N_TRAIN, N_PROMPTS)
+    st = layer_recolour_stats(_MemStore(A), _MemStore(B), sites, train)
+    for s in sites:
+        np.testing.assert_allclose(st[s.name]["mu_b"], np.mean(A[s.name][train], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(st[s.name]["sd_b"], np.std(A[s.name][train], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(st[s.name]["mu_t"], np.mean(B[s.name][train], axis=0), rtol=1e-12)
+        np.testing.assert_allclose(st[s.name]["sd_t"], np.std(B[s.name][train], axis=0), rtol=1e-12)
+        # the all-rows moments (the earlier, leaking definition) are measurably different
+        assert np.abs(np.mean(B[s.name], axis=0) - st[s.name]["mu_t"]).max() > 1e-4
+    # changing the val rows (the rows a layer patch evaluates) leaves the statistics unchanged
+    A2 = {k: v.copy() for k, v in A.items()}
+    B2 = {k: v.copy() for k, v in B.items()}
+    for k in A2:
+        A2[k][val] += 5.0
+        B2[k][val] *= 3.0
+    st2 = layer_recolour_stats(_MemStore(A2), _MemStore(B2), sites, train)
+    for s in sites:
+        for key in ("mu_b", "sd_b", "mu_t", "sd_t"):
+            np.testing.assert_array_equal(st2[s.name][key], st[s.name][key])
+    # the store-level entry point evaluates val rows with exactly those train-only statistics
+    rows = val[:12]
+    got = layer_patch_direction(tuned, enc, _MemStore(A), _MemStore(B), sites, rows, train, progress=False)
+    ref = reference_logits(tuned, enc, rows)
+    want = {}
+    for s in sites:
+        x = A[s.name][rows]
+        mu_b, sd_b = A[s.name][train].mean(0), A[s.name][train].std(0)
+        mu_t, sd_t = B[s.name][train].mean(0), B[s.name][train].std(0)
+        want[s.name] = (x - mu_b) / sd_b * sd_t + mu_t
+    ref_kl = sweep_kl(tuned, enc, rows, sites, want, ref, progress=False)
+    for s in sites:
+        np.testing.assert_allclose(got[s.name], ref_kl[s.name], rtol=1e-6, atol=1e-9)
+
+
+def test_layer_patch_table():
+    res = {"base_into_tuned": {"L1.resid_post": np.array([1.0, 3.0]), "L0.resid_post": np.array([0.5, 0.5])},
+           "tuned_into_base": {"L0.resid_post": np.array([2.0, 0.0]), "L1.resid_post": np.array([4.0, 6.0])}}
+    rows, metrics = layer_patch_table(res)
+    assert rows == [{"layer": 0, "kl_base_into_tuned": 0.5, "kl_tuned_into_base": 1.0},
+                    {"layer": 1, "kl_base_into_tuned": 2.0, "kl_tuned_into_base": 5.0}]
+    assert metrics == {"base_into_tuned": {"L1": 2.0, "L0": 0.5}, "tuned_into_base": {"L0": 1.0, "L1": 5.0}}
 
 
 def test_kl_drop_min_k_and_errors(world):
@@ -162,3 +236,59 @@ def test_kl_drop_min_k_and_errors(world):
         patched_logits(model, enc, [0, 1], Site(1, "attn_out"), np.full((2, D), np.nan))
     with pytest.raises(MechdiffError):
         patched_logits(model, enc, [], Site(1, "attn_out"), None)
+
+
+def test_prefix_cache_path_raises_no_deprecation_warning(world):
+    """The prefix-cache patch path calls transformers with its current cache argument: no Future/Deprecation warning."""
+    tok, model, enc = world
+    rows = np.arange(6)
+    site = Site(1, "attn_out")
+    vec = np.random.default_rng(0).normal(size=(len(rows), D)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to full forwards would warn: it must not
+        fast = patched_logits(model, enc, rows, site, vec, prefix_cache=True)
+    full = patched_logits(model, enc, rows, site, vec, prefix_cache=False)
+    np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-4)
+
+
+def test_summarise_sweep_planted_drops():
+    """Mapped KLs planted as fixed fractions of the raw KL: drops, min_k, full rank, per-dataset and alpha rows."""
+    from mechdiff.analysis.patching import summarise_sweep
+
+    raw = np.random.default_rng(0).exponential(size=40) + 0.2
+    frac = {0: 1.0, 2: 0.6, 4: 0.3, "full": 0.1}
+    kls = {"raw": raw}
+    for k, f in frac.items():
+        kls[f"k={k}|a=auto"] = f * raw
+        kls[f"k={k}|a=0.5"] = min(1.0, 2 * f) * raw
+    ds = ["a"] * 20 + ["b"] * 19 + ["c"]
+    rank_rows, alpha_rows, m = summarise_sweep(kls, site="L1.attn_out", width=64, ranks=[0, 2, 4, "full"],
+                                               alphas=["auto", 0.5], rank=4, alpha="auto", target_drop=50.0,
+                                               datasets=ds, n_boot=50)
+    assert [r["k"] for r in rank_rows] == [0, 2, 4, 64]
+    np.testing.assert_allclose([r["kl_drop"] for r in rank_rows], [0.0, 40.0, 70.0, 90.0], atol=1e-9)
+    assert m["min_k"] == 4 and m["kl_drop"] == pytest.approx(70.0) and m["kl_drop_full"] == pytest.approx(90.0)
+    assert m["kl_raw"] == pytest.approx(raw.mean()) and m["kl_mapped"] == pytest.approx(0.3 * raw.mean())
+    assert m["kl_drop_a"] == pytest.approx(70.0) and m["kl_drop_b"] == pytest.approx(70.0)
+    assert "kl_drop_c" not in m  # a dataset with < 2 prompts gets no drop
+    half = {r["k"]: r["kl_drop"] for r in alpha_rows if r["alpha"] == "0.5"}
+    assert half[4] == pytest.approx(40.0) and half[0] == pytest.approx(0.0)
+    none = summarise_sweep(kls, site="s", width=64, ranks=[0, 2], alphas=["auto"], rank=2, alpha="auto",
+                           target_drop=95.0, n_boot=20)[2]
+    assert none["min_k"] == -1
+
+
+def test_rank_alpha_configs_are_the_map_at_each_rank_and_alpha():
+    from mechdiff.analysis.patching import rank_alpha_configs
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 8))
+    Y = X @ (np.eye(8) + 0.3 * rng.normal(size=(8, 8))) + 1.0
+    m = fit_map(X, Y).with_alpha(1.7)
+    cfg = rank_alpha_configs(m, X[:5], [0, 2, "full"], ["auto", 0.5])
+    assert list(cfg) == ["raw", "k=0|a=auto", "k=0|a=0.5", "k=2|a=auto", "k=2|a=0.5", "k=full|a=auto", "k=full|a=0.5"]
+    np.testing.assert_allclose(cfg["raw"], recolour(X[:5], m.stats))
+    np.testing.assert_allclose(cfg["k=2|a=auto"], 1.7 * (X[:5] @ m.at_rank(2).W + m.at_rank(2).b / 1.0))
+    np.testing.assert_allclose(cfg["k=full|a=0.5"], 0.5 * (X[:5] @ m.W + m.b))

@@ -5,13 +5,7 @@ import pytest
 import torch
 from scipy.special import rel_entr, softmax
 
-from mechdiff.analysis.similarity import (
-    bootstrap_mean_ci,
-    cka_bootstrap,
-    kl_divergence,
-    linear_cka,
-    log_softmax_np,
-)
+from mechdiff.analysis.similarity import cka_bootstrap, linear_cka
 from mechdiff.errors import MechdiffError
 
 
@@ -59,42 +53,53 @@ def test_cka_bad_input():
     assert np.isnan(linear_cka(X, np.random.default_rng(0).normal(size=(10, 3))))
 
 
-def test_kl_against_scipy_and_masking():
-    rng = np.random.default_rng(3)
-    p, q = rng.normal(size=(6, 30)) * 2, rng.normal(size=(6, 30)) * 2
-    ref = rel_entr(softmax(p, axis=1), softmax(q, axis=1)).sum(axis=1)
-    np.testing.assert_allclose(kl_divergence(p, q), ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(kl_divergence(torch.tensor(p), torch.tensor(q)), ref, rtol=1e-10)
-    np.testing.assert_allclose(kl_divergence(p, p), 0.0, atol=1e-14)
-    allowed = np.array([0, 3, 4, 10, 29])
-    ref_m = rel_entr(softmax(p[:, allowed], axis=1), softmax(q[:, allowed], axis=1)).sum(axis=1)
-    np.testing.assert_allclose(kl_divergence(p, q, allowed=allowed), ref_m, rtol=1e-10)
-    mask = np.zeros(30, bool)
-    mask[allowed] = True
-    np.testing.assert_allclose(kl_divergence(p, q, allowed=mask), ref_m, rtol=1e-10)
-    # -inf (masked) logits on p contribute zero mass
-    p2 = p.copy()
-    p2[:, 5] = -np.inf
-    assert np.isfinite(kl_divergence(p2, q)).all()
-    np.testing.assert_allclose(np.exp(log_softmax_np(p)).sum(axis=1), 1.0)
+class _Stores:
+    """Two in-memory stand-ins for activation stores: .sites and .read(site, view)."""
+
+    def __init__(self, acts):
+        self.acts = acts
+        self.sites = list(acts)
+
+    def read(self, site, view="last", rows=None):
+        return self.acts[site][view]
 
 
-def test_kl_bad_input():
-    with pytest.raises(MechdiffError):
-        kl_divergence(np.array([[np.nan, 1.0]]), np.zeros((1, 2)))
-    with pytest.raises(MechdiffError):
-        kl_divergence(np.zeros((2, 3)), np.zeros((2, 4)))
-    with pytest.raises(MechdiffError):
-        kl_divergence(np.zeros((2, 3)), np.zeros((2, 3)), allowed=np.array([], dtype=int))
+def test_cka_by_site_matches_linear_cka_per_site_and_view():
+    from mechdiff.analysis.similarity import cka_by_site
+
+    rng = np.random.default_rng(7)
+    names = ["L0.resid_post", "L1.attn_out"]
+    base = {n: {v: rng.normal(size=(40, 5)) for v in ("last", "mean")} for n in names}
+    tuned = {n: {v: base[n][v] + rng.normal(size=(40, 5)) * (i + 1) for v in ("last", "mean")}
+             for i, n in enumerate(names)}
+    recs = cka_by_site(_Stores(base), _Stores(tuned), n_boot=30, seed=0)
+    assert [(r["layer"], r["site"]) for r in recs] == [(0, "L0.resid_post"), (1, "L1.attn_out")]
+    for r in recs:
+        for v in ("last", "mean"):
+            want = _cka_gram(base[r["site"]][v], tuned[r["site"]][v])
+            assert r[f"cka_{v}"] == pytest.approx(want, abs=1e-12)
+            assert r[f"cka_{v}_lo"] <= r[f"cka_{v}"] + 0.05 and r[f"cka_{v}_hi"] >= r[f"cka_{v}"] - 0.05
 
 
-def test_bootstrap_mean_ci():
-    rng = np.random.default_rng(4)
-    x = rng.exponential(size=400)
-    m, lo, hi = bootstrap_mean_ci(x, n_boot=500, seed=1)
-    assert m == pytest.approx(x.mean())
-    se = x.std(ddof=1) / np.sqrt(x.size)
-    assert lo < m < hi
-    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.25)
+def test_next_token_kl_and_kl_by_dataset():
+    from mechdiff.analysis.similarity import kl_by_dataset, next_token_kl
+
+    rng = np.random.default_rng(8)
+    lt, lb = rng.normal(size=(12, 9)), rng.normal(size=(12, 7))
+    it, ib = np.array([0, 2, 5, 8]), np.array([6, 1, 3, 0])  # aligned pairs: same strings on both sides
+    kl = next_token_kl(lt, lb, it, ib)
+    want = rel_entr(softmax(lt[:, it], axis=1), softmax(lb[:, ib], axis=1)).sum(axis=1)
+    np.testing.assert_allclose(kl, want, rtol=1e-10)
+    same = rng.normal(size=(12, 9))
+    np.testing.assert_allclose(next_token_kl(lt, same), rel_entr(softmax(lt, 1), softmax(same, 1)).sum(1),
+                               rtol=1e-10)
     with pytest.raises(MechdiffError):
-        bootstrap_mean_ci([])
+        next_token_kl(lt, lb, it, None)
+    ds = ["cultural"] * 5 + ["control"] * 4 + ["other"] * 3
+    rows, means = kl_by_dataset(kl, ds, n_boot=50, seed=0)
+    assert [r["dataset"] for r in rows] == ["all", "control", "cultural", "other"]
+    assert [r["n"] for r in rows] == [12, 4, 5, 3]
+    assert means["all"] == pytest.approx(kl.mean())
+    assert means["cultural"] == pytest.approx(kl[:5].mean()) and means["control"] == pytest.approx(kl[5:9].mean())
+    assert means["cultural_over_control"] == pytest.approx(kl[:5].mean() / kl[5:9].mean())
+    assert "cultural_over_control" not in kl_by_dataset(kl[:5], ds[:5], n_boot=20)[1]

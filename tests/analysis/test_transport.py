@@ -159,3 +159,68 @@ def test_bad_inputs():
         m.at_rank(-1)
     with pytest.raises(MechdiffError):
         load_map("/nonexistent/map/dir")
+
+
+def test_zero_variance_dimensions_behave_as_documented():
+    """A base dim and a tuned dim that are constant on the train rows: what each solver does (docs/FORMATS.md)."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(80, 6))
+    X[:, 2] = 7.0
+    Y = X @ rng.normal(size=(6, 6)) + rng.normal(size=(80, 6))
+    Y[:, 4] = -1.0
+    H = X[:5].copy()
+    H_off = H.copy()
+    H_off[:, 2] += 1.0  # departs from the train mean in the constant base dim
+    ridge = fit_map(X, Y, solver="ridge", rank_mode="subspace")
+    np.testing.assert_array_equal(ridge.W[2], 0.0)  # constant base dim: input ignored
+    np.testing.assert_array_equal(ridge.W[:, 4], 0.0)  # constant tuned dim: output is mu_t
+    np.testing.assert_allclose(ridge.apply(H_off)[:, 4], -1.0, atol=1e-12)
+    np.testing.assert_allclose(ridge.apply(H_off), ridge.apply(H), atol=1e-12)
+    for solver in ("procrustes", "procrustes_scaled"):
+        m = fit_map(X, Y, solver=solver, rank_mode="delta")
+        assert np.isfinite(m.W).all()
+        assert np.linalg.norm(m.W[2]) > 0.1  # not dropped: the unconstrained direction goes somewhere
+        np.testing.assert_allclose(m.apply(H)[:, 4], -1.0, atol=1e-9)  # train rows sit at the constant's mean
+        np.testing.assert_allclose(m.at_rank(0).apply(H_off), recolour(H_off, m.stats), atol=1e-12)
+        np.testing.assert_allclose(m.at_rank(0).apply(H_off)[:, 2], Y[:, 2].mean(), atol=1e-12)
+        sub = fit_map(X, Y, solver=solver, rank_mode="subspace")
+        np.testing.assert_allclose(sub.at_rank(2).apply(H_off), sub.at_rank(2).apply(H), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(fit_map(X, Y, solver="procrustes").W[2]), 1.0, atol=1e-12)
+
+
+def test_r2_is_sklearn_variance_weighted_and_shrinkage_is_sklearn():
+    from sklearn.covariance import shrunk_covariance
+
+    from mechdiff.analysis.transport import zca_factors
+
+    rng = np.random.default_rng(12)
+    Y = rng.normal(size=(40, 5)) * np.arange(1, 6)
+    P = Y + rng.normal(size=Y.shape)
+    pooled = 1 - np.sum((Y - P) ** 2) / np.sum((Y - Y.mean(0)) ** 2)
+    assert r2_score(Y, P) == pytest.approx(pooled, abs=1e-12)
+    assert r2_score(Y, P) == pytest.approx(sk_r2(Y, P, multioutput="variance_weighted"), abs=1e-12)
+    assert np.isnan(r2_score(np.ones((4, 2)), np.zeros((4, 2))))
+    C = np.cov(Y.T)
+    inv_half, half = zca_factors(C, 0.1)
+    S = shrunk_covariance(C, shrinkage=0.1)
+    np.testing.assert_allclose(half @ half, S, atol=1e-10)
+    np.testing.assert_allclose(inv_half @ S @ inv_half, np.eye(5), atol=1e-10)
+    np.testing.assert_allclose(S, 0.9 * C + 0.1 * np.trace(C) / 5 * np.eye(5), atol=1e-12)
+
+
+def test_fit_site_is_fit_on_train_alpha_and_scores_on_val():
+    from mechdiff.analysis.transport import fit_site
+
+    rng, X = _data(n=90, d=6)
+    Y = X @ rng.normal(size=(6, 6)) + rng.normal(size=(90, 6))
+    tr, va = np.arange(60), np.arange(60, 90)
+    m, metrics = fit_site(X, Y, tr, va, solver="procrustes_scaled", site="L1.attn_out", seed=3)
+    ref = fit_map(X[tr], Y[tr], X_val=X[va], Y_val=Y[va], site="L1.attn_out")
+    alpha = auto_alpha(ref, X[va], Y[va])
+    np.testing.assert_allclose(m.W, ref.W)
+    assert m.alpha == pytest.approx(alpha) and metrics["alpha_auto"] == pytest.approx(alpha)
+    want = diagnostics(ref.with_alpha(alpha), X[tr], Y[tr], X[va], Y[va], seed=3)
+    assert {k: metrics[k] for k in want} == pytest.approx(want)
+    np.testing.assert_allclose(m.stats["mu_b"], X[tr].mean(0))  # recolour stats from train rows only
+    with pytest.raises(MechdiffError, match="val"):
+        fit_site(X, Y, tr, va[:1])

@@ -21,6 +21,7 @@ from mechdiff.data.corpus import (
     load_prompts,
     save_prompts,
     split_prompts,
+    stratified_subsample,
     write_default_corpora,
 )
 from mechdiff.errors import MechdiffError
@@ -204,6 +205,75 @@ def test_max_per_dataset(data_dir):
     assert order == sorted(order)  # the subsample keeps the original order
     with pytest.raises(MechdiffError):
         load_corpus(data_dir, max_per_dataset=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_max_per_dataset_keeps_every_graded_label(data_dir, seed):
+    full = Counter((p.trait, p.label) for p in load_corpus(data_dir) if p.dataset == "trait")
+    got = Counter((p.trait, p.label) for p in load_corpus(data_dir, max_per_dataset=60, seed=seed)
+                  if p.dataset == "trait")
+    assert set(got) == set(full)  # every trait keeps grades 0..3
+    assert sum(got.values()) == 60
+    # the strata are equally large in the default corpus, so a proportional draw differs by at most one
+    assert max(got.values()) - min(got.values()) <= 1
+
+
+def _largest_remainder(counts: list[int], n: int, floor: int) -> list[int]:
+    """Reference allocation: `floor` per stratum, then the rest by the largest-remainder (Hamilton) method."""
+    from fractions import Fraction
+
+    rest = [c - floor for c in counts]
+    share = [Fraction((n - floor * len(counts)) * r, sum(rest)) for r in rest]
+    alloc = [floor + int(q) for q in share]
+    for j in sorted(range(len(counts)), key=lambda j: -(share[j] - int(share[j])))[: n - sum(alloc)]:
+        alloc[j] += 1
+    return alloc
+
+
+def test_stratified_subsample_matches_largest_remainder():
+    counts = [50, 30, 13, 5, 2]  # distinct remainders, so the reference needs no tie-break
+    strata = [s for s, c in zip("abcde", counts) for _ in range(c)]
+    perm = np.random.default_rng(0).permutation(len(strata))
+    strata = [strata[i] for i in perm]  # interleaved, as in a real file
+    for n in (5, 17, 40, 99):
+        keep = stratified_subsample(strata, n, np.random.default_rng(1))
+        assert len(keep) == n and len(set(keep.tolist())) == n and list(keep) == sorted(keep)
+        got = Counter(strata[i] for i in keep)
+        assert [got[s] for s in "abcde"] == _largest_remainder(counts, n, 1), n
+    # fewer slots than strata: plain proportional allocation (50/100 * 3 = 1.5 -> 2, 30/100 * 3 = 0.9 -> 1)
+    keep = stratified_subsample(strata, 3, np.random.default_rng(1))
+    got = Counter(strata[i] for i in keep)
+    assert [got[s] for s in "abcde"] == _largest_remainder(counts, 3, 0) == [2, 1, 0, 0, 0]
+    # a budget above the size keeps everything; the draw is seeded
+    assert list(stratified_subsample(strata, 500, np.random.default_rng(1))) == list(range(100))
+    a, b = (stratified_subsample(strata, 40, np.random.default_rng(s)) for s in (1, 2))
+    assert list(a) == list(stratified_subsample(strata, 40, np.random.default_rng(1))) and list(a) != list(b)
+
+
+def test_empty_source_is_rejected_by_name(data_dir, tmp_path):
+    (tmp_path / "blank.jsonl").write_text("")
+    sources = [{"name": "cultural", "path": str(data_dir / "cultural.jsonl")},
+               {"name": "extra", "path": "blank.jsonl"}]
+    msg = _err(load_corpus, tmp_path, sources, match="has no records")
+    assert str(tmp_path / "blank.jsonl") in msg and "data.sources" in msg
+    # the only source empty: the message names that file, not the data directory
+    msg = _err(load_corpus, tmp_path, sources[1:], match="has no records")
+    assert "blank.jsonl" in msg
+    (tmp_path / "one.jsonl").write_text('{"text": "hi"}\n')
+    _err(load_corpus, tmp_path, [{"name": "one", "path": "one.jsonl", "n": 0}], match="one.jsonl")
+
+
+def test_corpus_fragments_are_package_data(tmp_path):
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    pkg = root / "src" / "mechdiff" / "data"
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mechdiff.data"]
+    shipped = {f for g in globs for f in pkg.glob(g)}
+    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 5
+    if (root / "data").is_dir():  # the materialised data/ (what data.dvc records) is rebuilt byte for byte
+        write_default_corpora(tmp_path)
+        assert _hashes(tmp_path) == _hashes(root / "data")
 
 
 def test_local_sources_and_fields(tmp_path):

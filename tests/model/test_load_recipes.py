@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.load import check_pair, load_model, load_saved, resolve_spec, save_model
+from mechdiff.model.load import (
+    check_pair,
+    check_spec,
+    load_model,
+    load_saved,
+    resolve_spec,
+    save_model,
+    spec_tokenizer,
+)
 from mechdiff.model.recipes import EditInfo, finetune, plant_edit
 from mechdiff.model.sites import KINDS, Site, capture
 from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair_dir
@@ -114,15 +122,16 @@ def test_plant_edit_matches_numpy_weight_reference(model):
 
 
 def test_plant_edit_bad_inputs(model):
-    with pytest.raises(MechdiffError, match="resid_pre"):
+    # each message names the params key to change
+    with pytest.raises(MechdiffError, match=r"resid_pre.*pair\.edit\.layer"):
         plant_edit(model, layer=0, kind="resid_pre", rank=1, scale=1.0, seed=0)
-    with pytest.raises(MechdiffError, match="out of range"):
+    with pytest.raises(MechdiffError, match=r"pair\.edit\.layer \d+ out of range"):
         plant_edit(model, layer=N_LAYERS, kind="mlp_out", rank=1, scale=1.0, seed=0)
-    with pytest.raises(MechdiffError, match="kind"):
+    with pytest.raises(MechdiffError, match=r"pair\.edit\.site 'embed'"):
         plant_edit(model, layer=1, kind="embed", rank=1, scale=1.0, seed=0)
-    with pytest.raises(MechdiffError, match="rank"):
+    with pytest.raises(MechdiffError, match=r"pair\.edit\.rank"):
         plant_edit(model, layer=1, kind="mlp_out", rank=D + 1, scale=1.0, seed=0)
-    with pytest.raises(MechdiffError, match="scale"):
+    with pytest.raises(MechdiffError, match=r"pair\.edit\.scale"):
         plant_edit(model, layer=1, kind="mlp_out", rank=1, scale=float("nan"), seed=0)
 
 
@@ -196,11 +205,11 @@ def test_finetune_bf16_model_trains_in_fp32_and_casts_back(tok):
 def test_finetune_bad_inputs(model, tok):
     with pytest.raises(MechdiffError, match="empty"):
         finetune(model, tok, [], layers=None, steps=1, lr=1e-3, batch_size=1, max_len=8, seed=0)
-    with pytest.raises(MechdiffError, match="layers"):
+    with pytest.raises(MechdiffError, match=r"pair\.finetune\.layers"):
         finetune(model, tok, TEXTS, layers=[N_LAYERS], steps=1, lr=1e-3, batch_size=1, max_len=8, seed=0)
-    with pytest.raises(MechdiffError, match="lr"):
+    with pytest.raises(MechdiffError, match=r"pair\.finetune\.lr"):
         finetune(model, tok, TEXTS, layers=None, steps=1, lr=-1.0, batch_size=1, max_len=8, seed=0)
-    with pytest.raises(MechdiffError, match="steps"):
+    with pytest.raises(MechdiffError, match=r"pair\.finetune\.steps"):
         finetune(model, tok, TEXTS, layers=None, steps=0, lr=1e-3, batch_size=1, max_len=8, seed=0)
 
 
@@ -308,6 +317,21 @@ def test_check_pair(tok):
         check_pair(a, tok, deep, tok, fairness=True)
     tok2 = make_tiny_tokenizer(TEXTS, extra_words=["sherkala", "kazakh"])
     c = make_tiny_model(len(tok2), n_layers=2, d_model=32, seed=0)
-    with pytest.raises(MechdiffError, match="fairness.enabled: true"):
+    with pytest.raises(MechdiffError, match="pair.fairness.enabled: true"):
         check_pair(a, tok, c, tok2, fairness=False)
     check_pair(a, tok, c, tok2, fairness=True)
+
+
+def test_check_spec_and_spec_tokenizer_load_no_model(tmp_path, monkeypatch):
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32)
+    info = check_spec(str(d), key="pair.tuned.id")
+    assert info == resolve_spec(str(d))
+    assert spec_tokenizer(info).get_vocab() == make_tiny_tokenizer(TEXTS).get_vocab()
+    with pytest.raises(MechdiffError, match=r"^pair\.tuned\.id: no such model path"):
+        check_spec(str(tmp_path / "missing"), key="pair.tuned.id")
+    # a hub id that is neither cached nor reachable: one line naming the key, no download attempted
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MechdiffError, match=r"^pair\.base\.id: .*huggingface-cli download no-org/no-model") as e:
+        check_spec("no-org/no-model")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf" / "hub" / "models--no-org--no-model").exists()

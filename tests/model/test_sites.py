@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, capture, decision_logits, find_blocks, plan_sites, replace_at
+from mechdiff.model.sites import (
+    Site,
+    add_at,
+    capture,
+    decision_logits,
+    edit_at,
+    find_blocks,
+    plan_sites,
+    read_at,
+    replace_at,
+)
 from mechdiff.model.tokens import batches, encode, pad_id
 from tests.conftest import SENTENCES
 
@@ -90,3 +100,41 @@ def test_plan_sites():
     assert "L3.mlp_out" in plan and "L5.attn_out" in plan and "L1.resid_post" not in plan
     with pytest.raises(MechdiffError, match="out of range"):
         plan_sites(6, stride=2, extra=["L7.resid_post"])
+
+
+def test_read_add_and_edit_at(tiny_model, tiny_tok):
+    """The public hook API: read_at sees what capture sees; add_at / replace_at / edit_at change exactly their cells."""
+    _, ids, mask, pos = _batch(tiny_tok)
+    site, probe = Site(1, "mlp_out"), [Site(1, "mlp_out")]
+    clean, _ = capture(tiny_model, ids, mask, probe)
+    h = clean[site.name]
+    seen = []
+    with read_at(tiny_model, site, seen.append), torch.no_grad():
+        tiny_model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(seen[0], h)
+    vec = torch.randn(len(pos), h.shape[-1])
+    with add_at(tiny_model, site, pos, vec, scale=0.5):
+        got, _ = capture(tiny_model, ids, mask, probe)
+    want = h.clone()
+    want[torch.arange(len(pos)), pos] += 0.5 * vec
+    torch.testing.assert_close(got[site.name], want)
+    # positions None: every position of the chosen rows; rows 1 and 3 only
+    rows = torch.tensor([1, 3])
+    with add_at(tiny_model, site, None, vec[:2], rows=rows):
+        got, _ = capture(tiny_model, ids, mask, probe)
+    want = h.clone()
+    want[rows] += vec[:2, None, :]
+    torch.testing.assert_close(got[site.name], want)
+    with replace_at(tiny_model, site, torch.tensor([0, 2]), vec[:2], rows=rows):
+        got, _ = capture(tiny_model, ids, mask, probe)
+    want = h.clone()
+    want[rows, torch.tensor([0, 2])] = vec[:2]
+    torch.testing.assert_close(got[site.name], want)
+    with edit_at(tiny_model, site, lambda t: 2.0 * t):
+        got, _ = capture(tiny_model, ids, mask, probe)
+    torch.testing.assert_close(got[site.name], 2.0 * h)
+    after, _ = capture(tiny_model, ids, mask, probe)  # hooks are gone after the block
+    torch.testing.assert_close(after[site.name], h)
+    with pytest.raises(MechdiffError, match="one position per"):
+        with replace_at(tiny_model, site, torch.tensor([0, 1, 2]), vec[:2], rows=rows):
+            capture(tiny_model, ids, mask, probe)

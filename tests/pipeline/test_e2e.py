@@ -60,14 +60,34 @@ def test_exp_run_changes_metric_and_diff_shows_it(tiny_repo):
 
 
 def test_pipeline_report_renders_in_chromium(tiny_repo, tmp_path):
-    """The report `dvc repro` wrote loads in headless chromium: every figure loads, no console errors."""
+    """The report `dvc repro` wrote: summary first with the planted answers, every declared figure loads, no errors."""
+    import re
+
+    from mechdiff.report.registry import STAGES
+    from mechdiff.report.run import Run
     from tests.browser import browse
 
-    page = browse(tiny_repo / "report" / "index.html", tmp_path / "pipeline_report.png")
+    index = tiny_repo / "report" / "index.html"
+    page = browse(index, tmp_path / "pipeline_report.png")
     assert page["ok"] and not page["errors"], page["errors"]
-    assert len(page["images"]) >= 5 and all(im[1] and im[2] > 0 for im in page["images"]), page["images"]
-    for section in ("Divergence", "Transport & rank-k", "SAE quality", "Features & enrichment"):
-        assert section in page["headings"], page["headings"]
+    assert page["headings"][0] == "Summary", page["headings"]
+    run = Run({"metrics": tiny_repo / "metrics", "plots": tiny_repo / "plots"})
+    figures = [f for st in STAGES for f in st.figures]
+    assert all(run.files(f.data) for f in figures)
+    # a figure's table is empty only for the fine-tune loss: the tiny tuned model is a planted edit, not a fine-tune
+    empty = {f.key for f in figures if not any(len(p.read_text().splitlines()) > 1 for p in run.files(f.data))}
+    assert empty == {"finetune-loss"}
+    loaded = {src for src, complete, width in page["images"] if complete and width > 0}
+    assert len(loaded) == len(page["images"]) == len(figures) - len(empty), page["images"]
+    html = index.read_text()
+    for f in figures:
+        if f.key not in empty:
+            block = html[html.index(f'<figure id="{f.key}">'):]
+            assert re.search(r'<img src="([^"]+)"', block[:block.index("</figure>")]).group(1) in loaded, f.key
+    # planted answer: the edit sits at L2.attn_out with rank 2
+    assert 'change starts at: <a class="fact" href="#cka">L2</a>' in html
+    assert 'layer patch starts at: <a class="fact" href="#layer-patch">L2</a>' in html
+    assert 'L2.attn_out: <a class="fact" href="#rank-k">k = 2</a>' in html
     out = Path(__file__).resolve().parents[1] / "_output"
     out.mkdir(exist_ok=True)
     (out / "pipeline_report.png").write_bytes((tmp_path / "pipeline_report.png").read_bytes())

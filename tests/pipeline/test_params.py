@@ -1,12 +1,17 @@
-"""params.yaml loading: types, choices and one-line errors."""
+"""params.yaml loading: types, choices, one-line errors naming full keys, defaults, the recording accessor."""
 
+import ast
+import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mechdiff import trace
 from mechdiff.errors import MechdiffError
-from mechdiff.params import load_params, rank_value
+from mechdiff.params import Params, load_params, rank_value
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,3 +60,58 @@ def test_missing_and_invalid_yaml(tmp_path):
 def test_int_accepted_for_float(tmp_path):
     p = load_params(_write(tmp_path, lambda r: r["pair"]["finetune"].__setitem__("lr", 1)))
     assert p.pair.finetune.lr == 1.0 and isinstance(p.pair.finetune.lr, float)
+
+
+def test_defaults_are_params_yaml():
+    """Every default lives in one place: the dataclass defaults are exactly params.yaml."""
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_loaded_params_record_the_keys_read(monkeypatch):
+    monkeypatch.setattr(trace, "_params", set())
+    p = load_params(ROOT / "params.yaml")
+    assert trace.params_read() == set()  # loading and validating read nothing on a stage's behalf
+    _ = p.extract.batch_size, p.pair.fairness, p.rank
+    assert trace.params_read() == {"extract.batch_size", "rank"}  # a section object alone is no read
+    vars(p.sae)
+    dataclasses.asdict(p.pair.edit)
+    assert trace.params_read() == {"extract.batch_size", "rank", "sae", "pair.edit.layer", "pair.edit.site",
+                                   "pair.edit.rank", "pair.edit.scale"}
+    assert json.loads(json.dumps(vars(p.extract))) == dataclasses.asdict(Params().extract)  # nothing extra in vars
+    monkeypatch.setattr(trace, "_params", set())
+    _ = Params().seed, Params().pair.base.id  # objects not made by load_params record nothing
+    assert trace.params_read() == set()
+
+
+def _param_keys(obj=None, prefix=""):
+    obj = Params() if obj is None else obj
+    for f in dataclasses.fields(obj):
+        yield prefix + f.name
+        if dataclasses.is_dataclass(getattr(obj, f.name)):
+            yield from _param_keys(getattr(obj, f.name), f"{prefix}{f.name}.")
+
+
+def test_messages_name_params_keys_in_full():
+    """No string in the library or the stages names a params key by a tail of its path (fairness.enabled)."""
+    full = set(_param_keys())
+    bad = []
+    for path in sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for word in re.findall(r"(?<![\w.])[a-z_]+(?:\.[a-z_]+)+", node.value):
+                    if word not in full and any(k.endswith("." + word) for k in full):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {word}")
+    assert not bad, "write the full params key:\n" + "\n".join(bad)
+
+
+def test_tokenizer_mismatch_names_the_full_fairness_key(tiny_tok):
+    from mechdiff.model.load import check_pair
+    from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+    from tests.conftest import SENTENCES
+
+    other = make_tiny_tokenizer(SENTENCES, extra_words=["sherkala"])
+    a = make_tiny_model(len(tiny_tok), n_layers=2, d_model=16, seed=0)
+    b = make_tiny_model(len(other), n_layers=2, d_model=16, seed=0)
+    with pytest.raises(MechdiffError, match=r"set pair\.fairness\.enabled: true in params\.yaml") as e:
+        check_pair(a, tiny_tok, b, other, fairness=False)
+    assert "\n" not in str(e.value)

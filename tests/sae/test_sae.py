@@ -278,6 +278,7 @@ def test_resume_matches_uninterrupted(tmp_path, batchtopk):
 
 def test_checkpoint_loads_without_project_and_metrics_match_numpy(tmp_path):
     from safetensors.numpy import load_file
+    from sklearn.metrics import r2_score
 
     X = (np.random.default_rng(0).standard_normal((3000, 10)) * 5 + 2).astype(np.float32)
     for batchtopk in (False, True):
@@ -303,6 +304,7 @@ def test_checkpoint_loads_without_project_and_metrics_match_numpy(tmp_path):
         np.testing.assert_allclose(xh, ours, atol=1e-4)
         ev = eval_sae(sae, X[:500])
         assert ev["fvu"] == pytest.approx(((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+        assert ev["fvu"] == pytest.approx(1 - r2_score(x, xh, multioutput="variance_weighted"), rel=1e-4)
         assert ev["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-6)
         assert ev["mse"] == pytest.approx(((x - xh) ** 2).mean(), rel=1e-4)
         assert ev["dead_pct"] == pytest.approx(100 * (~(z > 0).any(0)).mean())
@@ -582,3 +584,24 @@ def test_spliced_bad_inputs_are_one_line_errors():
         mb = spliced_metrics({"base": base, "tuned": tuned}, enc, rows, site, ident, source=name)
         assert mb == spliced_metrics(model, enc, rows, site, ident)
         assert mb["kl_recovered"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_crosscoder_norm_shares_planted():
+    from mechdiff.sae.evaluate import crosscoder_norm_shares
+
+    d = 3
+    shares = np.array([0.02, 0.07, 0.33, 0.52, 0.68, 0.83, 0.93, 0.99])  # tuned share ||d_t|| / (||d_b|| + ||d_t||)
+    cc = TopKSAE(d, len(shares), 2, n_blocks=2)
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((len(shares), d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    with torch.no_grad():
+        cc.dec.copy_(torch.as_tensor(np.concatenate([(1 - shares)[:, None] * u, shares[:, None] * u], 1),
+                                     dtype=torch.float32))
+    counts, rows = crosscoder_norm_shares(cc)
+    assert counts == {"n_base_only": 2, "n_tuned_only": 2, "n_shared": 3}
+    hist, edges = np.histogram(shares, bins=20, range=(0, 1))
+    assert [r["n_latents"] for r in rows] == hist.tolist()
+    np.testing.assert_allclose([r["rel_norm_tuned"] for r in rows], (edges[:-1] + edges[1:]) / 2, atol=1e-3)
+    with pytest.raises(MechdiffError, match="crosscoder"):
+        crosscoder_norm_shares(TopKSAE(d, 4, 2))

@@ -2,8 +2,10 @@
 
 A patch replaces one site's activation at each prompt's decision token with a given vector and reads the
 model's next-token logits at that same position; the KL is ``KL(p_patched || p_ref)`` against the unpatched
-reference logits (ALGORITHMS.md, "Patching"). The vectors always come from the caller (the activation store
-and a transport map): this module never re-runs the base model.
+reference logits (docs/ALGORITHMS.md, sections 9 and 11). The vectors always come from the caller (the activation
+store and a transport map): this module never re-runs the source model. It also holds the two experiments built
+on patching: the RQ1 layer patch (`layer_patch_direction`, recolour statistics from train rows only) and the
+rank x alpha sweep of a transport map (`rank_alpha_sweep`, `summarise_sweep`, `min_k`).
 
 Fast path (``prefix_cache=True``, the default): the logits at decision position p depend only on tokens
 0..p, and a patch at position p leaves positions < p untouched in every layer. So the model runs once per
@@ -17,6 +19,7 @@ forwards (``prefix_cache=False``), which pack several configurations of the same
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechdiff.analysis.similarity import bootstrap_mean_ci, kl_divergence
-from mechdiff.analysis.transport import recolour
+from mechdiff.analysis.transport import TransportMap, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, _register_read, get_body, head_logits, model_width, site_module
-from mechdiff.model.tokens import Encoded
+from mechdiff.model.sites import Site, edit_at, get_body, head_logits, model_width, site_module
+from mechdiff.model.tokens import Encoded, right_pad
+from mechdiff.stats.bootstrap import drop_pct_ci
+from mechdiff.stats.kl import allowed_index, kl_divergence
 
 Job = tuple[Site, "torch.Tensor | None"]
 Reducer = Callable[[int, np.ndarray, torch.Tensor], None]
@@ -83,47 +87,19 @@ def _ref(ref_logits: Any, n: int) -> np.ndarray:
     return r
 
 
-def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed: torch.Tensor | None) -> np.ndarray:
-    """Per-row KL(p || q) in float64 from logits; over the allowed ids (renormalised) when given."""
-    p, q = p_logits.double(), q_logits.double()
-    if allowed is not None:
-        p, q = p[:, allowed], q[:, allowed]
-    if torch.isnan(p).any() or torch.isnan(q).any():
-        raise MechdiffError("patched or reference logits contain NaN: the model overflowed (try float32)")
-    lp, lq = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
-    pp = lp.exp()
-    terms = torch.where(pp > 0, pp * (lp - lq), torch.zeros_like(pp))
-    return terms.sum(dim=-1).cpu().numpy()
-
-
-def _allowed(allowed: Any, vocab: int) -> torch.Tensor | None:
-    if allowed is None:
-        return None
-    a = np.asarray(allowed)
-    if a.dtype == bool:
-        a = np.flatnonzero(a)
-    a = a.astype(np.int64).ravel()
-    if a.size == 0 or a.min() < 0 or a.max() >= vocab:
-        raise MechdiffError(f"allowed token ids must be a non-empty set of ids in [0, {vocab})")
-    if a.size == vocab and np.array_equal(np.sort(a), np.arange(vocab)):
-        return None  # identical tokenizers: the mask is a no-op and costs nothing
-    return torch.from_numpy(a)
-
-
 class _Patcher:
     """Hooks that overwrite, per site, chosen (row, position) activations of a batch with given vectors."""
 
     def __init__(self, model: nn.Module, sites: Sequence[Site]) -> None:
         self.model = model
         self.sites = list(sites)
-        self.handles: list = []
         self.plan: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def set(self, plan: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         self.plan = plan
 
     def __enter__(self) -> _Patcher:
-        self.handles = []
+        self.stack = contextlib.ExitStack()
         for site in self.sites:
             def fn(t: torch.Tensor, _s: Site = site) -> torch.Tensor | None:
                 item = self.plan.get(_s)
@@ -133,12 +109,11 @@ class _Patcher:
                 t = t.clone()
                 t[rows.to(t.device), pos.to(t.device)] = vec.to(device=t.device, dtype=t.dtype)
                 return t
-            self.handles.append(_register_read(site_module(self.model, site), site.kind, fn))
+            self.stack.enter_context(edit_at(self.model, site, fn))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
+        self.stack.close()
 
 
 def _plan(sites_of_rows: list[Site | None], vecs: list[torch.Tensor | None], pos: torch.Tensor):
@@ -158,16 +133,9 @@ def _plan(sites_of_rows: list[Site | None], vecs: list[torch.Tensor | None], pos
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, _n: int) -> None: ...
-            def close(self) -> None: ...
-        return _Null()
-    return tqdm(total=total, desc=desc, leave=False)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------------- engines
@@ -175,16 +143,6 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _hidden(out: Any) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _pad_batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[j, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -200,7 +158,7 @@ def _run_full(model, enc, rows, jobs, reduce, *, batch_size, device, progress) -
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
             seqs = [enc.ids[rows[i]][: enc.decision[rows[i]] + 1] for i, _ in chunk]
-            ids, mask = _pad_batch(seqs, pad, device)
+            ids, mask = right_pad(seqs, pad, device)
             pos = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
             vecs = [None if jobs[j][1] is None else jobs[j][1][i] for i, j in chunk]
             patcher.set(_plan([jobs[j][0] for _, j in chunk], vecs, pos))
@@ -232,13 +190,18 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     raise _NoPrefixCache("unknown cache layout")
 
 
-def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, P: int):
+def _empty_cache(model: nn.Module):
+    """A new DynamicCache for the model (configured by its config where the installed transformers allows)."""
     from transformers import DynamicCache
 
     try:
-        cache = DynamicCache(config=model.config)
+        return DynamicCache(config=model.config)
     except TypeError:
-        cache = DynamicCache()
+        return DynamicCache()
+
+
+def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, P: int):
+    cache = _empty_cache(model)
     for li, (k, v) in enumerate(kv):
         cache.update(k[sel, :, :P], v[sel, :, :P], li)
     return cache
@@ -247,8 +210,6 @@ def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], se
 @torch.no_grad()
 def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, device, progress) -> None:
     """Prefix-cache path: one prefix forward per prompt, one-token forwards per (prompt, job)."""
-    from transformers import DynamicCache
-
     body, pad = get_body(model), _pad_value(model)
     sites = sorted({s for s, v in jobs if v is not None})
     dec = np.array([enc.decision[r] for r in rows], dtype=np.int64)
@@ -259,15 +220,12 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
     for s in range(0, len(order), batch_size):
         pidx = order[s : s + batch_size]
         seqs = [enc.ids[rows[i]][: dec[i] + 1] for i in pidx]
-        ids, mask = _pad_batch(seqs, pad, device)
+        ids, mask = right_pad(seqs, pad, device)
         p = torch.tensor(dec[pidx], dtype=torch.long, device=device)
         P = int(p.max())
-        try:
-            cache = DynamicCache(config=model.config)
-        except TypeError:
-            cache = DynamicCache()
-        out = body(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        kv = _cache_kv(getattr(out, "past_key_values", None) or cache)
+        cache = _empty_cache(model)
+        out = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        kv = _cache_kv(getattr(out, "cache", None) or cache)
         ar = torch.arange(len(pidx), device=device)
         ref_here = head_logits(model, _hidden(out)[ar, p]) if not checked else None
         tok = ids[ar, p]
@@ -286,7 +244,7 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
                 amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
                 past = _new_cache(model, kv, bsel, P) if P > 0 else None
                 o = body(input_ids=tok[bsel][:, None], attention_mask=amask[:, : P + 1] if P > 0 else None,
-                         position_ids=pb[:, None], past_key_values=past, use_cache=True)
+                         position_ids=pb[:, None], cache=past, use_cache=True)
                 logits = head_logits(model, _hidden(o)[:, -1])
                 real = [k for k, (_, j) in enumerate(chunk) if j >= 0]
                 if len(real) < len(chunk):
@@ -365,7 +323,7 @@ def sweep_kl(
     if len(sites) != len(names) or not all(isinstance(s, Site) for s in sites):
         raise MechdiffError("site must be one Site or a list of Sites, one per configuration")
     ref = _ref(ref_logits, len(r))
-    allow = _allowed(allowed, ref.shape[1])
+    allow = allowed_index(allowed, ref.shape[1])
     jobs: list[Job] = [
         (s, None if configs[nm] is None else _vectors(configs[nm], len(r), model_width_of(model, s), nm))
         for s, nm in zip(sites, names)
@@ -376,7 +334,7 @@ def sweep_kl(
         q = torch.from_numpy(np.asarray(ref[i], dtype=np.float32)).to(lg.device)
         if lg.shape[1] != q.shape[1]:
             raise MechdiffError(f"ref_logits have {q.shape[1]} columns but the model's vocabulary is {lg.shape[1]}")
-        res[names[j]][i] = _kl_rows(lg, q, None if allow is None else allow.to(lg.device))
+        res[names[j]][i] = kl_divergence(lg, q, allow).cpu().numpy()
 
     _run(model, enc, r, jobs, reduce, batch_size=batch_size, device=_model_device(model, device),
          progress=progress, prefix_cache=prefix_cache, decode_batch=decode_batch)
@@ -392,76 +350,15 @@ def patch_kl(
                     batch_size=batch_size, progress=False, device=device, prefix_cache=prefix_cache)["patch"]
 
 
-def kl_drop(kl_raw: Any, kl_mapped: Any, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """KL drop % = 100 (mean raw - mean mapped) / mean raw, with a paired 95% bootstrap CI over prompts."""
-    a = np.asarray(kl_raw, dtype=np.float64).ravel()
-    b = np.asarray(kl_mapped, dtype=np.float64).ravel()
-    if a.size == 0 or a.shape != b.shape:
-        raise MechdiffError(f"kl_raw and kl_mapped must be non-empty and paired per prompt, got {a.shape}, {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise MechdiffError("KL values contain NaN or inf: check the patched logits")
-    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
-        raise MechdiffError(f"n_boot must be a positive integer, got {n_boot!r}")
-    ma, mb = float(a.mean()), float(b.mean())
-    if ma <= 0.0:
-        return {"drop_pct": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "kl_raw": ma,
-                "kl_mapped": mb}
-    rng = np.random.default_rng(seed)
-    drops = np.empty(n_boot)
-    for s in range(0, n_boot, 256):
-        idx = rng.integers(0, a.size, size=(min(256, n_boot - s), a.size))
-        ra, rb = a[idx].mean(axis=1), b[idx].mean(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            drops[s : s + idx.shape[0]] = 100.0 * (ra - rb) / ra
-    drops = drops[np.isfinite(drops)]
-    lo, hi = (np.percentile(drops, [2.5, 97.5]) if drops.size else (np.nan, np.nan))
-    return {"drop_pct": 100.0 * (ma - mb) / ma, "ci_low": float(lo), "ci_high": float(hi), "kl_raw": ma,
-            "kl_mapped": mb}
+kl_drop = drop_pct_ci  # the patch KL drop % is the paired drop % of mechdiff.stats.bootstrap
 
 
 def min_k(ks: Sequence[int], drops: Sequence[float], target: float) -> int | None:
-    """The smallest k whose KL drop (%) reaches `target`, or None."""
+    """The smallest k whose KL drop (%) reaches `target`, or None (undefined drops never reach it)."""
     if len(ks) != len(drops):
         raise MechdiffError(f"ks and drops must have the same length, got {len(ks)} and {len(drops)}")
     hits = [int(k) for k, d in zip(ks, drops) if d is not None and np.isfinite(d) and d >= target]
     return min(hits) if hits else None
-
-
-def _site_stats(stats: Mapping[str, Any], name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    if name not in stats:
-        raise MechdiffError(f"{what} stats have no entry for site {name}: compute the store statistics first")
-    s = stats[name]
-    if isinstance(s, Mapping):
-        mu = s.get("mu", s.get("mean"))
-        sd = s.get("sd", s.get("std"))
-    else:
-        mu, sd = s
-    if mu is None or sd is None:
-        raise MechdiffError(f"{what} stats for {name} need 'mu' (or 'mean') and 'sd' (or 'std')")
-    return np.asarray(mu, dtype=np.float64), np.asarray(sd, dtype=np.float64)
-
-
-def layer_patch(
-    model_dst: nn.Module, enc_dst: Encoded, rows: Any, layer_sites: Sequence[Site], src_vectors: Mapping[str, Any],
-    dst_stats: Mapping[str, Any], src_stats: Mapping[str, Any], ref_logits: Any, *, allowed: Any = None,
-    batch_size: int = 16, progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
-) -> dict[str, np.ndarray]:
-    """RQ1: per site, patch dst with the src decision vector re-coloured into dst statistics; KL per prompt.
-
-    Stats map a site name to {'mu', 'sd'} (or a (mu, sd) pair); src_vectors maps a site name to (len(rows), d).
-    """
-    if not layer_sites:
-        raise MechdiffError("no layer sites given for the layer patch")
-    configs: dict[str, np.ndarray] = {}
-    for s in layer_sites:
-        if s.name not in src_vectors:
-            raise MechdiffError(f"src_vectors has no entry for site {s.name}")
-        mu_s, sd_s = _site_stats(src_stats, s.name, "source")
-        mu_d, sd_d = _site_stats(dst_stats, s.name, "destination")
-        st = {"mu_b": mu_s, "sd_b": sd_s, "mu_t": mu_d, "sd_t": sd_d}
-        configs[s.name] = recolour(src_vectors[s.name], st)
-    return sweep_kl(model_dst, enc_dst, rows, list(layer_sites), configs, ref_logits, allowed=allowed,
-                    batch_size=batch_size, progress=progress, device=device, prefix_cache=prefix_cache)
 
 
 def reference_logits(model: nn.Module, enc: Encoded, rows: Any, *, batch_size: int = 16,
@@ -471,13 +368,169 @@ def reference_logits(model: nn.Module, enc: Encoded, rows: Any, *, batch_size: i
                           prefix_cache=False)
 
 
-def kl_summary(kl: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Mean per-prompt KL with a 95% bootstrap CI: {'mean', 'ci_low', 'ci_high'}."""
-    m, lo, hi = bootstrap_mean_ci(kl, n_boot=n_boot, seed=seed)
-    return {"mean": m, "ci_low": lo, "ci_high": hi}
+# --------------------------------------------------------------------------------------------- RQ1 layer patch
+
+LAYER_PATCH_DIRECTIONS = {"base_into_tuned": ("base", "tuned"), "tuned_into_base": ("tuned", "base")}
+
+
+def layer_recolour_stats(src: Any, dst: Any, sites: Sequence[Site], train_rows: Any, view: str = "last"
+                         ) -> dict[str, dict[str, np.ndarray]]:
+    """Per site, recolour stats src -> dst from TRAIN rows only (`transport.recolour_stats`).
+
+    `src` / `dst` are activation stores (anything with `.read(site, view, rows)`); the validation rows a
+    layer patch evaluates never enter the statistics it recolours with.
+    """
+    tr = np.asarray(train_rows, dtype=np.int64)
+    if tr.size == 0:
+        raise MechdiffError("no train rows for the recolour statistics: check data.splits")
+    return {s.name: recolour_stats(src.read(s.name, view, tr), dst.read(s.name, view, tr)) for s in sites}
+
+
+def layer_patch(
+    model_dst: nn.Module, enc_dst: Encoded, rows: Any, layer_sites: Sequence[Site], src_vectors: Mapping[str, Any],
+    stats: Mapping[str, Mapping[str, Any]], ref_logits: Any, *, allowed: Any = None, batch_size: int = 16,
+    progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
+) -> dict[str, np.ndarray]:
+    """RQ1: per site, patch dst with the src decision vector recoloured into dst statistics; KL per prompt.
+
+    `stats` maps a site name to recolour stats {mu_b, sd_b (src), mu_t, sd_t (dst)}, from train rows
+    (`layer_recolour_stats`); `src_vectors` maps a site name to (len(rows), d) src decision vectors.
+    """
+    if not layer_sites:
+        raise MechdiffError("no layer sites given for the layer patch")
+    configs: dict[str, np.ndarray] = {}
+    for s in layer_sites:
+        if s.name not in src_vectors:
+            raise MechdiffError(f"src_vectors has no entry for site {s.name}")
+        if s.name not in stats:
+            raise MechdiffError(f"no recolour stats for site {s.name}: compute them with layer_recolour_stats")
+        configs[s.name] = recolour(src_vectors[s.name], stats[s.name])
+    return sweep_kl(model_dst, enc_dst, rows, list(layer_sites), configs, ref_logits, allowed=allowed,
+                    batch_size=batch_size, progress=progress, device=device, prefix_cache=prefix_cache)
+
+
+def layer_patch_direction(
+    model_dst: nn.Module, enc_dst: Encoded, src: Any, dst: Any, layer_sites: Sequence[Site], rows: Any,
+    train_rows: Any, *, allowed: Any = None, batch_size: int = 16, progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """One direction of the RQ1 layer patch from stores: src decision vectors of `rows` (val), recoloured with
+    train-only stats into dst, patched into `model_dst` at every site; per-prompt KL against dst's own logits."""
+    src_vecs = {s.name: src.read(s.name, "last", rows) for s in layer_sites}
+    stats = layer_recolour_stats(src, dst, layer_sites, train_rows)
+    ref = reference_logits(model_dst, enc_dst, rows, batch_size=batch_size)
+    return layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, ref, allowed=allowed,
+                       batch_size=batch_size, progress=progress)
+
+
+def layer_patch_table(results: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[list[dict], dict]:
+    """Mean KL per site and direction: (records {'layer', 'kl_<direction>'...}, {direction: {'L<layer>': mean}})."""
+    rows: dict[str, dict] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for direction, res in results.items():
+        for name, kl in res.items():
+            site = Site.parse(name)
+            m = float(np.mean(kl))
+            rows.setdefault(name, {"layer": site.layer})[f"kl_{direction}"] = m
+            metrics.setdefault(direction, {})[f"L{site.layer}"] = m
+    return [rows[k] for k in sorted(rows, key=Site.parse)], metrics
+
+
+# --------------------------------------------------------------------------------------------- rank x alpha sweep
+
+
+def alpha_key(a: float | str) -> str:
+    """Label of an alpha value: 'auto' or the number as %g."""
+    return "auto" if a == "auto" else f"{float(a):g}"
+
+
+def _config_name(k: int | str, a: float | str) -> str:
+    return f"k={k}|a={alpha_key(a)}"
+
+
+def rank_alpha_configs(m: TransportMap, X: Any, ranks: Sequence[int | str], alphas: Sequence[float | str]
+                       ) -> dict[str, np.ndarray]:
+    """Patch vectors of a sweep: 'raw' (train-stat recolour of X) and 'k=<k>|a=<alpha>' (the map at rank k, alpha).
+
+    Rank 'full' is the full map; alpha 'auto' keeps the map's fitted alpha.
+    """
+    configs = {"raw": recolour(X, m.stats)}
+    for k in ranks:
+        mk = m.at_rank(None if k == "full" else int(k))
+        for a in alphas:
+            configs[_config_name(k, a)] = (mk if a == "auto" else mk.with_alpha(float(a))).apply(X)
+    return configs
+
+
+def summarise_sweep(
+    kls: Mapping[str, np.ndarray], *, site: str, width: int, ranks: Sequence[int | str], alphas: Sequence[float | str],
+    rank: int | str, alpha: float | str, target_drop: float, datasets: Sequence[str] | None = None,
+    n_boot: int = 1000, seed: int = 0,
+) -> tuple[list[dict], list[dict], dict]:
+    """KL drop % of every (rank, alpha) of a sweep against 'raw': (rank records, alpha records, site metrics).
+
+    Rank records (at `alpha`): {'site', 'k', 'k_label', 'kl_drop', 'ci_low', 'ci_high'} ('full' -> k = width);
+    alpha records: {'site', 'alpha', 'k', 'kl_drop'}. Site metrics hold the drop at (`rank`, `alpha`) with CI,
+    the full-rank drop, `min_k` (smallest k reaching `target_drop` %, -1 if none) and, for each dataset with
+    >= 2 prompts, 'kl_drop_<dataset>'.
+    """
+    raw = np.asarray(kls["raw"], dtype=np.float64)
+    a_main = alpha_key(alpha)
+    rank_rows, alpha_rows, drops = [], [], {}
+    for k in ranks:
+        kx = width if k == "full" else int(k)
+        for a in alphas:
+            res = drop_pct_ci(raw, kls[_config_name(k, a)], n_boot=n_boot, seed=seed)
+            if alpha_key(a) == a_main:
+                drops[k] = res["drop_pct"]
+                rank_rows.append({"site": site, "k": kx, "k_label": str(k), "kl_drop": res["drop_pct"],
+                                  "ci_low": res["ci_low"], "ci_high": res["ci_high"]})
+            alpha_rows.append({"site": site, "alpha": alpha_key(a), "k": kx, "kl_drop": res["drop_pct"]})
+    main_name = _config_name(rank, alpha)
+    main = drop_pct_ci(raw, kls[main_name], n_boot=n_boot, seed=seed)
+    mk = min_k([width if k == "full" else int(k) for k in ranks], [drops[k] for k in ranks], target_drop)
+    metrics = {
+        "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
+        "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],
+        "kl_drop_full": drops.get("full", float("nan")), "min_k": -1 if mk is None else int(mk),
+    }
+    if datasets is not None:
+        ds = np.asarray([str(x) for x in datasets])
+        if ds.shape != raw.shape:
+            raise MechdiffError(f"one dataset label per prompt is needed: {ds.size} labels for {raw.size} prompts")
+        for name in sorted(set(ds.tolist())):
+            sel = ds == name
+            if sel.sum() >= 2:
+                r = drop_pct_ci(raw[sel], np.asarray(kls[main_name])[sel], n_boot=n_boot, seed=seed)
+                metrics[f"kl_drop_{name}"] = r["drop_pct"]
+    return rank_rows, alpha_rows, metrics
+
+
+def rank_alpha_sweep(
+    model: nn.Module, enc: Encoded, rows: Any, site: Site, m: TransportMap, X: Any, *, ranks: Sequence[int | str],
+    alphas: Sequence[float | str], rank: int | str, alpha: float | str, target_drop: float, allowed: Any = None,
+    datasets: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
+    progress: bool = True, ref_logits: Any = None,
+) -> tuple[list[dict], list[dict], dict]:
+    """The patch experiment at one site: raw vs mapped patch of base vectors X (len(rows), d) into `model`.
+
+    The reported (`rank`, `alpha`) is added to the grid; returns `summarise_sweep`'s records and metrics, with
+    'alpha' (the alpha used at the reported point). `ref_logits` (unpatched, computed when None) may be shared
+    between sites.
+    """
+    ranks = list(dict.fromkeys([*ranks, rank]))
+    alphas = list(dict.fromkeys([*alphas, alpha]))
+    configs = rank_alpha_configs(m, X, ranks, alphas)
+    ref = reference_logits(model, enc, rows, batch_size=batch_size) if ref_logits is None else ref_logits
+    kls = sweep_kl(model, enc, rows, site, configs, ref, allowed=allowed, batch_size=batch_size, progress=progress)
+    rank_rows, alpha_rows, metrics = summarise_sweep(
+        kls, site=site.name, width=int(np.shape(X)[1]), ranks=ranks, alphas=alphas, rank=rank, alpha=alpha,
+        target_drop=target_drop, datasets=datasets, n_boot=n_boot, seed=seed)
+    metrics["alpha"] = m.alpha if alpha == "auto" else float(alpha)
+    return rank_rows, alpha_rows, metrics
 
 
 __all__ = [
-    "kl_divergence", "kl_drop", "kl_summary", "layer_patch", "min_k", "patch_kl", "patched_logits",
-    "reference_logits", "sweep_kl",
+    "LAYER_PATCH_DIRECTIONS", "alpha_key", "kl_drop", "layer_patch", "layer_patch_direction",
+    "layer_patch_table", "layer_recolour_stats", "min_k", "patch_kl", "patched_logits", "rank_alpha_configs",
+    "rank_alpha_sweep", "reference_logits", "summarise_sweep", "sweep_kl",
 ]

@@ -1,20 +1,23 @@
-"""Representation similarity (linear CKA with bootstrap CIs) and next-token KL divergence.
+"""Representation similarity (linear CKA with bootstrap CIs, per site) and next-token KL by dataset.
 
-Definitions follow ALGORITHMS.md: linear CKA (Kornblith et al. 2019) is computed in its d x d form
+Linear CKA (Kornblith et al. 2019) is computed in its d x d form
 ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` on column-centred data, never through N x N Gram
-matrices, so it scales to many prompts. KL is ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the full
-vocabulary, or over a set of allowed token ids with both distributions renormalised over that set.
-Everything is computed in float64 whatever the input dtype.
+matrices, so it scales to many prompts; float64 whatever the input dtype. KL is `mechdiff.stats.kl`
+(``KL(p || q) = sum_v p_v (log p_v - log q_v)``), CIs are `mechdiff.stats.bootstrap`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import Site
+from mechdiff.stats.bootstrap import mean_ci, rows_ci
 from mechdiff.stats.checks import as_f64, matrix
+from mechdiff.stats.kl import allowed_index, kl_divergence
 
 
 def _pair(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -40,106 +43,78 @@ def linear_cka(X: Any, Y: Any) -> float:
     return _cka_centred(x - x.mean(axis=0), y - y.mean(axis=0))
 
 
-def _percentile_ci(samples: np.ndarray, ci: float) -> tuple[float, float]:
-    s = samples[np.isfinite(samples)]
-    if s.size == 0:
-        return float("nan"), float("nan")
-    q = 100.0 * (1.0 - ci) / 2.0
-    return float(np.percentile(s, q)), float(np.percentile(s, 100.0 - q))
-
-
-def _check_boot(n_boot: int, ci: float) -> None:
-    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
-        raise MechdiffError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0.0 < float(ci) < 1.0:
-        raise MechdiffError(f"ci must be in (0, 1), e.g. 0.95, got {ci!r}")
-
-
 def cka_bootstrap(
     X: Any, Y: Any, *, n_boot: int = 200, seed: int = 0, ci: float = 0.95
 ) -> tuple[float, float, float]:
     """(CKA, lower, upper): linear CKA and a percentile bootstrap CI from resampling prompts (rows)."""
-    _check_boot(n_boot, ci)
     x, y = _pair(X, Y)
     est = _cka_centred(x - x.mean(axis=0), y - y.mean(axis=0))
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    vals = np.empty(n_boot, dtype=np.float64)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)  # the replicates only set the CI: float32 is 2x faster
-    for i in range(n_boot):
-        idx = rng.integers(0, n, size=n)
+
+    def stat(idx: np.ndarray) -> float:
         xb, yb = x32[idx], y32[idx]
-        vals[i] = _cka_centred(xb - xb.mean(axis=0), yb - yb.mean(axis=0))
-    lo, hi = _percentile_ci(vals, ci)
+        return _cka_centred(xb - xb.mean(axis=0), yb - yb.mean(axis=0))
+
+    lo, hi = rows_ci(stat, x.shape[0], n_boot=n_boot, seed=seed, ci=ci)
     return est, lo, hi
 
 
-def _logits(x: Any, what: str) -> np.ndarray:
-    a = as_f64(x, what)
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise MechdiffError(f"{what} must be (rows, vocab) logits, got shape {a.shape}")
-    if np.isnan(a).any() or np.isposinf(a).any():
-        raise MechdiffError(f"{what} contains NaN or +inf: the model output overflowed (try float32)")
-    return a
+def cka_by_site(base: Any, tuned: Any, *, views: Sequence[str] = ("last", "mean"), n_boot: int = 200,
+                seed: int = 0) -> list[dict]:
+    """One record per site of two stores: {'layer', 'site', 'cka_<view>', 'cka_<view>_lo', 'cka_<view>_hi'}.
+
+    `base` and `tuned` are activation stores (anything with `.sites` and `.read(site, view)`); sites are those
+    of `base`, in its order; each CKA has a percentile bootstrap CI over prompts (`cka_bootstrap`).
+    """
+    out = []
+    for name in base.sites:
+        site = Site.parse(name)
+        rec: dict[str, Any] = {"layer": site.layer, "site": name}
+        for view in views:
+            c, lo, hi = cka_bootstrap(base.read(name, view), tuned.read(name, view), n_boot=n_boot, seed=seed)
+            rec.update({f"cka_{view}": c, f"cka_{view}_lo": lo, f"cka_{view}_hi": hi})
+        out.append(rec)
+    return out
 
 
-def log_softmax_np(logits: Any) -> np.ndarray:
-    """Row-wise log-softmax in float64 (-inf logits, e.g. masked ids, get log-probability -inf)."""
-    a = _logits(logits, "logits")
-    m = a.max(axis=1, keepdims=True)
-    if not np.isfinite(m).all():
-        raise MechdiffError("a logits row is entirely -inf: at least one token must be allowed")
-    z = a - m
-    with np.errstate(divide="ignore"):
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+def next_token_kl(p_logits: Any, q_logits: Any, allowed_p: Any = None, allowed_q: Any = None) -> np.ndarray:
+    """Per-prompt KL(p || q) of stored decision-token logits, each side restricted to its aligned shared ids.
+
+    `allowed_p[i]` and `allowed_q[i]` name the same token string on the two sides (mechdiff.data.fairness);
+    both None when the tokenizers are identical.
+    """
+    if (allowed_p is None) != (allowed_q is None):
+        raise MechdiffError("give the shared token ids of both sides, or of neither (identical tokenizers)")
+    p, q = as_f64(p_logits, "p_logits"), as_f64(q_logits, "q_logits")
+    if allowed_p is not None:
+        ip, iq = np.asarray(allowed_p, dtype=np.int64), np.asarray(allowed_q, dtype=np.int64)
+        if ip.shape != iq.shape:
+            raise MechdiffError(f"shared token ids differ in length between the sides: {ip.size} vs {iq.size}")
+        allowed_index(ip, p.shape[-1])  # validates: non-empty, in range
+        allowed_index(iq, q.shape[-1])
+        p, q = p[:, ip], q[:, iq]
+    return kl_divergence(p, q)
 
 
-def _allowed_ids(allowed: Any, vocab: int) -> np.ndarray:
-    ids = np.asarray(allowed)
-    if ids.dtype == bool:
-        if ids.shape != (vocab,):
-            raise MechdiffError(f"allowed mask has shape {ids.shape}, expected ({vocab},)")
-        ids = np.flatnonzero(ids)
-    ids = ids.astype(np.int64).ravel()
-    if ids.size == 0:
-        raise MechdiffError("allowed token ids are empty: the two tokenizers share no vocabulary")
-    if ids.min() < 0 or ids.max() >= vocab:
-        raise MechdiffError(f"allowed token ids out of range for a vocabulary of {vocab}")
-    return ids
+def kl_by_dataset(kl: Any, datasets: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+                  ratio: tuple[str, str] | None = ("cultural", "control")) -> tuple[list[dict], dict]:
+    """Mean per-prompt KL with a bootstrap CI for all prompts and per dataset: (records, {dataset: mean}).
+
+    Records are {'dataset', 'kl_mean', 'kl_lo', 'kl_hi', 'n'} for 'all' then each dataset (sorted). With
+    `ratio` = (a, b) and both datasets present, the means also hold '<a>_over_<b>' = mean_a / max(mean_b, 1e-12).
+    """
+    k = as_f64(kl, "kl").ravel()
+    ds = np.asarray([str(x) for x in datasets])
+    if ds.shape != k.shape:
+        raise MechdiffError(f"one dataset label per prompt is needed: {ds.size} labels for {k.size} KL values")
+    rows, means = [], {}
+    for name in ["all", *sorted(set(ds.tolist()))]:
+        x = k if name == "all" else k[ds == name]
+        m, lo, hi = mean_ci(x, n_boot=n_boot, seed=seed)
+        rows.append({"dataset": name, "kl_mean": m, "kl_lo": lo, "kl_hi": hi, "n": int(x.size)})
+        means[name] = m
+    if ratio is not None and ratio[0] in means and ratio[1] in means:
+        means[f"{ratio[0]}_over_{ratio[1]}"] = means[ratio[0]] / max(means[ratio[1]], 1e-12)
+    return rows, means
 
 
-def kl_divergence(p_logits: Any, q_logits: Any, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Per-row KL(p || q) in nats from logits (numpy or torch), over the full vocabulary or the allowed ids."""
-    p = _logits(p_logits, "p_logits")
-    q = _logits(q_logits, "q_logits")
-    if p.shape != q.shape:
-        raise MechdiffError(f"p and q logits must have the same shape, got {p.shape} and {q.shape}")
-    if allowed is not None:
-        ids = _allowed_ids(allowed, p.shape[1])
-        p, q = p[:, ids], q[:, ids]
-    lp, lq = log_softmax_np(p), log_softmax_np(q)
-    pp = np.exp(lp)
-    with np.errstate(invalid="ignore"):
-        terms = np.where(pp > 0.0, pp * (lp - lq), 0.0)
-    return terms.sum(axis=1)
-
-
-def bootstrap_mean_ci(
-    x: Any, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
-) -> tuple[float, float, float]:
-    """(mean, lower, upper): the mean of x and a percentile bootstrap CI of it."""
-    _check_boot(n_boot, ci)
-    a = as_f64(x, "x").ravel()
-    if a.size == 0:
-        raise MechdiffError("cannot bootstrap an empty sample: no prompts were evaluated")
-    if not np.isfinite(a).all():
-        raise MechdiffError("the sample contains NaN or inf: check the per-prompt values")
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([
-        a[rng.integers(0, a.size, size=(min(256, n_boot - s), a.size))].mean(axis=1)
-        for s in range(0, n_boot, 256)
-    ])
-    lo, hi = _percentile_ci(means, ci)
-    return float(a.mean()), lo, hi

@@ -5,22 +5,36 @@ saved map can be applied without this project: ``map.safetensors`` holds ``W``, 
 recolour statistics ``mu_b, sd_b, mu_t, sd_t`` and the factors that give every other rank, ``map.json`` the
 config (solver, site, rank, alpha, shrink, lambda, widths and the formula).
 
-Solvers (ALGORITHMS.md, "Transport maps"), fitted on train rows:
+Solvers (docs/ALGORITHMS.md, section 10), fitted on train rows:
 
 - ``ridge``: z-score both sides with train statistics (dims with sd <= 1e-6 are dropped: they predict / read
-  nothing), ``W = V diag(S / (S^2 + lambda)) U^T Y`` from ``svd(X)``; lambda is the grid value with the best
+  nothing; see "Zero-variance dimensions"), ``W = V diag(S / (S^2 + lambda)) U^T Y`` from ``svd(X)``; lambda is the grid value with the best
   validation R^2 (an internal seeded 80/20 split of the train rows when no validation set is given).
 - ``procrustes``: ``U S V^T = svd(Xc^T Yc)`` on centred data, ``W = U V^T``.
 - ``procrustes_scaled``: shrunk covariances ``C_sh = (1-g) C + g tr(C)/d I``, ZCA factors from ``eigh`` with
   eigenvalues floored at ``lambda_max * 1e-6``, ``U S V^T = svd(Xw^T Yw)``, ``Q = U V^T``,
   ``s = sum(S) / ||Xw||_F^2``, ``map(h) = ((h - mu_b) Cb^-1/2 Q s) Ct^1/2 + mu_t``.
 
+Zero-variance dimensions (train sd <= ``SD_EPS`` = 1e-6, absolute; docs/FORMATS.md says the same):
+
+- ``recolour`` (the raw cross-patch, and rank 0 in delta mode) uses ratio 0 there: the output is ``mu_t``
+  whatever the input, never a division by 0.
+- ``ridge`` drops them: a constant base dim has a zero row of ``W`` (its input is ignored), a constant
+  tuned dim a zero column (its output is ``mu_t``).
+- ``procrustes`` / ``procrustes_scaled`` drop nothing: a direction without train variance is left
+  unconstrained by the SVD and the orthogonal factor sends it to a direction orthogonal to the fitted ones
+  (a unit row of ``W`` for procrustes; for procrustes_scaled scaled by ``s`` over the square root of the
+  shrunk variance ``g tr(C)/d``, or of the eigenvalue floor when shrink = 0). Inputs at the train mean
+  there (all train rows) are unaffected; inputs that depart from it are mapped arbitrarily.
+- rank k: delta mode's complement recolour ``D_k`` uses ratio 0 where the base complement's sd <= 1e-6;
+  in subspace mode such a direction has singular value 0 and is outside every rank below the full one.
+
 Rank k has two modes; the SVD is done once and every rank is derived from stored factors (`at_rank`).
 
-- ``subspace`` (ALGORITHMS.md's literal definition): the truncated SVD of the solver's cross-covariance,
+- ``subspace`` (docs/ALGORITHMS.md's literal definition): the truncated SVD of the solver's cross-covariance,
   ``Q_k = U[:, :k] V^T[:k]`` with ``s_k = sum_{i<=k} S_i / ||Xw||_F^2`` for procrustes_scaled, ``U_k V_k^T``
   for procrustes, and reduced-rank ridge (the fitted values projected on their top-k right singular vectors)
-  for ridge. The rank-k map has matrix rank k; ``k = 0`` means full rank, as in ALGORITHMS.md.
+  for ridge. The rank-k map has matrix rank k; ``k = 0`` means full rank, as in docs/ALGORITHMS.md.
 - ``delta`` (the default, used by patching): the rank-k map keeps the full map on the k directions the
   change needs and the raw per-dimension recolour everywhere else. With the raw cross-patch
   ``R(h) = ((h - mu_b) / sd_b) sd_t + mu_t`` and the full map ``M(h) = (h - mu_b) W + mu_t``:
@@ -53,6 +67,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.linalg import subspace_angles
+from sklearn.covariance import shrunk_covariance
+from sklearn.metrics import r2_score as _sk_r2
 
 from mechdiff.analysis.similarity import linear_cka
 from mechdiff.errors import MechdiffError
@@ -170,7 +187,13 @@ class TransportMap:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _stats(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+def recolour_stats(X_train: Any, Y_train: Any) -> dict[str, np.ndarray]:
+    """Recolour statistics {mu_b, sd_b, mu_t, sd_t} (float64, population sd) of base / tuned TRAIN rows only.
+
+    The one definition used by every recolour (the patch stage's raw cross-patch via the map's stats, and
+    the RQ1 layer patch): validation rows are never part of the statistics they are evaluated with.
+    """
+    x, y = _pair(X_train, Y_train, "recolour (train)", min_rows=1)
     return {"mu_b": x.mean(axis=0), "sd_b": x.std(axis=0), "mu_t": y.mean(axis=0), "sd_t": y.std(axis=0)}
 
 
@@ -206,8 +229,7 @@ def recolour(H: Any, stats: dict) -> np.ndarray:
 
 def zca_factors(C: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """(C^-1/2, C^1/2) of the shrunk covariance (1-g) C + g tr(C)/d I, eigenvalues floored at lambda_max*1e-6."""
-    d = C.shape[0]
-    Cs = (1.0 - shrink) * C + shrink * (np.trace(C) / d) * np.eye(d)
+    Cs = shrunk_covariance(C, shrinkage=float(shrink))  # sklearn: (1-g) C + g tr(C)/d I
     e, E = np.linalg.eigh((Cs + Cs.T) / 2.0)
     top = max(float(e.max()), 0.0)
     if top <= 0.0:
@@ -217,11 +239,11 @@ def zca_factors(C: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def r2_score(Y: np.ndarray, P: np.ndarray) -> float:
-    """Pooled (variance-weighted) R^2 = 1 - sum (Y - P)^2 / sum (Y - mean(Y))^2."""
-    tot = float(np.sum((Y - Y.mean(axis=0)) ** 2))
-    if tot <= 0.0:
-        return float("nan")
-    return 1.0 - float(np.sum((Y - P) ** 2)) / tot
+    """Pooled R^2 = 1 - sum (Y - P)^2 / sum (Y - mean(Y))^2 (sklearn's 'variance_weighted'); NaN if Y is constant."""
+    y, p = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    if y.shape[0] < 2 or not float(np.sum((y - y.mean(axis=0)) ** 2)) > 0.0:
+        return float("nan")  # sklearn would return 0 or 1 (force_finite); an undefined R^2 stays undefined here
+    return float(_sk_r2(y, p, multioutput="variance_weighted"))
 
 
 def _orth_basis(Rt: np.ndarray) -> np.ndarray:
@@ -355,7 +377,7 @@ def fit_map(
         raise MechdiffError(
             f"rank_mode='delta' needs equal widths (base {x.shape[1]}, tuned {y.shape[1]}): use rank_mode='subspace'"
         )
-    st = _stats(x, y)
+    st = recolour_stats(x, y)
     meta: dict[str, Any] = {"n_train": int(x.shape[0]), "shrink": float(shrink), "lambda": None}
     if solver == "ridge":
         lam = [float(v) for v in lambdas]
@@ -437,6 +459,24 @@ def diagnostics(m: TransportMap, X_tr: Any, Y_tr: Any, X_val: Any, Y_val: Any, *
     }
 
 
+def fit_site(X: Any, Y: Any, train_rows: Any, val_rows: Any, *, solver: str = "procrustes_scaled",
+             shrink: float = 0.05, rank_mode: str = "delta", site: str = "", seed: int = 0
+             ) -> tuple[TransportMap, dict]:
+    """The transport experiment at one site: fit on train rows, alpha 'auto' on val rows, diagnostics.
+
+    X, Y are all prompts' base / tuned decision vectors; returns (map with alpha auto, {'alpha_auto', ...
+    `diagnostics`}). Validation rows choose the ridge lambda and alpha, and score the map.
+    """
+    x, y = _pair(X, Y, "site")
+    tr, va = np.asarray(train_rows, dtype=np.int64), np.asarray(val_rows, dtype=np.int64)
+    if tr.size < 2 or va.size < 2:
+        raise MechdiffError(f"site {site}: need >= 2 train and >= 2 val prompts, got {tr.size} and {va.size}: "
+                            "check data.splits")
+    m = fit_map(x[tr], y[tr], solver=solver, shrink=shrink, X_val=x[va], Y_val=y[va], rank_mode=rank_mode, site=site)
+    m = m.with_alpha(auto_alpha(m, x[va], y[va]))
+    return m, {"alpha_auto": m.alpha, **diagnostics(m, x[tr], y[tr], x[va], y[va], seed=seed)}
+
+
 # --------------------------------------------------------------------------------------------- save / load
 
 
@@ -480,20 +520,18 @@ def load_map(out_dir: str | Path) -> TransportMap:
 
 
 def _span(A: np.ndarray, what: str) -> np.ndarray:
+    """A as a finite (d, k) float64 matrix of column vectors (scipy drops rank-deficient directions)."""
     a = as_f64(A, what)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2 or a.shape[1] == 0 or not np.isfinite(a).all():
         raise MechdiffError(f"{what} must be a finite (d, k) matrix of column vectors, got shape {a.shape}")
-    U, S, _ = np.linalg.svd(a, full_matrices=False)
-    tol = S.max() * max(a.shape) * np.finfo(np.float64).eps if S.size else 0.0
-    return U[:, S > tol]
+    return a
 
 
 def principal_cosines(A: Any, B: Any) -> np.ndarray:
     """Cosines of the principal angles between the column spans of A (d, ka) and B (d, kb), largest first."""
-    qa, qb = _span(A, "A"), _span(B, "B")
-    if qa.shape[0] != qb.shape[0]:
-        raise MechdiffError(f"A and B must have the same number of rows (width): {qa.shape[0]} vs {qb.shape[0]}")
-    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
-    return np.clip(s, 0.0, 1.0)
+    a, b = _span(A, "A"), _span(B, "B")
+    if a.shape[0] != b.shape[0]:
+        raise MechdiffError(f"A and B must have the same number of rows (width): {a.shape[0]} vs {b.shape[0]}")
+    return np.clip(np.sort(np.cos(subspace_angles(a, b)))[::-1], 0.0, 1.0)

@@ -1,7 +1,8 @@
 """Prompt corpora: write the default corpora, load corpora (local JSONL or `datasets`), grouped seeded splits.
 
-The default corpora are composed from the hand-written fragments in `mechdiff.data._corpus_text` with a fixed
-seed, so `write_default_corpora` is a pure function of the code (byte-identical files on every machine).
+The default corpora are composed from the hand-written fragments in the package data files
+`mechdiff/data/corpora/*.json` (see the README there) with a fixed seed, so `write_default_corpora` is a pure
+function of the package (byte-identical files on every machine).
 Chat rendering and the decision position live in `mechdiff.model.tokens`.
 """
 
@@ -14,12 +15,13 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mechdiff.data import _corpus_text as T
 from mechdiff.errors import MechdiffError
 
 #: the files `write_default_corpora` writes and `load_corpus(sources=None)` reads, in pid order
@@ -74,7 +76,13 @@ def _form(text: str) -> str:
     return "statement"
 
 
-def _topic_records(topics: dict[str, T.Topic], generic: list[str], dataset: str, rng: random.Random,
+@cache
+def _fragments(name: str) -> Any:
+    """One package data file of corpus fragments, `mechdiff/data/corpora/<name>.json`."""
+    return json.loads(resources.files("mechdiff.data").joinpath("corpora", f"{name}.json").read_text("utf-8"))
+
+
+def _topic_records(topics: dict[str, dict[str, list]], generic: list[str], dataset: str, rng: random.Random,
                    n_topic_frames: int = 3, n_generic: int = 1) -> list[dict[str, Any]]:
     """Compose `n_topic_frames + n_generic` prompts per entity, each from a different frame."""
     out: list[dict[str, Any]] = []
@@ -100,8 +108,9 @@ def _topic_records(topics: dict[str, T.Topic], generic: list[str], dataset: str,
 
 def _neutral_records(rng: random.Random, per_act: int = 2) -> list[dict[str, Any]]:
     out = []
-    for i, act in enumerate(T.NEUTRAL_ACTS):
-        for frame in rng.sample(T.NEUTRAL_FRAMES, per_act):
+    frag = _fragments("neutral")
+    for i, act in enumerate(frag["acts"]):
+        for frame in rng.sample(frag["frames"], per_act):
             text = frame.format(act=act, Act=_cap(act))
             out.append({"text": text, "dataset": "neutral", "group": f"neutral:{i:03d}", "label": -1, "trait": "",
                         "topic": "everyday", "form": _form(text)})
@@ -110,18 +119,14 @@ def _neutral_records(rng: random.Random, per_act: int = 2) -> list[dict[str, Any
 
 def _trait_records(rng: random.Random) -> list[dict[str, Any]]:
     """Graded sentences: every core sentence at every intensity 0..3 (minimal sets share a group)."""
-    specs: list[tuple[str, list, list[list[str]]]] = [
-        ("politeness", T.POLITENESS_CORES, T.POLITENESS_LEVELS),
-        ("formality", T.FORMALITY_CORES, T.FORMALITY_LEVELS),
-        ("certainty", T.CERTAINTY_CORES, T.CERTAINTY_LEVELS),
-        ("sentiment_positive", T.SENTIMENT_CORES, T.SENTIMENT_LEVELS),
-    ]
+    frag = _fragments("traits")
     out = []
-    for trait, cores, levels in specs:
+    for trait in TRAITS:
+        cores, levels = frag[trait]["cores"], frag[trait]["levels"]
         for i, core in enumerate(cores):
             for label, templates in enumerate(levels):
                 tpl = rng.choice(templates)
-                if isinstance(core, tuple):
+                if isinstance(core, list):  # [casual wording, formal wording]
                     text = tpl.format(casual=core[0], formal=core[1])
                 else:
                     text = tpl.format(core=core, Core=_cap(core))
@@ -133,7 +138,7 @@ def _trait_records(rng: random.Random) -> list[dict[str, Any]]:
 def default_concepts() -> dict:
     """The concept hierarchy: {"parents": {parent: {"words": [...], "children": {child: [...]}}}}."""
     parents = {}
-    for parent, children in T.CONCEPTS.items():
+    for parent, children in _fragments("concepts").items():
         words = [w for ws in children.values() for w in ws]
         parents[parent] = {"words": words, "children": {c: list(ws) for c, ws in children.items()}}
     return {"parents": parents}
@@ -141,10 +146,11 @@ def default_concepts() -> dict:
 
 def default_records() -> dict[str, list[dict[str, Any]]]:
     """The records of each default corpus file (deterministic: a fixed seed per file)."""
+    cultural, control = _fragments("cultural"), _fragments("control")
     return {
-        "cultural.jsonl": _topic_records(T.CULTURAL, T.CULTURAL_GENERIC_FRAMES, "cultural",
+        "cultural.jsonl": _topic_records(cultural["topics"], cultural["generic_frames"], "cultural",
                                          random.Random(_GEN_SEED)),
-        "control.jsonl": _topic_records(T.CONTROL, T.CONTROL_GENERIC_FRAMES, "control",
+        "control.jsonl": _topic_records(control["topics"], control["generic_frames"], "control",
                                         random.Random(_GEN_SEED + 1)),
         "neutral.jsonl": _neutral_records(random.Random(_GEN_SEED + 2)),
         "traits.jsonl": _trait_records(random.Random(_GEN_SEED + 3)),
@@ -277,6 +283,9 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
     else:
         rows = _read_hf(src, data_dir)
         where, text_field, label_field = f"source {name!r}", "text", "label"
+    if not rows:
+        origin = where if "path" in src else f"hf {src['hf']!r}"
+        raise MechdiffError(f"corpus source {name!r} ({origin}) has no records: fill it or remove it from data.sources")
     out = []
     for i, rec in enumerate(rows):
         text = rec.get(text_field)
@@ -298,7 +307,8 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
     A source is `{"name", "path"}` (JSONL relative to `data_dir` or absolute; optional `text_field`,
     `label_field`, `n`) or `{"name", "hf", "config", "split", "data_files", "text_field", "label_field", "n"}`
     (first `n` rows). A record's `dataset` field wins over the source name. `max_per_dataset` keeps a seeded
-    random subset of each dataset (in its original order).
+    subset of each dataset (in its original order), stratified by (trait, label) so every graded label of every
+    trait stays when the budget allows. A source without records is an error naming it.
     """
     data_dir = Path(data_dir)
     sources = DEFAULT_SOURCES if sources is None else sources
@@ -309,8 +319,6 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
     prompts: list[Prompt] = []
     for src in sources:
         prompts.extend(_source_prompts(src, data_dir))
-    if not prompts:
-        raise MechdiffError(f"the corpus in {data_dir} is empty: {_MISSING_HINT}, or check the sources")
     if max_per_dataset is not None:
         by_ds: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
@@ -318,12 +326,48 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
         rng = np.random.default_rng(seed)
         keep: list[int] = []
         for ds in sorted(by_ds):
-            idx = by_ds[ds]
-            if len(idx) > max_per_dataset:
-                idx = [idx[j] for j in np.sort(rng.choice(len(idx), max_per_dataset, replace=False))]
-            keep.extend(idx)
+            idx = np.asarray(by_ds[ds])
+            strata = [(prompts[i].trait, prompts[i].label) for i in idx]
+            keep.extend(idx[stratified_subsample(strata, max_per_dataset, rng)].tolist())
         prompts = [prompts[i] for i in sorted(keep)]
     return [replace(p, pid=i) for i, p in enumerate(prompts)]
+
+
+def source_datasets(data_dir: str | Path, sources: list[dict] | None = None) -> set[str]:
+    """The dataset names the sources provide, checking that every local file exists and has records.
+
+    Hub (`hf`) sources are not fetched: each counts as the dataset of its name, as `load_corpus` loads it.
+    """
+    data_dir = Path(data_dir)
+    names: set[str] = set()
+    for src in DEFAULT_SOURCES if sources is None else sources:
+        if isinstance(src, dict) and "hf" in src and "path" not in src and isinstance(src.get("name"), str):
+            names.add(src["name"])
+        else:
+            names.update(p.dataset for p in _source_prompts(src, data_dir))
+    return names
+
+
+def stratified_subsample(strata: Sequence[Any], n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a seeded subsample of at most `n` items, proportional to the strata (sortable keys).
+
+    Every stratum keeps at least one item when `n` allows it (`n` >= the number of strata); the rest of the
+    budget is shared in proportion to the strata's remaining sizes by largest remainder (ties broken by `rng`).
+    Written here because scikit-learn's stratified splitters may drop a small stratum entirely.
+    """
+    code = {s: k for k, s in enumerate(sorted(set(strata)))}
+    inv = np.asarray([code[s] for s in strata], dtype=np.int64)
+    counts = np.bincount(inv, minlength=len(code))
+    if n >= len(inv):
+        return np.arange(len(inv))
+    floor = np.ones_like(counts) if n >= len(counts) else np.zeros_like(counts)
+    share = (n - floor.sum()) * (counts - floor) / (counts - floor).sum()
+    alloc = floor + np.floor(share).astype(np.int64)
+    order = rng.permutation(len(counts))
+    frac = (share - np.floor(share))[order]
+    alloc[order[np.argsort(-frac, kind="stable")[: n - alloc.sum()]]] += 1
+    keep = [rng.choice(np.flatnonzero(inv == k), size=a, replace=False) for k, a in enumerate(alloc) if a]
+    return np.sort(np.concatenate(keep))
 
 
 # ---------------------------------------------------------------- splits

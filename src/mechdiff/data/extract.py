@@ -191,7 +191,7 @@ def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict
     W = _window(shard_rows, batch_size)
     row_views = [(s.name, v) for s in site_list for v in vw[s.name] if v != "tokens"]
     tok_sites = [s.name for s in site_list if "tokens" in vw[s.name]]
-    vocab = writer._vocab
+    vocab = writer.vocab_size
     with bar:
         for w0 in range(writer.start, n, W):
             idx = np.arange(w0, min(n, w0 + W))

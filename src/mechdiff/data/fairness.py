@@ -16,6 +16,7 @@ import torch
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.tokens import render
+from mechdiff.stats.kl import allowed_index
 
 MODES = ("strict", "ratio")
 
@@ -176,11 +177,11 @@ def filter_prompts(texts_or_prompts: Sequence[Any], tok_a: Any, tok_b: Any, sv: 
 
 
 def _check_ids(ids: np.ndarray, width: int, what: str) -> None:
-    if ids.size == 0:
-        raise MechdiffError(f"{what}: no allowed token ids, so every logit would be -inf")
-    if ids.min() < 0 or ids.max() >= width:
-        raise MechdiffError(f"{what}: token id {int(ids.max())} is outside the logits' vocabulary of {width}: "
-                            f"the tokenizer does not match the model")
+    """One-line error unless `ids` is a non-empty set of ids within the logits' vocabulary (`allowed_index`)."""
+    try:
+        allowed_index(ids, width)
+    except MechdiffError as exc:
+        raise MechdiffError(f"{what}: {exc}") from None
 
 
 def mask_logits(logits: torch.Tensor | np.ndarray, allowed: np.ndarray | None) -> torch.Tensor | np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from mechdiff.errors import MechdiffError
+from mechdiff.io import to_jsonable
 
 FORMAT = 1
 VIEWS = ("last", "mean", "tokens")
@@ -70,8 +71,9 @@ def _codecs(name: str | None):
 
 
 def _jsonable(x: Any, what: str) -> Any:
+    """`x` converted by `mechdiff.io.to_jsonable` and round-tripped through JSON, as zarr attrs will hold it."""
     try:
-        return json.loads(json.dumps(x))
+        return json.loads(json.dumps(to_jsonable(x)))
     except (TypeError, ValueError) as exc:
         raise MechdiffError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {exc}") from exc
 
@@ -619,6 +621,11 @@ class StoreWriter:
         self.max_buffered_rows = 0
         self.max_buffered_tokens = 0
         self.commits = 0
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Width of the logits this writer expects per prompt, or None when the store keeps no logits."""
+        return self._vocab
 
     @property
     def buffer_bytes(self) -> int:

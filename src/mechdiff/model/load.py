@@ -29,11 +29,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
+from mechdiff.io import to_jsonable
 from mechdiff.model.sites import find_blocks, model_width
 
 META_FILE = "mechdiff_model.json"
@@ -195,19 +195,34 @@ def _finish(model: nn.Module, device: str) -> nn.Module:
     return model.eval()
 
 
+def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
+    """The tokenizer of a resolved spec (`resolve_spec`) without its model; a hub id only from the local cache
+    unless `local_only` is False."""
+    from transformers import AutoTokenizer
+
+    if info["kind"] == "dir":
+        return AutoTokenizer.from_pretrained(info["path"])
+    if info["kind"] in ("gguf", "package"):
+        return AutoTokenizer.from_pretrained(info["path"], gguf_file=info["gguf_file"])
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    if info.get("gguf_file"):
+        kw["gguf_file"] = info["gguf_file"]
+    return AutoTokenizer.from_pretrained(info["id"], local_files_only=local_only, **kw)
+
+
 def load_model(
     spec: str, *, gguf_file: str | None = None, revision: str | None = None, dtype: str = "float32",
     device: str = "cpu",
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a spec (see the module docstring); the model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tdt = _torch_dtype(dtype)
     info = resolve_spec(spec, gguf_file)
     kind = info["kind"]
     if kind == "dir":
         try:
-            tok = AutoTokenizer.from_pretrained(info["path"])
+            tok = spec_tokenizer(info)
             model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=tdt)
         except (OSError, ValueError, KeyError) as exc:
             raise MechdiffError(f"cannot load model from {info['path']}: {str(exc).splitlines()[0]}") from exc
@@ -215,7 +230,7 @@ def load_model(
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]
         try:
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            tok = spec_tokenizer(info)
             gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
@@ -229,13 +244,13 @@ def load_model(
     if info.get("gguf_file"):
         kw["gguf_file"] = info["gguf_file"]
     try:
-        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=True, **kw)
+        tok = spec_tokenizer(info, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
     except (OSError, ValueError) as exc:
         if not _hub_reachable():
             raise _no_network(model_id) from exc
         try:
-            tok = AutoTokenizer.from_pretrained(model_id, **kw)
+            tok = spec_tokenizer(info, revision=revision, local_only=False)
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
         except (OSError, ValueError) as exc2:
             raise MechdiffError(f"cannot load hub model {model_id!r}: {str(exc2).splitlines()[0]}") from exc2
@@ -256,7 +271,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> P
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(to_jsonable(meta), indent=2, sort_keys=True) + "\n")
         if out.exists():
             out.rename(old)
         tmp.rename(out)
@@ -267,18 +282,6 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> P
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_json"):
-        return o.to_json()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
@@ -304,13 +307,38 @@ def load_tokenizer(out_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(out)
 
 
-def load_meta(out_dir: str | Path) -> dict:
-    """The `mechdiff_model.json` metadata of a saved model ({} if absent)."""
-    p = Path(out_dir) / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
 # --------------------------------------------------------------------------------------------- checks
+
+
+def _hub_cached(model_id: str, revision: str | None, gguf_file: str | None) -> bool:
+    """Whether the local Hugging Face cache holds the model's config (or its GGUF file); nothing is downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, gguf_file or "config.json", revision=revision), str)
+
+
+def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str | None = None,
+               key: str = "pair.base.id") -> dict[str, Any]:
+    """Resolve a model spec without loading or downloading it (a hub id must be cached or the hub reachable);
+    errors name the params `key`."""
+    try:
+        info = resolve_spec(spec, gguf_file)
+    except MechdiffError as e:
+        raise MechdiffError(f"{key}: {e}") from e
+    if info["kind"] == "hub" and not _hub_cached(info["id"], revision, gguf_file) and not _hub_reachable():
+        raise MechdiffError(f"{key}: {_no_network(info['id'])}")
+    return info
+
+
+def check_vocab(tok_base: Any, tok_tuned: Any, *, fairness: bool) -> None:
+    """Raise MechdiffError when the tokenizers' vocabularies differ and pair.fairness.enabled is off."""
+    vb, vt = tok_base.get_vocab(), tok_tuned.get_vocab()
+    if vb != vt and not fairness:
+        only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
+        raise MechdiffError(
+            f"the tokenizers differ ({len(vb)} vs {len(vt)} tokens; {only_b} only in base, {only_t} only in tuned): "
+            "set pair.fairness.enabled: true in params.yaml to compare on the shared vocabulary"
+        )
 
 
 def check_pair(base: Any, tok_base: Any, tuned: Any, tok_tuned: Any, *, fairness: bool) -> None:
@@ -324,10 +352,4 @@ def check_pair(base: Any, tok_base: Any, tuned: Any, tok_tuned: Any, *, fairness
     wb, wt = model_width(base), model_width(tuned)
     if wb != wt:
         raise MechdiffError(f"base has width {wb} but tuned has width {wt}: the pair must share its hidden size")
-    vb, vt = tok_base.get_vocab(), tok_tuned.get_vocab()
-    if vb != vt and not fairness:
-        only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
-        raise MechdiffError(
-            f"the tokenizers differ ({len(vb)} vs {len(vt)} tokens; {only_b} only in base, {only_t} only in tuned): "
-            "set fairness.enabled: true in params.yaml to compare on the shared vocabulary"
-        )
+    check_vocab(tok_base, tok_tuned, fairness=fairness)

@@ -76,18 +76,18 @@ def output_projection(module: nn.Module, d: int, what: str) -> nn.Module:
 def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: float, seed: int) -> EditInfo:
     """Plant out' = out (I + scale U U^T) in place at a site (U seeded random orthonormal, d x rank)."""
     if kind not in EDIT_KINDS:
-        raise MechdiffError(f"unknown edit kind {kind!r}: use one of {', '.join(EDIT_KINDS)}")
+        raise MechdiffError(f"pair.edit.site {kind!r} is not an edit site: use one of {', '.join(EDIT_KINDS)}")
     n = len(find_blocks(model))
     if not isinstance(layer, int | np.integer) or not 0 <= int(layer) < n:
-        raise MechdiffError(f"edit layer {layer} out of range: the model has {n} blocks (0..{n - 1})")
+        raise MechdiffError(f"pair.edit.layer {layer} out of range: the model has {n} blocks (0..{n - 1})")
     layer = int(layer)
     d = model_width(model)
     if not isinstance(rank, int | np.integer) or not 1 <= int(rank) <= d:
-        raise MechdiffError(f"edit rank must be an integer in 1..{d} (the model width), got {rank!r}")
+        raise MechdiffError(f"pair.edit.rank must be an integer in 1..{d} (the model width), got {rank!r}")
     if not np.isfinite(scale) or float(scale) == 0.0:
-        raise MechdiffError(f"edit scale must be a finite non-zero number, got {scale!r}")
+        raise MechdiffError(f"pair.edit.scale must be a finite non-zero number, got {scale!r}")
     if kind == "resid_pre" and layer == 0:
-        raise MechdiffError("cannot edit L0.resid_pre (it is the embedding output): use a later layer or resid_post")
+        raise MechdiffError("cannot edit L0.resid_pre (it is the embedding output): raise pair.edit.layer or set pair.edit.site: resid_post")
     target_layer = layer - 1 if kind == "resid_pre" else layer
     target_kind = "attn_out" if kind == "attn_out" else "mlp_out"
     mod = site_module(model, Site(target_layer, target_kind))
@@ -136,14 +136,14 @@ def finetune(
         raise MechdiffError("no fine-tune texts: the training corpus is empty")
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("max_len", max_len, 2)):
         if not isinstance(v, int | np.integer) or v < lo:
-            raise MechdiffError(f"finetune {name} must be an integer >= {lo}, got {v!r}")
+            raise MechdiffError(f"pair.finetune.{name} must be an integer >= {lo}, got {v!r}")
     if not (isinstance(lr, float | int) and np.isfinite(lr) and lr > 0):
-        raise MechdiffError(f"finetune lr must be a positive number, got {lr!r}")
+        raise MechdiffError(f"pair.finetune.lr must be a positive number, got {lr!r}")
     blocks = find_blocks(model)
     n = len(blocks)
     chosen = list(range(n)) if layers is None else [int(x) for x in layers]
     if not chosen or any(not 0 <= x < n for x in chosen):
-        raise MechdiffError(f"finetune layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
+        raise MechdiffError(f"pair.finetune.layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
     ids = _encode_texts(tokenizer, list(texts), int(max_len))
     pad = pad_id(tokenizer)
 
@@ -186,7 +186,7 @@ def finetune(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100
             )
             if not torch.isfinite(loss):
-                raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower finetune.lr")
+                raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

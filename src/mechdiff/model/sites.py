@@ -1,10 +1,16 @@
-"""Hook sites of any HF causal LM: find blocks, capture and replace activations."""
+"""Hook sites of any HF causal LM: find blocks; read, replace or add to activations at a site and position.
+
+Public hook API (context managers; everything else in the project builds on these): `edit_at` (t -> fn(t)),
+`read_at`, `replace_at` and `add_at` (at one position per row, or every position), and `capture` (one
+forward, activations of many sites).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +131,7 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _register_read(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.RemovableHandle:
+def _register_hook(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.RemovableHandle:
     """Register `fn(tensor)` on the site's activation; the returned value (if any) replaces it."""
     if kind == "resid_pre":
 
@@ -173,7 +179,7 @@ def capture(
     for s in sites:
         def fn(t, _name=s.name):
             acts[_name] = t.detach()
-        handles.append(_register_read(site_module(model, s), s.kind, fn))
+        handles.append(_register_hook(site_module(model, s), s.kind, fn))
     blocks = find_blocks(model)
     if logits_at is None and sites:
         def stop(_m, _a, _o):
@@ -214,17 +220,76 @@ def decision_logits(
 
 
 @contextlib.contextmanager
-def replace_at(model: nn.Module, site: Site, positions: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
-    """Within the block, the site's activation at row b, position positions[b] becomes vectors[b]."""
-    positions = positions.long()
+def edit_at(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, the site's activation t (B, T, d) becomes fn(t) on every forward (None leaves t as is).
+
+    The one public hook of the project: reading, replacing, adding, SAE splicing and steering are built on it.
+    `fn` must not modify `t` in place (clone it first); stack several sites with `contextlib.ExitStack`.
+    """
+    with _hooks([_register_hook(site_module(model, site), site.kind, fn)]):
+        yield
+
+
+@contextlib.contextmanager
+def read_at(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], Any]) -> Iterator[None]:
+    """Within the block, fn(t) sees the site's (detached) activation t (B, T, d) on every forward; t is unchanged."""
+
+    def read(t: torch.Tensor) -> None:
+        fn(t.detach())
+
+    with edit_at(model, site, read):
+        yield
+
+
+def _where(t: torch.Tensor, positions: torch.Tensor | None, rows: torch.Tensor | None):
+    """Index of the (row, position) cells of t (B, T, d): one position per row, or every position when None."""
+    if positions is None:
+        return (slice(None) if rows is None else rows.to(t.device), slice(None))
+    pos = torch.as_tensor(positions).long().to(t.device)
+    r = torch.arange(t.shape[0], device=t.device) if rows is None else torch.as_tensor(rows).long().to(t.device)
+    if r.shape != pos.shape:
+        raise MechdiffError(f"positions must give one position per patched row: {tuple(pos.shape)} vs {tuple(r.shape)}")
+    return (r, pos)
+
+
+def _vectors_for(t: torch.Tensor, vectors: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    v = torch.as_tensor(vectors).to(device=t.device, dtype=t.dtype)
+    return v[:, None, :] if positions is None and v.dim() == 2 else v
+
+
+@contextlib.contextmanager
+def replace_at(model: nn.Module, site: Site, positions: torch.Tensor | None, vectors: torch.Tensor, *,
+               rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the block, the site's activation at (rows[i], positions[i]) becomes vectors[i].
+
+    rows None = every batch row in order (row b at positions[b]); positions None = every position of the rows
+    (vectors (B, d) per row, or one (d,) vector).
+    """
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        rows = torch.arange(t.shape[0], device=t.device)
-        t[rows, positions.to(t.device)] = vectors.to(device=t.device, dtype=t.dtype)
+        t[_where(t, positions, rows)] = _vectors_for(t, vectors, positions)
         return t
 
-    with _hooks([_register_read(site_module(model, site), site.kind, fn)]):
+    with edit_at(model, site, fn):
+        yield
+
+
+@contextlib.contextmanager
+def add_at(model: nn.Module, site: Site, positions: torch.Tensor | None, vectors: torch.Tensor, *,
+           scale: float = 1.0, rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the block, scale * vectors[i] is added to the site's activation at (rows[i], positions[i]).
+
+    Same indexing as `replace_at` (positions None = every position: steering a whole prompt).
+    """
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        idx = _where(t, positions, rows)
+        t[idx] = t[idx] + float(scale) * _vectors_for(t, vectors, positions)
+        return t
+
+    with edit_at(model, site, fn):
         yield
 
 

@@ -60,9 +60,9 @@ def encode(tokenizer, texts: Sequence[str], *, chat: bool = True, max_len: int =
         if not isinstance(t, str) or not t.strip():
             raise MechdiffError(f"empty or non-text prompt {t!r}: remove it from the corpus")
         ids = tokenizer(render(tokenizer, t, chat), add_special_tokens=False)["input_ids"]
-        if chat and getattr(tokenizer, "chat_template", None):
-            pass
-        elif getattr(tokenizer, "bos_token_id", None) is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        templated = chat and getattr(tokenizer, "chat_template", None)
+        if not templated and getattr(tokenizer, "bos_token_id", None) is not None \
+                and (not ids or ids[0] != tokenizer.bos_token_id):
             ids = [tokenizer.bos_token_id, *ids]
         ids = list(ids)[-max_len:]
         out_ids.append(ids)
@@ -79,6 +79,20 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad: int, device: str | torch.device = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) long tensors of token sequences right-padded with `pad` to the longest."""
+    if len(seqs) == 0:
+        raise MechdiffError("no sequences to pad: the batch is empty")
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        ids[j, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        mask[j, : len(x)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def batches(
     enc: Encoded, idx: Sequence[int] | np.ndarray, batch_size: int, pad: int, device: str | torch.device = "cpu",
     sort_by_length: bool = True,
@@ -93,12 +107,6 @@ def batches(
     order = idx[np.argsort(enc.lengths[idx], kind="stable")] if sort_by_length else idx
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
-        T = max(len(enc.ids[r]) for r in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for j, r in enumerate(rows):
-            x = enc.ids[r]
-            ids[j, : len(x)] = torch.tensor(x)
-            mask[j, : len(x)] = 1
+        ids, mask = right_pad([enc.ids[r] for r in rows], pad, device)
         pos = torch.tensor([enc.decision[r] for r in rows], dtype=torch.long)
-        yield rows, ids.to(device), mask.to(device), pos.to(device)
+        yield rows, ids, mask, pos.to(device)

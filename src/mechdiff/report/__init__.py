@@ -1,1 +1,2 @@
-"""The HTML report and the figures the stages draw."""
+"""The run report: `registry` (what each stage shows), `summary` (the opening facts), `run` (a run's declared
+files), `plots` (figures, also drawn by stages) and `html` (the page)."""

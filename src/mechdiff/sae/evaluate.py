@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, _hooks, _register_read, capture, model_width, site_module
-from mechdiff.model.tokens import Encoded, batches
+from mechdiff.model.sites import Site, capture, model_width, read_at, replace_at
+from mechdiff.model.tokens import Encoded, batches, pad_id
 from mechdiff.sae.model import TopKSAE
+from mechdiff.sae.sources import read_source, source_rows, tokens_paired
+from mechdiff.stats.kl import kl_divergence
 
 RefLogits = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray] | None
 
@@ -33,7 +35,11 @@ def _as_matrix(X: np.ndarray | torch.Tensor, d: int) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 4096) -> dict:
-    """FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2, mean L0, dead % (never active on X), MSE per element."""
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2, mean L0, dead % (never active on X), MSE per element.
+
+    FVU equals 1 - sklearn's r2_score(X, X_hat, multioutput="variance_weighted"); it is summed here batch by
+    batch so that X_hat is never held whole.
+    """
     X = _as_matrix(X, sae.d_total)
     n = X.shape[0]
     mu = X.double().mean(0)
@@ -56,18 +62,6 @@ def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 40
         "mse": sse / (n * sae.d_total),
         "n": n,
     }
-
-
-@contextlib.contextmanager
-def _splice(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within the block, the site's activation tensor t (B, T, d) becomes fn(t)."""
-    with _hooks([_register_read(site_module(model, site), site.kind, fn)]):
-        yield
-
-
-def _kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities."""
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 SPLICE_SOURCES = ("base", "tuned", "delta", "crosscoder")
@@ -155,7 +149,7 @@ def _inputs(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | Mapping[s
             raise MechdiffError(f"no encoded prompts for the {', '.join(miss)} model: pass one Encoded per model")
         shared = enc[need[0]]
         for m in need[1:]:
-            if any(shared.ids[r] != enc[m].ids[r] or shared.decision[r] != enc[m].decision[r] for r in rows):
+            if not tokens_paired(shared, enc[m], rows):
                 raise MechdiffError(f"base and tuned tokenise the held-out prompts differently: {src} splicing "
                                     "needs the same tokens in both models (use one tokenizer)")
     elif isinstance(enc, Encoded):
@@ -201,28 +195,13 @@ def _select(t: torch.Tensor, positions: str, pos: torch.Tensor) -> torch.Tensor:
     return t[torch.arange(t.shape[0], device=t.device), pos.to(t.device)]
 
 
-def _put(v: torch.Tensor, positions: str, pos: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A splice function writing the rows `v` (as laid out by `_select`) into the site activation."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        if positions == "all":
-            t[:, 1:] = v.reshape(t.shape[0], t.shape[1] - 1, -1).to(device=t.device, dtype=t.dtype)
-        else:
-            t[torch.arange(t.shape[0], device=t.device), pos.to(t.device)] = v.to(device=t.device, dtype=t.dtype)
-        return t
-
-    return fn
-
-
-def _keep(store: dict[str, torch.Tensor], name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A splice function that records the site activation under `name` and leaves it unchanged."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        store[name] = t.detach()
-        return t
-
-    return fn
+def _spliced(model: nn.Module, site: Site, clean: torch.Tensor, v: torch.Tensor, positions: str, pos: torch.Tensor):
+    """`replace_at` writing the rows `v` (as laid out by `_select`) into the site activation (clean: (B, T, d))."""
+    if positions == "all":  # every position but the sink at 0, which keeps its clean value
+        full = clean.clone()
+        full[:, 1:] = v.reshape(clean.shape[0], clean.shape[1] - 1, -1).to(device=clean.device, dtype=clean.dtype)
+        return replace_at(model, site, None, full)
+    return replace_at(model, site, pos, v)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -231,11 +210,11 @@ def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def _add_losses(acc: dict[str, float], kind: str, lg: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                pos: torch.Tensor, logp_ref: torch.Tensor) -> None:
+                pos: torch.Tensor, ref: torch.Tensor) -> None:
     """Add the summed next-token CE (valid pairs) and decision-token KL(p || p_ref) of logits (B, T, V)."""
     ids, mask, pos = ids.to(lg.device), mask.to(lg.device), pos.to(lg.device)
-    lp_dec = F.log_softmax(lg[torch.arange(lg.shape[0], device=lg.device), pos], -1)
-    acc[f"kl_{kind}"] += float(_kl_rows(lp_dec, logp_ref.to(lg.device)).sum())
+    dec = lg[torch.arange(lg.shape[0], device=lg.device), pos]
+    acc[f"kl_{kind}"] += float(kl_divergence(dec, ref.to(lg.device)).sum())
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     ce = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     acc[f"ce_{kind}"] += float((ce.view_as(valid) * valid).sum())
@@ -256,7 +235,7 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
         for name in dict.fromkeys((*targets, *reads)):
             model = models[name]
             if name in targets:  # its clean forward gives the logits and, read on the way, the site activation
-                with _splice(model, site, _keep(acts, name)):
+                with read_at(model, site, functools.partial(acts.__setitem__, name)):
                     clean[name] = _logits(model, ids, mask)
             else:
                 dev = _device(model)
@@ -271,11 +250,10 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
                                         f"{lg.shape[-1]} logits")
             else:
                 ref_b = lg[torch.arange(lg.shape[0], device=lg.device), pos.to(lg.device)]
-            logp_ref = F.log_softmax(ref_b.to(lg.device), -1)
-            _add_losses(tot[name], "clean", lg, ids, mask, pos, logp_ref)
+            _add_losses(tot[name], "clean", lg, ids, mask, pos, ref_b)
             for kind in ("sae", "zero"):
-                with _splice(models[name], site, _put(new[kind][name], positions, pos)):
-                    _add_losses(tot[name], kind, _logits(models[name], ids, mask), ids, mask, pos, logp_ref)
+                with _spliced(models[name], site, acts[name], new[kind][name], positions, pos):
+                    _add_losses(tot[name], kind, _logits(models[name], ids, mask), ids, mask, pos, ref_b)
         n_tok += int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
         n_rows += ids.shape[0]
     return tot, n_rows, n_tok
@@ -330,3 +308,65 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     res["n_prompts"] = n_rows
     res["n_tokens"] = n_tok
     return res
+
+
+def crosscoder_norm_shares(sae: TopKSAE, *, base_only: float = 0.1, tuned_only: float = 0.9,
+                           shared: tuple[float, float] = (0.3, 0.7), bins: int = 20) -> tuple[dict, list[dict]]:
+    """Crosscoder latents by their tuned decoder-norm share r = ||d_tuned|| / (||d_base|| + ||d_tuned||).
+
+    Counts n_base_only (r < base_only), n_tuned_only (r > tuned_only), n_shared (shared[0] <= r <= shared[1]),
+    and a histogram over [0, 1]: rows {rel_norm_tuned (bin centre, 3 decimals), n_latents}.
+    """
+    if sae.n_blocks != 2:
+        raise MechdiffError(f"decoder-norm shares need a crosscoder (n_blocks=2), got n_blocks={sae.n_blocks}")
+    rel = sae.relative_norms(block=1).cpu().numpy()
+    counts = {"n_base_only": int((rel < base_only).sum()), "n_tuned_only": int((rel > tuned_only).sum()),
+              "n_shared": int(((rel >= shared[0]) & (rel <= shared[1])).sum())}
+    hist, edges = np.histogram(rel, bins=bins, range=(0.0, 1.0))
+    centres = edges[:-1] + 0.5 / bins
+    return counts, [{"rel_norm_tuned": round(float(c), 3), "n_latents": int(h)} for c, h in zip(centres, hist)]
+
+
+# a model by name ("base" | "tuned") -> (model, tokenizer, its encoding of every prompt), loaded once by the caller
+ModelLoader = Callable[[str], tuple[nn.Module, object, Encoded]]
+
+
+def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[[str, int], TopKSAE], base, tuned,
+                  val: np.ndarray, models: ModelLoader, *, view: str, batch_size: int,
+                  log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """Every SAE at L<layer>.resid_post on the held-out prompts `val`: `eval_sae` on its source's activations,
+    `spliced_metrics` into the model(s) it was trained on (delta and crosscoder only when `tokens_paired`),
+    and for a crosscoder `crosscoder_norm_shares`.
+
+    Returns metrics {"<source>_L<layer>": {...}} and the crosscoders' norm-share histogram rows (with layer).
+    `load(source, layer)` gives an SAE; `models(name)` a model, its tokenizer and its prompt encoding.
+    """
+    val = np.asarray(val, dtype=np.int64)
+    paired = tokens_paired(base, tuned, val)
+    metrics: dict = {}
+    norm_rows: list[dict] = []
+    for layer in layers:
+        site = f"L{layer}.resid_post"
+        rows = source_rows(base, view, val)
+        for source in sources:
+            sae = load(source, layer)
+            m = eval_sae(sae, read_source(source, base, tuned, site, view, rows))
+            names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
+            loaded = {n: models(n) for n in names}
+            if len(names) == 2 and not (paired and _vocab(loaded["base"][0]) == _vocab(loaded["tuned"][0])):
+                log(f"sae_eval: {source}_L{layer}: base and tuned tokenisers differ, so tokens do not pair up: "
+                    "no spliced metrics")
+            else:
+                sp = spliced_metrics({n: v[0] for n, v in loaded.items()}, {n: v[2] for n, v in loaded.items()}, val,
+                                     Site(layer), sae, source=source, batch_size=batch_size,
+                                     positions="all" if view == "tokens" else "decision",
+                                     pad=pad_id(loaded[names[-1]][1]))
+                m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
+            if source == "crosscoder":
+                counts, hist = crosscoder_norm_shares(sae)
+                m.update(counts)
+                norm_rows += [{"layer": layer, **r} for r in hist]
+            metrics[f"{source}_L{layer}"] = m
+            rec = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("ce_recovered"))
+            log(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%  {rec}")
+    return metrics, norm_rows

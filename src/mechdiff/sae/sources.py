@@ -8,17 +8,55 @@ import numpy as np
 
 from mechdiff.data.store import ActStore, DeltaView
 from mechdiff.errors import MechdiffError
+from mechdiff.model.tokens import Encoded
 
 SOURCES = ("base", "tuned", "delta", "crosscoder")
 
 
+def tokens_paired(base: ActStore | Encoded, tuned: ActStore | Encoded, prompt_rows: np.ndarray | None = None) -> bool:
+    """The one base/tuned token-pairing check: do both sides hold the same tokens for the prompt rows (all if None)?
+
+    Two activation stores: same prompt count and, for the rows, the same lengths and stored token ids (a store
+    without token ids, i.e. without a tokens view, falls back to the hash of every prompt's ids that `extract`
+    records, params.token_ids_sha). Two encodings (`Encoded`): the same ids and decision positions.
+    """
+    if isinstance(base, Encoded) and isinstance(tuned, Encoded):
+        rows = range(len(base)) if prompt_rows is None else np.asarray(prompt_rows, dtype=np.int64).tolist()
+        return len(base) == len(tuned) and all(base.ids[r] == tuned.ids[r] and base.decision[r] == tuned.decision[r]
+                                               for r in rows)
+    if not (isinstance(base, ActStore) and isinstance(tuned, ActStore)):
+        raise MechdiffError(f"tokens_paired compares two ActStores or two Encoded, got {type(base).__name__} and "
+                            f"{type(tuned).__name__}")
+    if base.n != tuned.n:
+        return False
+    rows = np.arange(base.n) if prompt_rows is None else np.asarray(prompt_rows, dtype=np.int64)
+    if not np.array_equal(base.index("n_tokens")[rows], tuned.index("n_tokens")[rows]):
+        return False
+    try:
+        ids_b, ids_t = base.index("tok_id"), tuned.index("tok_id")
+    except MechdiffError:
+        sha = base.attrs.get("params", {}).get("token_ids_sha")
+        return sha is not None and sha == tuned.attrs.get("params", {}).get("token_ids_sha")
+    tr = base.token_rows(rows)
+    return bool(np.array_equal(ids_b[tr], ids_t[tr]))
+
+
 def check_paired(base: ActStore, tuned: ActStore, view: str) -> None:
     """Delta and crosscoder sources need the two stores to hold the same rows (same tokens for 'tokens')."""
-    if view == "tokens" and not np.array_equal(base.index("tok_id"), tuned.index("tok_id")):
+    if view == "tokens" and not tokens_paired(base, tuned):
         raise MechdiffError(
             "the two models tokenise the prompts differently, so token-level delta/crosscoder rows do not pair up: "
             "set sae.view to last or mean"
         )
+
+
+def check_finite(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> None:
+    """Raise unless every row the SAE of `source` reads is finite (one streamed pass, before any output is touched)."""
+    stores = {"base": [base], "tuned": [tuned]}.get(source, [base, tuned])
+    for st in stores:
+        for x in st.iter_batches(site, view, 1 << 16, rows=rows, shuffle=False):
+            if not np.isfinite(x).all():
+                raise MechdiffError(f"{st.path} has NaN or inf at {site}/{view}: delete it and rerun its extract stage")
 
 
 def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:

@@ -38,9 +38,9 @@ class SAEConfig:
     d_in: int
     width: int
     k: int
+    batch_size: int  # no default: the caller chooses it (the pipeline passes params sae.batch_size)
     k_aux: int | None = None  # default d_in // 2
     lr: float | None = None  # default 2e-4 * sqrt(2^14 / width), capped at 2e-3
-    batch_size: int = 4096
     batchtopk: bool = False
     n_blocks: int = 1
     dead_tokens: int | None = None  # default min(10M, total_tokens // 10)

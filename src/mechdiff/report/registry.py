@@ -1,0 +1,223 @@
+"""What each stage shows in the report: its figures, tables and summary facts, declared once.
+
+The report renders exactly these entries, in this order. Every file a stage declares under metrics/ or plots/
+in dvc.yaml has exactly one entry here, and vice versa (tests/report/test_registry.py checks it). A new stage
+adds a `StageReport`; a new figure, table or summary line is one more entry in its tuple.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mechdiff.report import summary as S
+from mechdiff.report.plots import KINDS
+from mechdiff.report.run import Ref, Run, metric, plot
+
+TABLE_KINDS = ("json", "csv", "markdown", "files")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure: the table `data` drawn as `kind` (x / y columns, one line per `group`), or the stage's own `image`."""
+
+    key: str
+    title: str
+    data: Ref
+    x: str
+    y: tuple[str, ...]
+    caption: str
+    group: str | None = None
+    kind: str = "line"
+    logx: bool = False
+    band: tuple[str, str] | None = None  # (lo, hi) columns of a confidence band the report draws
+    image: Ref | None = None  # a PNG the stage draws from `data`; the report draws `data` itself when None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"figure {self.key}: kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def refs(self) -> tuple[Ref, ...]:
+        """The declared files this figure shows."""
+        return (self.data,) if self.image is None else (self.data, self.image)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A folded table: a metrics JSON, a CSV, a markdown file, or a folder of files (listed as links)."""
+
+    key: str
+    title: str
+    path: Ref
+    kind: str
+    caption: str
+    columns: dict[str, str] = field(default_factory=dict)  # column -> how to read it (shown under the header)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TABLE_KINDS:
+            raise ValueError(f"table {self.key}: kind {self.kind!r} is not one of {TABLE_KINDS}")
+
+    @property
+    def refs(self) -> tuple[Ref, ...]:
+        """The declared files this table shows."""
+        return (self.path,)
+
+
+@dataclass(frozen=True)
+class SummaryItem:
+    """A summary line: its heading, the function computing its facts, and the figure or table its numbers link to."""
+
+    label: str
+    facts: Callable[[Run], list[S.Fact]]
+    anchor: str
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Everything one DVC stage (matrix stages by their base name) contributes to the report."""
+
+    stage: str
+    title: str
+    about: str
+    figures: tuple[Figure, ...] = ()
+    tables: tuple[Table, ...] = ()
+    summary: tuple[SummaryItem, ...] = ()
+
+    @property
+    def refs(self) -> tuple[Ref, ...]:
+        """Every declared file of the stage that the report shows."""
+        return tuple(r for item in (*self.figures, *self.tables) for r in item.refs)
+
+
+_SAE_COLUMNS = {
+    "fvu": "unexplained variance share; lower is better, < 0.1 is good",
+    "l0": "mean active latents per token",
+    "dead_pct": "% of latents that never fired",
+    "ce_recovered": "share of the CE gap (zero-ablation vs real) closed by the splice; 1 = perfect",
+    "kl_recovered": "the same for next-token KL",
+}
+
+STAGES: tuple[StageReport, ...] = (
+    StageReport(
+        "prepare", "Prompts", "The prompt corpus and its train / val / test splits.",
+        tables=(Table("prepare", "Prompt counts", metric("prepare.json"), "json",
+                      "Prompts kept per dataset and split."),),
+    ),
+    StageReport(
+        "model_tuned", "Tuned model", "How the tuned model was made (a fine-tune of the base or a planted edit).",
+        figures=(Figure("finetune-loss", "Fine-tune loss", plot("finetune_loss.csv"), "step", ("loss",),
+                        "Training loss per step of the narrow fine-tune; empty when the tuned model is not a "
+                        "fine-tune of the base (a given model or a planted edit)."),),
+        tables=(Table("model-tuned", "Tuned model", metric("model_tuned.json"), "json",
+                      "Recipe summary (planted edit layer / rank, or fine-tune loss) and wall time."),),
+    ),
+    StageReport(
+        "fairness", "Token fairness", "The shared vocabulary the two models are compared on.",
+        tables=(Table("fairness", "Fairness filter", metric("fairness.json"), "json",
+                      "Whether the tokenizers are identical, the number of shared tokens and of prompts kept."),),
+    ),
+    StageReport(
+        "divergence", "Divergence", "Where base and tuned representations and outputs differ.",
+        figures=(
+            Figure("cka", "CKA(base, tuned) by layer", plot("cka.csv"), "layer", ("cka_last", "cka_mean"),
+                   "Linear CKA between base and tuned activations (resid_post) at the last token and averaged "
+                   "over tokens: 1 = the same representation up to rotation and scale; the lower, the more "
+                   "the layer changed.", image=plot("cka.png")),
+            Figure("layer-patch", "Layer patch: KL by layer", plot("layer_patch.csv"), "layer",
+                   ("kl_base_into_tuned", "kl_tuned_into_base"),
+                   "Next-token KL after patching one model's resid_post at a layer into the other (validation "
+                   "prompts): 0 before the layers the tuning changed, rising where the change is carried."),
+            Figure("kl-by-dataset", "Next-token KL by dataset", plot("kl_by_dataset.csv"), "kl_mean", ("dataset",),
+                   "KL(tuned || base) at the decision token, mean and bootstrap CI per dataset: a change specific "
+                   "to the tuning domain shows as cultural well above control.", kind="barh",
+                   band=("kl_lo", "kl_hi")),
+        ),
+        tables=(
+            Table("divergence", "Divergence metrics", metric("divergence.json"), "json",
+                  "CKA per site (last token / token mean), KL per dataset, layer-patch KL per layer "
+                  "(rows L<n> are layers).",
+                  {"last": "CKA at the last token", "mean": "CKA over all tokens"}),
+            Table("cka-sites", "CKA at the detail sites", plot("cka_sites.csv"), "csv",
+                  "CKA with bootstrap CI at the attention and MLP outputs of the detail layers.",
+                  {"cka_last": "CKA at the last token", "cka_mean": "CKA over all tokens"}),
+        ),
+        summary=(
+            SummaryItem("Where the change is", S.change_location, "cka"),
+            SummaryItem("Where it moves the output", S.layer_patch_onset, "layer-patch"),
+            SummaryItem("How much the output moves", S.output_divergence, "kl-by-dataset"),
+        ),
+    ),
+    StageReport(
+        "transport", "Transport maps", "Linear maps from base to tuned activations, fit on train prompts.",
+        tables=(Table("transport", "Map fit per site", metric("transport/*.json"), "json",
+                      "One row per site, scored on held-out prompts.",
+                      {"r2_val": "share of tuned variance explained, held out",
+                       "r2_val_shuffled": "baseline: shuffled pairs",
+                       "alpha_auto": "fitted output scale"}),),
+        summary=(SummaryItem("How well the maps reconstruct it", S.map_fit, "transport"),),
+    ),
+    StageReport(
+        "patch", "Rank-k mapped patch", "How many map directions carry the change into the output.",
+        figures=(Figure("rank-k", "KL drop vs rank k", plot("rank_k.csv"), "k", ("kl_drop",),
+                        "Share (%) of the output gap closed when the rank-k mapped base activation replaces the "
+                        "re-coloured one in the tuned model (100 = closed, 0 = no better); band = bootstrap CI.",
+                        group="site", logx=True, image=plot("rank_k.png")),),
+        tables=(
+            Table("patch", "Mapped patch per site", metric("patch.json"), "json",
+                  "KL raw / mapped at the configured rank, its drop with CI, per-dataset drops and min_k.",
+                  {"kl_drop": "% of the gap closed at the configured rank",
+                   "min_k": "fewest directions reaching the target drop (-1: none)"}),
+            Table("alpha", "Alpha sweep", plot("alpha.csv"), "csv", "KL drop per output scale alpha and rank."),
+            Table("rank-k-sites", "Rank-k data per site", plot("rank_k"), "files",
+                  "The rank-k table split by site (for `dvc plots`)."),
+        ),
+        summary=(SummaryItem("How many directions carry it", S.directions, "rank-k"),),
+    ),
+    StageReport(
+        "sae", "SAE training", "Sparse autoencoders on base, tuned, delta and crosscoder activations.",
+        figures=(Figure("sae-training", "SAE training FVU", plot("sae/*_L*.csv"), "tokens", ("fvu",),
+                        "Training FVU against tokens seen, one line per SAE: it should flatten well below 1.",
+                        group="file"),),
+    ),
+    StageReport(
+        "sae_eval", "SAE quality", "Held-out reconstruction and splice quality of each SAE.",
+        figures=(Figure("crosscoder", "Crosscoder decoder-norm shares", plot("crosscoder_norms.csv"),
+                        "rel_norm_tuned", ("n_latents",),
+                        "Latents by the tuned share of their decoder norm: 0 = base-only, 1 = tuned-only, "
+                        "0.5 = shared.", group="layer", image=plot("crosscoder.png")),),
+        tables=(Table("sae-metrics", "SAE metrics", metric("sae.json"), "json",
+                      "Per SAE on held-out prompts; crosscoder splice metrics per model (_base / _tuned).",
+                      _SAE_COLUMNS),),
+        summary=(SummaryItem("How well the SAEs reconstruct it", S.sae_fit, "sae-metrics"),),
+    ),
+    StageReport(
+        "features", "Features", "Which SAE features changed and what they are about.",
+        tables=(
+            Table("features", "Feature types", metric("features.json"), "json",
+                  "Type A = active on base, suppressed on tuned; B = amplified on tuned; C = only on tuned. "
+                  "n_cultural_features: features whose mean differs on cultural vs control prompts (permutation "
+                  "test, BH)."),
+            Table("enrichment-metrics", "Theme enrichment", metric("enrichment.json"), "json",
+                  "Per theme: E = share of delta-SAE features in the theme / their overall share; q = BH-adjusted "
+                  "p.", {"enrichment": "> 1 = over-represented", "q": "BH-adjusted p-value"}),
+            Table("enrichment", "Theme enrichment table", plot("enrichment.csv"), "csv",
+                  "The same with chi² statistics and each text theme's top words."),
+            Table("graded", "Graded concepts", plot("graded.csv"), "csv",
+                  "Best feature per trait scored against graded labels 0-3.",
+                  {"r": "Pearson r with the grade", "tpr": "hit rate on grade 3", "fpr": "false alarms on grade 0"}),
+            Table("themes", "Feature themes", plot("themes.md"), "markdown", "Themes by top-activating texts."),
+            Table("top-examples", "Top-activating examples", plot("top_examples.md"), "markdown",
+                  "The most cultural features and the contexts they fire on (bold = the token)."),
+        ),
+        summary=(
+            SummaryItem("What the features say", S.feature_types, "features"),
+            SummaryItem("Which themes hold the change", S.theme_enrichment, "enrichment"),
+        ),
+    ),
+)
+
+
+def all_refs() -> list[tuple[str, Ref]]:
+    """(stage, declared file) for every file the registry shows."""
+    return [(st.stage, ref) for st in STAGES for ref in st.refs]

@@ -1,0 +1,152 @@
+"""The report's opening summary: a few facts per stage, each a number linked to the figure or table it comes from.
+
+A summary function takes the `Run` and returns `Fact`s (none when its stage's files are absent); the registry
+(`mechdiff.report.registry`) binds each function to a stage and to the figure its numbers link to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mechdiff.report.run import Run, metric, plot
+
+CKA_TOL = 1e-3  # a site has changed when 1 - CKA(base, tuned) exceeds this (float noise is ~1e-6)
+KL_TOL = 1e-4  # nats; the layer patch moves the output where its KL exceeds this (unchanged layers give 0)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One summary fact: a label, the number (linked to its summary item's figure or table) and a short note."""
+
+    label: str
+    value: str
+    note: str = ""
+
+
+def _site(name: str):
+    from mechdiff.model.sites import Site
+
+    return Site.parse(name)
+
+
+def _num(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
+
+
+def _q(q: float) -> str:
+    return "≈ 0" if q == 0 else f"= {_num(q, 2)}"  # metrics keep 6 decimals: 0 means below 5e-7
+
+
+def change_location(run: Run) -> list[Fact]:
+    """Where CKA(base, tuned) first departs from 1 and where it is lowest (last-token view)."""
+    cka = (run.json(metric("divergence.json")) or {}).get("cka") or {}
+    rows = sorted(((_site(name), v["last"]) for name, v in cka.items() if v.get("last") is not None),
+                  key=lambda t: (t[0].layer, t[1]))
+    if not rows:
+        return []
+    changed = [(s, c) for s, c in rows if 1 - c > CKA_TOL]
+    if not changed:
+        return [Fact("representations", "unchanged", f"every site has CKA > {1 - CKA_TOL:g}")]
+    first, low = changed[0], min(changed, key=lambda t: t[1])
+    return [
+        Fact("change starts at", f"L{first[0].layer}",
+             f"first layer with a site at CKA < {1 - CKA_TOL:g} ({first[0].name}: {first[1]:.4f})"),
+        Fact("largest change at", low[0].name, f"lowest CKA, {low[1]:.4f}"),
+    ]
+
+
+def layer_patch_onset(run: Run) -> list[Fact]:
+    """Where patching base activations into the tuned model starts to move its output, and where most."""
+    lp = (run.json(metric("divergence.json")) or {}).get("layer_patch") or {}
+    kl = lp.get("base_into_tuned") or {}
+    if not kl:
+        return []
+    by_layer = sorted((_site(k).layer, v) for k, v in kl.items())
+    top_layer, top = max(by_layer, key=lambda t: t[1])
+    if top <= KL_TOL:
+        return [Fact("layer patch", "no effect", f"KL <= {KL_TOL:g} nats at every layer")]
+    onset = next(layer for layer, v in by_layer if v > KL_TOL)
+    return [Fact("layer patch starts at", f"L{onset}",
+                 f"first layer where patching base into tuned moves the output by > {KL_TOL:g} nats "
+                 f"(largest: {_num(top)} nats at L{top_layer})")]
+
+
+def output_divergence(run: Run) -> list[Fact]:
+    """Next-token KL(tuned || base) over all prompts, and cultural over control."""
+    kl = (run.json(metric("divergence.json")) or {}).get("kl") or {}
+    if "all" not in kl:
+        return []
+    ratio = kl.get("cultural_over_control")
+    note = f"cultural / control = {ratio:.2f}" if ratio is not None else ""
+    return [Fact("next-token KL", f"{_num(kl['all'])} nats", note)]
+
+
+def directions(run: Run) -> list[Fact]:
+    """Per patched site, the fewest map directions whose mapped patch reaches the target KL drop."""
+    patch = run.json(metric("patch.json")) or {}
+    target = run.info.settings.get("patch.target_drop")
+    goal = f"{target:g}% KL drop" if target is not None else "the target KL drop"
+    facts = []
+    for site, m in patch.items():
+        if not isinstance(m, dict) or "min_k" not in m:
+            continue
+        full = m.get("kl_drop_full")
+        tail = f"full rank closes {full:.0f}%" if full is not None else ""
+        if m["min_k"] < 0:
+            facts.append(Fact(site, "not reached", f"no rank reaches {goal}; {tail}"))
+        else:
+            facts.append(Fact(site, f"k = {m['min_k']}", f"fewest directions reaching {goal}; {tail}"))
+    return facts
+
+
+def map_fit(run: Run) -> list[Fact]:
+    """Held-out R² of each site's base -> tuned map, against its shuffled-pairs baseline."""
+    maps = run.json(metric("transport/*.json")) or {}
+    return [Fact(site, f"R² {m['r2_val']:.3f}", f"held out; shuffled pairs {m.get('r2_val_shuffled', float('nan')):.2f}")
+            for site, m in maps.items() if "r2_val" in m]
+
+
+def sae_fit(run: Run) -> list[Fact]:
+    """FVU and CE recovered of each SAE (a crosscoder's CE recovered on base / tuned)."""
+    facts = []
+    for name, m in (run.json(metric("sae.json")) or {}).items():
+        if "fvu" not in m:
+            continue
+        ce = [f"{m[k]:.3f}" for k in ("ce_recovered", "ce_recovered_base", "ce_recovered_tuned") if m.get(k) is not None]
+        note = f"CE recovered {' / '.join(ce)}" + (" (base / tuned)" if len(ce) == 2 else "") if ce else ""
+        facts.append(Fact(name, f"FVU {m['fvu']:.3f}", note))
+    return facts
+
+
+def feature_types(run: Run) -> list[Fact]:
+    """Type A / B / C counts per SAE and how many features separate cultural from control prompts."""
+    facts = []
+    for name, m in (run.json(metric("features.json")) or {}).items():
+        types = " · ".join(f"{k[-1]} {m[k]}" for k in ("type_A", "type_B", "type_C") if k in m)
+        n = m.get("n_cultural_features")
+        cultural = f"{n} features differ on cultural vs control prompts" if n is not None else ""
+        if types:
+            facts.append(Fact(name, types, cultural))
+        elif cultural:
+            facts.append(Fact(name, f"{n} features", "differ on cultural vs control prompts"))
+    return facts
+
+
+def theme_enrichment(run: Run) -> list[Fact]:
+    """Per layer and theme kind, how many themes hold significantly more delta-SAE features, and the strongest."""
+    df = run.table(plot("enrichment.csv"))
+    if df is None or df.empty:
+        return []
+    facts = []
+    for (layer, by), part in df.groupby(["layer", "by"], sort=True):
+        up = part[part["significant"].astype(bool) & (part["enrichment"] > 1)]
+        note = ""
+        if len(up):
+            best = up.loc[up["enrichment"].idxmax()]
+            words = best.get("top_words")
+            words = f" ({words})" if isinstance(words, str) and not pd.isna(words) else ""
+            note = f"strongest: theme {best['theme']}, E = {best['enrichment']:.2f}, q {_q(best['q'])}{words}"
+        facts.append(Fact(f"L{layer} themes by {by}", f"{len(up)} of {len(part)} enriched", note))
+    return facts

@@ -1,0 +1,132 @@
+"""`mechdiff params`: the cheap checks that run before `dvc repro` (models, tokenizers vs fairness, data, datasets)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechdiff.cli import main
+from mechdiff.data.corpus import write_default_corpora
+from mechdiff.model.tiny import save_tiny_pair_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["the festival of lights", "rice and lentils for the family", "the train crossed the river"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpora")
+    write_default_corpora(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    return {"a": save_tiny_pair_dir(d / "a", TEXTS, n_layers=2, d_model=32),
+            "a2": save_tiny_pair_dir(d / "a2", TEXTS, n_layers=2, d_model=32, seed=1),
+            "b": save_tiny_pair_dir(d / "b", [*TEXTS, "sherkala kazakh"], n_layers=2, d_model=32)}
+
+
+def _check(tmp_path: Path, corpora: Path, mutate, capsys) -> tuple[int, list[str], str]:
+    """Run `mechdiff --root <tmp> params --check` on the repo's params changed by `mutate`."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["dir"] = str(corpora)
+    mutate(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    rc = main(["--root", str(tmp_path), "params", "--check"])
+    out = capsys.readouterr()
+    return rc, out.err.splitlines(), out.out
+
+
+def _fails(result, *needles: str) -> None:
+    rc, err, _ = result
+    assert rc == 2 and len(err) == 1 and err[0].startswith("mechdiff: error: "), err
+    assert all(n in err[0] for n in needles), err[0]
+
+
+def _set(path: str, value):
+    def mutate(raw: dict) -> None:
+        *parents, last = path.split(".")
+        node = raw
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return mutate
+
+
+def _both(base, tuned, fairness: bool):
+    def mutate(raw: dict) -> None:
+        raw["pair"]["base"]["id"] = str(base)
+        raw["pair"]["tuned"]["id"] = str(tuned)
+        raw["pair"]["fairness"]["enabled"] = fairness
+    return mutate
+
+
+def test_default_params_pass(tmp_path, corpora, capsys):
+    rc, err, out = _check(tmp_path, corpora, lambda raw: None, capsys)
+    assert rc == 0 and not err and "params: ok" in out
+    assert main(["--root", str(tmp_path), "params"]) == 0  # without --check the effective values come first
+    text = capsys.readouterr().out
+    assert json.loads(text[: text.rindex("}") + 1])["seed"] == 17
+
+
+def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
+    _fails(_check(tmp_path, corpora, _set("pair.base.id", str(tmp_path / "nowhere")), capsys),
+           "pair.base.id:", "no such model path")
+    _fails(_check(tmp_path, corpora, _set("pair.tuned.id", "package:no_such_pkg_mechdiff_xyz"), capsys),
+           "pair.tuned.id:", "not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
+    _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),
+           "pair.base.id:", "huggingface-cli download no-org/no-model")
+
+
+def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
+    _fails(_check(tmp_path, corpora, _both(models["a"], models["b"], False), capsys),
+           "tokenizers differ", "pair.fairness.enabled")
+    assert _check(tmp_path, corpora, _both(models["a"], models["b"], True), capsys)[0] == 0
+    assert _check(tmp_path, corpora, _both(models["a"], models["a2"], False), capsys)[0] == 0
+
+
+def test_sources_exist_and_are_not_empty(tmp_path, corpora, capsys):
+    (tmp_path / "blank.jsonl").write_text("\n")
+    own = [{"name": n, "path": str(corpora / f)} for n, f in (("cultural", "cultural.jsonl"),
+                                                                ("control", "control.jsonl"))]
+    _fails(_check(tmp_path, corpora, _set("data.sources", [*own, {"name": "x", "path": str(tmp_path / "blank.jsonl")}]),
+                  capsys), "data.sources:", str(tmp_path / "blank.jsonl"), "no records")
+    _fails(_check(tmp_path, corpora, _set("data.sources", [*own, {"name": "y", "path": "missing.jsonl"}]), capsys),
+           "data.sources:", "missing.jsonl", "not found")
+    _fails(_check(tmp_path, corpora, _set("data.dir", str(tmp_path / "nodata")), capsys),
+           "data.dir:", "cultural.jsonl", "not found")
+
+
+def test_datasets_each_stage_needs(tmp_path, corpora, capsys):
+    _fails(_check(tmp_path, corpora, _set("pair.finetune.dataset", "klingon"), capsys),
+           "pair.finetune.dataset:", "'klingon'", "control")
+    # a tuned model given by id needs no fine-tune dataset
+    def given(raw):
+        raw["pair"]["finetune"]["dataset"] = "klingon"
+        raw["pair"]["tuned"]["id"] = raw["pair"]["base"]["id"]
+    assert _check(tmp_path, corpora, given, capsys)[0] == 0
+    only_neutral = [{"name": "neutral", "path": str(corpora / "neutral.jsonl")},
+                    {"name": "cultural", "path": str(corpora / "cultural.jsonl")}]
+    _fails(_check(tmp_path, corpora, _set("data.sources", only_neutral), capsys),
+           "data.sources:", "features", "control")
+
+
+def test_make_run_checks_before_dvc_repro():
+    out = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    check = next(i for i, line in enumerate(out) if line.endswith("mechdiff params --check"))
+    assert check < next(i for i, line in enumerate(out) if line.endswith("dvc repro"))
+
+
+def test_console_script_exit_code(tmp_path):
+    (tmp_path / "params.yaml").write_text("pair: {base: {id: ''}}\n")
+    r = subprocess.run([sys.executable, "-m", "mechdiff.cli", "--root", str(tmp_path), "params", "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pair.base.id" in r.stderr

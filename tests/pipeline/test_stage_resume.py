@@ -1,0 +1,185 @@
+"""Stage-level resume and output safety: a killed `extract` resumes, no stage destroys an output before its inputs pass.
+
+Each test lays out a temporary directory like the repository (params.yaml, artifacts/models, artifacts/prompts)
+with a tiny model and runs the real stage scripts there as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from mechdiff.data.corpus import Prompt, save_prompts, split_prompts
+from mechdiff.data.store import ActStore
+from mechdiff.model.load import save_model
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+from mechdiff.resume import MARK
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ("the festival lamps river train rice kites music office paper cats water dances south sky winter "
+         "grandmother family street wedding printer sides angles sunrise lentils").split()
+SITE = "L2.resid_post"
+
+
+def _params(**extract) -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["pair"]["base"]["id"] = "tiny"
+    p["extract"].update({"batch_size": 2, "shard_rows": 8, "layer_stride": 1, "detail_layers": [2],
+                         "store_logits": True, "pack_weights": False, **extract})
+    p["transport"]["sites"] = [SITE]
+    p["sae"].update({"layers": [2], "expansion": 2, "k": 4, "batch_size": 256, "epochs": 1})
+    return p
+
+
+def _repo(tmp: Path, n_prompts: int, **extract) -> Path:
+    """A directory laid out like the repository after the models and fairness stages, on a tiny pair."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(6, 24)))) for _ in range(n_prompts)]
+    tok = make_tiny_tokenizer(texts)
+    for which, seed in (("base", 0), ("tuned", 1)):
+        save_model(make_tiny_model(len(tok), n_layers=4, d_model=64, seed=seed), tok,
+                   tmp / "artifacts" / "models" / which, {"role": which})
+    prompts = split_prompts([Prompt(pid=i, text=t, dataset="cultural" if i % 2 else "control", group=str(i))
+                             for i, t in enumerate(texts)], (0.6, 0.2, 0.2), seed=0)
+    save_prompts(tmp / "artifacts" / "prompts" / "prompts.jsonl", prompts)
+    np.savez(tmp / "artifacts" / "prompts" / "fairness.npz", identical=True,
+             kept_pids=np.arange(n_prompts, dtype=np.int64), allowed_base=np.zeros(0), allowed_tuned=np.zeros(0))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(_params(**extract)))
+    return tmp
+
+
+def _stage(repo: Path, *args: str, wait: bool = True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "stages" / f"{args[0]}.py"), *args[1:]]
+    if wait:
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows_done(store: Path) -> int:
+    try:
+        return int(json.loads((store / "zarr.json").read_text())["attributes"].get("rows_done", 0))
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _contents(path: Path) -> dict:
+    """Every array of a store (or file of a folder), for exact comparison."""
+    if (path / "zarr.json").is_file():
+        st = ActStore.open(path)
+        out = {f"{s}/{v}": st.read(s, v) for s in st.sites for v in st.views(s)}
+        out["logits"] = st.read_logits()
+        out["stats"] = json.dumps(dict(zarr.open_group(str(path), mode="r").attrs)["stats"], sort_keys=True)
+        return out
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=True) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mechdiff:")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), r.stderr
+
+
+@pytest.mark.slow
+def test_killed_extract_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    n = 480
+    repo = _repo(tmp_path / "killed", n)
+    store = repo / "artifacts" / "acts" / "base.zarr"
+    proc = _stage(repo, "extract", "base", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _rows_done(store) < n // 4:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the stage finished before it could be killed: give it more prompts"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _rows_done(store)
+    assert 0 < killed_at < n
+    r = _stage(repo, "extract", "base")
+    assert r.returncode == 0, r.stderr
+    resumed = [x for x in r.stdout.splitlines() if "resuming" in x]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= killed_at > 0, r.stdout
+    assert ActStore.open(store).complete
+    # the resumed store equals one written in a single run
+    clean = _repo(tmp_path / "clean", n)
+    r = _stage(clean, "extract", "base")
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stderr
+    _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
+    # a finished store is never resumed into; other settings replace it
+    r = _stage(repo, "extract", "base")
+    assert r.returncode == 0 and "resuming" not in r.stdout
+    _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
+
+
+@pytest.mark.slow
+def test_stages_validate_inputs_before_replacing_outputs(tmp_path):
+    repo = _repo(tmp_path, 96)
+    for which in ("base", "tuned"):
+        r = _stage(repo, "extract", which)
+        assert r.returncode == 0, r.stderr
+    r = _stage(repo, "sae", "base", "2")
+    assert r.returncode == 0, r.stderr
+    sae_dir = repo / "artifacts" / "saes" / "base_L2"
+    assert json.loads((sae_dir / MARK).read_text())["complete"] is True
+    before = _contents(sae_dir)
+    # a NaN in the store: the rerun fails with one line and the finished SAE is untouched
+    store = repo / "artifacts" / "acts" / "base.zarr"
+    arr = zarr.open_array(str(store / SITE / "tokens"), mode="r+")
+    arr[3, 5] = np.nan
+    r = _stage(repo, "sae", "base", "2")
+    _one_line_error(r, "NaN", str(Path("artifacts/acts/base.zarr")))
+    _same(_contents(sae_dir), before)
+    # extract: a broken input (no saved model) fails before the finished store is touched
+    acts = _contents(store)
+    (repo / "artifacts" / "models" / "base" / "config.json").unlink()
+    r = _stage(repo, "extract", "base")
+    _one_line_error(r, "no saved model")
+    _same(_contents(store), acts)
+
+
+def test_prepare_rejects_an_empty_source_by_name(tmp_path):
+    from mechdiff.data.corpus import write_default_corpora
+
+    write_default_corpora(tmp_path / "data")
+    (tmp_path / "data" / "extra.jsonl").write_text("")
+    p = _params()
+    p["data"]["sources"] = [{"name": "cultural", "path": "cultural.jsonl"}, {"name": "extra", "path": "extra.jsonl"}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    t0 = time.time()
+    r = _stage(tmp_path, "prepare")
+    _one_line_error(r, str(Path("data") / "extra.jsonl"), "no records")
+    assert time.time() - t0 < 60 and not (tmp_path / "artifacts" / "prompts" / "prompts.jsonl").exists()
+
+
+def test_prepare_output_keeps_only_own_unfinished_work(tmp_path):
+    from mechdiff.resume import mark_complete, prepare_output, read_mark
+
+    out = tmp_path / "out"
+    assert prepare_output(out, "fp1") is False and read_mark(out) == {"fingerprint": "fp1", "complete": False}
+    (out / "ckpt").write_text("step 3")
+    assert prepare_output(out, "fp1") is True and (out / "ckpt").read_text() == "step 3"  # resumed
+    assert prepare_output(out, "fp2") is False and not (out / "ckpt").exists()  # other settings: replaced
+    (out / "ckpt").write_text("done")
+    mark_complete(out)
+    assert prepare_output(out, "fp2") is False and not (out / "ckpt").exists()  # finished: never written into
+    (out / "mechdiff_run.json").unlink()
+    (out / "foreign").write_text("x")
+    assert prepare_output(out, "fp2") is False and not (out / "foreign").exists()  # no record: not ours
+    # a writer that records its own state (the activation store): nothing is created for a fresh run
+    assert prepare_output(tmp_path / "store.zarr", "fp", record=lambda p: {}, create=False) is False
+    assert not (tmp_path / "store.zarr").exists()
