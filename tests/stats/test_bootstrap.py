@@ -49,6 +49,8 @@ def test_drop_pct_ci_paired_and_planted():
     planted = drop_pct_ci(raw, 0.25 * raw, n_boot=200)
     assert planted["drop_pct"] == pytest.approx(75.0)
     assert planted["ci_low"] == pytest.approx(75.0) and planted["ci_high"] == pytest.approx(75.0)
+    one = drop_pct_ci([2.0], [0.5])
+    assert one["drop_pct"] == one["ci_low"] == one["ci_high"] == pytest.approx(75.0)
     with pytest.raises(MechdiffError, match="paired"):
         drop_pct_ci(raw, mapped[:5])
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mechdiff.errors import MechdiffError
+from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
 
 
 def _mat(a: object, name: str) -> np.ndarray:
@@ -540,8 +541,6 @@ class FeatureResults:
 
 def sample_rows(store: Any, view: str, n_prompts: int, *, max_rows: int, rng: np.random.Generator) -> np.ndarray:
     """A sorted uniform sample (without replacement) of at most `max_rows` rows of `view` over all prompts."""
-    from mechdiff.sae.sources import source_rows
-
     rows = source_rows(store, view, np.arange(n_prompts))
     return np.sort(rng.choice(rows, size=min(max_rows, len(rows)), replace=False))
 
@@ -549,8 +548,6 @@ def sample_rows(store: Any, view: str, n_prompts: int, *, max_rows: int, rng: np
 def sae_type_counts(saes: dict, Xb: np.ndarray, Xt: np.ndarray, st: FeatureSettings) -> dict[str, dict[str, int]]:
     """Type A/B/C counts per SAE on paired base / tuned rows: base and tuned SAEs by `classify_types`, the delta
     SAE (with a base SAE to match against: its live features) by `delta_types`. {source: {"A": n, "B": n, "C": n}}."""
-    from mechdiff.sae.sources import encode_rows
-
     out: dict[str, dict[str, int]] = {}
     stats: dict[str, dict[str, np.ndarray]] = {}
     for src, sae in saes.items():
@@ -646,8 +643,6 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
     trait the graded ranking (`graded_rankings`, unrankable traits skipped); on the tokens view, the top
     examples of the tuned SAE's most cultural features. `decode` maps a token id to its text.
     """
-    from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
-
     st = settings
     res = FeatureResults()
     rng = np.random.default_rng(st.seed)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
+from mechdiff.io import to_jsonable
 
 
 def _bag(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -479,7 +480,7 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out / "sae.safetensors")
     tmpj = out / ".cfg.json.tmp"
-    tmpj.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    tmpj.write_text(json.dumps(to_jsonable(cfg), indent=2, sort_keys=True))
     os.replace(tmpj, out / "cfg.json")
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mechdiff.errors import MechdiffError
+from mechdiff.io import to_jsonable
 from mechdiff.sae.model import TopKSAE, load_sae, save_sae
 
 
@@ -138,8 +139,8 @@ def _save_checkpoint(out_dir: Path, sae: TopKSAE, opt: torch.optim.Optimizer, st
     save_file({"since_fired": st.since_fired, "rng": st.gen.get_state(),
                "input_scale": sae.input_scale.detach().reshape(1), "threshold": sae.threshold.detach().reshape(1)},
               str(tmp / "train_state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": st.step, "tokens": st.tokens, "log": st.log,
-                                                "cfg": asdict(cfg)}))
+    (tmp / "state.json").write_text(json.dumps(to_jsonable({"step": st.step, "tokens": st.tokens, "log": st.log,
+                                                            "cfg": asdict(cfg)})))
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -306,7 +307,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     if out is not None:
         save_sae(sae, out, meta={"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens})
         tmp = out / ".train_log.json.tmp"
-        tmp.write_text(json.dumps(st.log))
+        tmp.write_text(json.dumps(to_jsonable(st.log)))
         os.replace(tmp, out / "train_log.json")
         if not keep_checkpoints:
             shutil.rmtree(_ckpt_root(out), ignore_errors=True)

@@ -101,7 +101,10 @@ def drop_pct_ci(raw: Any, mapped: Any, *, n_boot: int = 1000, seed: int = 0, ci:
     ma, mb = float(a.mean()), float(b.mean())
     out = {"drop_pct": drop_pct(ma, mb, floor), "ci_low": float("nan"), "ci_high": float("nan"), "kl_raw": ma,
            "kl_mapped": mb}
-    if np.isnan(out["drop_pct"]) or a.size == 1:
+    if np.isnan(out["drop_pct"]):
+        return out
+    if a.size == 1:  # every resample is the one prompt
+        out["ci_low"] = out["ci_high"] = out["drop_pct"]
         return out
 
     def stat(s: np.ndarray, t: np.ndarray, axis: int = -1) -> np.ndarray:
