@@ -8,7 +8,7 @@ from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
-from mechdiff.sae.sources import SOURCES, check_finite, check_paired, source_batches, source_rows
+from mechdiff.sae.sources import SOURCES, check_finite, check_paired, init_seed, source_batches, source_rows
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
     check_finite(source, base, tuned, site, s.view, rows)  # inputs first: a bad store must not cost the old SAE
     d = base.width(site)
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
-                    batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1, seed=p.seed,
+                    batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
+                    seed=init_seed(p.seed, source),
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
     out = P.sae_dir(source, layer)
     resumed = prepare_output(out, fingerprint([vars(s), p.seed, source, layer, base.attrs.get("fingerprint"),

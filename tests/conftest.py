@@ -36,7 +36,10 @@ def tiny_model(tiny_tok):
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory):
-    """A repo copy whose DVC pipeline ran to completion on the tiny edited pair (committed in its own git)."""
+    """A repo copy whose DVC pipeline ran to completion on the tiny edited pair (committed in its own git).
+
+    The repro is traced (mechdiff.trace): tests/e2e_repo.trace_dir(repo) holds one JSON per stage process.
+    """
     from tests.e2e_repo import build_tiny_repo
 
     return build_tiny_repo(tmp_path_factory.mktemp("e2e"))

@@ -50,11 +50,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text())
-
-
 def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write records as CSV (header from the union of keys, in first-seen order) atomically."""
     rows = [_clean(dict(r)) for r in rows]

@@ -115,9 +115,9 @@ def _relative(p: str, roots: list[tuple[str, str]]) -> str | None:
 def summary() -> dict:
     """This process's record: argv, params keys read, and the repository-relative paths it touched.
 
-    `write`: files written that exist at exit (a temporary file or folder renamed onto its destination counts as
-    the destination; created folders are not listed). `delete`: paths removed or moved away that the process had not written itself. `read`,
-    `list`: files opened for reading and folders listed, except the process's own temporaries.
+    `write`: files written that exist at exit (a temporary renamed onto its destination counts as the
+    destination; created folders are not listed). `delete`: paths removed or moved away, except the process's own
+    temporaries. `read`, `list`: files opened for reading and folders listed, except its own temporaries.
     """
     roots = _roots()
     seen: dict[str, set[str]] = {"read": set(), "write": set(), "delete": set(), "list": set(), "mkdir": set()}
@@ -127,23 +127,23 @@ def summary() -> dict:
             runs.append(json.loads(p))
         elif (rel := _relative(p, roots)) is not None:
             seen[kind].add(rel)
-    written = seen["write"]
-    made = written | seen["mkdir"]
-
-    def own(rel: str) -> bool:  # written or created by this process, or inside a folder it created
-        return any(rel == w or rel.startswith(w + "/") for w in made)
-
+    made = seen["write"] | seen["mkdir"]
     root = roots[0][0]
-    out = {
+
+    def kept(rel: str) -> bool:  # exists at exit, or was not made by this process (nor inside a folder it made)
+        parts = rel.split("/")
+        return os.path.lexists(os.path.join(root, rel)) or not any(
+            "/".join(parts[:i]) in made for i in range(1, len(parts) + 1))
+
+    return {
         "argv": sys.argv,
         "params": sorted(_params),
-        "read": sorted(r for r in seen["read"] if not own(r) or os.path.exists(os.path.join(root, r))),
-        "write": sorted(w for w in written if os.path.lexists(os.path.join(root, w))),
-        "delete": sorted(d for d in seen["delete"] if not own(d) or os.path.lexists(os.path.join(root, d))),
-        "list": sorted(r for r in seen["list"] if not own(r) or os.path.exists(os.path.join(root, r))),
+        "read": sorted(filter(kept, seen["read"])),
+        "write": sorted(w for w in seen["write"] if os.path.lexists(os.path.join(root, w))),
+        "delete": sorted(filter(kept, seen["delete"])),
+        "list": sorted(filter(kept, seen["list"])),
         "run": runs,
     }
-    return out
 
 
 def _write() -> None:

@@ -605,3 +605,13 @@ def test_crosscoder_norm_shares_planted():
     np.testing.assert_allclose([r["rel_norm_tuned"] for r in rows], (edges[:-1] + edges[1:]) / 2, atol=1e-3)
     with pytest.raises(MechdiffError, match="crosscoder"):
         crosscoder_norm_shares(TopKSAE(d, 4, 2))
+
+
+def test_init_seed_distinct_per_source_and_base_keeps_seed():
+    from mechdiff.errors import MechdiffError
+    from mechdiff.sae.sources import SOURCES, init_seed
+
+    seeds = [init_seed(17, s) for s in SOURCES]
+    assert seeds[0] == 17 and len(set(seeds)) == len(SOURCES)
+    with pytest.raises(MechdiffError, match="unknown SAE source"):
+        init_seed(17, "nope")

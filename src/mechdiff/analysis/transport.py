@@ -31,7 +31,7 @@ Zero-variance dimensions (train sd <= ``SD_EPS`` = 1e-6, absolute; docs/FORMATS.
 
 Rank k has two modes; the SVD is done once and every rank is derived from stored factors (`at_rank`).
 
-- ``subspace`` (docs/ALGORITHMS.md's literal definition): the truncated SVD of the solver's cross-covariance,
+- ``subspace`` (the literal rank-k map, docs/ALGORITHMS.md 10.2): the truncated SVD of the solver's cross-covariance,
   ``Q_k = U[:, :k] V^T[:k]`` with ``s_k = sum_{i<=k} S_i / ||Xw||_F^2`` for procrustes_scaled, ``U_k V_k^T``
   for procrustes, and reduced-rank ridge (the fitted values projected on their top-k right singular vectors)
   for ridge. The rank-k map has matrix rank k; ``k = 0`` means full rank, as in docs/ALGORITHMS.md.

@@ -13,6 +13,17 @@ from mechdiff.model.tokens import Encoded
 SOURCES = ("base", "tuned", "delta", "crosscoder")
 
 
+def init_seed(seed: int, source: str) -> int:
+    """Initialisation seed of one source's SAE: distinct per source, so SAEs never share a starting dictionary.
+
+    Matching features across SAEs by decoder cosine (delta Type C, the gates) would otherwise pair features
+    that merely kept their common initialisation. The base SAE keeps `seed` itself.
+    """
+    if source not in SOURCES:
+        raise MechdiffError(f"unknown SAE source {source!r}: choose one of {', '.join(SOURCES)}")
+    return int(seed) + 7919 * SOURCES.index(source)
+
+
 def tokens_paired(base: ActStore | Encoded, tuned: ActStore | Encoded, prompt_rows: np.ndarray | None = None) -> bool:
     """The one base/tuned token-pairing check: do both sides hold the same tokens for the prompt rows (all if None)?
 
