@@ -13,8 +13,9 @@ def main() -> None:
     s, f = p.sae, p.features
     base, tuned = P.open_stores()
     tok = load_tokenizer(P.model_dir("base"))
-    settings = FeatureSettings(active_freq=f.active_freq, d_min=f.cohens_d, n_perm=f.n_perm, fdr=f.fdr,
-                               top_examples=f.top_examples, max_themes=f.max_themes, seed=p.seed)
+    settings = FeatureSettings(active_freq=f.active_freq, d_min=f.cohens_d, match_cos=f.match_cos, n_perm=f.n_perm,
+                               fdr=f.fdr, n_top_cultural=f.n_top_cultural, top_examples=f.top_examples,
+                               max_themes=f.max_themes, seed=p.seed)
     res = analyse_features(
         s.layers, lambda layer: {src: load_sae(P.sae_dir(src, layer)) for src in s.sources if src != "crosscoder"},
         base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings)

@@ -31,7 +31,8 @@ def main() -> None:
                     seed=init_seed(p.seed, source),
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
     out = P.sae_dir(source, layer)
-    resumed = prepare_output(out, fingerprint([vars(s), p.seed, source, layer, base.attrs.get("fingerprint"),
+    training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs]
+    resumed = prepare_output(out, fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"),
                                                tuned.attrs.get("fingerprint")]))
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")

@@ -183,12 +183,16 @@ class SAE(_Section):
     eval_prompts: int = 64
 
 
+# The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one
+# params.yaml section, and these defaults are the single place defaults live (test_defaults_are_params_yaml).
 @dataclass
 class Features(_Section):
     """Feature statistics."""
 
     cohens_d: float = 0.5
     active_freq: float = 0.01
+    match_cos: float = 0.7
+    n_top_cultural: int = 3
     n_perm: int = 500
     fdr: float = 0.05
     top_examples: int = 8

@@ -145,6 +145,8 @@ class _SparseEncode(torch.autograd.Function):
         return gx, gbp, gW, gb, None, None
 
 
+# _SparseEncode and _SparseDecode share the autograd.Function layout (save, then per-input gradients) by
+# design: each is one sparse kernel pair, and merging them would hide which gradient belongs to which input.
 class _SparseDecode(torch.autograd.Function):
     """out[r] = sum_n vals[n] dec[cols[n]] over the active entries of row r, with a sparse backward.
 
