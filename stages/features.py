@@ -12,7 +12,7 @@ def main() -> None:
     p = load_params()
     s, f = p.sae, p.features
     base, tuned = P.open_stores()
-    tok = load_tokenizer(P.model_dir("base"))
+    tok = load_tokenizer(P.model_dir("tuned"))  # top examples are the tuned SAE's, on the tuned model's tokens
     settings = FeatureSettings(active_freq=f.active_freq, d_min=f.cohens_d, match_cos=f.match_cos, n_perm=f.n_perm,
                                fdr=f.fdr, n_top_cultural=f.n_top_cultural, top_examples=f.top_examples,
                                max_themes=f.max_themes, seed=p.seed)

@@ -8,7 +8,7 @@ from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
-from mechdiff.sae.sources import SOURCES, check_finite, check_paired, init_seed, source_batches, source_rows
+from mechdiff.sae.sources import SOURCES, check_finite, init_seed, rows_of, source_batches
 
 
 def main() -> None:
@@ -21,9 +21,7 @@ def main() -> None:
     base, tuned = P.open_stores()
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
-    if source in ("delta", "crosscoder"):
-        check_paired(base, tuned, s.view)
-    rows = source_rows(base, s.view, base.rows_where(split="train"))
+    rows = rows_of(source, base, tuned, s.view, base.rows_where(split="train"))  # delta/crosscoder: paired or raise
     check_finite(source, base, tuned, site, s.view, rows)  # inputs first: a bad store must not cost the old SAE
     d = base.width(site)
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,

@@ -153,9 +153,11 @@ def cmd_sites(ns: argparse.Namespace) -> int:
     p = load_params(Path(ns.root) / "params.yaml")
     n = ns.n_layers
     if n is None:
-        cfg = Path(ns.root) / "artifacts/models/base/config.json"
+        from mechdiff.pipeline import model_dir
+
+        cfg = Path(ns.root) / model_dir("base") / "config.json"
         if not cfg.exists():
-            raise MechdiffError("no artifacts/models/base yet: run `dvc repro model_base` or pass --n-layers")
+            raise MechdiffError(f"no {model_dir('base')} yet: run `dvc repro model_base` or pass --n-layers")
         import json
 
         c = json.loads(cfg.read_text())

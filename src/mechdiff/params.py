@@ -358,8 +358,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     p = validate(_build(Params, raw))
     _track(p)
     return p
-
-
-def rank_value(r: int | str) -> int | None:
-    """Rank param as an int, or None for full rank."""
-    return None if r == "full" else int(r)

@@ -15,7 +15,6 @@ from mechdiff.analysis.features import (
     classify_types,
     cohens_d,
     enrichment,
-    examples_html,
     examples_markdown,
     graded_scores,
     permutation_enrichment,
@@ -316,7 +315,7 @@ def test_text_themes_rejects_bad_input():
         text_themes(A[:, 90:], texts)  # one feature with a theme: nothing to cluster
 
 
-def test_top_examples_and_renderers():
+def test_top_examples_and_markdown():
     toks = ["a", "b", "<c>", "d", "e", "f", "g", "h"]
     pid = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     acts = np.array([0.0, 0.5, 3.0, 2.9, 0.0, 1.0, 0.0, 0.2])
@@ -328,8 +327,6 @@ def test_top_examples_and_renderers():
     assert [r["row"] for r in rec2] == [2, 3, 5, 7]
     md = examples_markdown(rec, title="f1")
     assert "**<c>**" in md and md.count("\n| ") == 3
-    h = examples_html(rec)
-    assert "<mark>&lt;c&gt;</mark>" in h and "<c>" not in h
     with pytest.raises(MechdiffError):
         top_examples(acts[:3], toks, pid)
 

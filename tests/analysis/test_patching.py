@@ -1,6 +1,7 @@
 """Patching: hook semantics, identity patch, prefix-cache exactness and the planted-edit known-answer test."""
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -23,7 +24,7 @@ from mechdiff.analysis.similarity import linear_cka
 from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.errors import MechdiffError
 from mechdiff.model.recipes import plant_edit
-from mechdiff.model.sites import Site, capture, decision_logits, replace_at
+from mechdiff.model.sites import Site, capture, replace_at
 from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
 from mechdiff.model.tokens import batches, encode, pad_id
 from mechdiff.stats.kl import kl_divergence
@@ -77,11 +78,12 @@ def test_prefix_cache_equals_full_forward_and_identity_patch(world):
     rows = np.arange(60, 90)
     vec = acts[site.name][rows] + np.random.default_rng(1).normal(size=(30, D))
     want = np.zeros((30, len(tok)), np.float32)
-    # reference: replace_at + decision_logits on the same rows, one plain forward per batch
+    # reference: replace_at + an ordinary full forward on the same rows, its logits read at the decision tokens
     sub = type(enc)([enc.ids[i] for i in rows], [enc.decision[i] for i in rows])
     for r, ids, mask, pos in batches(sub, np.arange(30), 16, pad_id(tok)):
         with replace_at(model, site, pos, torch.tensor(vec[r], dtype=torch.float32)):
-            want[r] = decision_logits(model, ids, mask, pos).numpy()
+            with torch.no_grad():
+                want[r] = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(r)), pos].numpy()
     for pc in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # the prefix-cache path must not fall back silently
@@ -89,6 +91,10 @@ def test_prefix_cache_equals_full_forward_and_identity_patch(world):
         np.testing.assert_allclose(got, want, atol=2e-5)
         np.testing.assert_allclose(patched_logits(model, enc, rows, site, None, prefix_cache=pc), ref[rows],
                                    atol=2e-5)
+        # the batches are right-padded with the encoding's own pad id; padded positions are masked, so any id serves
+        repad = dataclasses.replace(enc, pad=(enc.pad + 1) % len(tok))
+        np.testing.assert_allclose(patched_logits(model, repad, rows, site, vec, prefix_cache=pc, batch_size=7), got,
+                                   atol=1e-5)
     # identity patch (tuned with its own activations) gives KL 0; KL and masked KL match the numpy reference
     allowed = np.arange(0, len(tok), 2)
     kl = sweep_kl(model, enc, rows, site, {"self": acts[site.name][rows], "vec": vec}, ref[rows], progress=False)

@@ -14,6 +14,7 @@ from mechdiff.analysis.transport import (
     load_map,
     principal_cosines,
     r2_score,
+    rank_value,
     recolour,
     save_map,
 )
@@ -63,6 +64,8 @@ def test_subspace_rank_k_has_rank_k():
         for k in (1, 3, 7):
             assert np.linalg.matrix_rank(m.at_rank(k).W, tol=1e-8) == k
         np.testing.assert_allclose(m.at_rank(0).W, m.W)  # subspace: k = 0 means full rank
+        assert rank_value("full") is None and rank_value(8) == 8 and rank_value(0) == 0
+        np.testing.assert_allclose(m.at_rank(rank_value("full")).W, m.W)
         r2 = [r2_score(Y, m.at_rank(k).apply(X)) for k in (1, 4, 12)]
         assert r2[0] < r2[1] < r2[2] + 1e-9
 

@@ -12,8 +12,6 @@ from mechdiff.data.corpus import Prompt
 from mechdiff.data.fairness import (
     aligned_logits,
     filter_prompts,
-    mask_logits,
-    prompt_shared_ratio,
     shared_vocab,
 )
 from mechdiff.errors import MechdiffError
@@ -53,14 +51,6 @@ def test_shared_sets_match_python_intersection(toks, sv):
     inv_a, inv_b = {i: s for s, i in va.items()}, {i: s for s, i in vb.items()}
     assert [inv_a[i] for i in sv.pair_a] == [inv_b[i] for i in sv.pair_b]
     assert sorted(inv_a[i] for i in sv.pair_a) == sorted(shared)
-
-
-def test_prompt_shared_ratio():
-    allowed = np.array([1, 4, 7], dtype=np.int64)
-    assert prompt_shared_ratio([1, 2, 4, 7], allowed) == pytest.approx(3 / 4)
-    assert prompt_shared_ratio([2, 3], allowed) == 0.0
-    with pytest.raises(MechdiffError):
-        prompt_shared_ratio([], allowed)
 
 
 # hand-computed: shared words are {the, sat, on, a, bird, .}; cat/mat/red/sang only in A, dog/log/blue/cow/slept only in B
@@ -110,7 +100,7 @@ def test_chat_template_tokens_are_not_counted(toks):
     rendered = b.apply_chat_template([{"role": "user", "content": CASES[1]}], tokenize=False,
                                      add_generation_prompt=True)
     ids = b(rendered, add_special_tokens=False)["input_ids"]
-    assert prompt_shared_ratio(ids, sv2.allowed_b) < 1.0  # the whole rendering is not fully shared
+    assert np.isin(ids, sv2.allowed_b).mean() < 1.0  # the whole rendering is not fully shared
     assert filter_prompts(CASES, a, b, sv2, mode="strict", chat=True) == [1, 5]
 
 
@@ -124,48 +114,6 @@ def test_filter_bad_args(toks, sv):
         filter_prompts([], a, b, sv)
     with pytest.raises(MechdiffError):
         filter_prompts(["ok", "  "], a, b, sv)
-
-
-def _np_reference(x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    keep = np.isin(np.arange(x.shape[-1]), allowed)
-    return np.where(keep, x, -np.inf)
-
-
-def test_mask_logits_numpy_and_torch(toks, sv):
-    a, _ = toks
-    rng = np.random.default_rng(1)
-    V = len(a) + 3  # model vocabularies are often padded beyond the tokenizer
-    x = rng.normal(size=(4, 2, V)).astype(np.float32)
-    ref = _np_reference(x, sv.allowed_a)
-    out = mask_logits(x, sv.allowed_a)
-    assert out is not x and out.dtype == x.dtype
-    np.testing.assert_array_equal(out, ref)
-    assert np.isfinite(x).all()  # input untouched
-    t = torch.from_numpy(x)
-    out_t = mask_logits(t, sv.allowed_a)
-    assert isinstance(out_t, torch.Tensor) and out_t.dtype == t.dtype
-    np.testing.assert_array_equal(out_t.numpy(), ref)
-    p = torch.softmax(out_t.double(), dim=-1)
-    outside = np.setdiff1d(np.arange(V), sv.allowed_a)
-    np.testing.assert_allclose(p[..., sv.allowed_a].sum(-1).numpy(), 1.0, atol=1e-12)
-    assert float(p[..., outside].abs().max()) == 0.0
-    # the masked softmax equals the softmax restricted to the allowed columns
-    sub = torch.softmax(torch.from_numpy(x[..., sv.allowed_a]).double(), dim=-1)
-    np.testing.assert_allclose(p[..., sv.allowed_a].numpy(), sub.numpy(), rtol=1e-6)
-
-
-def test_mask_logits_errors_and_noops():
-    x = np.zeros((2, 5), dtype=np.float32)
-    assert mask_logits(x, None) is x
-    t = torch.zeros(2, 5)
-    assert mask_logits(t, None) is t
-    assert mask_logits(t, np.arange(5)) is t  # every id allowed: nothing to do
-    with pytest.raises(MechdiffError):
-        mask_logits(x, np.array([0, 7]))
-    with pytest.raises(MechdiffError):
-        mask_logits(x, np.array([], dtype=np.int64))
-    with pytest.raises(MechdiffError):
-        mask_logits(np.zeros((2, 5), dtype=np.int64), np.array([1]))
 
 
 def test_aligned_logits_pairs_strings(toks, sv):
@@ -210,7 +158,6 @@ def test_identical_tokenizers_are_noops(toks):
     a2 = make_tiny_tokenizer(TEXT_A)
     sv = shared_vocab(a, a2)
     assert sv.identical and sv.n_shared == len(a.get_vocab())
-    assert sv.mask_a is None and sv.mask_b is None
     np.testing.assert_array_equal(sv.allowed_a, np.arange(len(a)))
     stub = _NoTokenize(a.get_vocab())
     sv_stub = shared_vocab(stub, stub)
@@ -218,7 +165,6 @@ def test_identical_tokenizers_are_noops(toks):
     texts = ["anything at all", "zebra zebra", "x"]
     assert filter_prompts(texts, stub, stub, sv_stub, mode="strict") == [0, 1, 2]
     x = torch.randn(2, len(a))
-    assert mask_logits(x, sv.mask_a) is x
     xa, xb = aligned_logits(x, x, sv)
     assert xa is x and xb is x
 

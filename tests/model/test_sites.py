@@ -8,7 +8,6 @@ from mechdiff.model.sites import (
     Site,
     add_at,
     capture,
-    decision_logits,
     edit_at,
     find_blocks,
     plan_sites,
@@ -42,14 +41,12 @@ def test_attn_and_mlp_sum_to_residual(tiny_model, tiny_tok):
     assert torch.allclose(total, acts["L1.resid_post"], atol=1e-5)
 
 
-def test_decision_logits_match_full_forward(tiny_model, tiny_tok):
+def test_capture_logits_at_match_full_forward(tiny_model, tiny_tok):
     _, ids, mask, pos = _batch(tiny_tok)
     with torch.no_grad():
         full = tiny_model(input_ids=ids, attention_mask=mask).logits
-    got = decision_logits(tiny_model, ids, mask, pos)
-    assert torch.allclose(got, full[torch.arange(len(pos)), pos], atol=1e-5)
     _, lg = capture(tiny_model, ids, mask, [Site(1)], logits_at=pos)
-    assert torch.allclose(lg, got)
+    assert torch.allclose(lg, full[torch.arange(len(pos)), pos], atol=1e-5)
 
 
 def test_early_stop_gives_same_activations(tiny_model, tiny_tok):

@@ -5,20 +5,23 @@ import pytest
 import torch
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.tokens import Encoded, batches, right_pad
+from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
+from tests.conftest import SENTENCES
 
 
 def test_right_pad_against_numpy():
+    """The one right-padder (batches, patching and the fine-tune use it): ids padded with `pad`, mask 1 on tokens."""
     seqs = [[5, 6, 7], [1], [2, 3]]
-    ids, mask = right_pad(seqs, pad=0)
-    want = np.zeros((3, 3), np.int64)
-    want_m = np.zeros((3, 3), np.int64)
-    for i, s in enumerate(seqs):
-        want[i, : len(s)] = s
-        want_m[i, : len(s)] = 1
-    np.testing.assert_array_equal(ids.numpy(), want)
-    np.testing.assert_array_equal(mask.numpy(), want_m)
-    assert ids.dtype == torch.long and mask.dtype == torch.long
+    for pad in (0, 9):
+        ids, mask = right_pad(seqs, pad=pad)
+        want = np.full((3, 3), pad, np.int64)
+        want_m = np.zeros((3, 3), np.int64)
+        for i, s in enumerate(seqs):
+            want[i, : len(s)] = s
+            want_m[i, : len(s)] = 1
+        np.testing.assert_array_equal(ids.numpy(), want)
+        np.testing.assert_array_equal(mask.numpy(), want_m)
+        assert ids.dtype == torch.long and mask.dtype == torch.long
     with pytest.raises(MechdiffError):
         right_pad([], pad=0)
 
@@ -31,3 +34,16 @@ def test_batches_use_the_padder_and_sort_by_length():
     np.testing.assert_array_equal(ids0.numpy(), [[5, 9], [6, 7]])
     np.testing.assert_array_equal(mask0.numpy(), [[1, 0], [1, 1]])
     np.testing.assert_array_equal(pos0.numpy(), [0, 1])
+
+
+def test_encode_records_the_tokenizers_pad_id(tiny_tok):
+    """The pad id travels with the encoding (patching and SAE splicing pad with it): pad, else eos, else 0."""
+    enc = encode(tiny_tok, SENTENCES[:3])
+    assert enc.pad == pad_id(tiny_tok) and Encoded([[1]], [0]).pad == 0
+
+    class Tok:
+        pad_token_id, eos_token_id = None, 7
+
+    assert pad_id(Tok()) == 7
+    Tok.eos_token_id = None
+    assert pad_id(Tok()) == 0

@@ -11,7 +11,7 @@ import yaml
 
 from mechdiff import trace
 from mechdiff.errors import MechdiffError
-from mechdiff.params import Params, load_params, rank_value
+from mechdiff.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,6 @@ def _write(tmp_path, mutate):
 def test_repo_params_load():
     p = load_params(ROOT / "params.yaml")
     assert p.seed == 17 and p.transport.sites and p.pair.base.id
-    assert rank_value("full") is None and rank_value(8) == 8
 
 
 @pytest.mark.parametrize("mutate, match", [

@@ -120,9 +120,23 @@ def test_killed_extract_stage_resumes_and_matches_an_uninterrupted_run(tmp_path)
     r = _stage(clean, "extract", "base")
     assert r.returncode == 0 and "resuming" not in r.stdout, r.stderr
     _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
-    # a finished store is never resumed into; other settings replace it
+    # a finished store is never resumed into
     r = _stage(repo, "extract", "base")
     assert r.returncode == 0 and "resuming" not in r.stdout
+    _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
+    # an unfinished store made with other settings is replaced, not resumed
+    (repo / "params.yaml").write_text(yaml.safe_dump(_params(shard_rows=16)))
+    proc = _stage(repo, "extract", "base", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _rows_done(store) < n // 4:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the stage finished before it could be killed: give it more prompts"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < _rows_done(store) < n
+    (repo / "params.yaml").write_text(yaml.safe_dump(_params()))
+    r = _stage(repo, "extract", "base")
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout
     _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
 
 

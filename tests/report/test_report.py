@@ -239,3 +239,23 @@ def test_report_in_headless_chromium(run_dir: Path, report: Path, tmp_path: Path
     assert not page["errors"], page["errors"]
     OUTPUT_DIR.mkdir(exist_ok=True)
     shutil.copy(shot, OUTPUT_DIR / "report.png")
+
+
+def test_summary_null_metrics_read_undefined(run_dir: Path, tmp_path: Path) -> None:
+    """A null R² or FVU (NaN in the stage: a constant site) reads "undefined" instead of stopping the report."""
+    for d in ("metrics", "plots"):
+        shutil.copytree(run_dir / d, tmp_path / d)
+    tpath = next((tmp_path / "metrics/transport").glob("*.json"))
+    t = json.loads(tpath.read_text())
+    t["r2_val"], t["r2_val_shuffled"] = None, None
+    tpath.write_text(json.dumps(t))
+    spath = tmp_path / "metrics/sae.json"
+    s = json.loads(spath.read_text())
+    first = next(iter(s))
+    s[first]["fvu"] = None
+    spath.write_text(json.dumps(s))
+    run = Run(_roots(tmp_path), INFO)
+    fit = {f.label: f for f in S.map_fit(run)}[tpath.stem]
+    assert fit.value == "R² undefined" and "shuffled pairs undefined" in fit.note
+    assert {f.label: f.value for f in S.sae_fit(run)}[first] == "FVU undefined"
+    assert "R² undefined" in build_report(_roots(tmp_path), tmp_path / "out", INFO).read_text()

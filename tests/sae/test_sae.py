@@ -362,11 +362,11 @@ def test_spliced_identity_sae_recovers_everything():
     rand = TopKSAE(d, 32, 2, seed=1)
     m = spliced_metrics(model, enc, rows, Site(1, "resid_post"), rand, batch_size=2)
     assert m["kl_recovered"] < 0.99
-    from mechdiff.model.sites import decision_logits
     from mechdiff.model.tokens import batches
 
     _, ids, mask, pos = next(batches(enc, rows, 4, 0, sort_by_length=False))
-    ref = decision_logits(model, ids, mask, pos)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(pos)), pos]
     m2 = spliced_metrics(model, enc, rows, Site(1, "resid_post"), ident, ref, positions="decision")
     assert m2["kl_clean"] == pytest.approx(0.0, abs=1e-6) and m2["kl_recovered"] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(MechdiffError):

@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mechdiff.analysis.features import analyse_features
 from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
-from mechdiff.sae.sources import check_paired, tokens_paired
+from mechdiff.sae.sources import (
+    check_finite,
+    check_paired,
+    prompt_feature_means,
+    read_source,
+    rows_of,
+    source_batches,
+    source_rows,
+    tokens_paired,
+)
 
 SITE = "L0.resid_post"
 
@@ -65,3 +75,59 @@ def test_tokens_paired_on_encodings():
     assert not tokens_paired(a, Encoded(ids=[[1, 2, 3], [4, 5]], decision=[2, 0]))
     with pytest.raises(MechdiffError, match="two ActStores or two Encoded"):
         tokens_paired(a, [[1, 2, 3]])
+
+
+def planted_store(path, lens, tag: int) -> ActStore:
+    """A store of len(lens) prompts with 'tokens' and 'last' views of SITE; token row = [prompt, position, tag, 0]."""
+    lens = np.asarray(lens)
+    n = len(lens)
+    pos = np.concatenate([np.arange(k) for k in lens])
+    X = np.stack([np.repeat(np.arange(n), lens), pos, np.full(pos.size, tag), np.zeros(pos.size)], 1).astype(np.float32)
+    st = ActStore.create(path, prompt_ids=np.arange(n), n_tokens=lens, datasets=["x"] * n, splits=["train"] * n,
+                         sites={SITE: 4}, views={SITE: ["tokens", "last"]}, tok_ids=100 * tag + np.arange(pos.size))
+    with st.writer() as w:
+        w.append({SITE: {"last": X[np.cumsum(lens) - 1]}}, {SITE: X}, n=n)
+    return ActStore.open(path)
+
+
+class _Identity:
+    """A stand-in SAE whose latents are its inputs."""
+
+    width = 4
+
+    def encode(self, x):
+        return x
+
+
+def test_each_source_reads_its_own_store_rows_and_pairing_is_required(tmp_path):
+    """Two tokenizers: prompts have different token counts per model. The tuned source reads the tuned store's
+    rows (all of its tokens but position 0), never the base store's indices; sources that set base beside tuned
+    rows refuse the tokens view with one line naming sae.view, and pair on the per-prompt views."""
+    lens = {"base": [3, 2, 4], "tuned": [5, 2, 3]}
+    base = planted_store(tmp_path / "b.zarr", lens["base"], 1)
+    tuned = planted_store(tmp_path / "t.zarr", lens["tuned"], 2)
+    pr = np.array([0, 2])
+    for src, st, tag in (("base", base, 1), ("tuned", tuned, 2)):
+        want = [[p, k, tag] for p in pr for k in range(1, lens[src][p])]
+        rows = rows_of(src, base, tuned, "tokens", pr)
+        np.testing.assert_array_equal(rows, source_rows(st, "tokens", pr))
+        assert read_source(src, base, tuned, SITE, "tokens", rows)[:, :3].tolist() == want
+        got = np.concatenate(list(source_batches(src, base, tuned, SITE, "tokens", rows, batch_size=2, seed=0,
+                                                 epochs=1)))
+        assert sorted(got[:, :3].tolist()) == want
+        check_finite(src, base, tuned, SITE, "tokens", rows)
+        means = prompt_feature_means(_Identity(), src, base, tuned, SITE, "tokens", pr)
+        ref = [[p, np.mean(np.arange(1, lens[src][p])), tag, 0] for p in pr]
+        np.testing.assert_allclose(means, ref)
+    for src in ("delta", "crosscoder"):
+        with pytest.raises(MechdiffError, match=f"token-level {src} rows do not pair up: set sae.view to last or mean"):
+            rows_of(src, base, tuned, "tokens", pr)
+        with pytest.raises(MechdiffError, match="sae.view"):
+            prompt_feature_means(_Identity(), src, base, tuned, SITE, "tokens", pr)
+    with pytest.raises(MechdiffError, match="Type A/B/C statistics do not pair up: set sae.view to last or mean"):
+        analyse_features([0], lambda layer: {}, base, tuned, [], str, view="tokens")
+    # per-prompt rows always pair: the delta of the last view is tuned - base of each prompt's last token
+    rows = rows_of("delta", base, tuned, "last", pr)
+    np.testing.assert_array_equal(rows, pr)
+    want = [[0, lens["tuned"][p] - lens["base"][p], 1, 0] for p in pr]
+    np.testing.assert_allclose(read_source("delta", base, tuned, SITE, "last", rows), want)

@@ -9,7 +9,6 @@ analysis of the features stage over SAEs and activation stores, its rules and th
 
 from __future__ import annotations
 
-import html
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mechdiff.errors import MechdiffError
-from mechdiff.sae.sources import encode_rows, prompt_feature_means, source_rows
+from mechdiff.sae.sources import check_paired, encode_rows, prompt_feature_means, source_rows
 
 
 def _mat(a: object, name: str) -> np.ndarray:
@@ -470,19 +469,6 @@ def examples_markdown(records: list[dict], *, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def examples_html(records: list[dict], *, title: str | None = None) -> str:
-    """HTML list of `top_examples` records, the activating token in <mark> (all text escaped)."""
-    parts = [f"<h4>{html.escape(str(title))}</h4>"] if title else []
-    parts.append('<ol class="examples">')
-    for r in records:
-        ctx = " ".join([*map(html.escape, r["left"]), f"<mark>{html.escape(r['token'])}</mark>",
-                        *map(html.escape, r["right"])])
-        parts.append(f'<li><span class="act">{r["activation"]:.3g}</span> '
-                     f'<span class="pid">#{html.escape(str(r["prompt_id"]))}</span> {ctx}</li>')
-    parts.append("</ol>")
-    return "\n".join(parts)
-
-
 # ---------------------------------------------------------------- one run of the feature analysis over SAEs and stores
 
 
@@ -540,7 +526,8 @@ class FeatureResults:
 
 
 def sample_rows(store: Any, view: str, n_prompts: int, *, max_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """A sorted uniform sample (without replacement) of at most `max_rows` rows of `view` over all prompts."""
+    """A sorted uniform sample (without replacement) of at most `max_rows` rows of `view` over all prompts of `store`
+    (rows of the other store only where the two pair up, `check_paired`)."""
     rows = source_rows(store, view, np.arange(n_prompts))
     return np.sort(rng.choice(rows, size=min(max_rows, len(rows)), replace=False))
 
@@ -641,9 +628,12 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
     Per layer: Type A/B/C counts (`sae_type_counts`) on a row sample; per SAE the cultural-vs-control
     features (`cultural_features`); with the delta SAE and another, `pooled_themes`; per base / tuned SAE and
     trait the graded ranking (`graded_rankings`, unrankable traits skipped); on the tokens view, the top
-    examples of the tuned SAE's most cultural features. `decode` maps a token id to its text.
+    examples of the tuned SAE's most cultural features, from the tuned store. `decode` maps a tuned-model token id
+    to its text. The Type A/B/C statistics set base and tuned rows side by side, so on the tokens view both models
+    must hold the same tokens (`check_paired`).
     """
     st = settings
+    check_paired(base, tuned, view, what="token rows of the base-vs-tuned Type A/B/C statistics")
     res = FeatureResults()
     rng = np.random.default_rng(st.seed)
     datasets = np.array([q.dataset for q in prompts])
@@ -680,10 +670,10 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
                     m[f"graded_{r['trait']}_best_score"] = float(r["score"])
                     m[f"graded_{r['trait']}_n_keep"] = r["n_keep"]
         if view == "tokens" and "tuned" in saes:
-            trows = source_rows(base, "tokens", np.arange(len(prompts)))
+            trows = source_rows(tuned, "tokens", np.arange(len(prompts)))
             Z = encode_rows(saes["tuned"], tuned.read(site, "tokens", trows), features=top)
-            toks = [decode(int(i)) for i in base.index("tok_id")[trows]]
-            pids = base.index("tok_prompt")[trows]
+            toks = [decode(int(i)) for i in tuned.index("tok_id")[trows]]
+            pids = tuned.index("tok_prompt")[trows]
             for j, feat in enumerate(top):
                 recs = top_examples(Z[:, j], toks, pids, k=st.top_examples)
                 res.examples_md.append(examples_markdown(

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechdiff.analysis.transport import TransportMap, recolour, recolour_stats
+from mechdiff.analysis.transport import TransportMap, rank_value, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, edit_at, get_body, head_logits, model_width, site_module
+from mechdiff.model.sites import Site, get_body, head_logits, model_width, replace_at, site_module
 from mechdiff.model.tokens import Encoded, right_pad
 from mechdiff.stats.bootstrap import drop_pct_ci
 from mechdiff.stats.kl import allowed_index, kl_divergence
@@ -49,11 +49,6 @@ def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _pad_value(model: nn.Module) -> int:
-    v = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return int(v) if isinstance(v, int) and v >= 0 else 0
 
 
 def _rows(enc: Encoded, rows: Any) -> np.ndarray:
@@ -87,33 +82,14 @@ def _ref(ref_logits: Any, n: int) -> np.ndarray:
     return r
 
 
-class _Patcher:
-    """Hooks that overwrite, per site, chosen (row, position) activations of a batch with given vectors."""
-
-    def __init__(self, model: nn.Module, sites: Sequence[Site]) -> None:
-        self.model = model
-        self.sites = list(sites)
-        self.plan: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def set(self, plan: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self.plan = plan
-
-    def __enter__(self) -> _Patcher:
-        self.stack = contextlib.ExitStack()
-        for site in self.sites:
-            def fn(t: torch.Tensor, _s: Site = site) -> torch.Tensor | None:
-                item = self.plan.get(_s)
-                if item is None:
-                    return None
-                rows, pos, vec = item
-                t = t.clone()
-                t[rows.to(t.device), pos.to(t.device)] = vec.to(device=t.device, dtype=t.dtype)
-                return t
-            self.stack.enter_context(edit_at(self.model, site, fn))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stack.close()
+@contextlib.contextmanager
+def _patched(model: nn.Module, plan: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Within the block, one batch's plan (`_plan`) is in place: `replace_at` of its vectors at its rows and
+    positions, for every site in it."""
+    with contextlib.ExitStack() as stack:
+        for site, (rows, pos, vec) in plan.items():
+            stack.enter_context(replace_at(model, site, pos, vec, rows=rows))
+        yield
 
 
 def _plan(sites_of_rows: list[Site | None], vecs: list[torch.Tensor | None], pos: torch.Tensor):
@@ -148,24 +124,21 @@ def _hidden(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def _run_full(model, enc, rows, jobs, reduce, *, batch_size, device, progress) -> None:
     """Full forwards: each batch row is one (prompt, job) pair, prompts grouped by length."""
-    body, pad = get_body(model), _pad_value(model)
-    sites = sorted({s for s, v in jobs if v is not None})
+    body, pad = get_body(model), enc.pad
     order = np.argsort(np.array([len(enc.ids[r]) for r in rows]), kind="stable")
     pairs = [(int(i), j) for i in order for j in range(len(jobs))]
     bar = _progress(len(pairs), progress, "patch")
-    patcher = _Patcher(model, sites)
-    with patcher:
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s : s + batch_size]
-            seqs = [enc.ids[rows[i]][: enc.decision[rows[i]] + 1] for i, _ in chunk]
-            ids, mask = right_pad(seqs, pad, device)
-            pos = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
-            vecs = [None if jobs[j][1] is None else jobs[j][1][i] for i, j in chunk]
-            patcher.set(_plan([jobs[j][0] for _, j in chunk], vecs, pos))
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        seqs = [enc.ids[rows[i]][: enc.decision[rows[i]] + 1] for i, _ in chunk]
+        ids, mask = right_pad(seqs, pad, device)
+        pos = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
+        vecs = [None if jobs[j][1] is None else jobs[j][1][i] for i, j in chunk]
+        with _patched(model, _plan([jobs[j][0] for _, j in chunk], vecs, pos)):
             hidden = _hidden(body(input_ids=ids, attention_mask=mask, use_cache=False))
-            logits = head_logits(model, hidden[torch.arange(len(chunk), device=hidden.device), pos.to(hidden.device)])
-            _emit(chunk, logits, reduce)
-            bar.update(len(chunk))
+        logits = head_logits(model, hidden[torch.arange(len(chunk), device=hidden.device), pos.to(hidden.device)])
+        _emit(chunk, logits, reduce)
+        bar.update(len(chunk))
     bar.close()
 
 
@@ -210,12 +183,10 @@ def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], se
 @torch.no_grad()
 def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, device, progress) -> None:
     """Prefix-cache path: one prefix forward per prompt, one-token forwards per (prompt, job)."""
-    body, pad = get_body(model), _pad_value(model)
-    sites = sorted({s for s, v in jobs if v is not None})
+    body, pad = get_body(model), enc.pad
     dec = np.array([enc.decision[r] for r in rows], dtype=np.int64)
     order = np.argsort(dec, kind="stable")
     bar = _progress(len(rows) * len(jobs), progress, "patch")
-    patcher = _Patcher(model, sites)
     checked = False
     for s in range(0, len(order), batch_size):
         pidx = order[s : s + batch_size]
@@ -233,32 +204,31 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
         if not checked:
             pairs = [(b, -1) for b in range(len(pidx))] + pairs
         slot = torch.arange(P + 1, device=device)
-        with patcher:
-            for c in range(0, len(pairs), decode_batch):
-                chunk = pairs[c : c + decode_batch]
-                bsel = torch.tensor([b for b, _ in chunk], dtype=torch.long, device=device)
-                pos0 = torch.zeros(len(chunk), dtype=torch.long)
-                vecs = [None if j < 0 or jobs[j][1] is None else jobs[j][1][pidx[b]] for b, j in chunk]
-                patcher.set(_plan([None if j < 0 else jobs[j][0] for _, j in chunk], vecs, pos0))
-                pb = p[bsel]
-                amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
-                past = _new_cache(model, kv, bsel, P) if P > 0 else None
+        for c in range(0, len(pairs), decode_batch):
+            chunk = pairs[c : c + decode_batch]
+            bsel = torch.tensor([b for b, _ in chunk], dtype=torch.long, device=device)
+            pos0 = torch.zeros(len(chunk), dtype=torch.long)
+            vecs = [None if j < 0 or jobs[j][1] is None else jobs[j][1][pidx[b]] for b, j in chunk]
+            pb = p[bsel]
+            amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
+            past = _new_cache(model, kv, bsel, P) if P > 0 else None
+            with _patched(model, _plan([None if j < 0 else jobs[j][0] for _, j in chunk], vecs, pos0)):
                 o = body(input_ids=tok[bsel][:, None], attention_mask=amask[:, : P + 1] if P > 0 else None,
                          position_ids=pb[:, None], cache=past, use_cache=True)
-                logits = head_logits(model, _hidden(o)[:, -1])
-                real = [k for k, (_, j) in enumerate(chunk) if j >= 0]
-                if len(real) < len(chunk):
-                    got = logits[[k for k, (_, j) in enumerate(chunk) if j < 0]]
-                    want = ref_here[[b for b, j in chunk if j < 0]]
-                    tol = 1e-3 + 1e-2 * float(want.abs().max())
-                    err = float((got - want).abs().max())
-                    if not err <= tol:
-                        raise _NoPrefixCache(f"prefix-cache logits differ from a full forward by {err:.3g}")
-                    checked = True
-                if real:
-                    sub = [chunk[k] for k in real]
-                    _emit([(int(pidx[b]), j) for b, j in sub], logits[real], reduce)
-                    bar.update(len(sub))
+            logits = head_logits(model, _hidden(o)[:, -1])
+            real = [k for k, (_, j) in enumerate(chunk) if j >= 0]
+            if len(real) < len(chunk):
+                got = logits[[k for k, (_, j) in enumerate(chunk) if j < 0]]
+                want = ref_here[[b for b, j in chunk if j < 0]]
+                tol = 1e-3 + 1e-2 * float(want.abs().max())
+                err = float((got - want).abs().max())
+                if not err <= tol:
+                    raise _NoPrefixCache(f"prefix-cache logits differ from a full forward by {err:.3g}")
+                checked = True
+            if real:
+                sub = [chunk[k] for k in real]
+                _emit([(int(pidx[b]), j) for b, j in sub], logits[real], reduce)
+                bar.update(len(sub))
     bar.close()
 
 
@@ -455,7 +425,7 @@ def rank_alpha_configs(m: TransportMap, X: Any, ranks: Sequence[int | str], alph
     """
     configs = {"raw": recolour(X, m.stats)}
     for k in ranks:
-        mk = m.at_rank(None if k == "full" else int(k))
+        mk = m.at_rank(rank_value(k))
         for a in alphas:
             configs[_config_name(k, a)] = (mk if a == "auto" else mk.with_alpha(float(a))).apply(X)
     return configs

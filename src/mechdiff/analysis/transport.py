@@ -103,6 +103,11 @@ def _pair(X: Any, Y: Any, what: str, min_rows: int = 2) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------------------------- the map
 
 
+def rank_value(r: int | str) -> int | None:
+    """A rank setting (an int or 'full', as in params transport.ranks) as `TransportMap.at_rank` takes it."""
+    return None if r == "full" else int(r)
+
+
 @dataclass
 class TransportMap:
     """An affine base -> tuned map at one site: apply(h) = alpha * (h @ W + b), at rank `rank` (None = full)."""

@@ -1,8 +1,8 @@
-"""Shared-vocabulary fairness between two tokenizers: shared ids, prompt filter, logit masks and alignment.
+"""Shared-vocabulary fairness between two tokenizers: shared ids, prompt filter and logit alignment.
 
 The shared vocabulary is the intersection of the two vocabularies as token strings (as `get_vocab()`
 spells them). When both tokenizers map every string to the same id, everything here is a no-op that costs
-nothing: the filter keeps every prompt without tokenizing and `mask_logits(x, None)` returns `x` itself.
+nothing: the filter keeps every prompt without tokenizing and `aligned_logits` returns its inputs as is.
 """
 
 from __future__ import annotations
@@ -35,16 +35,6 @@ class SharedVocab:
     allowed_b: np.ndarray
     pair_a: np.ndarray = field(default_factory=_empty)  # pair_a[i] (side a) and pair_b[i] (side b): one string
     pair_b: np.ndarray = field(default_factory=_empty)
-
-    @property
-    def mask_a(self) -> np.ndarray | None:
-        """Ids to pass to `mask_logits` for model a (None when the vocabularies are identical)."""
-        return None if self.identical else self.allowed_a
-
-    @property
-    def mask_b(self) -> np.ndarray | None:
-        """Ids to pass to `mask_logits` for model b (None when the vocabularies are identical)."""
-        return None if self.identical else self.allowed_b
 
 
 def _vocab(tok: Any, side: str) -> dict[str, int]:
@@ -82,14 +72,6 @@ def shared_vocab(tok_a: Any, tok_b: Any) -> SharedVocab:
     allowed_b = np.unique(np.array([vb[s] for s in shared], dtype=np.int64))
     return SharedVocab(False, len(shared), allowed_a, allowed_b, np.array(pa, dtype=np.int64),
                        np.array(pb, dtype=np.int64))
-
-
-def prompt_shared_ratio(ids: Sequence[int] | np.ndarray, allowed: np.ndarray) -> float:
-    """Fraction of the token ids that are in `allowed`."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size == 0:
-        raise MechdiffError("cannot compute the shared-token ratio of an empty prompt: remove empty texts")
-    return float(np.isin(ids, np.asarray(allowed, dtype=np.int64)).mean())
 
 
 def _texts(items: Sequence[Any]) -> list[str]:
@@ -182,30 +164,6 @@ def _check_ids(ids: np.ndarray, width: int, what: str) -> None:
         allowed_index(ids, width)
     except MechdiffError as exc:
         raise MechdiffError(f"{what}: {exc}") from None
-
-
-def mask_logits(logits: torch.Tensor | np.ndarray, allowed: np.ndarray | None) -> torch.Tensor | np.ndarray:
-    """Set logits of non-allowed ids (last axis) to -inf; `allowed=None` or all ids returns `logits` itself."""
-    if allowed is None:
-        return logits
-    if not isinstance(logits, torch.Tensor | np.ndarray):
-        raise MechdiffError(f"mask_logits takes a torch tensor or numpy array, got {type(logits).__name__}")
-    is_float = logits.is_floating_point() if isinstance(logits, torch.Tensor) else np.issubdtype(logits.dtype,
-                                                                                                   np.floating)
-    if not is_float or logits.ndim == 0:
-        raise MechdiffError("mask_logits needs floating-point logits with a vocabulary axis last")
-    allowed = np.asarray(allowed, dtype=np.int64)
-    width = int(logits.shape[-1])
-    _check_ids(allowed, width, "mask_logits")
-    if allowed.size == width and allowed[0] == 0 and allowed[-1] == width - 1 and np.all(np.diff(allowed) > 0):
-        return logits
-    if isinstance(logits, torch.Tensor):
-        keep = torch.zeros(width, dtype=torch.bool, device=logits.device)
-        keep[torch.as_tensor(allowed, device=logits.device)] = True
-        return logits.masked_fill(~keep, float("-inf"))
-    out = np.full_like(logits, -np.inf)
-    out[..., allowed] = logits[..., allowed]
-    return out
 
 
 def _take(x: torch.Tensor | np.ndarray, ids: np.ndarray) -> torch.Tensor | np.ndarray:

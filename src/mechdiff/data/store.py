@@ -876,36 +876,3 @@ class DeltaView(_Reader):
             self._stats[key] = (w.mean, w.std())
         m, s = self._stats[key]
         return m.copy(), s.copy()
-
-
-def materialise_delta(base: ActStore, tuned: ActStore, path: str | Path, *, shard_rows: int | None = None,
-                      compressor: str | None = None, resume: bool = True) -> ActStore:
-    """Write tuned - base to a new store at `path` (shared sites and views), streaming block by block."""
-    dv = DeltaView(base, tuned)
-    lay = base._lay
-    shard = int(shard_rows or lay["shard_rows"])
-    views = {s: dv.views(s) for s in dv.sites}
-    views = {s: v for s, v in views.items() if v}
-    tok = base.index("tok_id") if "tok_id" in base._root else None
-    has_tokens = any("tokens" in v for v in views.values())
-    out = ActStore.create(
-        path, prompt_ids=base.index("prompt_id"), n_tokens=base.index("n_tokens"),
-        datasets=list(base.index("dataset")), splits=list(base.index("split")),
-        sites={s: base.width(s) for s in views}, views=views, attrs=dv.attrs, dtype="float32",
-        shard_rows=shard, compressor=compressor, resume=resume,
-        decision=base.index("decision") if "decision" in base._root else None,
-        tok_ids=tok if has_tokens else None,
-    )
-    if out.complete:
-        return ActStore.open(path)
-    off, nt = base.index("tok_offset"), base.index("n_tokens")
-    with out.writer() as w:
-        for a in range(w.start, base.n, shard):
-            b = min(base.n, a + shard)
-            rv = {s: {v: dv._read_range(s, v, a, b) for v in vs if v != "tokens"} for s, vs in views.items()}
-            tk = None
-            if has_tokens:
-                t0, t1 = int(off[a]), int(off[b - 1] + nt[b - 1])
-                tk = {s: dv._read_range(s, "tokens", t0, t1) for s, vs in views.items() if "tokens" in vs}
-            w.append(rv, tk, n=b - a)
-    return ActStore.open(path)

@@ -15,7 +15,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, find_blocks, model_width, site_module
-from mechdiff.model.tokens import pad_id
+from mechdiff.model.tokens import pad_id, right_pad
 
 EDIT_KINDS = ("attn_out", "mlp_out", "resid_post", "resid_pre")
 
@@ -173,13 +173,7 @@ def finetune(
                 if not order:
                     order = list(rng.permutation(len(ids)))
                 rows.append(int(order.pop()))
-            T = max(len(ids[r]) for r in rows)
-            x = torch.full((len(rows), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            for j, r in enumerate(rows):
-                x[j, : len(ids[r])] = torch.tensor(ids[r])
-                mask[j, : len(ids[r])] = 1
-            x, mask = x.to(device), mask.to(device)
+            x, mask = right_pad([ids[r] for r in rows], pad, device)
             logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
             tgt = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             loss = nn.functional.cross_entropy(

@@ -209,16 +209,6 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-@torch.no_grad()
-def decision_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor
-) -> torch.Tensor:
-    """Logits (B, V) at one position per row, computing the LM head only there."""
-    out = _call(model, input_ids, attention_mask, body_only=True)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return head_logits(model, hidden[torch.arange(hidden.shape[0]), positions])
-
-
 @contextlib.contextmanager
 def edit_at(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Within the block, the site's activation t (B, T, d) becomes fn(t) on every forward (None leaves t as is).

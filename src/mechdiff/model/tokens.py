@@ -13,10 +13,12 @@ from mechdiff.errors import MechdiffError
 
 @dataclass
 class Encoded:
-    """Token ids per prompt and the index of each prompt's decision token."""
+    """Token ids per prompt, the index of each prompt's decision token, and the id that right-pads them in a batch
+    (`pad_id` of the tokenizer that encoded them; padded positions are masked, so any id in the vocabulary works)."""
 
     ids: list[list[int]]
     decision: list[int]
+    pad: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,7 +69,7 @@ def encode(tokenizer, texts: Sequence[str], *, chat: bool = True, max_len: int =
         ids = list(ids)[-max_len:]
         out_ids.append(ids)
         dec.append(decision_position(ids, special))
-    return Encoded(out_ids, dec)
+    return Encoded(out_ids, dec, pad_id(tokenizer))
 
 
 def pad_id(tokenizer) -> int:

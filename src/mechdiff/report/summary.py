@@ -31,7 +31,10 @@ def _site(name: str):
     return Site.parse(name)
 
 
-def _num(x: float, digits: int = 3) -> str:
+def _num(x: float | None, digits: int = 3) -> str:
+    """A metric for reading; "undefined" where it is null (NaN in the stage, e.g. a constant site)."""
+    if x is None:
+        return "undefined"
     return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
 
 
@@ -104,7 +107,7 @@ def directions(run: Run) -> list[Fact]:
 def map_fit(run: Run) -> list[Fact]:
     """Held-out R² of each site's base -> tuned map, against its shuffled-pairs baseline."""
     maps = run.json(metric("transport/*.json")) or {}
-    return [Fact(site, f"R² {m['r2_val']:.3f}", f"held out; shuffled pairs {m.get('r2_val_shuffled', float('nan')):.2f}")
+    return [Fact(site, f"R² {_num(m['r2_val'])}", f"held out; shuffled pairs {_num(m.get('r2_val_shuffled'), 2)}")
             for site, m in maps.items() if "r2_val" in m]
 
 
@@ -116,7 +119,7 @@ def sae_fit(run: Run) -> list[Fact]:
             continue
         ce = [f"{m[k]:.3f}" for k in ("ce_recovered", "ce_recovered_base", "ce_recovered_tuned") if m.get(k) is not None]
         note = f"CE recovered {' / '.join(ce)}" + (" (base / tuned)" if len(ce) == 2 else "") if ce else ""
-        facts.append(Fact(name, f"FVU {m['fvu']:.3f}", note))
+        facts.append(Fact(name, f"FVU {_num(m['fvu'])}", note))
     return facts
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, model_width, read_at, replace_at
-from mechdiff.model.tokens import Encoded, batches, pad_id
+from mechdiff.model.tokens import Encoded, batches
 from mechdiff.sae.model import TopKSAE
-from mechdiff.sae.sources import read_source, source_rows, tokens_paired
+from mechdiff.sae.sources import read_source, rows_of, tokens_paired
 from mechdiff.stats.kl import kl_divergence
 
 RefLogits = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray] | None
@@ -223,13 +223,13 @@ def _add_losses(acc: dict[str, float], kind: str, lg: torch.Tensor, ids: torch.T
 @torch.no_grad()
 def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndarray, site: Site,
                     reads: tuple[str, ...], targets: tuple[str, ...], replace: Replace,
-                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str, pad: int
+                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str
                     ) -> tuple[dict[str, dict[str, float]], int, int]:
     """Summed CE / KL per target model and kind over the prompts `rows`: (totals, n_prompts, n_tokens)."""
     where = {int(r): i for i, r in enumerate(rows)}
     tot = {t: {f"{m}_{k}": 0.0 for m in ("ce", "kl") for k in _KINDS} for t in targets}
     n_tok = n_rows = 0
-    for brows, ids, mask, pos in batches(enc, rows, batch_size, pad, device=_device(models[targets[0]])):
+    for brows, ids, mask, pos in batches(enc, rows, batch_size, enc.pad, device=_device(models[targets[0]])):
         acts: dict[str, torch.Tensor] = {}
         clean: dict[str, torch.Tensor] = {}
         for name in dict.fromkeys((*targets, *reads)):
@@ -267,7 +267,7 @@ def _recovered(zero: float, sae_v: float, clean: float) -> float:
 @torch.no_grad()
 def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | Mapping[str, Encoded],
                     rows: Sequence[int] | np.ndarray, site: Site, sae: TopKSAE, ref_logits: RefLogits = None, *,
-                    source: str | None = None, batch_size: int = 8, positions: str = "all", pad: int = 0) -> dict:
+                    source: str | None = None, batch_size: int = 8, positions: str = "all") -> dict:
     """CE / KL recovered when the SAE reconstruction replaces the site's activation (vs zero-ablation).
 
     Sources (`source`; `model` one model, or {"base": ..., "tuned": ...} by name, `enc` one Encoded or one
@@ -295,7 +295,7 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     reads, targets, replace = _plan(src, name, sae.to(_device(models[home])))
     refs = _refs(ref_logits, targets, rows.size)
     tot, n_rows, n_tok = _spliced_totals(models, shared, rows, site, reads, targets, replace, refs,
-                                         batch_size=batch_size, positions=positions, pad=pad)
+                                         batch_size=batch_size, positions=positions)
     res: dict = {}
     for t in targets:
         sfx = "" if len(targets) == 1 else f"_{t}"
@@ -347,10 +347,9 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
     norm_rows: list[dict] = []
     for layer in layers:
         site = f"L{layer}.resid_post"
-        rows = source_rows(base, view, val)
         for source in sources:
             sae = load(source, layer)
-            m = eval_sae(sae, read_source(source, base, tuned, site, view, rows))
+            m = eval_sae(sae, read_source(source, base, tuned, site, view, rows_of(source, base, tuned, view, val)))
             names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
             loaded = {n: models(n) for n in names}
             if len(names) == 2 and not (paired and _vocab(loaded["base"][0]) == _vocab(loaded["tuned"][0])):
@@ -359,8 +358,7 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
             else:
                 sp = spliced_metrics({n: v[0] for n, v in loaded.items()}, {n: v[2] for n, v in loaded.items()}, val,
                                      Site(layer), sae, source=source, batch_size=batch_size,
-                                     positions="all" if view == "tokens" else "decision",
-                                     pad=pad_id(loaded[names[-1]][1]))
+                                     positions="all" if view == "tokens" else "decision")
                 m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
             if source == "crosscoder":
                 counts, hist = crosscoder_norm_shares(sae)

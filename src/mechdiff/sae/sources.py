@@ -52,17 +52,19 @@ def tokens_paired(base: ActStore | Encoded, tuned: ActStore | Encoded, prompt_ro
     return bool(np.array_equal(ids_b[tr], ids_t[tr]))
 
 
-def check_paired(base: ActStore, tuned: ActStore, view: str) -> None:
-    """Delta and crosscoder sources need the two stores to hold the same rows (same tokens for 'tokens')."""
-    if view == "tokens" and not tokens_paired(base, tuned):
-        raise MechdiffError(
-            "the two models tokenise the prompts differently, so token-level delta/crosscoder rows do not pair up: "
-            "set sae.view to last or mean"
-        )
+def check_paired(base: ActStore, tuned: ActStore, view: str, prompt_rows: np.ndarray | None = None, *,
+                 what: str = "token-level delta/crosscoder rows") -> None:
+    """Raise unless base and tuned rows of `view` pair up for the prompt rows (all if None): anything that sets a
+    base row beside a tuned row (delta, crosscoder, base-vs-tuned statistics) needs it. Per-prompt views always
+    pair; 'tokens' pairs only when both models hold the same tokens (`tokens_paired`)."""
+    if view == "tokens" and not tokens_paired(base, tuned, prompt_rows):
+        raise MechdiffError(f"the two models tokenise the prompts differently, so {what} do not pair up: "
+                            "set sae.view to last or mean")
 
 
 def check_finite(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> None:
-    """Raise unless every row the SAE of `source` reads is finite (one streamed pass, before any output is touched)."""
+    """Raise unless every row the SAE of `source` reads (`rows` = `rows_of`) is finite (one streamed pass, before any
+    output is touched)."""
     stores = {"base": [base], "tuned": [tuned]}.get(source, [base, tuned])
     for st in stores:
         for x in st.iter_batches(site, view, 1 << 16, rows=rows, shuffle=False):
@@ -83,8 +85,24 @@ def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarr
     return rows[store.index("tok_pos")[rows] > 0]
 
 
+def rows_of(source: str, base: ActStore, tuned: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
+    """Row indices that the SAE source `source` reads for the given prompt rows, each store's rows from that store.
+
+    base: the base store's rows; tuned: the tuned store's own rows (with two tokenizers its token rows differ
+    from the base store's); delta and crosscoder set base and tuned rows side by side, so they need
+    `check_paired` and then share the base store's rows.
+    """
+    if source == "tuned":
+        return source_rows(tuned, view, prompt_rows)
+    if source in ("delta", "crosscoder"):
+        check_paired(base, tuned, view, prompt_rows, what=f"token-level {source} rows")
+    elif source != "base":
+        raise MechdiffError(f"unknown SAE source {source!r}: choose one of {', '.join(SOURCES)}")
+    return source_rows(base, view, prompt_rows)
+
+
 def read_source(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> np.ndarray:
-    """All rows of a source as one array (for evaluation on held-out prompts)."""
+    """All rows of a source as one array (for evaluation on held-out prompts); `rows` from `rows_of`."""
     if source == "base":
         return base.read(site, view, rows)
     if source == "tuned":
@@ -98,7 +116,7 @@ def read_source(source: str, base: ActStore, tuned: ActStore, site: str, view: s
 
 def source_batches(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray, *,
                    batch_size: int, seed: int, epochs: int) -> Iterator[np.ndarray]:
-    """Shuffled training batches of a source, streamed from the stores with bounded memory."""
+    """Shuffled training batches of a source (`rows` from `rows_of`), streamed from the stores with bounded memory."""
     kw = {"rows": rows, "shuffle": True, "seed": seed, "epochs": epochs}
     if source == "base":
         yield from base.iter_batches(site, view, batch_size, **kw)
@@ -133,11 +151,11 @@ def prompt_feature_means(sae, source: str, base: ActStore, tuned: ActStore, site
     prompt_rows = np.asarray(prompt_rows, dtype=np.int64)
     if view != "tokens":
         return encode_rows(sae, read_source(source, base, tuned, site, view, prompt_rows))
-    tok_prompt = base.index("tok_prompt")
+    tok_prompt = (tuned if source == "tuned" else base).index("tok_prompt")
     out = []
     for s in range(0, len(prompt_rows), chunk_prompts):
         pr = prompt_rows[s : s + chunk_prompts]
-        rows = source_rows(base, view, pr)  # in prompt order, position 0 left out
+        rows = rows_of(source, base, tuned, view, pr)  # in prompt order, position 0 left out
         Z = encode_rows(sae, read_source(source, base, tuned, site, view, rows))
         owner = tok_prompt[rows]
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
