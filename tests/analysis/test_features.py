@@ -327,6 +327,12 @@ def test_top_examples_and_markdown():
     assert [r["row"] for r in rec2] == [2, 3, 5, 7]
     md = examples_markdown(rec, title="f1")
     assert "**<c>**" in md and md.count("\n| ") == 3
+    words = [{"rank": 1, "activation": 2.0, "prompt_id": 7, "left": ["How", " is", " Malay"], "token": "alam",
+              "right": [" cinema", "|"]}, {"rank": 2, "activation": 1.0, "prompt_id": 8, "left": ["about"],
+                                           "token": " Ray", "right": ["."]}]
+    rows = examples_markdown(words).splitlines()[2:]
+    assert rows[0] == "| 1 | 2 | 7 | How is Malay**alam** cinema\\| |"
+    assert rows[1] == "| 2 | 1 | 8 | about **Ray**. |"
     with pytest.raises(MechdiffError):
         top_examples(acts[:3], toks, pid)
 

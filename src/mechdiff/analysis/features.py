@@ -456,7 +456,7 @@ def top_examples(acts: np.ndarray, token_strings: Sequence[str], prompt_ids: np.
 
 
 def examples_markdown(records: list[dict], *, title: str | None = None) -> str:
-    """Markdown table of `top_examples` records, the activating token in bold."""
+    """Markdown table of `top_examples` records: each context as decoded text, the activating token in bold."""
 
     def esc(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", "\\n")
@@ -464,7 +464,9 @@ def examples_markdown(records: list[dict], *, title: str | None = None) -> str:
     lines = [f"### {title}", ""] if title else []
     lines += ["| # | act | prompt | context |", "|---|---|---|---|"]
     for r in records:
-        ctx = " ".join([*map(esc, r["left"]), f"**{esc(r['token'])}**", *map(esc, r["right"])])
+        tok = esc(r["token"])
+        lead = tok[: len(tok) - len(tok.lstrip())]  # a token's leading space stays outside the bold marks
+        ctx = "".join([*map(esc, r["left"]), f"{lead}**{tok.strip()}**", *map(esc, r["right"])]).strip()
         lines.append(f"| {r['rank']} | {r['activation']:.3g} | {r['prompt_id']} | {ctx} |")
     return "\n".join(lines) + "\n"
 
