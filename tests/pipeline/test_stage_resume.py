@@ -128,7 +128,8 @@ def test_killed_extract_stage_resumes_and_matches_an_uninterrupted_run(tmp_path)
     (repo / "params.yaml").write_text(yaml.safe_dump(_params(shard_rows=16)))
     proc = _stage(repo, "extract", "base", wait=False)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and _rows_done(store) < n // 4:
+    # the finished store (n rows) is replaced first: wait until the new one is part-way
+    while time.time() < deadline and proc.poll() is None and not n // 4 <= _rows_done(store) < n:
         time.sleep(0.01)
     assert proc.poll() is None, "the stage finished before it could be killed: give it more prompts"
     os.kill(proc.pid, signal.SIGKILL)
