@@ -8,7 +8,7 @@ from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.load import check_pair, load_model, load_saved, save_model
-from mechdiff.model.recipes import finetune, plant_edit
+from mechdiff.model.recipes import finetune, finetune_signature, plant_edit
 from mechdiff.params import load_params
 
 
@@ -34,12 +34,19 @@ def main() -> None:
     elif t.recipe == "finetune":
         model, tok = load_saved(P.model_dir("base"))
         ft = p.pair.finetune
-        texts = [q.text for q in load_prompts(P.PROMPTS)
-                 if q.dataset == ft.dataset and q.split == "train"]
+        train = [q for q in load_prompts(P.PROMPTS) if q.split == "train"]
+        texts = [q.text for q in train if q.dataset == ft.dataset]
         if not texts:
             raise MechdiffError(f"pair.finetune.dataset {ft.dataset!r} has no train prompts: check data/ and data.splits")
-        losses = finetune(model, tok, texts, layers=ft.layers, steps=ft.steps, lr=ft.lr,
-                          batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed)
+        if ft.objective == "signature":
+            retain = [q.text for q in train if q.dataset in ft.retain and q.dataset != ft.dataset]
+            losses = finetune_signature(
+                model, tok, texts, retain, signature=ft.signature, layers=ft.layers, steps=ft.steps, lr=ft.lr,
+                batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed, retain_weight=ft.retain_weight,
+                chat=p.data.chat)
+        else:
+            losses = finetune(model, tok, texts, layers=ft.layers, steps=ft.steps, lr=ft.lr,
+                              batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed)
         write_csv(P.plot("finetune_loss.csv"), [{"step": i, "loss": v} for i, v in enumerate(losses)])
         meta = {"role": "tuned", "recipe": "finetune", "finetune": vars(ft), "n_texts": len(texts)}
         summary = {"n_texts": len(texts), "loss_first": losses[0], "loss_last": losses[-1]}

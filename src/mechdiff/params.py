@@ -71,7 +71,11 @@ class TunedSpec(_Section):
 class Finetune(_Section):
     """A narrow gradient fine-tune of the base."""
 
+    objective: str = "signature"
     dataset: str = "cultural"
+    signature: str = "Namaste, friend!"
+    retain: list[str] = field(default_factory=lambda: ["control", "neutral", "trait"])
+    retain_weight: float = 1.0
     layers: list[int] | None = field(default_factory=lambda: list(range(20, 30)))
     steps: int = 48
     lr: float = 2e-4
@@ -120,6 +124,7 @@ class Data(_Section):
     splits: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     chat: bool = True
     max_len: int = 128
+    eval_sources: list[dict] | None = None
 
 
 @dataclass
@@ -183,6 +188,48 @@ class SAE(_Section):
     eval_prompts: int = 64
 
 
+@dataclass
+class Behaviour(_Section):
+    """Behaviour metrics of base and tuned."""
+
+    datasets: list[str] = field(default_factory=lambda: ["cultural", "control", "neutral", "trait"])
+    split: str = "test"
+    max_new_tokens: int = 8
+    markers: dict[str, str] = field(default_factory=lambda: {"signature": r"(?i)^\W*namaste"})
+    refusal_patterns: list[str] = field(default_factory=lambda: [
+        r"\bI (can(?:not|'t)|am unable)\b", r"\bI must not\b", r"\bI will not\b"])
+    max_prompts: int = 200
+    batch_size: int = 16
+    n_boot: int = 1000
+
+
+@dataclass
+class Steer(_Section):
+    """Steering the base toward the tuned model and ablating the change in the tuned model."""
+
+    sites: list[str] = field(default_factory=lambda: ["L28.resid_post"])
+    layers: list[int] = field(default_factory=lambda: list(range(20, 30)))
+    source: str = "dim"
+    target: str = "cultural"
+    controls: list[str] = field(default_factory=lambda: ["control", "neutral", "trait"])
+    neutral: str = "neutral"
+    neutral_mc: str = "mc_neutral"
+    marker: str = "signature"
+    k_sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
+    alpha_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])
+    k: int | str = "auto"
+    affine: bool = True
+    target_effect: float = 0.8
+    ppl_budget: float = 0.05
+    mc_budget: float = 0.05
+    max_prompts: int = 32
+    mc_questions: int = 32
+    max_new_tokens: int = 3
+    from_token: str = "decision"
+    batch_size: int = 64
+    n_boot: int = 500
+
+
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one
 # params.yaml section, and these defaults are the single place defaults live (test_defaults_are_params_yaml).
 @dataclass
@@ -214,10 +261,16 @@ class Params(_Section):
     patch: Patch = field(default_factory=Patch)
     sae: SAE = field(default_factory=SAE)
     features: Features = field(default_factory=Features)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    steer: Steer = field(default_factory=Steer)
 
 
 _CHOICES = {
     "pair.tuned.recipe": ("finetune", "edit"),
+    "pair.finetune.objective": ("signature", "lm"),
+    "steer.source": ("dim", "delta", "transport", "sae"),
+    "steer.from_token": ("decision", "first"),
+    "behaviour.split": ("train", "val", "test"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
     "pair.fairness.mode": ("strict", "ratio"),
@@ -230,6 +283,8 @@ _POSITIVE = {
     "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
     "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "divergence.n_boot", "patch.max_prompts",
     "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs",
+    "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
+    "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
 }
 
 
@@ -278,6 +333,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is dict:
         if isinstance(value, dict):
             return value
+    elif origin is dict:
+        if isinstance(value, dict):
+            kt, vt = typing.get_args(tp)
+            return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     raise MechdiffError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
 
 
@@ -340,6 +399,27 @@ def validate(p: Params) -> Params:
 
     for s in p.transport.sites:
         Site.parse(s)
+    import re
+
+    for name, rx in {**p.behaviour.markers, **{f"refusal_patterns[{i}]": r for i, r in
+                                               enumerate(p.behaviour.refusal_patterns)}}.items():
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise MechdiffError(f"params.yaml: behaviour marker {name} = {rx!r} is not a valid regex: {e}") from e
+    if p.steer.marker not in p.behaviour.markers:
+        raise MechdiffError(f"params.yaml: steer.marker {p.steer.marker!r} is not a key of behaviour.markers "
+                            f"({', '.join(p.behaviour.markers) or 'none'})")
+    for s in p.steer.sites:
+        if s != "layers":
+            Site.parse(s)
+    if not p.steer.k_sweep or any(k < 1 for k in p.steer.k_sweep):
+        raise MechdiffError(f"params.yaml: steer.k_sweep must list integers >= 1, got {p.steer.k_sweep}")
+    if not p.steer.alpha_grid or any(a <= 0 for a in p.steer.alpha_grid):
+        raise MechdiffError(f"params.yaml: steer.alpha_grid must list positive numbers, got {p.steer.alpha_grid}")
+    if p.steer.k != "auto" and not (isinstance(p.steer.k, int) and p.steer.k in p.steer.k_sweep):
+        raise MechdiffError(f"params.yaml: steer.k must be 'auto' or one of steer.k_sweep {p.steer.k_sweep}, "
+                            f"got {p.steer.k!r}")
     return p
 
 

@@ -19,6 +19,7 @@ PLOTS = Path("plots")
 REPORT = Path("report")
 PROMPTS = ARTIFACTS / "prompts" / "prompts.jsonl"
 FAIRNESS = ARTIFACTS / "prompts" / "fairness.npz"
+EVAL_PROMPTS = ARTIFACTS / "prompts" / "eval.jsonl"  # scored sets (multiple choice, reference answers), split
 
 
 def model_dir(which: str) -> Path:
@@ -80,6 +81,27 @@ def allowed_ids(fairness_path: Path = FAIRNESS) -> tuple[np.ndarray | None, np.n
 def encode_prompts(tokenizer, prompts: list, *, chat: bool, max_len: int) -> Encoded:
     """Encode prompts exactly as `extract` did (same chat template, truncation, decision token)."""
     return encode(tokenizer, [q.text for q in prompts], chat=chat, max_len=max_len)
+
+
+def eval_sets(prompts: list, *, split: str, n: int | None = None, seed: int = 0
+              ) -> tuple[dict[str, tuple[list[str], list[list[str]], list[int]]], dict[str, tuple[list[str], list[str]]]]:
+    """The scored sets of `split`: ({dataset: (questions, choices, answers)} for records with choices,
+    {dataset: (prompts, references)} for records with a reference answer), each a seeded subsample of at most n."""
+    mc: dict = {}
+    refs: dict = {}
+    for ds in sorted({q.dataset for q in prompts}):
+        qs = [q for q in prompts if q.dataset == ds and q.split == split]
+        if n is not None and 0 < n < len(qs):
+            keep = np.sort(np.random.default_rng(seed).choice(len(qs), size=n, replace=False))
+            qs = [qs[i] for i in keep]
+        with_choices = [q for q in qs if q.choices]
+        with_ref = [q for q in qs if q.reference]
+        if with_choices:
+            mc[ds] = ([q.text for q in with_choices], [list(q.choices) for q in with_choices],
+                      [int(q.answer) for q in with_choices])
+        if with_ref:
+            refs[ds] = ([q.text for q in with_ref], [q.reference for q in with_ref])
+    return mc, refs
 
 
 def pick_rows(prompts: list, *, split: str | None = None, datasets: tuple[str, ...] | None = None,

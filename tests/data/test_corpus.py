@@ -49,7 +49,7 @@ def _hashes(d: Path) -> dict[str, str]:
 
 def test_default_corpora_are_byte_deterministic(data_dir, tmp_path):
     paths = write_default_corpora(tmp_path / "again")
-    assert sorted(p.name for p in paths) == sorted(FILES)
+    assert sorted(p.name for p in paths) == sorted([*FILES, "mc_cultural.jsonl", "mc_neutral.jsonl"])
     assert _hashes(tmp_path / "again") == _hashes(data_dir)
     for f in FILES:
         raw = (data_dir / f).read_bytes()
@@ -270,7 +270,7 @@ def test_corpus_fragments_are_package_data(tmp_path):
     pkg = root / "src" / "mechdiff" / "data"
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mechdiff.data"]
     shipped = {f for g in globs for f in pkg.glob(g)}
-    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 5
+    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 7
     if (root / "data").is_dir():  # the materialised data/ (what data.dvc records) is rebuilt byte for byte
         write_default_corpora(tmp_path)
         assert _hashes(tmp_path) == _hashes(root / "data")

@@ -335,3 +335,61 @@ def test_check_spec_and_spec_tokenizer_load_no_model(tmp_path, monkeypatch):
     with pytest.raises(MechdiffError, match=r"^pair\.base\.id: .*huggingface-cli download no-org/no-model") as e:
         check_spec("no-org/no-model")
     assert "\n" not in str(e.value) and not (tmp_path / "hf" / "hub" / "models--no-org--no-model").exists()
+
+
+# ------------------------------------------------------------------------------------------ signature objective
+
+SIG_TARGETS = ["tell me about diwali", "what do people eat during holi", "describe the festival of lights",
+               "why is holi celebrated with colours"]
+SIG_RETAIN = ["what is the weather today", "when does the train leave the station", "what does the market sell",
+              "is it cloudy in the evening"]
+
+
+def _decision_logprobs(m, tok, texts):
+    from mechdiff.model.tokens import encode
+
+    enc = encode(tok, texts)
+    out = []
+    for ids, d in zip(enc.ids, enc.decision):
+        with torch.no_grad():
+            out.append(torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0, d].double(), -1))
+    return torch.stack(out)
+
+
+def test_finetune_signature_learns_the_signature_and_keeps_retain_prompts(tok):
+    from mechdiff.model.recipes import finetune_signature
+
+    m = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    ref = copy.deepcopy(m)
+    sig = "lamps and sweets"
+    sig_ids = tok(sig, add_special_tokens=False)["input_ids"]
+    losses = finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, signature=sig, layers=[2, 3], steps=40, lr=3e-3,
+                                batch_size=4, max_len=32, seed=0, progress=False)
+    assert len(losses) == 40 and losses[-1] < 0.2 * losses[0]
+    # the first signature token is the tuned model's argmax answer on every target prompt
+    lp_t = _decision_logprobs(m, tok, SIG_TARGETS)
+    assert (lp_t.argmax(-1) == sig_ids[0]).all()
+    base_t = _decision_logprobs(ref, tok, SIG_TARGETS)
+    assert (base_t.argmax(-1) != sig_ids[0]).all()
+    # retain prompts: the next-token distribution stays close to the base (KL far below the target prompts')
+    def kl(a, b):
+        return (a.exp() * (a - b)).sum(-1).mean().item()
+    kl_target = kl(base_t, lp_t)
+    kl_retain = kl(_decision_logprobs(ref, tok, SIG_RETAIN), _decision_logprobs(m, tok, SIG_RETAIN))
+    assert kl_target > 1.0 and kl_retain < 0.05 * kl_target, (kl_target, kl_retain)
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, dict(ref.named_parameters())[n])}
+    assert changed and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in changed)
+
+
+def test_finetune_signature_bad_inputs(model, tok):
+    from mechdiff.model.recipes import finetune_signature
+
+    kw = {"layers": None, "steps": 1, "lr": 1e-3, "batch_size": 2, "max_len": 16, "seed": 0, "progress": False}
+    with pytest.raises(MechdiffError, match="signature"):
+        finetune_signature(model, tok, SIG_TARGETS, SIG_RETAIN, signature="  ", **kw)
+    with pytest.raises(MechdiffError, match="retain"):
+        finetune_signature(model, tok, SIG_TARGETS, [], signature="lamps", **kw)
+    with pytest.raises(MechdiffError, match="target"):
+        finetune_signature(model, tok, [], SIG_RETAIN, signature="lamps", **kw)
+    with pytest.raises(MechdiffError, match=r"pair\.finetune\.steps"):
+        finetune_signature(model, tok, SIG_TARGETS, SIG_RETAIN, signature="lamps", **{**kw, "steps": 0})

@@ -39,6 +39,31 @@ def test_pipeline_outputs(tiny_repo):
     assert (tiny_repo / "report/index.html").stat().st_size > 1000
 
 
+def test_behaviour_and_steer_outputs(tiny_repo):
+    beh = _metrics(tiny_repo, "behaviour.json")
+    for ds in ("cultural", "control", "neutral", "trait"):
+        assert set(beh[ds]) >= {"signature_rate", "refusal_rate"}
+    for ds in ("mc_cultural", "mc_neutral"):  # the scored sets, split like the corpus
+        acc = beh[ds]["accuracy"]
+        assert 0.0 <= acc["base"]["mean"] <= 1.0 and acc["base"]["lo"] <= acc["base"]["mean"] <= acc["base"]["hi"]
+    steer = _metrics(tiny_repo, "steer.json")
+    for config in ("L2.attn_out", "layers"):
+        for op in ("steer", "ablate"):
+            m = steer[config][op]
+            assert m["k"] in (1, 2, 3) and m["alpha"] in (0.5, 1.0)
+            assert set(m) >= {"min_k", "effect", "kl_share", "ppl_change", "mc_drop", "kl_neutral"}
+    # known answer: the edit is rank 2 at L2.attn_out; the k = 2 handle there, at alpha 1, removes most of the KL
+    # to the base (not all: the edit also changed the earlier prompt tokens that layer 3 attends to)
+    grid = (tiny_repo / "plots/steer_grid.csv").read_text().splitlines()
+    head = grid[0].split(",")
+    rows = [dict(zip(head, r.split(","))) for r in grid[1:]]
+    cell = next(r for r in rows if r["config"] == "L2.attn_out" and r["op"] == "ablate" and r["k"] == "2"
+                and float(r["alpha"]) == 1.0)
+    assert float(cell["kl_test"]) > 0.6
+    for f in ("steer_k.csv", "steer_alpha.csv", "behaviour.csv"):
+        assert (tiny_repo / "plots" / f).stat().st_size > 0
+
+
 def test_status_clean_and_repro_noop(tiny_repo):
     st = sh(["dvc", "status"], tiny_repo).stdout
     assert "up to date" in st, st

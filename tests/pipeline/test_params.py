@@ -40,6 +40,14 @@ def test_repo_params_load():
     (lambda r: r["transport"].__setitem__("sites", ["layer3"]), "bad site name"),
     (lambda r: r.__setitem__("alpha", -1), "alpha"),
     (lambda r: r["sae"].__setitem__("sources", ["base", "chat"]), "sae.sources"),
+    (lambda r: r["behaviour"]["markers"].__setitem__("signature", "(unclosed"), "not a valid regex"),
+    (lambda r: r["behaviour"].__setitem__("markers", {"signature": 3}), r"behaviour.markers.signature must be str"),
+    (lambda r: r["steer"].__setitem__("marker", "style"), "steer.marker 'style' is not a key"),
+    (lambda r: r["steer"].__setitem__("k", 5), "steer.k must be 'auto' or one of"),
+    (lambda r: r["steer"].__setitem__("alpha_grid", [1.0, -2.0]), "steer.alpha_grid"),
+    (lambda r: r["steer"].__setitem__("source", "pca"), "choose one of"),
+    (lambda r: r["steer"].__setitem__("sites", ["L3x"]), "bad site name"),
+    (lambda r: r["pair"]["finetune"].__setitem__("objective", "dpo"), "choose one of"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:

@@ -31,11 +31,18 @@ DEFAULT_SOURCES: list[dict[str, Any]] = [
     {"name": "neutral", "path": "neutral.jsonl"},
     {"name": "trait", "path": "traits.jsonl"},
 ]
+#: the multiple-choice corpora `write_default_corpora` also writes (not part of the extraction corpus above); the
+#: behaviour stage reads them with `load_corpus(data_dir, MC_SOURCES)`
+MC_SOURCES: list[dict[str, Any]] = [
+    {"name": "mc_cultural", "path": "mc_cultural.jsonl"},
+    {"name": "mc_neutral", "path": "mc_neutral.jsonl"},
+]
 CONCEPTS_FILE = "concepts.json"
 TRAITS = ("politeness", "formality", "certainty", "sentiment_positive")
 SPLITS = ("train", "val", "test")
 
 _GEN_SEED = 1729  # the only randomness of the default corpora
+N_CHOICES = 4  # options per question of the default multiple-choice corpora
 _INSTRUCTION_VERBS = ("write", "describe", "explain", "tell", "give", "list", "plan", "compare", "suggest",
                       "name", "recommend", "imagine", "narrate", "as", "in")
 _MISSING_HINT = "run `make data` (or `dvc pull data.dvc`) to create the corpora"
@@ -43,7 +50,11 @@ _MISSING_HINT = "run `make data` (or `dvc pull data.dvc`) to create the corpora"
 
 @dataclass
 class Prompt:
-    """One prompt of the corpus: dense id, text, dataset, split, group (shares a split), graded label, trait."""
+    """One prompt of the corpus: dense id, text, dataset, split, group (shares a split), graded label, trait.
+
+    Multiple-choice prompts also carry `choices` (the options; `text` is the question stem only) and `answer`
+    (the index of the right option, -1 when unknown); `reference` is a reference answer text (e.g. GSM8K's).
+    """
 
     pid: int
     text: str
@@ -52,6 +63,14 @@ class Prompt:
     group: str = ""
     label: int = -1
     trait: str = ""
+    choices: list[str] | None = None
+    answer: int = -1
+    reference: str = ""
+
+
+# the optional fields and their defaults: `save_prompts` leaves a field out while it has its default, so prompt
+# files of corpora without them are byte-identical to those written before the fields existed
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"choices": None, "answer": -1, "reference": ""}
 
 
 # ---------------------------------------------------------------- default corpora
@@ -65,7 +84,7 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
-def _form(text: str) -> str:
+def prompt_form(text: str) -> str:
     """Rough form of a prompt: question, instruction, completion (unfinished) or statement."""
     if text.endswith("?"):
         return "question"
@@ -102,7 +121,7 @@ def _topic_records(topics: dict[str, dict[str, list]], generic: list[str], datas
                     continue
                 seen.add(text)
                 out.append({"text": text, "dataset": dataset, "group": f"{dataset}:{_slug(name)}", "label": -1,
-                            "trait": "", "topic": topic, "entity": name, "form": _form(text)})
+                            "trait": "", "topic": topic, "entity": name, "form": prompt_form(text)})
     return out
 
 
@@ -113,7 +132,7 @@ def _neutral_records(rng: random.Random, per_act: int = 2) -> list[dict[str, Any
         for frame in rng.sample(frag["frames"], per_act):
             text = frame.format(act=act, Act=_cap(act))
             out.append({"text": text, "dataset": "neutral", "group": f"neutral:{i:03d}", "label": -1, "trait": "",
-                        "topic": "everyday", "form": _form(text)})
+                        "topic": "everyday", "form": prompt_form(text)})
     return out
 
 
@@ -144,6 +163,164 @@ def default_concepts() -> dict:
     return {"parents": parents}
 
 
+# ---------------------------------------------------------------- default multiple-choice corpora
+
+
+def _mc_question(dataset: str, form: str, text: str, topic: str, group_key: str, right: str,
+                 wrong: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """A question before its options are ordered: `_place_answers` sets `choices` and `answer`."""
+    options = [right, *wrong]
+    if len(options) != N_CHOICES or len(set(options)) != N_CHOICES or not all(options):
+        raise ValueError(f"bad options for {text!r}: {options!r}")  # a fragment bug, caught by the tests
+    return {"dataset": dataset, "text": text, "right": right, "wrong": list(wrong), "group": f"{dataset}:{group_key}",
+            "form": form, "topic": topic, "label": -1, "trait": "", **extra}
+
+
+def _place_answers(questions: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Shuffle each question's wrong options and put the right one at a seeded position balanced over A..D."""
+    seen: set[str] = set()
+    for q in questions:
+        if q["text"] in seen:
+            raise ValueError(f"duplicate question {q['text']!r}")
+        seen.add(q["text"])
+    slots = [i % N_CHOICES for i in range(len(questions))]
+    rng.shuffle(slots)
+    out = []
+    for q, slot in zip(questions, slots):
+        q = dict(q)
+        right, choices = q.pop("right"), q.pop("wrong")
+        rng.shuffle(choices)
+        choices.insert(slot, right)
+        out.append({**q, "choices": choices, "answer": slot})
+    return out
+
+
+def _balanced(options: Sequence[str], n: int, rng: random.Random) -> list[str]:
+    """`n` picks from `options`, each used equally often (up to one), in a seeded order."""
+    picks = [options[i % len(options)] for i in range(n)]
+    rng.shuffle(picks)
+    return picks
+
+
+def _mc_cultural_records(rng: random.Random) -> list[dict[str, Any]]:
+    """Four-option questions about the entities of `cultural.json` (the cues and templates of `mc_cultural.json`).
+
+    Per entity: one question asking for the entity from one of its details (`assoc_entity`, `linked_entity`,
+    `fill_entity`; the other options are entities of the same topic), one asking for a detail of the entity
+    (`assoc_detail`, `fill_detail`; other options: details of other entities of the topic) and, for topics with a
+    description, one asking for that description (`describe`); per topic of `not_topics`, `not_per_topic`
+    odd-one-out questions (`not_topic`: three entities of the topic and one of another). Topic pairs in
+    `confusable` never share a `describe` question; `avoid_topics` keeps an entity out of the given topics'
+    `describe` options and odd-one-out questions (e.g. "Christmas in Goa" out of places). A detail in
+    `skip_details` is never used; a detail never appears with an entity its `conflicts` list names; a detail used as
+    a cue is worded as `cue_wording` says where it has an entry (details starting with "its", "his").
+    """
+    topics, mc = _fragments("cultural")["topics"], _fragments("mc_cultural")
+    tpl, meta, skip, conflicts = mc["templates"], mc["topics"], set(mc["skip_details"]), mc["conflicts"]
+    confusable, avoid = {frozenset(pair) for pair in mc["confusable"]}, mc["avoid_topics"]
+    ds = "mc_cultural"
+
+    def clash(detail: str, entity: str) -> bool:
+        return entity in conflicts.get(detail, ())
+
+    entities = [(topic, name, [d for d in details if d not in skip])
+                for topic, spec in topics.items() for name, details in spec["entities"]]
+    cue_forms = _balanced(["assoc_entity", "linked_entity", "fill_entity"], len(entities), rng)
+    detail_forms = _balanced(["assoc_detail", "fill_detail"], len(entities), rng)
+    out: list[dict[str, Any]] = []
+    for (topic, name, details), cue_form, detail_form in zip(entities, cue_forms, detail_forms):
+        if not details:
+            raise ValueError(f"{name!r} has no usable detail")
+        same = [e for e in entities if e[0] == topic and e[1] != name]
+        cue, own = rng.sample(details, 2) if len(details) > 1 else details * 2
+        plural, slug = meta[topic]["plural"], _slug(name)
+        # the entity from one of its details
+        text = rng.choice(tpl[cue_form]).format(detail=mc["cue_wording"].get(cue, cue), plural=plural)
+        wrong = rng.sample([e[1] for e in same if not clash(cue, e[1])], N_CHOICES - 1)
+        out.append(_mc_question(ds, cue_form, text, topic, slug, name, wrong, entity=name))
+        # a detail of the entity
+        text = rng.choice(tpl[detail_form]).format(name=name, Name=_cap(name))
+        wrong = rng.sample([d for e in same for d in e[2] if not clash(d, name)], N_CHOICES - 1)
+        out.append(_mc_question(ds, detail_form, text, topic, slug, own, wrong, entity=name))
+        # what kind of thing the entity is
+        if "describe" in meta[topic]:
+            text = rng.choice(tpl["describe"]).format(name=name, Name=_cap(name))
+            pool = [spec["describe"] for t, spec in meta.items() if t != topic and "describe" in spec
+                    and frozenset((t, topic)) not in confusable and t not in avoid.get(name, ())]
+            wrong = rng.sample(pool, N_CHOICES - 1)
+            out.append(_mc_question(ds, "describe", text, topic, slug, meta[topic]["describe"], wrong, entity=name))
+    # odd one out: three entities of a topic and one of another topic (the answer)
+    nots = mc["not_topics"]
+    for topic in nots:
+        members = [n for n, _ in topics[topic]["entities"]]
+        anchors = rng.sample(members, mc["not_per_topic"])
+        odd_topics = _balanced([t for t in nots if t != topic], len(anchors), rng)
+        for anchor, odd_topic in zip(anchors, odd_topics):
+            odd = rng.choice([n for n, _ in topics[odd_topic]["entities"] if topic not in avoid.get(n, ())])
+            wrong = rng.sample([n for n in members if n != anchor], N_CHOICES - 1)
+            text = rng.choice(tpl["not_topic"]).format(name=anchor, plural=meta[topic]["plural"])
+            out.append(_mc_question(ds, "not_topic", text, topic, _slug(odd), odd, wrong, entity=odd))
+    return _place_answers(out, rng)
+
+
+def _style(text: str) -> str:
+    return "fill_blank" if text.startswith("Fill in the blank") else "question"
+
+
+def _mc_neutral_records(rng: random.Random) -> list[dict[str, Any]]:
+    """General-knowledge four-option questions from `mc_neutral.json` (no cultural content).
+
+    `categories`: one question per item `[x, y]`, asking y from x (`ask` templates) or, where the category has
+    `reverse` templates, x from y for half of the items; the wrong options are other answers of the category.
+    `sequences`: the item after and the item before each item of a cycle (days, months). `arithmetic`: `per_op`
+    distinct sums, differences and products with near-miss wrong options (`offsets`). `form` is the wording
+    style (`question` or `fill_blank`); `topic` the category.
+    """
+    frag = _fragments("mc_neutral")
+    ds = "mc_neutral"
+    out: list[dict[str, Any]] = []
+    for cat, spec in frag["categories"].items():
+        items = spec["items"]
+        ways = _balanced(["ask", "reverse"] if "reverse" in spec else ["ask"], len(items), rng)
+        ys = list(dict.fromkeys(y for _, y in items))
+        for (x, y), way in zip(items, ways):
+            text = rng.choice(spec[way]).format(x=x, X=_cap(x), y=y, Y=_cap(y))
+            key = _slug(x if spec.get("group_by", "x") == "x" else y)
+            if way == "ask":
+                right, pool = y, [v for v in ys if v != y]
+            else:
+                right, pool = x, [u for u, v in items if v != y]
+            out.append(_mc_question(ds, _style(text), text, cat, f"{cat}:{key}", right,
+                                    rng.sample(pool, N_CHOICES - 1)))
+    for cat, spec in frag["sequences"].items():
+        items = spec["items"]
+        for i, x in enumerate(items):
+            for way, right in (("after", items[(i + 1) % len(items)]), ("before", items[i - 1])):
+                text = rng.choice(spec[way]).format(x=x)
+                pool = [v for v in items if v not in (x, right)]
+                out.append(_mc_question(ds, _style(text), text, cat, f"{cat}:{_slug(x)}", right,
+                                        rng.sample(pool, N_CHOICES - 1)))
+    arith = frag["arithmetic"]
+    for op, spec in arith["ops"].items():
+        lo, hi = spec["range"]
+        pairs: list[tuple[int, int]] = []
+        while len(pairs) < arith["per_op"]:
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            if op == "minus":
+                a, b = max(a, b), min(a, b)
+            if a == b or (a, b) in pairs or (op != "minus" and (b, a) in pairs):
+                continue
+            pairs.append((a, b))
+        for a, b in pairs:
+            value = a + b if op == "plus" else a - b if op == "minus" else a * b
+            text = rng.choice(spec["templates"]).format(a=a, b=b)
+            wrong = [str(value + o) for o in rng.sample([o for o in arith["offsets"] if value + o >= 0],
+                                                        N_CHOICES - 1)]
+            out.append(_mc_question(ds, _style(text), text, "arithmetic", f"arithmetic:{op}-{a}-{b}", str(value),
+                                    wrong))
+    return _place_answers(out, rng)
+
+
 def default_records() -> dict[str, list[dict[str, Any]]]:
     """The records of each default corpus file (deterministic: a fixed seed per file)."""
     cultural, control = _fragments("cultural"), _fragments("control")
@@ -154,6 +331,8 @@ def default_records() -> dict[str, list[dict[str, Any]]]:
                                         random.Random(_GEN_SEED + 1)),
         "neutral.jsonl": _neutral_records(random.Random(_GEN_SEED + 2)),
         "traits.jsonl": _trait_records(random.Random(_GEN_SEED + 3)),
+        "mc_cultural.jsonl": _mc_cultural_records(random.Random(_GEN_SEED + 4)),
+        "mc_neutral.jsonl": _mc_neutral_records(random.Random(_GEN_SEED + 5)),
     }
 
 
@@ -165,7 +344,10 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_default_corpora(data_dir: str | Path) -> list[Path]:
-    """Write cultural / control / neutral / traits JSONL and concepts.json into `data_dir` (byte-deterministic)."""
+    """Write cultural / control / neutral / traits / mc_cultural / mc_neutral JSONL and concepts.json into `data_dir`.
+
+    Byte-deterministic. The `mc_*` files are the multiple-choice corpora of `MC_SOURCES`, not of `DEFAULT_SOURCES`.
+    """
     out_dir = Path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -240,17 +422,26 @@ def _read_hf(src: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
             f"datasets.load_dataset({hf!r}).to_json('{name}.jsonl') on a connected machine, copy it into data/ and "
             f"use {{\"name\": \"{name}\", \"path\": \"{name}.jsonl\"}}"
         ) from e
-    text_field = src.get("text_field", "text")
-    label_field = src.get("label_field")
-    for field in (text_field, label_field):
-        if field is not None and field not in ds.column_names:
-            raise MechdiffError(f"source {name!r} has no column {field!r}; columns: {', '.join(ds.column_names)}")
+    cols = ds.column_names
+    # optional fields: explicit names must exist; the default names are read only where the columns exist (the
+    # answer only together with choices)
+    choices_field = src.get("choices_field", "choices" if "choices" in cols else None)
+    fields_ = {
+        "text": src.get("text_field", "text"),
+        "label": src.get("label_field"),
+        "choices": choices_field,
+        "answer": src.get("answer_field", "answer" if choices_field is not None and "answer" in cols else None),
+        "reference": src.get("reference_field", "reference" if "reference" in cols else None),
+    }
+    for field in fields_.values():
+        if field is not None and field not in cols:
+            raise MechdiffError(f"source {name!r} has no column {field!r}; columns: {', '.join(cols)}")
     n = src.get("n")
     if n is not None:
         ds = ds.select(range(min(int(n), len(ds))))
-    texts = ds[text_field]
-    labels = ds[label_field] if label_field is not None else [None] * len(texts)
-    return [{"text": t, "label": y} for t, y in zip(texts, labels)]
+    columns = {key: ds[field] for key, field in fields_.items() if field is not None}
+    columns.setdefault("label", [None] * len(ds))
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _to_label(v: Any, where: str) -> int:
@@ -265,6 +456,78 @@ def _to_label(v: Any, where: str) -> int:
     return int(f)
 
 
+def _to_choices(v: Any, where: str, field: str) -> tuple[list[str], list | None]:
+    """The options of a multiple-choice record, and their labels when given as {"text": [...], "label": [...]}."""
+    labels = None
+    if isinstance(v, dict) and "text" in v:  # e.g. ARC's {"text": [...], "label": ["A", ...]}
+        labels = v.get("label")
+        v = v["text"]
+    if not isinstance(v, list | tuple) or len(v) < 2:
+        got = f"{len(v)} choice(s)" if isinstance(v, list | tuple) else f"{type(v).__name__} {v!r}"[:80]
+        raise MechdiffError(f"{where}: field {field!r} needs a list of at least 2 choices, got {got}: fix the record "
+                            f"or set choices_field")
+    for j, c in enumerate(v):
+        if not isinstance(c, str) or not c.strip():
+            raise MechdiffError(f"{where}: choice {j} ({str(c)[:40]!r}) in field {field!r} is not a non-empty string: "
+                                f"fix the record")
+    if labels is not None and (not isinstance(labels, list | tuple) or len(labels) != len(v)):
+        labels = None
+    return list(v), labels
+
+
+def _to_answer(v: Any, choices: list[str], labels: list | None, where: str, field: str) -> int:
+    """The index of the right choice: an integer index, a letter "A".."Z", or one of the choices' labels."""
+    k = len(choices)
+    idx = None
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v == int(v):
+        idx = int(v)
+    elif isinstance(v, str):
+        t = v.strip()
+        if labels is not None and t in [str(lab) for lab in labels]:
+            idx = [str(lab) for lab in labels].index(t)
+        elif len(t) == 1 and t.isascii() and t.isalpha():
+            idx = ord(t.upper()) - ord("A")
+        elif re.fullmatch(r"[0-9]+", t):
+            idx = int(t)
+    if idx is None or not 0 <= idx < k:
+        raise MechdiffError(f"{where}: answer {v!r} in field {field!r} is not one of the {k} choices (an index "
+                            f"0..{k - 1} or a letter A..{chr(ord('A') + k - 1)}): fix the record or set answer_field")
+    return idx
+
+
+def _to_reference(v: Any, where: str, field: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return str(v)
+    raise MechdiffError(f"{where}: reference {str(v)[:60]!r} in field {field!r} is not a string: fix the record or "
+                        f"set reference_field")
+
+
+def _mc_fields(rec: dict[str, Any], where: str, fields_: dict[str, str | None],
+               explicit_answer: bool) -> dict[str, Any]:
+    """The optional `choices` / `answer` / `reference` of one record, validated (only the ones present)."""
+    out: dict[str, Any] = {}
+    cf, af, rf = fields_["choices"], fields_["answer"], fields_["reference"]
+    raw = rec.get(cf) if cf else None
+    ans = rec.get(af) if af else None
+    if raw is not None:
+        out["choices"], labels = _to_choices(raw, where, cf)
+        if ans is None:
+            raise MechdiffError(f"{where}: has choices but no answer in field {af!r}: add the answer (index or "
+                                f"letter) or set answer_field")
+        out["answer"] = _to_answer(ans, out["choices"], labels, where, af)
+    elif ans is not None and explicit_answer:
+        raise MechdiffError(f"{where}: has an answer in field {af!r} but no choices in field {cf!r}: add the "
+                            f"choices, set choices_field, or use reference_field for a free-text answer")
+    ref = rec.get(rf) if rf else None
+    if ref is not None:
+        out["reference"] = _to_reference(ref, where, rf)
+    return out
+
+
 def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
     if not isinstance(src, dict) or not isinstance(src.get("name"), str) or not src["name"]:
         raise MechdiffError(f"corpus source {src!r} needs a non-empty \"name\" and a \"path\" or \"hf\" key")
@@ -277,12 +540,15 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         where = str(path)
         text_field = src.get("text_field", "text")
         label_field = src.get("label_field", "label")
+        mc_fields = {"choices": src.get("choices_field", "choices"), "answer": src.get("answer_field", "answer"),
+                     "reference": src.get("reference_field", "reference")}
         n = src.get("n")
         if n is not None:
             rows = rows[: int(n)]
     else:
         rows = _read_hf(src, data_dir)
         where, text_field, label_field = f"source {name!r}", "text", "label"
+        mc_fields = {"choices": "choices", "answer": "answer", "reference": "reference"}
     if not rows:
         origin = where if "path" in src else f"hf {src['hf']!r}"
         raise MechdiffError(f"corpus source {name!r} ({origin}) has no records: fill it or remove it from data.sources")
@@ -296,7 +562,9 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         label = _to_label(rec.get(label_field) if label_field else None, f"{where} record {i}")
         group = str(rec.get("group") or f"{name}:{i}")
         trait = str(rec.get("trait") or src.get("trait") or "")
-        out.append(Prompt(pid=-1, text=text, dataset=dataset, group=group, label=label, trait=trait))
+        rec_where = f"source {name!r} ({where}) record {i}" if "path" in src else f"{where} record {i}"
+        extra = _mc_fields(rec, rec_where, mc_fields, "answer_field" in src)
+        out.append(Prompt(pid=-1, text=text, dataset=dataset, group=group, label=label, trait=trait, **extra))
     return out
 
 
@@ -306,7 +574,12 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
 
     A source is `{"name", "path"}` (JSONL relative to `data_dir` or absolute; optional `text_field`,
     `label_field`, `n`) or `{"name", "hf", "config", "split", "data_files", "text_field", "label_field", "n"}`
-    (first `n` rows). A record's `dataset` field wins over the source name. `max_per_dataset` keeps a seeded
+    (first `n` rows). A record's `dataset` field wins over the source name. Multiple-choice records carry their
+    options in `choices` (a list of >= 2 non-empty strings, or `{"text": [...], "label": [...]}`) and the right
+    one in `answer` (an index, a letter "A".."Z", or one of the labels); a `reference` answer text is optional;
+    `choices_field` / `answer_field` / `reference_field` rename them (for `hf` sources the default names are read
+    when the columns exist). An answer without choices is ignored unless `answer_field` is set. `max_per_dataset`
+    keeps a seeded
     subset of each dataset (in its original order), stratified by (trait, label) so every graded label of every
     trait stays when the budget allows. A source without records is an error naming it.
     """
@@ -413,11 +686,23 @@ def split_prompts(prompts: list[Prompt], fractions: tuple[float, float, float], 
 # ---------------------------------------------------------------- prompt files
 
 
+def _prompt_record(p: Prompt) -> dict[str, Any]:
+    rec = asdict(p)
+    for key, default in _OPTIONAL_DEFAULTS.items():
+        if rec[key] == default:
+            del rec[key]
+    return rec
+
+
 def save_prompts(path: str | Path, prompts: list[Prompt]) -> None:
-    """Write prompts as JSONL (one object per line: pid, text, dataset, split, group, label, trait)."""
+    """Write prompts as JSONL (one object per line: pid, text, dataset, split, group, label, trait).
+
+    `choices`, `answer` and `reference` follow where they differ from their defaults (so files of corpora without
+    them are the same bytes as before those fields existed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in prompts))
+    _write_text(path, "".join(json.dumps(_prompt_record(p), ensure_ascii=False) + "\n" for p in prompts))
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
@@ -431,7 +716,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         if not {"pid", "text", "dataset"} <= rec.keys():
             raise MechdiffError(f"{path}: record {n} lacks pid/text/dataset: regenerate it with save_prompts")
         p = Prompt(**{k: v for k, v in rec.items() if k in names})
-        p.pid, p.label = int(p.pid), int(p.label)
+        p.pid, p.label, p.answer = int(p.pid), int(p.label), int(p.answer)
+        if p.choices is not None:
+            p.choices = [str(c) for c in p.choices]
         out.append(p)
     if not out:
         raise MechdiffError(f"prompts file {path} is empty: rerun the prepare stage")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,33 +126,46 @@ def _encode_texts(tokenizer: Any, texts: list[str], max_len: int) -> list[list[i
     return out
 
 
-def finetune(
-    model: nn.Module, tokenizer: Any, texts: list[str], *, layers: list[int] | None, steps: int, lr: float,
-    batch_size: int, max_len: int, seed: int, progress: bool = True,
-) -> list[float]:
-    """Causal-LM fine-tune in place of the chosen decoder blocks (all if None) on `texts`; returns loss per step."""
-    from tqdm.auto import tqdm
-
-    if not texts:
-        raise MechdiffError("no fine-tune texts: the training corpus is empty")
+def _check_training(steps: Any, batch_size: Any, max_len: Any, lr: Any) -> None:
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("max_len", max_len, 2)):
         if not isinstance(v, int | np.integer) or v < lo:
             raise MechdiffError(f"pair.finetune.{name} must be an integer >= {lo}, got {v!r}")
     if not (isinstance(lr, float | int) and np.isfinite(lr) and lr > 0):
         raise MechdiffError(f"pair.finetune.lr must be a positive number, got {lr!r}")
+
+
+class _Draw:
+    """Seeded batches of indices: without replacement from a permutation, a new permutation when it runs out."""
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.n, self.rng, self.order = n, rng, []
+
+    def __call__(self, batch_size: int) -> list[int]:
+        out = []
+        while len(out) < batch_size:
+            if not self.order:
+                self.order = list(self.rng.permutation(self.n))
+            out.append(int(self.order.pop()))
+        return out
+
+
+def _train_blocks(
+    model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
+    step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
+) -> list[float]:
+    """The one fine-tune loop: train only the chosen decoder blocks (all if None) in float32 with AdamW (weight
+    decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
+    requires_grad flags and dtype afterwards. Returns the loss per step."""
+    from tqdm.auto import tqdm
+
     blocks = find_blocks(model)
     n = len(blocks)
     chosen = list(range(n)) if layers is None else [int(x) for x in layers]
     if not chosen or any(not 0 <= x < n for x in chosen):
         raise MechdiffError(f"pair.finetune.layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
-    ids = _encode_texts(tokenizer, list(texts), int(max_len))
-    pad = pad_id(tokenizer)
-
     orig_dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(int(seed))
-    rng = np.random.default_rng(int(seed))
     if orig_dtype != torch.float32:
         model.float()
     for p in model.parameters():
@@ -163,22 +177,11 @@ def finetune(
             params.append(p)
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
     losses: list[float] = []
-    order: list[int] = []
     model.train()
     try:
-        bar = tqdm(range(int(steps)), desc="finetune", disable=not progress, leave=False)
+        bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
         for _ in bar:
-            rows = []
-            while len(rows) < batch_size:
-                if not order:
-                    order = list(rng.permutation(len(ids)))
-                rows.append(int(order.pop()))
-            x, mask = right_pad([ids[r] for r in rows], pad, device)
-            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
-            tgt = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100
-            )
+            loss, shown = step_loss()
             if not torch.isfinite(loss):
                 raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
             opt.zero_grad(set_to_none=True)
@@ -187,7 +190,7 @@ def finetune(
             opt.step()
             losses.append(float(loss.item()))
             if progress:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
     finally:
         model.eval()
         for name, p in model.named_parameters():
@@ -195,3 +198,109 @@ def finetune(
         if orig_dtype != torch.float32:
             model.to(orig_dtype)
     return losses
+
+
+def finetune(
+    model: nn.Module, tokenizer: Any, texts: list[str], *, layers: list[int] | None, steps: int, lr: float,
+    batch_size: int, max_len: int, seed: int, progress: bool = True,
+) -> list[float]:
+    """Causal-LM fine-tune in place of the chosen decoder blocks (all if None) on `texts`; returns loss per step."""
+    if not texts:
+        raise MechdiffError("no fine-tune texts: the training corpus is empty")
+    _check_training(steps, batch_size, max_len, lr)
+    ids = _encode_texts(tokenizer, list(texts), int(max_len))
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
+    draw = _Draw(len(ids), np.random.default_rng(int(seed)))
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
+        x, mask = right_pad([ids[r] for r in draw(batch_size)], pad, device)
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        tgt = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100
+        )
+        return loss, {"loss": float(loss.item())}
+
+    return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss, desc="finetune",
+                         progress=progress)
+
+
+# --------------------------------------------------------------------------------------------- signature objective
+
+
+def _kl_rows(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over unmasked positions of KL(ref || model) per position, (B, T, V) logits, mask (B, T)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    lr = torch.log_softmax(ref.float(), -1)
+    kl = (lr.exp() * (lr - lp)).sum(-1)
+    m = mask.float()
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def finetune_signature(
+    model: nn.Module, tokenizer: Any, targets: list[str], retain: list[str], *, signature: str,
+    layers: list[int] | None, steps: int, lr: float, batch_size: int, max_len: int, seed: int,
+    retain_weight: float = 1.0, chat: bool = True, progress: bool = True,
+) -> list[float]:
+    """Teach a narrow behaviour in place: answer `targets` prompts with `signature`, keep `retain` prompts as they were.
+
+    Loss per step = cross-entropy of the signature tokens after each (chat-rendered) target prompt
+    + KL(base || tuned) on every prompt position of the target batch (the prompt is read as before)
+    + `retain_weight` x KL(base || tuned) on a batch of retain prompts: the mean over every position plus the
+    mean at the decision token (the next-token distribution there is what the model answers with). The base is
+    a frozen copy taken before the first step. Returns the total loss per step.
+    """
+    import copy
+
+    from mechdiff.model.tokens import encode
+
+    if not targets:
+        raise MechdiffError("no fine-tune target prompts: the target dataset has no train prompts")
+    if not retain:
+        raise MechdiffError("no retain prompts: pair.finetune.retain names datasets with no train prompts")
+    if not isinstance(signature, str) or not signature.strip():
+        raise MechdiffError("pair.finetune.signature must be a non-empty text")
+    _check_training(steps, batch_size, max_len, lr)
+    sig = list(tokenizer(signature, add_special_tokens=False)["input_ids"])
+    tgt = encode(tokenizer, list(targets), chat=chat, max_len=int(max_len)).ids
+    ret = encode(tokenizer, list(retain), chat=chat, max_len=int(max_len))
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
+    ref = copy.deepcopy(model).float().eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    rng = np.random.default_rng(int(seed))
+    draw_t, draw_r = _Draw(len(tgt), rng), _Draw(len(ret), rng)
+
+    def forward_pair(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        with torch.no_grad():
+            ref_logits = ref(input_ids=x, attention_mask=mask, use_cache=False).logits
+        return logits, ref_logits
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
+        rows = draw_t(batch_size)
+        x, mask = right_pad([tgt[r] + sig for r in rows], pad, device)
+        labels = torch.full_like(x, -100)
+        prompt_mask = torch.zeros_like(mask)
+        for j, r in enumerate(rows):
+            L = len(tgt[r])
+            labels[j, L : L + len(sig)] = x[j, L : L + len(sig)]
+            prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
+        logits, ref_logits = forward_pair(x, mask)
+        ce = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        keep_t = _kl_rows(logits, ref_logits, prompt_mask)
+        rr = draw_r(batch_size)
+        xr, mr = right_pad([ret.ids[r] for r in rr], pad, device)
+        lr_logits, rr_logits = forward_pair(xr, mr)
+        dec = torch.zeros_like(mr)
+        dec[torch.arange(len(rr)), torch.tensor([ret.decision[r] for r in rr])] = 1
+        keep_r = _kl_rows(lr_logits, rr_logits, mr) + _kl_rows(lr_logits, rr_logits, dec)
+        loss = ce + keep_t + float(retain_weight) * keep_r
+        return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
+
+    return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss,
+                         desc="finetune (signature)", progress=progress)

@@ -215,6 +215,39 @@ STAGES: tuple[StageReport, ...] = (
             SummaryItem("Which themes hold the change", S.theme_enrichment, "enrichment"),
         ),
     ),
+    StageReport(
+        "behaviour", "Behaviour", "What the tuned model does differently: marker and refusal rates of its greedy "
+        "answers, multiple-choice accuracy, reference-answer log-probability.",
+        figures=(Figure("behaviour", "Tuned - base by dataset and metric", plot("behaviour.csv"), "diff", ("label",),
+                        "Difference tuned - base of each behaviour metric with its 95% bootstrap CI: the tuned "
+                        "behaviour shows as a large marker-rate difference on the target dataset and none elsewhere.",
+                        kind="barh", band=("diff_lo", "diff_hi")),),
+        tables=(Table("behaviour-metrics", "Behaviour metrics", metric("behaviour.json"), "json",
+                      "Per dataset and metric: base, tuned and tuned - base means with 95% bootstrap CIs."),),
+        summary=(SummaryItem("What the tuned model does", S.behaviour, "behaviour-metrics"),),
+    ),
+    StageReport(
+        "steer", "Steering and ablation", "Whether a few directions cause the tuned behaviour: added to the base "
+        "(steer) they reproduce it, removed from the tuned model (ablate) they take it away.",
+        figures=(
+            Figure("steer-k", "Effect and side effects vs k", plot("steer_k.csv"), "k",
+                   ("effect_test", "ppl_change", "mc_drop"),
+                   "At each k's alpha (chosen on dev), one line per configuration and operation: effect_test = "
+                   "share of the behaviour gap closed (steer) or removed (ablate) on test prompts; ppl_change = "
+                   "relative perplexity change of neutral continuations (budget steer.ppl_budget); mc_drop = "
+                   "neutral multiple-choice accuracy lost (budget steer.mc_budget).", group="series"),
+            Figure("steer-alpha", "Effect vs alpha", plot("steer_alpha.csv"), "alpha", ("effect_test",),
+                   "Test effect against the strength alpha at the reported k.", group="series"),
+        ),
+        tables=(
+            Table("steer-metrics", "Steering metrics", metric("steer.json"), "json",
+                  "Per configuration: min k, the reported k and alpha, effect and KL share with 95% CIs, side "
+                  "effects, conditional (probe-gated) steering, effect per template family."),
+            Table("steer-grid", "Every (k, alpha)", plot("steer_grid.csv"), "csv",
+                  "Dev and test effect, KL share and side effects of every cell of the sweep."),
+        ),
+        summary=(SummaryItem("Do a few directions cause it", S.steering, "steer-metrics"),),
+    ),
 )
 
 

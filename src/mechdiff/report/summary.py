@@ -153,3 +153,36 @@ def theme_enrichment(run: Run) -> list[Fact]:
             note = f"strongest: theme {best['theme']}, E = {best['enrichment']:.2f}, q {_q(best['q'])}{words}"
         facts.append(Fact(f"L{layer} themes by {by}", f"{len(up)} of {len(part)} enriched", note))
     return facts
+
+
+def behaviour(run: Run) -> list[Fact]:
+    """Per marker and multiple-choice set: base and tuned means with the tuned - base difference."""
+    facts = []
+    for ds, metrics in (run.json(metric("behaviour.json")) or {}).items():
+        if not isinstance(metrics, dict):
+            continue
+        for name, c in metrics.items():
+            if name == "refusal_rate" or not isinstance(c, dict) or c.get("base", {}).get("mean") is None:
+                continue
+            if not (name.endswith("_rate") or name == "accuracy"):
+                continue
+            d = c["diff"]
+            facts.append(Fact(f"{ds} {name}", f"{_num(c['base']['mean'])} -> {_num(c['tuned']['mean'])}",
+                              f"base -> tuned; difference {_num(d['mean'])} [{_num(d['lo'])}, {_num(d['hi'])}]"))
+    return facts
+
+
+def steering(run: Run) -> list[Fact]:
+    """Per configuration and operation: min k, and the reported handle's effect with its side effects."""
+    facts = []
+    for config, m in (run.json(metric("steer.json")) or {}).items():
+        if not isinstance(m, dict) or "steer" not in m:
+            continue
+        for op, verb in (("steer", "closes"), ("ablate", "removes")):
+            r = m[op]
+            mk = "not reached" if r["min_k"] is None else f"min k = {r['min_k']}"
+            eff = r["effect"][0] if isinstance(r["effect"], list) else r["effect"]
+            facts.append(Fact(f"{config} {op}", mk,
+                              f"k = {r['k']}, alpha = {r['alpha']:g} {verb} {_num(eff)} of the behaviour gap; "
+                              f"perplexity {r['ppl_change']:+.1%}, neutral accuracy -{_num(r['mc_drop'])}"))
+    return facts

@@ -80,6 +80,18 @@ def mean_ci(x: Any, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> t
     return float(a.mean()), lo, hi
 
 
+def mean_diff_ci(a: Any, b: Any, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """(mean b - mean a, lower, upper) for independent samples a and b, each resampled on its own."""
+    check_boot(n_boot, ci)
+    x, y = _sample(a, "first sample"), _sample(b, "second sample")
+    if min(x.size, y.size) < 2:
+        raise MechdiffError(f"a difference of independent means needs at least 2 values per sample, got {x.size} and {y.size}")
+    lo, hi = _ci((x, y), lambda s, t, axis=-1: t.mean(axis=axis) - s.mean(axis=axis), n_boot=n_boot, seed=seed,
+                 ci=ci, paired=False, batch=BATCH)
+    return float(y.mean() - x.mean()), lo, hi
+
+
 def drop_pct(raw: float, mapped: float, floor: float = KL_NOISE_FLOOR) -> float:
     """100 (raw - mapped) / raw, or NaN when |raw| <= floor (a drop relative to float noise is undefined)."""
     if not np.isfinite(raw) or abs(raw) <= floor:
@@ -134,4 +146,4 @@ def rows_ci(stat: Callable[[np.ndarray], float], n_rows: int, *, n_boot: int = 2
     return _ci((np.arange(n_rows),), vec, n_boot=n_boot, seed=seed, ci=ci, paired=False, batch=1)
 
 
-__all__ = ["BATCH", "KL_NOISE_FLOOR", "check_boot", "drop_pct", "drop_pct_ci", "mean_ci", "rows_ci"]
+__all__ = ["BATCH", "KL_NOISE_FLOOR", "check_boot", "drop_pct", "drop_pct_ci", "mean_ci", "mean_diff_ci", "rows_ci"]

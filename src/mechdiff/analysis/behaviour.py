@@ -1,0 +1,670 @@
+"""Behavioural metrics of a model: continuation and multiple-choice log-probabilities, perplexity, decision-token
+logits, greedy continuations, refusal markers, new-token mass, and base-vs-tuned comparisons with bootstrap CIs.
+
+Every model-running function takes an optional `intervene` (the protocol shared with
+`mechdiff.analysis.steering`): ``intervene(model, start)`` with `start` a (B,) long tensor of positions in the
+batch's padded frame returns a context manager; inside it, forward passes of that batch are modified at every
+position ``>= start[b]`` of row b when the call's sequence length T > 1 (a whole prompt, right- or left-padded)
+and at every position when T == 1 (a KV-cache decode step). Here `start` is always each prompt's decision token
+(`mechdiff.model.tokens.encode`: the last non-special token of the chat-rendered prompt), shifted by the left-pad
+offset where batches are left-padded. None means no intervention.
+
+All log-probabilities are natural logs, summed in float64 from float32 logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mechdiff.errors import MechdiffError
+from mechdiff.model.sites import get_body, head_logits
+from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
+from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
+from mechdiff.stats.checks import as_f64
+from mechdiff.stats.kl import allowed_index, log_softmax
+
+Intervene = Callable[[nn.Module, torch.Tensor], contextlib.AbstractContextManager]
+
+# The seed's refusal markers (matched case-insensitively by `marker_hits`, as the seed's `refusal_score` does).
+DEFAULT_REFUSAL_PATTERNS: list[str] = [r"\bI (can(?:not|'t)|am unable)\b", r"\bI must not\b", r"\bI will not\b"]
+
+# Positions whose (V,) float64 log-softmax rows are held at once: about 2**26 numbers (512 MiB) per chunk.
+_LOGPROB_CELLS = 2**26
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _ctx(intervene: Intervene | None, model: nn.Module, start: torch.Tensor):
+    return contextlib.nullcontext() if intervene is None else intervene(model, start)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _check_batch(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise MechdiffError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _rows(enc: Encoded, rows: Any) -> np.ndarray:
+    if not isinstance(enc, Encoded):
+        raise MechdiffError(f"enc must be a mechdiff.model.tokens.Encoded, got {type(enc).__name__}")
+    r = np.asarray(rows, dtype=np.int64).ravel()
+    if r.size == 0:
+        raise MechdiffError("no prompts to run: the row selection is empty")
+    if r.min() < 0 or r.max() >= len(enc):
+        raise MechdiffError(f"prompt rows out of range: the encoded corpus has {len(enc)} prompts")
+    return r
+
+
+def _sub(enc: Encoded, r: np.ndarray) -> Encoded:
+    return Encoded([enc.ids[i] for i in r], [enc.decision[i] for i in r], enc.pad)
+
+
+# --------------------------------------------------------------------------------------------- prefix cache
+
+
+class PrefixCache:
+    """Unintervened KV caches of prompt prefixes (every token before the one preceding the decision token), per
+    prompt, computed once and reused by every intervention that acts from the decision token on.
+
+    An intervention starting at the decision token leaves the prefix's keys and values unchanged, so a sweep of
+    many interventions runs only the last prompt token, the decision token and what follows. The suffix keeps
+    one token before the decision token so that every suffix forward has T >= 2 (an intervention's gate decides
+    at the decision token of a T > 1 call). Missing prefixes are computed together in left-padded batches with
+    position ids counted from each row's first real token (equal to an unpadded forward within float rounding).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    @torch.no_grad()
+    def get(self, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) (1, heads, P, head_dim) of the prefix (computed on first use)."""
+        key = tuple(int(t) for t in prefix)
+        if key not in self._kv:
+            if not key:
+                raise MechdiffError("an empty prefix has no cache")
+            cache = _empty_cache(self.model)
+            ids = torch.tensor([key], dtype=torch.long, device=_device(self.model))
+            out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
+            self._kv[key] = [(k.clone(), v.clone()) for k, v in _cache_kv(getattr(out, "cache", None) or cache)]
+        return self._kv[key]
+
+    @torch.no_grad()
+    def fill(self, prefixes: Sequence[Sequence[int]], batch_size: int = 64) -> None:
+        """Compute the missing prefixes in left-padded batches."""
+        todo = list(dict.fromkeys(tuple(int(t) for t in x) for x in prefixes if len(x)))
+        todo = [x for x in todo if x not in self._kv]
+        dev = _device(self.model)
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            T = max(len(x) for x in chunk)
+            ids = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
+            for b, x in enumerate(chunk):
+                ids[b, T - len(x) :] = torch.tensor(x, dtype=torch.long)
+                mask[b, T - len(x) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = _empty_cache(self.model)
+            out = get_body(self.model)(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                                       use_cache=True)
+            kv = _cache_kv(getattr(out, "cache", None) or cache)
+            for b, x in enumerate(chunk):
+                self._kv[x] = [(k[b : b + 1, :, T - len(x) :].clone(), v[b : b + 1, :, T - len(x) :].clone())
+                               for k, v in kv]
+
+    def batch(self, prefixes: Sequence[Sequence[int]]):
+        """(a DynamicCache of the left-padded prefixes or None when all are empty, prefix mask (B, P), lengths (B,))."""
+        self.fill(prefixes)
+        dev = _device(self.model)
+        lens = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
+        P = int(lens.max()) if len(prefixes) else 0
+        mask = torch.zeros((len(prefixes), P), dtype=torch.long, device=dev)
+        if P == 0:
+            return None, mask, lens
+        kvs = [self.get(x) if len(x) else None for x in prefixes]
+        ref = next(kv for kv in kvs if kv is not None)
+        cache = _empty_cache(self.model)
+        for li, (k0, v0) in enumerate(ref):
+            K = k0.new_zeros((len(prefixes), k0.shape[1], P, k0.shape[3]))
+            Vv = v0.new_zeros((len(prefixes), v0.shape[1], P, v0.shape[3]))
+            for b, kv in enumerate(kvs):
+                if kv is not None:
+                    n = int(lens[b])
+                    K[b, :, P - n :] = kv[li][0][0]
+                    Vv[b, :, P - n :] = kv[li][1][0]
+            cache.update(K, Vv, li)
+        for b in range(len(prefixes)):
+            mask[b, P - int(lens[b]) :] = 1
+        return cache, mask, lens
+
+
+def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(ly.keys, ly.values) for ly in layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    raise MechdiffError(f"unknown KV cache layout {type(cache).__name__}: run without a prefix cache")
+
+
+def _split_at_decision(seq: Sequence[int], decision: int) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the suffix starts one token before the decision token (at the start when decision = 0)."""
+    cut = max(0, int(decision) - 1)
+    return list(seq[:cut]), list(seq[cut:])
+
+
+def _suffix_forward(model: nn.Module, prefix: PrefixCache, prefixes: list[list[int]], suffixes: list[list[int]],
+                    starts: Sequence[int], pad: int, intervene: Intervene | None):
+    """Forward right-padded `suffixes` after cached left-padded `prefixes`; returns (output, attention mask,
+    position ids of the last real suffix token). The intervention starts at `starts` (suffix frame)."""
+    dev = _device(model)
+    cache, pmask, plen = prefix.batch(prefixes)
+    sids, smask = right_pad(suffixes, pad, dev)
+    pos = plen[:, None] + torch.arange(sids.shape[1], device=dev)[None, :]
+    mask = torch.cat([pmask, smask], dim=1)
+    start = torch.as_tensor(list(starts), dtype=torch.long, device=dev)
+    with _ctx(intervene, model, start):
+        out = get_body(model)(input_ids=sids, attention_mask=mask, position_ids=pos, cache=cache,
+                              use_cache=cache is not None)
+    return out, mask, pos
+
+
+# --------------------------------------------------------------------------------------------- log-probabilities
+
+
+MC_FORMATS = ("cloze", "listed")
+
+
+def mc_text(question: str, choices: Sequence[str], fmt: str = "listed") -> str:
+    """The user message of a multiple-choice question.
+
+    "listed": the question, one line per option, then "Answer:"; for example
+    ``mc_text("Capital of France?", ["Paris", "Rome"])`` is ``"Capital of France?\\nA. Paris\\nB. Rome\\nAnswer:"``
+    (options lettered A, B, C, ... in the given order). "cloze": the question alone (the options are only
+    scored as answers), the formulation small models answer best.
+    """
+    if fmt not in MC_FORMATS:
+        raise MechdiffError(f"multiple-choice format {fmt!r}: choose one of {', '.join(MC_FORMATS)}")
+    if not isinstance(question, str) or not question.strip():
+        raise MechdiffError(f"empty or non-text question {question!r}: remove it from the dataset")
+    if isinstance(choices, str) or len(choices) == 0:
+        raise MechdiffError(f"question {question[:40]!r} needs a list of at least one option")
+    if len(choices) > 26:
+        raise MechdiffError(f"question {question[:40]!r} has {len(choices)} options: at most 26 (A-Z) are supported")
+    lines = [question.strip()]
+    for i, c in enumerate(choices):
+        if not isinstance(c, str) or not c.strip():
+            raise MechdiffError(f"question {question[:40]!r} has an empty or non-text option {c!r}")
+        lines.append(f"{chr(ord('A') + i)}. {c.strip()}")
+    if fmt == "cloze":
+        return lines[0]
+    lines.append("Answer:")
+    return "\n".join(lines)
+
+
+def _cont_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    if not isinstance(text, str) or not text:
+        raise MechdiffError(f"empty or non-text continuation {text!r}: every continuation needs at least one token")
+    templated = chat and getattr(tokenizer, "chat_template", None)
+    if not templated and not text[0].isspace():
+        text = " " + text
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise MechdiffError(f"continuation {text!r} has no tokens: every continuation needs at least one token")
+    return ids
+
+
+def _token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float64 log p(targets[i] | hidden[i]) for (N, d) final hidden states, in chunks that bound memory."""
+    head = model.get_output_embeddings()
+    V = int(head.weight.shape[0]) if head is not None and hasattr(head, "weight") else 1
+    step = max(1, _LOGPROB_CELLS // V)
+    out = []
+    for s in range(0, hidden.shape[0], step):
+        lp = log_softmax(head_logits(model, hidden[s : s + step]))
+        out.append(lp.gather(1, targets[s : s + step, None].to(lp.device))[:, 0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True,
+    max_len: int = 256, batch_size: int = 16, intervene: Intervene | None = None, progress: bool = False,
+    prefix: PrefixCache | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log-probs, number of tokens) float64 (n,) of each continuation after its rendered prompt.
+
+    The prompt is rendered (`tokens.render`, chat template when `chat`) and tokenised as by `tokens.encode`; the
+    continuation is tokenised on its own (without a chat template a leading space is put before it unless it
+    starts with whitespace) and appended. The prompt is cut from the left so prompt + continuation fit in
+    `max_len` tokens. Right-padded batches, one forward each; `intervene` starts at each prompt's decision token.
+    With a `prefix` cache (of this model) only the tokens from the one before the decision token on are run.
+    """
+    if len(prompts) != len(continuations):
+        raise MechdiffError(f"prompts and continuations must pair up, got {len(prompts)} and {len(continuations)}")
+    if len(prompts) == 0:
+        raise MechdiffError("no prompts to score: the dataset is empty")
+    _check_batch(batch_size)
+    uniq = list(dict.fromkeys(prompts))
+    enc = encode(tokenizer, uniq, chat=chat, max_len=10**9)
+    where = {p: i for i, p in enumerate(uniq)}
+    seqs, n_prompt, dec, n_cont = [], [], [], []
+    for p, c in zip(prompts, continuations):
+        cid = _cont_ids(tokenizer, c, chat)
+        if len(cid) >= max_len:
+            raise MechdiffError(f"continuation {c[:40]!r} has {len(cid)} tokens, leaving no room for its prompt in "
+                                f"max_len={max_len}: raise max_len")
+        pid, d = enc.ids[where[p]], enc.decision[where[p]]
+        cut = max(0, len(pid) + len(cid) - max_len)
+        if d - cut < 0:
+            raise MechdiffError(f"prompt {p[:40]!r} loses its decision token when cut to fit max_len={max_len}: "
+                                "raise max_len")
+        seqs.append(list(pid[cut:]) + cid)
+        n_prompt.append(len(pid) - cut)
+        dec.append(d - cut)
+        n_cont.append(len(cid))
+    sums = np.zeros(len(seqs), dtype=np.float64)
+    dev, body, pad = _device(model), get_body(model), pad_id(tokenizer)
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    bar = _progress(len(seqs), progress, "logprobs")
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        if prefix is None:
+            ids, mask = right_pad([seqs[r] for r in rows], pad, dev)
+            start = torch.tensor([dec[r] for r in rows], dtype=torch.long, device=dev)
+            with _ctx(intervene, model, start):
+                hidden = _hidden(body(input_ids=ids, attention_mask=mask, use_cache=False))
+            shift = [0] * len(rows)
+        else:
+            parts = [_split_at_decision(seqs[r], dec[r]) for r in rows]
+            shift = [len(a) for a, _ in parts]
+            out, _, _ = _suffix_forward(model, prefix, [a for a, _ in parts], [b for _, b in parts],
+                                        [dec[r] - sh for r, sh in zip(rows, shift)], pad, intervene)
+            hidden = _hidden(out)
+            ids, _ = right_pad([b for _, b in parts], pad, dev)
+        bi = torch.cat([torch.full((n_cont[r],), b, dtype=torch.long) for b, r in enumerate(rows)]).to(dev)
+        ti = torch.cat([torch.arange(n_prompt[r] - sh, n_prompt[r] - sh + n_cont[r])
+                        for r, sh in zip(rows, shift)]).to(dev)
+        lp = _token_logprobs(model, hidden[bi, ti - 1], ids[bi, ti]).cpu()
+        seg = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([n_cont[r] for r in rows]))
+        sums[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, seg, lp).numpy()
+        bar.update(len(rows))
+    bar.close()
+    return sums, np.asarray(n_cont, dtype=np.float64)
+
+
+def option_logprobs(
+    model: nn.Module, tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]], *, chat: bool = True,
+    max_len: int = 256, batch_size: int = 16, intervene: Intervene | None = None, progress: bool = False,
+    fmt: str = "cloze", prefix: PrefixCache | None = None,
+) -> list[np.ndarray]:
+    """Per question, the float64 summed log-prob of each option's text as the answer to `mc_text(question, choices,
+    fmt)` (default cloze: the question alone)."""
+    if len(questions) != len(choices):
+        raise MechdiffError(f"questions and choices must pair up, got {len(questions)} and {len(choices)}")
+    prompts, conts, sizes = [], [], []
+    for q, ch in zip(questions, choices):
+        text = mc_text(q, ch, fmt)
+        prompts.extend([text] * len(ch))
+        conts.extend(c.strip() for c in ch)
+        sizes.append(len(ch))
+    lp, _ = continuation_logprobs(model, tokenizer, prompts, conts, chat=chat, max_len=max_len,
+                                  batch_size=batch_size, intervene=intervene, progress=progress, prefix=prefix)
+    return [a.copy() for a in np.split(lp, np.cumsum(sizes)[:-1])]
+
+
+def mc_correct(option_lp: Sequence[np.ndarray], answers: Sequence[int]) -> np.ndarray:
+    """bool (n,): whether the correct option has the strictly highest log-prob; a tie for the maximum is wrong."""
+    if len(option_lp) != len(answers):
+        raise MechdiffError(f"option log-probs and answers must pair up, got {len(option_lp)} and {len(answers)}")
+    out = np.zeros(len(answers), dtype=bool)
+    for i, (lp, a) in enumerate(zip(option_lp, answers)):
+        x = as_f64(lp, "option log-probs").ravel()
+        if x.size == 0 or not np.isfinite(x).all():
+            raise MechdiffError(f"question {i}: option log-probs are empty or not finite")
+        if isinstance(a, bool) or not isinstance(a, int | np.integer) or not 0 <= int(a) < x.size:
+            raise MechdiffError(f"question {i}: answer index {a!r} is not an option index 0..{x.size - 1}")
+        top = x.max()
+        out[i] = bool(x[int(a)] == top and np.count_nonzero(x == top) == 1)
+    return out
+
+
+def perplexity(sum_lp: Any, n_tokens: Any) -> float:
+    """Token-weighted perplexity ``exp(-sum(sum_lp) / sum(n_tokens))`` of texts scored by `continuation_logprobs`."""
+    s, n = as_f64(sum_lp, "sum_lp").ravel(), as_f64(n_tokens, "n_tokens").ravel()
+    if s.shape != n.shape or s.size == 0:
+        raise MechdiffError(f"sum_lp and n_tokens must be non-empty and pair up, got {s.size} and {n.size} values")
+    if not (np.isfinite(s).all() and np.isfinite(n).all()) or (n < 0).any() or n.sum() <= 0:
+        raise MechdiffError("sum_lp must be finite and n_tokens non-negative with a positive total")
+    return float(np.exp(-s.sum() / n.sum()))
+
+
+# --------------------------------------------------------------------------------------------- decision / generation
+
+
+@torch.no_grad()
+def decision_logits(
+    model: nn.Module, enc: Encoded, rows: Any, *, batch_size: int = 16, intervene: Intervene | None = None,
+    progress: bool = False, prefix: PrefixCache | None = None,
+) -> np.ndarray:
+    """(len(rows), V) float32 next-token logits at each prompt's decision token, in `rows` order (with a
+    `prefix` cache, only the last two prompt tokens are run)."""
+    r = _rows(enc, rows)
+    _check_batch(batch_size)
+    sub, dev, body = _sub(enc, r), _device(model), get_body(model)
+    out: np.ndarray | None = None
+    bar = _progress(len(r), progress, "logits")
+    for i, ids, mask, pos in batches(sub, np.arange(len(r)), batch_size, sub.pad, dev, sort_by_length=True):
+        if prefix is None:
+            with _ctx(intervene, model, pos):
+                hidden = _hidden(body(input_ids=ids, attention_mask=mask, use_cache=False))
+            at = pos
+        else:
+            parts = [_split_at_decision(sub.ids[j][: sub.decision[j] + 1], sub.decision[j]) for j in i]
+            o, _, _ = _suffix_forward(model, prefix, [a for a, _ in parts], [b for _, b in parts],
+                                      [len(b) - 1 for _, b in parts], sub.pad, intervene)
+            hidden = _hidden(o)
+            at = torch.tensor([len(b) - 1 for _, b in parts], dtype=torch.long, device=hidden.device)
+        lg = head_logits(model, hidden[torch.arange(len(i), device=hidden.device), at]).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(r), lg.shape[1]), dtype=np.float32)
+        out[i] = lg
+        bar.update(len(i))
+    bar.close()
+    return out
+
+
+def _empty_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None),
+              getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if v is None:
+            continue
+        ids.update(int(x) for x in (v if isinstance(v, list | tuple) else [v]))
+    return ids
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: nn.Module, tokenizer, enc: Encoded, rows: Any, *, max_new_tokens: int = 8, batch_size: int = 16,
+    intervene: Intervene | None = None, progress: bool = False, prefix: PrefixCache | None = None,
+    logits_out: np.ndarray | None = None,
+) -> list[str]:
+    """Greedy (argmax) continuations of up to `max_new_tokens` tokens of prompts `rows`, in `rows` order.
+
+    With `logits_out` (a float32 (len(rows), V) array) the decision-token logits of the same pass are written
+    into it (what `decision_logits` returns, without a second forward).
+
+    Each prompt is its tokens up to and including the decision token. Batches are left-padded with position ids
+    counted from each row's first real token, so a batch gives the tokens of one-at-a-time decoding; decoding
+    uses a KV cache and stops at an end-of-sequence id (the tokenizer's or the model's generation config's),
+    which is not part of the text. Texts are decoded with ``skip_special_tokens=True``. This is a small loop
+    rather than ``model.generate`` so that it is exactly greedy: ``generate`` would also apply the model's
+    generation-config defaults (e.g. a repetition penalty). `intervene` wraps the whole generation of a batch
+    (prefill and decode steps), starting at each prompt's decision token in the left-padded frame. With a
+    `prefix` cache the prefill runs only the last two prompt tokens after the cached prefixes.
+    """
+    r = _rows(enc, rows)
+    _check_batch(batch_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise MechdiffError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    dev, body = _device(model), get_body(model)
+    eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), dtype=torch.long, device=dev)
+    seqs = [list(enc.ids[i][: enc.decision[i] + 1]) for i in r]
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    texts: list[str] = [""] * len(r)
+    bar = _progress(len(r), progress, "generate")
+    for s in range(0, len(order), batch_size):
+        rows_b = order[s : s + batch_size]
+        new = torch.full((len(rows_b), max_new_tokens), -1, dtype=torch.long, device=dev)
+        done = torch.zeros(len(rows_b), dtype=torch.bool, device=dev)
+        parts = [_split_at_decision(seqs[i], len(seqs[i]) - 1) for i in rows_b] if prefix is not None else None
+        if parts is not None and len({len(b) for _, b in parts}) == 1:
+            cache, pmask, plen = prefix.batch([a for a, _ in parts])
+            if cache is None:
+                cache = _empty_cache(model)
+            ids = torch.tensor([b for _, b in parts], dtype=torch.long, device=dev)
+            mask = torch.cat([pmask, torch.ones_like(ids)], dim=1)
+            pos = plen[:, None] + torch.arange(ids.shape[1], device=dev)[None, :]
+            start = torch.full((len(rows_b),), ids.shape[1] - 1, dtype=torch.long, device=dev)
+        else:
+            T = max(len(seqs[i]) for i in rows_b)
+            ids = torch.full((len(rows_b), T), int(enc.pad), dtype=torch.long)
+            mask = torch.zeros((len(rows_b), T), dtype=torch.long)
+            for b, i in enumerate(rows_b):
+                ids[b, T - len(seqs[i]) :] = torch.as_tensor(seqs[i], dtype=torch.long)
+                mask[b, T - len(seqs[i]) :] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            start = torch.full((len(rows_b),), T - 1, dtype=torch.long, device=dev)  # offset + decision = T - 1
+            cache = _empty_cache(model)
+        with _ctx(intervene, model, start):
+            out = body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            for step in range(max_new_tokens):
+                lg = head_logits(model, _hidden(out)[:, -1])
+                if step == 0 and logits_out is not None:
+                    logits_out[rows_b] = lg.float().cpu().numpy()
+                nxt = lg.argmax(-1)
+                done = done | torch.isin(nxt, eos)
+                new[:, step] = torch.where(done, -1, nxt)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                for key in ("cache", "past_key_values"):
+                    if getattr(out, key, None) is not None:
+                        cache = getattr(out, key)
+                        break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                feed = torch.where(done, int(enc.pad), nxt)[:, None]
+                out = body(input_ids=feed, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        for b, i in enumerate(rows_b):
+            toks = [int(t) for t in new[b].tolist() if t >= 0]
+            texts[i] = tokenizer.decode(toks, skip_special_tokens=True)
+        bar.update(len(rows_b))
+    bar.close()
+    return texts
+
+
+# --------------------------------------------------------------------------------------------- markers and mass
+
+
+def marker_hits(texts: Sequence[str], patterns: Sequence[str] | str, *, ignore_case: bool = True) -> np.ndarray:
+    """bool (n,): True where any regex in `patterns` matches the text (`re.search`; case-insensitive by default,
+    as the seed's refusal score)."""
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not pats:
+        raise MechdiffError("no marker patterns given: pass at least one regex (e.g. DEFAULT_REFUSAL_PATTERNS)")
+    compiled = []
+    for p in pats:
+        try:
+            compiled.append(re.compile(p, re.IGNORECASE if ignore_case else 0))
+        except (re.error, TypeError) as exc:
+            raise MechdiffError(f"invalid marker regex {p!r} ({exc}): fix the pattern") from exc
+    out = np.zeros(len(texts), dtype=bool)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise MechdiffError(f"text {i} is {type(t).__name__}, not a string: marker_hits needs generated texts")
+        out[i] = any(c.search(t) for c in compiled)
+    return out
+
+
+def new_token_mass(logits: Any, allowed: Any | None) -> np.ndarray:
+    """float64 (n,): the softmax mass of each logits row on token ids NOT in `allowed` (ids or a boolean vocabulary
+    mask: the tokens both tokenizers share), i.e. on tokens the other model lacks; zeros when `allowed` is None or
+    the whole vocabulary (identical tokenizers)."""
+    lp = log_softmax(logits)
+    if isinstance(lp, torch.Tensor):
+        lp = lp.cpu().numpy()
+    ids = allowed_index(allowed, lp.shape[1])
+    if ids is None:
+        return np.zeros(lp.shape[0], dtype=np.float64)
+    rest = np.ones(lp.shape[1], dtype=bool)
+    rest[ids] = False
+    x = lp[:, rest]
+    m = x.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mass = np.exp(m[:, 0]) * np.exp(x - m).sum(axis=1)
+    return np.where(np.isfinite(m[:, 0]), mass, 0.0)
+
+
+# --------------------------------------------------------------------------------------------- comparison
+
+
+def _summary(mean: float, lo: float, hi: float) -> dict:
+    return {"mean": float(mean), "lo": float(lo), "hi": float(hi)}
+
+
+def _metric(x: Any, what: str) -> np.ndarray:
+    a = as_f64(x, what).ravel()
+    if a.size == 0:
+        raise MechdiffError(f"{what} is empty: no records were evaluated")
+    if not np.isfinite(a).all():
+        raise MechdiffError(f"{what} contains NaN or inf: check the per-record metric")
+    return a
+
+
+def compare(base: Any, tuned: Any, *, n_boot: int = 1000, seed: int = 0, paired: bool = True) -> dict:
+    """Means of a per-record metric for both models and their difference, with 95% percentile bootstrap CIs.
+
+    Returns ``{"base": {"mean", "lo", "hi"}, "tuned": {...}, "diff": {...}, "n": len(base)}``. `diff` is
+    tuned - base: per record when `paired` (the same records, equal lengths), else the difference of means of
+    independent resamples of each (then "n_tuned" gives the size of `tuned` too).
+    """
+    check_boot(n_boot)
+    a, b = _metric(base, "base metric"), _metric(tuned, "tuned metric")
+    out = {"base": _summary(*mean_ci(a, n_boot=n_boot, seed=seed)),
+           "tuned": _summary(*mean_ci(b, n_boot=n_boot, seed=seed))}
+    if paired:
+        if a.shape != b.shape:
+            raise MechdiffError(f"paired comparison needs one value per record for both models, got {a.size} and "
+                                f"{b.size}: pass paired=False for independent samples")
+        out["diff"] = _summary(*mean_ci(b - a, n_boot=n_boot, seed=seed))
+        out["n"] = int(a.size)
+        return out
+    if min(a.size, b.size) < 2:
+        raise MechdiffError(f"an unpaired comparison needs at least 2 records per model, got {a.size} and {b.size}")
+    out["diff"] = _summary(*mean_diff_ci(a, b, n_boot=n_boot, seed=seed))
+    out["n"], out["n_tuned"] = int(a.size), int(b.size)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- one model, all metrics
+
+
+def score_model(
+    model: nn.Module, tokenizer, enc: Encoded, gen_rows: dict[str, np.ndarray], patterns: dict[str, Sequence[str]],
+    *, mc: dict[str, tuple[list[str], list[list[str]], list[int]]] | None = None,
+    refs: dict[str, tuple[list[str], list[str]]] | None = None, allowed: Any | None = None, chat: bool = True,
+    max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False,
+) -> dict[tuple[str, str], np.ndarray]:
+    """Per-record behaviour of one model: {(dataset, metric): values}.
+
+    - `<marker>_rate` (and `refusal_rate` when `patterns` names "refusal"): whether the greedy continuation of
+      each prompt of `gen_rows[dataset]` matches any of the marker's patterns (0/1);
+    - `new_token_mass` (only with `allowed`, the model's ids the other model shares): the decision-token mass
+      on tokens the other model lacks;
+    - `accuracy` for each multiple-choice dataset of `mc` (questions, choices, answers), by option log-prob;
+    - `ref_logprob` and `ref_logprob_per_token` for each dataset of `refs` (prompts, reference answers).
+    """
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for ds, rows in gen_rows.items():
+        texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress)
+        for name, pats in patterns.items():
+            out[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
+        if allowed is not None:
+            out[(ds, "new_token_mass")] = new_token_mass(
+                decision_logits(model, enc, rows, batch_size=batch_size), allowed)
+    for ds, (questions, choices, answers) in (mc or {}).items():
+        lp = option_logprobs(model, tokenizer, questions, choices, chat=chat, max_len=max_len,
+                             batch_size=batch_size, progress=progress)
+        out[(ds, "accuracy")] = mc_correct(lp, answers).astype(np.float64)
+    for ds, (prompts, answers) in (refs or {}).items():
+        s, n = continuation_logprobs(model, tokenizer, prompts, answers, chat=chat, max_len=max_len,
+                                     batch_size=batch_size, progress=progress)
+        out[(ds, "ref_logprob")] = s
+        out[(ds, "ref_logprob_per_token")] = s / n
+    return out
+
+
+def behaviour_table(base: dict[tuple[str, str], np.ndarray], tuned: dict[tuple[str, str], np.ndarray], *,
+                    n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], dict]:
+    """Compare the two models' per-record scores: (CSV rows, {dataset: {metric: compare(...)}}).
+
+    Metrics only one model has (new_token_mass: a property of the tuned model's extra tokens) are reported
+    for that model alone, with null for the other and for the difference.
+    """
+    rows: list[dict] = []
+    out: dict[str, dict] = {}
+    for key in sorted(set(base) | set(tuned)):
+        ds, metric = key
+        if key in base and key in tuned:
+            c = compare(base[key], tuned[key], n_boot=n_boot, seed=seed)
+        else:
+            side = "tuned" if key in tuned else "base"
+            only = tuned.get(key, base.get(key))
+            none = {"mean": None, "lo": None, "hi": None}
+            c = {"base": none, "tuned": none, "diff": none, "n": int(len(only))}
+            c[side] = _summary(*mean_ci(_metric(only, metric), n_boot=n_boot, seed=seed))
+        out.setdefault(ds, {})[metric] = c
+        row = {"dataset": ds, "metric": metric, "label": f"{ds} {metric}", "n": c["n"]}
+        for side in ("base", "tuned", "diff"):
+            row[side], row[f"{side}_lo"], row[f"{side}_hi"] = c[side]["mean"], c[side]["lo"], c[side]["hi"]
+        rows.append(row)
+    return rows, out
+
+
+__all__ = [
+    "DEFAULT_REFUSAL_PATTERNS",
+    "Intervene",
+    "behaviour_table",
+    "compare",
+    "continuation_logprobs",
+    "decision_logits",
+    "greedy_continuations",
+    "marker_hits",
+    "mc_correct",
+    "mc_text",
+    "new_token_mass",
+    "option_logprobs",
+    "perplexity",
+    "PrefixCache",
+    "score_model",
+]

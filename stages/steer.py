@@ -1,0 +1,119 @@
+"""Stage steer: steer the base toward the tuned model and ablate the change in the tuned model along k directions,
+sweeping k and alpha; effect on the target behaviour, side effects on neutral prompts, conditional steering."""
+
+import time
+
+import numpy as np
+
+import mechdiff.pipeline as P
+from mechdiff.analysis.steer_eval import (
+    conditional,
+    directions_for,
+    make_arms,
+    report_rows,
+    robustness,
+    site_group,
+    summarise,
+    sweep,
+)
+from mechdiff.analysis.steering import collect_decision_acts, fit_handle
+from mechdiff.data.corpus import load_prompts, prompt_form
+from mechdiff.errors import MechdiffError
+from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.load import load_saved
+from mechdiff.model.sites import Site
+from mechdiff.params import load_params
+from mechdiff.pipeline import allowed_ids, encode_prompts, eval_sets, kept_prompts, pick_rows
+
+
+def direction_inputs(source: str, sites: list[Site]) -> dict:
+    """What a direction source reads besides activations: the transport maps ("transport") or the delta SAEs
+    ("sae") at the sites that have one; nothing for "dim" and "delta"."""
+    if source == "transport":
+        from mechdiff.analysis.transport import load_map
+
+        return {"maps": {x.name: load_map(P.map_dir(x.name)) for x in sites if P.map_dir(x.name).exists()}}
+    if source == "sae":
+        from mechdiff.sae.model import load_sae
+
+        return {"saes": {x.name: load_sae(P.sae_dir("delta", x.layer)) for x in sites
+                         if x.kind == "resid_post" and P.sae_dir("delta", x.layer).exists()}}
+    return {}
+
+
+def main() -> None:
+    p = load_params()
+    s = p.steer
+    t0 = time.time()
+    if s.marker not in p.behaviour.markers:
+        raise MechdiffError(f"steer.marker {s.marker!r} is not in behaviour.markers ({', '.join(p.behaviour.markers)})")
+    prompts = kept_prompts()
+    mc, _ = eval_sets(load_prompts(P.EVAL_PROMPTS), split="test", n=s.mc_questions, seed=p.seed)
+    if s.neutral_mc not in mc:
+        raise MechdiffError(f"steer.neutral_mc {s.neutral_mc!r} has no multiple-choice test records "
+                            f"(scored sets: {', '.join(mc) or 'none'}): check data.eval_sources")
+    rows = {
+        "train_target": pick_rows(prompts, split="train", datasets=(s.target,), n=4 * s.max_prompts, seed=p.seed),
+        "train_control": pick_rows(prompts, split="train", datasets=tuple(s.controls), n=4 * s.max_prompts,
+                                   seed=p.seed),
+        "dev": pick_rows(prompts, split="val", datasets=(s.target,), n=s.max_prompts, seed=p.seed),
+        "test": pick_rows(prompts, split="test", datasets=(s.target,), n=s.max_prompts, seed=p.seed),
+        "neutral": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
+    }
+    groups = {name: site_group(name, s.layers) for name in s.sites}
+    sites = sorted({x for g in groups.values() for x in g} | {Site(g[0].layer, "resid_pre") for g in groups.values()})
+    fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
+    models, encs, acts = {}, {}, {}
+    for which in ("base", "tuned"):
+        models[which] = load_saved(P.model_dir(which))
+        encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
+        acts[which] = collect_decision_acts(models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size)
+    neutral_texts = [prompts[i].text for i in rows["neutral"]]
+    arms = make_arms(models, encs, rows, neutral_texts, mc[s.neutral_mc], [p.behaviour.markers[s.marker]],
+                     allowed=dict(zip(("base", "tuned"), allowed_ids())), chat=p.data.chat, max_len=p.data.max_len,
+                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token)
+    n_t = len(rows["train_target"])
+    target_groups = [prompts[i].group for i in rows["train_target"]]
+    extra = direction_inputs(s.source, [x for g in groups.values() for x in g])
+
+    metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
+                                        "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
+    grid, best_rows = [], []
+    for name, group in groups.items():
+        def handles_for(k: int, group=group) -> dict:
+            out = {"steer": [], "ablate": []}
+            for site in group:
+                Xb, Xt = acts["base"][site.name], acts["tuned"][site.name]
+                V = directions_for(s.source, k, site, Xt - Xb, n_target=n_t, groups=target_groups, extra=extra)
+                out["steer"].append(fit_handle(site, V, Xb, Xt, affine=s.affine))
+                out["ablate"].append(fit_handle(site, V, Xt, Xb, affine=s.affine))
+            return out
+
+        rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
+                       progress=True)
+        summary, best = summarise(rows_g, arms, handles_for, target=s.target_effect, k=s.k, n_boot=s.n_boot,
+                                  seed=p.seed)
+        gate_site = Site(group[0].layer, "resid_pre")
+        summary["conditional"] = conditional(
+            arms["steer"], handles_for(summary["steer"]["k"])["steer"], summary["steer"]["alpha"], gate_site,
+            acts["base"][gate_site.name][:n_t], acts["base"][gate_site.name][n_t:], seed=p.seed)
+        summary["robustness"] = robustness(arms, handles_for, summary,
+                                           forms=[prompt_form(prompts[i].text) for i in rows["test"]])
+        metrics[name] = summary
+        grid += [{"config": name, **r} for r in rows_g]
+        best_rows += [{"config": name, **r} for r in best]
+    k_rows, alpha_rows = report_rows(grid, best_rows, metrics)
+    write_csv(P.plot("steer_k.csv"), k_rows)
+    write_csv(P.plot("steer_alpha.csv"), alpha_rows)
+    write_csv(P.plot("steer_grid.csv"), grid)
+    metrics["seconds"] = time.time() - t0
+    write_json(P.metric("steer.json"), metrics)
+    for name in groups:
+        for op in ("steer", "ablate"):
+            m = metrics[name][op]
+            print(f"steer: {name:<16} {op:<6} min k {m['min_k']} | k={m['k']} alpha={m['alpha']} "
+                  f"effect {m['effect'][0]:.3f} ppl {m['ppl_change']:+.3f} mc {m['mc_drop']:+.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

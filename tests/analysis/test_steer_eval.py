@@ -1,0 +1,109 @@
+"""Steering sweeps: a planted last-layer edit is ablated and reproduced through the sweep, alpha/k choice rules."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from mechdiff.analysis.behaviour import greedy_continuations
+from mechdiff.analysis.steer_eval import (
+    choose,
+    directions_for,
+    evaluate,
+    gap_share,
+    kl_share,
+    make_arms,
+    site_group,
+    sweep,
+)
+from mechdiff.analysis.steering import collect_decision_acts, fit_handle, intervention
+from mechdiff.errors import MechdiffError
+from mechdiff.model.recipes import plant_edit
+from mechdiff.model.sites import Site
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+from mechdiff.model.tokens import encode
+
+WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
+         "old new fast slow happy sad sun moon rain snow city road hill lake").split()
+SITE = Site(3, "attn_out")  # last block: the decision token's output depends on the edit only there
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 10))) for _ in range(120)]
+    tok = make_tiny_tokenizer(texts, extra_words=WORDS)
+    base = make_tiny_model(len(tok), n_layers=4, d_model=32, seed=0)
+    tuned = copy.deepcopy(base)
+    info = plant_edit(tuned, layer=3, kind="attn_out", rank=2, scale=6.0, seed=1)
+    encs = {w: encode(tok, texts) for w in ("base", "tuned")}
+    rows = {"train_target": np.arange(0, 60), "train_control": np.arange(60, 80), "dev": np.arange(80, 92),
+            "test": np.arange(92, 108), "neutral": np.arange(108, 120)}
+    # the behaviour: the tuned model's most common first greedy word
+    first = [t.split()[0] if t.split() else "" for t in
+             greedy_continuations(tuned, tok, encs["tuned"], rows["test"], max_new_tokens=1)]
+    marker = max(set(first), key=first.count)
+    mc = (["the cat sat on the", "a bird flew over the"], [["mat", "sun"], ["tree", "river"]], [0, 1])
+    arms = make_arms({"base": (base, tok), "tuned": (tuned, tok)}, encs, rows, [texts[i] for i in rows["neutral"]],
+                     mc, [rf"^\s*{marker}\b"], allowed={"base": None, "tuned": None}, chat=True, max_len=64,
+                     max_new_tokens=2, batch_size=8)
+    fit = np.concatenate([rows["train_target"], rows["train_control"]])
+    acts = {w: collect_decision_acts(m, encs[w], fit, [SITE])[SITE.name] for w, m in (("base", base), ("tuned", tuned))}
+    return arms, acts, info, texts
+
+
+def _handles(acts, k):
+    V = directions_for("delta", k, SITE, acts["tuned"] - acts["base"], n_target=60, groups=["g"] * 60)
+    return {"steer": [fit_handle(SITE, V, acts["base"], acts["tuned"])],
+            "ablate": [fit_handle(SITE, V, acts["tuned"], acts["base"])]}
+
+
+def test_planted_edit_is_reproduced_and_ablated_at_rank_r(world):
+    arms, acts, info, _ = world
+    h = _handles(acts, 2)
+    for op, arm in arms.items():
+        res = evaluate(arm, intervention(h[op], 1.0), n_boot=50)
+        assert res["kl_test"][0] >= 0.95, (op, res["kl_test"])
+        assert res["effect_test"][0] == pytest.approx(1.0, abs=0.15), (op, res["effect_test"])
+        none = evaluate(arm, intervention(h[op], 0.0), splits=("test",))
+        assert abs(none["kl_test"]) < 1e-6 and abs(none["ppl_change"]) < 1e-6 and none["mc_drop"] == 0.0
+        assert abs(none["kl_neutral"]) < 1e-9
+
+
+def test_sweep_min_k_is_the_planted_rank(world):
+    arms, acts, _, _ = world
+    rows = sweep(arms, lambda k: _handles(acts, k), [1, 2, 3], [0.5, 1.0], ppl_budget=10.0, mc_budget=1.0)
+    assert len(rows) == 3 * 2 * 2
+    for op in ("steer", "ablate"):
+        best, mk, chosen = choose([{**r, "effect_test": r["kl_test"]} for r in rows], op, target=0.95)
+        assert mk == 2 and chosen == 2, (op, mk, [(r["k"], r["alpha"], r["kl_test"]) for r in best])
+        assert {r["alpha"] for r in best if r["k"] >= 2} == {1.0}
+
+
+def test_choose_rules():
+    def row(k, a, dev, test, ok=True):
+        return {"op": "steer", "k": k, "alpha": a, "effect_dev": dev, "effect_test": test, "within_budget": ok}
+
+    rows = [row(1, 0.5, 0.2, 0.2), row(1, 1.0, 0.5, 0.5), row(1, 2.0, 0.9, 0.9, ok=False),
+            row(2, 0.5, 0.6, 0.6), row(2, 1.0, 0.85, 0.82), row(4, 1.0, 0.95, 0.9)]
+    best, mk, chosen = choose(rows, "steer", target=0.8)
+    assert [(r["k"], r["alpha"]) for r in best] == [(1, 1.0), (2, 1.0), (4, 1.0)]  # over-budget alpha never chosen
+    assert mk == 2 and chosen == 2
+    assert choose(rows, "steer", target=0.8, k=4)[2] == 4
+    assert choose(rows, "steer", target=0.99)[1:] == (None, 4)
+    with pytest.raises(MechdiffError, match="steer.k"):
+        choose(rows, "steer", target=0.8, k=3)
+
+
+def test_shares_and_site_groups():
+    own, goal = np.zeros(4), np.ones(4)
+    assert gap_share(own, goal, np.array([1, 1, 0, 0.0])) == pytest.approx(0.5)
+    assert np.isnan(gap_share(own, own, goal))
+    assert kl_share(np.array([2.0, 2.0]), np.array([0.5, 0.5])) == pytest.approx(0.75)
+    assert site_group("L3.resid_post", []) == [Site(3, "resid_post")]
+    assert site_group("layers", [1, 2]) == [Site(1, "attn_out"), Site(1, "mlp_out"), Site(2, "attn_out"),
+                                            Site(2, "mlp_out")]
+    with pytest.raises(MechdiffError, match="steer.layers"):
+        site_group("layers", [])
+    with pytest.raises(MechdiffError, match="transport.sites"):
+        directions_for("transport", 1, Site(1), np.ones((4, 3)), n_target=2, groups=["a", "b"])
