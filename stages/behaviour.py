@@ -6,6 +6,7 @@ import time
 import mechdiff.pipeline as P
 from mechdiff.analysis.behaviour import behaviour_table, score_model
 from mechdiff.data.corpus import load_prompts
+from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.load import load_saved
 from mechdiff.params import load_params
@@ -18,8 +19,12 @@ def main() -> None:
     t0 = time.time()
     prompts = kept_prompts()
     present = {q.dataset for q in prompts}
+    unknown = sorted(set(b.datasets) - present)
+    if unknown:
+        raise MechdiffError(f"behaviour.datasets names {unknown}, not datasets of the corpus "
+                            f"({', '.join(sorted(present))}): fix params.yaml")
     gen_rows = {ds: pick_rows(prompts, split=b.split, datasets=(ds,), n=b.max_prompts, seed=p.seed)
-                for ds in b.datasets if ds in present}
+                for ds in b.datasets}
     mc, refs = eval_sets(load_prompts(P.EVAL_PROMPTS), split=b.split, n=b.max_prompts, seed=p.seed)
     patterns = {**{name: [rx] for name, rx in b.markers.items()}, "refusal": list(b.refusal_patterns)}
     allowed = dict(zip(("base", "tuned"), allowed_ids()))

@@ -45,20 +45,23 @@ def main() -> None:
     p = load_params()
     s = p.steer
     t0 = time.time()
-    if s.marker not in p.behaviour.markers:
-        raise MechdiffError(f"steer.marker {s.marker!r} is not in behaviour.markers ({', '.join(p.behaviour.markers)})")
     prompts = kept_prompts()
-    mc, _ = eval_sets(load_prompts(P.EVAL_PROMPTS), split="test", n=s.mc_questions, seed=p.seed)
-    if s.neutral_mc not in mc:
-        raise MechdiffError(f"steer.neutral_mc {s.neutral_mc!r} has no multiple-choice test records "
-                            f"(scored sets: {', '.join(mc) or 'none'}): check data.eval_sources")
+    evals = load_prompts(P.EVAL_PROMPTS)
+    mc = {}
+    for split, name in (("dev", "val"), ("test", "test")):
+        sets, _ = eval_sets(evals, split=name, n=s.mc_questions, seed=p.seed)
+        if s.neutral_mc not in sets:
+            raise MechdiffError(f"steer.neutral_mc {s.neutral_mc!r} has no multiple-choice {name} records "
+                                f"(scored sets: {', '.join(sets) or 'none'}): check data.eval_sources")
+        mc[split] = sets[s.neutral_mc]
     rows = {
         "train_target": pick_rows(prompts, split="train", datasets=(s.target,), n=4 * s.max_prompts, seed=p.seed),
         "train_control": pick_rows(prompts, split="train", datasets=tuple(s.controls), n=4 * s.max_prompts,
                                    seed=p.seed),
         "dev": pick_rows(prompts, split="val", datasets=(s.target,), n=s.max_prompts, seed=p.seed),
         "test": pick_rows(prompts, split="test", datasets=(s.target,), n=s.max_prompts, seed=p.seed),
-        "neutral": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
+        "neutral_dev": pick_rows(prompts, split="val", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
+        "neutral_test": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
     }
     groups = {name: site_group(name, s.layers) for name in s.sites}
     sites = sorted({x for g in groups.values() for x in g} | {Site(g[0].layer, "resid_pre") for g in groups.values()})
@@ -68,8 +71,8 @@ def main() -> None:
         models[which] = load_saved(P.model_dir(which))
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
         acts[which] = collect_decision_acts(models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size)
-    neutral_texts = [prompts[i].text for i in rows["neutral"]]
-    arms = make_arms(models, encs, rows, neutral_texts, mc[s.neutral_mc], [p.behaviour.markers[s.marker]],
+    neutral_texts = {split: [prompts[i].text for i in rows[f"neutral_{split}"]] for split in ("dev", "test")}
+    arms = make_arms(models, encs, rows, neutral_texts, mc, [p.behaviour.markers[s.marker]],
                      allowed=dict(zip(("base", "tuned"), allowed_ids())), chat=p.data.chat, max_len=p.data.max_len,
                      max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token)
     n_t = len(rows["train_target"])
@@ -92,7 +95,7 @@ def main() -> None:
         rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
                        progress=True)
         summary, best = summarise(rows_g, arms, handles_for, target=s.target_effect, k=s.k, n_boot=s.n_boot,
-                                  seed=p.seed)
+                                  seed=p.seed, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget)
         gate_site = Site(group[0].layer, "resid_pre")
         summary["conditional"] = conditional(
             arms["steer"], handles_for(summary["steer"]["k"])["steer"], summary["steer"]["alpha"], gate_site,

@@ -407,6 +407,12 @@ def validate(p: Params) -> Params:
             re.compile(rx)
         except re.error as e:
             raise MechdiffError(f"params.yaml: behaviour marker {name} = {rx!r} is not a valid regex: {e}") from e
+    if "refusal" in p.behaviour.markers:
+        raise MechdiffError("params.yaml: behaviour.markers may not use the name 'refusal' (it is the rate of "
+                            "behaviour.refusal_patterns): rename the marker")
+    if not (p.pair.finetune.retain_weight >= 0 and p.pair.finetune.retain_weight < float("inf")):
+        raise MechdiffError(f"params.yaml: pair.finetune.retain_weight must be a finite number >= 0, "
+                            f"got {p.pair.finetune.retain_weight}")
     if p.steer.marker not in p.behaviour.markers:
         raise MechdiffError(f"params.yaml: steer.marker {p.steer.marker!r} is not a key of behaviour.markers "
                             f"({', '.join(p.behaviour.markers) or 'none'})")

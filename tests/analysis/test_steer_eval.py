@@ -38,14 +38,15 @@ def world():
     info = plant_edit(tuned, layer=3, kind="attn_out", rank=2, scale=6.0, seed=1)
     encs = {w: encode(tok, texts) for w in ("base", "tuned")}
     rows = {"train_target": np.arange(0, 60), "train_control": np.arange(60, 80), "dev": np.arange(80, 92),
-            "test": np.arange(92, 108), "neutral": np.arange(108, 120)}
+            "test": np.arange(92, 108), "neutral_dev": np.arange(108, 114), "neutral_test": np.arange(114, 120)}
     # the behaviour: the tuned model's most common first greedy word
     first = [t.split()[0] if t.split() else "" for t in
              greedy_continuations(tuned, tok, encs["tuned"], rows["test"], max_new_tokens=1)]
     marker = max(set(first), key=first.count)
     mc = (["the cat sat on the", "a bird flew over the"], [["mat", "sun"], ["tree", "river"]], [0, 1])
-    arms = make_arms({"base": (base, tok), "tuned": (tuned, tok)}, encs, rows, [texts[i] for i in rows["neutral"]],
-                     mc, [rf"^\s*{marker}\b"], allowed={"base": None, "tuned": None}, chat=True, max_len=64,
+    neutral = {sp: [texts[i] for i in rows[f"neutral_{sp}"]] for sp in ("dev", "test")}
+    arms = make_arms({"base": (base, tok), "tuned": (tuned, tok)}, encs, rows, neutral, {"dev": mc, "test": mc},
+                     [rf"^\s*{marker}\b"], allowed={"base": None, "tuned": None}, chat=True, max_len=64,
                      max_new_tokens=2, batch_size=8)
     fit = np.concatenate([rows["train_target"], rows["train_control"]])
     acts = {w: collect_decision_acts(m, encs[w], fit, [SITE])[SITE.name] for w, m in (("base", base), ("tuned", tuned))}
@@ -65,7 +66,7 @@ def test_planted_edit_is_reproduced_and_ablated_at_rank_r(world):
         res = evaluate(arm, intervention(h[op], 1.0), n_boot=50)
         assert res["kl_test"][0] >= 0.95, (op, res["kl_test"])
         assert res["effect_test"][0] == pytest.approx(1.0, abs=0.15), (op, res["effect_test"])
-        none = evaluate(arm, intervention(h[op], 0.0), splits=("test",))
+        none = evaluate(arm, intervention(h[op], 0.0), splits=("test",), side="test")
         assert abs(none["kl_test"]) < 1e-6 and abs(none["ppl_change"]) < 1e-6 and none["mc_drop"] == 0.0
         assert abs(none["kl_neutral"]) < 1e-9
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mechdiff.analysis.patching import cache_kv, empty_cache
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import get_body, head_logits
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
@@ -111,10 +112,10 @@ class PrefixCache:
         if key not in self._kv:
             if not key:
                 raise MechdiffError("an empty prefix has no cache")
-            cache = _empty_cache(self.model)
+            cache = empty_cache(self.model)
             ids = torch.tensor([key], dtype=torch.long, device=_device(self.model))
             out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
-            self._kv[key] = [(k.clone(), v.clone()) for k, v in _cache_kv(getattr(out, "cache", None) or cache)]
+            self._kv[key] = [(k.clone(), v.clone()) for k, v in cache_kv(getattr(out, "cache", None) or cache)]
         return self._kv[key]
 
     @torch.no_grad()
@@ -132,10 +133,10 @@ class PrefixCache:
                 ids[b, T - len(x) :] = torch.tensor(x, dtype=torch.long)
                 mask[b, T - len(x) :] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = _empty_cache(self.model)
+            cache = empty_cache(self.model)
             out = get_body(self.model)(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                                        use_cache=True)
-            kv = _cache_kv(getattr(out, "cache", None) or cache)
+            kv = cache_kv(getattr(out, "cache", None) or cache)
             for b, x in enumerate(chunk):
                 self._kv[x] = [(k[b : b + 1, :, T - len(x) :].clone(), v[b : b + 1, :, T - len(x) :].clone())
                                for k, v in kv]
@@ -151,7 +152,7 @@ class PrefixCache:
             return None, mask, lens
         kvs = [self.get(x) if len(x) else None for x in prefixes]
         ref = next(kv for kv in kvs if kv is not None)
-        cache = _empty_cache(self.model)
+        cache = empty_cache(self.model)
         for li, (k0, v0) in enumerate(ref):
             K = k0.new_zeros((len(prefixes), k0.shape[1], P, k0.shape[3]))
             Vv = v0.new_zeros((len(prefixes), v0.shape[1], P, v0.shape[3]))
@@ -164,15 +165,6 @@ class PrefixCache:
         for b in range(len(prefixes)):
             mask[b, P - int(lens[b]) :] = 1
         return cache, mask, lens
-
-
-def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(ly.keys, ly.values) for ly in layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    raise MechdiffError(f"unknown KV cache layout {type(cache).__name__}: run without a prefix cache")
 
 
 def _split_at_decision(seq: Sequence[int], decision: int) -> tuple[list[int], list[int]]:
@@ -402,15 +394,6 @@ def decision_logits(
     return out
 
 
-def _empty_cache(model: nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     ids: set[int] = set()
     for v in (getattr(tokenizer, "eos_token_id", None),
@@ -459,7 +442,7 @@ def greedy_continuations(
         if parts is not None and len({len(b) for _, b in parts}) == 1:
             cache, pmask, plen = prefix.batch([a for a, _ in parts])
             if cache is None:
-                cache = _empty_cache(model)
+                cache = empty_cache(model)
             ids = torch.tensor([b for _, b in parts], dtype=torch.long, device=dev)
             mask = torch.cat([pmask, torch.ones_like(ids)], dim=1)
             pos = plen[:, None] + torch.arange(ids.shape[1], device=dev)[None, :]
@@ -474,7 +457,7 @@ def greedy_continuations(
             ids, mask = ids.to(dev), mask.to(dev)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             start = torch.full((len(rows_b),), T - 1, dtype=torch.long, device=dev)  # offset + decision = T - 1
-            cache = _empty_cache(model)
+            cache = empty_cache(model)
         with _ctx(intervene, model, start):
             out = body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             for step in range(max_new_tokens):
@@ -605,13 +588,13 @@ def score_model(
     """
     out: dict[tuple[str, str], np.ndarray] = {}
     for ds, rows in gen_rows.items():
+        logits = np.empty((len(rows), model.get_output_embeddings().weight.shape[0]), dtype=np.float32)
         texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=progress, logits_out=logits)
         for name, pats in patterns.items():
             out[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
         if allowed is not None:
-            out[(ds, "new_token_mass")] = new_token_mass(
-                decision_logits(model, enc, rows, batch_size=batch_size), allowed)
+            out[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
     for ds, (questions, choices, answers) in (mc or {}).items():
         lp = option_logprobs(model, tokenizer, questions, choices, chat=chat, max_len=max_len,
                              batch_size=batch_size, progress=progress)

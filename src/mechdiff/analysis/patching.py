@@ -154,7 +154,8 @@ class _NoPrefixCache(Exception):
     """The model does not support the prefix-cache path (or it failed its self-check)."""
 
 
-def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of a transformers KV cache (either layout)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [(ly.keys, ly.values) for ly in layers]
@@ -163,7 +164,7 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     raise _NoPrefixCache("unknown cache layout")
 
 
-def _empty_cache(model: nn.Module):
+def empty_cache(model: nn.Module):
     """A new DynamicCache for the model (configured by its config where the installed transformers allows)."""
     from transformers import DynamicCache
 
@@ -174,7 +175,7 @@ def _empty_cache(model: nn.Module):
 
 
 def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, P: int):
-    cache = _empty_cache(model)
+    cache = empty_cache(model)
     for li, (k, v) in enumerate(kv):
         cache.update(k[sel, :, :P], v[sel, :, :P], li)
     return cache
@@ -194,9 +195,9 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
         ids, mask = right_pad(seqs, pad, device)
         p = torch.tensor(dec[pidx], dtype=torch.long, device=device)
         P = int(p.max())
-        cache = _empty_cache(model)
+        cache = empty_cache(model)
         out = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-        kv = _cache_kv(getattr(out, "cache", None) or cache)
+        kv = cache_kv(getattr(out, "cache", None) or cache)
         ar = torch.arange(len(pidx), device=device)
         ref_here = head_logits(model, _hidden(out)[ar, p]) if not checked else None
         tok = ids[ar, p]

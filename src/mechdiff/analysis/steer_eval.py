@@ -26,6 +26,7 @@ from mechdiff.analysis.behaviour import (
     marker_hits,
     mc_correct,
     option_logprobs,
+    perplexity,
 )
 from mechdiff.analysis.similarity import next_token_kl
 from mechdiff.analysis.steering import (
@@ -43,7 +44,7 @@ from mechdiff.analysis.steering import (
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
 from mechdiff.model.tokens import Encoded
-from mechdiff.stats.bootstrap import rows_ci
+from mechdiff.stats.bootstrap import drop_pct, rows_ci
 
 
 @dataclass
@@ -59,8 +60,7 @@ class Neutral:
     mc_answers: list[int]
     # unintervened reference values, filled by `Arm.prepare`
     logits: np.ndarray | None = None
-    nll_sum: float = float("nan")
-    n_tokens: float = float("nan")
+    ppl: float = float("nan")
     mc_acc: float = float("nan")
 
 
@@ -75,7 +75,7 @@ class Arm:
     rows: dict[str, np.ndarray]  # split -> target rows (dev, test)
     goal_logits: dict[str, np.ndarray]  # split -> goal model's decision logits on those rows
     goal_hits: dict[str, np.ndarray]  # split -> goal model's marker hits
-    neutral: Neutral
+    neutral: dict[str, Neutral]  # split (dev, test) -> side-effect sets
     patterns: Sequence[str]
     allowed_self: np.ndarray | None = None
     allowed_goal: np.ndarray | None = None
@@ -94,12 +94,12 @@ class Arm:
             self.prefix = PrefixCache(self.model)
         for split, rows in self.rows.items():
             self.own_hits[split], self.own_logits[split] = self._hits(rows, None)
-        n = self.neutral
-        n.logits = decision_logits(self.model, self.enc, n.rows, batch_size=self.batch_size, prefix=self.prefix)
-        s, t = continuation_logprobs(self.model, self.tokenizer, n.prompts, n.continuations, chat=self.chat,
-                                     max_len=self.max_len + 32, batch_size=self.batch_size, prefix=self.prefix)
-        n.nll_sum, n.n_tokens = float(-s.sum()), float(t.sum())
-        n.mc_acc = float(self._mc(None).mean())
+        for split, n in self.neutral.items():
+            n.logits = decision_logits(self.model, self.enc, n.rows, batch_size=self.batch_size, prefix=self.prefix)
+            s, t = continuation_logprobs(self.model, self.tokenizer, n.prompts, n.continuations, chat=self.chat,
+                                         max_len=self.max_len + 32, batch_size=self.batch_size, prefix=self.prefix)
+            n.ppl = perplexity(s, t)
+            n.mc_acc = float(self._mc(split, None).mean())
         return self
 
     def _hits(self, rows: np.ndarray, intervene: Intervene | None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +111,8 @@ class Arm:
                                      logits_out=logits)
         return marker_hits(texts, list(self.patterns)).astype(np.float64), logits
 
-    def _mc(self, intervene: Intervene | None) -> np.ndarray:
-        n = self.neutral
+    def _mc(self, split: str, intervene: Intervene | None) -> np.ndarray:
+        n = self.neutral[split]
         lp = option_logprobs(self.model, self.tokenizer, n.mc_questions, n.mc_choices, chat=self.chat,
                              max_len=self.max_len + 64, batch_size=self.batch_size, intervene=intervene,
                              prefix=self.prefix)
@@ -131,11 +131,11 @@ def gap_share(own: np.ndarray, goal: np.ndarray, new: np.ndarray, idx: np.ndarra
 
 
 def kl_share(kl_before: np.ndarray, kl_after: np.ndarray, idx: np.ndarray | None = None) -> float:
-    """Share of the KL to the goal model that the intervention removes: 1 - mean KL after / mean KL before."""
+    """Share of the KL to the goal model that the intervention removes: 1 - mean KL after / mean KL before
+    (`stats.bootstrap.drop_pct` / 100: undefined below its noise floor)."""
     if idx is not None:
         kl_before, kl_after = kl_before[idx], kl_after[idx]
-    before = float(kl_before.mean())
-    return float("nan") if before < 1e-9 else float(1.0 - kl_after.mean() / before)
+    return drop_pct(float(kl_before.mean()), float(kl_after.mean())) / 100.0
 
 
 def _ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, seed: int) -> list[float]:
@@ -146,9 +146,10 @@ def _ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int, seed: int) -> 
     return [value, lo, hi]
 
 
-def evaluate(arm: Arm, intervene: Intervene, *, splits: Sequence[str] = ("dev", "test"), side: bool = True,
+def evaluate(arm: Arm, intervene: Intervene, *, splits: Sequence[str] = ("dev", "test"), side: str | None = "dev",
              n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
-    """Effect of one intervention on the arm's target splits, and (with `side`) its neutral side effects.
+    """Effect of one intervention on the arm's target splits, and its side effects on the `side` split's neutral
+    sets (None: none).
 
     effect_<split>: share of the behaviour gap closed; kl_<split>: share of the KL to the goal removed.
     ppl_change: relative change of the perplexity of the model's own neutral continuations; mc_drop: neutral
@@ -177,16 +178,16 @@ def evaluate(arm: Arm, intervene: Intervene, *, splits: Sequence[str] = ("dev", 
             out[f"effect_{split}"] = gap_share(own, goal, hits)
             out[f"kl_{split}"] = kl_share(before, after)
         out[f"hits_{split}"] = hits
-    if side:
-        n = arm.neutral
+    if side is not None:
+        n = arm.neutral[side]
         lg = decision_logits(arm.model, arm.enc, n.rows, batch_size=arm.batch_size, intervene=intervene,
                              prefix=arm.prefix)
         out["kl_neutral"] = float(next_token_kl(n.logits, lg).mean())
         s, t = continuation_logprobs(arm.model, arm.tokenizer, n.prompts, n.continuations, chat=arm.chat,
                                      max_len=arm.max_len + 32, batch_size=arm.batch_size, intervene=intervene,
                                      prefix=arm.prefix)
-        out["ppl_change"] = float(np.exp((-s.sum() - n.nll_sum) / n.n_tokens) - 1.0)
-        out["mc_drop"] = float(n.mc_acc - arm._mc(intervene).mean())
+        out["ppl_change"] = float(perplexity(s, t) / n.ppl - 1.0)
+        out["mc_drop"] = float(n.mc_acc - arm._mc(side, intervene).mean())
     return out
 
 
@@ -238,7 +239,7 @@ def choose(rows: list[dict[str, Any]], op: str, *, target: float, k: int | str =
     for kk in sorted({r["k"] for r in mine}):
         rk = [r for r in mine if r["k"] == kk]
         a = choose_alpha([r["alpha"] for r in rk], [r["effect_dev"] for r in rk], [r["within_budget"] for r in rk])
-        best.append(next(r for r in rk if r["alpha"] == a))
+        best.append(dict(next(r for r in rk if r["alpha"] == a)))
     ks = [r["k"] for r in best]
     mk = min_k_within(ks, [r["effect_test"] for r in best], [r["within_budget"] for r in best], target)
     if k == "auto":
@@ -261,24 +262,31 @@ def from_first(intervene: Intervene) -> Intervene:
 
 
 def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded], rows: dict[str, np.ndarray],
-              neutral_texts: Sequence[str], neutral_mc: tuple[list[str], list[list[str]], list[int]], patterns: Sequence[str], *,
+              neutral_texts: dict[str, Sequence[str]],
+              neutral_mc: dict[str, tuple[list[str], list[list[str]], list[int]]], patterns: Sequence[str], *,
               allowed: dict[str, np.ndarray | None], chat: bool, max_len: int, max_new_tokens: int, batch_size: int,
               from_token: str = "decision", neutral_tokens: int = 8) -> dict[str, Arm]:
-    """The steer arm (base, goal tuned) and the ablate arm (tuned, goal base), scored once without intervention."""
+    """The steer arm (base, goal tuned) and the ablate arm (tuned, goal base), scored once without intervention.
+
+    `rows` holds the target rows "dev" and "test" and the neutral rows "neutral_dev" and "neutral_test";
+    `neutral_texts` and `neutral_mc` the neutral prompts' texts and the multiple-choice sets of each split."""
     arms: dict[str, Arm] = {}
     own: dict[str, dict] = {}
     for which in ("base", "tuned"):
         model, tok = models[which]
         enc = encs[which]
-        texts = greedy_continuations(model, tok, enc, rows["neutral"], max_new_tokens=neutral_tokens,
-                                     batch_size=batch_size)
-        keep = [i for i, t in enumerate(texts) if t.strip()]
-        if not keep:
-            raise MechdiffError(f"the {which} model's continuations of every neutral prompt are empty: "
-                                "side effects cannot be measured")
-        neutral = Neutral(rows=rows["neutral"], prompts=[neutral_texts[i] for i in keep],
-                          continuations=[texts[i] for i in keep], mc_questions=neutral_mc[0],
-                          mc_choices=neutral_mc[1], mc_answers=neutral_mc[2])
+        neutral = {}
+        for split in ("dev", "test"):
+            nrows = rows[f"neutral_{split}"]
+            texts = greedy_continuations(model, tok, enc, nrows, max_new_tokens=neutral_tokens, batch_size=batch_size)
+            keep = [i for i, t in enumerate(texts) if t.strip()]
+            if not keep:
+                raise MechdiffError(f"the {which} model's continuations of every neutral {split} prompt are empty: "
+                                    "side effects cannot be measured")
+            q, c, a = neutral_mc[split]
+            neutral[split] = Neutral(rows=nrows, prompts=[neutral_texts[split][i] for i in keep],
+                                     continuations=[texts[i] for i in keep], mc_questions=q, mc_choices=c,
+                                     mc_answers=a)
         arms[which] = Arm(which, model, tok, enc, {"dev": rows["dev"], "test": rows["test"]}, {}, {}, neutral,
                           list(patterns), allowed_self=allowed[which], allowed_goal=None, chat=chat, max_len=max_len,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, from_first=from_token == "first")
@@ -322,19 +330,29 @@ def directions_for(source: str, k: int, site: Site, delta: np.ndarray, *, n_targ
         with torch.no_grad():
             z_t = sae.encode(torch.as_tensor(tgt, dtype=torch.float32)).double().mean(0).numpy()
             z_c = sae.encode(torch.as_tensor(ctl, dtype=torch.float32)).double().mean(0).numpy()
-        return sae_directions(sae.W_dec.detach().double().numpy(), z_t - z_c, k)
+        return sae_directions(sae.W_dec.detach().double().numpy().T, z_t - z_c, k)  # W_dec is (d, latents)
     raise MechdiffError(f"steer.source {source!r}: choose dim, delta, transport or sae")
 
 
 def summarise(rows: list[dict[str, Any]], arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list[Handle]]],
-              *, target: float, k: int | str, n_boot: int, seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per operation: alpha per k (dev), min k, and the reported k's test numbers with bootstrap CIs."""
+              *, target: float, k: int | str, n_boot: int, seed: int, ppl_budget: float, mc_budget: float
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per operation: alpha per k (dev effect within the dev side-effect budget); then, at those alphas, the
+    side effects on the test neutral sets, min k (test effect within the test budget) and the reported k's
+    test numbers with bootstrap CIs."""
     summary: dict[str, Any] = {}
     best_all: list[dict[str, Any]] = []
     for op, arm in arms.items():
-        best, mk, chosen = choose(rows, op, target=target, k=k)
+        best, _, _ = choose(rows, op, target=target, k=k)
+        for r in best:  # the chosen alpha of every k: its side effects on the test neutral sets
+            side = evaluate(arm, intervention(handles_for(r["k"])[op], r["alpha"]), splits=(), side="test")
+            r.update({key: side[key] for key in ("ppl_change", "mc_drop", "kl_neutral")},
+                     within_budget=within_budget(side, ppl_budget=ppl_budget, mc_budget=mc_budget))
+        ks = [r["k"] for r in best]
+        mk = min_k_within(ks, [r["effect_test"] for r in best], [r["within_budget"] for r in best], target)
+        chosen = (mk if mk is not None else max(ks)) if k == "auto" else int(k)
         row = next(r for r in best if r["k"] == chosen)
-        res = evaluate(arm, intervention(handles_for(chosen)[op], row["alpha"]), splits=("test",), side=False,
+        res = evaluate(arm, intervention(handles_for(chosen)[op], row["alpha"]), splits=("test",), side=None,
                        n_boot=n_boot, seed=seed)
         summary[op] = {
             "min_k": mk, "k": chosen, "alpha": row["alpha"], "effect": res["effect_test"], "kl_share": res["kl_test"],
@@ -354,8 +372,8 @@ def conditional(arm: Arm, handles: list[Handle], alpha: float, gate_site: Site, 
         return {"gate_site": gate_site.name, "skipped": "the gate decides at the decision token; steer.from_token "
                 "is 'first' (the intervention starts before the gate has seen the prompt)"}
     gate = fit_gate(gate_site, X_pos, X_neg, seed=seed)
-    plain = evaluate(arm, intervention(handles, alpha), splits=("test",))
-    gated = evaluate(arm, intervention(handles, alpha, gate=gate), splits=("test",))
+    plain = evaluate(arm, intervention(handles, alpha), splits=("test",), side="test")
+    gated = evaluate(arm, intervention(handles, alpha, gate=gate), splits=("test",), side="test")
     keys = ("effect_test", "kl_test", "ppl_change", "mc_drop", "kl_neutral")
     return {"gate_site": gate_site.name, "gate_train_accuracy": gate.train_accuracy,
             "ungated": {k.replace("_test", ""): plain[k] for k in keys},
@@ -369,7 +387,7 @@ def robustness(arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list
     out: dict[str, Any] = {}
     for op, arm in arms.items():
         m = summary[op]
-        res = evaluate(arm, intervention(handles_for(m["k"])[op], m["alpha"]), splits=("test",), side=False)
+        res = evaluate(arm, intervention(handles_for(m["k"])[op], m["alpha"]), splits=("test",), side=None)
         hits = res["hits_test"]
         out[op] = {f: {"n": int((forms_a == f).sum()),
                        "effect": gap_share(arm.own_hits["test"], arm.goal_hits["test"], hits,

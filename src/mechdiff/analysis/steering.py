@@ -65,12 +65,13 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mechdiff.analysis.behaviour import Intervene
 from mechdiff.analysis.transport import TransportMap
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, edit_at
@@ -405,13 +406,7 @@ def fit_gate(site: Site, X_pos: Any, X_neg: Any, *, seed: int = 0, C: float = 1.
 # --------------------------------------------------------------------------------------------- intervention
 
 
-class Intervene(Protocol):
-    """(model, start) -> a context manager inside which the model's forwards are intervened on.
-
-    `start`: (B,) long tensor, per batch row the first position (in the batch's padded frame) to modify.
-    """
-
-    def __call__(self, model: nn.Module, start: torch.Tensor) -> AbstractContextManager[None]: ...
+# `Intervene` (model, start) -> context manager: the protocol of mechdiff.analysis.behaviour
 
 
 def _start(start: Any) -> torch.Tensor:

@@ -32,7 +32,7 @@ DEFAULT_SOURCES: list[dict[str, Any]] = [
     {"name": "trait", "path": "traits.jsonl"},
 ]
 #: the multiple-choice corpora `write_default_corpora` also writes (not part of the extraction corpus above); the
-#: behaviour stage reads them with `load_corpus(data_dir, MC_SOURCES)`
+#: prepare stage loads them with `load_corpus(data_dir, MC_SOURCES)` when `data.eval_sources` is null
 MC_SOURCES: list[dict[str, Any]] = [
     {"name": "mc_cultural", "path": "mc_cultural.jsonl"},
     {"name": "mc_neutral", "path": "mc_neutral.jsonl"},

@@ -176,7 +176,7 @@ def steering(run: Run) -> list[Fact]:
     """Per configuration and operation: min k, and the reported handle's effect with its side effects."""
     facts = []
     for config, m in (run.json(metric("steer.json")) or {}).items():
-        if not isinstance(m, dict) or "steer" not in m:
+        if not isinstance(m, dict) or "min_k" not in m.get("steer", {}):
             continue
         for op, verb in (("steer", "closes"), ("ablate", "removes")):
             r = m[op]
