@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechdiff.analysis.patching import cache_kv, empty_cache
 from mechdiff.errors import MechdiffError
+from mechdiff.model.cache import cache_kv, empty_cache
 from mechdiff.model.sites import get_body, head_logits
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci

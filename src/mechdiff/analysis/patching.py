@@ -30,6 +30,7 @@ from torch import nn
 
 from mechdiff.analysis.transport import TransportMap, rank_value, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
+from mechdiff.model.cache import UnknownCacheLayout, cache_kv, empty_cache
 from mechdiff.model.sites import Site, get_body, head_logits, model_width, replace_at, site_module
 from mechdiff.model.tokens import Encoded, right_pad
 from mechdiff.stats.bootstrap import drop_pct_ci
@@ -154,26 +155,6 @@ class _NoPrefixCache(Exception):
     """The model does not support the prefix-cache path (or it failed its self-check)."""
 
 
-def cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values) of a transformers KV cache (either layout)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(ly.keys, ly.values) for ly in layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    raise _NoPrefixCache("unknown cache layout")
-
-
-def empty_cache(model: nn.Module):
-    """A new DynamicCache for the model (configured by its config where the installed transformers allows)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
 def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, P: int):
     cache = empty_cache(model)
     for li, (k, v) in enumerate(kv):
@@ -242,7 +223,7 @@ def _run(model: nn.Module, enc: Encoded, rows: np.ndarray, jobs: list[Job], redu
         try:
             _run_prefix(model, enc, rows, jobs, reduce, batch_size=batch_size,
                         decode_batch=decode_batch or 8 * batch_size, device=device, progress=progress)
-        except (_NoPrefixCache, TypeError, AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        except (_NoPrefixCache, UnknownCacheLayout, TypeError, AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
             warnings.warn(f"prefix-cache patching unavailable for {type(model).__name__} ({exc}); using full "
                           "forwards", RuntimeWarning, stacklevel=3)
         else:
