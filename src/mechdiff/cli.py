@@ -122,6 +122,23 @@ def _check_data(p, root: Path) -> list[str]:
         if missing and p.sae.layers:
             problems.append(f"{key}: the {stage} stage needs datasets {', '.join(needed)}; {', '.join(missing)} "
                             f"missing (datasets: {have}): add a source named {missing[0]!r}")
+    wanted = {"behaviour.datasets": list(p.behaviour.datasets), "steer.target": [p.steer.target],
+              "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral]}
+    for what, needed in wanted.items():
+        missing = [d for d in needed if d not in names]
+        if missing:
+            problems.append(f"{what}: {', '.join(missing)} not in the corpus (datasets: {have}): "
+                            f"choose among them or add a source to {key}")
+    from mechdiff.data.corpus import MC_SOURCES
+
+    ekey = "data.eval_sources" if p.data.eval_sources is not None else "data.dir"
+    try:
+        evals = source_datasets(root / p.data.dir, p.data.eval_sources or MC_SOURCES)
+    except MechdiffError as e:
+        return [*problems, f"{ekey}: {e}"]
+    if p.steer.neutral_mc not in evals:
+        problems.append(f"steer.neutral_mc: {p.steer.neutral_mc!r} is not among the scored sets "
+                        f"({', '.join(sorted(evals)) or 'none'}): choose one or add it to data.eval_sources")
     return problems
 
 

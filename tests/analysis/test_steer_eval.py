@@ -108,3 +108,28 @@ def test_shares_and_site_groups():
         site_group("layers", [])
     with pytest.raises(MechdiffError, match="transport.sites"):
         directions_for("transport", 1, Site(1), np.ones((4, 3)), n_target=2, groups=["a", "b"])
+
+
+def test_sae_source_picks_the_latents_most_active_on_the_target_change():
+    import torch
+
+    from mechdiff.analysis.transport import principal_cosines
+    from mechdiff.sae.model import TopKSAE
+
+    d, width = 16, 40
+    sae = TopKSAE(d, width, 4, seed=3)
+    rng = np.random.default_rng(0)
+    dirs = sae.dec.detach().double().numpy()  # (width, d): latent j's decoder direction
+    planted = [7, 21]
+    tgt = 3.0 * (dirs[planted[0]] + dirs[planted[1]]) + 0.05 * rng.normal(size=(50, d))
+    ctl = 0.05 * rng.normal(size=(50, d))
+    with torch.no_grad():
+        z = sae.encode(torch.as_tensor(tgt, dtype=torch.float32)).mean(0) - \
+            sae.encode(torch.as_tensor(ctl, dtype=torch.float32)).mean(0)
+    top = set(torch.topk(z, 2).indices.tolist())
+    V = directions_for("sae", 2, Site(1), np.vstack([tgt, ctl]), n_target=50, groups=["g"] * 50,
+                       extra={"saes": {"L1.resid_post": sae}})
+    assert V.shape == (d, 2)
+    assert principal_cosines(V, dirs[sorted(top)].T).min() > 1 - 1e-9
+    with pytest.raises(MechdiffError, match="sae.layers"):
+        directions_for("sae", 1, Site(2), np.ones((4, d)), n_target=2, groups=["a", "b"])

@@ -115,8 +115,14 @@ def test_datasets_each_stage_needs(tmp_path, corpora, capsys):
     assert _check(tmp_path, corpora, given, capsys)[0] == 0
     only_neutral = [{"name": "neutral", "path": str(corpora / "neutral.jsonl")},
                     {"name": "cultural", "path": str(corpora / "cultural.jsonl")}]
-    _fails(_check(tmp_path, corpora, _set("data.sources", only_neutral), capsys),
-           "data.sources:", "features", "control")
+    rc, err, _ = _check(tmp_path, corpora, _set("data.sources", only_neutral), capsys)
+    assert rc == 2 and all(e.startswith("mechdiff: error: ") for e in err)
+    assert any("data.sources:" in e and "features" in e and "control" in e for e in err), err
+    assert any(e.startswith("mechdiff: error: behaviour.datasets: control, trait not in the corpus") for e in err)
+    _fails(_check(tmp_path, corpora, _set("behaviour.datasets", ["cultural", "klingon"]), capsys),
+           "behaviour.datasets:", "klingon")
+    _fails(_check(tmp_path, corpora, _set("steer.neutral_mc", "mmlu"), capsys),
+           "steer.neutral_mc:", "'mmlu'", "mc_cultural, mc_neutral")
 
 
 def test_make_run_checks_before_dvc_repro():
