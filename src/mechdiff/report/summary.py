@@ -184,5 +184,5 @@ def steering(run: Run) -> list[Fact]:
             eff = r["effect"][0] if isinstance(r["effect"], list) else r["effect"]
             facts.append(Fact(f"{config} {op}", mk,
                               f"k = {r['k']}, alpha = {r['alpha']:g} {verb} {_num(eff)} of the behaviour gap; "
-                              f"perplexity {r['ppl_change']:+.1%}, neutral accuracy -{_num(r['mc_drop'])}"))
+                              f"perplexity {r['ppl_change']:+.1%}, neutral accuracy {-r['mc_drop']:+.3f}"))
     return facts
