@@ -133,6 +133,8 @@ def test_every_metric_value_is_on_the_page(run_dir: Path, report: Path) -> None:
         for leaf in _leaves(json.loads(path.read_text())):
             if isinstance(leaf, bool):
                 assert ("true" if leaf else "false") in page
+            elif leaf is None:
+                assert "<td>-</td>" in page  # null renders as a dash cell
             elif isinstance(leaf, int | float):
                 assert f'title="{leaf!r}"' in page, (path.name, leaf)
             else:

@@ -59,6 +59,11 @@ def _cell(value: Any) -> str:
     text = _e(format_value(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         return f'<td class="num" title="{_e(repr(value))}">{text}</td>'
+    if isinstance(value, list | tuple) and 0 < len(value) <= 20 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        # e.g. [value, lo, hi]: each number keeps its exact value in its own title
+        items = ", ".join(f'<span title="{_e(repr(v))}">{_e(format_value(v))}</span>' for v in value)
+        return f'<td class="num">[{items}]</td>'
     return f"<td>{text}</td>"
 
 
