@@ -133,3 +133,23 @@ def test_sae_source_picks_the_latents_most_active_on_the_target_change():
     assert principal_cosines(V, dirs[sorted(top)].T).min() > 1 - 1e-9
     with pytest.raises(MechdiffError, match="sae.layers"):
         directions_for("sae", 1, Site(2), np.ones((4, d)), n_target=2, groups=["a", "b"])
+
+
+def test_conditional_gate_keeps_the_effect_and_removes_side_effects(world):
+    """A probe that accepts the target prompts only: the effect stays, neutral prompts are left untouched."""
+    from mechdiff.analysis.steer_eval import conditional
+
+    arms, acts, _, _ = world
+    arm = arms["steer"]
+    h = _handles(acts, 2)["steer"]
+    gate_site = Site(3, "resid_pre")
+    test_rows = np.concatenate([arm.rows["test"], arm.neutral["test"].rows])
+    X = collect_decision_acts(arm.model, arm.enc, test_rows, [gate_site])[gate_site.name]
+    n_t = len(arm.rows["test"])
+    # the gate is fitted on these very rows here, so it separates them perfectly (the stage fits it on train)
+    res = conditional(arm, h, 1.0, gate_site, X[:n_t], X[n_t:], seed=0)
+    assert res["gate_train_accuracy"] >= 0.9  # random texts on both sides: nearly, not always, separable
+    assert res["gated"]["kl"] >= 0.8 * res["ungated"]["kl"]
+    assert res["ungated"]["kl_neutral"] > 1e-4
+    assert res["gated"]["kl_neutral"] <= 0.5 * res["ungated"]["kl_neutral"]
+    assert abs(res["gated"]["ppl_change"]) <= abs(res["ungated"]["ppl_change"]) + 1e-9
