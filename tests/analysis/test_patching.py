@@ -25,22 +25,10 @@ from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.errors import MechdiffError
 from mechdiff.model.recipes import plant_edit
 from mechdiff.model.sites import Site, capture, replace_at
-from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
-from mechdiff.model.tokens import batches, encode, pad_id
+from mechdiff.model.tokens import batches, pad_id
 from mechdiff.stats.kl import kl_divergence
 
 N_PROMPTS, N_TRAIN, LAYER, D = 150, 100, 2, 64
-WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
-         "old new fast slow happy sad sun moon rain snow city road hill lake").split()
-
-
-@pytest.fixture(scope="module")
-def world():
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 14))) for _ in range(N_PROMPTS)]
-    tok = make_tiny_tokenizer(texts[:60], extra_words=WORDS)
-    base = make_tiny_model(len(tok), n_layers=4, d_model=D, seed=0)
-    return tok, base, encode(tok, texts)
 
 
 def _collect(model, tok, enc, sites):

@@ -22,16 +22,14 @@ from mechdiff.model.recipes import plant_edit
 from mechdiff.model.sites import Site
 from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
 from mechdiff.model.tokens import encode
+from tests.analysis.conftest import WORDS, random_texts
 
-WORDS = ("the a cat dog bird fish sat ran flew swam on under near mat tree river house red blue green big small "
-         "old new fast slow happy sad sun moon rain snow city road hill lake").split()
 SITE = Site(3, "attn_out")  # last block: the decision token's output depends on the edit only there
 
 
 @pytest.fixture(scope="module")
 def world():
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 10))) for _ in range(120)]
+    texts = random_texts(120, hi=10)
     tok = make_tiny_tokenizer(texts, extra_words=WORDS)
     base = make_tiny_model(len(tok), n_layers=4, d_model=32, seed=0)
     tuned = copy.deepcopy(base)

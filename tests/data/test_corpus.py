@@ -25,19 +25,9 @@ from mechdiff.data.corpus import (
     write_default_corpora,
 )
 from mechdiff.errors import MechdiffError
+from tests.data.conftest import records
 
 FILES = ["cultural.jsonl", "control.jsonl", "neutral.jsonl", "traits.jsonl", "concepts.json"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    write_default_corpora(d)
-    return d
-
-
-def _records(d: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
 
 
 def _hashes(d: Path) -> dict[str, str]:
@@ -64,7 +54,7 @@ def test_default_corpora_are_byte_deterministic(data_dir, tmp_path):
 
 
 def test_cultural_and_control_shape(data_dir):
-    cult, ctrl = _records(data_dir, "cultural.jsonl"), _records(data_dir, "control.jsonl")
+    cult, ctrl = records(data_dir, "cultural.jsonl"), records(data_dir, "control.jsonl")
     assert 400 <= len(cult) <= 600
     assert 0.8 <= len(ctrl) / len(cult) <= 1.25
     for recs, ds in ((cult, "cultural"), (ctrl, "control")):
@@ -90,10 +80,10 @@ def test_cultural_and_control_shape(data_dir):
 
 
 def test_control_has_no_cultural_content(data_dir):
-    cult, ctrl = _records(data_dir, "cultural.jsonl"), _records(data_dir, "control.jsonl")
+    cult, ctrl = records(data_dir, "cultural.jsonl"), records(data_dir, "control.jsonl")
     entities = {r["entity"].lower() for r in cult}
     markers = {"india", "indian", "hindi", "bollywood", "diwali", "sari", "curry", "temple", "raga", "chai"}
-    for r in ctrl + _records(data_dir, "neutral.jsonl"):
+    for r in ctrl + records(data_dir, "neutral.jsonl"):
         t = r["text"].lower()
         assert not any(re.search(rf"\b{re.escape(e)}\b", t) for e in entities), r["text"]
         assert not (set(re.findall(r"[a-z]+", t)) & markers), r["text"]
@@ -102,11 +92,11 @@ def test_control_has_no_cultural_content(data_dir):
 
 
 def test_neutral_corpus(data_dir):
-    neu = _records(data_dir, "neutral.jsonl")
+    neu = records(data_dir, "neutral.jsonl")
     assert 120 <= len(neu) <= 200
     texts = {r["text"] for r in neu}
     assert len(texts) == len(neu)
-    assert not texts & {r["text"] for r in _records(data_dir, "control.jsonl")}
+    assert not texts & {r["text"] for r in records(data_dir, "control.jsonl")}
     assert {r["dataset"] for r in neu} == {"neutral"}
 
 
@@ -128,7 +118,7 @@ _MARKERS = {
 
 
 def test_traits_graded_and_balanced(data_dir):
-    recs = _records(data_dir, "traits.jsonl")
+    recs = records(data_dir, "traits.jsonl")
     by = defaultdict(list)
     for r in recs:
         assert r["dataset"] == "trait" and r["label"] in (0, 1, 2, 3)
@@ -180,12 +170,12 @@ def test_concepts(data_dir):
 def test_load_default_corpus(data_dir):
     ps = load_corpus(data_dir)
     assert [p.pid for p in ps] == list(range(len(ps)))
-    n = {f: len(_records(data_dir, f)) for f in FILES[:4]}
+    n = {f: len(records(data_dir, f)) for f in FILES[:4]}
     assert len(ps) == sum(n.values())
     assert Counter(p.dataset for p in ps) == {"cultural": n["cultural.jsonl"], "control": n["control.jsonl"],
                                               "neutral": n["neutral.jsonl"], "trait": n["traits.jsonl"]}
     # pids follow source order, then file order
-    assert ps[0].text == _records(data_dir, "cultural.jsonl")[0]["text"]
+    assert ps[0].text == records(data_dir, "cultural.jsonl")[0]["text"]
     traits = [p for p in ps if p.dataset == "trait"]
     assert {p.trait for p in traits} >= {"politeness", "formality", "certainty"}
     assert all(p.label in (0, 1, 2, 3) for p in traits)

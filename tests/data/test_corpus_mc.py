@@ -26,19 +26,9 @@ from mechdiff.data.corpus import (
     write_default_corpora,
 )
 from mechdiff.errors import MechdiffError
+from tests.data.conftest import records
 
 MC_FILES = ["mc_cultural.jsonl", "mc_neutral.jsonl"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    write_default_corpora(d)
-    return d
-
-
-def _records(d: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
 
 
 def _hashes(d: Path, files: list[str]) -> dict[str, str]:
@@ -76,7 +66,7 @@ def test_mc_files_byte_deterministic(data_dir, tmp_path):
 
 @pytest.mark.parametrize("name,lo,hi", [("mc_cultural.jsonl", 300, 420), ("mc_neutral.jsonl", 300, 420)])
 def test_mc_shape(data_dir, name, lo, hi):
-    recs = _records(data_dir, name)
+    recs = records(data_dir, name)
     ds = name.removesuffix(".jsonl")
     assert lo <= len(recs) <= hi
     assert len({r["text"] for r in recs}) == len(recs)  # no duplicate questions
@@ -97,7 +87,7 @@ def test_mc_shape(data_dir, name, lo, hi):
 
 
 def test_mc_cultural_templates_and_answers(data_dir):
-    recs = _records(data_dir, "mc_cultural.jsonl")
+    recs = records(data_dir, "mc_cultural.jsonl")
     forms = Counter(r["form"] for r in recs)
     assert set(forms) == {"assoc_entity", "linked_entity", "fill_entity", "assoc_detail", "fill_detail", "describe",
                           "not_topic"}
@@ -141,7 +131,7 @@ def test_mc_cultural_templates_and_answers(data_dir):
 
 
 def test_mc_neutral_answers_and_no_cultural_content(data_dir):
-    recs = _records(data_dir, "mc_neutral.jsonl")
+    recs = records(data_dir, "mc_neutral.jsonl")
     frag = _fragments("mc_neutral")
     cats = frag["categories"]
     assert len({r["topic"] for r in recs}) >= 10 and Counter(r["form"] for r in recs).keys() == {"question",
@@ -186,11 +176,11 @@ def test_mc_neutral_answers_and_no_cultural_content(data_dir):
 
 def test_load_and_split_mc(data_dir):
     ps = load_corpus(data_dir, MC_SOURCES)
-    n = {f: len(_records(data_dir, f)) for f in MC_FILES}
+    n = {f: len(records(data_dir, f)) for f in MC_FILES}
     assert Counter(p.dataset for p in ps) == {"mc_cultural": n["mc_cultural.jsonl"],
                                               "mc_neutral": n["mc_neutral.jsonl"]}
     assert [p.pid for p in ps] == list(range(len(ps)))
-    recs = _records(data_dir, "mc_cultural.jsonl") + _records(data_dir, "mc_neutral.jsonl")
+    recs = records(data_dir, "mc_cultural.jsonl") + records(data_dir, "mc_neutral.jsonl")
     assert [(p.text, p.choices, p.answer, p.group) for p in ps] == [
         (r["text"], r["choices"], r["answer"], r["group"]) for r in recs]
     assert all(p.reference == "" and p.label == -1 for p in ps)
