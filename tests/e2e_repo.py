@@ -68,6 +68,8 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
     p["steer"].update({"sites": ["L2.attn_out", "layers"], "layers": [2, 3], "k_sweep": [1, 2, 3],
                        "alpha_grid": [0.5, 1.0], "max_prompts": 12, "mc_questions": 8, "max_new_tokens": 2,
                        "n_boot": 50})
+    p["hsae"].update({"layer": 2, "width": 16, "k": 2, "batch_size": 256, "epochs": 2, "freeze_steps": 5,
+                      "eval_prompts": 12})
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -78,11 +80,13 @@ def trace_dir(repo: Path) -> Path:
 
 def build_tiny_repo(tmp: Path) -> Path:
     """Copy the repo into tmp, point params at a tiny edited pair, run a traced `dvc repro` and commit the results."""
-    from mechdiff.data.corpus import MC_SOURCES, load_corpus
+    from mechdiff.analysis.geometry import hierarchy
+    from mechdiff.data.corpus import MC_SOURCES, load_concepts, load_corpus
     from mechdiff.model.tiny import save_tiny_pair_dir
 
     texts = [q.text for q in load_corpus(ROOT / "data")]
     texts += [" ".join([q.text, *(q.choices or [])]) for q in load_corpus(ROOT / "data", MC_SOURCES)]
+    texts += [" ".join(c.words) for c in hierarchy(load_concepts(ROOT / "data"))]  # the geometry's words
     base_dir = save_tiny_pair_dir(tmp / "tiny_base", texts, n_layers=4, d_model=64, seed=0)
     repo = copy_repo(tmp / "repo")
     tiny_params(repo, base_dir)

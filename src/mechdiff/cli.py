@@ -139,6 +139,15 @@ def _check_data(p, root: Path) -> list[str]:
     if p.steer.neutral_mc not in evals:
         problems.append(f"steer.neutral_mc: {p.steer.neutral_mc!r} is not among the scored sets "
                         f"({', '.join(sorted(evals)) or 'none'}): choose one or add it to data.eval_sources")
+    from mechdiff.data.corpus import load_concepts
+
+    try:
+        load_concepts(root / p.data.dir)
+    except MechdiffError as e:
+        problems.append(f"data.dir (the geometry stage's concept hierarchy): {e}")
+    if p.hsae.view == "tokens" and p.hsae.layer not in p.sae.layers:
+        problems.append(f"hsae.layer: L{p.hsae.layer} has no `tokens` view in the store (every-token rows are kept "
+                        f"at sae.layers {p.sae.layers}): add {p.hsae.layer} to sae.layers or set hsae.view to last")
     return problems
 
 

@@ -230,6 +230,37 @@ class Steer(_Section):
     n_boot: int = 500
 
 
+@dataclass
+class Geometry(_Section):
+    """Concept geometry under the causal inner product (Park et al. 2024)."""
+
+    estimator: str = "lda"
+    test_frac: float = 0.3
+    steer_scale: float = 0.5
+    prompts: list[str] = field(default_factory=lambda: [
+        "The", "I saw a", "My favourite thing is the", "Look at that", "She told me about the"])
+    batch_size: int = 64
+
+
+@dataclass
+class HSAE(_Section):
+    """Hierarchical SAEs with random and teacher initialisation (Muchane et al. 2025)."""
+
+    layer: int = 20
+    view: str = "tokens"
+    teacher: str = "contexts"
+    width: int = 256
+    children: int = 5
+    k: int = 8
+    lr: float = 0.001
+    batch_size: int = 1024
+    epochs: int = 6
+    ortho_coef: float = 1.0
+    freeze_steps: int = 100
+    steer_scale: float = 0.5
+    eval_prompts: int = 32
+
+
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one
 # params.yaml section, and these defaults are the single place defaults live (test_defaults_are_params_yaml).
 @dataclass
@@ -263,6 +294,8 @@ class Params(_Section):
     features: Features = field(default_factory=Features)
     behaviour: Behaviour = field(default_factory=Behaviour)
     steer: Steer = field(default_factory=Steer)
+    geometry: Geometry = field(default_factory=Geometry)
+    hsae: HSAE = field(default_factory=HSAE)
 
 
 _CHOICES = {
@@ -278,6 +311,9 @@ _CHOICES = {
     "transport.solver": ("ridge", "procrustes", "procrustes_scaled"),
     "transport.rank_mode": ("delta", "subspace"),
     "sae.view": ("tokens", "last", "mean"),
+    "geometry.estimator": ("lda", "mean"),
+    "hsae.view": ("tokens", "last", "mean"),
+    "hsae.teacher": ("unembedding", "contexts"),
 }
 _POSITIVE = {
     "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
@@ -285,6 +321,8 @@ _POSITIVE = {
     "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs",
     "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
+    "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
+    "hsae.eval_prompts",
 }
 
 
@@ -426,6 +464,14 @@ def validate(p: Params) -> Params:
     if p.steer.k != "auto" and not (isinstance(p.steer.k, int) and p.steer.k in p.steer.k_sweep):
         raise MechdiffError(f"params.yaml: steer.k must be 'auto' or one of steer.k_sweep {p.steer.k_sweep}, "
                             f"got {p.steer.k!r}")
+    if not 0 < p.geometry.test_frac < 1:
+        raise MechdiffError(f"params.yaml: geometry.test_frac must be in (0, 1), got {p.geometry.test_frac}")
+    if p.hsae.k > p.hsae.width:
+        raise MechdiffError(f"params.yaml: hsae.k ({p.hsae.k}) exceeds hsae.width ({p.hsae.width})")
+    if p.hsae.lr <= 0 or p.hsae.ortho_coef < 0 or p.hsae.freeze_steps < 0 or p.hsae.layer < 0:
+        raise MechdiffError("params.yaml: hsae.lr must be > 0 and hsae.ortho_coef, freeze_steps, layer >= 0")
+    if not p.geometry.prompts or not all(isinstance(x, str) and x.strip() for x in p.geometry.prompts):
+        raise MechdiffError("params.yaml: geometry.prompts must list non-empty texts")
     return p
 
 

@@ -42,6 +42,16 @@ def sae_dir(source: str, layer: int) -> Path:
     return ARTIFACTS / "saes" / f"{source}_L{layer}"
 
 
+def geometry_file(which: str) -> Path:
+    """Concept vectors, whitening and teacher directions of model `which` (geometry stage)."""
+    return ARTIFACTS / "geometry" / f"{which}.npz"
+
+
+def hsae_dir(which: str, variant: str) -> Path:
+    """Checkpoint folder of one hierarchical SAE (model base | tuned, variant random | teacher)."""
+    return ARTIFACTS / "hsae" / f"{which}_{variant}"
+
+
 def metric(name: str) -> Path:
     """A metrics file, e.g. metric("patch.json") or metric("transport/L20.attn_out.json")."""
     return METRICS / name

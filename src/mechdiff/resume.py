@@ -71,6 +71,17 @@ def prepare_output(path: str | Path, fp: str, *, record: Callable[[Path], dict] 
     return False
 
 
+def finished_output(path: str | Path, fp: str) -> bool:
+    """True when `path` is a folder of our own (not a link into the DVC cache) that a run with fingerprint `fp`
+    finished: a stage that makes several outputs in turn reuses those and redoes only the rest after an
+    interrupt. The fingerprint must then cover everything that made the output, code included."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    info = read_mark(path)
+    return info.get("fingerprint") == fp and info.get("complete") is True
+
+
 def mark_complete(path: str | Path) -> None:
     """Record in the mark file that the output folder at `path` is finished (a later run will not write into it)."""
     mark = Path(path) / MARK

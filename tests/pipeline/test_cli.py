@@ -136,3 +136,13 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mechdiff.cli", "--root", str(tmp_path), "params", "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pair.base.id" in r.stderr
+
+
+def test_geometry_and_hsae_inputs(tmp_path, corpora, capsys):
+    empty = tmp_path / "nodata"
+    write_default_corpora(empty)
+    (empty / "concepts.json").unlink()
+    _fails(_check(tmp_path, empty, lambda raw: None, capsys), "data.dir", "concepts.json", "not found")
+    _fails(_check(tmp_path, corpora, _set("hsae.layer", 29), capsys),
+           "hsae.layer:", "L29", "sae.layers")
+    assert _check(tmp_path, corpora, _set("hsae.view", "last"), capsys)[0] == 0

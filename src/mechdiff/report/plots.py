@@ -10,7 +10,7 @@ import pandas as pd
 from mechdiff.errors import MechdiffError
 
 MAX_LINES = 12  # more lines than this make a legend unreadable: the rest are left out
-KINDS = ("line", "barh")
+KINDS = ("line", "barh", "heatmap")
 
 
 def band_columns(cols: Sequence[str], y: str) -> tuple[str | None, str | None]:
@@ -81,10 +81,28 @@ def _barh(df: pd.DataFrame, png_path: Path, x: str, label: str, title: str, band
     return _save(fig, png_path, title)
 
 
+def _heatmap(df: pd.DataFrame, png_path: Path, col: str, value: str, row: str, title: str) -> Path:
+    """A matrix from long-form rows (row label, column label, value), in the rows' first-seen order."""
+    rows = list(dict.fromkeys(df[row].astype(str)))
+    cols = list(dict.fromkeys(df[col].astype(str)))
+    m = df.assign(**{row: df[row].astype(str), col: df[col].astype(str)}).pivot_table(
+        index=row, columns=col, values=value, aggfunc="mean").reindex(index=rows, columns=cols)
+    size = min(9.0, 2.5 + 0.12 * max(len(rows), len(cols)))
+    fig, ax = _new_axes(height=size)
+    fig.set_figwidth(size + 1.2)
+    im = ax.imshow(m.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    fs = max(3.5, min(8.0, 300 / max(len(rows), 1) / 4))
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=fs)
+    ax.set_yticks(range(len(rows)), rows, fontsize=fs)
+    fig.colorbar(im, ax=ax, fraction=0.04, label=value)
+    return _save(fig, png_path, title)
+
+
 def plot_frame(df: pd.DataFrame, png_path: Path, x: str, y: str | Sequence[str], *, group: str | None = None,
                title: str | None = None, logx: bool = False, kind: str = "line",
                band: tuple[str, str] | None = None) -> Path:
-    """Draw a table into a PNG: `line` (y column(s) against x, one line per group) or `barh` (x per y label).
+    """Draw a table into a PNG: `line` (y column(s) against x, one line per group), `barh` (x per y label) or
+    `heatmap` (value y[0] at row `group`, column x, from long-form rows; values in [-1, 1]).
 
     `band` names the (lo, hi) columns of a confidence band around the single y (line) or x (barh).
     """
@@ -93,16 +111,20 @@ def plot_frame(df: pd.DataFrame, png_path: Path, x: str, y: str | Sequence[str],
         raise MechdiffError(f"unknown figure kind {kind!r}: choose one of {', '.join(KINDS)}")
     if not ys:
         raise MechdiffError("a figure needs at least one y column")
+    if kind == "heatmap" and not group:
+        raise MechdiffError("a heatmap needs `group` (the row-label column)")
     for col in [x, *ys, *([group] if group else []), *(band or ())]:
         if col not in df.columns:
             raise MechdiffError(f"the table has no column '{col}' (columns: {', '.join(map(str, df.columns))})")
-    numeric = ([x, *ys] if kind == "line" else [x]) + list(band or ())
+    numeric = {"line": [x, *ys], "barh": [x], "heatmap": ys[:1]}[kind] + list(band or ())
     for col in numeric:
         if not pd.api.types.is_numeric_dtype(df[col]):
             raise MechdiffError(f"column '{col}' is not numeric: it cannot be plotted")
     png_path = Path(png_path)
     if kind == "barh":
         return _barh(df, png_path, x, ys[0], title or f"{x} by {ys[0]}", band)
+    if kind == "heatmap":
+        return _heatmap(df, png_path, x, ys[0], group, title or f"{ys[0]} by {group} and {x}")
     return _lines(df, png_path, x, ys, group, title or f"{', '.join(ys)} by {x}", logx, band)
 
 

@@ -248,6 +248,61 @@ STAGES: tuple[StageReport, ...] = (
         ),
         summary=(SummaryItem("Do a few directions cause it", S.steering, "steer-metrics"),),
     ),
+    StageReport(
+        "geometry", "Concept geometry", "Categorical and hierarchical concepts under the causal inner product of "
+        "each model's unembedding (Park et al. 2024), and which concepts the tuning moved.",
+        figures=(
+            Figure("geometry-angles", "Parent vs child-delta angle, real and controls", plot("geometry_summary.csv"),
+                   "median_angle", ("label",),
+                   "Median angle between a parent's vector and (child - parent): about 90 degrees is hierarchical "
+                   "orthogonality. Controls: shuffled unembedding rows, random parents (a random token set of the "
+                   "same size), the Euclidean (unwhitened) inner product, the plain-mean estimator, and the "
+                   "context-side vectors.", kind="barh"),
+            Figure("geometry-cos", "Cosines between concept vectors (base)", plot("geometry_cos.csv"), "col",
+                   ("cos",), "Cosine between every pair of concept vectors in the causal space; children sit "
+                   "near their parent, different parents near 0.", group="row", kind="heatmap"),
+            Figure("geometry-moved", "Which parents the tuning moved", plot("geometry_parents.csv"), "shift",
+                   ("concept",), "Relative shift ||l_tuned - l_base|| / ||l_base|| of each parent's context vector "
+                   "(the final hidden state at its words in short contexts), largest first.", kind="barh"),
+        ),
+        tables=(
+            Table("geometry-metrics", "Geometry metrics", metric("geometry.json"), "json",
+                  "Per model: whitening check (max |Cov(g) - I|), word coverage, median angles with controls, "
+                  "separation AUC of held-out words, intervention effect and leakage, context vectors; pair: "
+                  "unembedding and context cosines, most moved concepts."),
+            Table("geometry-angles-table", "Every angle", plot("geometry_angles.csv"), "csv",
+                  "Parent vs (child - parent) and (child - sibling) angles per model, real and each control."),
+            Table("geometry-pair", "Per concept across the pair", plot("geometry_pair.csv"), "csv",
+                  "Cosines of base and tuned vectors (unembedding, context side), the context shift and the "
+                  "child angle in each model."),
+            Table("geometry-concepts", "Separation and intervention per concept", plot("geometry_concepts.csv"),
+                  "csv", "AUC of held-out words' projections against random tokens; for parents, the "
+                  "intervention's effect (nats) on their held-out words and its leakage to other parents."),
+        ),
+        summary=(SummaryItem("Is the concept geometry there, and did it move", S.geometry, "geometry-metrics"),),
+    ),
+    StageReport(
+        "hsae", "Hierarchical SAEs", "Parent latents with one child each (Muchane et al. 2025), random vs teacher "
+        "initialisation from the concept geometry, on base and tuned activations.",
+        figures=(
+            Figure("hsae-purity", "Parent purity by model and initialisation", plot("hsae_summary.csv"), "purity",
+                   ("label",), "Mean over concept parents of the matched latent's code on its own contexts over "
+                   "its code on its own and others' contexts (0.5 = no preference, 1 = pure).", kind="barh"),
+            Figure("hsae-children", "Which parents' children the tuning changed", plot("hsae_pair.csv"),
+                   "children_cos", ("concept",), "Mean best |cosine| between the base and tuned teacher H-SAEs' "
+                   "child atoms under each concept parent; lowest first.", kind="barh"),
+        ),
+        tables=(
+            Table("hsae-metrics", "H-SAE metrics", metric("hsae.json"), "json",
+                  "Per model and variant: FVU, L0, dead %, CE/KL recovered, purity, leakage, recall, steering "
+                  "effect and leakage; the seed's targets (teacher vs random) met or missed.",
+                  {"purity": "own-context code share, 0.5 = none, 1 = pure", "leakage": "share of other parents' "
+                   "contexts the parent latent fires on; lower is better", "l0": "active parents + children per row"}),
+            Table("hsae-concepts", "Per concept parent", plot("hsae_concepts.csv"), "csv",
+                  "Matched latent, purity, leakage, recall and steering numbers per concept parent."),
+        ),
+        summary=(SummaryItem("Does the geometry teach a better H-SAE", S.hsae, "hsae-metrics"),),
+    ),
 )
 
 

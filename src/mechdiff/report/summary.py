@@ -186,3 +186,36 @@ def steering(run: Run) -> list[Fact]:
                               f"k = {r['k']}, alpha = {r['alpha']:g} {verb} {_num(eff)} of the behaviour gap; "
                               f"perplexity {r['ppl_change']:+.1%}, neutral accuracy {-r['mc_drop']:+.3f}"))
     return facts
+
+
+def geometry(run: Run) -> list[Fact]:
+    """Median hierarchical angle against its controls, separation, and the pair's most moved concepts."""
+    m = run.json(metric("geometry.json")) or {}
+    b = m.get("base")
+    if not isinstance(b, dict) or b.get("median_child") is None:
+        return []
+    c = b["controls"]
+    facts = [Fact("parent vs child-delta angle (base)", f"{b['median_child']:.1f} deg",
+                  f"{b['share_80_100']:.0%} within 80-100 deg; random parents {c['random_parents']['median_child']:.1f}, "
+                  f"shuffled {c['shuffled']['median_child']:.1f}, Euclidean {c['euclidean']['median_child']:.1f}"),
+             Fact("held-out words vs random tokens", f"AUC {_num(b['separation_auc'])}",
+                  f"shuffled unembedding {_num(c['shuffled'].get('separation_auc'))}")]
+    pair = m.get("pair") or {}
+    if pair.get("most_moved"):
+        facts.append(Fact("most moved concepts", ", ".join(pair["most_moved"][:3]),
+                          f"median context cosine base vs tuned {_num(pair['median_cos_context'])}; unembedding "
+                          f"cosine >= {_num(pair['min_cos_unembedding'])}"))
+    return facts
+
+
+def hsae(run: Run) -> list[Fact]:
+    """Teacher vs random H-SAE on the seed's targets, per model."""
+    m = run.json(metric("hsae.json")) or {}
+    facts = []
+    for which in ("base", "tuned"):
+        t = (m.get(which) or {}).get("targets")
+        if not isinstance(t, dict):
+            continue
+        met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in t["met"].items())
+        facts.append(Fact(f"{which}: teacher vs random", f"purity {_num(t['purity_gain_pp'])} pp", met))
+    return facts

@@ -29,7 +29,7 @@ import torch
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
-from mechdiff.sae.model import TopKSAE, load_sae, save_sae
+from mechdiff.sae.model import TopKSAE, save_sae
 
 
 @dataclass
@@ -125,7 +125,16 @@ def _ckpt_root(out_dir: Path) -> Path:
     return out_dir / "checkpoints"
 
 
-def _save_checkpoint(out_dir: Path, sae: TopKSAE, opt: torch.optim.Optimizer, st: _State, cfg: SAEConfig) -> None:
+def _save(sae: torch.nn.Module, out: Path, meta: dict | None = None) -> None:
+    """The final checkpoint format of the SAE's kind (`save_sae` for TopK SAEs, the model's own `save` else)."""
+    if isinstance(sae, TopKSAE):
+        save_sae(sae, out, meta=meta)
+    else:
+        sae.save(out, meta=meta)
+
+
+def _save_checkpoint(out_dir: Path, sae: torch.nn.Module, opt: torch.optim.Optimizer, st: _State,
+                     cfg: SAEConfig) -> None:
     from safetensors.torch import save_file
 
     root = _ckpt_root(out_dir)
@@ -134,11 +143,10 @@ def _save_checkpoint(out_dir: Path, sae: TopKSAE, opt: torch.optim.Optimizer, st
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_sae(sae, tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optim.pt")
-    save_file({"since_fired": st.since_fired, "rng": st.gen.get_state(),
-               "input_scale": sae.input_scale.detach().reshape(1), "threshold": sae.threshold.detach().reshape(1)},
-              str(tmp / "train_state.safetensors"))
+    save_file({"since_fired": st.since_fired, "rng": st.gen.get_state()}, str(tmp / "train_state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(to_jsonable({"step": st.step, "tokens": st.tokens, "log": st.log,
                                                             "cfg": asdict(cfg)})))
     final = root / name
@@ -153,7 +161,8 @@ def _save_checkpoint(out_dir: Path, sae: TopKSAE, opt: torch.optim.Optimizer, st
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out_dir: Path, cfg: SAEConfig) -> tuple[TopKSAE, dict, _State] | None:
+def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tuple[dict, _State] | None:
+    """Load the newest checkpoint's weights into `sae` (a fresh model of the same kind); (optimizer state, state)."""
     from safetensors.torch import load_file
 
     root = _ckpt_root(out_dir)
@@ -169,17 +178,14 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig) -> tuple[TopKSAE, dict, _Sta
                 f"checkpoint in {root} was made with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}: "
                 f"delete {root} or train with resume=False"
             )
-    sae = load_sae(d)
+    sae.load_state_dict(load_file(str(d / "model.safetensors")))
     ts = load_file(str(d / "train_state.safetensors"))
-    with torch.no_grad():
-        sae.input_scale.copy_(ts["input_scale"][0])
-        sae.threshold.copy_(ts["threshold"][0])
     st = _State(cfg.width, cfg.seed)
     st.step, st.tokens, st.log = int(state["step"]), int(state["tokens"]), list(state["log"])
     st.since_fired = ts["since_fired"].to(torch.int64).clone()
     st.gen.set_state(ts["rng"])
     opt_state = torch.load(d / "optim.pt", weights_only=True)
-    return sae, opt_state, st
+    return opt_state, st
 
 
 def _reset_adam_rows(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], idx: torch.Tensor) -> None:
@@ -194,8 +200,13 @@ def _reset_adam_rows(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter
 
 def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_dir: Path | str | None, *,
               total_tokens: int, resume: bool = True, progress: bool = True, log_every: int = 50,
-              on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False) -> TopKSAE:
+              on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False,
+              model: torch.nn.Module | None = None) -> TopKSAE:
     """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
+
+    `model` trains another SAE kind in this same loop (e.g. a `HierarchicalSAE`, already initialised; its
+    width must equal cfg.width): it provides set_input_scale, b_pre, input_scale, training_loss,
+    project_decoder_grad_, normalize_decoder_, release_workspace and save.
 
     Stops after ceil(total_tokens / batch_size) steps or when the stream ends. The returned SAE carries the
     training curve as `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr), also
@@ -209,15 +220,19 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
     dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(cfg.batch_size,
                                                                                          total_tokens // 10))
-    loaded = _load_checkpoint(out, cfg) if (out is not None and resume) else None
-    if loaded is not None:
-        sae, opt_state, st = loaded
-        opt = _make_optimizer(sae, cfg)
-        opt.load_state_dict(opt_state)
-    else:
+    if model is None:
         sae = TopKSAE(cfg.d_in, cfg.width, cfg.k, k_aux=cfg.k_aux, batchtopk=cfg.batchtopk,
                       n_blocks=cfg.n_blocks, seed=cfg.seed)
-        opt = _make_optimizer(sae, cfg)
+    elif getattr(model, "width", None) != cfg.width:
+        raise MechdiffError(f"the model to train has width {getattr(model, 'width', None)}, cfg.width {cfg.width}")
+    else:
+        sae = model
+    opt = _make_optimizer(sae, cfg)
+    loaded = _load_checkpoint(out, cfg, sae) if (out is not None and resume) else None
+    if loaded is not None:
+        opt_state, st = loaded
+        opt.load_state_dict(opt_state)
+    else:
         st = _State(cfg.width, cfg.seed)
     sae.meta.update(cfg.meta)
     sae.train()
@@ -305,7 +320,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     sae.train_log = st.log
     sae.dead_tokens = dead_tokens
     if out is not None:
-        save_sae(sae, out, meta={"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens})
+        _save(sae, out, meta={"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens})
         tmp = out / ".train_log.json.tmp"
         tmp.write_text(json.dumps(to_jsonable(st.log)))
         os.replace(tmp, out / "train_log.json")

@@ -1,0 +1,177 @@
+"""Concept geometry: whitening, the LDA estimator, orthogonality, controls, interventions and the pair comparison,
+against closed forms and a planted hierarchy in a tiny model's unembedding."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mechdiff.analysis.geometry import (
+    Concept,
+    angle,
+    compare_pair,
+    concept_vector,
+    hidden_direction,
+    hidden_metric,
+    hierarchy,
+    hierarchy_angles,
+    identity_deviation,
+    model_geometry,
+    set_shifts,
+    target_leakage,
+    whitening,
+)
+from mechdiff.data.corpus import load_concepts, write_default_corpora
+from mechdiff.errors import MechdiffError
+from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+
+PARENTS = {"fauna": ["cat", "dog", "owl", "emu", "yak", "eel", "ant", "bee", "ram", "hen", "elk", "koi"],
+           "tools": ["saw", "axe", "awl", "hoe", "pin", "nut", "bolt", "rake", "file", "vise", "drill", "plane"],
+           "foods": ["pie", "jam", "bun", "rice", "soup", "stew", "taco", "kale", "leek", "plum", "fig", "pear"]}
+
+
+def planted_concepts() -> list[Concept]:
+    parents, children = [], []
+    for p, words in PARENTS.items():
+        parents.append(Concept(p, None, list(words)))
+        for j in range(3):
+            children.append(Concept(f"{p}/c{j}", p, words[4 * j : 4 * j + 4]))
+    return parents + children
+
+
+def test_whitening_of_a_planted_covariance_is_the_identity():
+    rng = np.random.default_rng(0)
+    d = 12
+    L = rng.normal(size=(d, d))
+    cov = L @ L.T + 0.5 * np.eye(d)
+    G = rng.multivariate_normal(rng.normal(size=d), cov, size=5000)
+    wh = whitening(G)
+    assert identity_deviation(wh.apply(G)) < 1e-10
+    emp = np.cov(G, rowvar=False)
+    np.testing.assert_allclose(wh.A @ emp @ wh.A, np.eye(d), atol=1e-10)
+    np.testing.assert_allclose(wh.A_inv @ wh.A_inv, emp, rtol=1e-10, atol=1e-10)
+    with pytest.raises(MechdiffError, match="singular"):
+        whitening(np.concatenate([G[:, :3], G[:, :3]], axis=1))
+
+
+def test_lda_estimator_matches_the_closed_form_on_gaussian_classes():
+    rng = np.random.default_rng(1)
+    d = 8
+    L = rng.normal(size=(d, d))
+    sigma = L @ L.T / d + 0.2 * np.eye(d)
+    mu = rng.normal(size=d)
+    G = rng.multivariate_normal(mu, sigma, size=20000)
+    est = concept_vector(G, "lda")
+    gh = np.linalg.solve(sigma, mu)
+    gh /= np.linalg.norm(gh)
+    closed = (gh @ mu) * gh
+    assert np.linalg.norm(est - closed) / np.linalg.norm(closed) < 0.03
+    np.testing.assert_allclose(concept_vector(G, "mean"), G.mean(0))
+    # the defining property: every class member projects onto g_hat as the mean does
+    assert abs(G.mean(0) @ est / np.linalg.norm(est) - np.linalg.norm(est)) < 1e-9
+
+
+def test_hierarchy_angles_against_hand_numbers():
+    vecs = {"p": np.array([1.0, 0.0, 0.0]), "p/a": np.array([1.0, 1.0, 0.0]), "p/b": np.array([2.0, 0.0, 1.0])}
+    cs = [Concept("p", None, ["x"]), Concept("p/a", "p", ["x"]), Concept("p/b", "p", ["y"])]
+    rows = {(r["kind"], r["child"]): r["angle"] for r in hierarchy_angles(vecs, cs)}
+    assert rows["child", "p/a"] == pytest.approx(90.0)
+    assert rows["child", "p/b"] == pytest.approx(45.0)  # (1, 0, 1) against (1, 0, 0)
+    assert rows["sibling", "p/a - b"] == pytest.approx(angle(vecs["p"], np.array([-1.0, 1.0, -1.0])))
+    assert rows["sibling", "p/a - b"] == pytest.approx(np.degrees(np.arccos(-1 / np.sqrt(3))))
+
+
+def test_set_shifts_and_leakage_against_hand_numbers():
+    lg0 = torch.zeros(2, 6)
+    lg1 = torch.tensor([[2.0, 2.0, 0, 0, 1.0, 0], [2.0, 2.0, 0, 0, 1.0, 0]])
+    sh = set_shifts(lg0, lg1, {"a": np.array([0, 1]), "b": np.array([4]), "c": np.array([2, 3])})
+    d = torch.log_softmax(lg1[0].double(), -1) - torch.log_softmax(lg0[0].double(), -1)
+    d = d - d.mean()
+    assert sh["a"] == pytest.approx(float(d[[0, 1]].mean()))
+    assert sh["b"] == pytest.approx(float(d[4]))
+    eff, leak = target_leakage(sh, "a")
+    assert eff == pytest.approx(sh["a"] - (sh["b"] + sh["c"]) / 2)
+    assert leak == pytest.approx(max(sh["b"], 0) / 2 / sh["a"])  # c falls, so only b leaks
+
+
+def test_hierarchy_of_the_project_file(tmp_path):
+    write_default_corpora(tmp_path)
+    raw = load_concepts(tmp_path)
+    cs = hierarchy(raw)
+    parents = [c for c in cs if c.is_parent]
+    assert [c.name for c in parents] == list(raw["parents"])
+    for p in parents:
+        assert sorted(p.words) == sorted(raw["parents"][p.name]["words"])
+    assert sum(not c.is_parent for c in cs) == sum(len(v["children"]) for v in raw["parents"].values())
+    animal = next(c for c in cs if c.name == "animal")
+    assert "dog" in animal.words and any(c.name == "animal/mammal" and c.parent == "animal" for c in cs)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny model whose unembedding carries a planted hierarchy: each word's row = 3 u_parent + 2 v_child + noise."""
+    concepts = planted_concepts()
+    words = [w for ws in PARENTS.values() for w in ws]
+    filler = [f"w{i}" for i in range(300)]
+    tok = make_tiny_tokenizer(["the i saw a look at that"], extra_words=words + filler)
+    model = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0)
+    rng = np.random.default_rng(3)
+    d = 32
+    U = np.linalg.qr(rng.normal(size=(d, 12)))[0].T  # 3 parents + 9 children, orthonormal
+    W = rng.normal(size=(len(tok), d))
+    for i, ws in enumerate(PARENTS.values()):
+        for j in range(3):
+            for w in ws[4 * j : 4 * j + 4]:
+                W[tok.convert_tokens_to_ids(w)] = 3 * U[i] + 2 * U[3 + 3 * i + j] + 0.3 * rng.normal(size=d)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.from_numpy(W).float())
+    return model, tok, concepts
+
+
+def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
+    model, tok, concepts = planted
+    geo = model_geometry(model, tok, concepts, prompts=["the", "i saw a", "look at that"], seed=0)
+    s = geo.summary
+    assert s["whitening_deviation"] < 1e-8
+    assert s["coverage"]["share"] == 1.0
+    assert 80 <= s["median_child"] <= 100 and s["share_80_100"] >= 0.8
+    assert 80 <= s["median_parent_root"] <= 100, s["median_parent_root"]
+    assert s["controls"]["random_parents"]["median_child"] > 100
+    assert s["separation_auc"] > 0.95 and s["controls"]["shuffled"]["separation_auc"] < 0.8
+    assert s["intervention"]["share_own_up"] == 1.0 and s["intervention"]["median_effect"] > 0
+    # parents are far apart and children sit closer to their own parent than to the others
+    for c in (c for c in concepts if not c.is_parent):
+        own = np.corrcoef(geo.vectors[c.name], geo.vectors[c.parent])[0, 1]
+        assert all(own > np.corrcoef(geo.vectors[c.name], geo.vectors[q])[0, 1] for q in PARENTS if q != c.parent)
+
+
+def test_hidden_directions_carry_the_causal_inner_product(planted):
+    model, tok, concepts = planted
+    geo = model_geometry(model, tok, concepts, seed=0)
+    w = model.model.norm.weight.detach().double().numpy() * np.linspace(0.5, 2.0, 32)
+    M = hidden_metric(geo.whitening, w)
+    v1, v2 = geo.vectors["fauna"], geo.vectors["tools"]
+    h1, h2 = hidden_direction(v1, geo.whitening, w), hidden_direction(v2, geo.whitening, w)
+    lhs = (h1 @ M @ h2) / np.sqrt((h1 @ M @ h1) * (h2 @ M @ h2))
+    rhs = (v1 @ v2) / (np.linalg.norm(v1) * np.linalg.norm(v2))
+    assert lhs == pytest.approx(rhs, abs=1e-9)
+
+
+def test_a_concept_edited_in_the_tuned_model_moves_most(planted):
+    model, tok, concepts = planted
+    tuned = copy.deepcopy(model)
+    rng = np.random.default_rng(5)
+    u = torch.from_numpy(rng.normal(size=32)).float()
+    with torch.no_grad():  # push the input embeddings of every "tools" word along one direction
+        for w in PARENTS["tools"]:
+            tuned.model.embed_tokens.weight[tok.convert_tokens_to_ids(w)] += 0.5 * u
+    gb = model_geometry(model, tok, concepts, seed=0)
+    gt = model_geometry(tuned, tok, concepts, seed=0)
+    summ, rows = compare_pair(gb, gt)
+    assert summ["most_moved_parent"] == "tools"
+    assert summ["min_cos_unembedding"] == pytest.approx(1.0)  # the LM head is untouched
+    shift = {r["concept"]: r["shift"] for r in rows}
+    assert shift["tools"] > 2 * max(shift["fauna"], shift["foods"])
