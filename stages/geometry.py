@@ -43,6 +43,10 @@ def teacher_arrays(geo, model) -> dict:
             "words": np.array(sorted(geo.cs.split)), "word_split": np.array([geo.cs.split[w] for w in sorted(geo.cs.split)])}
 
 
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def summary_rows(metrics: dict) -> list[dict]:
     """Median parent / child-delta angle per model: the real geometry beside its controls."""
     rows = []
@@ -74,8 +78,8 @@ def main() -> None:
                  **teacher_arrays(geo, model))
         s = geo.summary
         print(f"geometry: {which}: {s['coverage']['words']}/{s['coverage']['words_total']} words single tokens, "
-              f"median child angle {s['median_child']:.1f} deg (random parents "
-              f"{s['controls']['random_parents']['median_child']:.1f}), separation AUC {s['separation_auc']:.3f}")
+              f"median child angle {_fmt(s['median_child'])} deg (random parents "
+              f"{_fmt(s['controls']['random_parents']['median_child'])}), separation AUC {_fmt(s['separation_auc'])}")
         del model
     pair, pair_rows = compare_pair(geos["base"], geos["tuned"])
     metrics["pair"] = pair
@@ -96,8 +100,8 @@ def main() -> None:
     write_csv(P.plot("geometry_concepts.csv"),
               [{"model": w, **r, **next((x for x in geo.interventions if x["concept"] == r["concept"]), {})}
                for w, geo in geos.items() for r in geo.separation])
-    print(f"geometry: pair: min unembedding cos {pair['min_cos_unembedding']}, median context cos "
-          f"{pair['median_cos_context']:.3f}, most moved {pair['most_moved'][:3]}")
+    print(f"geometry: pair: min unembedding cos {_fmt(pair['min_cos_unembedding'])}, median context cos "
+          f"{_fmt(pair['median_cos_context'])}, most moved {pair['most_moved'][:3]}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from mechdiff.sae.sources import source_batches, source_rows
 from mechdiff.sae.train import SAEConfig, train_sae
 
 VARIANTS = ("random", "teacher")
+_SHOWN = ("fvu", "l0", "ce_recovered", "purity", "leakage", "steering_leakage")
 
 
 def _digest(state: dict) -> str:
@@ -50,7 +51,7 @@ def main() -> None:
     stores = dict(zip(("base", "tuned"), P.open_stores()))
     if site.name not in stores["base"].sites or h.view not in stores["base"].views(site.name):
         raise MechdiffError(f"{site.name}/{h.view} is not in the activation store: set hsae.layer / hsae.view to a "
-                            "stored site (extract.detail_layers and sae.layers get the tokens view)")
+                            "stored site (every-token rows are kept at sae.layers; `mechdiff sites` lists the store)")
     concepts = hierarchy(load_concepts(p.data.dir))
     prompts = P.kept_prompts()
     val = P.pick_rows(prompts, split="val", n=h.eval_prompts, seed=p.seed)
@@ -108,8 +109,8 @@ def main() -> None:
             metrics[which][variant] = res
             saes[which, variant], matches[which, variant] = m, match
             rows_out += [{"model": which, "variant": variant, **r} for r in per]
-            print(f"hsae: {which} {variant}: fvu {res['fvu']:.3f} l0 {res['l0']:.1f} ce_rec {res['ce_recovered']:.3f} "
-                  f"purity {res['purity']:.3f} leakage {res['leakage']:.3f} steer leak {res['steering_leakage']}")
+            print(f"hsae: {which} {variant}: " + ", ".join(f"{k} {res[k]:.3f}" if isinstance(res[k], float) else
+                                                           f"{k} {res[k]}" for k in _SHOWN))
         metrics[which]["targets"] = teacher_targets(metrics[which]["random"], metrics[which]["teacher"])
         del model
     metrics["pair"], pair_rows = compare_children(saes["base", "teacher"], saes["tuned", "teacher"],

@@ -68,16 +68,16 @@ def test_geometry_and_hsae_outputs(tiny_repo):
     geo = _metrics(tiny_repo, "geometry.json")
     for which in ("base", "tuned"):
         g = geo[which]
-        assert g["whitening_deviation"] < 1e-6
         assert g["coverage"]["share"] == 1.0  # the tiny tokenizer holds every concept word
-        assert 0 <= g["median_child"] <= 180 and set(g["controls"]) >= {"shuffled", "random_parents", "euclidean"}
+        assert set(g["controls"]) == {"shuffled", "random_parents", "euclidean", "mean_estimator"}
+        assert g["intervention"]["share_own_up"] > 0.5  # pushing a parent's direction lifts its own words
     # the edit recipe leaves the LM head alone: the unembedding geometry is identical in both models
     assert geo["pair"]["min_cos_unembedding"] == pytest.approx(1.0)
     h = _metrics(tiny_repo, "hsae.json")
     for which in ("base", "tuned"):
         for variant in ("random", "teacher"):
             m = h[which][variant]
-            assert 0 <= m["fvu"] < 1.5 and 0 < m["l0"] <= 4 and 0.0 <= m["purity"] <= 1.0
+            assert 0 < m["l0"] <= 4  # k = 2 parents, each with at most one child
         assert set(h[which]["targets"]["met"]) == {"purity", "leakage", "steering_leakage", "reconstruction_parity"}
     for f in ("geometry_cos.csv", "geometry_summary.csv", "hsae_summary.csv", "hsae_pair.csv"):
         assert (tiny_repo / "plots" / f).stat().st_size > 0

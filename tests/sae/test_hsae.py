@@ -3,6 +3,8 @@ concept metrics against hand numbers."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -86,18 +88,27 @@ def test_teacher_initialised_hsae_recovers_a_planted_tree(tree):
 
 def test_random_initialisation_does_worse_on_the_same_tree(tree):
     X, up, vc, par, ch, npar = tree
-    m = train(HierarchicalSAE(D, P, C, 2, seed=0, ortho_coef=1.0), X[:15000], 6)
+    m = train(HierarchicalSAE(D, P, C, 2, seed=0, ortho_coef=1.0), X, 6)
     rec = atom_recovery(m.dec_p.detach().numpy(), up)
     assert rec < 0.9  # parents merge: the local optimum the teacher avoids
 
 
-def test_stage_a_freezes_the_teacher_parents(tree):
+def test_stage_a_freezes_the_teacher_parents_for_exactly_freeze_steps(tree):
     X, *_ = tree
-    m = HierarchicalSAE(D, P, C, 2, seed=1, ortho_coef=1.0, freeze_steps=10**6)
     parents = np.linalg.qr(np.random.default_rng(0).normal(size=(D, 3)))[0].T
+    seen = []
+
+    class Watch(HierarchicalSAE):
+        def normalize_decoder_(self) -> None:  # called once per step, after the optimizer step
+            super().normalize_decoder_()
+            seen.append(self.dec_p[:3].detach().clone().numpy())
+
+    m = Watch(D, P, C, 2, seed=1, ortho_coef=1.0, freeze_steps=5)
     m.init_teacher(parents, [np.zeros((0, D))] * 3)
     m = train(m, X[:5000], 1)
-    np.testing.assert_allclose(m.dec_p[:3].detach().numpy(), parents, atol=1e-6)
+    for step in range(5):  # steps 1..5 leave the teacher parents where they were
+        np.testing.assert_allclose(seen[step], parents, atol=1e-6)
+    assert np.abs(seen[5] - parents).max() > 1e-5  # step 6 moves them
     assert not np.allclose(m.dec_p[3:].detach().numpy(), HierarchicalSAE(D, P, C, 2, seed=1).dec_p[3:].detach())
 
 
@@ -135,7 +146,11 @@ def test_training_resumes_from_a_checkpoint_exactly(tree, tmp_path):
 
     with pytest.raises(Stop):
         train(HierarchicalSAE(D, P, C, 2, seed=0, ortho_coef=1.0), X, 2, out, ckpt=20, log_every=10, on_log=stop_at)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 20  # stopped before 40's
     resumed = train(HierarchicalSAE(D, P, C, 2, seed=0, ortho_coef=1.0), X, 2, out, resume=True)
+    # the first run's log (every 10 steps) came back with the checkpoint: a fresh start would log from step 50
+    assert [r["step"] for r in resumed.train_log[:2]] == [10, 20]
+    assert int(resumed.step) == full.train_log[-1]["step"]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
     loaded = load_hsae(out)
@@ -191,5 +206,7 @@ def test_context_teacher_is_class_means_and_deltas(tree):
             sel = (par[one] == p) & (ch[one] == c)
             np.testing.assert_allclose(tk[p][c], X[one][sel].mean(0) - mean_p, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.abs(tp @ up.T).argmax(1), np.arange(P))  # each points at its own parent
-    with pytest.raises(MechdiffError, match="no context rows"):
-        context_teacher(X[one], owner, ["x"], [[]], [["nope"]])
+    with pytest.raises(MechdiffError, match="no context rows for concept parent 'x'"):
+        context_teacher(X[one], owner, ["p0", "x"], [kids[0], []], [words[0], ["nope"]])
+    with pytest.raises(MechdiffError, match="at least two concept parents"):
+        context_teacher(X[one], owner, ["p0"], [kids[0]], [words[0]])

@@ -380,6 +380,8 @@ def token_effects(model: nn.Module, hidden: torch.Tensor, shift: torch.Tensor, t
 def target_leakage(effects: Mapping[str, float], target: str) -> tuple[float, float]:
     """(effect, leakage) of a push toward `target`: effect = its token set's change minus the mean change of the
     other sets; leakage = mean positive change of the other sets over the target's change (0 = none leaks)."""
+    if target not in effects:  # its token set is empty: nothing to measure
+        return float("nan"), float("nan")
     others = [v for k, v in effects.items() if k != target]
     own = effects[target]
     effect = own - (float(np.mean(others)) if others else 0.0)
@@ -394,12 +396,16 @@ def push_direction(v: np.ndarray, wh: Whitening) -> np.ndarray:
 
 
 def final_norm_weight(model: nn.Module) -> np.ndarray | None:
-    """The elementwise weight of the final norm before the LM head (None when there is none)."""
+    """The elementwise scale of the final norm before the LM head (None when the model has none: then no
+    rescaling applies). Gemma-style RMSNorms scale by (1 + weight)."""
     body = get_body(model)
-    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
-        w = getattr(getattr(body, name, None), "weight", None)
-        if w is not None:
-            return w.detach().double().cpu().numpy()
+    for owner in (body, getattr(body, "decoder", None)):
+        for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+            mod = getattr(owner, name, None)
+            w = getattr(mod, "weight", None)
+            if w is not None:
+                w = w.detach().double().cpu().numpy()
+                return 1.0 + w if type(mod).__name__.startswith("Gemma") else w
     return None
 
 
@@ -429,7 +435,7 @@ def intervention(model: nn.Module, hidden: torch.Tensor, directions: Mapping[str
     for name, u in directions.items():
         eff = token_effects(model, hidden, torch.from_numpy(scale * norm * u).float(), token_sets)
         e, leak = target_leakage(eff, name)
-        rows.append({"concept": name, "effect": e, "leakage": leak, "own": eff[name]})
+        rows.append({"concept": name, "effect": e, "leakage": leak, "own": eff.get(name, float("nan"))})
     return rows
 
 
@@ -460,7 +466,7 @@ def site_interventions(model: nn.Module, tokenizer, prompts: Sequence[str], site
         with add_at(model, site, pos, v):
             eff = set_shifts(clean, logits(), token_sets)
         e, leak = target_leakage(eff, name)
-        rows.append({"concept": name, "effect": e, "leakage": leak, "own": eff[name]})
+        rows.append({"concept": name, "effect": e, "leakage": leak, "own": eff.get(name, float("nan"))})
     return rows
 
 

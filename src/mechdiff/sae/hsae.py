@@ -88,6 +88,9 @@ class HierarchicalSAE(nn.Module):
         M = self.metric.double()
         for p in range(T):
             u = torch.as_tensor(np.asarray(parents[p]), dtype=torch.float64)
+            if not bool(torch.isfinite(u).all()) or float(u.norm()) == 0.0:
+                raise MechdiffError(f"teacher parent {p} has a zero or non-finite direction: the concept has no "
+                                    "usable contexts (give it more covered words, or use more than one parent)")
             u = u / u.norm()
             self.dec_p[p] = u.float()
             self.W_p[p] = u.float()
@@ -173,13 +176,9 @@ class HierarchicalSAE(nn.Module):
         nc = torch.einsum("pcd,pcd->pc", self.dec_c @ M, self.dec_c)
         return (num ** 2 / (nu[:, None] * nc).clamp_min(1e-12)).mean()
 
-    @property
-    def in_stage_a(self) -> bool:
-        return int(self.step) < self.freeze_steps
-
     def training_loss(self, x_n: torch.Tensor, dead: torch.Tensor | None = None, *, aux_coef: float = 0.0,
                       sparse: bool = True, select_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
-        """Normalised reconstruction error (FVU of the batch) plus, in stage A, the orthogonality penalty."""
+        """Normalised reconstruction error (FVU of the batch) plus the causal orthogonality penalty."""
         B = x_n.shape[0]
         idx, a, cj, b = self._codes(x_n)
         x_hat = self._decode_codes(idx, a, cj, b)
@@ -323,6 +322,9 @@ def context_teacher(X: np.ndarray, owner: Sequence[str], parents: Sequence[str],
 
     labelled = [i for ws in parent_words for w in ws for i in rows.get(w, [])]
     centre = X[labelled].mean(0) if labelled else 0.0  # what every concept context shares
+    if len(parents) < 2:
+        raise MechdiffError("a context teacher needs at least two concept parents (each is taken relative to "
+                            "what all of them share): extend the concept hierarchy or set hsae.teacher: unembedding")
     par, kids = [], []
     for p in range(len(parents)):
         lp = vec(parent_words[p])
@@ -393,8 +395,9 @@ def evaluate_hsae(m: HierarchicalSAE, model, tokenizer, enc, val_rows: np.ndarra
     ev = eval_sae(m, X_val)
     sp = spliced_metrics(model, enc, val_rows, site, m, positions=positions, batch_size=batch_size)
     summ, per, match = concept_summary(m, X_ctx, labels, len(names))
-    with torch.no_grad():
-        dirs = {n: m.dec_p[match[i]].double().numpy() for i, n in enumerate(names) if match[i] >= 0}
+    with torch.no_grad():  # parents without held-out tokens have nothing to measure a push on
+        dirs = {n: m.dec_p[match[i]].double().numpy() for i, n in enumerate(names)
+                if match[i] >= 0 and len(token_sets.get(n, ())) > 0}
     steer = site_interventions(model, tokenizer, prompts, site, dirs, token_sets, scale=steer_scale)
     res = {"fvu": ev["fvu"], "l0": ev["l0"], "dead_pct": ev["dead_pct"], "ce_recovered": sp["ce_recovered"],
            "kl_recovered": sp["kl_recovered"], **summ, "steering_effect": median_of(steer, "effect"),

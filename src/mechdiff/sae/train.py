@@ -178,7 +178,14 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
                 f"checkpoint in {root} was made with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}: "
                 f"delete {root} or train with resume=False"
             )
-    sae.load_state_dict(load_file(str(d / "model.safetensors")))
+    if not (d / "model.safetensors").is_file():
+        raise MechdiffError(f"checkpoint {d} was written by an older mechdiff (no model.safetensors): delete {root} "
+                            "to train from scratch")
+    try:
+        sae.load_state_dict(load_file(str(d / "model.safetensors")))
+    except RuntimeError as e:
+        raise MechdiffError(f"checkpoint {d} does not fit the model to train ({str(e).splitlines()[0][:120]}): "
+                            f"delete {root} or train with resume=False") from e
     ts = load_file(str(d / "train_state.safetensors"))
     st = _State(cfg.width, cfg.seed)
     st.step, st.tokens, st.log = int(state["step"]), int(state["tokens"]), list(state["log"])
@@ -285,7 +292,8 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                         sae.threshold_set.fill_(True)
                     else:
                         sae.threshold.mul_(cfg.threshold_decay).add_((1 - cfg.threshold_decay) * info["min_kept"])
-            if cfg.resample_every and (st.step + 1) % cfg.resample_every == 0 and bool(dead.any()):
+            if (cfg.resample_every and hasattr(sae, "resample_dead_") and (st.step + 1) % cfg.resample_every == 0
+                    and bool(dead.any())):
                 idx = sae.resample_dead_(x_n, dead, generator=st.gen)
                 _reset_adam_rows(opt, [sae.W_enc, sae.dec, sae.b_enc], idx)
                 st.since_fired[idx] = 0
