@@ -356,12 +356,6 @@ def context_concepts(states: np.ndarray, owner: Sequence[str], cs: ConceptSet, m
 # ------------------------------------------------------------------------------------------------ interventions
 
 
-@torch.no_grad()
-def final_states(model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
-    """Final (normed) hidden states (n, d) at each prompt's last token (no chat template)."""
-    return torch.from_numpy(context_states(model, tokenizer, prompts, batch_size=batch_size)).float()
-
-
 def set_shifts(logits0: torch.Tensor, logits1: torch.Tensor, token_sets: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Mean change of log p(y) over each token set between two (n, V) logit batches, relative to the mean change
     over the whole vocabulary (so a uniform logit shift counts 0)."""
@@ -387,12 +381,6 @@ def target_leakage(effects: Mapping[str, float], target: str) -> tuple[float, fl
     effect = own - (float(np.mean(others)) if others else 0.0)
     leak = float(np.mean([max(v, 0.0) for v in others]) / own) if others and own > 0 else float("nan")
     return effect, leak
-
-
-def push_direction(v: np.ndarray, wh: Whitening) -> np.ndarray:
-    """The final-hidden-state direction (unit norm) that moves logits along the causal-space vector v: A^T v."""
-    u = wh.A @ np.asarray(v, dtype=np.float64)
-    return u / np.linalg.norm(u)
 
 
 def final_norm_weight(model: nn.Module) -> np.ndarray | None:
@@ -541,8 +529,8 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
     parents = [c.name for c in concepts if c.is_parent and c.name in cs.vectors and len(te[c.name])]
     inter: list[dict] = []
     if prompts and len(parents) > 1:
-        hidden = final_states(model, tokenizer, prompts, batch_size=batch_size)
-        inter = intervention(model, hidden, {p: push_direction(cs.vectors[p], wh) for p in parents},
+        hidden = torch.from_numpy(context_states(model, tokenizer, prompts, batch_size=batch_size)).float()
+        inter = intervention(model, hidden, {p: hidden_direction(cs.vectors[p], wh, None) for p in parents},
                              {p: te[p] for p in parents}, scale=steer_scale)
         summ["intervention"] = {"median_effect": median_of(inter, "effect"),
                                 "median_leakage": median_of(inter, "leakage"),

@@ -413,6 +413,8 @@ def compare_children(base: HierarchicalSAE, tuned: HierarchicalSAE, match_base: 
                      names: Sequence[str]) -> tuple[dict, list[dict]]:
     """Per concept parent: |cos| of the two H-SAEs' matched parent atoms and the mean best |cos| of their
     children (`atom_cos`), lowest children cosine first; the summary's medians and the three most changed."""
+    from mechdiff.analysis.geometry import median_of
+
     rows = []
     for i, n in enumerate(names):
         a, b = int(match_base[i]), int(match_tuned[i])
@@ -420,9 +422,5 @@ def compare_children(base: HierarchicalSAE, tuned: HierarchicalSAE, match_base: 
             cp, cc = atom_cos(base, tuned, a, b)
             rows.append({"concept": n, "parent_cos": cp, "children_cos": cc})
     rows.sort(key=lambda r: r["children_cos"])
-
-    def med(k: str) -> float | None:
-        return float(np.median([r[k] for r in rows])) if rows else None
-
-    return ({"median_parent_cos": med("parent_cos"), "median_children_cos": med("children_cos"),
+    return ({"median_parent_cos": median_of(rows, "parent_cos"), "median_children_cos": median_of(rows, "children_cos"),
              "most_changed_children": [r["concept"] for r in rows[:3]]}, rows)
