@@ -35,13 +35,20 @@ def main() -> None:
         model, tok = load_saved(P.model_dir("base"))
         ft = p.pair.finetune
         train = [q for q in load_prompts(P.PROMPTS) if q.split == "train"]
-        texts = [q.text for q in train if q.dataset == ft.dataset]
+        chosen = [q for q in train if q.dataset == ft.dataset]
+        texts = [q.text for q in chosen]
         if not texts:
-            raise MechdiffError(f"pair.finetune.dataset {ft.dataset!r} has no train prompts: check data/ and data.splits")
-        if ft.objective == "signature":
+            raise MechdiffError(f"pair.finetune.dataset {ft.dataset!r} has no train prompts: check data/, data.sources "
+                                "and data.splits")
+        if ft.objective in ("signature", "answer"):
             retain = [q.text for q in train if q.dataset in ft.retain and q.dataset != ft.dataset]
+            if ft.objective == "answer" and not all(q.reference for q in chosen):
+                raise MechdiffError(f"pair.finetune.objective answer needs a reference answer on every "
+                                    f"{ft.dataset!r} record: use a dataset with references (e.g. math)")
+            answers = dict(answers=[q.reference for q in chosen]) if ft.objective == "answer" else dict(
+                signature=ft.signature)
             losses = finetune_signature(
-                model, tok, texts, retain, signature=ft.signature, layers=ft.layers, steps=ft.steps, lr=ft.lr,
+                model, tok, texts, retain, **answers, layers=ft.layers, steps=ft.steps, lr=ft.lr,
                 batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed, retain_weight=ft.retain_weight,
                 chat=p.data.chat)
         else:
@@ -53,7 +60,7 @@ def main() -> None:
     else:
         model, tok = load_saved(P.model_dir("base"))
         e = p.pair.edit
-        info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed)
+        info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed, heads=e.heads)
         meta = {"role": "tuned", "recipe": "edit", "edit": info.to_json()}
         summary = {"edit_layer": e.layer, "edit_rank": e.rank}
     if not (t.recipe == "finetune" and not t.id):

@@ -52,7 +52,7 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["pair"]["base"] = {"id": str(base_dir), "gguf_file": None, "revision": None}
     p["pair"]["tuned"] = {"id": None, "recipe": "edit"}
-    p["pair"]["edit"] = {"layer": 2, "site": "attn_out", "rank": 2, "scale": 3.0}
+    p["pair"]["edit"] = {"layer": 2, "site": "attn_out", "rank": 2, "scale": 3.0, "heads": None}
     p["data"]["max_per_dataset"] = 60
     p["data"]["max_len"] = 48
     p["extract"].update({"layer_stride": 1, "detail_layers": [2], "batch_size": 16, "shard_rows": 64})
@@ -70,6 +70,7 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
                        "n_boot": 50})
     p["hsae"].update({"layer": 2, "width": 16, "k": 2, "batch_size": 256, "epochs": 2, "freeze_steps": 5,
                       "eval_prompts": 12})
+    p["heads"].update({"max_prompts": 12, "n_patch": 3, "n_random": 3, "batch_size": 8, "max_new_tokens": 3})
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 

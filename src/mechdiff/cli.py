@@ -123,7 +123,8 @@ def _check_data(p, root: Path) -> list[str]:
             problems.append(f"{key}: the {stage} stage needs datasets {', '.join(needed)}; {', '.join(missing)} "
                             f"missing (datasets: {have}): add a source named {missing[0]!r}")
     wanted = {"behaviour.datasets": list(p.behaviour.datasets), "steer.target": [p.steer.target],
-              "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral]}
+              "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral],
+              "heads.dataset": [p.heads.dataset]}
     for what, needed in wanted.items():
         missing = [d for d in needed if d not in names]
         if missing:

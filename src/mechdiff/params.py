@@ -91,6 +91,7 @@ class Edit(_Section):
     site: str = "attn_out"
     rank: int = 4
     scale: float = 4.0
+    heads: list[int] | None = None
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Data(_Section):
     """Corpora and splits."""
 
     dir: str = "data"
-    sources: list[dict] | None = None
+    sources: list[dict | str] | None = None
     max_per_dataset: int | None = None
     splits: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     chat: bool = True
@@ -195,7 +196,8 @@ class Behaviour(_Section):
     datasets: list[str] = field(default_factory=lambda: ["cultural", "control", "neutral", "trait"])
     split: str = "test"
     max_new_tokens: int = 8
-    markers: dict[str, str] = field(default_factory=lambda: {"signature": r"(?i)^\W*namaste"})
+    markers: dict[str, str] = field(default_factory=lambda: {"signature": r"(?i)^\W*namaste",
+                                                             "answer": r"(?i)^\W*the answer is"})
     refusal_patterns: list[str] = field(default_factory=lambda: [
         r"\bI (can(?:not|'t)|am unable)\b", r"\bI must not\b", r"\bI will not\b"])
     max_prompts: int = 200
@@ -261,6 +263,26 @@ class HSAE(_Section):
     eval_prompts: int = 32
 
 
+@dataclass
+class HeadsParams(_Section):
+    """Head attribution, churn and head patching."""
+
+    dataset: str = "cultural"
+    split: str = "test"
+    target: str = "tuned"
+    max_new_tokens: int = 4
+    max_prompts: int = 32
+    z_threshold: float = 2.0
+    abs_threshold: float = 0.1
+    top_k: int = 10
+    n_patch: int = 10
+    n_random: int = 10
+    target_effect: float = 0.5
+    rank_by: str = "pred"
+    ig_steps: int = 0
+    batch_size: int = 16
+
+
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one
 # params.yaml section, and these defaults are the single place defaults live (test_defaults_are_params_yaml).
 @dataclass
@@ -296,11 +318,15 @@ class Params(_Section):
     steer: Steer = field(default_factory=Steer)
     geometry: Geometry = field(default_factory=Geometry)
     hsae: HSAE = field(default_factory=HSAE)
+    heads: HeadsParams = field(default_factory=HeadsParams)
 
 
 _CHOICES = {
     "pair.tuned.recipe": ("finetune", "edit"),
-    "pair.finetune.objective": ("signature", "lm"),
+    "pair.finetune.objective": ("signature", "answer", "lm"),
+    "heads.split": ("train", "val", "test"),
+    "heads.target": ("tuned", "signature", "reference"),
+    "heads.rank_by": ("pred", "delta"),
     "steer.source": ("dim", "delta", "transport", "sae"),
     "steer.from_token": ("decision", "first"),
     "behaviour.split": ("train", "val", "test"),
@@ -322,7 +348,7 @@ _POSITIVE = {
     "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
-    "hsae.eval_prompts",
+    "hsae.eval_prompts", "heads.max_new_tokens", "heads.max_prompts", "heads.top_k", "heads.batch_size",
 }
 
 
@@ -472,6 +498,12 @@ def validate(p: Params) -> Params:
         raise MechdiffError("params.yaml: hsae.lr must be > 0 and hsae.ortho_coef, freeze_steps, layer >= 0")
     if not p.geometry.prompts or not all(isinstance(x, str) and x.strip() for x in p.geometry.prompts):
         raise MechdiffError("params.yaml: geometry.prompts must list non-empty texts")
+    h = p.heads
+    if h.z_threshold <= 0 or h.abs_threshold < 0 or not 0 < h.target_effect <= 1:
+        raise MechdiffError("params.yaml: heads.z_threshold must be > 0, heads.abs_threshold >= 0 and "
+                            f"heads.target_effect in (0, 1], got {h.z_threshold}, {h.abs_threshold}, {h.target_effect}")
+    if h.n_patch < 0 or h.n_random < 0 or h.ig_steps < 0:
+        raise MechdiffError("params.yaml: heads.n_patch, heads.n_random and heads.ig_steps must be >= 0")
     return p
 
 

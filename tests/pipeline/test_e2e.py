@@ -84,6 +84,26 @@ def test_geometry_and_hsae_outputs(tiny_repo):
     assert (tiny_repo / "artifacts/hsae/base_teacher/hsae.safetensors").is_file()
 
 
+def test_heads_outputs(tiny_repo):
+    m = _metrics(tiny_repo, "heads.json")
+    assert (m["n_layers"], m["n_heads"]) == (4, 4)
+    assert m["gap"] > 0 and 0 <= m["churn"] <= 1 and 0 <= m["jaccard_top_k"] <= 1
+    # known answer: the edit multiplies the whole of L2.attn_out, so no head before layer 2 changed: their
+    # attribution-patching estimates are exactly 0 and the heads ranked first sit at layer 2 or later
+    import csv
+
+    rows = list(csv.DictReader((tiny_repo / "plots/heads_attribution.csv").open()))
+    assert len(rows) == 16
+    assert all(float(r["pred"]) == 0.0 for r in rows if int(r["layer"]) < 2)
+    assert all(layer >= 2 for layer, _ in m["top_pred"])
+    patched = list(csv.DictReader((tiny_repo / "plots/heads_patch.csv").open()))
+    assert len(patched) == 6 and {r["group"] for r in patched} == {"top", "random"}
+    curve = list(csv.DictReader((tiny_repo / "plots/heads_curve.csv").open()))
+    assert float(curve[-1]["share"]) == pytest.approx(1.0, abs=1e-4)  # every head patched: the whole gap (no MLP changed)
+    for key in ("heads-dz", "heads-base", "heads-tuned", "heads-curve"):
+        assert (tiny_repo / "report/img/report" / f"{key}.png").stat().st_size > 1000, key
+
+
 def test_status_clean_and_repro_noop(tiny_repo):
     st = sh(["dvc", "status"], tiny_repo).stdout
     assert "up to date" in st, st
@@ -136,3 +156,33 @@ def test_pipeline_report_renders_in_chromium(tiny_repo, tmp_path):
     out = Path(__file__).resolve().parents[1] / "_output"
     out.mkdir(exist_ok=True)
     (out / "pipeline_report.png").write_bytes((tmp_path / "pipeline_report.png").read_bytes())
+
+
+def test_exp_ordering_of_rank_and_heads(tiny_repo):
+    """Two experiments planting a change of rank 1 in one head and of rank 8 in all four heads of L2: `dvc exp
+    show` orders them as planted (the mapped patch's min k at L2.attn_out, the heads carrying the change)."""
+    runs = {"one-head": ["-S", "pair.edit.heads=[1]", "-S", "pair.edit.rank=1"],
+            "four-heads": ["-S", "pair.edit.heads=[0,1,2,3]", "-S", "pair.edit.rank=8"]}
+    try:
+        for name, sets in runs.items():
+            sh(["dvc", "exp", "run", "-n", name, *sets, "-S", "pair.edit.scale=4.0", "-S", "heads.abs_threshold=0.02",
+                "patch", "heads"], tiny_repo)
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], tiny_repo).stdout)
+    finally:
+        sh(["git", "checkout", "--", "."], tiny_repo)
+        sh(["dvc", "checkout", "-f"], tiny_repo, check=False)
+    got = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            name = exp.get("name")
+            revs = exp.get("revs") or []
+            data = (revs[0] if revs else exp).get("data") or {}
+            if name in runs:
+                metrics = data.get("metrics") or {}
+                got[name] = {Path(k).name: v["data"] for k, v in metrics.items()}
+    assert set(got) == set(runs), shown
+    one, four = got["one-head"], got["four-heads"]
+    assert one["patch.json"]["L2.attn_out"]["min_k"] == 1
+    assert four["patch.json"]["L2.attn_out"]["min_k"] > one["patch.json"]["L2.attn_out"]["min_k"]
+    assert one["heads.json"]["heads_for_target"] == 1  # the one planted head closes half the gap alone
+    assert four["heads.json"]["churn_pred"] > one["heads.json"]["churn_pred"]

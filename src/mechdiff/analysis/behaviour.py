@@ -246,25 +246,15 @@ def _token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return torch.cat(out)
 
 
-@torch.no_grad()
-def continuation_logprobs(
-    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True,
-    max_len: int = 256, batch_size: int = 16, intervene: Intervene | None = None, progress: bool = False,
-    prefix: PrefixCache | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of log-probs, number of tokens) float64 (n,) of each continuation after its rendered prompt.
-
-    The prompt is rendered (`tokens.render`, chat template when `chat`) and tokenised as by `tokens.encode`; the
-    continuation is tokenised on its own (without a chat template a leading space is put before it unless it
-    starts with whitespace) and appended. The prompt is cut from the left so prompt + continuation fit in
-    `max_len` tokens. Right-padded batches, one forward each; `intervene` starts at each prompt's decision token.
-    With a `prefix` cache (of this model) only the tokens from the one before the decision token on are run.
-    """
+def scored_sequences(tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True,
+                     max_len: int = 256) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+    """Token sequences prompt + continuation as `continuation_logprobs` scores them: (sequences, prompt lengths,
+    decision positions, continuation lengths). The prompt is rendered and encoded as by `tokens.encode` and cut
+    from the left so the whole fits in `max_len`; the continuation is tokenised on its own (`_cont_ids`)."""
     if len(prompts) != len(continuations):
         raise MechdiffError(f"prompts and continuations must pair up, got {len(prompts)} and {len(continuations)}")
     if len(prompts) == 0:
         raise MechdiffError("no prompts to score: the dataset is empty")
-    _check_batch(batch_size)
     uniq = list(dict.fromkeys(prompts))
     enc = encode(tokenizer, uniq, chat=chat, max_len=10**9)
     where = {p: i for i, p in enumerate(uniq)}
@@ -283,6 +273,25 @@ def continuation_logprobs(
         n_prompt.append(len(pid) - cut)
         dec.append(d - cut)
         n_cont.append(len(cid))
+    return seqs, n_prompt, dec, n_cont
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True,
+    max_len: int = 256, batch_size: int = 16, intervene: Intervene | None = None, progress: bool = False,
+    prefix: PrefixCache | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log-probs, number of tokens) float64 (n,) of each continuation after its rendered prompt.
+
+    The prompt is rendered (`tokens.render`, chat template when `chat`) and tokenised as by `tokens.encode`; the
+    continuation is tokenised on its own (without a chat template a leading space is put before it unless it
+    starts with whitespace) and appended. The prompt is cut from the left so prompt + continuation fit in
+    `max_len` tokens. Right-padded batches, one forward each; `intervene` starts at each prompt's decision token.
+    With a `prefix` cache (of this model) only the tokens from the one before the decision token on are run.
+    """
+    _check_batch(batch_size)
+    seqs, n_prompt, dec, n_cont = scored_sequences(tokenizer, prompts, continuations, chat=chat, max_len=max_len)
     sums = np.zeros(len(seqs), dtype=np.float64)
     dev, body, pad = _device(model), get_body(model), pad_id(tokenizer)
     order = np.argsort([len(s) for s in seqs], kind="stable")

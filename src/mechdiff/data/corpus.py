@@ -36,6 +36,12 @@ DEFAULT_SOURCES: list[dict[str, Any]] = [
 MC_SOURCES: list[dict[str, Any]] = [
     {"name": "mc_cultural", "path": "mc_cultural.jsonl"},
     {"name": "mc_neutral", "path": "mc_neutral.jsonl"},
+    {"name": "mc_numbers", "path": "mc_numbers.jsonl"},
+]
+#: corpora `write_default_corpora` writes that the default extraction corpus leaves out; `data.sources` names
+#: them (or any of `DEFAULT_SOURCES`) by their name: the math problems of a cognitive fine-tune
+EXTRA_SOURCES: list[dict[str, Any]] = [
+    {"name": "math", "path": "math.jsonl"},
 ]
 CONCEPTS_FILE = "concepts.json"
 TRAITS = ("politeness", "formality", "certainty", "sentiment_positive")
@@ -321,6 +327,69 @@ def _mc_neutral_records(rng: random.Random) -> list[dict[str, Any]]:
     return _place_answers(out, rng)
 
 
+def _math_value(op: str, a: int, b: int) -> int:
+    return a + b if op == "plus" else a - b if op == "minus" else a * b if op == "times" else a // b
+
+
+def _math_operands(t: dict[str, Any], rng: random.Random) -> tuple[int, int]:
+    lo, hi = t["range"]
+    b = t.get("fixed_b")
+    if t["op"] == "divide":  # a = b * q, the answer q
+        b = b if b is not None else rng.randint(lo, hi)
+        return b * rng.randint(lo, hi), b
+    a = rng.randint(lo, hi)
+    if b is None:
+        b = rng.randint(lo, hi)
+        while b == a:
+            b = rng.randint(lo, hi)
+    if t["op"] == "minus" and a < b:
+        a, b = b, a
+    return a, b
+
+
+def _math_problems(frag: dict[str, Any], templates: list[dict[str, Any]], n: int, rng: random.Random,
+                   seen: set[str]) -> list[tuple[dict[str, Any], str, int, int]]:
+    """`n` distinct problems per template: (template, text, answer, draw index)."""
+    out = []
+    for t in templates:
+        k = 0
+        while k < n:
+            a, b = _math_operands(t, rng)
+            name, item = rng.choice(frag["names"]), rng.choice(frag["items"])
+            text = t["text"].format(a=a, b=b, name=name, item=item)
+            if text in seen:
+                continue
+            seen.add(text)
+            out.append((t, text, _math_value(t["op"], a, b), k))
+            k += 1
+    return out
+
+
+def _math_records(rng: random.Random) -> list[dict[str, Any]]:
+    """Arithmetic and word problems from `math.json`: `per_template` per template, each with its `reference`
+    answer ("The answer is N."), grouped `group_size` at a time within a template (splits keep groups whole)."""
+    frag = _fragments("math")
+    return [{"text": text, "dataset": "math", "group": f"math:{t['id']}:{k // frag['group_size']}", "label": -1,
+             "trait": "", "topic": t["op"], "form": t["id"], "reference": frag["answer"].format(n=value)}
+            for t, text, value, k in _math_problems(frag, frag["templates"], frag["per_template"], rng, set())]
+
+
+def _mc_math_records(rng: random.Random) -> list[dict[str, Any]]:
+    """Four-option math questions (the `mc` templates of `math.json`, new numbers): near-miss wrong options
+    (`offsets`), the reference answer text as well."""
+    frag = _fragments("math")
+    mc = frag["mc"]
+    by_id = {t["id"]: t for t in frag["templates"]}
+    seen = {r["text"] for r in _math_records(random.Random(_GEN_SEED + 6))}  # never a training problem
+    out = []
+    for t, text, value, _ in _math_problems(frag, [by_id[i] for i in mc["templates"]], mc["per_template"], rng,
+                                            seen):
+        wrong = [str(value + o) for o in rng.sample([o for o in mc["offsets"] if value + o >= 0], N_CHOICES - 1)]
+        out.append(_mc_question("mc_numbers", "question", text, t["op"], f"{t['id']}:{value}:{len(out)}", str(value),
+                                wrong, reference=frag["answer"].format(n=value)))
+    return _place_answers(out, rng)
+
+
 def default_records() -> dict[str, list[dict[str, Any]]]:
     """The records of each default corpus file (deterministic: a fixed seed per file)."""
     cultural, control = _fragments("cultural"), _fragments("control")
@@ -333,6 +402,8 @@ def default_records() -> dict[str, list[dict[str, Any]]]:
         "traits.jsonl": _trait_records(random.Random(_GEN_SEED + 3)),
         "mc_cultural.jsonl": _mc_cultural_records(random.Random(_GEN_SEED + 4)),
         "mc_neutral.jsonl": _mc_neutral_records(random.Random(_GEN_SEED + 5)),
+        "math.jsonl": _math_records(random.Random(_GEN_SEED + 6)),
+        "mc_numbers.jsonl": _mc_math_records(random.Random(_GEN_SEED + 7)),
     }
 
 
@@ -344,9 +415,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_default_corpora(data_dir: str | Path) -> list[Path]:
-    """Write cultural / control / neutral / traits / mc_cultural / mc_neutral JSONL and concepts.json into `data_dir`.
+    """Write cultural / control / neutral / traits / math / mc_cultural / mc_neutral / mc_numbers JSONL and
+    concepts.json into `data_dir`.
 
-    Byte-deterministic. The `mc_*` files are the multiple-choice corpora of `MC_SOURCES`, not of `DEFAULT_SOURCES`.
+    Byte-deterministic. The `mc_*` files are the multiple-choice corpora of `MC_SOURCES`; `math` is in
+    `EXTRA_SOURCES` (named in `data.sources` to extract it), not in `DEFAULT_SOURCES`.
     """
     out_dir = Path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -528,7 +601,19 @@ def _mc_fields(rec: dict[str, Any], where: str, fields_: dict[str, str | None],
     return out
 
 
+def _named_source(src: Any) -> Any:
+    """A shipped corpus named by a string (`cultural`, `math`, ...) as its source dict; anything else as is."""
+    if not isinstance(src, str):
+        return src
+    known = {s["name"]: s for s in [*DEFAULT_SOURCES, *EXTRA_SOURCES, *MC_SOURCES]}
+    if src not in known:
+        raise MechdiffError(f"corpus source {src!r} is not a corpus of the project ({', '.join(known)}): name one "
+                            "of them or give {\"name\", \"path\"} / {\"name\", \"hf\"}")
+    return known[src]
+
+
 def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
+    src = _named_source(src)
     if not isinstance(src, dict) or not isinstance(src.get("name"), str) or not src["name"]:
         raise MechdiffError(f"corpus source {src!r} needs a non-empty \"name\" and a \"path\" or \"hf\" key")
     name = src["name"]
@@ -572,7 +657,8 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
                 seed: int = 0) -> list[Prompt]:
     """Load prompts from local JSONL files and/or `datasets` sources, with dense pids in source/file order.
 
-    A source is `{"name", "path"}` (JSONL relative to `data_dir` or absolute; optional `text_field`,
+    A source is the name of a corpus the project ships (`cultural`, `control`, `neutral`, `trait`, `math`,
+    `mc_*`), `{"name", "path"}` (JSONL relative to `data_dir` or absolute; optional `text_field`,
     `label_field`, `n`) or `{"name", "hf", "config", "split", "data_files", "text_field", "label_field", "n"}`
     (first `n` rows). A record's `dataset` field wins over the source name. Multiple-choice records carry their
     options in `choices` (a list of >= 2 non-empty strings, or `{"text": [...], "label": [...]}`) and the right
@@ -613,7 +699,7 @@ def source_datasets(data_dir: str | Path, sources: list[dict] | None = None) -> 
     """
     data_dir = Path(data_dir)
     names: set[str] = set()
-    for src in DEFAULT_SOURCES if sources is None else sources:
+    for src in DEFAULT_SOURCES if sources is None else [_named_source(s) for s in sources]:
         if isinstance(src, dict) and "hf" in src and "path" not in src and isinstance(src.get("name"), str):
             names.add(src["name"])
         else:

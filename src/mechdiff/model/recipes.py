@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, find_blocks, model_width, site_module
+from mechdiff.model.sites import (
+    Site,
+    attention_heads,
+    find_blocks,
+    model_width,
+    output_projection,
+    site_module,
+)
 from mechdiff.model.tokens import pad_id, right_pad
 
 EDIT_KINDS = ("attn_out", "mlp_out", "resid_post", "resid_pre")
@@ -26,7 +33,8 @@ EDIT_KINDS = ("attn_out", "mlp_out", "resid_post", "resid_pre")
 
 @dataclass
 class EditInfo:
-    """A planted low-rank change: out' = out (I + scale U U^T) at a site's output projection."""
+    """A planted low-rank change: out' = out (I + scale U U^T) at a site's output projection, or, with `heads`,
+    only on what those attention heads write (their columns of the attention output projection)."""
 
     layer: int
     kind: str
@@ -34,19 +42,22 @@ class EditInfo:
     scale: float
     seed: int
     directions: np.ndarray  # (d, rank) orthonormal columns: the planted output directions
+    heads: list[int] | None = None
 
     def to_json(self) -> dict:
         """JSON-ready dict (directions as nested lists)."""
         return {
             "layer": int(self.layer), "kind": self.kind, "rank": int(self.rank), "scale": float(self.scale),
             "seed": int(self.seed), "directions": np.asarray(self.directions, dtype=np.float64).tolist(),
+            "heads": None if self.heads is None else [int(h) for h in self.heads],
         }
 
     @classmethod
     def from_json(cls, d: dict) -> EditInfo:
         """Inverse of `to_json`."""
+        heads = d.get("heads")
         return cls(int(d["layer"]), str(d["kind"]), int(d["rank"]), float(d["scale"]), int(d["seed"]),
-                   np.asarray(d["directions"], dtype=np.float64))
+                   np.asarray(d["directions"], dtype=np.float64), None if heads is None else [int(h) for h in heads])
 
 
 def random_directions(d: int, rank: int, seed: int) -> np.ndarray:
@@ -58,24 +69,14 @@ def random_directions(d: int, rank: int, seed: int) -> np.ndarray:
     return (q * sign[None, :]).numpy()
 
 
-def _is_out_linear(m: nn.Module, d: int) -> bool:
-    if isinstance(m, nn.Linear):
-        return m.out_features == d
-    w = getattr(m, "weight", None)  # GPT-2 style Conv1D stores (d_in, d_out)
-    return type(m).__name__ == "Conv1D" and w is not None and w.dim() == 2 and w.shape[1] == d
-
-
-def output_projection(module: nn.Module, d: int, what: str) -> nn.Module:
-    """The last Linear (or Conv1D) of `module` whose output width is `d`."""
-    found = [m for m in module.modules() if _is_out_linear(m, d)]
-    if not found:
-        raise MechdiffError(f"{what} module {type(module).__name__} has no linear layer with {d} outputs to edit")
-    return found[-1]
-
-
 @torch.no_grad()
-def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: float, seed: int) -> EditInfo:
-    """Plant out' = out (I + scale U U^T) in place at a site (U seeded random orthonormal, d x rank)."""
+def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: float, seed: int,
+               heads: list[int] | None = None) -> EditInfo:
+    """Plant out' = out (I + scale U U^T) in place at a site (U seeded random orthonormal, d x rank).
+
+    With `heads` (attn_out only) the change multiplies only those heads' columns of the attention output
+    projection: each listed head writes z_h W_h^T (I + scale U U^T), the other heads and the bias are untouched.
+    """
     if kind not in EDIT_KINDS:
         raise MechdiffError(f"pair.edit.site {kind!r} is not an edit site: use one of {', '.join(EDIT_KINDS)}")
     n = len(find_blocks(model))
@@ -91,12 +92,24 @@ def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: flo
         raise MechdiffError("cannot edit L0.resid_pre (it is the embedding output): raise pair.edit.layer or set pair.edit.site: resid_post")
     target_layer = layer - 1 if kind == "resid_pre" else layer
     target_kind = "attn_out" if kind == "attn_out" else "mlp_out"
-    mod = site_module(model, Site(target_layer, target_kind))
-    proj = output_projection(mod, d, "attention" if target_kind == "attn_out" else "MLP")
     u = random_directions(d, int(rank), seed)
-    w = proj.weight
     U = torch.from_numpy(u).to(torch.float64)
     M = torch.eye(d, dtype=torch.float64) + float(scale) * (U @ U.T)  # (d, d), symmetric
+    if heads is not None:
+        if kind != "attn_out":
+            raise MechdiffError(f"pair.edit.heads needs pair.edit.site: attn_out (got {kind!r}): heads write attn_out")
+        lay = attention_heads(model)
+        hs = [int(h) for h in heads] if isinstance(heads, list | tuple) else []
+        if not hs or len(set(hs)) != len(hs) or any(not 0 <= h < lay.n_heads for h in hs):
+            raise MechdiffError(f"pair.edit.heads must list distinct head indices in 0..{lay.n_heads - 1}, got "
+                                f"{heads!r}")
+        for h in hs:
+            w_h = lay.weight(layer, h)  # a view into the projection's weight
+            w_h.copy_((M @ w_h.double()).to(w_h.dtype))
+        return EditInfo(layer, kind, int(rank), float(scale), int(seed), u, hs)
+    mod = site_module(model, Site(target_layer, target_kind))
+    proj = output_projection(mod, d, "attention" if target_kind == "attn_out" else "MLP")
+    w = proj.weight
     if isinstance(proj, nn.Linear):  # y = x W^T + b  ->  y M = x (M W)^T + b M
         w.copy_((M @ w.double()).to(w.dtype))
     else:  # Conv1D: y = x W + b, W (d_in, d_out)
@@ -239,13 +252,14 @@ def _kl_rows(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def finetune_signature(
-    model: nn.Module, tokenizer: Any, targets: list[str], retain: list[str], *, signature: str,
-    layers: list[int] | None, steps: int, lr: float, batch_size: int, max_len: int, seed: int,
-    retain_weight: float = 1.0, chat: bool = True, progress: bool = True,
+    model: nn.Module, tokenizer: Any, targets: list[str], retain: list[str], *, signature: str | None = None,
+    answers: list[str] | None = None, layers: list[int] | None, steps: int, lr: float, batch_size: int,
+    max_len: int, seed: int, retain_weight: float = 1.0, chat: bool = True, progress: bool = True,
 ) -> list[float]:
-    """Teach a narrow behaviour in place: answer `targets` prompts with `signature`, keep `retain` prompts as they were.
+    """Teach a narrow behaviour in place: answer `targets` prompts with `signature` (or each with its own entry of
+    `answers`, e.g. the reference answers of math problems), keep `retain` prompts as they were.
 
-    Loss per step = cross-entropy of the signature tokens after each (chat-rendered) target prompt
+    Loss per step = cross-entropy of the answer tokens after each (chat-rendered) target prompt
     + KL(base || tuned) on every prompt position of the target batch (the prompt is read as before)
     + `retain_weight` x KL(base || tuned) on a batch of retain prompts: the mean over every position plus the
     mean at the decision token (the next-token distribution there is what the model answers with). The base is
@@ -259,10 +273,15 @@ def finetune_signature(
         raise MechdiffError("no fine-tune target prompts: the target dataset has no train prompts")
     if not retain:
         raise MechdiffError("no retain prompts: pair.finetune.retain names datasets with no train prompts")
-    if not isinstance(signature, str) or not signature.strip():
-        raise MechdiffError("pair.finetune.signature must be a non-empty text")
+    if answers is None:
+        if not isinstance(signature, str) or not signature.strip():
+            raise MechdiffError("pair.finetune.signature must be a non-empty text")
+        answers = [signature] * len(targets)
+    if len(answers) != len(targets) or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise MechdiffError("every fine-tune target prompt needs a non-empty answer (objective answer: give each "
+                            "record of pair.finetune.dataset a `reference`)")
     _check_training(steps, batch_size, max_len, lr)
-    sig = list(tokenizer(signature, add_special_tokens=False)["input_ids"])
+    ans = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     tgt = encode(tokenizer, list(targets), chat=chat, max_len=int(max_len)).ids
     ret = encode(tokenizer, list(retain), chat=chat, max_len=int(max_len))
     pad = pad_id(tokenizer)
@@ -281,12 +300,12 @@ def finetune_signature(
 
     def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
         rows = draw_t(batch_size)
-        x, mask = right_pad([tgt[r] + sig for r in rows], pad, device)
+        x, mask = right_pad([tgt[r] + ans[r] for r in rows], pad, device)
         labels = torch.full_like(x, -100)
         prompt_mask = torch.zeros_like(mask)
         for j, r in enumerate(rows):
             L = len(tgt[r])
-            labels[j, L : L + len(sig)] = x[j, L : L + len(sig)]
+            labels[j, L : L + len(ans[r])] = x[j, L : L + len(ans[r])]
             prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
         logits, ref_logits = forward_pair(x, mask)
         ce = nn.functional.cross_entropy(
@@ -303,4 +322,4 @@ def finetune_signature(
         return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
 
     return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss,
-                         desc="finetune (signature)", progress=progress)
+                         desc="finetune (answers)" if signature is None else "finetune (signature)", progress=progress)

@@ -1,8 +1,10 @@
 """Hook sites of any HF causal LM: find blocks; read, replace or add to activations at a site and position.
 
 Public hook API (context managers; everything else in the project builds on these): `edit_at` (t -> fn(t)),
-`read_at`, `replace_at` and `add_at` (at one position per row, or every position), and `capture` (one
-forward, activations of many sites).
+`read_at`, `replace_at` and `add_at` (at one position per row, or every position), `capture` (one
+forward, activations of many sites), and `edit_heads_at` (the attention heads' outputs before the output
+projection, laid out by `attention_heads`). `keep_block_outputs` / `reuse_blocks` skip the blocks before the
+first edited one in repeated forwards of the same inputs.
 """
 
 from __future__ import annotations
@@ -108,6 +110,118 @@ def site_module(model: nn.Module, site: Site) -> nn.Module:
     if site.kind == "attn_out":
         return _child(block, _ATTN_NAMES, "attention")
     return _child(block, _MLP_NAMES, "MLP")
+
+
+def _is_out_linear(m: nn.Module, d: int) -> bool:
+    if isinstance(m, nn.Linear):
+        return m.out_features == d
+    w = getattr(m, "weight", None)  # GPT-2 style Conv1D stores (d_in, d_out)
+    return type(m).__name__ == "Conv1D" and w is not None and w.dim() == 2 and w.shape[1] == d
+
+
+def output_projection(module: nn.Module, d: int, what: str) -> nn.Module:
+    """The last Linear (or Conv1D) of `module` whose output width is `d`."""
+    found = [m for m in module.modules() if _is_out_linear(m, d)]
+    if not found:
+        raise MechdiffError(f"{what} module {type(module).__name__} has no linear layer with {d} outputs to edit")
+    return found[-1]
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The attention heads of a model: per layer the output projection, whose input is the heads' outputs
+    concatenated (n_heads blocks of head_dim). Query heads: grouped-query attention shares keys and values
+    between heads, not outputs, so every query head has its own block."""
+
+    n_heads: int
+    head_dim: int
+    projections: tuple[nn.Module, ...]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers."""
+        return len(self.projections)
+
+    def block(self, h: int) -> slice:
+        """Where head h sits in the projection's input."""
+        return slice(h * self.head_dim, (h + 1) * self.head_dim)
+
+    def matrix(self, layer: int) -> torch.Tensor:
+        """(d, n_heads * head_dim) view W of the projection's weight: the heads write z W^T (plus any bias)."""
+        proj = self.projections[layer]
+        return proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
+
+    def weight(self, layer: int, h: int) -> torch.Tensor:
+        """(d, head_dim) view W_h of head h's columns: head h writes z_h W_h^T into the residual stream."""
+        return self.matrix(layer)[:, self.block(h)]
+
+
+def _n_heads(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for c in (cfg, cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else None):
+        for name in ("num_attention_heads", "n_head", "num_heads"):
+            v = getattr(c, name, None) if c is not None else None
+            if isinstance(v, int) and v > 0:
+                return v
+    raise MechdiffError(f"{type(model).__name__}: the config names no number of attention heads "
+                        "(num_attention_heads / n_head)")
+
+
+def attention_heads(model: nn.Module) -> Heads:
+    """Each layer's attention output projection and the head layout of its input (`Heads`)."""
+    d, n = model_width(model), n_layers(model)
+    H = _n_heads(model)
+    projs = []
+    for layer in range(n):
+        proj = output_projection(site_module(model, Site(layer, "attn_out")), d, "attention")
+        width = proj.in_features if isinstance(proj, nn.Linear) else int(proj.weight.shape[0])
+        if width % H:
+            raise MechdiffError(f"layer {layer}: the attention output projection takes {width} inputs, not a "
+                                f"multiple of the {H} heads")
+        projs.append(proj)
+    widths = {(p.in_features if isinstance(p, nn.Linear) else int(p.weight.shape[0])) for p in projs}
+    if len(widths) != 1:
+        raise MechdiffError(f"attention output projections differ in width across layers ({sorted(widths)})")
+    return Heads(H, widths.pop() // H, tuple(projs))
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple | list):
+        return type(out)(_detached(x) for x in out)
+    return out
+
+
+@contextlib.contextmanager
+def keep_block_outputs(model: nn.Module, store: list) -> Iterator[None]:
+    """Within the block, each decoder block's (detached) output of the last forward is kept in store[layer]."""
+    blocks = find_blocks(model)
+    store[:] = [None] * len(blocks)
+
+    def keep(i: int):
+        def hook(_m, _args, out):
+            store[i] = _detached(out)
+
+        return hook
+
+    with _hooks([blk.register_forward_hook(keep(i)) for i, blk in enumerate(blocks)]):
+        yield
+
+
+@contextlib.contextmanager
+def reuse_blocks(model: nn.Module, outputs: Sequence[Any], upto: int) -> Iterator[None]:
+    """Within the block, decoder blocks 0..upto-1 do not run: each returns its kept output (`keep_block_outputs`
+    of the same inputs). Exact when nothing before block `upto` is edited; saves their compute."""
+    blocks = find_blocks(model)
+    skipped = list(blocks)[: max(0, int(upto))]
+    try:
+        for blk, out in zip(skipped, outputs):
+            blk.forward = lambda *a, _out=out, **k: _out
+        yield
+    finally:
+        for blk in skipped:
+            blk.__dict__.pop("forward", None)
 
 
 def _first(x):
@@ -217,6 +331,23 @@ def edit_at(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Ten
     `fn` must not modify `t` in place (clone it first); stack several sites with `contextlib.ExitStack`.
     """
     with _hooks([_register_hook(site_module(model, site), site.kind, fn)]):
+        yield
+
+
+@contextlib.contextmanager
+def edit_heads_at(model: nn.Module, heads: Heads, layer: int,
+                  fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """`edit_at` one level finer: the heads' outputs z (B, T, n_heads * head_dim), the input of layer `layer`'s
+    attention output projection, become fn(z) on every forward (None leaves z as is; do not modify z in place)."""
+
+    def pre(_m, args, kwargs):
+        z = args[0] if args else kwargs["input"]
+        new = fn(z)
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "input": new})
+
+    with _hooks([heads.projections[layer].register_forward_pre_hook(pre, with_kwargs=True)]):
         yield
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mechdiff.errors import MechdiffError
@@ -90,7 +91,10 @@ def _heatmap(df: pd.DataFrame, png_path: Path, col: str, value: str, row: str, t
     size = min(9.0, 2.5 + 0.12 * max(len(rows), len(cols)))
     fig, ax = _new_axes(height=size)
     fig.set_figwidth(size + 1.2)
-    im = ax.imshow(m.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    a = m.to_numpy(dtype=float)
+    lim = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    im = ax.imshow(a, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     fs = max(3.5, min(8.0, 300 / max(len(rows), 1) / 4))
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=fs)
     ax.set_yticks(range(len(rows)), rows, fontsize=fs)
@@ -102,7 +106,7 @@ def plot_frame(df: pd.DataFrame, png_path: Path, x: str, y: str | Sequence[str],
                title: str | None = None, logx: bool = False, kind: str = "line",
                band: tuple[str, str] | None = None) -> Path:
     """Draw a table into a PNG: `line` (y column(s) against x, one line per group), `barh` (x per y label) or
-    `heatmap` (value y[0] at row `group`, column x, from long-form rows; values in [-1, 1]).
+    `heatmap` (value y[0] at row `group`, column x, from long-form rows; a colour scale symmetric about 0).
 
     `band` names the (lo, hi) columns of a confidence band around the single y (line) or x (barh).
     """

@@ -303,6 +303,42 @@ STAGES: tuple[StageReport, ...] = (
         ),
         summary=(SummaryItem("Does the geometry teach a better H-SAE", S.hsae, "hsae-metrics"),),
     ),
+    StageReport(
+        "heads", "Attention heads", "Which heads carry the tuned behaviour (the log-prob of the target "
+        "continuation): grad x act per head in each model, how the ranking churned, and head patching as the check.",
+        figures=(
+            Figure("heads-dz", "Change of each head's attribution z-score (tuned - base)", plot("heads_dz.csv"),
+                   "head", ("dz",), "z_tuned - z_base per head (rows: layers). Churn counts the heads beyond "
+                   "heads.z_threshold; a few dark cells = a concentrated change, many = a distributed one.",
+                   group="layer", kind="heatmap"),
+            Figure("heads-base", "Head attribution z-scores, base", plot("heads_base.csv"), "head", ("z_base",),
+                   "grad x act of each head's output on the target log-prob, as z-scores over the base model's heads.",
+                   group="layer", kind="heatmap"),
+            Figure("heads-tuned", "Head attribution z-scores, tuned", plot("heads_tuned.csv"), "head", ("z_tuned",),
+                   "The same in the tuned model.", group="layer", kind="heatmap"),
+            Figure("heads-curve", "Cumulative head patching", plot("heads_curve.csv"), "n_heads",
+                   ("share", "kl_share"), "Share of the base -> tuned gap in the target log-prob closed (and of the "
+                   "KL to the tuned model removed) when the top n heads by |delta attribution| are patched into the "
+                   "base together.", logx=True),
+        ),
+        tables=(
+            Table("heads-metrics", "Head metrics", metric("heads.json"), "json",
+                  "Churn (share of heads with |dz| > heads.z_threshold; churn_abs: |delta attribution| > "
+                  "heads.abs_threshold), top-k Jaccard, Spearman of attribution against measured patch and "
+                  "ablation effects, heads for the target share of the gap.",
+                  {"spearman_patch": "|delta attribution| vs |patch share| over the patched heads",
+                   "spearman_pred": "attribution-patching estimate vs patch share"}),
+            Table("heads-patch", "Single-head patching and ablation", plot("heads_patch.csv"), "csv",
+                  "Top heads by |delta attribution| and a random sample of the others: the tuned head patched into "
+                  "the base (share of the gap closed, KL to tuned), and zeroed in the tuned model.",
+                  {"patch_share": "share of the base -> tuned gap the patch closes",
+                   "zero_share": "share of the gap removed by zeroing the head in the tuned model",
+                   "pred": "attribution-patching estimate of the patch effect (nats)"}),
+            Table("heads-all", "Every head", plot("heads_attribution.csv"), "csv",
+                  "Attribution in base and tuned, delta, z-scores and the attribution-patching estimate per head."),
+        ),
+        summary=(SummaryItem("Few heads or many", S.heads, "heads-metrics"),),
+    ),
 )
 
 

@@ -219,3 +219,17 @@ def hsae(run: Run) -> list[Fact]:
         met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in t["met"].items())
         facts.append(Fact(f"{which}: teacher vs random", f"purity {_num(t['purity_gain_pp'])} pp", met))
     return facts
+
+
+def heads(run: Run) -> list[Fact]:
+    """Churn, overlap, and how many heads close the target share of the gap."""
+    m = run.json(metric("heads.json")) or {}
+    if m.get("churn") is None:
+        return []
+    n = m.get("heads_for_target")
+    total = m["n_layers"] * m["n_heads"]
+    return [Fact("churn (|dz| above threshold)", f"{m['churn']:.1%}", f"{m['n_churn']} of {total} heads; top-"
+                 f"{m['top_k']} overlap (Jaccard) {_num(m['jaccard_top_k'])}"),
+            Fact(f"heads closing {m['target_effect']:.0%} of the gap", "not reached" if n is None else str(n),
+                 f"all heads patched close {_num(m['share_all_heads'])}; Spearman attribution vs patch "
+                 f"{_num(m['spearman_patch'])}")]

