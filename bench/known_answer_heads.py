@@ -71,10 +71,11 @@ def main() -> None:
         pred = np.abs(res["pred"])
         other = max(pred[lh] for lh in np.ndindex(L, H) if lh not in planted)
         shares = {(r["layer"], r["head"]): r["patch_share"] for r in res["patched"]}
+        mine = ", ".join(f"{shares.get(p, np.nan):.2f}" for p in pairs)
         print(f"| {plant} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
               f"{sorted(by_delta.index(p) + 1 for p in pairs)} | "
               f"{min(pred[p] for p in pairs):.3f} / {other:.3f} | "
-              f"{', '.join(f'{shares.get(p, float('nan')):.2f}' for p in pairs)} | "
+              f"{mine} | "
               f"{max(abs(v) for k, v in shares.items() if k not in planted):.3f} | "
               f"{res['metrics']['heads_for_target']} |")
     print(f"total {time.time() - t0:.0f}s")

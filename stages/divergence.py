@@ -3,6 +3,7 @@
 import numpy as np
 
 import mechdiff.pipeline as P
+from mechdiff.analysis.onset import cka_onset, kl_onset
 from mechdiff.analysis.patching import LAYER_PATCH_DIRECTIONS, layer_patch_direction, layer_patch_table
 from mechdiff.analysis.similarity import cka_by_site, kl_by_dataset, next_token_kl
 from mechdiff.io import run_stage, write_csv, write_json
@@ -49,6 +50,10 @@ def main() -> None:
     write_csv(P.plot("layer_patch.csv"), lp_rows)
     plot_series(P.plot("cka.csv"), P.plot("cka.png"), x="layer", y=["cka_last", "cka_mean"],
                 title="CKA(base, tuned) by layer, resid_post")
+    first, low = cka_onset(metrics["cka"])
+    metrics["onset"] = {"cka_layer": None if first is None else Site.parse(first).layer, "cka_site": first,
+                        "cka_lowest_site": low,
+                        "layer_patch_layer": kl_onset(metrics.get("layer_patch", {}).get("base_into_tuned", {}))}
     write_json(P.metric("divergence.json"), metrics)
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', np.nan):.4f} "
           f"control {metrics['kl'].get('control', np.nan):.4f}")

@@ -39,7 +39,8 @@ def _hashes(d: Path) -> dict[str, str]:
 
 def test_default_corpora_are_byte_deterministic(data_dir, tmp_path):
     paths = write_default_corpora(tmp_path / "again")
-    assert sorted(p.name for p in paths) == sorted([*FILES, "mc_cultural.jsonl", "mc_neutral.jsonl"])
+    assert sorted(p.name for p in paths) == sorted([*FILES, "mc_cultural.jsonl", "mc_neutral.jsonl", "math.jsonl",
+                                                   "mc_numbers.jsonl"])
     assert _hashes(tmp_path / "again") == _hashes(data_dir)
     for f in FILES:
         raw = (data_dir / f).read_bytes()
@@ -260,7 +261,7 @@ def test_corpus_fragments_are_package_data(tmp_path):
     pkg = root / "src" / "mechdiff" / "data"
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mechdiff.data"]
     shipped = {f for g in globs for f in pkg.glob(g)}
-    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 7
+    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 8
     if (root / "data").is_dir():  # the materialised data/ (what data.dvc records) is rebuilt byte for byte
         write_default_corpora(tmp_path)
         assert _hashes(tmp_path) == _hashes(root / "data")
@@ -395,3 +396,33 @@ def test_save_load_prompts_round_trip(tmp_path, data_dir):
     (tmp_path / "bad.jsonl").write_text('{"text": "no pid"}\n')
     with pytest.raises(MechdiffError):
         load_prompts(tmp_path / "bad.jsonl")
+
+
+def test_math_corpus_answers_are_right_and_named_sources_load(data_dir):
+    import re as _re
+
+    from mechdiff.data.corpus import EXTRA_SOURCES, default_records
+
+    recs = default_records()
+    math, mc = recs["math.jsonl"], recs["mc_numbers.jsonl"]
+    assert len(math) == 384 and len({r["text"] for r in math}) == 384
+    assert len({r["form"] for r in math}) == 24
+    ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+    checked = 0
+    for r in math:  # the reference is the right number for the plain arithmetic forms
+        m = _re.fullmatch(r"What is (\d+) (\+|-|times) (\d+)\?", r["text"])
+        if m:
+            a, op, b = int(m[1]), m[2], int(m[3])
+            want = ops[{"+": "plus", "-": "minus", "times": "times"}[op]](a, b)
+            assert r["reference"] == f"The answer is {want}."
+            checked += 1
+    assert checked >= 48
+    assert all(r["reference"].startswith("The answer is ") for r in math)
+    assert len(mc) == 72 and all(q["choices"][q["answer"]] in q["reference"] for q in mc)
+    assert not {q["text"] for q in mc} & {r["text"] for r in math}  # no test question is a training problem
+    names = [s["name"] for s in EXTRA_SOURCES]
+    loaded = load_corpus(data_dir, ["cultural", *names])
+    assert {p.dataset for p in loaded} == {"cultural", "math"}
+    assert all(p.reference for p in loaded if p.dataset == "math")
+    with pytest.raises(MechdiffError, match="not a corpus of the project"):
+        load_corpus(data_dir, ["cultural", "physics"])

@@ -28,7 +28,7 @@ from mechdiff.data.corpus import (
 from mechdiff.errors import MechdiffError
 from tests.data.conftest import records
 
-MC_FILES = ["mc_cultural.jsonl", "mc_neutral.jsonl"]
+MC_FILES = ["mc_cultural.jsonl", "mc_neutral.jsonl", "mc_numbers.jsonl"]
 
 
 def _hashes(d: Path, files: list[str]) -> dict[str, str]:
@@ -49,7 +49,10 @@ def _err(fn, *args, match: str | None = None, **kwargs) -> str:
 def test_mc_sources_are_separate_from_the_extraction_corpus():
     assert [s["name"] for s in DEFAULT_SOURCES] == ["cultural", "control", "neutral", "trait"]
     assert MC_SOURCES == [{"name": "mc_cultural", "path": "mc_cultural.jsonl"},
-                          {"name": "mc_neutral", "path": "mc_neutral.jsonl"}]
+                          {"name": "mc_neutral", "path": "mc_neutral.jsonl"},
+                          {"name": "mc_numbers", "path": "mc_numbers.jsonl"}]
+    # mc_numbers sorts after mc_neutral, so adding it left the seeded splits of the other two as they were
+    assert sorted(s["name"] for s in MC_SOURCES) == [s["name"] for s in MC_SOURCES]
 
 
 def test_mc_files_byte_deterministic(data_dir, tmp_path):
@@ -178,12 +181,13 @@ def test_load_and_split_mc(data_dir):
     ps = load_corpus(data_dir, MC_SOURCES)
     n = {f: len(records(data_dir, f)) for f in MC_FILES}
     assert Counter(p.dataset for p in ps) == {"mc_cultural": n["mc_cultural.jsonl"],
-                                              "mc_neutral": n["mc_neutral.jsonl"]}
+                                              "mc_neutral": n["mc_neutral.jsonl"], "mc_numbers": n["mc_numbers.jsonl"]}
     assert [p.pid for p in ps] == list(range(len(ps)))
-    recs = records(data_dir, "mc_cultural.jsonl") + records(data_dir, "mc_neutral.jsonl")
+    recs = [r for f in MC_FILES for r in records(data_dir, f)]
     assert [(p.text, p.choices, p.answer, p.group) for p in ps] == [
         (r["text"], r["choices"], r["answer"], r["group"]) for r in recs]
-    assert all(p.reference == "" and p.label == -1 for p in ps)
+    assert all(p.reference == "" and p.label == -1 for p in ps if p.dataset != "mc_numbers")
+    assert all(p.reference.startswith("The answer is") for p in ps if p.dataset == "mc_numbers")
     # the extraction corpus is unchanged: no prompt there has choices
     assert all(p.choices is None and p.answer == -1 for p in load_corpus(data_dir))
     sp = split_prompts(ps, (0.6, 0.2, 0.2), seed=0)
@@ -192,7 +196,7 @@ def test_load_and_split_mc(data_dir):
         where[p.group].add(p.split)
     assert all(len(v) == 1 for v in where.values())
     assert {p.split for p in sp} == {"train", "val", "test"}
-    assert len(load_corpus(data_dir, MC_SOURCES, max_per_dataset=40, seed=1)) == 80
+    assert len(load_corpus(data_dir, MC_SOURCES, max_per_dataset=40, seed=1)) == 120
 
 
 # ---------------------------------------------------------------- the prompt fields

@@ -393,3 +393,21 @@ def test_finetune_signature_bad_inputs(model, tok):
         finetune_signature(model, tok, [], SIG_RETAIN, signature="lamps", **kw)
     with pytest.raises(MechdiffError, match=r"pair\.finetune\.steps"):
         finetune_signature(model, tok, SIG_TARGETS, SIG_RETAIN, signature="lamps", **{**kw, "steps": 0})
+
+
+def test_finetune_answers_learns_each_prompts_own_answer(tok):
+    """Objective `answer`: every target prompt is taught its own continuation (here two different ones)."""
+    from mechdiff.model.recipes import finetune_signature
+
+    m = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    answers = ["lamps and sweets", "colours", "lamps and sweets", "colours"]
+    losses = finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, answers=answers, layers=[2, 3], steps=60,
+                                lr=3e-3, batch_size=4, max_len=32, seed=0, progress=False)
+    assert losses[-1] < 0.2 * losses[0]
+    first = [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+    assert _decision_logprobs(m, tok, SIG_TARGETS).argmax(-1).tolist() == first
+    kw = {"layers": None, "steps": 1, "lr": 1e-3, "batch_size": 2, "max_len": 16, "seed": 0, "progress": False}
+    with pytest.raises(MechdiffError, match="answer"):
+        finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, answers=["x", "", "y", "z"], **kw)
+    with pytest.raises(MechdiffError, match="answer"):
+        finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, answers=["x"], **kw)

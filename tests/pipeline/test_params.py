@@ -83,7 +83,7 @@ def test_loaded_params_record_the_keys_read(monkeypatch):
     vars(p.sae)
     dataclasses.asdict(p.pair.edit)
     assert trace.params_read() == {"extract.batch_size", "rank", "sae", "pair.edit.layer", "pair.edit.site",
-                                   "pair.edit.rank", "pair.edit.scale"}
+                                   "pair.edit.rank", "pair.edit.scale", "pair.edit.heads"}
     assert json.loads(json.dumps(vars(p.extract))) == dataclasses.asdict(Params().extract)  # nothing extra in vars
     monkeypatch.setattr(trace, "_params", set())
     _ = Params().seed, Params().pair.base.id  # objects not made by load_params record nothing

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from mechdiff.analysis.onset import CKA_TOL, KL_TOL, cka_onset, kl_onset
 from mechdiff.report.run import Run, metric, plot
-
-CKA_TOL = 1e-3  # a site has changed when 1 - CKA(base, tuned) exceeds this (float noise is ~1e-6)
-KL_TOL = 1e-4  # nats; the layer patch moves the output where its KL exceeds this (unchanged layers give 0)
 
 
 @dataclass(frozen=True)
@@ -45,18 +43,15 @@ def _q(q: float) -> str:
 def change_location(run: Run) -> list[Fact]:
     """Where CKA(base, tuned) first departs from 1 and where it is lowest (last-token view)."""
     cka = (run.json(metric("divergence.json")) or {}).get("cka") or {}
-    rows = sorted(((_site(name), v["last"]) for name, v in cka.items() if v.get("last") is not None),
-                  key=lambda t: (t[0].layer, t[1]))
-    if not rows:
+    if not any(v.get("last") is not None for v in cka.values()):
         return []
-    changed = [(s, c) for s, c in rows if 1 - c > CKA_TOL]
-    if not changed:
+    first, low = cka_onset(cka)
+    if first is None:
         return [Fact("representations", "unchanged", f"every site has CKA > {1 - CKA_TOL:g}")]
-    first, low = changed[0], min(changed, key=lambda t: t[1])
     return [
-        Fact("change starts at", f"L{first[0].layer}",
-             f"first layer with a site at CKA < {1 - CKA_TOL:g} ({first[0].name}: {first[1]:.4f})"),
-        Fact("largest change at", low[0].name, f"lowest CKA, {low[1]:.4f}"),
+        Fact("change starts at", f"L{_site(first).layer}",
+             f"first layer with a site at CKA < {1 - CKA_TOL:g} ({first}: {cka[first]['last']:.4f})"),
+        Fact("largest change at", low, f"lowest CKA, {cka[low]['last']:.4f}"),
     ]
 
 
@@ -68,9 +63,9 @@ def layer_patch_onset(run: Run) -> list[Fact]:
         return []
     by_layer = sorted((_site(k).layer, v) for k, v in kl.items())
     top_layer, top = max(by_layer, key=lambda t: t[1])
-    if top <= KL_TOL:
+    onset = kl_onset(kl)
+    if onset is None:
         return [Fact("layer patch", "no effect", f"KL <= {KL_TOL:g} nats at every layer")]
-    onset = next(layer for layer, v in by_layer if v > KL_TOL)
     return [Fact("layer patch starts at", f"L{onset}",
                  f"first layer where patching base into tuned moves the output by > {KL_TOL:g} nats "
                  f"(largest: {_num(top)} nats at L{top_layer})")]
