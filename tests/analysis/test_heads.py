@@ -227,11 +227,52 @@ def test_cumulative_bisects_to_the_fewest_heads():
     assert n is None
 
 
-def test_spearman_matches_scipy(world):
+def test_spearman_against_hand_ranks(world):
+    from mechdiff.analysis.heads import _spearman
+
+    # ranks of x: 1, 3, 2, 4; of y: 2, 3, 1, 4 -> d^2 = 1 + 0 + 1 + 0 = 2, rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    assert _spearman([0.1, 0.9, 0.5, 2.0], [10.0, 30.0, 5.0, 40.0]) == pytest.approx(0.8)
+    assert _spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # constant: undefined
     _, _, _, res = _planted(world, [2])
     pr = res["patched"]
     ref = spearmanr(np.abs([r["delta_attr"] for r in pr]), np.abs([r["patch_share"] for r in pr])).statistic
     assert res["metrics"]["spearman_patch"] == pytest.approx(ref)
+
+
+def test_zero_matches_a_manual_ablation_and_models_are_left_as_they_were(world):
+    import mechdiff.analysis.heads as H
+
+    base, tuned, batches, _ = _planted(world, [1], layer=2)
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    bs, ts = attribution(base, batches), attribution(tuned, batches)
+    assert all(p.grad is None for p in [*base.parameters(), *tuned.parameters()])  # no parameter gradients
+    p = H.Patcher(base, tuned, batches, bs, ts)
+    got = p.zero([(2, 1), (0, 3)])
+    heads = attention_heads(tuned)
+
+    def ablate(layer, h):
+        def fn(z):
+            z = z.clone()
+            z[..., heads.block(h)] = 0
+            return z
+        return edit_heads_at(tuned, heads, layer, fn)
+
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            with ablate(2, 1), ablate(0, 3):
+                s, _ = _score(tuned, b)
+            tot, n = tot + float(s.sum()), n + len(b.rows)
+    assert got["effect"] == pytest.approx(ts.scores.mean() - tot / n, rel=1e-6, abs=1e-9)
+    assert all(torch.equal(q, before[k]) for k, q in tuned.named_parameters())
+    # no hook or replaced forward is left behind: a plain run scores as before
+    assert _f(tuned, batches) == pytest.approx(ts.scores.mean(), rel=1e-9)
+    with pytest.raises(MechdiffError, match="out of range"):
+        p.patch([(2, 9)])
+    with pytest.raises(MechdiffError, match="twice"):
+        p.zero([(2, 1), (2, 1)])
+    with pytest.raises(MechdiffError, match="rank_by"):
+        H.diff_heads(base, tuned, batches, rank_by="size")
 
 
 def test_identical_models_and_bad_edits_fail_cleanly(world):

@@ -9,14 +9,14 @@ attention shares keys and values, not outputs, so every query head is one block)
 - `attribution`: per head, grad x act on its block, summed over positions and averaged over prompts, with the
   heads' outputs as independent inputs (each a leaf: a change in one head does not spill into the attribution
   of every head that feeds it); with `ig_steps` > 0, integrated gradients along the straight path from all head
-  outputs 0 to their values (the heads then add up exactly to f(z) - f(all heads 0)).
+  outputs 0 to their values (the heads then add up to f(z) - f(all heads 0), up to the quadrature error).
 - `zscores`, `churn`, `topk_jaccard`: how the two models' head rankings differ.
 - `Patcher`: a head's write into the residual stream, z_h W_h^T, replaced in the base by the tuned model's
   (patch: the tuned activation through the tuned weights, so a change in the head's own output weights counts),
   or zeroed in the tuned model (zero); the behaviour change as a share of the base -> tuned gap and the KL to
   the tuned model's next-token distributions on the continuation.
-- `cumulative`: the top 1, 2, 4, ... heads by |delta attribution| patched together, and the fewest heads that
-  close a target share of the gap (exact, by bisection between the powers of two).
+- `cumulative`: the top 1, 2, 4, ... heads (by the estimate, or by |delta attribution|) patched together, and the
+  fewest heads that close a target share of the gap (by bisection between the powers of two).
 - `diff_heads`: all of it for one pair.
 """
 
@@ -32,6 +32,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from mechdiff.analysis.behaviour import _hidden, _progress
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import (
     Heads,
@@ -81,10 +82,6 @@ def make_batches(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], n_cont:
     return out
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out.last_hidden_state
-
-
 def _score(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row summed continuation log-prob (B,) float64, continuation logits (N, V) float32) of one forward."""
     hidden = _hidden(get_body(model)(input_ids=b.ids, attention_mask=b.mask, use_cache=False))
@@ -92,12 +89,6 @@ def _score(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     tok = log_softmax(logits).gather(1, b.ids[b.bi, b.ti][:, None])[:, 0]
     scores = torch.zeros(len(b.rows), dtype=torch.float64, device=tok.device).index_add(0, b.seg.to(tok.device), tok)
     return scores, logits
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------------- attribution
@@ -136,6 +127,8 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
     estimate of patching each head in from the other model: sum over positions of
     (z'_h W'_h^T - z_h W_h^T) . dF/d(attn_out).
     """
+    if (other is None) != (other_model is None):
+        raise MechdiffError("attribution: pass both `other` (the other model's scan) and `other_model`, or neither")
     heads = attention_heads(model)
     L = heads.n_layers
     n = int(sum(len(b.rows) for b in batches))
@@ -161,7 +154,6 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
             ctxs.append(edit_heads_at(model, heads, layer, fn))
             if outs is not None:
                 def keep(t: torch.Tensor, layer: int = layer) -> None:
-                    t.retain_grad()
                     outs[layer] = t
 
                 ctxs.append(edit_at(model, Site(layer, "attn_out"), keep))
@@ -176,14 +168,17 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
             for ctx in leaves(None, 1.0, z_store, g_store if pred is not None else None):
                 st.enter_context(ctx)
             s, lg = _score(model, b)
-            s.sum().backward()
+            wrt = [z_store[layer] for layer in range(L)] + ([g_store[layer] for layer in range(L)] if pred is not None
+                                                           else [])
+            got = torch.autograd.grad(s.sum(), wrt)  # only these: no parameter collects a gradient
         scores[b.rows] = s.detach().cpu().numpy()
         logits_all.append(lg.detach())
         blocks.append(kept)
         zb = [z_store[layer].detach() for layer in range(L)]
         zs.append(zb)
         bar.update(1)
-        grads = [z_store[layer].grad for layer in range(L)]
+        grads = list(got[:L])
+        out_grads = list(got[L:])
         if ig_steps:
             grads = [torch.zeros_like(g) for g in grads]
             for i in range(ig_steps):
@@ -192,16 +187,17 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
                     for ctx in leaves(zb, (i + 0.5) / ig_steps, scaled, None):
                         st.enter_context(ctx)
                     s_a, _ = _score(model, b)
-                    s_a.sum().backward()
+                    g_a = torch.autograd.grad(s_a.sum(), [scaled[layer] for layer in range(L)])
                 for layer in range(L):
-                    grads[layer] += scaled[layer].grad / ig_steps
+                    grads[layer] += g_a[layer] / ig_steps
                 bar.update(1)
         for layer in range(L):
-            attr[layer] += _block_sum(zb[layer] * grads[layer], b.mask, heads).sum(0).cpu().numpy()
+            attr[layer] += _block_sum(zb[layer].double() * grads[layer].double(), b.mask, heads).sum(0).cpu().numpy()
             if pred is not None:
-                g = g_store[layer].grad.detach()
-                W, Wo = heads.matrix(layer).detach(), other_heads.matrix(layer).detach()
-                diff = other.z[bn][layer] * (g @ Wo.to(g.dtype)) - zb[layer] * (g @ W.to(g.dtype))
+                g = out_grads[layer].detach().double()
+                W = heads.matrix(layer).detach().to(g.device, torch.float64)
+                Wo = other_heads.matrix(layer).detach().to(g.device, torch.float64)
+                diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - zb[layer].double() * (g @ W)
                 pred[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
     bar.close()
     return Scan(attr / n, scores, zs, logits_all, blocks, None if pred is None else pred / n)
@@ -282,11 +278,22 @@ class Patcher:
             logits.append(lg)
         return float(np.concatenate(scores).mean()), self._kl(logits)
 
+    def _by_layer(self, heads: HeadSet) -> dict[int, list[int]]:
+        """{layer: [head, ...]} of a head set, checked: in range, no head twice."""
+        by_layer: dict[int, list[int]] = {}
+        seen: set[tuple[int, int]] = set()
+        for layer, h in heads:
+            lh = (int(layer), int(h))
+            if not (0 <= lh[0] < self.hb.n_layers and 0 <= lh[1] < self.hb.n_heads) or lh in seen:
+                raise MechdiffError(f"head {lh} is out of range (layers 0..{self.hb.n_layers - 1}, heads "
+                                    f"0..{self.hb.n_heads - 1}) or listed twice")
+            seen.add(lh)
+            by_layer.setdefault(lh[0], []).append(lh[1])
+        return by_layer
+
     def patch(self, heads: HeadSet) -> dict[str, float]:
         """Base forwards with each head's write replaced by the tuned model's: score change, gap share, KL."""
-        by_layer: dict[int, list[int]] = {}
-        for layer, h in heads:
-            by_layer.setdefault(int(layer), []).append(int(h))
+        by_layer = self._by_layer(heads)
 
         def hooks(bn: int):
             out = []
@@ -303,7 +310,8 @@ class Patcher:
                     add = torch.zeros_like(t)
                     for h in hs:
                         sl = self.hb.block(h)
-                        add = add + zt[..., sl].to(t.dtype) @ Wt[:, sl].T.to(t.dtype) - seen["z"][..., sl] @ Wb[:, sl].T
+                        add = (add + zt[..., sl].to(t.device, t.dtype) @ Wt[:, sl].T.to(t.device, t.dtype)
+                               - seen["z"][..., sl] @ Wb[:, sl].T)
                     return t + add
 
                 out += [edit_heads_at(self.base, self.hb, layer, read), edit_at(self.base, Site(layer, "attn_out"), write)]
@@ -315,9 +323,7 @@ class Patcher:
 
     def zero(self, heads: HeadSet) -> dict[str, float]:
         """Tuned forwards with the heads' outputs zeroed: score change and the share of the gap it removes."""
-        by_layer: dict[int, list[int]] = {}
-        for layer, h in heads:
-            by_layer.setdefault(int(layer), []).append(int(h))
+        by_layer = self._by_layer(heads)
 
         def hooks(_bn: int):
             out = []
@@ -391,14 +397,14 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     Returns {"base", "tuned", "delta", "z_base", "z_tuned", "pred" (L, H) arrays, "patched" (one dict per
     patched head), "curve" (cumulative rows), "metrics"}.
     """
+    if rank_by not in ("pred", "delta"):
+        raise MechdiffError(f"rank_by must be pred or delta, got {rank_by!r}")
     ts = attribution(tuned, batches, ig_steps=ig_steps, progress=progress)
     bs = attribution(base, batches, ig_steps=ig_steps, other=ts, other_model=tuned, progress=progress)
     delta = ts.attr - bs.attr
     zb, zt = zscores(bs.attr), zscores(ts.attr)
     L, H = delta.shape
     patcher = Patcher(base, tuned, batches, bs, ts, progress=progress)
-    if rank_by not in ("pred", "delta"):
-        raise MechdiffError(f"rank_by must be pred or delta, got {rank_by!r}")
     order = top_heads(bs.pred if rank_by == "pred" else delta, L * H)
     top = order[: min(int(n_patch), L * H)]
     rest = order[len(top):]

@@ -318,8 +318,8 @@ STAGES: tuple[StageReport, ...] = (
                    "The same in the tuned model.", group="layer", kind="heatmap"),
             Figure("heads-curve", "Cumulative head patching", plot("heads_curve.csv"), "n_heads",
                    ("share", "kl_share"), "Share of the base -> tuned gap in the target log-prob closed (and of the "
-                   "KL to the tuned model removed) when the top n heads by |delta attribution| are patched into the "
-                   "base together.", logx=True),
+                   "KL to the tuned model removed) when the top n heads are patched into the "
+                   "base together (ordered by heads.rank_by).", logx=True),
         ),
         tables=(
             Table("heads-metrics", "Head metrics", metric("heads.json"), "json",
@@ -329,7 +329,7 @@ STAGES: tuple[StageReport, ...] = (
                   {"spearman_patch": "|delta attribution| vs |patch share| over the patched heads",
                    "spearman_pred": "attribution-patching estimate vs patch share"}),
             Table("heads-patch", "Single-head patching and ablation", plot("heads_patch.csv"), "csv",
-                  "Top heads by |delta attribution| and a random sample of the others: the tuned head patched into "
+                  "Top heads by heads.rank_by and a random sample of the others: the tuned head's write patched into "
                   "the base (share of the gap closed, KL to tuned), and zeroed in the tuned model.",
                   {"patch_share": "share of the base -> tuned gap the patch closes",
                    "zero_share": "share of the gap removed by zeroing the head in the tuned model",

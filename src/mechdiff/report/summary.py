@@ -226,5 +226,6 @@ def heads(run: Run) -> list[Fact]:
     return [Fact("churn (|dz| above threshold)", f"{m['churn']:.1%}", f"{m['n_churn']} of {total} heads; top-"
                  f"{m['top_k']} overlap (Jaccard) {_num(m['jaccard_top_k'])}"),
             Fact(f"heads closing {m['target_effect']:.0%} of the gap", "not reached" if n is None else str(n),
-                 f"all heads patched close {_num(m['share_all_heads'])}; Spearman attribution vs patch "
-                 f"{_num(m['spearman_patch'])}")]
+                 f"all heads patched close {_num(m['share_all_heads'])}; Spearman of the ranking "
+                 f"({m.get('rank_by', 'delta')}) vs measured patch "
+                 f"{_num(m['spearman_pred'] if m.get('rank_by') == 'pred' else m['spearman_patch'])}")]
