@@ -49,9 +49,9 @@ def main() -> None:
     test = [q.text for q in prompts if q.dataset == "cultural" and q.split == "test"][: args.prompts]
     enc = encode(tok, test)
     print(f"model {args.model}, {len(test)} cultural test prompts, rank {args.rank}, scale {args.scale}")
-    print("| planted | rank by pred | rank by abs(delta attr) | planted pred / max other pred | patch share planted "
+    print("| planted | gap (nats) | rank by pred | rank by abs(delta attr) | planted pred / max other pred | patch share planted "
           "| max patch share other | heads for 50 % |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for plant in args.plants:
         pairs = [tuple(int(x) for x in p.split(":")) for p in plant.split(",")]
         layer = pairs[0][0]
@@ -72,7 +72,7 @@ def main() -> None:
         other = max(pred[lh] for lh in np.ndindex(L, H) if lh not in planted)
         shares = {(r["layer"], r["head"]): r["patch_share"] for r in res["patched"]}
         mine = ", ".join(f"{shares.get(p, np.nan):.2f}" for p in pairs)
-        print(f"| {plant} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
+        print(f"| {plant} | {res['metrics']['gap']:.3f} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
               f"{sorted(by_delta.index(p) + 1 for p in pairs)} | "
               f"{min(pred[p] for p in pairs):.3f} / {other:.3f} | "
               f"{mine} | "
