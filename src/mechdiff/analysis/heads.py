@@ -54,13 +54,12 @@ HeadSet = Iterable[tuple[int, int]]
 @dataclass
 class Batch:
     """Prompt + continuation sequences, right-padded; continuation token j of the batch is ids[bi[j], ti[j]],
-    predicted from position ti[j] - 1, and belongs to row seg[j]; `rows` are the prompts' indices."""
+    predicted from position ti[j] - 1, and belongs to row bi[j]; `rows` are the prompts' indices."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     bi: torch.Tensor
     ti: torch.Tensor
-    seg: torch.Tensor
     rows: np.ndarray
 
 
@@ -78,7 +77,7 @@ def make_batches(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], n_cont:
         ids, mask = right_pad([seqs[r] for r in rows], pad, device)
         bi = torch.cat([torch.full((n_cont[r],), b, dtype=torch.long) for b, r in enumerate(rows)])
         ti = torch.cat([torch.arange(n_prompt[r], n_prompt[r] + n_cont[r]) for r in rows])
-        out.append(Batch(ids, mask, bi.to(device), ti.to(device), bi.clone(), np.asarray(rows)))
+        out.append(Batch(ids, mask, bi.to(device), ti.to(device), np.asarray(rows)))
     return out
 
 
@@ -87,7 +86,7 @@ def _score(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = _hidden(get_body(model)(input_ids=b.ids, attention_mask=b.mask, use_cache=False))
     logits = head_logits(model, hidden[b.bi, b.ti - 1])
     tok = log_softmax(logits).gather(1, b.ids[b.bi, b.ti][:, None])[:, 0]
-    scores = torch.zeros(len(b.rows), dtype=torch.float64, device=tok.device).index_add(0, b.seg.to(tok.device), tok)
+    scores = torch.zeros(len(b.rows), dtype=torch.float64, device=tok.device).index_add(0, b.bi.to(tok.device), tok)
     return scores, logits
 
 
@@ -239,14 +238,14 @@ class Patcher:
     """Head patching and zero ablation on fixed batches, scored against the base -> tuned gap."""
 
     def __init__(self, base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], base_scan: Scan,
-                 tuned_scan: Scan, *, progress: bool = False) -> None:
+                 tuned_scan: Scan) -> None:
         self.base, self.tuned, self.batches = base, tuned, list(batches)
         self.hb, self.ht = attention_heads(base), attention_heads(tuned)
         if (self.hb.n_layers, self.hb.n_heads, self.hb.head_dim) != (self.ht.n_layers, self.ht.n_heads,
                                                                       self.ht.head_dim):
             raise MechdiffError("base and tuned models differ in their attention heads: head patching needs one "
                                 "architecture")
-        self.base_scan, self.tuned_scan, self.progress = base_scan, tuned_scan, progress
+        self.base_scan, self.tuned_scan = base_scan, tuned_scan
         self.s_base, self.s_tuned = float(base_scan.scores.mean()), float(tuned_scan.scores.mean())
         self.gap = self.s_tuned - self.s_base
         if not abs(self.gap) > 1e-9:
@@ -259,8 +258,8 @@ class Patcher:
         per_row = []
         for b, lg, lt in zip(self.batches, logits, self.tuned_scan.logits):
             kl = kl_divergence(lt, lg.to(lt.device))
-            tot = torch.zeros(len(b.rows), dtype=torch.float64, device=kl.device).index_add(0, b.seg.to(kl.device), kl)
-            cnt = torch.bincount(b.seg, minlength=len(b.rows)).to(kl.device)
+            tot = torch.zeros(len(b.rows), dtype=torch.float64, device=kl.device).index_add(0, b.bi.to(kl.device), kl)
+            cnt = torch.bincount(b.bi, minlength=len(b.rows)).to(kl.device)
             per_row.append((tot / cnt).cpu().numpy())
         return float(np.concatenate(per_row).mean())
 
@@ -404,7 +403,7 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     delta = ts.attr - bs.attr
     zb, zt = zscores(bs.attr), zscores(ts.attr)
     L, H = delta.shape
-    patcher = Patcher(base, tuned, batches, bs, ts, progress=progress)
+    patcher = Patcher(base, tuned, batches, bs, ts)
     order = top_heads(bs.pred if rank_by == "pred" else delta, L * H)
     top = order[: min(int(n_patch), L * H)]
     rest = order[len(top):]
