@@ -103,3 +103,26 @@ def test_next_token_kl_and_kl_by_dataset():
     assert means["cultural"] == pytest.approx(kl[:5].mean()) and means["control"] == pytest.approx(kl[5:9].mean())
     assert means["cultural_over_control"] == pytest.approx(kl[:5].mean() / kl[5:9].mean())
     assert "cultural_over_control" not in kl_by_dataset(kl[:5], ds[:5], n_boot=20)[1]
+
+
+def test_cka_gram_replicates_equal_direct_resamples_and_scipy_ci():
+    """The Gram-form replicates are the d x d CKA of each resample; the CI is scipy's percentile bootstrap."""
+    from scipy.stats import bootstrap
+
+    from mechdiff.analysis.similarity import cka_gram_replicates
+
+    rng = np.random.default_rng(3)
+    N, d = 90, 12
+    X = rng.normal(size=(N, d)) @ rng.normal(size=(d, d)) + 7.0  # a large mean: the identity must centre per resample
+    Y = np.tanh(X[:, :9]) + 0.5 * rng.normal(size=(N, 9))
+    idx = rng.integers(0, N, size=(6, N))
+    got = cka_gram_replicates(X - X.mean(0), Y - Y.mean(0))(idx)
+    np.testing.assert_allclose(got, [linear_cka(X[i], Y[i]) for i in idx], rtol=1e-10)
+    est, lo, hi = cka_bootstrap(X, Y, n_boot=300, seed=4)
+    ref = bootstrap((np.arange(N),), lambda i, axis=-1: np.apply_along_axis(lambda r: linear_cka(X[r], Y[r]), axis, i),
+                    n_resamples=300, batch=256, vectorized=True, method="percentile",
+                    rng=np.random.default_rng(4)).confidence_interval
+    assert est == linear_cka(X, Y)
+    np.testing.assert_allclose([lo, hi], [ref.low, ref.high], rtol=1e-9)
+    _, lo2, hi2 = cka_bootstrap(X, Y, n_boot=300, seed=4, gram=False)  # the d x d loop: same CI up to resamples
+    assert abs(lo2 - lo) < 0.05 and abs(hi2 - hi) < 0.05

@@ -31,7 +31,17 @@ from torch import nn
 from mechdiff.analysis.transport import TransportMap, rank_value, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import UnknownCacheLayout, cache_kv, empty_cache
-from mechdiff.model.sites import Site, get_body, head_logits, model_width, replace_at, site_module
+from mechdiff.model.sites import (
+    Site,
+    find_blocks,
+    get_body,
+    head_logits,
+    keep_block_outputs,
+    model_width,
+    replace_at,
+    reuse_blocks,
+    site_module,
+)
 from mechdiff.model.tokens import Encoded, right_pad
 from mechdiff.stats.bootstrap import drop_pct_ci
 from mechdiff.stats.kl import allowed_index, kl_divergence
@@ -155,19 +165,72 @@ class _NoPrefixCache(Exception):
     """The model does not support the prefix-cache path (or it failed its self-check)."""
 
 
-def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor, P: int):
+def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor | None, P: int,
+               skip: int = 0):
+    """A cache holding the first P slots of batch rows `sel` (None = all rows, no copy) of `kv`. Layers
+    1..skip-1 stay empty (their blocks will not run: `reuse_blocks`); layer 0 always holds the prefix, since the
+    model reads the cache length from it."""
     cache = empty_cache(model)
     for li, (k, v) in enumerate(kv):
-        cache.update(k[sel, :, :P], v[sel, :, :P], li)
+        if 0 < li < skip:
+            continue
+        if sel is None:
+            cache.update(k[:, :, :P], v[:, :, :P], li)
+        else:
+            cache.update(k[sel, :, :P], v[sel, :, :P], li)
     return cache
+
+
+def _first_changed_block(site: Site | None, n_blocks: int) -> int:
+    """Index of the first decoder block whose output a patch at `site` can change (blocks before it are reused)."""
+    if site is None:
+        return n_blocks
+    return site.layer + 1 if site.kind == "resid_post" else site.layer
+
+
+def _rows_of(out: Any, sel: torch.Tensor) -> Any:
+    """Batch rows `sel` of a kept block output (a tensor, or a tuple whose first item is the hidden state)."""
+    if isinstance(out, torch.Tensor):
+        return out[sel]
+    return type(out)((out[0][sel], *out[1:]))
+
+
+def _decode(model: nn.Module, body: nn.Module, ctx: tuple, bsel: torch.Tensor, plan: dict, upto: int = 0,
+            kept: list | None = None) -> torch.Tensor:
+    """Logits of a one-token forward of the decision tokens of batch rows `bsel` on their prefix cache.
+
+    ctx = (kv, tok, p, P): the batch's prefix keys/values, decision tokens, decision positions and longest
+    prefix. Blocks 0..upto-1 return their `kept` outputs (rows `bsel`) instead of running.
+    """
+    kv, tok, p, P = ctx
+    pb = p[bsel]
+    slot = torch.arange(P + 1, device=p.device)
+    amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
+    every = len(bsel) == len(p) and bool((bsel == torch.arange(len(p), device=p.device)).all())
+    past = _new_cache(model, kv, None if every else bsel, P, skip=upto) if P > 0 else None
+    reuse = reuse_blocks(model, [_rows_of(kept[i], bsel) for i in range(upto)], upto) if upto else \
+        contextlib.nullcontext()
+    with reuse, _patched(model, plan):
+        o = body(input_ids=tok[bsel][:, None], attention_mask=amask if P > 0 else None,
+                 position_ids=pb[:, None], cache=past, use_cache=True)
+    return head_logits(model, _hidden(o)[:, -1])
 
 
 @torch.no_grad()
 def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, device, progress) -> None:
-    """Prefix-cache path: one prefix forward per prompt, one-token forwards per (prompt, job)."""
+    """Prefix-cache path: one prefix forward per prompt, one-token forwards per (prompt, job).
+
+    Per batch of prompts, one unpatched one-token forward keeps every block's output at the decision token;
+    the jobs are then decoded grouped by the first block their site can change, and the blocks before it
+    return their kept outputs (`sites.reuse_blocks`) instead of running: exact, since nothing before them
+    differs, and the RQ1 layer patch (one job per layer) skips about half of the model's blocks.
+    """
     body, pad = get_body(model), enc.pad
+    nb = len(find_blocks(model))
     dec = np.array([enc.decision[r] for r in rows], dtype=np.int64)
     order = np.argsort(dec, kind="stable")
+    first = [_first_changed_block(s if v is not None else None, nb) for s, v in jobs]
+    job_order = sorted(range(len(jobs)), key=lambda j: (jobs[j][1] is not None, first[j]))  # unpatched first
     bar = _progress(len(rows) * len(jobs), progress, "patch")
     checked = False
     for s in range(0, len(order), batch_size):
@@ -180,37 +243,32 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
         out = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
         kv = cache_kv(getattr(out, "cache", None) or cache)
         ar = torch.arange(len(pidx), device=device)
-        ref_here = head_logits(model, _hidden(out)[ar, p]) if not checked else None
         tok = ids[ar, p]
-        pairs = [(b, j) for b in range(len(pidx)) for j in range(len(jobs))]
+        ctx = (kv, tok, p, P)
+        kept: list = []
+        with keep_block_outputs(model, kept):
+            base = _decode(model, body, ctx, ar, {})
         if not checked:
-            pairs = [(b, -1) for b in range(len(pidx))] + pairs
-        slot = torch.arange(P + 1, device=device)
-        for c in range(0, len(pairs), decode_batch):
-            chunk = pairs[c : c + decode_batch]
+            want = head_logits(model, _hidden(out)[ar, p])
+            tol = 1e-3 + 1e-2 * float(want.abs().max())
+            err = float((base - want).abs().max())
+            if not err <= tol:
+                raise _NoPrefixCache(f"prefix-cache logits differ from a full forward by {err:.3g}")
+            checked = True
+        chunks: list[list[tuple[int, int]]] = []  # at most decode_batch pairs, one first-changed block each
+        for j in job_order:
+            for b in range(len(pidx)):
+                if not chunks or len(chunks[-1]) >= decode_batch or first[chunks[-1][0][1]] != first[j]:
+                    chunks.append([])
+                chunks[-1].append((b, j))
+        for chunk in chunks:
             bsel = torch.tensor([b for b, _ in chunk], dtype=torch.long, device=device)
             pos0 = torch.zeros(len(chunk), dtype=torch.long)
-            vecs = [None if j < 0 or jobs[j][1] is None else jobs[j][1][pidx[b]] for b, j in chunk]
-            pb = p[bsel]
-            amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
-            past = _new_cache(model, kv, bsel, P) if P > 0 else None
-            with _patched(model, _plan([None if j < 0 else jobs[j][0] for _, j in chunk], vecs, pos0)):
-                o = body(input_ids=tok[bsel][:, None], attention_mask=amask[:, : P + 1] if P > 0 else None,
-                         position_ids=pb[:, None], cache=past, use_cache=True)
-            logits = head_logits(model, _hidden(o)[:, -1])
-            real = [k for k, (_, j) in enumerate(chunk) if j >= 0]
-            if len(real) < len(chunk):
-                got = logits[[k for k, (_, j) in enumerate(chunk) if j < 0]]
-                want = ref_here[[b for b, j in chunk if j < 0]]
-                tol = 1e-3 + 1e-2 * float(want.abs().max())
-                err = float((got - want).abs().max())
-                if not err <= tol:
-                    raise _NoPrefixCache(f"prefix-cache logits differ from a full forward by {err:.3g}")
-                checked = True
-            if real:
-                sub = [chunk[k] for k in real]
-                _emit([(int(pidx[b]), j) for b, j in sub], logits[real], reduce)
-                bar.update(len(sub))
+            vecs = [None if jobs[j][1] is None else jobs[j][1][pidx[b]] for b, j in chunk]
+            upto = min(first[j] for _, j in chunk)
+            logits = _decode(model, body, ctx, bsel, _plan([jobs[j][0] for _, j in chunk], vecs, pos0), upto, kept)
+            _emit([(int(pidx[b]), j) for b, j in chunk], logits, reduce)
+            bar.update(len(chunk))
     bar.close()
 
 
@@ -266,6 +324,8 @@ def sweep_kl(
     """Per-prompt KL(p_patched || p_ref) for many patch configurations {name: (len(rows), d) vectors}.
 
     `site` is one Site for all configurations, or one Site per configuration (in the order of `configs`).
+    `ref_logits` None takes the reference from the same engine: the unpatched logits of the same one-token
+    forwards (saves the separate full forwards of `reference_logits`; equal to them up to float rounding).
     """
     r = _rows(enc, rows)
     if not configs:
@@ -274,22 +334,40 @@ def sweep_kl(
     sites = [site] * len(names) if isinstance(site, Site) else list(site)
     if len(sites) != len(names) or not all(isinstance(s, Site) for s in sites):
         raise MechdiffError("site must be one Site or a list of Sites, one per configuration")
-    ref = _ref(ref_logits, len(r))
-    allow = allowed_index(allowed, ref.shape[1])
+    own = ref_logits is None
+    ref = None if own else _ref(ref_logits, len(r))
+    V = int(getattr(model.get_output_embeddings(), "out_features", 0) or 0) if own else ref.shape[1]
+    allow = allowed_index(allowed, V) if V else (None if allowed is None else np.asarray(allowed))
     jobs: list[Job] = [
         (s, None if configs[nm] is None else _vectors(configs[nm], len(r), model_width_of(model, s), nm))
         for s, nm in zip(sites, names)
     ]
+    if own:
+        jobs.insert(0, (sites[0], None))
     res = {nm: np.full(len(r), np.nan) for nm in names}
+    own_ref: dict[int, torch.Tensor] = {}
+    pending: list[tuple[int, np.ndarray, torch.Tensor]] = []
 
-    def reduce(j: int, i: np.ndarray, lg: torch.Tensor) -> None:
-        q = torch.from_numpy(np.asarray(ref[i], dtype=np.float32)).to(lg.device)
+    def kl(j: int, i: np.ndarray, lg: torch.Tensor) -> None:
+        q = (torch.stack([own_ref[int(k)] for k in i]) if own
+             else torch.from_numpy(np.asarray(ref[i], dtype=np.float32)).to(lg.device))
         if lg.shape[1] != q.shape[1]:
             raise MechdiffError(f"ref_logits have {q.shape[1]} columns but the model's vocabulary is {lg.shape[1]}")
-        res[names[j]][i] = kl_divergence(lg, q, allow).cpu().numpy()
+        res[names[j - own]][i] = kl_divergence(lg, q, allow).cpu().numpy()
+
+    def reduce(j: int, i: np.ndarray, lg: torch.Tensor) -> None:
+        if own and j == 0:
+            for k, row in zip(i, lg):
+                own_ref[int(k)] = row.float()
+        elif own and any(int(k) not in own_ref for k in i):
+            pending.append((j, i, lg))  # the full-forward fallback may emit a job before its reference
+        else:
+            kl(j, i, lg)
 
     _run(model, enc, r, jobs, reduce, batch_size=batch_size, device=_model_device(model, device),
          progress=progress, prefix_cache=prefix_cache, decode_batch=decode_batch)
+    for j, i, lg in pending:
+        kl(j, i, lg)
     return res
 
 
@@ -347,6 +425,7 @@ def layer_patch(
 
     `stats` maps a site name to recolour stats {mu_b, sd_b (src), mu_t, sd_t (dst)}, from train rows
     (`layer_recolour_stats`); `src_vectors` maps a site name to (len(rows), d) src decision vectors.
+    `ref_logits` None: the unpatched logits of the same engine (`sweep_kl`).
     """
     if not layer_sites:
         raise MechdiffError("no layer sites given for the layer patch")
@@ -369,8 +448,7 @@ def layer_patch_direction(
     train-only stats into dst, patched into `model_dst` at every site; per-prompt KL against dst's own logits."""
     src_vecs = {s.name: src.read(s.name, "last", rows) for s in layer_sites}
     stats = layer_recolour_stats(src, dst, layer_sites, train_rows)
-    ref = reference_logits(model_dst, enc_dst, rows, batch_size=batch_size)
-    return layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, ref, allowed=allowed,
+    return layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, None, allowed=allowed,
                        batch_size=batch_size, progress=progress)
 
 

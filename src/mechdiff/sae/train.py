@@ -146,7 +146,7 @@ def _save_checkpoint(out_dir: Path, sae: torch.nn.Module, opt: torch.optim.Optim
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optim.pt")
-    save_file({"since_fired": st.since_fired, "rng": st.gen.get_state()}, str(tmp / "train_state.safetensors"))
+    save_file({"since_fired": st.since_fired.cpu(), "rng": st.gen.get_state()}, str(tmp / "train_state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(to_jsonable({"step": st.step, "tokens": st.tokens, "log": st.log,
                                                             "cfg": asdict(cfg)})))
     final = root / name
@@ -208,13 +208,14 @@ def _reset_adam_rows(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter
 def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_dir: Path | str | None, *,
               total_tokens: int, resume: bool = True, progress: bool = True, log_every: int = 50,
               on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False,
-              model: torch.nn.Module | None = None) -> TopKSAE:
+              model: torch.nn.Module | None = None, device: str | torch.device | None = None) -> TopKSAE:
     """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
 
     `model` trains another SAE kind in this same loop (e.g. a `HierarchicalSAE`, already initialised; its
     width must equal cfg.width): it provides set_input_scale, b_pre, input_scale, training_loss,
     project_decoder_grad_, normalize_decoder_, release_workspace and save.
 
+    `device` (e.g. 'cuda') moves the SAE there first; batches and training state always follow the SAE's device.
     Stops after ceil(total_tokens / batch_size) steps or when the stream ends. The returned SAE carries the
     training curve as `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr), also
     written to `out_dir/train_log.json`. Checkpoints are removed at the end unless `keep_checkpoints`.
@@ -234,6 +235,8 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
         raise MechdiffError(f"the model to train has width {getattr(model, 'width', None)}, cfg.width {cfg.width}")
     else:
         sae = model
+    if device is not None:
+        sae.to(device)
     opt = _make_optimizer(sae, cfg)
     loaded = _load_checkpoint(out, cfg, sae) if (out is not None and resume) else None
     if loaded is not None:
@@ -242,6 +245,8 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     else:
         st = _State(cfg.width, cfg.seed)
     sae.meta.update(cfg.meta)
+    dev = next(sae.parameters()).device  # batches and the dead-latent counter follow the model
+    st.since_fired = st.since_fired.to(dev)
     sae.train()
     base_lr = cfg.resolved_lr()
     select_dtype = torch.bfloat16 if cfg.bf16 else None
@@ -261,7 +266,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                 batch = next(it)
             except StopIteration:
                 break
-            x = _to_tensor(batch, D)
+            x = _to_tensor(batch, D).to(dev, non_blocking=True)
             if st.step == 0:
                 with torch.no_grad():
                     if cfg.input_scale is not None:

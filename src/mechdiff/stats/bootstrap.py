@@ -128,16 +128,25 @@ def drop_pct_ci(raw: Any, mapped: Any, *, n_boot: int = 1000, seed: int = 0, ci:
     return out
 
 
-def rows_ci(stat: Callable[[np.ndarray], float], n_rows: int, *, n_boot: int = 200, seed: int = 0,
-            ci: float = 0.95) -> tuple[float, float]:
+def rows_ci(stat: Callable[[np.ndarray], Any], n_rows: int, *, n_boot: int = 200, seed: int = 0,
+            ci: float = 0.95, vectorized: bool = False) -> tuple[float, float]:
     """(lower, upper): percentile CI of `stat(idx)` over resampled row indices idx (n_rows,) of aligned data.
 
     `stat` takes one int64 index vector and returns a float (e.g. CKA of X[idx], Y[idx]); each replicate is one
     call. One resample per scipy batch keeps the resample stream of the project's earlier per-replicate loop.
+    With `vectorized`, `stat` takes a (B, n_rows) block of resamples and returns B values; resamples are then
+    drawn `BATCH` at a time (the same draws as `mean_ci` makes).
     """
     check_boot(n_boot, ci)
     if n_rows < 2:
         raise MechdiffError(f"need at least 2 rows to bootstrap, got {n_rows}")
+    if vectorized:
+        def many(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            idx = np.asarray(idx)
+            flat = np.asarray(stat(idx.reshape(-1, n_rows)), dtype=np.float64)
+            return flat.reshape(idx.shape[:-1])
+
+        return _ci((np.arange(n_rows),), many, n_boot=n_boot, seed=seed, ci=ci, paired=False, batch=BATCH)
 
     def vec(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.atleast_2d(idx)
