@@ -140,6 +140,7 @@ class Extract(_Section):
     store_logits: bool = True
     shard_rows: int = 1024
     pack_weights: bool = True
+    nproc: int = 1
 
 
 @dataclass
@@ -343,7 +344,7 @@ _CHOICES = {
 }
 _POSITIVE = {
     "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
-    "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "divergence.n_boot", "patch.max_prompts",
+    "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "extract.nproc", "divergence.n_boot", "patch.max_prompts",
     "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs",
     "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",

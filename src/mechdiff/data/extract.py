@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechdiff.data.store import VIEWS, ActStore, StoreWriter
+from mechdiff import dist as _dist
+from mechdiff.data.store import RANK_DIR, VIEWS, ActStore, StoreWriter
 from mechdiff.errors import MechdiffError
 from mechdiff.model import sites as _sites
 from mechdiff.model.kernels import packed_linears
@@ -133,6 +135,9 @@ def extract(
     Batches are right-padded, so under causal attention no real token ever attends to padding: by default the
     padding mask is not passed to the model (attention then takes its fast causal path; outputs at real tokens
     are the same). Set `attention_mask=True` for a model whose positions or attention depend on the mask.
+    Under torchrun (several processes, `mechdiff.dist`), each rank extracts its own shard-aligned slice of the
+    prompts into the same store (no collective during the forward passes; one barrier after rank 0 creates the
+    store) and the last rank to finish merges the statistics (`finish_ranks`); a killed rank resumes its slice.
     A model in another dtype than `dtype` is copied and cast (the caller's model is unchanged); it is moved
     to `device` in place. On CPU, `pack_weights` runs the blocks' linear layers on oneDNN-packed weights
     (mechdiff.model.kernels; same dtype, one extra copy of the weights while extracting).
@@ -156,31 +161,83 @@ def extract(
         "store_logits": store_logits, "tokenizer": type(tokenizer).__name__,
         "token_ids_sha": hashlib.sha256(flat.tobytes()).hexdigest()[:16], **user,
     }
-    store = ActStore.create(
-        path, prompt_ids=pids, n_tokens=lengths, datasets=ds, splits=sp, sites={s.name: d for s in site_list},
-        views=vw, vocab_size=_vocab(model) if store_logits else None, attrs=meta, dtype=store_dtype,
-        shard_rows=shard_rows, compressor=compressor, resume=resume,
-        decision=np.asarray(enc.decision, dtype=np.int64), tok_ids=flat,
-    )
+    rank, world = _dist.rank_world()
+
+    def create() -> ActStore:
+        return ActStore.create(
+            path, prompt_ids=pids, n_tokens=lengths, datasets=ds, splits=sp, sites={s.name: d for s in site_list},
+            views=vw, vocab_size=_vocab(model) if store_logits else None, attrs=meta, dtype=store_dtype,
+            shard_rows=shard_rows, compressor=compressor, resume=resume,
+            decision=np.asarray(enc.decision, dtype=np.int64), tok_ids=flat,
+        )
+
+    if world > 1:  # rank 0 creates (or reopens) the store, the others open it after the one barrier
+        store = create() if rank == 0 else None
+        _dist.barrier()
+        store = store or ActStore.open(path, "r+")
+    else:
+        store = create()
     if store.complete:
         return ActStore.open(path)
-    set_threads(threads)
+    _check_layout(store, world)
+    rows = store.rank_slice(rank, world) if world > 1 else None
+    set_threads(threads or (_dist.local_threads() if world > 1 else None))
     run = _run_model(model, dtype, device)
     was_training = run.training
     run.eval()
     try:
-        with store.writer() as writer, torch.inference_mode(), \
+        with store.writer(rows) as writer, torch.inference_mode(), \
                 packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
                                enabled=pack_weights and str(device).startswith("cpu")):
+            lo = 0 if rows is None else rows[0]
             _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
-                  device=device, store_logits=store_logits, d=d, n=len(pids), shard_rows=shard_rows,
+                  device=device, store_logits=store_logits, d=d, n=writer.end, shard_rows=shard_rows,
                   pass_mask=attention_mask,
-                  bar=tqdm(total=int(lengths.sum()), initial=int(lengths[: writer.start].sum()), unit="tok",
-                           unit_scale=True, disable=not progress, desc=f"extract {Path(path).name}"))
+                  bar=tqdm(total=int(lengths[lo : writer.end].sum()), initial=int(lengths[lo : writer.start].sum()),
+                           unit="tok", unit_scale=True, disable=not progress, position=rank,
+                           desc=f"extract {Path(path).name}" + (f" [rank {rank}/{world}]" if world > 1 else "")))
     finally:
         if was_training:
             run.train()
+    if world > 1:
+        finish_ranks(store, world)
     return ActStore.open(path)
+
+
+def _check_layout(store: ActStore, world: int) -> None:
+    """An unfinished store continues only with the number of processes that started it."""
+    started = {(int(st["lo"]), int(st["hi"])) for st in store.rank_states().values()}
+    if not started and world == 1:
+        return
+    if world == 1 or (started and not started <= {store.rank_slice(r, world) for r in range(world)}):
+        by = f"{len(started)} or more processes" if started else "one process"
+        raise MechdiffError(f"store {store.path} was partly written by {by}: resume it with the same number of "
+                            f"processes (extract.nproc), or delete it to start again")
+
+
+def finish_ranks(store: ActStore, world: int, *, wait_s: float = 120.0) -> bool:
+    """After this rank's slice: finalize the store if every rank has finished (one rank at a time, under a
+    lock file, so the last to finish does it); True when the store is complete. No collective is involved."""
+    lock = store.path / RANK_DIR / ".finalize.partial"  # a killed holder's lock is removed on resume
+    t0 = time.monotonic()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if time.monotonic() - t0 > wait_s:
+                return False
+            time.sleep(0.2)
+        except FileNotFoundError:  # another rank finalized and removed the folder
+            return ActStore.open(store.path).complete
+    try:
+        ActStore.open(store.path, "r+").finalize_ranks(world)
+        return True
+    except MechdiffError:
+        return False  # a slice is unfinished: its rank finalizes when it ends
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
 
 
 def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict[str, list[str]],

@@ -17,6 +17,12 @@ Every array is sharded (one file per ``shard_rows`` prompts, or ``tok_shard_rows
 is a few files per site. A writer buffers one shard of prompt rows (and one shard of token rows), writes
 whole shard-aligned blocks, and only then advances ``rows_done`` in one atomic metadata write: a crash
 leaves no corrupt or duplicated rows, and ``create(..., resume=True)`` continues from ``rows_done``.
+
+Several processes (data-parallel extraction under torchrun) write one store together: each takes a
+shard-aligned slice of the prompts (`rank_slice`) and a `StoreWriter(store, rows=(lo, hi))`. Row shards are
+whole per rank; token shards shared by two ranks' slices are kept aside as small ``.npy`` pieces. Each rank
+commits its progress and running statistics to its own ``_ranks/<lo>.json`` (so a killed rank resumes its own
+slice); `finalize_ranks` then writes the pieces, merges the statistics (Chan et al.) and marks the store complete.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ INDEX_NAMES = ("prompt_id", "dataset", "split", "n_tokens", "tok_offset", "decis
 _RESERVED = {*INDEX_NAMES, "logits"}
 _IDX_CHUNK = 1 << 16
 _IDX_SHARD = 1 << 22
+RANK_DIR = "_ranks"  # per-rank progress and shared-shard token pieces while several processes write a store
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -566,11 +573,67 @@ class ActStore(_Reader):
         w = _Welford(self.width(site), st)
         return w.mean.copy(), w.std()
 
-    def writer(self) -> StoreWriter:
-        """A writer that continues from `rows_done` (prompts must be appended in store order)."""
+    def writer(self, rows: tuple[int, int] | None = None) -> StoreWriter:
+        """A writer that continues from `rows_done` (prompts must be appended in store order); with `rows`
+        (lo, hi) from `rank_slice`, one rank's writer of that slice, resuming from its own committed state."""
         if self.mode != "r+":
             raise MechdiffError(f"store {self.path} is open read-only: open it with mode='r+' to write")
-        return StoreWriter(self)
+        return StoreWriter(self, rows)
+
+    def rank_slice(self, rank: int, world: int) -> tuple[int, int]:
+        """Rows (lo, hi) of rank `rank` of `world`: contiguous runs of whole shards, as even as shards allow."""
+        if not 0 <= rank < world:
+            raise MechdiffError(f"rank {rank} out of range for {world} processes")
+        sh = int(self._lay["shard_rows"])
+        n_sh = math.ceil(self.n / sh)
+        a, b = rank * n_sh // world, (rank + 1) * n_sh // world
+        return min(self.n, a * sh), min(self.n, b * sh)
+
+    def rank_states(self) -> dict[int, dict]:
+        """Committed per-rank states of a store being written by several processes, keyed by their first row."""
+        d = self.path / RANK_DIR
+        if not d.is_dir():
+            return {}
+        out = {}
+        for f in d.glob("*.json"):
+            st = json.loads(f.read_text())
+            out[int(st["lo"])] = st
+        return out
+
+    def finalize_ranks(self, world: int) -> None:
+        """Once every rank of `world` has finished its slice: write the kept token pieces, merge the running
+        statistics in row order and mark the store complete (idempotent; raises if a slice is unfinished)."""
+        if self.complete:
+            return
+        states = self.rank_states()
+        slices = [self.rank_slice(r, world) for r in range(world)]
+        for lo, hi in slices:
+            if lo == hi:
+                continue
+            st = states.get(lo)
+            if st is None or st.get("hi") != hi or not st.get("complete"):
+                done = "none" if st is None else f"{st.get('rows_done', lo) - lo}/{hi - lo}"
+                raise MechdiffError(f"store {self.path}: the rank writing rows {lo}..{hi} has not finished "
+                                    f"({done} rows): rerun the extraction to resume it")
+        lay = self._lay
+        merged = {(site, v): _Welford(int(lay["sites"][site])) for site, vs in lay["views"].items() for v in vs}
+        for lo, hi in slices:
+            if lo == hi:
+                continue
+            for site, per in states[lo]["stats"].items():
+                for v, state in per.items():
+                    w = _Welford(int(lay["sites"][site]), state)
+                    merged[(site, v)].merge(w.n, w.mean, w.m2)
+        pieces = sorted((self.path / RANK_DIR).glob("tok-*.npy"))
+        for f in pieces:  # tok-<site>-<a>-<b>.npy: token rows [a, b) of a shard two ranks share
+            site, a, b = f.stem[4:].rsplit("-", 2)
+            self._root[f"{site}/tokens"][int(a) : int(b)] = np.load(f)
+        nested: dict[str, dict[str, Any]] = {}
+        for (site, v), w in merged.items():
+            nested.setdefault(site, {})[v] = w.state()
+        self._root.update_attributes({"rows_done": self.n, "tok_done": self.n_tokens_total, "stats": nested,
+                                      "complete": True})
+        shutil.rmtree(self.path / RANK_DIR, ignore_errors=True)
 
     def __repr__(self) -> str:
         return f"ActStore({str(self.path)!r}, n={self.n}, sites={self.sites}, complete={self.complete})"
@@ -586,19 +649,43 @@ class StoreWriter:
     Use as a context manager: a clean exit calls `close()`; an exception leaves only committed rows.
     """
 
-    def __init__(self, store: ActStore) -> None:
+    def __init__(self, store: ActStore, rows: tuple[int, int] | None = None) -> None:
         self.store = store
         lay = store._lay
-        self._n = int(lay["n"])
         self._shard = int(lay["shard_rows"])
         self._tshard = int(lay["tok_shard_rows"])
         self._dtype = np.dtype(store._root.attrs["dtype"])
+        self._offsets = store.index("tok_offset")
+        self._ntok = store.index("n_tokens").astype(np.int64)
         a = dict(store._root.attrs)
+        self._rank_file: Path | None = None
+        if rows is None:
+            self.lo, self._n = 0, int(lay["n"])
+        else:
+            self.lo, self._n = int(rows[0]), int(rows[1])
+            if self.lo % self._shard or not 0 <= self.lo <= self._n <= store.n:
+                raise MechdiffError(f"writer rows {rows}: a slice must start on a shard boundary "
+                                    f"(multiple of {self._shard}) and lie in 0..{store.n}")
+            if int(a["rows_done"]) or a.get("complete"):
+                raise MechdiffError(f"store {store.path} was written by one process ({a['rows_done']} rows): "
+                                    "finish it with one process (nproc 1) or delete it")
+            self._rank_file = store.path / RANK_DIR / f"{self.lo}.json"
+            prev = json.loads(self._rank_file.read_text()) if self._rank_file.is_file() else None
+            if prev is not None and int(prev["hi"]) != self._n:
+                raise MechdiffError(f"store {store.path} is being written by another number of processes "
+                                    f"(a slice {self.lo}..{prev['hi']}): rerun with the same nproc or delete it")
+            t_lo = int(self._offsets[self.lo]) if self.lo < store.n else store.n_tokens_total
+            a = prev or {"rows_done": self.lo, "tok_done": t_lo, "stats": {}}
+            self._t_lo = t_lo
+            self._t_hi = int(self._offsets[self._n]) if self._n < store.n else store.n_tokens_total
+            (store.path / RANK_DIR).mkdir(exist_ok=True)
+            for f in (store.path / RANK_DIR).glob("tok-*.npy"):  # uncommitted pieces of this slice
+                if self._t_lo <= int(f.stem.rsplit("-", 2)[1]) < self._t_hi and \
+                        int(f.stem.rsplit("-", 2)[1]) >= int(a["tok_done"]):
+                    f.unlink()
         self.start = int(a["rows_done"])
         self.next_row = self.start
         self._block_start = self.start
-        self._offsets = store.index("tok_offset")
-        self._ntok = store.index("n_tokens").astype(np.int64)
         self._row_keys = [(s, v) for s, vs in lay["views"].items() for v in vs if v in ROW_VIEWS]
         self._tok_sites = [s for s, vs in lay["views"].items() if "tokens" in vs]
         self._width = {s: int(d) for s, d in lay["sites"].items()}
@@ -632,6 +719,11 @@ class StoreWriter:
         """Bytes held by the writer's buffers (constant: fixed by shard sizes, not by the corpus)."""
         b = sum(x.nbytes for x in self._buf.values()) + sum(x.nbytes for x in self._tbuf.values())
         return b + (self._lbuf.nbytes if self._lbuf is not None else 0)
+
+    @property
+    def end(self) -> int:
+        """One past the last row this writer writes (the store's size, or its slice's end)."""
+        return self._n
 
     @property
     def done(self) -> bool:
@@ -711,14 +803,30 @@ class StoreWriter:
             return
         a, b = self._tstart, self._tstart + self._tfill
 
+        shared = self._shared_token_shard(a)
+
         def put(s: str) -> tuple[int, np.ndarray, np.ndarray]:
             x = self._tbuf[s][: self._tfill]
-            self._arrays[(s, "tokens")][a:b] = x
+            if shared:  # another rank writes the rest of this shard: keep the piece for finalize_ranks
+                tmp = self.store.path / RANK_DIR / f".tok-{s}-{a}-{b}.npy.partial"
+                with open(tmp, "wb") as fh:
+                    np.save(fh, x)
+                os.replace(tmp, tmp.with_name(f"tok-{s}-{a}-{b}.npy"))
+            else:
+                self._arrays[(s, "tokens")][a:b] = x
             return _block_stats(x)
 
         for s, st in zip(self._tok_sites, _parallel(put, self._tok_sites)):
             self._pending_tok[s].merge(*st)
         self._tstart, self._tfill = b, 0
+
+    def _shared_token_shard(self, t: int) -> bool:
+        """Whether the token shard holding row t is also written by another rank's slice."""
+        if self._rank_file is None:
+            return False
+        s0 = t // self._tshard * self._tshard
+        s1 = min(s0 + self._tshard, self.store.n_tokens_total)
+        return s0 < self._t_lo or s1 > self._t_hi
 
     def _commit(self) -> None:
         a, b = self._block_start, self.next_row
@@ -755,13 +863,21 @@ class StoreWriter:
         nested: dict[str, dict[str, Any]] = {}
         for (s, v), w in stats.items():
             nested.setdefault(s, {})[v] = w.state()
+        if self._rank_file is not None:
+            tmp = self._rank_file.with_name(f".{self._rank_file.name}.partial")
+            tmp.write_text(json.dumps({"lo": self.lo, "hi": self._n, "rows_done": rows_done, "tok_done": tok_done,
+                                       "stats": nested, "complete": complete}))
+            os.replace(tmp, self._rank_file)
+            return
         self.store._root.update_attributes(
             {"rows_done": rows_done, "tok_done": tok_done, "stats": nested, "complete": complete}
         )
 
     def close(self) -> None:
-        """Commit the last partial block; the store is marked complete when every prompt is written."""
+        """Commit the last partial block; the store (a rank's slice) is marked complete when every prompt is written."""
         self._commit()
+        if self._rank_file is not None and self.lo == self._n and not self._rank_file.is_file():
+            self._commit_state(self.lo, self._t_lo, self._stats, True)  # an empty slice is finished at once
 
 
 # --------------------------------------------------------------------------------------------- delta

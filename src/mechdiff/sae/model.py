@@ -37,6 +37,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -333,14 +334,23 @@ class TopKSAE(nn.Module):
         return _Pattern.from_topk(aidx, self.width), v.gather(1, order).reshape(-1)
 
     def training_loss(self, x_n: torch.Tensor, dead: torch.Tensor | None = None, *, aux_coef: float = 1 / 32,
-                      sparse: bool = True, select_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+                      sparse: bool = True, select_dtype: torch.dtype | None = None,
+                      denom: torch.Tensor | None = None,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
         """Loss L_main + aux_coef * L_aux on normalised inputs; `dead` is a (width,) bool mask of dead latents.
 
         The encoder matmul runs once (in `select_dtype` when given, e.g. bf16) and serves both the TopK and
         the AuxK selection; with `sparse=True` the values and gradients then only touch the selected pairs.
         Returns the loss and a dict with the batch fvu, l0, aux loss, the fired latents mask and, for
         BatchTopK, the smallest kept positive activation.
+
+        Data-parallel training passes each rank's share of one global batch with `denom` (the global batch's
+        sum of squared deviations) and `reduce` (a sum over ranks): the loss is then this rank's share of the
+        global loss, so gradients summed over ranks are the one-process gradients, and the reported fvu, l0
+        and fired latents are the global batch's. TopK only (BatchTopK selects across the whole batch).
         """
+        if reduce is not None and self.batchtopk:
+            raise MechdiffError("data-parallel SAE training supports TopK SAEs only (batchtopk: false)")
         B = x_n.shape[0]
         dev = x_n.device
         with torch.no_grad():
@@ -371,15 +381,18 @@ class TopKSAE(nn.Module):
             z = torch.zeros(B, self.width, dtype=pre.dtype, device=dev).index_put((pat.rows, pat.cols), vals)
             recon = z @ self.dec
         x_hat = recon + self.b_pre
-        denom = (x_n.var(0, correction=0).sum() * B).clamp_min(1e-12)  # sum_b ||x_n - mean_b(x_n)||^2
+        if denom is None:
+            denom = (x_n.var(0, correction=0).sum() * B).clamp_min(1e-12)  # sum_b ||x_n - mean_b(x_n)||^2
+        red = reduce or (lambda t: t)
         err = F.mse_loss(x_hat, x_n, reduction="sum")
         main = err / denom
-        info: dict = {"fvu": float(main.detach())}
+        info: dict = {"fvu": float(red(main.detach()))}
         with torch.no_grad():
             v = vals.detach()
             pos = (v > 0).to(v.dtype)
-            fired = torch.zeros(self.width, dtype=v.dtype, device=dev).index_add_(0, pat.cols, pos) > 0
-            info["l0"] = float(pos.sum()) / B
+            fired = red(torch.zeros(self.width, dtype=v.dtype, device=dev).index_add_(0, pat.cols, pos)) > 0
+            counts = red(torch.tensor([float(pos.sum()), float(B)], dtype=torch.float64, device=dev))
+            info["l0"] = float(counts[0] / counts[1])
             if self.batchtopk:
                 mk = float(torch.where(v > 0, v, torch.inf).min())
                 if math.isfinite(mk):
@@ -400,10 +413,10 @@ class TopKSAE(nn.Module):
                 za = torch.zeros(B, self.width, dtype=pre.dtype, device=dev).index_put((apat.rows, apat.cols),
                                                                                       avals)
                 e_hat = za @ self.dec
-            e_sq = torch.linalg.vecdot(e.reshape(-1), e.reshape(-1)).clamp_min(1e-12)
+            e_sq = red(torch.linalg.vecdot(e.reshape(-1), e.reshape(-1))).clamp_min(1e-12)
             aux = F.mse_loss(e_hat, e, reduction="sum") / e_sq
             aux = torch.nan_to_num(aux, nan=0.0)
-            aux_val = float(aux.detach())
+            aux_val = float(red(aux.detach()))
             loss = loss + aux_coef * aux
         info["aux"] = aux_val
         return loss, info

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
@@ -205,10 +206,31 @@ def _reset_adam_rows(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter
                 s[key][idx] = 0.0
 
 
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over the ranks of the process group (a new tensor)."""
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _sum_grads(model: torch.nn.Module) -> None:
+    """Sum every parameter's gradient over the ranks, in one flat all-reduce."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i : i + n].view_as(p).clone()
+        i += n
+
+
 def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_dir: Path | str | None, *,
               total_tokens: int, resume: bool = True, progress: bool = True, log_every: int = 50,
               on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False,
-              model: torch.nn.Module | None = None, device: str | torch.device | None = None) -> TopKSAE:
+              model: torch.nn.Module | None = None, device: str | torch.device | None = None,
+              ddp: bool = False) -> TopKSAE:
     """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
 
     `model` trains another SAE kind in this same loop (e.g. a `HierarchicalSAE`, already initialised; its
@@ -216,14 +238,30 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     project_decoder_grad_, normalize_decoder_, release_workspace and save.
 
     `device` (e.g. 'cuda') moves the SAE there first; batches and training state always follow the SAE's device.
+
+    `ddp` (inside a torch.distributed process group, e.g. under torchrun): data-parallel training of one SAE.
+    Every rank reads the same stream of global batches and computes on its own contiguous share of each batch's
+    rows; gradients are summed across ranks after backward (the algorithm of torch's DistributedDataParallel,
+    done on one flat buffer), so the update equals one process's on the global batch up to float summation
+    order, and every rank runs the same number of steps (no rank can run out of batches first). Rank 0
+    writes checkpoints, the log and the final SAE; every rank resumes from the same checkpoint.
     Stops after ceil(total_tokens / batch_size) steps or when the stream ends. The returned SAE carries the
     training curve as `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr), also
     written to `out_dir/train_log.json`. Checkpoints are removed at the end unless `keep_checkpoints`.
     """
     cfg.validate()
+    rank, world = 0, 1
+    if ddp:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MechdiffError("ddp=True needs a torch.distributed process group: run under torchrun "
+                                "(mechdiff.dist.init joins it)")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if model is not None or cfg.batchtopk:
+            raise MechdiffError("data-parallel SAE training supports TopK SAEs only (batchtopk: false, no model=)")
     if not isinstance(total_tokens, int) or total_tokens < 1:
         raise MechdiffError(f"total_tokens must be a positive int, got {total_tokens!r}")
-    out = Path(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None and rank == 0 else None  # rank 0 writes
+    load_from = Path(out_dir) if out_dir is not None else None
     D = cfg.d_in * cfg.n_blocks
     total_steps = max(1, math.ceil(total_tokens / cfg.batch_size))
     dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(cfg.batch_size,
@@ -238,7 +276,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     if device is not None:
         sae.to(device)
     opt = _make_optimizer(sae, cfg)
-    loaded = _load_checkpoint(out, cfg, sae) if (out is not None and resume) else None
+    loaded = _load_checkpoint(load_from, cfg, sae) if (load_from is not None and resume) else None
     if loaded is not None:
         opt_state, st = loaded
         opt.load_state_dict(opt_state)
@@ -255,7 +293,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
         for _ in itertools.islice(it, st.step):
             pass
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=st.step, desc="sae", unit="step", leave=False)
@@ -281,9 +319,17 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                 g["lr"] = base_lr * _lr_factor(st.step, total_steps, cfg.warmup_frac, cfg.decay_frac)
             dead = st.since_fired >= dead_tokens
             opt.zero_grad(set_to_none=True)
-            loss, info = sae.training_loss(x_n, dead, aux_coef=cfg.aux_coef, sparse=cfg.sparse,
-                                           select_dtype=select_dtype)
-            loss.backward()
+            if world > 1:
+                a, b = x_n.shape[0] * rank // world, x_n.shape[0] * (rank + 1) // world
+                loss, info = sae.training_loss(
+                    x_n[a:b], dead, aux_coef=cfg.aux_coef, sparse=cfg.sparse, select_dtype=select_dtype,
+                    denom=(x_n.var(0, correction=0).sum() * x_n.shape[0]).clamp_min(1e-12), reduce=_all_sum)
+                loss.backward()
+                _sum_grads(sae)
+            else:
+                loss, info = sae.training_loss(x_n, dead, aux_coef=cfg.aux_coef, sparse=cfg.sparse,
+                                               select_dtype=select_dtype)
+                loss.backward()
             sae.project_decoder_grad_()
             opt.step()
             sae.normalize_decoder_()
@@ -304,7 +350,8 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                 st.since_fired[idx] = 0
             st.step += 1
             st.tokens += B
-            last_info = {"loss": float(loss.detach()), "fvu": info["fvu"], "l0": info["l0"], "aux": info["aux"]}
+            last_info = {"loss": float(_all_sum(loss.detach()) if world > 1 else loss.detach()), "fvu": info["fvu"],
+                         "l0": info["l0"], "aux": info["aux"]}
             if st.step % log_every == 0 or st.step == total_steps:
                 rec = {"step": st.step, "tokens": st.tokens, **last_info,
                        "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
