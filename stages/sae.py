@@ -1,26 +1,49 @@
-"""Stage sae@<source>-<layer>: train one TopK SAE (base / tuned / delta) or crosscoder at L<layer>.resid_post."""
+"""Stage sae@<source>-<layer>: train one TopK SAE (base / tuned / delta) or crosscoder at L<layer>.resid_post.
 
+With `sae.nproc` > 1 the stage runs torchrun: `sae.parallel: many` trains every pending SAE of sources x
+layers at once, spread over the processes (this stage's and its siblings'; each sibling stage then finds its
+finished SAE and only writes its table), `ddp` trains this stage's SAE data-parallel over the processes.
+"""
+
+import hashlib
+import json
 import sys
+from pathlib import Path
 
 import mechdiff.pipeline as P
+import mechdiff.sae as _sae_pkg
+from mechdiff import dist
+from mechdiff.data import store as _store_mod
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
-from mechdiff.resume import fingerprint, mark_complete, prepare_output
+from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
 from mechdiff.sae.sources import SOURCES, check_finite, init_seed, rows_of, source_batches
 
 
-def main() -> None:
-    if len(sys.argv) < 3 or sys.argv[1] not in SOURCES:
-        raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>")
-    source, layer = sys.argv[1], int(sys.argv[2])
-    p = load_params()
+def code_hash() -> str:
+    """Hash of the code that trains an SAE: a finished SAE is reused by a sibling stage only if it is the same."""
+    files = sorted([*Path(_sae_pkg.__file__).parent.glob("*.py"), Path(_store_mod.__file__), Path(__file__)])
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+def job(p, base, tuned, source: str, layer: int):
+    """(site, out dir, fingerprint) of one SAE; validates that its inputs exist."""
     s = p.sae
     site = f"L{layer}.resid_post"
-    base, tuned = P.open_stores()
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
+    training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs]
+    fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
+                      code_hash()])
+    return site, P.sae_dir(source, layer), fp
+
+
+def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True) -> None:
+    """Train (or resume) one SAE into its out dir and mark it complete (rank 0 only writes under ddp)."""
+    s = p.sae
+    site, out, fp = job(p, base, tuned, source, layer)
     rows = rows_of(source, base, tuned, s.view, base.rows_where(split="train"))  # delta/crosscoder: paired or raise
     check_finite(source, base, tuned, site, s.view, rows)  # inputs first: a bad store must not cost the old SAE
     d = base.width(site)
@@ -28,19 +51,56 @@ def main() -> None:
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
                     seed=init_seed(p.seed, source),
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
-    out = P.sae_dir(source, layer)
-    training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs]
-    resumed = prepare_output(out, fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"),
-                                               tuned.attrs.get("fingerprint")]))
+    resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")
     batches = source_batches(source, base, tuned, site, s.view, rows, batch_size=s.batch_size, seed=p.seed,
                              epochs=s.epochs)
-    sae = train_sae(batches, cfg, out, total_tokens=len(rows) * s.epochs, resume=resumed)
-    mark_complete(out)
-    write_csv(P.plot(f"sae/{source}_L{layer}.csv"), sae.train_log)
-    last = sae.train_log[-1] if sae.train_log else {}
-    print(f"sae: {source} {site}: {len(rows)} rows x {s.epochs} epochs, final fvu {last.get('fvu', float('nan')):.3f}")
+    train_sae(batches, cfg, out, total_tokens=len(rows) * s.epochs, resume=resumed, ddp=ddp,
+              progress=dist.rank_world()[0] == 0)
+    if dist.rank_world()[0] == 0:
+        mark_complete(out)
+
+
+def worker(p, argv: list[str]) -> None:
+    """One torchrun rank: `--all` trains its share of the pending SAEs, else its share of one SAE (ddp)."""
+    dist.init()
+    base, tuned = P.open_stores()
+    if argv[0] == "--all":
+        jobs = [(src, layer) for src in p.sae.sources for layer in p.sae.layers]
+        for src, layer in dist.my_share(jobs):
+            _, out, fp = job(p, base, tuned, src, layer)
+            if not finished_output(out, fp):
+                train_one(p, base, tuned, src, layer)
+    else:
+        train_one(p, base, tuned, argv[0], int(argv[1]), ddp=True, prepare=False)
+    dist.close()
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    p = load_params()
+    s = p.sae
+    if dist.in_worker():
+        return worker(p, argv)
+    if len(argv) < 2 or argv[0] not in SOURCES:
+        raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>")
+    source, layer = argv[0], int(argv[1])
+    base, tuned = P.open_stores()
+    site, out, fp = job(p, base, tuned, source, layer)
+    if s.nproc > 1 and not finished_output(out, fp):
+        if s.parallel == "ddp":
+            prepare_output(out, fp)  # before the ranks start: they only resume from its checkpoints
+            dist.launch([__file__, source, str(layer)], s.nproc, what=f"sae {source} L{layer}")
+        else:
+            dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
+    if not finished_output(out, fp):
+        train_one(p, base, tuned, source, layer)
+    log = json.loads((out / "train_log.json").read_text())
+    write_csv(P.plot(f"sae/{source}_L{layer}.csv"), log)
+    last = log[-1] if log else {}
+    print(f"sae: {source} {site}: {s.epochs} epochs, final fvu {last.get('fvu', float('nan')):.3f}"
+          + (f" ({s.nproc} processes, {s.parallel})" if s.nproc > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ class SAE(_Section):
     batch_size: int = 1024
     epochs: int = 4
     eval_prompts: int = 64
+    nproc: int = 1
+    parallel: str = "many"
 
 
 @dataclass
@@ -345,7 +347,7 @@ _CHOICES = {
 _POSITIVE = {
     "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
     "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "extract.nproc", "divergence.n_boot", "patch.max_prompts",
-    "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs",
+    "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs", "sae.nproc",
     "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
@@ -455,6 +457,12 @@ def validate(p: Params) -> Params:
         raise MechdiffError(f"params.yaml: data.splits must be three non-negative fractions summing to 1, got {p.data.splits}")
     if not 0 <= p.transport.shrink < 1:
         raise MechdiffError(f"params.yaml: transport.shrink must be in [0, 1), got {p.transport.shrink}")
+    if p.sae.parallel not in ("many", "ddp"):
+        raise MechdiffError(f"params.yaml: sae.parallel must be many (SAEs spread over processes) or ddp (each SAE "
+                            f"data-parallel), got {p.sae.parallel!r}")
+    if p.sae.parallel == "ddp" and p.sae.nproc > 1 and p.sae.batchtopk:
+        raise MechdiffError("params.yaml: sae.parallel ddp trains TopK SAEs only: set sae.batchtopk false or "
+                            "sae.parallel many")
     for s in p.sae.sources:
         if s not in ("base", "tuned", "delta", "crosscoder"):
             raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
