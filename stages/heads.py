@@ -45,8 +45,8 @@ def main() -> None:
         raise MechdiffError(f"heads.dataset {h.dataset!r} is not a dataset of the corpus ({', '.join(sorted(present))})")
     rows = pick_rows(prompts, split=h.split, datasets=(h.dataset,), n=h.max_prompts, seed=p.seed)
     chosen = [prompts[r] for r in rows]
-    base, tok = load_saved(P.model_dir("base"))
-    tuned, _ = load_saved(P.model_dir("tuned"))
+    base, tok = load_saved(P.model_dir("base"), device=p.heads.device)
+    tuned, _ = load_saved(P.model_dir("tuned"), device=p.heads.device)
     conts = continuations(h.target, tuned, tok, chosen, signature=p.pair.finetune.signature, chat=p.data.chat,
                           max_len=p.data.max_len, max_new_tokens=h.max_new_tokens, batch_size=h.batch_size)
     keep = [i for i, c in enumerate(conts) if c.strip()]

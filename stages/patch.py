@@ -18,7 +18,7 @@ def main() -> None:
     base = ActStore.open(P.acts_path("base"))
     prompts = kept_prompts()
     rows = pick_rows(prompts, split="val", n=pp.max_prompts, seed=p.seed)
-    model, tok = load_saved(P.model_dir("tuned"))
+    model, tok = load_saved(P.model_dir("tuned"), device=p.patch.device)
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     _, allowed = allowed_ids()
     ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)

@@ -57,7 +57,7 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
     batches = source_batches(source, base, tuned, site, s.view, rows, batch_size=s.batch_size, seed=p.seed,
                              epochs=s.epochs)
     train_sae(batches, cfg, out, total_tokens=len(rows) * s.epochs, resume=resumed, ddp=ddp,
-              progress=dist.rank_world()[0] == 0)
+              progress=dist.rank_world()[0] == 0, device=dist.device_for_rank(s.device))
     if dist.rank_world()[0] == 0:
         mark_complete(out)
 

@@ -171,6 +171,7 @@ class Patch(_Section):
     max_prompts: int = 96
     batch_size: int = 16
     n_boot: int = 1000
+    device: str = "cpu"
 
 
 @dataclass
@@ -190,6 +191,7 @@ class SAE(_Section):
     eval_prompts: int = 64
     nproc: int = 1
     parallel: str = "many"
+    device: str = "cpu"
 
 
 @dataclass
@@ -233,6 +235,7 @@ class Steer(_Section):
     from_token: str = "decision"
     batch_size: int = 64
     n_boot: int = 500
+    device: str = "cpu"
 
 
 @dataclass
@@ -284,6 +287,7 @@ class HeadsParams(_Section):
     rank_by: str = "pred"
     ig_steps: int = 0
     batch_size: int = 16
+    device: str = "cpu"
 
 
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one

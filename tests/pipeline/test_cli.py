@@ -76,6 +76,28 @@ def test_default_params_pass(tmp_path, corpora, capsys):
     assert json.loads(text[: text.rindex("}") + 1])["seed"] == 17
 
 
+def test_bf16_tip_follows_the_detected_cpu(tmp_path, corpora, capsys, monkeypatch):
+    """`mechdiff params` suggests bf16 only where the CPU has native bf16 matrix units and the run is fp32 on CPU."""
+    import mechdiff.model.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: "AMX")
+    rc, _, out = _check(tmp_path, corpora, lambda raw: None, capsys)
+    assert rc == 0 and "tip: this CPU has native bf16 matrix units (AMX)" in out and "extract.dtype: bfloat16" in out
+    rc, _, out = _check(tmp_path, corpora, _set("extract.dtype", "bfloat16"), capsys)
+    assert rc == 0 and "tip:" not in out
+    monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: None)
+    rc, _, out = _check(tmp_path, corpora, lambda raw: None, capsys)
+    assert rc == 0 and "tip:" not in out
+
+
+def test_device_params_must_exist_here(tmp_path, corpora, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fails(_check(tmp_path, corpora, _set("sae.device", "cuda"), capsys), "sae.device:", "no CUDA device")
+    _fails(_check(tmp_path, corpora, _set("heads.device", "gpu0"), capsys), "heads.device:", "unknown device")
+
+
 def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
     _fails(_check(tmp_path, corpora, _set("pair.base.id", str(tmp_path / "nowhere")), capsys),
            "pair.base.id:", "no such model path")

@@ -26,6 +26,29 @@ from torch import nn
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def cpu_bf16_units() -> str | None:
+    """The CPU's native bf16 matrix units ('AMX' or 'AVX512-BF16'), or None: detected, never assumed.
+
+    From torch's own CPU feature probes, else the Linux CPU flags (amx_bf16, avx512_bf16).
+    """
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    for name, fn in probes:
+        f = getattr(torch.cpu, fn, None)
+        if f is not None:
+            try:
+                if f():
+                    return name
+            except RuntimeError:
+                pass
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
 def onednn_linear_available() -> bool:
     """True when this torch build can pack linear weights for oneDNN (CPU builds with mkldnn enabled)."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
