@@ -38,7 +38,7 @@ def main() -> None:
             ActStore.open(path, "r+").finalize_ranks(e.nproc)
         print(f"extract: {which}: {store.n} prompts -> {path} ({e.nproc} processes)")
         return
-    rank, world = dist.init()
+    rank, world = dist.init(dist.backend_for(e.device))
     model, tok = load_saved(P.model_dir(which), dtype=e.dtype, device=dist.device_for_rank(e.device))
     prompts = kept_prompts()
     plan = plan_sites(n_layers(model), stride=e.layer_stride, detail_layers=e.detail_layers,

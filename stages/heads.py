@@ -55,7 +55,7 @@ def main() -> None:
                             "heads.target signature or reference")
     seqs, n_prompt, _, n_cont = scored_sequences(tok, [chosen[i].text for i in keep], [conts[i] for i in keep],
                                                  chat=p.data.chat, max_len=p.data.max_len + 64)
-    batches = make_batches(seqs, n_prompt, n_cont, pad=pad_id(tok), batch_size=h.batch_size)
+    batches = make_batches(seqs, n_prompt, n_cont, pad=pad_id(tok), batch_size=h.batch_size, device=h.device)
     res = diff_heads(base, tuned, batches, z_threshold=h.z_threshold, abs_threshold=h.abs_threshold, top_k=h.top_k,
                      n_patch=h.n_patch, n_random=h.n_random, target_effect=h.target_effect, ig_steps=h.ig_steps, rank_by=h.rank_by,
                      seed=p.seed, progress=True)

@@ -35,8 +35,10 @@ def job(p, base, tuned, source: str, layer: int):
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
     training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs]
+    # the activations themselves (their running statistics), not only the settings that made the stores
+    data = hashlib.sha256(b"".join(a.tobytes() for st in (base, tuned) for a in st.stats(site, s.view))).hexdigest()
     fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
-                      code_hash()])
+                      data[:16], code_hash()])
     return site, P.sae_dir(source, layer), fp
 
 
@@ -64,14 +66,15 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
 
 def worker(p, argv: list[str]) -> None:
     """One torchrun rank: `--all` trains its share of the pending SAEs, else its share of one SAE (ddp)."""
-    dist.init()
+    dist.init(dist.backend_for(p.sae.device))
     base, tuned = P.open_stores()
     if argv[0] == "--all":
         jobs = [(src, layer) for src in p.sae.sources for layer in p.sae.layers]
-        for src, layer in dist.my_share(jobs):
-            _, out, fp = job(p, base, tuned, src, layer)
-            if not finished_output(out, fp):
-                train_one(p, base, tuned, src, layer)
+        pending = [(src, layer) for src, layer in jobs if not finished_output(job(p, base, tuned, src, layer)[1],
+                                                                              job(p, base, tuned, src, layer)[2])]
+        dist.barrier()  # every rank has listed the pending SAEs before any starts training
+        for src, layer in dist.my_share(pending):
+            train_one(p, base, tuned, src, layer)
     else:
         train_one(p, base, tuned, argv[0], int(argv[1]), ddp=True, prepare=False)
     dist.close()

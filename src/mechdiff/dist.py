@@ -98,9 +98,18 @@ def local_threads_for(nproc: int) -> int:
 def device_for_rank(device: str) -> str:
     """`cuda` becomes `cuda:<LOCAL_RANK>` in a multi-process run (one GPU per rank); other devices unchanged."""
     if device == "cuda" and in_worker() and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise MechdiffError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                                f"start at most that many processes per node (nproc)")
+        return f"cuda:{local}"
     return device
 
 
-__all__ = ["TIMEOUT", "barrier", "close", "device_for_rank", "in_worker", "init", "launch", "local_threads",
+def backend_for(device: str) -> str:
+    """The process-group backend for a device: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if str(device).startswith("cuda") and dist.is_nccl_available() else "gloo"
+
+
+__all__ = ["TIMEOUT", "backend_for", "barrier", "close", "device_for_rank", "in_worker", "init", "launch", "local_threads",
            "local_threads_for", "my_share", "rank_world"]

@@ -42,10 +42,11 @@ def setup():
     return model, tok, prompts
 
 
-def run_extract(out: str, threads: int = 1) -> None:
+def run_extract(out: str, threads: int = 1, n_prompts: int | None = None) -> None:
     from mechdiff.data.extract import extract
 
     model, tok, prompts = setup()
+    prompts = prompts[:n_prompts]
     extract(model, tok, prompts, list(VIEWS), VIEWS, out, batch_size=3, shard_rows=SHARD_ROWS, store_logits=True,
             progress=False, threads=threads)
 
@@ -81,7 +82,7 @@ def run_sae(out: str, *, seed: int = 0, ddp: bool = False, ckpt_every: int = 500
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["extract", "ddp", "many"])
+    ap.add_argument("mode", choices=["extract", "extract-small", "ddp", "many"])
     ap.add_argument("out")
     ap.add_argument("--crash-rank", type=int, default=-1, help="this rank dies after its first commit")
     ap.add_argument("--crash-step", type=int, default=-1, help="ddp: every rank dies after this training step")
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> None:
         st.StoreWriter._commit_state = dying
     if a.mode == "extract":
         run_extract(a.out)
+    elif a.mode == "extract-small":
+        run_extract(a.out, n_prompts=7)
     elif a.mode == "ddp":
         if a.crash_step >= 0:
             import mechdiff.sae.train as tr

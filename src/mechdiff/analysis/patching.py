@@ -165,15 +165,12 @@ class _NoPrefixCache(Exception):
     """The model does not support the prefix-cache path (or it failed its self-check)."""
 
 
-def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor | None, P: int,
-               skip: int = 0):
-    """A cache holding the first P slots of batch rows `sel` (None = all rows, no copy) of `kv`. Layers
-    1..skip-1 stay empty (their blocks will not run: `reuse_blocks`); layer 0 always holds the prefix, since the
-    model reads the cache length from it."""
+def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor | None, P: int):
+    """A cache holding the first P slots of batch rows `sel` (None = all rows, as views: no copy) of `kv`.
+    Every layer is filled, also those whose blocks will be reused: the model sizes its attention masks from
+    the cache of its first full-attention (or sliding) layer, whichever that is."""
     cache = empty_cache(model)
     for li, (k, v) in enumerate(kv):
-        if 0 < li < skip:
-            continue
         if sel is None:
             cache.update(k[:, :, :P], v[:, :, :P], li)
         else:
@@ -207,7 +204,7 @@ def _decode(model: nn.Module, body: nn.Module, ctx: tuple, bsel: torch.Tensor, p
     slot = torch.arange(P + 1, device=p.device)
     amask = ((slot[None, :] < pb[:, None]) | (slot[None, :] == P)).long()
     every = len(bsel) == len(p) and bool((bsel == torch.arange(len(p), device=p.device)).all())
-    past = _new_cache(model, kv, None if every else bsel, P, skip=upto) if P > 0 else None
+    past = _new_cache(model, kv, None if every else bsel, P) if P > 0 else None
     reuse = reuse_blocks(model, [_rows_of(kept[i], bsel) for i in range(upto)], upto) if upto else \
         contextlib.nullcontext()
     with reuse, _patched(model, plan):

@@ -144,6 +144,9 @@ def next_token_kl(p_logits: Any, q_logits: Any, allowed_p: Any = None, allowed_q
     if (allowed_p is None) != (allowed_q is None):
         raise MechdiffError("give the shared token ids of both sides, or of neither (identical tokenizers)")
     p, q = as_f64(p_logits, "p_logits"), as_f64(q_logits, "q_logits")
+    if p.ndim != 2 or q.ndim != 2 or p.shape[0] != q.shape[0]:
+        raise MechdiffError(f"p and q logits must both be (prompts, vocab) with the same prompts, got {p.shape} and "
+                            f"{q.shape}")
     if allowed_p is not None:
         ip, iq = np.asarray(allowed_p, dtype=np.int64), np.asarray(allowed_q, dtype=np.int64)
         if ip.shape != iq.shape:
@@ -151,6 +154,9 @@ def next_token_kl(p_logits: Any, q_logits: Any, allowed_p: Any = None, allowed_q
         allowed_index(ip, p.shape[-1])  # validates: non-empty, in range
         allowed_index(iq, q.shape[-1])
         p, q = p[:, ip], q[:, iq]
+    if p.shape != q.shape:
+        raise MechdiffError(f"p and q logits differ in vocabulary ({p.shape[1]} vs {q.shape[1]}): give the shared "
+                            "token ids of both sides")
     # torch kernels over row blocks: the same float64 arithmetic, several times faster than numpy on a wide vocabulary
     out = np.empty(p.shape[0], dtype=np.float64)
     for a in range(0, p.shape[0], 256):

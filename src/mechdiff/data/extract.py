@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -181,12 +182,15 @@ def extract(
         return ActStore.open(path)
     _check_layout(store, world)
     rows = store.rank_slice(rank, world) if world > 1 else None
+    if rows is not None and rows[0] == rows[1]:  # more ranks than shards: nothing to extract here
+        finish_ranks(store, world)
+        return ActStore.open(path)
     set_threads(threads or (_dist.local_threads() if world > 1 else None))
     run = _run_model(model, dtype, device)
     was_training = run.training
     run.eval()
     try:
-        with store.writer(rows) as writer, torch.inference_mode(), \
+        with store.writer(rows, world) as writer, torch.inference_mode(), \
                 packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
                                enabled=pack_weights and str(device).startswith("cpu")):
             lo = 0 if rows is None else rows[0]
@@ -206,19 +210,23 @@ def extract(
 
 def _check_layout(store: ActStore, world: int) -> None:
     """An unfinished store continues only with the number of processes that started it."""
-    started = {(int(st["lo"]), int(st["hi"])) for st in store.rank_states().values()}
+    states = list(store.rank_states().values())
+    started = {(int(st["lo"]), int(st["hi"])) for st in states}
     if not started and world == 1:
+        shutil.rmtree(store.path / RANK_DIR, ignore_errors=True)  # pieces of ranks killed before any commit
         return
     if world == 1 or (started and not started <= {store.rank_slice(r, world) for r in range(world)}):
-        by = f"{len(started)} or more processes" if started else "one process"
-        raise MechdiffError(f"store {store.path} was partly written by {by}: resume it with the same number of "
-                            f"processes (extract.nproc), or delete it to start again")
+        was = sorted({st.get("world") for st in states} - {None})
+        by = f"{was[0]} processes" if len(was) == 1 else "several processes" if started else "one process"
+        n = f"extract.nproc: {was[0]}" if len(was) == 1 else "extract.nproc: 1" if not started else "extract.nproc"
+        raise MechdiffError(f"store {store.path} was partly written by {by}: resume it with {n}, or delete it "
+                            "to start again")
 
 
 def finish_ranks(store: ActStore, world: int, *, wait_s: float = 120.0) -> bool:
     """After this rank's slice: finalize the store if every rank has finished (one rank at a time, under a
     lock file, so the last to finish does it); True when the store is complete. No collective is involved."""
-    lock = store.path / RANK_DIR / ".finalize.partial"  # a killed holder's lock is removed on resume
+    lock = store.path / ".finalize.partial"  # a killed holder's lock is removed on resume (store.create)
     t0 = time.monotonic()
     while True:
         try:
@@ -228,8 +236,6 @@ def finish_ranks(store: ActStore, world: int, *, wait_s: float = 120.0) -> bool:
             if time.monotonic() - t0 > wait_s:
                 return False
             time.sleep(0.2)
-        except FileNotFoundError:  # another rank finalized and removed the folder
-            return ActStore.open(store.path).complete
     try:
         ActStore.open(store.path, "r+").finalize_ranks(world)
         return True

@@ -573,12 +573,13 @@ class ActStore(_Reader):
         w = _Welford(self.width(site), st)
         return w.mean.copy(), w.std()
 
-    def writer(self, rows: tuple[int, int] | None = None) -> StoreWriter:
+    def writer(self, rows: tuple[int, int] | None = None, world: int | None = None) -> StoreWriter:
         """A writer that continues from `rows_done` (prompts must be appended in store order); with `rows`
-        (lo, hi) from `rank_slice`, one rank's writer of that slice, resuming from its own committed state."""
+        (lo, hi) from `rank_slice(rank, world)`, one rank's writer of that slice, resuming from its own
+        committed state."""
         if self.mode != "r+":
             raise MechdiffError(f"store {self.path} is open read-only: open it with mode='r+' to write")
-        return StoreWriter(self, rows)
+        return StoreWriter(self, rows, world)
 
     def rank_slice(self, rank: int, world: int) -> tuple[int, int]:
         """Rows (lo, hi) of rank `rank` of `world`: contiguous runs of whole shards, as even as shards allow."""
@@ -649,8 +650,9 @@ class StoreWriter:
     Use as a context manager: a clean exit calls `close()`; an exception leaves only committed rows.
     """
 
-    def __init__(self, store: ActStore, rows: tuple[int, int] | None = None) -> None:
+    def __init__(self, store: ActStore, rows: tuple[int, int] | None = None, world: int | None = None) -> None:
         self.store = store
+        self.world = world
         lay = store._lay
         self._shard = int(lay["shard_rows"])
         self._tshard = int(lay["tok_shard_rows"])
@@ -666,6 +668,8 @@ class StoreWriter:
             if self.lo % self._shard or not 0 <= self.lo <= self._n <= store.n:
                 raise MechdiffError(f"writer rows {rows}: a slice must start on a shard boundary "
                                     f"(multiple of {self._shard}) and lie in 0..{store.n}")
+            if self.lo == self._n:
+                raise MechdiffError(f"writer rows {rows}: an empty slice has nothing to write")
             if int(a["rows_done"]) or a.get("complete"):
                 raise MechdiffError(f"store {store.path} was written by one process ({a['rows_done']} rows): "
                                     "finish it with one process (nproc 1) or delete it")
@@ -865,8 +869,8 @@ class StoreWriter:
             nested.setdefault(s, {})[v] = w.state()
         if self._rank_file is not None:
             tmp = self._rank_file.with_name(f".{self._rank_file.name}.partial")
-            tmp.write_text(json.dumps({"lo": self.lo, "hi": self._n, "rows_done": rows_done, "tok_done": tok_done,
-                                       "stats": nested, "complete": complete}))
+            tmp.write_text(json.dumps({"lo": self.lo, "hi": self._n, "world": self.world, "rows_done": rows_done,
+                                       "tok_done": tok_done, "stats": nested, "complete": complete}))
             os.replace(tmp, self._rank_file)
             return
         self.store._root.update_attributes(
@@ -876,8 +880,6 @@ class StoreWriter:
     def close(self) -> None:
         """Commit the last partial block; the store (a rank's slice) is marked complete when every prompt is written."""
         self._commit()
-        if self._rank_file is not None and self.lo == self._n and not self._rank_file.is_file():
-            self._commit_state(self.lo, self._t_lo, self._stats, True)  # an empty slice is finished at once
 
 
 # --------------------------------------------------------------------------------------------- delta

@@ -31,15 +31,16 @@ def cpu_bf16_units() -> str | None:
 
     From torch's own CPU feature probes, else the Linux CPU flags (amx_bf16, avx512_bf16).
     """
-    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-    for name, fn in probes:
-        f = getattr(torch.cpu, fn, None)
-        if f is not None:
+    probes = [(name, getattr(torch.cpu, fn, None))
+              for name, fn in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))]
+    if all(f is not None for _, f in probes):  # torch's answer is the one that counts: its kernels use them
+        for name, f in probes:
             try:
                 if f():
                     return name
             except RuntimeError:
                 pass
+        return None
     try:
         flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
