@@ -8,6 +8,7 @@ from mechdiff.analysis.behaviour import behaviour_table, score_model
 from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.params import load_params
 from mechdiff.pipeline import allowed_ids, encode_prompts, eval_sets, kept_prompts, pick_rows
@@ -31,6 +32,7 @@ def main() -> None:
     scores = {}
     for which in ("base", "tuned"):
         model, tok = load_saved(P.model_dir(which))
+        pack_for_inference(model)
         enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
         scores[which] = score_model(
             model, tok, enc, gen_rows, patterns, mc=mc, refs=refs,

@@ -7,6 +7,7 @@ from mechdiff.analysis.onset import cka_onset, kl_onset
 from mechdiff.analysis.patching import LAYER_PATCH_DIRECTIONS, layer_patch_direction, layer_patch_table
 from mechdiff.analysis.similarity import cka_by_site, kl_by_dataset, next_token_kl
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
@@ -42,6 +43,7 @@ def main() -> None:
         results = {}
         for direction, (src, dst) in LAYER_PATCH_DIRECTIONS.items():
             model, tok = load_saved(P.model_dir(dst))
+            pack_for_inference(model)
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
             results[direction] = layer_patch_direction(model, enc, stores[src], stores[dst], layer_sites, rows, train,
                                                        allowed=allowed[dst], batch_size=p.extract.batch_size)

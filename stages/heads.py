@@ -10,6 +10,7 @@ from mechdiff.analysis.behaviour import greedy_continuations, scored_sequences
 from mechdiff.analysis.heads import diff_heads, head_rows, make_batches
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.tokens import pad_id
 from mechdiff.params import load_params
@@ -47,6 +48,8 @@ def main() -> None:
     chosen = [prompts[r] for r in rows]
     base, tok = load_saved(P.model_dir("base"), device=p.heads.device)
     tuned, _ = load_saved(P.model_dir("tuned"), device=p.heads.device)
+    for m in (base, tuned):  # the no-grad forwards (generation, head patching); attribution's backward runs plain
+        pack_for_inference(m)
     conts = continuations(h.target, tuned, tok, chosen, signature=p.pair.finetune.signature, chat=p.data.chat,
                           max_len=p.data.max_len, max_new_tokens=h.max_new_tokens, batch_size=h.batch_size)
     keep = [i for i, c in enumerate(conts) if c.strip()]

@@ -5,6 +5,7 @@ from mechdiff.analysis.patching import rank_alpha_sweep, reference_logits
 from mechdiff.analysis.transport import load_map
 from mechdiff.data.store import ActStore
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
@@ -19,6 +20,7 @@ def main() -> None:
     prompts = kept_prompts()
     rows = pick_rows(prompts, split="val", n=pp.max_prompts, seed=p.seed)
     model, tok = load_saved(P.model_dir("tuned"), device=p.patch.device)
+    pack_for_inference(model)  # CPU: linear layers on weights packed once (mechdiff.model.kernels)
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     _, allowed = allowed_ids()
     ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)

@@ -4,6 +4,7 @@ import functools
 
 import mechdiff.pipeline as P
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.params import load_params
 from mechdiff.report.plots import plot_series
@@ -21,6 +22,7 @@ def main() -> None:
     @functools.cache
     def models(name: str) -> tuple:  # (model, tokenizer, encoded prompts), each loaded once
         model, tok = load_saved(P.model_dir(name))
+        pack_for_inference(model)
         return model, tok, P.encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
 
     metrics, norm_rows = evaluate_saes(s.layers, s.sources, lambda src, layer: load_sae(P.sae_dir(src, layer)),

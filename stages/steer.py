@@ -20,6 +20,7 @@ from mechdiff.analysis.steering import collect_decision_acts, fit_handle
 from mechdiff.data.corpus import load_prompts, prompt_form
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
@@ -69,6 +70,7 @@ def main() -> None:
     models, encs, acts = {}, {}, {}
     for which in ("base", "tuned"):
         models[which] = load_saved(P.model_dir(which), device=p.steer.device)
+        pack_for_inference(models[which][0])
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
         acts[which] = collect_decision_acts(models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size)
     neutral_texts = {split: [prompts[i].text for i in rows[f"neutral_{split}"]] for split in ("dev", "test")}
