@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # stages run `python stages/...`: the venv must come first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup data run test test-fast lint bench clean-venv
+.PHONY: help setup data run test test-fast lint bench bench-gpu bench-scale clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,12 @@ bench: setup  ## benchmarks (extraction, patching, SAE training) printing ratios
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_patch.py
 	$(BIN)/python bench/bench_sae.py
+
+bench-gpu: setup  ## GPU benchmarks (extraction vs plain HF, SAE vs SAELens) on CUDA; says so and exits without a GPU
+	$(BIN)/python bench/bench_gpu.py --json bench/gpu.json
+
+bench-scale: setup  ## synthetic-scale store: 1M x 1024 rows (4 GB) written, read back, pushed / pulled (docs/SCALE.md)
+	$(BIN)/python bench/bench_scale.py
 
 clean-venv:
 	rm -rf $(VENV)
