@@ -48,7 +48,8 @@ def main() -> None:
     fp = fingerprint([plan, extract_attrs(e), p.data.chat, p.data.max_len, [q.pid for q in prompts],
                       model_meta.read_text() if model_meta.exists() else which])
     if rank == 0 and prepare_output(path, fp, record=store_record, create=False):
-        print(f"extract: resuming {path}")
+        done = store_record(path).get("rows_done", 0)
+        print(f"extract: resuming {path}" + (f" from row {done}" if world == 1 else ""))
     store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
                     device=dist.device_for_rank(e.device), shard_rows=e.shard_rows, resume=True,

@@ -42,12 +42,20 @@ def job(p, base, tuned, source: str, layer: int):
     return site, P.sae_dir(source, layer), fp
 
 
-def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True) -> None:
+def checked_rows(p, base, tuned, source: str, site: str):
+    """The SAE's training rows, after checking its inputs: a bad store must not cost the old SAE."""
+    rows = rows_of(source, base, tuned, p.sae.view, base.rows_where(split="train"))  # delta/crosscoder: paired
+    check_finite(source, base, tuned, site, p.sae.view, rows)
+    return rows
+
+
+def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True,
+              rows=None) -> None:
     """Train (or resume) one SAE into its out dir and mark it complete (rank 0 only writes under ddp)."""
     s = p.sae
     site, out, fp = job(p, base, tuned, source, layer)
-    rows = rows_of(source, base, tuned, s.view, base.rows_where(split="train"))  # delta/crosscoder: paired or raise
-    check_finite(source, base, tuned, site, s.view, rows)  # inputs first: a bad store must not cost the old SAE
+    if rows is None:
+        rows = checked_rows(p, base, tuned, source, site)
     d = base.width(site)
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
@@ -91,14 +99,18 @@ def main() -> None:
     source, layer = argv[0], int(argv[1])
     base, tuned = P.open_stores()
     site, out, fp = job(p, base, tuned, source, layer)
-    if s.nproc > 1 and not finished_output(out, fp):
-        if s.parallel == "ddp":
-            prepare_output(out, fp)  # before the ranks start: they only resume from its checkpoints
-            dist.launch([__file__, source, str(layer)], s.nproc, what=f"sae {source} L{layer}")
-        else:
-            dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
-    if not finished_output(out, fp):
-        train_one(p, base, tuned, source, layer)
+    rows = checked_rows(p, base, tuned, source, site)  # inputs first, whatever was trained before
+    if s.nproc == 1:
+        train_one(p, base, tuned, source, layer, rows=rows)  # a finished SAE is replaced, as every stage does
+    else:
+        if not finished_output(out, fp):  # a sibling's many-run may have trained it already
+            if s.parallel == "ddp":
+                prepare_output(out, fp)  # before the ranks start: they only resume from its checkpoints
+                dist.launch([__file__, source, str(layer)], s.nproc, what=f"sae {source} L{layer}")
+            else:
+                dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
+        if not finished_output(out, fp):
+            train_one(p, base, tuned, source, layer, rows=rows)
     log = json.loads((out / "train_log.json").read_text())
     write_csv(P.plot(f"sae/{source}_L{layer}.csv"), log)
     last = log[-1] if log else {}
