@@ -68,7 +68,7 @@ sys.path.insert(0, str(HERE))  # the sibling benchmarks' helpers
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_extract import store_size  # noqa: E402
-from bench_sae import BATCH, D_IN, K, _data  # noqa: E402
+from bench_sae import BATCH, D_IN, K, _data, sae_step  # noqa: E402
 
 from mechdiff.data.corpus import DEFAULT_SOURCES, Prompt, default_records  # noqa: E402
 from mechdiff.data.extract import extract, set_threads  # noqa: E402
@@ -343,33 +343,6 @@ def timed(step: Callable[[int], None], seconds: float, d: Device, warm: int = 2)
     return n, time.perf_counter() - t0
 
 
-def loop_step(mult: int, bf16: bool, xs: list[torch.Tensor], d: Device) -> Callable[[int], None]:
-    """train_sae's per-step work with its state on the device (bench_sae.child_ours, device-resident)."""
-    from mechdiff.sae.model import TopKSAE
-
-    width = D_IN * mult
-    sae = TopKSAE(D_IN, width, K, seed=0).to(d.dev)
-    sae.set_input_scale(xs[0])
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    dead = torch.zeros(width, dtype=torch.bool, device=d.dev)
-    since_fired = torch.zeros(width, dtype=torch.int64, device=d.dev)
-    sel = torch.bfloat16 if bf16 else None
-
-    def step(i: int) -> None:
-        x = xs[i % len(xs)] * sae.input_scale
-        opt.zero_grad(set_to_none=True)
-        loss, info = sae.training_loss(x, dead, sparse=True, select_dtype=sel)
-        loss.backward()
-        sae.project_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-        since_fired.add_(x.shape[0])
-        since_fired[info["fired"]] = 0
-        float(loss.detach())
-
-    return step
-
-
 def saelens_step(mult: int, sparse: bool, xs: list[torch.Tensor], d: Device) -> Callable[[int], None]:
     """SAELens TopKTrainingSAE forward/backward + Adam on the device (bench_sae.child_saelens)."""
     from sae_lens.saes.sae import TrainStepInput
@@ -426,7 +399,7 @@ def sae_case(name: str, flag: bool, mult: int, xs: list[torch.Tensor], d: Device
     """One SAE measurement: {steps, seconds, ...}; `flag` is bf16 selection (mechdiff) or sparse (SAELens)."""
     if name.startswith("train_sae"):
         return run_train_sae(mult, flag, xs, d, seconds)
-    step = loop_step(mult, flag, xs, d) if name.startswith("step loop") else saelens_step(mult, flag, xs, d)
+    step = sae_step(mult, "bf16" if flag else "sparse", xs, d.dev) if name.startswith("step loop") else saelens_step(mult, flag, xs, d)
     n, dt = timed(step, seconds, d)
     return {"steps": n, "seconds": dt}
 

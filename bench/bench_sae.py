@@ -61,25 +61,24 @@ def _timed(step, seconds: float) -> tuple[int, float]:
             return n, dt
 
 
-def child_ours(mult: int, mode: str, seconds: float, store: str | None) -> dict:
-    """mechdiff: sparse fp32 / sparse with bf16 selection / dense autograd reference."""
+def sae_step(mult: int, mode: str, xs: list, dev: object = "cpu"):
+    """train_sae's per-step work (forward, backward, Adam, decoder projection and normalisation, dead counter)
+    on a device-resident TopK SAE; mode: sparse (fp32) | bf16 (sparse, bf16 selection) | dense (autograd)."""
     import torch
 
     from mechdiff.sae.model import TopKSAE
 
-    batches = [torch.from_numpy(b) for b in _data(4, store)]
     width = D_IN * mult
-    sae = TopKSAE(D_IN, width, K, seed=0)
-    sae.set_input_scale(batches[0])
+    sae = TopKSAE(D_IN, width, K, seed=0).to(dev)
+    sae.set_input_scale(xs[0])
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    dead = torch.zeros(width, dtype=torch.bool)
+    dead = torch.zeros(width, dtype=torch.bool, device=dev)
+    since_fired = torch.zeros(width, dtype=torch.int64, device=dev)
     sparse = mode != "dense"
     sel = torch.bfloat16 if mode == "bf16" else None
 
-    since_fired = torch.zeros(width, dtype=torch.int64)
-
-    def step(i: int) -> None:  # the per-step work of train_sae
-        x = batches[i % len(batches)] * sae.input_scale
+    def step(i: int) -> None:
+        x = xs[i % len(xs)] * sae.input_scale
         opt.zero_grad(set_to_none=True)
         loss, info = sae.training_loss(x, dead, sparse=sparse, select_dtype=sel)
         loss.backward()
@@ -90,6 +89,14 @@ def child_ours(mult: int, mode: str, seconds: float, store: str | None) -> dict:
         since_fired[info["fired"]] = 0
         float(loss.detach())
 
+    return step
+
+
+def child_ours(mult: int, mode: str, seconds: float, store: str | None) -> dict:
+    """mechdiff: sparse fp32 / sparse with bf16 selection / dense autograd reference."""
+    import torch
+
+    step = sae_step(mult, mode, [torch.from_numpy(b) for b in _data(4, store)])
     n, dt = _timed(step, seconds)
     return {"impl": f"mechdiff-{mode}", "mult": mult, "steps": n, "tok_s": n * BATCH / dt}
 

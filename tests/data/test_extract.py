@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
 import mechdiff.data.extract as ex
+from mechdiff.data.corpus import Prompt as P
 from mechdiff.data.extract import extract
 from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
@@ -18,12 +17,6 @@ from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
 WORDS = "the cat sat on a mat while dogs ran far from home under grey skies and quiet rain".split()
 
 
-@dataclass
-class P:
-    pid: int
-    text: str
-    dataset: str
-    split: str
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 
 import numpy as np
+
+from mechdiff.data.corpus import Prompt as P
 
 WORDS = "the cat sat on a mat while dogs ran far from home under grey skies and quiet rain".split()
 VIEWS = {"L0.resid_post": ["last", "mean", "tokens"], "L2.resid_post": ["last", "mean"], "L1.mlp_out": ["mean"],
@@ -21,12 +22,6 @@ VIEWS = {"L0.resid_post": ["last", "mean", "tokens"], "L2.resid_post": ["last", 
 SHARD_ROWS = 8
 
 
-@dataclass
-class P:
-    pid: int
-    text: str
-    dataset: str
-    split: str
 
 
 def setup():
