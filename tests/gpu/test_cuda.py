@@ -159,6 +159,17 @@ def test_train_sae_cuda_matches_cpu_fvu():
     assert h_gpu < 0.6  # it learned (a random SAE of this size reconstructs far worse)
 
 
+
+def test_resample_dead_on_cuda_with_the_trainers_cpu_generator():
+    """Dead-latent resampling draws with train_sae's CPU generator while the SAE lives on the GPU."""
+    D, W, K, B, S = 32, 128, 4, 128, 12
+    xs, _ = _sae_data(D, B, S)
+    cfg = SAEConfig(d_in=D, width=W, k=K, batch_size=B, ckpt_every=0, seed=0, resample_every=4, dead_tokens=B)
+    sae = train_sae([torch.from_numpy(x).to(DEV) for x in xs], cfg, None, total_tokens=S * B, progress=False,
+                    resume=False, device=DEV)
+    assert sae.dec.device.type == DEV and bool(torch.isfinite(sae.dec).all())
+    assert torch.allclose(sae.dec.norm(dim=1), torch.ones(W, device=DEV), atol=1e-4)
+
 def test_patched_logits_cuda_equal_cpu(tiny_model, gpu_model, tiny_tok):
     enc = encode(tiny_tok, SENTENCES)
     rows = np.arange(len(SENTENCES))

@@ -437,7 +437,8 @@ class TopKSAE(nn.Module):
         w = (res ** 2).sum(1)
         if float(w.sum()) <= 0:
             w = torch.ones_like(w)
-        pick = torch.multinomial(w, dead_idx.numel(), replacement=True, generator=generator)
+        on = generator.device if generator is not None else w.device  # a CPU generator draws on the CPU
+        pick = torch.multinomial(w.to(on), dead_idx.numel(), replacement=True, generator=generator).to(w.device)
         dirs = res[pick]
         dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
         alive = ~dead
