@@ -15,7 +15,9 @@ def main() -> None:
     tok = load_tokenizer(P.model_dir("tuned"))  # top examples are the tuned SAE's, on the tuned model's tokens
     settings = FeatureSettings(active_freq=f.active_freq, d_min=f.cohens_d, match_cos=f.match_cos, n_perm=f.n_perm,
                                fdr=f.fdr, n_top_cultural=f.n_top_cultural, top_examples=f.top_examples,
-                               max_themes=f.max_themes, seed=p.seed)
+                               max_themes=f.max_themes, embeddings=tuple(f.embeddings), theme_seeds=f.theme_seeds,
+                               theme_boot=f.theme_boot, stable_ari=f.stable_ari, theme_points=f.theme_points,
+                               seed=p.seed)
     res = analyse_features(
         s.layers, lambda layer: {src: load_sae(P.sae_dir(src, layer)) for src in s.sources if src != "crosscoder"},
         base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings)

@@ -7,8 +7,11 @@ finished SAE and only writes its table), `ddp` trains this stage's SAE data-para
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import mechdiff.pipeline as P
 import mechdiff.sae as _sae_pkg
@@ -19,7 +22,9 @@ from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
-from mechdiff.sae.sources import SOURCES, check_finite, init_seed, rows_of, source_batches
+from mechdiff.sae.sources import SOURCES, check_finite, init_seed, read_source, rows_of, source_batches
+
+MAX_VAL_ROWS = 4096  # held-out rows for the plateau check (a seeded subsample of the held-out prompts' rows)
 
 
 def code_hash() -> str:
@@ -34,7 +39,8 @@ def job(p, base, tuned, source: str, layer: int):
     site = f"L{layer}.resid_post"
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
-    training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs]
+    training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs, s.tokens, s.holdout,
+                s.eval_every, s.plateau_tol, s.patience, MAX_VAL_ROWS]
     # the activations themselves (their running statistics), not only the settings that made the stores
     data = hashlib.sha256(b"".join(a.tobytes() for st in (base, tuned) for a in st.stats(site, s.view))).hexdigest()
     fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
@@ -42,11 +48,27 @@ def job(p, base, tuned, source: str, layer: int):
     return site, P.sae_dir(source, layer), fp
 
 
+def split_prompts(train_prompts: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, held out) prompt rows: a seeded share `holdout` of the train prompts is never trained on; it is
+    the plateau check's held-out set (whole prompts, so no token of a held-out prompt is seen in training)."""
+    n_hold = min(len(train_prompts) - 1, math.ceil(holdout * len(train_prompts))) if holdout > 0 else 0
+    if n_hold <= 0:
+        return train_prompts, train_prompts[:0]
+    held = np.zeros(len(train_prompts), dtype=bool)
+    held[np.random.default_rng(seed).choice(len(train_prompts), size=n_hold, replace=False)] = True
+    return train_prompts[~held], train_prompts[held]
+
+
 def checked_rows(p, base, tuned, source: str, site: str):
-    """The SAE's training rows, after checking its inputs: a bad store must not cost the old SAE."""
-    rows = rows_of(source, base, tuned, p.sae.view, base.rows_where(split="train"))  # delta/crosscoder: paired
+    """(training rows, held-out rows) of the SAE, after checking its inputs: a bad store must not cost the old SAE."""
+    trained, held = split_prompts(base.rows_where(split="train"), p.sae.holdout, p.seed)
+    rows = rows_of(source, base, tuned, p.sae.view, trained)  # delta/crosscoder: paired
+    val_rows = rows_of(source, base, tuned, p.sae.view, held)
+    if len(val_rows) > MAX_VAL_ROWS:
+        val_rows = np.sort(np.random.default_rng(p.seed).choice(val_rows, size=MAX_VAL_ROWS, replace=False))
     check_finite(source, base, tuned, site, p.sae.view, rows)
-    return rows
+    check_finite(source, base, tuned, site, p.sae.view, val_rows)
+    return rows, val_rows
 
 
 def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True,
@@ -56,18 +78,22 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
     site, out, fp = job(p, base, tuned, source, layer)
     if rows is None:
         rows = checked_rows(p, base, tuned, source, site)
+    rows, val_rows = rows
     d = base.width(site)
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
-                    seed=init_seed(p.seed, source),
+                    seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
+                    patience=s.patience,
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")
+    total = min(s.tokens, len(rows) * s.epochs)  # the budget: whichever cap comes first
     batches = source_batches(source, base, tuned, site, s.view, rows, batch_size=s.batch_size, seed=p.seed,
-                             epochs=s.epochs)
-    train_sae(batches, cfg, out, total_tokens=len(rows) * s.epochs, resume=resumed, ddp=ddp,
-              progress=dist.rank_world()[0] == 0, device=dist.device_for_rank(s.device))
+                             epochs=math.ceil(total / max(1, len(rows))))
+    val = read_source(source, base, tuned, site, s.view, val_rows) if len(val_rows) >= 2 else None
+    train_sae(batches, cfg, out, total_tokens=total, resume=resumed, ddp=ddp,
+              progress=dist.rank_world()[0] == 0, device=dist.device_for_rank(s.device), val=val)
     if dist.rank_world()[0] == 0:
         mark_complete(out)
 
@@ -78,8 +104,8 @@ def worker(p, argv: list[str]) -> None:
     base, tuned = P.open_stores()
     if argv[0] == "--all":
         jobs = [(src, layer) for src in p.sae.sources for layer in p.sae.layers]
-        pending = [(src, layer) for src, layer in jobs if not finished_output(job(p, base, tuned, src, layer)[1],
-                                                                              job(p, base, tuned, src, layer)[2])]
+        pending = [(src, layer) for src, layer in jobs
+                   if not finished_output(*job(p, base, tuned, src, layer)[1:])]  # job() hashes code + stats once
         dist.barrier()  # every rank has listed the pending SAEs before any starts training
         for src, layer in dist.my_share(pending):
             train_one(p, base, tuned, src, layer)
@@ -114,7 +140,11 @@ def main() -> None:
     log = json.loads((out / "train_log.json").read_text())
     write_csv(P.plot(f"sae/{source}_L{layer}.csv"), log)
     last = log[-1] if log else {}
-    print(f"sae: {source} {site}: {s.epochs} epochs, final fvu {last.get('fvu', float('nan')):.3f}"
+    meta = json.loads((out / "cfg.json").read_text()) if (out / "cfg.json").is_file() else {}
+    val_fvu = meta.get("val_fvu")
+    print(f"sae: {source} {site}: {last.get('tokens', 0)} tokens ({meta.get('stop_reason', 'stop reason unknown')}), "
+          f"final fvu {last.get('fvu', float('nan')):.3f}"
+          + (f", held-out fvu {val_fvu:.3f}" if val_fvu is not None else "")
           + (f" ({s.nproc} processes, {s.parallel})" if s.nproc > 1 else ""))
 
 

@@ -71,6 +71,10 @@ def tiny_params(repo: Path, base_dir: Path) -> None:
     p["hsae"].update({"layer": 2, "width": 16, "k": 2, "batch_size": 256, "epochs": 2, "freeze_steps": 5,
                       "eval_prompts": 12})
     p["heads"].update({"max_prompts": 12, "n_patch": 3, "n_random": 3, "batch_size": 8, "max_new_tokens": 3})
+    p["gates"].update({"layer": 2, "max_features": 2, "max_prompts": 8, "neutral_prompts": 8, "mc_questions": 6,
+                       "n_perm": 200})
+    p["probes"].update({"n_trees": 10, "n_features": 4})
+    p["feature_pages"].update({"n_top": 2, "max_gated": 4, "n_contexts": 4})
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 

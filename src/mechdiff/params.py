@@ -185,9 +185,14 @@ class SAE(_Section):
     k: int = 32
     k_aux: int | None = None
     batchtopk: bool = False
-    lr: float = 4e-4
+    lr: float | None = None  # null: 1e-3 x sqrt(2^14 / width) (SAEConfig.resolved_lr; 1.9e-3 at width 4608)
     batch_size: int = 1024
-    epochs: int = 4
+    epochs: int = 30  # the most passes over the training rows (a cap beside the token budget)
+    tokens: int = 1_000_000  # token budget: training stops after min(tokens, epochs x rows) tokens at the latest
+    holdout: float = 0.05  # share of train prompts held out for the plateau check (0: no check, train to budget)
+    eval_every: int = 50  # steps between held-out FVU evaluations
+    plateau_tol: float = 0.01  # plateau: held-out FVU improved by less than this share over the window
+    patience: int = 4  # the window, in evaluations (patience x eval_every steps); then a cool-down and stop
     eval_prompts: int = 64
     nproc: int = 1
     parallel: str = "many"
@@ -290,6 +295,42 @@ class HeadsParams(_Section):
     device: str = "cpu"
 
 
+@dataclass
+class ProbesParams(_Section):
+    """Probes (seed 001 stages 4-5): hidden -> concept, hidden -> feature, embedding -> feature; SAE sparse probing."""
+
+    view: str = "last"
+    feature_view: str = "mean"
+    target: str = "cultural"
+    control: str = "control"
+    folds: int = 5
+    C: float = 1.0
+    ridge_alpha: float = 10.0
+    estimators: list[str] = field(default_factory=lambda: ["logistic", "ridge", "forest", "svm"])
+    n_trees: int = 50
+    n_features: int = 8
+    embedding: bool = True
+    sparse_k: list[int] = field(default_factory=lambda: [1, 2, 5])
+    n_jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.view not in ("last", "mean") or self.feature_view not in ("last", "mean"):
+            raise MechdiffError(f"params.yaml: probes.view and probes.feature_view must be last or mean, got "
+                                f"{self.view!r}, {self.feature_view!r}")
+        bad = [e for e in self.estimators if e not in ("logistic", "ridge", "forest", "svm")]
+        if bad or not self.estimators:
+            raise MechdiffError(f"params.yaml: probes.estimators entry {bad[0] if bad else None!r}; choose from "
+                                "logistic, ridge, forest, svm")
+        if self.folds < 2 or self.n_trees < 1 or self.n_features < 1 or self.n_jobs < 1:
+            raise MechdiffError("params.yaml: probes.folds must be >= 2 and probes.n_trees, n_features, n_jobs >= 1")
+        if self.C <= 0 or self.ridge_alpha <= 0:
+            raise MechdiffError(f"params.yaml: probes.C and probes.ridge_alpha must be > 0, got {self.C}, {self.ridge_alpha}")
+        if not self.sparse_k or any(k < 1 for k in self.sparse_k):
+            raise MechdiffError(f"params.yaml: probes.sparse_k must list integers >= 1, got {self.sparse_k}")
+        if self.target == self.control:
+            raise MechdiffError(f"params.yaml: probes.target and probes.control are both {self.target!r}")
+
+
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one
 # params.yaml section, and these defaults are the single place defaults live (test_defaults_are_params_yaml).
 @dataclass
@@ -304,6 +345,46 @@ class Features(_Section):
     fdr: float = 0.05
     top_examples: int = 8
     max_themes: int = 12
+    embeddings: list[str] = field(default_factory=lambda: ["tfidf", "minilm"])
+    theme_seeds: int = 3
+    theme_boot: int = 3
+    stable_ari: float = 0.8
+    theme_points: int = 1000
+
+
+@dataclass
+class FeaturePages(_Section):
+    """One HTML page per reported feature (top cultural, top graded, gated) and token-by-token plots."""
+
+    n_top: int = 3
+    max_gated: int = 20
+    n_contexts: int = 8
+    n_logit_tokens: int = 12
+    hist_bins: int = 30
+    plot_prompts: int = 4
+
+
+@dataclass
+class GatesParams(_Section):
+    """Identifiability gates and the CCIS."""
+
+    layer: int = 20
+    match_cos: float = 0.7
+    top_share: float = 0.1
+    max_freq: float = 0.0325
+    min_regions: int = 3
+    max_features: int = 3
+    max_prompts: int = 16
+    neutral_prompts: int = 16
+    mc_questions: int = 12
+    min_effect: float = 0.05
+    min_kl: float = 0.05
+    d_min: float = 0.8
+    sd_max: float = 0.3
+    side_budget: float = 0.2
+    ccis_min: float = 1.5
+    alpha: float = 0.001
+    n_perm: int = 2000
 
 
 @dataclass
@@ -326,6 +407,9 @@ class Params(_Section):
     geometry: Geometry = field(default_factory=Geometry)
     hsae: HSAE = field(default_factory=HSAE)
     heads: HeadsParams = field(default_factory=HeadsParams)
+    gates: GatesParams = field(default_factory=GatesParams)
+    feature_pages: FeaturePages = field(default_factory=FeaturePages)
+    probes: ProbesParams = field(default_factory=ProbesParams)
 
 
 _CHOICES = {
@@ -351,7 +435,8 @@ _CHOICES = {
 _POSITIVE = {
     "pair.finetune.steps", "pair.finetune.batch_size", "pair.finetune.max_len", "pair.edit.rank", "data.max_len",
     "extract.batch_size", "extract.layer_stride", "extract.shard_rows", "extract.nproc", "divergence.n_boot", "patch.max_prompts",
-    "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs", "sae.nproc",
+    "patch.batch_size", "patch.n_boot", "sae.expansion", "sae.k", "sae.batch_size", "sae.epochs", "sae.tokens", "sae.eval_every",
+    "sae.patience", "sae.nproc",
     "behaviour.max_new_tokens", "behaviour.max_prompts", "behaviour.batch_size", "behaviour.n_boot",
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
@@ -470,7 +555,10 @@ def validate(p: Params) -> Params:
     for s in p.sae.sources:
         if s not in ("base", "tuned", "delta", "crosscoder"):
             raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
-    if p.pair.finetune.lr <= 0 or p.sae.lr <= 0:
+    if not 0 <= p.sae.holdout < 1 or not 0 <= p.sae.plateau_tol < 1:
+        raise MechdiffError(f"params.yaml: sae.holdout ({p.sae.holdout}) and sae.plateau_tol ({p.sae.plateau_tol}) "
+                            "must lie in [0, 1)")
+    if p.pair.finetune.lr <= 0 or (p.sae.lr is not None and p.sae.lr <= 0):
         raise MechdiffError("params.yaml: learning rates (pair.finetune.lr, sae.lr) must be > 0")
     from mechdiff.model.sites import Site
 

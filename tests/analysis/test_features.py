@@ -491,5 +491,5 @@ def test_analyse_features_end_to_end_on_stores(tmp_path):
     assert set(m["skipped_traits"]) == {"wry"} and "grade 3" in m["skipped_traits"]["wry"]
     assert "graded_calm_best_score" in m["tuned_L0"] and not any("wry" in k for k in m["tuned_L0"])
     assert {(r["source"], r["trait"]) for r in res.graded_rows} == {("base", "calm"), ("tuned", "calm")}
-    assert res.enrichment["L0.k"] >= 2 and {r["by"] for r in res.enrichment_rows} == {"decoder", "text"}
+    assert res.enrichment["L0.k"] >= 2 and {r["by"] for r in res.enrichment_rows} == {"decoder", "text", "minilm"}
     assert res.examples_markdown().count("most cultural") == 3 and "L0" in res.themes_markdown()

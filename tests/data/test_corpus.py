@@ -261,7 +261,7 @@ def test_corpus_fragments_are_package_data(tmp_path):
     pkg = root / "src" / "mechdiff" / "data"
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mechdiff.data"]
     shipped = {f for g in globs for f in pkg.glob(g)}
-    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 8
+    assert shipped == set((pkg / "corpora").glob("*.json")) and len(shipped) == 9
     if (root / "data").is_dir():  # the materialised data/ (what data.dvc records) is rebuilt byte for byte
         write_default_corpora(tmp_path)
         assert _hashes(tmp_path) == _hashes(root / "data")
@@ -426,3 +426,32 @@ def test_math_corpus_answers_are_right_and_named_sources_load(data_dir):
     assert all(p.reference for p in loaded if p.dataset == "math")
     with pytest.raises(MechdiffError, match="not a corpus of the project"):
         load_corpus(data_dir, ["cultural", "physics"])
+
+
+def test_cultural_regions_and_corruptions(tmp_path):
+    from mechdiff.data.corpus import (
+        CORRUPTIONS,
+        Prompt,
+        _fragments,
+        corruptions,
+        cultural_entities,
+        default_records,
+        load_prompts,
+        save_prompts,
+    )
+
+    recs = default_records()
+    table = cultural_entities()
+    assert all(r["region"] == table[r["group"]]["region"] for r in recs["cultural.jsonl"])
+    assert not any("region" in r for r in recs["control.jsonl"])
+    assert len({r["region"] for r in recs["cultural.jsonl"]} - {"pan-Indian"}) >= 3
+    save_prompts(tmp_path / "p.jsonl", [Prompt(0, "x", "control"), Prompt(1, "y", "cultural", region="South")])
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert "region" not in lines[0] and '"region": "South"' in lines[1]
+    assert [q.region for q in load_prompts(tmp_path / "p.jsonl")] == ["", "South"]
+    r = recs["cultural.jsonl"][5]
+    c = corruptions(r["text"], r["group"], seed=3)
+    assert list(c) == list(CORRUPTIONS) and c == corruptions(r["text"], r["group"], seed=3)
+    other = {n for n, _ in _fragments("counterfactual")["topics"][r["topic"]]}
+    assert any(n in c["counterfactual"] for n in other) and r["entity"] not in c["counterfactual"]
+    assert r["entity"] not in c["entity"] and r["entity"] in c["paraphrase"] and c["paraphrase"] != r["text"]

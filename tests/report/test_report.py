@@ -261,3 +261,18 @@ def test_summary_null_metrics_read_undefined(run_dir: Path, tmp_path: Path) -> N
     assert fit.value == "R² undefined" and "shuffled pairs undefined" in fit.note
     assert {f.label: f.value for f in S.sae_fit(run)}[first] == "FVU undefined"
     assert "R² undefined" in build_report(_roots(tmp_path), tmp_path / "out", INFO).read_text()
+
+
+def test_unstable_themes_are_not_a_finding(tmp_path: Path) -> None:
+    """The summary names the strongest enriched theme only when its clustering is stable."""
+    (tmp_path / "plots").mkdir()
+    rows = ("layer,by,theme,enrichment,q,significant,top_words,stable\n"
+            "20,text,0,1.65,0.001,True,social scenes,{s}\n20,text,1,0.8,0.5,False,food,{s}\n")
+    run = Run({"metrics": tmp_path / "metrics", "plots": tmp_path / "plots"})
+    (tmp_path / "plots/enrichment.csv").write_text(rows.format(s="False"))
+    (fact,) = S.theme_enrichment(run)
+    assert fact.value == "1 of 2 enriched" and "not stable" in fact.note and "1.65" not in fact.note
+    run = Run({"metrics": tmp_path / "metrics", "plots": tmp_path / "plots"})
+    (tmp_path / "plots/enrichment.csv").write_text(rows.format(s="True"))
+    (fact,) = S.theme_enrichment(run)
+    assert "theme 0, E = 1.65" in fact.note and "social scenes" in fact.note

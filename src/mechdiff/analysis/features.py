@@ -16,6 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from mechdiff.analysis.themes import (
+    EMBEDDINGS,
+    cluster_kmeans,
+    clustering_summary,
+    embed_texts,
+    stability_note,
+)
 from mechdiff.errors import MechdiffError
 from mechdiff.sae.sources import check_paired, encode_rows, prompt_feature_means, source_rows
 
@@ -309,60 +316,43 @@ def graded_scores(a: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
 NO_THEME = -1  # theme label of features that never fire on the prompts (left out of text themes and their enrichment)
 
 
-def _kmeans_silhouette(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_samples: int,
-                       who: str) -> dict:
-    """K-means over the rows of X (dense or sparse) for each k in k_range; keep the k with the best silhouette."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    n = X.shape[0]
-    ks = sorted({int(k) for k in k_range if 2 <= int(k) < n})
-    if not ks:
-        raise MechdiffError(f"{who}: no k in {list(k_range)} fits {n} features (need 2 <= k < n)")
-    sample = min(max_silhouette_samples, n)
-    scores: dict[int, float] = {}
-    best = None
-    for k in ks:
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(X)
-        if len(np.unique(km.labels_)) < 2:
-            continue
-        s = float(silhouette_score(X, km.labels_, sample_size=sample, random_state=seed))
-        scores[k] = s
-        if best is None or s > scores[best[0]]:
-            best = (k, km)
-    if best is None:
-        raise MechdiffError(f"{who}: k-means found fewer than 2 distinct clusters (identical feature representations?)")
-    return {"labels": best[1].labels_.copy(), "k": best[0], "centroids": np.asarray(best[1].cluster_centers_),
-            "silhouette": scores}
-
-
 def themes(decoder_dirs: np.ndarray, *, k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0,
-           max_silhouette_samples: int = 5000) -> dict:
-    """K-means themes of unit-normalised feature directions (F, d); k chosen by the best silhouette score.
+           max_silhouette_samples: int = 5000, n_seeds: int = 3, n_boot: int = 3, stable_ari: float = 0.8,
+           max_stability_points: int = 1000) -> dict:
+    """K-means themes of unit-normalised feature directions (F, d); k by stability and silhouette (`cluster_kmeans`).
 
-    Returns labels (F,), k, centroids (k, d) and silhouette {k: score}.
+    Returns labels (F,), k, centroids (k, d), silhouette / stability / ari_seeds / ari_boot {k: score} and stable.
     """
     X = _mat(decoder_dirs, "decoder_dirs")
     nrm = np.linalg.norm(X, axis=1, keepdims=True)
     X = X / np.where(nrm > 0, nrm, 1.0)
-    return _kmeans_silhouette(X, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples, who="themes")
+    return cluster_kmeans(X, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples, n_seeds=n_seeds,
+                          n_boot=n_boot, stable_ari=stable_ari, max_stability_points=max_stability_points,
+                          who="themes")
 
 
 def text_themes(acts: np.ndarray, texts: Sequence[str], *, top_n: int = 10,
                 k_range: Sequence[int] = tuple(range(2, 13)), seed: int = 0, n_top_words: int = 8,
-                max_vocab: int = 20000, max_silhouette_samples: int = 5000) -> dict:
-    """K-means themes of features represented by their top-activating texts (TF-IDF); k by the best silhouette.
+                max_vocab: int = 20000, max_silhouette_samples: int = 5000, embedding: str = "tfidf",
+                text_vectors: np.ndarray | None = None, n_seeds: int = 3, n_boot: int = 3, stable_ari: float = 0.8,
+                max_stability_points: int = 1000) -> dict:
+    """K-means themes of features represented by their top-activating texts; k by stability and silhouette.
 
     acts: per-prompt activations (n_prompts, F), texts: the n_prompts prompts. A feature is the activation-weighted
-    mean of the (l2-normalised, English stop words removed) TF-IDF vectors of its top_n prompts with activation
-    > 0, normalised to unit length. Features that never fire (or whose firing texts are all stop words) get label
-    NO_THEME (-1) and are not clustered. Returns labels (F,), k, centroids (k, vocab), silhouette {k: score},
-    top_words (per theme, the highest-weight centroid terms), alive (F,) bool (clustered) and vocabulary.
+    mean of the vectors of its top_n prompts with activation > 0, normalised to unit length; the prompt vectors are
+    the (l2-normalised, English stop words removed) TF-IDF rows (embedding "tfidf") or unit MiniLM sentence
+    embeddings (embedding "minilm": `text_vectors` (n_prompts, d) when given, else `embed_texts(texts)`).
+    Features that never fire (or whose firing texts are all stop words) get label NO_THEME (-1) and are not
+    clustered, whatever the embedding. Returns labels (F,), k, centroids (k, dim), the `cluster_kmeans` scores,
+    top_words (per theme, the highest-weight TF-IDF terms of the mean of its members' TF-IDF vectors), alive (F,)
+    bool (clustered), vocabulary and embedding.
     """
     from scipy import sparse
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.preprocessing import normalize
 
+    if embedding not in EMBEDDINGS:
+        raise MechdiffError(f"text_themes: embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
     A = _mat(acts, "acts")
     if len(texts) != A.shape[0]:
         raise MechdiffError(f"text_themes: {len(texts)} texts for {A.shape[0]} rows of activations (one per prompt)")
@@ -388,25 +378,44 @@ def text_themes(acts: np.ndarray, texts: Sequence[str], *, top_n: int = 10,
     X.eliminate_zeros()
     has_words = X.getnnz(axis=1) > 0
     alive[idx[~has_words]] = False
-    idx, X = idx[has_words], X[has_words]
-    res = _kmeans_silhouette(X, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples,
-                             who="text_themes")
+    idx, X, W = idx[has_words], X[has_words], W[has_words]
+    if embedding == "minilm":
+        E = embed_texts(texts) if text_vectors is None else _mat(text_vectors, "text_vectors")
+        if E.shape[0] != A.shape[0]:
+            raise MechdiffError(f"text_themes: {E.shape[0]} text vectors for {A.shape[0]} prompts (one per prompt)")
+        Xc = normalize(np.asarray(W @ E))
+    else:
+        Xc = X
+    res = cluster_kmeans(Xc, k_range, seed=seed, max_silhouette_samples=max_silhouette_samples, n_seeds=n_seeds,
+                         n_boot=n_boot, stable_ari=stable_ari, max_stability_points=max_stability_points,
+                         who=f"text_themes ({embedding})")
     labels = np.full(A.shape[1], NO_THEME, dtype=np.int64)
     labels[idx] = res["labels"]
     top_words = []
-    for c in res["centroids"]:
-        order = np.argsort(-c, kind="stable")[:n_top_words]
-        top_words.append([str(vocab[i]) for i in order if c[i] > 0])
-    return {**res, "labels": labels, "top_words": top_words, "alive": alive, "vocabulary": vocab}
+    for c in range(res["k"]):
+        m = res["labels"] == c
+        mean = np.asarray(X[m].mean(0)).reshape(-1) if m.any() else np.zeros(len(vocab))
+        order = np.argsort(-mean, kind="stable")[:n_top_words]
+        top_words.append([str(vocab[i]) for i in order if mean[i] > 0])
+    return {**res, "labels": labels, "top_words": top_words, "alive": alive, "vocabulary": vocab,
+            "embedding": embedding}
+
+
+EMBEDDING_NAMES = {"tfidf": "TF-IDF", "minilm": "MiniLM sentence embeddings"}
 
 
 def text_themes_markdown(th: dict, rows: list[dict], *, title: str | None = None) -> str:
-    """Markdown table of `text_themes` with their `theme_enrichment` rows: top words, counts, E_c, p and BH q."""
+    """Markdown table of `text_themes` with their `theme_enrichment` rows: top words, counts, E_c, p and BH q,
+    headed by the clustering's k, silhouette, stability and whether it is stable."""
     if not rows:
         raise MechdiffError("text_themes_markdown: no enrichment rows (run theme_enrichment on the text themes)")
     k, n_none = th["k"], int((np.asarray(th["labels"]) == NO_THEME).sum())
     head = f"{title}: " if title else ""
-    lines = [f"### {head}themes by top-activating texts (k = {k}, silhouette {th['silhouette'][k]:.3f})", "",
+    emb = EMBEDDING_NAMES.get(th.get("embedding", "tfidf"), str(th.get("embedding")))
+    s = th.get("stability", {}).get(k)
+    stab = "" if s is None else f", stability ARI {s:.2f}" + ("" if th.get("stable") else ", not stable")
+    lines = [f"### {head}themes by top-activating texts, {emb} (k = {k}, silhouette {th['silhouette'][k]:.3f}{stab})",
+             "", stability_note(th) if "stable" in th else "", "",
              f"{n_none} features have no theme (they never fire on these prompts, or only on stop words).", "",
              "| theme | top words | features | delta features | E_c | chi² p | BH q |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -492,12 +501,32 @@ class FeatureSettings:
     max_themes: int = 12  # k-means k from 2 to max_themes
     max_rows: int = 16384  # token rows sampled for the base-vs-tuned statistics
     seed: int = 0
+    embeddings: tuple[str, ...] = EMBEDDINGS  # text representations of the text themes (tfidf, minilm)
+    theme_seeds: int = 3  # k-means re-runs with other seeds per k (stability)
+    theme_boot: int = 3  # k-means runs on bootstrap resamples per k (stability)
+    stable_ari: float = 0.8  # a clustering is stable when its stability ARI reaches this
+    theme_points: int = 1000  # stability is measured on at most this many (seeded sample of) features
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.embeddings if e not in EMBEDDINGS]
+        if bad or not self.embeddings:
+            raise MechdiffError(f"features: embeddings {list(self.embeddings)}; list one or more of "
+                                f"{', '.join(EMBEDDINGS)}")
+        if self.theme_seeds < 0 or self.theme_boot < 0 or self.theme_seeds + self.theme_boot < 1:
+            raise MechdiffError(f"features: theme_seeds ({self.theme_seeds}) and theme_boot ({self.theme_boot}) must "
+                                "be >= 0 and not both 0 (every clustering reports its stability)")
+        if not 0 < self.stable_ari <= 1 or self.theme_points < 10:
+            raise MechdiffError(f"features: stable_ari must be in (0, 1] and theme_points >= 10, got "
+                                f"{self.stable_ari}, {self.theme_points}")
 
 
 THEMES_HEADER = ["# Feature themes by top-activating texts", "",
-                 "Pooled base / tuned / delta SAE features, each represented by the TF-IDF of its most activating",
-                 "prompts, clustered with k-means (k by silhouette); E_c = share of delta-SAE features in the theme",
-                 "over their share among all features with a theme (README: How to read the metrics).", ""]
+                 "Pooled base / tuned / delta SAE features, each represented by its most activating prompts (as",
+                 "TF-IDF and as MiniLM sentence embeddings), clustered with k-means; k is the best silhouette among",
+                 "the stable k (stability = adjusted Rand index of the themes against re-runs with other seeds and",
+                 "on bootstrap resamples). A clustering that no k makes stable is marked **not stable**: its themes",
+                 "change from run to run and are not a finding. E_c = share of delta-SAE features in the theme over",
+                 "their share among all features with a theme (README: How to read the metrics).", ""]
 NO_THEMES = "No themes: the features stage needs the delta SAE and at least one other source."
 ENRICH_KEYS = ("enrichment", "p", "q", "n_group", "n_group_selected")
 
@@ -597,29 +626,53 @@ def graded_rankings(A: np.ndarray, traits: np.ndarray, labels: np.ndarray) -> tu
     return rows, skipped
 
 
-def pooled_themes(saes: dict, means: dict[str, np.ndarray], texts: Sequence[str], st: FeatureSettings
-                  ) -> tuple[list[dict], dict, list[dict], dict]:
-    """Themes of the pooled SAE features, by decoder direction and by top-activating texts, with the delta SAE's
-    enrichment per theme: (all enrichment rows with `by`, enrichment metrics by key, text-theme rows, text themes).
+TEXT_BY = {"tfidf": "text", "minilm": "minilm"}  # enrichment rows' `by` (and key prefix) per text embedding
 
-    means: per SAE its per-prompt activations on `texts` (n_prompts, width).
+
+def pooled_themes(saes: dict, means: dict[str, np.ndarray], texts: Sequence[str], st: FeatureSettings,
+                  text_vectors: np.ndarray | None = None) -> tuple[list[dict], dict, list[tuple[dict, list[dict]]], dict]:
+    """Themes of the pooled SAE features, by decoder direction and by top-activating texts (one clustering per
+    `st.embeddings`), with the delta SAE's enrichment per theme: (all enrichment rows with `by` and `stable`,
+    enrichment metrics by key, [(text themes, their rows)] per embedding, {clustering: `clustering_summary`}).
+
+    means: per SAE its per-prompt activations on `texts` (n_prompts, width); text_vectors: the MiniLM embeddings of
+    `texts` (computed when None and needed).
     """
     names = list(saes)
     dirs = np.concatenate([decoder_dirs(saes[n]) for n in names])
     is_delta = np.concatenate([[n == "delta"] * saes[n].width for n in names])
-    k_range = range(2, st.max_themes + 1)
-    th = themes(dirs, k_range=k_range, seed=st.seed)
-    rows = [{"by": "decoder", **r} for r in theme_enrichment(th["labels"], is_delta, alpha=st.fdr)]
+    kw = {"k_range": range(2, st.max_themes + 1), "seed": st.seed, "n_seeds": st.theme_seeds,
+          "n_boot": st.theme_boot, "stable_ari": st.stable_ari, "max_stability_points": st.theme_points}
+    th = themes(dirs, **kw)
+    summary = {"decoder": clustering_summary(th)}
+    rows = [{"by": "decoder", **r, "stable": th["stable"]}
+            for r in theme_enrichment(th["labels"], is_delta, alpha=st.fdr)]
     enrich = {f"theme{r['theme']}": {k: r[k] for k in ENRICH_KEYS} for r in rows}
     enrich["k"] = th["k"]
-    tt = text_themes(np.concatenate([means[n] for n in names], axis=1), texts, top_n=st.top_texts,
-                     k_range=k_range, seed=st.seed)
-    trows = theme_enrichment(tt["labels"], is_delta, alpha=st.fdr, ignore_label=NO_THEME)
-    rows += [{"by": "text", **r, "top_words": " ".join(tt["top_words"][r["theme"]])} for r in trows]
-    enrich.update({f"text_theme{r['theme']}": {k: r[k] for k in ENRICH_KEYS} for r in trows})
-    enrich["text_k"] = tt["k"]
-    enrich["text_n_no_theme"] = int((tt["labels"] == NO_THEME).sum())
-    return rows, enrich, trows, tt
+    A = np.concatenate([means[n] for n in names], axis=1)
+    text = []
+    for emb in st.embeddings:
+        tt = text_themes(A, texts, top_n=st.top_texts, embedding=emb, text_vectors=text_vectors, **kw)
+        trows = theme_enrichment(tt["labels"], is_delta, alpha=st.fdr, ignore_label=NO_THEME)
+        by = TEXT_BY[emb]
+        rows += [{"by": by, **r, "stable": tt["stable"], "top_words": " ".join(tt["top_words"][r["theme"]])}
+                 for r in trows]
+        enrich.update({f"{by}_theme{r['theme']}": {k: r[k] for k in ENRICH_KEYS} for r in trows})
+        enrich[f"{by}_k"] = tt["k"]
+        enrich[f"{by}_n_no_theme"] = int((tt["labels"] == NO_THEME).sum())
+        summary[emb] = clustering_summary(tt)
+        text.append((tt, trows))
+    return rows, enrich, text, summary
+
+
+def decoder_themes_markdown(summary: dict, *, title: str | None = None) -> str:
+    """One paragraph on the decoder-direction clustering of `pooled_themes` (its table is in plots/enrichment.csv)."""
+    s = summary
+    head = f"{title}: " if title else ""
+    stab = "" if s["stability"] is None else f", stability ARI {s['stability']:.2f}"
+    verdict = {True: "stable", False: "**not stable**", None: "stability not measured"}[s["stable"]]
+    return (f"### {head}themes by decoder direction (k = {s['k']}, silhouette {s['silhouette']:.3f}{stab}): "
+            f"{verdict}\n")
 
 
 def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], base: Any, tuned: Any,
@@ -628,7 +681,9 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
     """The feature analysis of every layer's SAEs (no crosscoder) at L<layer>.resid_post.
 
     Per layer: Type A/B/C counts (`sae_type_counts`) on a row sample; per SAE the cultural-vs-control
-    features (`cultural_features`); with the delta SAE and another, `pooled_themes`; per base / tuned SAE and
+    features (`cultural_features`); with the delta SAE and another, `pooled_themes` (each clustering's k, silhouette,
+    stability and `stable` in metrics `themes_L<layer>`; the MiniLM embeddings of the prompts computed once); per
+    base / tuned SAE and
     trait the graded ranking (`graded_rankings`, unrankable traits skipped); on the tokens view, the top
     examples of the tuned SAE's most cultural features, from the tuned store. `decode` maps a tuned-model token id
     to its text. The Type A/B/C statistics set base and tuned rows side by side, so on the tokens view both models
@@ -641,6 +696,7 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
     datasets = np.array([q.dataset for q in prompts])
     cc = np.flatnonzero(np.isin(datasets, ["cultural", "control"]))
     tr = np.flatnonzero(datasets == "trait")
+    text_vectors = None
     for layer in layers:
         site = f"L{layer}.resid_post"
         saes = load_saes(layer)
@@ -653,10 +709,15 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
         for src, n in n_cult.items():
             res.metrics.setdefault(f"{src}_L{layer}", {})["n_cultural_features"] = n
         if "delta" in saes and len(saes) > 1:
-            rows, enrich, trows, tt = pooled_themes(saes, means, [prompts[i].text for i in cc], st)
+            texts = [prompts[i].text for i in cc]
+            if "minilm" in st.embeddings and text_vectors is None:
+                text_vectors = embed_texts(texts)  # the same prompts at every layer: embedded once
+            rows, enrich, text, summary = pooled_themes(saes, means, texts, st, text_vectors)
             res.enrichment_rows += [{"layer": layer, **r} for r in rows]
             res.enrichment.update({f"L{layer}.{k}": v for k, v in enrich.items()})
-            res.themes_md.append(text_themes_markdown(tt, trows, title=f"L{layer}"))
+            res.metrics[f"themes_L{layer}"] = summary
+            res.themes_md += [text_themes_markdown(tt, trows, title=f"L{layer}") for tt, trows in text]
+            res.themes_md.append(decoder_themes_markdown(summary["decoder"], title=f"L{layer}"))
         if len(tr):
             traits = np.array([prompts[i].trait for i in tr])
             labels = np.array([prompts[i].label for i in tr])

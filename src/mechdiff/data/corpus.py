@@ -60,6 +60,7 @@ class Prompt:
 
     Multiple-choice prompts also carry `choices` (the options; `text` is the question stem only) and `answer`
     (the index of the right option, -1 when unknown); `reference` is a reference answer text (e.g. GSM8K's).
+    `region` is the region or subculture of a cultural prompt's entity (`cultural.json` `regions`), "" otherwise.
     """
 
     pid: int
@@ -72,11 +73,12 @@ class Prompt:
     choices: list[str] | None = None
     answer: int = -1
     reference: str = ""
+    region: str = ""
 
 
 # the optional fields and their defaults: `save_prompts` leaves a field out while it has its default, so prompt
 # files of corpora without them are byte-identical to those written before the fields existed
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"choices": None, "answer": -1, "reference": ""}
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"choices": None, "answer": -1, "reference": "", "region": ""}
 
 
 # ---------------------------------------------------------------- default corpora
@@ -108,8 +110,10 @@ def _fragments(name: str) -> Any:
 
 
 def _topic_records(topics: dict[str, dict[str, list]], generic: list[str], dataset: str, rng: random.Random,
-                   n_topic_frames: int = 3, n_generic: int = 1) -> list[dict[str, Any]]:
-    """Compose `n_topic_frames + n_generic` prompts per entity, each from a different frame."""
+                   n_topic_frames: int = 3, n_generic: int = 1,
+                   regions: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Compose `n_topic_frames + n_generic` prompts per entity, each from a different frame (with `regions`, each
+    record carries its entity's `region`)."""
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for topic, spec in topics.items():
@@ -126,8 +130,11 @@ def _topic_records(topics: dict[str, dict[str, list]], generic: list[str], datas
                 if text in seen:
                     continue
                 seen.add(text)
-                out.append({"text": text, "dataset": dataset, "group": f"{dataset}:{_slug(name)}", "label": -1,
-                            "trait": "", "topic": topic, "entity": name, "form": prompt_form(text)})
+                rec = {"text": text, "dataset": dataset, "group": f"{dataset}:{_slug(name)}", "label": -1,
+                       "trait": "", "topic": topic, "entity": name, "form": prompt_form(text)}
+                if regions is not None:
+                    rec["region"] = regions[name]
+                out.append(rec)
     return out
 
 
@@ -395,7 +402,7 @@ def default_records() -> dict[str, list[dict[str, Any]]]:
     cultural, control = _fragments("cultural"), _fragments("control")
     return {
         "cultural.jsonl": _topic_records(cultural["topics"], cultural["generic_frames"], "cultural",
-                                         random.Random(_GEN_SEED)),
+                                         random.Random(_GEN_SEED), regions=cultural["regions"]),
         "control.jsonl": _topic_records(control["topics"], control["generic_frames"], "control",
                                         random.Random(_GEN_SEED + 1)),
         "neutral.jsonl": _neutral_records(random.Random(_GEN_SEED + 2)),
@@ -432,6 +439,69 @@ def write_default_corpora(data_dir: str | Path) -> list[Path]:
     _write_text(p, json.dumps(default_concepts(), sort_keys=True, ensure_ascii=True, indent=2) + "\n")
     paths.append(p)
     return paths
+
+
+# ---------------------------------------------------------------- regions and corruptions of cultural prompts
+
+#: the corruption methods of `corruptions`, in order
+CORRUPTIONS = ("entity", "counterfactual", "paraphrase")
+#: the region label of entities shared across India (not one subculture)
+PAN_INDIAN = "pan-Indian"
+
+
+@cache
+def cultural_entities() -> dict[str, dict[str, Any]]:
+    """The cultural corpus's entities by group (`cultural:<slug>`): {"entity", "topic", "region", "details"}.
+
+    A prompt's group names its entity, so prompts saved before `region` existed find their region here.
+    """
+    frag = _fragments("cultural")
+    return {f"cultural:{_slug(name)}": {"entity": name, "topic": topic, "region": frag["regions"][name],
+                                        "details": list(details)}
+            for topic, spec in frag["topics"].items() for name, details in spec["entities"]}
+
+
+def corruptible(text: str, group: str) -> bool:
+    """Whether `corruptions` can corrupt the prompt: a cultural prompt whose text names its entity (a few frames
+    speak of a detail only)."""
+    ent = cultural_entities().get(group)
+    return ent is not None and (ent["entity"] in text or _cap(ent["entity"]) in text)
+
+
+def _swap_entity(text: str, old: str, new: str) -> str:
+    """`text` with the entity `old` (as written or capitalised, as the frames' {name} / {Name} put it) replaced."""
+    if old not in text and _cap(old) not in text:
+        raise MechdiffError(f"entity {old!r} does not occur in the prompt {text[:60]!r}: it is not a prompt of that "
+                            "entity")
+    if _cap(old) != old:
+        text = text.replace(_cap(old), _cap(new))
+    return text.replace(old, new)
+
+
+def corruptions(text: str, group: str, *, seed: int) -> dict[str, str]:
+    """Three corruptions of a cultural prompt (of entity group `group`), deterministic given `seed` and the text.
+
+    - `entity`: the same text with the entity replaced by an entity of the control corpus (no cultural content);
+    - `counterfactual`: the same text with the entity replaced by an entity of another culture in the same topic
+      (`counterfactual.json`);
+    - `paraphrase`: the same entity in another frame of its topic (a frame whose text differs from `text`;
+      {detail} is one of the entity's details, {other} another entity of the topic).
+    """
+    ent = cultural_entities().get(group)
+    if ent is None:
+        raise MechdiffError(f"group {group!r} is not an entity of the cultural corpus: corruptions need cultural "
+                            "prompts (see `corruptible`)")
+    rng = random.Random(f"{seed}:{group}:{text}")
+    name, topic = ent["entity"], ent["topic"]
+    control = [n for spec in _fragments("control")["topics"].values() for n, _ in spec["entities"]]
+    other_culture = [n for n, _ in _fragments("counterfactual")["topics"][topic]]
+    spec = _fragments("cultural")["topics"][topic]
+    others = [n for n, _ in spec["entities"] if n != name]
+    paraphrases = sorted({f.format(name=name, Name=_cap(name), detail=ent["details"][0], other=others[0])
+                          for f in spec["frames"]} - {text})
+    return {"entity": _swap_entity(text, name, rng.choice(control)),
+            "counterfactual": _swap_entity(text, name, rng.choice(other_culture)),
+            "paraphrase": rng.choice(paraphrases)}
 
 
 # ---------------------------------------------------------------- loading
@@ -649,7 +719,11 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         trait = str(rec.get("trait") or src.get("trait") or "")
         rec_where = f"source {name!r} ({where}) record {i}" if "path" in src else f"{where} record {i}"
         extra = _mc_fields(rec, rec_where, mc_fields, "answer_field" in src)
-        out.append(Prompt(pid=-1, text=text, dataset=dataset, group=group, label=label, trait=trait, **extra))
+        region = rec.get("region")
+        if region is not None and not isinstance(region, str):
+            raise MechdiffError(f"{rec_where}: region {region!r} is not a string: fix the record")
+        out.append(Prompt(pid=-1, text=text, dataset=dataset, group=group, label=label, trait=trait,
+                          region=region or "", **extra))
     return out
 
 
@@ -783,7 +857,7 @@ def _prompt_record(p: Prompt) -> dict[str, Any]:
 def save_prompts(path: str | Path, prompts: list[Prompt]) -> None:
     """Write prompts as JSONL (one object per line: pid, text, dataset, split, group, label, trait).
 
-    `choices`, `answer` and `reference` follow where they differ from their defaults (so files of corpora without
+    `choices`, `answer`, `reference` and `region` follow where they differ from their defaults (so files of corpora without
     them are the same bytes as before those fields existed).
     """
     path = Path(path)

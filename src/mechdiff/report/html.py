@@ -199,6 +199,9 @@ class _Page:
             body = _records_table(run.table(tab.path), tab.columns)
         elif tab.kind == "markdown":
             body = f'<div class="fragment">{markdown_to_html(run.text(tab.path))}</div>'
+        elif tab.kind == "images":
+            body = "".join(f'<figure><img src="{_e(self.copy(p, "img"))}" alt="{_e(p.stem)}">'
+                           f"<figcaption>{_e(p.stem)}</figcaption></figure>" for p in files if p.suffix == ".png")
         else:
             body = f"<p>{len(files)} files.</p>"
         where = self.links(tab.path) if files else _e(run.label(tab.path))

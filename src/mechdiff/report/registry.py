@@ -14,7 +14,7 @@ from mechdiff.report import summary as S
 from mechdiff.report.plots import KINDS
 from mechdiff.report.run import Ref, Run, metric, plot
 
-TABLE_KINDS = ("json", "csv", "markdown", "files")
+TABLE_KINDS = ("json", "csv", "markdown", "files", "images")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class Figure:
 
 @dataclass(frozen=True)
 class Table:
-    """A folded table: a metrics JSON, a CSV, a markdown file, or a folder of files (listed as links)."""
+    """A folded table: a metrics JSON, a CSV, a markdown file, a folder of files (listed as links) or of PNG images
+    (shown)."""
 
     key: str
     title: str
@@ -338,6 +339,55 @@ STAGES: tuple[StageReport, ...] = (
                   "Attribution in base and tuned, delta, z-scores and the attribution-patching estimate per head."),
         ),
         summary=(SummaryItem("Few heads or many", S.heads, "heads-metrics"),),
+    ),
+    StageReport(
+        "gates", "Feature gates", "Which SAE features are identifiable and causal (seed 000 phases 4-5): a funnel of "
+        "cheap gates (distribution variance, sparsity, region coverage), then, on the top survivors, causal "
+        "sufficiency by ablation, consistency under three corruptions and side effects, and the CCIS.",
+        tables=(
+            Table("gates-metrics", "Gate funnel and CCIS", metric("gates.json"), "json",
+                  "Features passing each gate (all SAEs and per source), the CCIS count, survivors and flagged "
+                  "backup-pathway illusions, and the settings."),
+            Table("gates-funnel", "Funnel", plot("gates_funnel.csv"), "csv", "Features left after each gate."),
+            Table("gates-features", "Measured features", plot("gates_features.csv"), "csv",
+                  "Every feature that reached the model-based gates, with every number.",
+                  {"effect": "relative change of the signature probability when the feature is ablated",
+                   "kl": "decision-token KL(clean || ablated), nats", "p": "permutation p-value of the effect",
+                   "ccis": "effect x identifiability / (semantic + task loss + illusion penalty)"}),
+            Table("gates-corruptions", "Corruption effect sizes", plot("gates_corruptions.csv"), "csv",
+                  "Cohen's d of each measured feature's activation, clean vs corrupted, per corruption method."),
+        ),
+        summary=(SummaryItem("Which features pass the gates", S.gates, "gates-metrics"),),
+    ),
+    StageReport(
+        "probes", "Probes", "Where each model linearly encodes the concepts (seed 001 stages 4-5): grouped-CV "
+        "probes by layer for base and tuned, SAE features predicted from hidden states and input embeddings, and "
+        "SAEBench sparse probing of each SAE.",
+        figures=(Figure("probes-layers", "Probe score by layer, base and tuned", plot("probes_layers.csv"), "layer",
+                        ("test",), "Held-out test accuracy (concepts) or R² (features) of the probe at each "
+                        "layer; one panel per task, base and tuned on the same axes: where the curves part, the "
+                        "tuned model encodes the concept differently.", group="model",
+                        image=plot("probes_layers.png")),),
+        tables=(
+            Table("probes-metrics", "Probe metrics", metric("probes.json"), "json",
+                  "Per task: best layer by CV and its test score per model, tuned - base, the four estimators at "
+                  "the SAE layer, a shuffled-label control; per SAE: sparse probing and reconstruction bias."),
+            Table("probes-sparse", "SAE sparse probing", plot("probes_sparse.csv"), "csv",
+                  "Test accuracy of a logistic probe on the top-k latents by mean difference (k = 1, 2, 5; "
+                  "dense = all input dimensions)."),
+        ),
+        summary=(SummaryItem("Where the concepts are encoded", S.probes, "probes-metrics"),),
+    ),
+    StageReport(
+        "feature_pages", "Feature pages", "A page per reported feature (gated, top cultural, top graded): "
+        "top contexts with the activating tokens highlighted, activation histogram, firing rate per dataset and "
+        "region, base vs tuned activation, the tokens its decoder direction promotes and suppresses, gate results.",
+        tables=(
+            Table("feature-pages", "Feature pages", plot("feature_pages"), "files",
+                  "Open index.html for the list; each page is self-contained static HTML."),
+            Table("feature-tokens", "Token-by-token activations", plot("feature_tokens"), "images",
+                  "Each reported feature's activation on every token of its top prompts."),
+        ),
     ),
 )
 

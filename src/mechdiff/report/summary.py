@@ -141,11 +141,16 @@ def theme_enrichment(run: Run) -> list[Fact]:
     for (layer, by), part in df.groupby(["layer", "by"], sort=True):
         up = part[part["significant"].astype(bool) & (part["enrichment"] > 1)]
         note = ""
-        if len(up):
+        stable = bool(part["stable"].astype(bool).all()) if "stable" in part.columns else True
+        if len(up) and not stable:  # an unstable clustering's themes move with float noise: no theme finding
+            note = "themes not stable (ARI across seeds / resamples below features.stable_ari): not a finding"
+        elif len(up):
             best = up.loc[up["enrichment"].idxmax()]
             words = best.get("top_words")
             words = f" ({words})" if isinstance(words, str) and not pd.isna(words) else ""
             note = f"strongest: theme {best['theme']}, E = {best['enrichment']:.2f}, q {_q(best['q'])}{words}"
+        elif not stable:
+            note = "themes not stable"
         facts.append(Fact(f"L{layer} themes by {by}", f"{len(up)} of {len(part)} enriched", note))
     return facts
 
@@ -229,3 +234,29 @@ def heads(run: Run) -> list[Fact]:
                  f"all heads patched close {_num(m['share_all_heads'])}; Spearman of the ranking "
                  f"({m.get('rank_by', 'delta')}) vs measured patch "
                  f"{_num(m['spearman_pred'] if m.get('rank_by') == 'pred' else m['spearman_patch'])}")]
+
+
+def gates(run: Run) -> list[Fact]:
+    """The gate funnel (how many features pass each gate) and the CCIS count."""
+    m = run.json(metric("gates.json")) or {}
+    funnel = m.get("funnel") or {}
+    if not funnel:
+        return []
+    steps = " -> ".join(f"{k} {v}" for k, v in funnel.items())
+    st = m.get("settings") or {}
+    return [Fact("features through every gate", str(m.get("n_survivors", list(funnel.values())[-1])), steps),
+            Fact(f"CCIS > {st.get('ccis_min', 1.5)} at p < {st.get('alpha', 0.001)}", str(m.get("n_ccis_significant")),
+                 "features reaching the seed's causal cultural impact bar")]
+
+
+def probes(run: Run) -> list[Fact]:
+    """Per probe task: the test score at each model's best layer (chosen by CV), base -> tuned."""
+    facts = []
+    for task, t in ((run.json(metric("probes.json")) or {}).get("tasks") or {}).items():
+        b, tu = t.get("base") or {}, t.get("tuned") or {}
+        if b.get("test") is None or tu.get("test") is None:
+            continue
+        facts.append(Fact(f"{task} ({t.get('metric', 'score')})", f"{_num(b['test'])} -> {_num(tu['test'])}",
+                          f"base L{b.get('best_layer')} -> tuned L{tu.get('best_layer')} (best by CV)"
+                          + (f"; chance {_num(t['chance'])}" if t.get("chance") is not None else "")))
+    return facts

@@ -11,6 +11,13 @@ Checkpoints (every `ckpt_every` steps) go to `out_dir/checkpoints/step-<n>/` (SA
 counter + RNG state + log so far) and `out_dir/checkpoints/latest.json` points at the newest complete one
 (written last, by an atomic rename). On resume the trainer reloads it and skips the `step` batches that were
 already consumed: the caller's iterator must be deterministic (same seed, same order).
+
+Stopping: the run trains on at most `total_tokens` (the budget). With a held-out matrix `val` (rows never
+trained on) the held-out FVU is measured every `eval_every` steps; once it improved by less than
+`plateau_tol` (relative) over the last `patience` evaluations the run has plateaued, and it then decays the
+learning rate linearly to 0 over a cool-down of `decay_frac` x the steps so far and stops (warmup-stable-decay:
+the schedule is constant until the stop is known). The plateau state is in every checkpoint, so a resumed
+run stops where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class SAEConfig:
     k: int
     batch_size: int  # no default: the caller chooses it (the pipeline passes params sae.batch_size)
     k_aux: int | None = None  # default d_in // 2
-    lr: float | None = None  # default 2e-4 * sqrt(2^14 / width), capped at 2e-3
+    lr: float | None = None  # default 1e-3 * sqrt(2^14 / width), capped at 1e-2 (measured: planted dictionaries)
     batchtopk: bool = False
     n_blocks: int = 1
     dead_tokens: int | None = None  # default min(10M, total_tokens // 10)
@@ -58,6 +65,9 @@ class SAEConfig:
     bf16: bool = False  # select the active latents with a bf16 encoder matmul (values and grads stay fp32)
     input_scale: float | None = None  # default: estimated from the first batch
     threshold_decay: float = 0.99  # BatchTopK: EMA of the smallest kept activation
+    eval_every: int = 50  # steps between held-out FVU evaluations (only with train_sae(val=...))
+    plateau_tol: float = 0.01  # plateau: held-out FVU improved by less than this share over the window
+    patience: int = 4  # the window: this many evaluations (patience x eval_every steps)
     meta: dict = field(default_factory=dict)  # hook site, source, model id ... (written to cfg.json)
 
     def validate(self) -> None:
@@ -74,19 +84,60 @@ class SAEConfig:
             raise MechdiffError("SAEConfig.warmup_frac and decay_frac must lie in [0, 1)")
         if self.aux_coef < 0:
             raise MechdiffError(f"SAEConfig.aux_coef must be >= 0, got {self.aux_coef}")
+        for name in ("eval_every", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise MechdiffError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+        if not (0 <= self.plateau_tol < 1):
+            raise MechdiffError(f"SAEConfig.plateau_tol must lie in [0, 1), got {self.plateau_tol!r}")
 
     def resolved_lr(self) -> float:
         """The learning rate actually used."""
-        return float(self.lr) if self.lr is not None else min(2e-3, 2e-4 * math.sqrt(2 ** 14 / self.width))
+        return float(self.lr) if self.lr is not None else min(1e-2, 1e-3 * math.sqrt(2 ** 14 / self.width))
 
 
-def _lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
-    warm = max(1, int(round(warmup_frac * total)))
-    f = min(1.0, (step + 1) / warm)
-    dec_start = total - int(round(decay_frac * total))
+def _warmup_steps(total: int, warmup_frac: float) -> int:
+    return max(1, int(round(warmup_frac * total)))
+
+
+def _decay_start(total: int, decay_frac: float) -> int:
+    return total - int(round(decay_frac * total))
+
+
+def _lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float,
+               cooldown: tuple[int, int] | None = None) -> float:
+    """Learning-rate multiplier at `step` (0-based) of a `total`-step budget: linear warm-up, constant, linear decay
+    to 0 over the last `decay_frac` of the budget; or, after a plateau, `cooldown` = (from, end): linear decay from
+    the factor at `from` to 0 at `end` instead."""
+    f = min(1.0, (step + 1) / _warmup_steps(total, warmup_frac))
+    if cooldown is not None:
+        start, end = cooldown
+        f0 = min(1.0, (start + 1) / _warmup_steps(total, warmup_frac))
+        return f0 * max(0.0, (end - step) / max(1, end - start))
+    dec_start = _decay_start(total, decay_frac)
     if decay_frac > 0 and step >= dec_start:
         f *= max(0.0, (total - step) / max(1, total - dec_start))
     return f
+
+
+def _plateaued(hist: list[float], tol: float, patience: int) -> bool:
+    """Did the held-out FVU improve by less than `tol` (relative) over the last `patience` evaluations?"""
+    if len(hist) <= patience:
+        return False
+    ref, cur = hist[-1 - patience], hist[-1]
+    return (ref - cur) < tol * max(abs(ref), 1e-12)
+
+
+@torch.no_grad()
+def held_out_fvu(sae: torch.nn.Module, val: torch.Tensor, *, chunk: int = 4096) -> float:
+    """FVU of the SAE's reconstruction of raw rows `val` (n, d): sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    mean = val.double().mean(0)
+    err = tot = 0.0
+    for s in range(0, val.shape[0], chunk):
+        x = val[s : s + chunk]
+        err += float(((x - sae(x)).double() ** 2).sum())
+        tot += float(((x.double() - mean) ** 2).sum())
+    return err / max(tot, 1e-30)
 
 
 def _make_optimizer(sae: TopKSAE, cfg: SAEConfig) -> torch.optim.Optimizer:
@@ -120,6 +171,8 @@ class _State:
         self.since_fired = torch.zeros(width, dtype=torch.int64)
         self.gen = torch.Generator().manual_seed(int(seed) + 1)
         self.log: list[dict] = []
+        self.val_hist: list[float] = []  # held-out FVU at each evaluation
+        self.cooldown: tuple[int, int] | None = None  # (plateau step, stop step) once a plateau is found
 
 
 def _ckpt_root(out_dir: Path) -> Path:
@@ -149,6 +202,7 @@ def _save_checkpoint(out_dir: Path, sae: torch.nn.Module, opt: torch.optim.Optim
     torch.save(opt.state_dict(), tmp / "optim.pt")
     save_file({"since_fired": st.since_fired.cpu(), "rng": st.gen.get_state()}, str(tmp / "train_state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(to_jsonable({"step": st.step, "tokens": st.tokens, "log": st.log,
+                                                            "val_hist": st.val_hist, "cooldown": st.cooldown,
                                                             "cfg": asdict(cfg)})))
     final = root / name
     if final.exists():
@@ -179,6 +233,10 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
                 f"checkpoint in {root} was made with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}: "
                 f"delete {root} or train with resume=False"
             )
+    for key in ("eval_every", "plateau_tol", "patience", "warmup_frac", "decay_frac"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise MechdiffError(f"checkpoint in {root} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}: "
+                                f"delete {root} or train with resume=False")
     if not (d / "model.safetensors").is_file():
         raise MechdiffError(f"checkpoint {d} was written by an older mechdiff (no model.safetensors): delete {root} "
                             "to train from scratch")
@@ -190,6 +248,8 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
     ts = load_file(str(d / "train_state.safetensors"))
     st = _State(cfg.width, cfg.seed)
     st.step, st.tokens, st.log = int(state["step"]), int(state["tokens"]), list(state["log"])
+    st.val_hist = [float(v) for v in state.get("val_hist", [])]
+    st.cooldown = tuple(state["cooldown"]) if state.get("cooldown") is not None else None
     st.since_fired = ts["since_fired"].to(torch.int64).clone()
     st.gen.set_state(ts["rng"])
     opt_state = torch.load(d / "optim.pt", weights_only=True)
@@ -230,7 +290,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
               total_tokens: int, resume: bool = True, progress: bool = True, log_every: int = 50,
               on_log: Callable[[dict], None] | None = None, keep_checkpoints: bool = False,
               model: torch.nn.Module | None = None, device: str | torch.device | None = None,
-              ddp: bool = False) -> TopKSAE:
+              ddp: bool = False, val: np.ndarray | torch.Tensor | None = None) -> TopKSAE:
     """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
 
     `model` trains another SAE kind in this same loop (e.g. a `HierarchicalSAE`, already initialised; its
@@ -245,8 +305,13 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     done on one flat buffer), so the update equals one process's on the global batch up to float summation
     order, and every rank runs the same number of steps (no rank can run out of batches first). Rank 0
     writes checkpoints, the log and the final SAE; every rank resumes from the same checkpoint.
-    Stops after ceil(total_tokens / batch_size) steps or when the stream ends. The returned SAE carries the
-    training curve as `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr), also
+    `val` (n, d_in * n_blocks; rows never trained on): the held-out FVU is measured every `cfg.eval_every` steps
+    (logged as `val_fvu`) and the run stops early on a plateau (module docstring: `cfg.plateau_tol` over
+    `cfg.patience` evaluations, then a linear learning-rate cool-down of `cfg.decay_frac` x the steps so far).
+    Without `val` the run is the plain budget schedule.
+    Stops after ceil(total_tokens / batch_size) steps (the budget), at the end of a plateau's cool-down, or when the
+    stream ends; why is `sae.stop_reason` (also in the saved meta). The returned SAE carries the training curve as
+    `sae.train_log` (list of dicts: step, tokens, loss, fvu, l0, aux, dead_pct, lr, and val_fvu with `val`), also
     written to `out_dir/train_log.json`. Checkpoints are removed at the end unless `keep_checkpoints`.
     """
     cfg.validate()
@@ -286,6 +351,16 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     dev = next(sae.parameters()).device  # batches and the dead-latent counter follow the model
     st.since_fired = st.since_fired.to(dev)
     sae.train()
+    val_t = _to_tensor(val, D).to(dev) if val is not None else None
+    if val_t is not None and val_t.shape[0] < 2:
+        raise MechdiffError("the held-out rows for the plateau check need at least 2 rows: hold out more prompts")
+
+    def evaluate() -> float:
+        v = torch.tensor([held_out_fvu(sae, val_t) if rank == 0 else 0.0], dtype=torch.float64, device=dev)
+        if world > 1:  # rank 0's value, so every rank takes the same stopping decision
+            dist.broadcast(v, src=0)
+        return float(v[0])
+
     base_lr = cfg.resolved_lr()
     select_dtype = torch.bfloat16 if cfg.bf16 else None
     it = iter(batches)
@@ -299,7 +374,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
         bar = tqdm(total=total_steps, initial=st.step, desc="sae", unit="step", leave=False)
     last_info: dict = {}
     try:
-        while st.step < total_steps:
+        while st.step < (st.cooldown[1] if st.cooldown is not None else total_steps):
             try:
                 batch = next(it)
             except StopIteration:
@@ -316,7 +391,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                     sae.b_pre.copy_((x * sae.input_scale).mean(0))
             x_n = x * sae.input_scale
             for g in opt.param_groups:
-                g["lr"] = base_lr * _lr_factor(st.step, total_steps, cfg.warmup_frac, cfg.decay_frac)
+                g["lr"] = base_lr * _lr_factor(st.step, total_steps, cfg.warmup_frac, cfg.decay_frac, st.cooldown)
             dead = st.since_fired >= dead_tokens
             opt.zero_grad(set_to_none=True)
             if world > 1:
@@ -352,10 +427,23 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
             st.tokens += B
             last_info = {"loss": float(_all_sum(loss.detach()) if world > 1 else loss.detach()), "fvu": info["fvu"],
                          "l0": info["l0"], "aux": info["aux"]}
-            if st.step % log_every == 0 or st.step == total_steps:
+            end = st.cooldown[1] if st.cooldown is not None else total_steps
+            val_fvu = None
+            if val_t is not None and (st.step % cfg.eval_every == 0 or st.step == end):
+                val_fvu = evaluate()
+                if st.step % cfg.eval_every == 0:
+                    st.val_hist.append(val_fvu)
+                    if (st.cooldown is None and st.step >= _warmup_steps(total_steps, cfg.warmup_frac)
+                            and st.step < _decay_start(total_steps, cfg.decay_frac)
+                            and _plateaued(st.val_hist, cfg.plateau_tol, cfg.patience)):
+                        st.cooldown = (st.step, min(total_steps, st.step + max(1, round(cfg.decay_frac * st.step))))
+                        end = st.cooldown[1]
+            if st.step % log_every == 0 or st.step == end or val_fvu is not None:
                 rec = {"step": st.step, "tokens": st.tokens, **last_info,
                        "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
                        "lr": opt.param_groups[0]["lr"]}
+                if val_t is not None:
+                    rec["val_fvu"] = val_fvu
                 st.log.append(rec)
                 if on_log is not None:
                     on_log(rec)
@@ -363,7 +451,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_pct']:.1f}%")
             if bar is not None:
                 bar.update(1)
-            if out is not None and cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < total_steps:
+            if out is not None and cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < end:
                 _save_checkpoint(out, sae, opt, st, cfg)
     finally:
         if bar is not None:
@@ -374,13 +462,25 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
         rec = {"step": st.step, "tokens": st.tokens, **last_info,
                "dead_pct": 100.0 * float((st.since_fired >= dead_tokens).float().mean()),
                "lr": opt.param_groups[0]["lr"]}
+        if val_t is not None:
+            rec["val_fvu"] = evaluate()
         st.log.append(rec)
+    if st.cooldown is not None:
+        stop = f"plateau at step {st.cooldown[0]}, cool-down to step {st.cooldown[1]}"
+    elif st.step >= total_steps:
+        stop = f"token budget ({total_steps} steps)"
+    else:
+        stop = f"stream ended at step {st.step}"
+    final_val = st.log[-1].get("val_fvu") if val_t is not None else None
     sae.release_workspace()
     sae.eval()
     sae.train_log = st.log
     sae.dead_tokens = dead_tokens
+    sae.stop_reason = stop
     if out is not None:
-        _save(sae, out, meta={"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens})
+        meta = {"train_steps": st.step, "train_tokens": st.tokens, "dead_tokens": dead_tokens, "stop_reason": stop,
+                "plateau_step": st.cooldown[0] if st.cooldown is not None else None, "val_fvu": final_val}
+        _save(sae, out, meta=meta)
         tmp = out / ".train_log.json.tmp"
         tmp.write_text(json.dumps(to_jsonable(st.log)))
         os.replace(tmp, out / "train_log.json")

@@ -1,0 +1,244 @@
+"""Probes: planted answers (separable -> 1, shuffled -> chance, the planted latent at k = 1, bias c for c x), grouped
+folds, and scores that equal scikit-learn's own on the same folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.metrics import r2_score
+from sklearn.model_selection import cross_val_score
+
+from mechdiff.analysis.probes import (
+    ProbeSettings,
+    Task,
+    binary_sparse_tasks,
+    check_disjoint_groups,
+    concept_tasks,
+    feature_task,
+    group_folds,
+    make_estimator,
+    mean_token_embeddings,
+    probe,
+    probe_by_layer,
+    reconstruction_bias,
+    sae_reconstruction_bias,
+    shuffled_control,
+    sparse_probe,
+    summarise,
+    top_k_latents,
+)
+from mechdiff.data.corpus import Prompt
+from mechdiff.errors import MechdiffError
+
+
+def planted(n: int, d: int, *, seed: int, margin: float = 0.5, family: int = 5):
+    """Linearly separable data (labels = side of a random hyperplane, a margin kept) in families of `family` rows."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    X = rng.normal(size=(4 * n, d))
+    s = X @ w / np.linalg.norm(w)
+    X = X[np.abs(s) > margin][:n]
+    y = (X @ w > 0).astype(int)
+    return X, y, np.repeat(np.arange(n // family + 1), family)[:n]
+
+
+def test_planted_separable_reaches_accuracy_one():
+    X, y, g = planted(300, 8, seed=0)
+    r = probe(X[:200], y[:200], g[:200], X[200:], y[200:], kind="classify", settings=ProbeSettings(C=100.0))
+    assert r.test == 1.0 and r.train == 1.0
+    assert np.all(r.cv_scores == 1.0) and len(r.cv_scores) == 5
+
+
+def test_shuffled_labels_give_chance():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(1400, 6))
+    y = rng.integers(0, 2, size=1400)
+    g = np.repeat(np.arange(280), 5)
+    r = probe(X[:1000], y[:1000], g[:1000], X[1000:], y[1000:], kind="classify")
+    assert abs(r.test - 0.5) < 0.08 and abs(r.cv_mean - 0.5) < 0.06
+    # the stage's shuffled-label control on planted separable data: the signal is gone
+    Xp, yp, gp = planted(400, 8, seed=2)
+    t = Task("planted", "hidden->concept", "classify", np.arange(300), np.arange(300, 400), gp[:300],
+             {"base": yp[:300]}, {"base": yp[300:]})
+    assert abs(shuffled_control(t, Xp, "base") - 0.5) < 0.2
+
+
+@pytest.mark.parametrize("kind", ["classify", "regress"])
+def test_cv_scores_equal_sklearn_on_the_same_folds(kind):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(240, 12))
+    y = (X[:, 0] + 0.8 * rng.normal(size=240) > 0).astype(int) if kind == "classify" else \
+        X @ rng.normal(size=12) + rng.normal(size=240)
+    g = rng.integers(0, 40, size=240)
+    s = ProbeSettings(seed=5)
+    est = "logistic" if kind == "classify" else "ridge"
+    r = probe(X[:180], y[:180], g[:180], X[180:], y[180:], kind=kind, estimator=est, settings=s)
+    folds = group_folds(y[:180], g[:180], kind=kind, folds=5, seed=5)
+    ref = cross_val_score(make_estimator(est, kind, s), X[:180], y[:180], cv=folds,
+                          scoring="accuracy" if kind == "classify" else "r2")
+    np.testing.assert_allclose(r.cv_scores, ref)
+    assert r.cv_mean == pytest.approx(ref.mean()) and r.cv_sd == pytest.approx(ref.std(ddof=1))
+    fitted = clone(make_estimator(est, kind, s)).fit(X[:180], y[:180])
+    want = fitted.score(X[180:], y[180:])  # accuracy / R^2: sklearn's own score of one fit on all of train
+    assert r.test == pytest.approx(want)
+
+
+@pytest.mark.parametrize("kind", ["classify", "regress"])
+def test_groups_never_straddle_folds(kind):
+    rng = np.random.default_rng(4)
+    g = rng.integers(0, 23, size=150)
+    y = rng.integers(0, 3, size=150) if kind == "classify" else rng.normal(size=150)
+    folds = group_folds(y, g, kind=kind, folds=5, seed=0)
+    seen = np.zeros(150, dtype=int)
+    for tr, va in folds:
+        assert not set(g[tr]) & set(g[va])
+        seen[va] += 1
+    assert np.all(seen == 1)
+    with pytest.raises(MechdiffError, match="fewer than 5 CV folds"):
+        group_folds(y, g % 3, kind=kind, folds=5)
+
+
+def test_regression_recovers_a_planted_linear_target_and_r2_is_sklearns():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(300, 10))
+    Y = X @ rng.normal(size=(10, 3))
+    g = np.repeat(np.arange(60), 5)
+    r = probe(X[:200], Y[:200], g[:200], X[200:], Y[200:], kind="regress", settings=ProbeSettings(ridge_alpha=1e-3))
+    assert r.test > 0.9999 and r.cv_mean > 0.9999
+    for e in ("forest", "svm"):  # every estimator runs on multi-output targets; R^2 is sklearn's uniform average
+        s = ProbeSettings(n_trees=10)
+        r = probe(X[:200], Y[:200], g[:200], X[200:], Y[200:], kind="regress", estimator=e, settings=s)
+        fitted = make_estimator(e, "regress", s).fit(X[:200], Y[:200])
+        assert r.test == pytest.approx(r2_score(Y[200:], fitted.predict(X[200:])))
+
+
+def test_bad_input_gives_one_line_errors():
+    X = np.ones((20, 3))
+    g = np.arange(20)
+    with pytest.raises(MechdiffError, match="single class"):
+        probe(X, np.zeros(20), g, X, np.zeros(20), kind="classify")
+    Xn = X.copy()
+    Xn[0, 0] = np.nan
+    with pytest.raises(MechdiffError, match="NaN"):
+        probe(Xn, np.arange(20) % 2, g, X, np.zeros(20), kind="classify")
+    with pytest.raises(MechdiffError, match="at least 1 rows"):
+        probe(np.zeros((0, 3)), np.zeros(0), [], X, np.zeros(20), kind="regress")
+    with pytest.raises(MechdiffError, match="logistic regression is a classifier"):
+        make_estimator("logistic", "regress")
+    with pytest.raises(MechdiffError, match="unknown probe estimator"):
+        make_estimator("knn", "classify")
+    with pytest.raises(MechdiffError, match="in both train and test"):
+        check_disjoint_groups(["a", "b"], ["b", "c"])
+    with pytest.raises(MechdiffError, match="binary 0/1"):
+        top_k_latents(np.ones((4, 3)), np.array([0, 1, 2, 1]), 1)
+
+
+def test_sparse_probing_picks_the_planted_latent_at_k1():
+    rng = np.random.default_rng(7)
+    n, width, planted_latent = 400, 64, 17
+    y = rng.integers(0, 2, size=n)
+    Z = rng.exponential(0.3, size=(n, width)) * (rng.random((n, width)) < 0.2)  # sparse, nonnegative, no signal
+    Z[:, planted_latent] = 2.0 * y + rng.uniform(0, 0.5, size=n)  # separable along the planted latent alone
+    assert top_k_latents(Z[:300], y[:300], 1).tolist() == [planted_latent]
+    res = sparse_probe(Z[:300], y[:300], Z[300:], y[300:], ks=(1, 2, 5))
+    assert [r["k"] for r in res] == [1, 2, 5]
+    assert res[0]["latents"] == [planted_latent] and res[0]["test"] == 1.0
+    assert all(planted_latent in r["latents"] and len(r["latents"]) == r["k"] for r in res)
+    diff = np.abs(Z[:300][y[:300] == 1].mean(0) - Z[:300][y[:300] == 0].mean(0))
+    assert res[2]["latents"] == np.argsort(-diff)[:5].tolist()  # SAEBench: largest |mean_pos - mean_neg|
+
+
+def test_relative_reconstruction_bias_known_answers():
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(50, 7))
+    assert reconstruction_bias(X, X) == pytest.approx(1.0)
+    assert reconstruction_bias(X, 0.6 * X) == pytest.approx(0.6)
+    Xh = X + 0.3 * rng.normal(size=X.shape)
+    want = np.mean(np.sum(Xh**2, 1)) / np.mean(np.sum(X * Xh, 1))
+    assert reconstruction_bias(X, Xh) == pytest.approx(want)
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return 1.5 * x
+
+    assert sae_reconstruction_bias(Scaled(), X, chunk=16) == pytest.approx(1.5)
+    with pytest.raises(MechdiffError, match="not positive"):
+        reconstruction_bias(X, -X)
+
+
+def _prompts() -> list[Prompt]:
+    """Cultural / control / neutral / two traits (label 0-3 families), families never straddling splits."""
+    out, pid = [], 0
+    for fam in range(30):
+        split = "test" if fam % 5 == 0 else "val" if fam % 5 == 1 else "train"
+        for ds in ("cultural", "control", "neutral"):
+            for _ in range(3):
+                out.append(Prompt(pid, f"{ds} {fam}", ds, split, f"{ds}:{fam}"))
+                pid += 1
+        for trait in ("warmth", "certainty"):
+            for label in range(4):
+                out.append(Prompt(pid, f"{trait} {fam} {label}", "trait", split, f"trait:{trait}:{fam}", label, trait))
+                pid += 1
+    return out
+
+
+def test_tasks_from_prompts():
+    prompts = _prompts()
+    tasks, skipped = concept_tasks(prompts)
+    assert [t.name for t in tasks] == ["cultural_vs_control", "trait:certainty", "trait:warmth"] and not skipped
+    cc = tasks[0]
+    assert {prompts[i].dataset for i in cc.train} == {"cultural", "control"}
+    assert all(prompts[i].split == "train" for i in cc.train) and all(prompts[i].split == "test" for i in cc.test)
+    assert cc.y_train["base"].tolist() == [int(prompts[i].dataset == "cultural") for i in cc.train]
+    assert tasks[1].graded and sorted(set(tasks[1].y_test["tuned"].tolist())) == [0, 1, 2, 3]
+    assert cc.chance("base") == pytest.approx(0.5)
+    bt = binary_sparse_tasks(prompts)
+    assert [b[0] for b in bt] == ["cultural_vs_control", "trait:certainty", "trait:warmth"]
+    assert bt[1][2].tolist() == [int(prompts[i].label >= 2) for i in bt[1][1]]
+    F = np.zeros((len(prompts), 6))
+    F[:, 4] = np.arange(len(prompts))
+    F[:, 1] = np.arange(len(prompts)) % 2
+    ft = feature_task(prompts, {"base": F, "tuned": F[:, ::-1]}, n_features=3)
+    assert ft.info["features"] == {"base": [4, 1], "tuned": [1, 4]}  # live features by variance only
+    assert len(ft.train) == sum(q.split == "train" for q in prompts)
+    moved = next(q.pid for q in prompts if q.group == "cultural:2")  # one prompt of a train family into test
+    bad = [Prompt(q.pid, q.text, q.dataset, "test" if q.pid == moved else q.split, q.group) for q in prompts]
+    with pytest.raises(MechdiffError, match="in both train and test"):
+        concept_tasks(bad)
+
+
+def test_mean_token_embeddings_matches_a_loop():
+    rng = np.random.default_rng(9)
+    E = rng.normal(size=(20, 4))
+    lens = [3, 5, 2]
+    tok_prompt = np.repeat(np.arange(3), lens)
+    tok_pos = np.concatenate([np.arange(n) for n in lens])
+    tok_id = rng.integers(0, 20, size=len(tok_pos))
+    got = mean_token_embeddings(E, tok_id, tok_prompt, tok_pos, 3)
+    for p in range(3):
+        ids = tok_id[(tok_prompt == p) & (tok_pos > 0)]
+        np.testing.assert_allclose(got[p], E[ids].mean(0))
+    with pytest.raises(MechdiffError, match="no tokens"):
+        mean_token_embeddings(E, tok_id, tok_prompt, tok_pos, 4)
+
+
+def test_probe_by_layer_finds_the_planted_layer_and_the_tuned_difference():
+    X, y, g = planted(240, 6, seed=10)
+    rng = np.random.default_rng(11)
+    noise = {s: rng.normal(size=X.shape) for s in ("L0", "L2", "L4")}
+    t = Task("c", "hidden->concept", "classify", np.arange(180), np.arange(180, 240), g[:180],
+             {m: y[:180] for m in ("base", "tuned")}, {m: y[180:] for m in ("base", "tuned")})
+
+    def read(m, s):  # base encodes the concept at L2 only, tuned at L2 and L4
+        return X if s == "L2" or (m == "tuned" and s == "L4") else noise[s]
+
+    s = ProbeSettings(C=100.0, n_trees=10)
+    rows = probe_by_layer([t], ["L0", "L2", "L4"], read, compare_sites=["L2"], settings=s,
+                          layer_of=lambda x: int(x[1:]))
+    assert len(rows) == 2 * 3 + 2 * 3  # the curve everywhere, three more estimators at L2
+    summ = summarise(rows, [t], compare_sites=["L2"])["c"]
+    assert summ["base"]["best_layer"] == 2 and summ["base"]["test"] == 1.0
+    assert summ["max_abs_diff"]["layer"] == 4 and summ["max_abs_diff"]["diff"] > 0.3
+    assert set(summ["estimators"]["L2"]) == {"logistic", "ridge", "forest", "svm"}
