@@ -108,7 +108,7 @@ def main() -> None:
             feats[src, layer][used] = Z
     print(f"probes: SAE features of {len(feats)} SAEs ({time.time() - t0:.0f}s)")
 
-    tasks, skipped = concept_tasks(prompts, target=pr.target, control=pr.control, models=MODELS)
+    tasks, skipped = concept_tasks(prompts, target=pr.target, control=pr.control, models=MODELS, folds=pr.folds)
     for name, why in skipped.items():
         print(f"probes: warning: task {name!r} skipped: {why}")
     feat_layer = s.layers[0]

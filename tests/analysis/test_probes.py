@@ -242,3 +242,21 @@ def test_probe_by_layer_finds_the_planted_layer_and_the_tuned_difference():
     assert summ["base"]["best_layer"] == 2 and summ["base"]["test"] == 1.0
     assert summ["max_abs_diff"]["layer"] == 4 and summ["max_abs_diff"]["diff"] > 0.3
     assert set(summ["estimators"]["L2"]) == {"logistic", "ridge", "forest", "svm"}
+
+
+def test_task_without_enough_families_per_class_is_skipped():
+    """A class whose train prompts come from fewer families than CV folds is skipped with a reason, not a crash."""
+    from types import SimpleNamespace
+
+    from mechdiff.analysis.probes import concept_tasks
+
+    def q(ds, split, group, trait="", label=-1):
+        return SimpleNamespace(dataset=ds, split=split, group=group, trait=trait, label=label)
+
+    prompts = [q("cultural", "train", f"c{i % 6}") for i in range(30)] + [q("control", "train", f"k{i % 3}")
+                                                                          for i in range(30)]
+    prompts += [q("cultural", "test", "ct"), q("control", "test", "kt")]
+    tasks, skipped = concept_tasks(prompts, folds=5)
+    assert not tasks and "only 3 families" in skipped["cultural_vs_control"]
+    tasks, skipped = concept_tasks(prompts, folds=3)
+    assert [t.name for t in tasks] == ["cultural_vs_control"] and not skipped

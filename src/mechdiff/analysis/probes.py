@@ -233,9 +233,12 @@ def _rows(prompts: Sequence, keep: Callable, split: str) -> np.ndarray:
 
 
 def concept_tasks(prompts: Sequence, *, target: str = "cultural", control: str = "control",
-                  models: Sequence[str] = ("base", "tuned"), min_train: int = 10) -> tuple[list[Task], dict[str, str]]:
+                  models: Sequence[str] = ("base", "tuned"), min_train: int = 10, folds: int = 5
+                  ) -> tuple[list[Task], dict[str, str]]:
     """hidden -> concept tasks over `prompts` (in store row order): `target` vs `control` (binary, 1 = target) and
-    one graded task per trait (label 0-3 of the trait prompts). Returns (tasks, {skipped task: why})."""
+    one graded task per trait (label 0-3 of the trait prompts). Returns (tasks, {skipped task: why}); a task is
+    skipped when its train split cannot make `folds` grouped, stratified folds (a class or the prompt families
+    fewer than `folds`)."""
     tasks, skipped = [], {}
 
     def add(name: str, keep: Callable, label: Callable, graded: bool) -> None:
@@ -246,6 +249,10 @@ def concept_tasks(prompts: Sequence, *, target: str = "cultural", control: str =
             skipped[name] = f"{len(tr)} train / {len(te)} test prompts, train classes {np.unique(y_tr).tolist()}"
             return
         g_tr = np.array([prompts[i].group for i in tr])
+        fam = min(len(np.unique(g_tr[y_tr == c])) for c in np.unique(y_tr))
+        if fam < folds:
+            skipped[name] = f"a class has prompts of only {fam} families in train, fewer than {folds} CV folds"
+            return
         check_disjoint_groups(g_tr, [prompts[i].group for i in te], name)
         tasks.append(Task(name, "hidden->concept", "classify", tr, te, g_tr, {m: y_tr for m in models},
                           {m: y_te for m in models}, graded=graded))
