@@ -260,3 +260,142 @@ def test_task_without_enough_families_per_class_is_skipped():
     assert not tasks and "only 3 families" in skipped["cultural_vs_control"]
     tasks, skipped = concept_tasks(prompts, folds=3)
     assert [t.name for t in tasks] == ["cultural_vs_control"] and not skipped
+
+
+def _run_world(tmp_path, seed: int = 12):
+    """Two small stores over `_prompts()` (3 tokens each; L0 and L1, views last / mean / tokens): at L1 coordinate 0
+    of every token after the first is 4 x cultural + noise (the first token is a huge 'sink'), tuned adds
+    coordinate 1 = 1.5 x cultural; L0 is noise. Per model a TopK SAE with latents ReLU(x_j) and a skewed decoder."""
+    from mechdiff.data.store import ActStore
+    from mechdiff.sae import TopKSAE
+
+    prompts = _prompts()
+    n, L, d = len(prompts), 3, 6
+    rng = np.random.default_rng(seed)
+    cult = np.repeat([float(q.dataset == "cultural") for q in prompts], L)
+    pos = np.tile(np.arange(L), n)
+    tok_ids = rng.integers(0, 40, n * L)
+    stores, saes = [], {}
+    for m in ("base", "tuned"):
+        toks = {}
+        for layer in (0, 1):
+            T = rng.normal(size=(n * L, d))
+            if layer == 1:
+                T[:, 0] += 4 * cult
+                if m == "tuned":
+                    T[:, 1] += 1.5 * cult
+            T[pos == 0] += 50.0  # the sink
+            toks[f"L{layer}.resid_post"] = T.astype(np.float32)
+        views = {s: {"last": T.reshape(n, L, d)[:, -1], "mean": T.reshape(n, L, d).mean(1)} for s, T in toks.items()}
+        st = ActStore.create(tmp_path / f"{m}.zarr", prompt_ids=np.array([q.pid for q in prompts]),
+                             n_tokens=np.full(n, L), datasets=[q.dataset for q in prompts],
+                             splits=[q.split for q in prompts], sites={s: d for s in toks},
+                             views={s: ["last", "mean", "tokens"] for s in toks}, tok_ids=tok_ids)
+        with st.writer() as w:
+            w.append(views, toks)
+        stores.append(ActStore.open(tmp_path / f"{m}.zarr"))
+        sae = TopKSAE(d, d, d)
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.eye(d))
+            sae.dec.copy_(torch.eye(d) + 0.3 * torch.as_tensor(rng.normal(size=(d, d)), dtype=torch.float32))
+        saes[m, 1] = sae
+    return prompts, stores, saes
+
+
+def test_run_probes_end_to_end_matches_sklearn_and_numpy(tmp_path):
+    """The stage's whole run on two stores: the planted layer and latent, every number recomputed with sklearn /
+    numpy from the stores (curve probe, sparse and dense probing, feature targets, reconstruction bias)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mechdiff.analysis.probe_run import (
+        LAYER_COLUMNS,
+        ProbeRunSettings,
+        layer_table,
+        plot_layers,
+        run_probes,
+    )
+
+    prompts, (base, tuned), saes = _run_world(tmp_path)
+    E = {m: np.random.default_rng(i).normal(size=(40, 4)) for i, m in enumerate(("base", "tuned"))}
+    st = ProbeRunSettings(sae_layers=(1,), sae_view="tokens", n_features=3, sparse_k=(1, 2),
+                          probe=ProbeSettings(folds=3, n_trees=5, ridge_alpha=10.0))
+    lines: list[str] = []
+    run = run_probes(base, tuned, prompts, saes, lambda m: E[m], st, progress=lines.append)
+    m = run.metrics
+    assert m["sites"] == ["L0.resid_post", "L1.resid_post"] and m["compare_sites"] == ["L1.resid_post"]
+    assert not m["skipped"]
+    assert lines[0].startswith("probes: SAE features of 2 SAEs (")
+    assert any(x.startswith("probes: SAE base_L1: sparse probing mean test accuracy k=1 ") for x in lines)
+
+    # hidden -> concept: the concept is at L1, and the curve probe's test score is sklearn's on the same rows
+    cc = m["tasks"]["cultural_vs_control"]
+    assert cc["base"]["best_layer"] == 1 and cc["tuned"]["best_layer"] == 1
+    assert set(cc["estimators"]["L1.resid_post"]) == {"logistic", "ridge", "forest", "svm"}
+    assert set(cc["shuffled_test"]) == {"base", "tuned"}
+    tr = [i for i, q in enumerate(prompts) if q.split == "train" and q.dataset in ("cultural", "control")]
+    te = [i for i, q in enumerate(prompts) if q.split == "test" and q.dataset in ("cultural", "control")]
+    y = np.array([int(q.dataset == "cultural") for q in prompts])
+    X = base.read("L1.resid_post", "last")
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(X[tr], y[tr])
+    row = next(r for r in run.rows if r["task"] == "cultural_vs_control" and r["model"] == "base"
+               and r["layer"] == 1 and r["estimator"] == "logistic")
+    assert row["test"] == pytest.approx(ref.score(X[te], y[te])) and row["kind"] == "classify"
+
+    # per-prompt SAE features = mean of ReLU(x) over each prompt's tokens after the first (numpy)
+    tok = base.read("L1.resid_post", "tokens").reshape(len(prompts), 3, -1)
+    Z = np.maximum(tok[:, 1:], 0).mean(1)
+    tr_all = [i for i, q in enumerate(prompts) if q.split == "train"]
+    ft = m["tasks"]["sae_L1_features"]
+    assert ft["features"]["base"] == np.argsort(-Z[tr_all].var(0), kind="stable")[:3].tolist()
+    assert set(ft["embedding_test"]) == {"base", "tuned"}
+    emb = [r for r in run.rows if r["site"] == "embedding"]
+    assert {r["layer"] for r in emb} == {-1} and {r["strategy"] for r in emb} == {"embedding->feature"}
+
+    # sparse probing: the planted latent 0 at k = 1, accuracies = sklearn's on numpy's top-k latents
+    sp = m["sparse_probing"]["base_L1"]["cultural_vs_control"]
+    for k in (1, 2):
+        idx = np.argsort(-np.abs(Z[tr][y[tr] == 1].mean(0) - Z[tr][y[tr] == 0].mean(0)), kind="stable")[:k]
+        assert k > 1 or idx.tolist() == [0]
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(Z[tr][:, idx], y[tr])
+        assert sp[str(k)] == pytest.approx(ref.score(Z[te][:, idx], y[te]))
+    assert sp["1"] > 0.9
+    D = base.read("L1.resid_post", "mean")
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(D[tr], y[tr])
+    assert sp["dense"] == pytest.approx(ref.score(D[te], y[te]))
+    rows = [r for r in run.sparse_rows if r["sae"] == "base_L1" and r["task"] == "cultural_vs_control"]
+    assert [r["k"] for r in rows] == [1, 2, "dense"] and rows[0]["latents"] == "0"
+
+    # relative reconstruction bias on the test prompts' tokens after the first
+    test = [i for i, q in enumerate(prompts) if q.split == "test"]
+    for mm, store in (("base", base), ("tuned", tuned)):
+        Xt = store.read("L1.resid_post", "tokens").reshape(len(prompts), 3, -1)[test, 1:].reshape(-1, 6)
+        with torch.no_grad():
+            Xh = saes[mm, 1](torch.as_tensor(Xt)).double().numpy()
+        want = float((Xh * Xh).sum() / (Xt.astype(np.float64) * Xh).sum())
+        assert m["reconstruction_bias"][f"{mm}_L1"] == pytest.approx(want, rel=1e-6)
+
+    table = layer_table(run.rows)
+    assert len(table) == len(run.rows) and all(tuple(r) == LAYER_COLUMNS for r in table)
+    plot_layers(run.rows, tmp_path / "plots" / "layers.png")
+    assert (tmp_path / "plots" / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_probes_without_the_feature_saes_skips_feature_probes(tmp_path):
+    from mechdiff.analysis.probe_run import ProbeRunSettings, run_probes
+
+    prompts, (base, tuned), saes = _run_world(tmp_path)
+    lines: list[str] = []
+
+    def no_embeddings(m):
+        raise AssertionError("no embedding probes without feature probes")
+
+    run = run_probes(base, tuned, prompts, {("base", 1): saes["base", 1]}, no_embeddings,
+                     ProbeRunSettings(sae_layers=(1,), sparse_k=(1,), estimators=("logistic",),
+                                      probe=ProbeSettings(folds=3)), progress=lines.append)
+    assert "probes: warning: feature probes need the base and tuned SAEs (sae.sources): skipped" in lines
+    assert set(run.metrics["tasks"]) == {"cultural_vs_control", "trait:certainty", "trait:warmth"}
+    assert set(run.metrics["sparse_probing"]) == {"base_L1"} and set(run.metrics["reconstruction_bias"]) == {"base_L1"}
+    with pytest.raises(MechdiffError, match="rows are not the kept prompts"):
+        run_probes(base, tuned, prompts[:-1], {}, no_embeddings, ProbeRunSettings(sae_layers=(1,)))

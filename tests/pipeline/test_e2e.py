@@ -143,7 +143,11 @@ def test_pipeline_report_renders_in_chromium(tiny_repo, tmp_path):
     empty = {f.key for f in figures if not any(len(p.read_text().splitlines()) > 1 for p in run.files(f.data))}
     assert empty == {"finetune-loss"}
     loaded = {src for src, complete, width in page["images"] if complete and width > 0}
-    assert len(loaded) == len(page["images"]) == len(figures) - len(empty), page["images"]
+    # plus one image per PNG of the image-gallery tables (the feature pages' token plots)
+    gallery = sum(len([p for p in run.files(t.path) if p.suffix == ".png"])
+                  for st in STAGES for t in st.tables if t.kind == "images")
+    assert gallery > 0, "the tiny run drew no token-activation plots"
+    assert len(loaded) == len(page["images"]) == len(figures) - len(empty) + gallery, page["images"]
     html = index.read_text()
     for f in figures:
         if f.key not in empty:
