@@ -69,6 +69,11 @@ def _figures_with_rows(run: Run) -> list[Figure]:
             if (df := run.table(f.data, stem_column=f.group or "file")) is not None and not df.empty]
 
 
+def _gallery(run: Run) -> list[Path]:
+    """The PNGs the image-gallery tables show (one <img> each)."""
+    return [p for st in STAGES for t in st.tables if t.kind == "images" for p in run.files(t.path) if p.suffix == ".png"]
+
+
 def _leaves(obj: object) -> list[object]:
     if isinstance(obj, dict):
         return [x for v in obj.values() for x in _leaves(v)]
@@ -116,7 +121,10 @@ def test_each_declared_figure_once(run_dir: Path, report: Path) -> None:
     page = report.read_text()
     figures = _figures_with_rows(Run(_roots(run_dir)))
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == len(set(srcs)) == len(figures)
+    gallery = _gallery(Run(_roots(run_dir)))
+    assert len(srcs) == len(set(srcs)) == len(figures) + len(gallery)
+    for p in gallery:  # each gallery image is a copy of its plot file
+        assert f"img/plots/{p.parent.name}/{p.name}" in srcs, p
     for fig in figures:
         block = page[page.index(f'<figure id="{fig.key}">'):]
         assert "<img " in block[:block.index("</figure>")], fig.key
@@ -235,7 +243,8 @@ def test_report_in_headless_chromium(run_dir: Path, report: Path, tmp_path: Path
     shot = tmp_path / "report.png"
     page = browse(report, shot)
     assert page["ok"] and page["title"] == "test report"
-    assert len(page["images"]) == len(_figures_with_rows(Run(_roots(run_dir))))
+    run = Run(_roots(run_dir))
+    assert len(page["images"]) == len(_figures_with_rows(run)) + len(_gallery(run))
     assert all(im[1] and im[2] > 0 for im in page["images"]), page["images"]
     assert page["headings"][0] == "Summary"
     assert not page["errors"], page["errors"]
