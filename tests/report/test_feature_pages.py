@@ -65,7 +65,7 @@ def _data(c: dict, **kw):
         decode=_decode, prompts=c["prompts"], direction=c["direction"], unembedding=c["W_U"], norm_weight=c["w"],
         base_acts=c["base_acts"], base_row_prompt=c["base_prompt"], tuned_acts=c["tuned_acts"],
         tuned_row_prompt=c["tuned_prompt"], gates={"passed": True, "ablation_kl": 0.25, "note": "<b>x</b>"},
-        reasons=["top cultural", "gated"], headline={"cultural - control mean": 0.5},
+        reasons=["top cultural", "measured by the gates"], headline={"cultural - control mean": 0.5},
         **{"n_contexts": 5, "n_logit_tokens": 6, "bins": 7, "window": 4, **kw})
 
 
@@ -221,17 +221,17 @@ def test_pick_features_union_of_reasons_and_gate_layers() -> None:
                           graded=graded, gates=gates, max_gated=20, warn=warnings.append)
     assert page_order(picks) == [("base", 20, 3), ("tuned", 20, 2), ("tuned", 20, 7), ("delta", 20, 11)]
     pk = picks["tuned", 20, 7]
-    assert pk.reasons == ["top cultural", "top graded formal", "gated"]
+    assert pk.reasons == ["top cultural", "top graded formal", "measured by the gates"]
     assert pk.headline == {"cultural - control mean": 0.3, "graded formal score": 1.5, "graded formal r": 0.8}
     assert pk.gates == {"passed": True, "kl": 0.25}
-    assert picks["delta", 20, 11].gates == {"passed": False, "kl": None} and picks["delta", 20, 11].reasons == ["gated"]
+    assert picks["delta", 20, 11].gates == {"passed": False, "kl": None} and picks["delta", 20, 11].reasons == ["measured by the gates"]
     assert picks["base", 20, 3].reasons == ["top graded polite"] and picks["tuned", 20, 2].gates == {}
     assert len(warnings) == 1 and "delta_L24_f12" in warnings[0]
 
     no_layer = gates.drop(columns="layer")  # one layer: the gates' layer is it
     picks1 = pick_features(sources=["tuned", "delta"], layers=[20], gates=no_layer, max_gated=2, warn=warnings.append)
     assert list(picks1) == [("tuned", 20, 7), ("delta", 20, 11)]  # max_gated: the first rows only
-    assert picks1["tuned", 20, 7].reasons == ["gated"] and "layer" not in picks1["tuned", 20, 7].gates
+    assert picks1["tuned", 20, 7].reasons == ["measured by the gates"] and "layer" not in picks1["tuned", 20, 7].gates
     assert "layer" not in no_layer.columns  # the caller's table is left as it was
     with pytest.raises(MechdiffError, match="has no column 'layer'"):  # several layers: the layer is needed
         pick_features(sources=["tuned"], layers=[20, 24], gates=no_layer)
@@ -270,3 +270,14 @@ def test_sparse_codes_and_prompt_means_equal_dense() -> None:
     chosen = np.array([1, 2, 5, 8])
     m = prompt_means(codes, row_prompt, chosen, chunk_prompts=3)
     assert np.allclose(m, np.stack([Z[row_prompt == p].mean(0) for p in chosen]))
+
+
+def test_gate_survivors_are_named_so():
+    """A gates row whose causal, consistent and side_ok columns are all true reads "passed the gates"."""
+    from mechdiff.report.feature_pages import pick_features
+
+    gates = pd.DataFrame({"source": ["tuned", "tuned"], "layer": [20, 20], "feature": [1, 2],
+                          "causal": [True, True], "consistent": [True, False], "side_ok": [True, True]})
+    picks = pick_features(sources=["tuned"], layers=[20], gates=gates, max_gated=5, warn=lambda m: None)
+    assert picks["tuned", 20, 1].reasons == ["passed the gates"]
+    assert picks["tuned", 20, 2].reasons == ["measured by the gates"]

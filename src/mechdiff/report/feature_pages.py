@@ -482,6 +482,7 @@ def index_page(entries: Sequence[Mapping[str, Any]], *, title: str = "Reported f
 
 PAGE_SOURCES = ("base", "tuned", "delta")  # a crosscoder's features read two stores at once: no token pages
 GATE_KEYS = ("source", "layer", "feature")
+PASSED_ALL = ("causal", "consistent", "side_ok")  # gates_features.csv columns a survivor of every gate has true
 PickKey = tuple[str, int, int]  # (source, layer, feature)
 
 
@@ -546,7 +547,8 @@ def pick_features(*, sources: Sequence[str], layers: Sequence[int],
     cultural: per layer the tuned SAE's `top_cultural` features ("top cultural"); graded: a DataFrame with columns
     source, layer, trait, best_feature, score, r, one row per best graded feature ("top graded <trait>"); gates:
     a DataFrame with columns source, layer, feature and any others (the gate results, shown as they are), its
-    first `max_gated` rows "gated"; its layer column may be left out when there is one layer. Rows whose source
+    first `max_gated` rows ("passed the gates" when its causal, consistent and side_ok columns are all
+    true, else "measured by the gates"); its layer column may be left out when there is one layer. Rows whose source
     is not in `sources` or layer not in `layers` get no pick (a gated one with a warning)."""
     picks: dict[PickKey, Pick] = {}
     shown_layers, layers = layers, [int(x) for x in layers]
@@ -583,7 +585,8 @@ def pick_features(*, sources: Sequence[str], layers: Sequence[int],
                      f"(sae.sources {sources}, sae.layers {shown_layers}): no page")
                 continue
             pk = pick(key)
-            pk.reasons.append("gated")
+            passed = all(str(r.get(c)) == "True" for c in PASSED_ALL)  # the survivors of every gate
+            pk.reasons.append("passed the gates" if passed else "measured by the gates")
             pk.gates = {k: _plain(v) for k, v in r.items() if k not in GATE_KEYS}
     return picks
 
