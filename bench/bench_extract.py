@@ -9,8 +9,11 @@ Measures, on the same prompts, batch 16, each repeated and the median kept:
   (b') the same with plain torch linears (extract.pack_weights: false), for reference
   (c)  extract() of three layers (8, 16, 24), written to a store
   (d)  (c) with the model in bfloat16
+  (e)  (b) with the model in bfloat16 (what `mechdiff params` suggests on CPUs with bf16 matrix units)
 and prints a table with ratios to (a) (of the medians, and the range of the same-round ratios), the store
-sizes and file counts.
+sizes and file counts, and a roofline: this CPU's fp32 GEMM rate (a 2048^3 matmul), the seconds the
+blocks' linear layers need at that rate, and so the highest ratio any fp32 extraction of every layer could
+reach over (a) on this machine.
 """
 
 from __future__ import annotations
@@ -92,6 +95,27 @@ def plain_forward(model, enc, batch_size: int, pad: int, sort: bool, use_mask: b
     return time.perf_counter() - t
 
 
+def gemm_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
+    """This CPU's dense matmul rate (GFLOP/s, best of `repeats`) at the current torch thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def linear_flops(model, enc, batch_size: int, pad: int, with_head: bool) -> float:
+    """FLOPs of the decoder blocks' linear layers (and the LM head) over the padded, length-sorted batches."""
+    body = sum(m.in_features * m.out_features for m in model.model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.lm_head.in_features * model.lm_head.out_features if with_head else 0
+    rows = sum(ids.numel() for _r, ids, _m, _p in batches(enc, np.arange(len(enc)), batch_size, pad,
+                                                           sort_by_length=True))
+    return 2.0 * rows * (body + head)
+
+
 def store_size(path: Path) -> tuple[int, int]:
     """(bytes, number of files) of a store directory."""
     n, b = 0, 0
@@ -152,6 +176,7 @@ def main() -> int:
         "(b') same, plain torch linears": lambda: run_extract("all_unpacked", every, "float32", pack=False),
         "(c)  extract layers 8,16,24, fp32": lambda: run_extract("few", few, "float32"),
         "(d)  extract layers 8,16,24, bf16": lambda: run_extract("few_bf16", few, "bfloat16"),
+        f"(e)  extract all {nl} layers, bf16": lambda: run_extract("all_bf16", every, "bfloat16"),
     }
     plain_forward(model, enc, args.batch_size, pad, True)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -173,6 +198,11 @@ def main() -> int:
             r = [a / b for a, b in zip(times[ref_key], v)]
             rounds = f"[{min(r):.2f}-{max(r):.2f}]"
         print(f"{k:42s} {tps:9.0f} {tps / ref:6.2f}x {rounds:>15s}  " + " ".join(f"{x:.2f}" for x in v))
+    peak = gemm_gflops()
+    need = linear_flops(model, enc, args.batch_size, pad, with_head=False) / 1e9 / peak
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"\nroofline ({cpu}): fp32 GEMM {peak:.0f} GFLOP/s; the blocks' linear layers alone need {need:.2f}s at "
+          f"that rate, so no fp32 extraction of every layer can beat (a) by more than {med[ref_key] / need:.2f}x here")
     print()
     for tag, (b, nf) in sizes.items():
         print(f"store {tag:9s}: {b / 2**20:7.2f} MiB in {nf} files")

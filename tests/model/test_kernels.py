@@ -66,3 +66,61 @@ def test_packed_layers_fall_back_under_autograd_and_when_disabled():
     np.testing.assert_allclose(x.grad.numpy(), lin.weight.detach().sum(0).expand(5, 16).numpy(), rtol=1e-6)
     with packed_linears(lin, enabled=False) as n:
         assert n == 0
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_cpu_kind_rule_picks_the_path_and_both_paths_agree(monkeypatch, avx512):
+    """The one rule (kernels.use_packed): AVX2 packs every fp32 call; AVX-512 packs fp32 only at 2-512 rows; bf16 always.
+
+    Whichever path a call takes, the model's numbers are the plain forward's (float64 numpy reference).
+    """
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_AVX512", avx512)
+    f32 = {rows: kernels.use_packed(torch.zeros(rows, 8)) for rows in (1, 2, 64, 512, 513, 4096)}
+    if avx512:
+        assert f32 == {1: False, 2: True, 64: True, 512: True, 513: False, 4096: False}
+    else:
+        assert all(f32.values())
+    assert kernels.use_packed(torch.zeros(4096, 8, dtype=torch.bfloat16))
+    assert kernels.use_packed(torch.zeros(3, 300, 8)) is (not avx512)  # rows = all leading dims (900)
+
+    calls = {"plain": 0}
+    real = torch.nn.functional.linear
+
+    def counting(*a, **k):
+        calls["plain"] += 1
+        return real(*a, **k)
+
+    torch.manual_seed(1)
+    lin = nn.Linear(24, 40)
+    w, b = lin.weight.detach().numpy().astype(np.float64), lin.bias.detach().numpy().astype(np.float64)
+    monkeypatch.setattr(kernels.F, "linear", counting)
+    for rows in (1, 64, 700):
+        x = torch.randn(rows, 24)
+        with torch.inference_mode(), packed_linears(lin):
+            calls["plain"] = 0  # after the packing self-check, which calls F.linear once
+            out = lin(x)
+        assert calls["plain"] == (0 if kernels.use_packed(x) else 1)
+        np.testing.assert_allclose(out.numpy(), x.numpy().astype(np.float64) @ w.T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_are_packed_only_when_a_call_takes_the_packed_path(monkeypatch):
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_AVX512", True)
+    packed = []
+    real = kernels._pack
+    monkeypatch.setattr(kernels, "_pack", lambda w, rows: packed.append(tuple(w.shape)) or real(w, rows))
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=5).eval()
+    n_lin = sum(type(m) is nn.Linear for m in model.model.modules())
+    big = torch.randint(4, 64, (8, 80))  # 640 rows: plain fp32 path on AVX-512
+    with torch.inference_mode():
+        ref_big, ref_small = model(input_ids=big).logits, model(input_ids=big[:2, :9]).logits
+        with packed_linears(model.model) as n:
+            out_big = model(input_ids=big).logits
+            assert len(packed) == 1  # only the eager self-check of the first layer
+            out_small = model(input_ids=big[:2, :9]).logits  # 18 rows: every layer packs now
+            assert len(packed) == n == n_lin
+    torch.testing.assert_close(out_big, ref_big, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_small, ref_small, rtol=1e-4, atol=1e-5)

@@ -3,9 +3,10 @@
 `pack_for_inference` applies `mechdiff.model.kernels.packed_linears` to a model's decoder body and keeps it in
 place: every CPU `nn.Linear` then runs on a oneDNN weight packed once (and gated SiLU MLPs as two fused calls)
 in every later no-grad forward: patching, the layer patch, SAE splicing, steering, generation, head patching.
-Forwards with gradients (head attribution, fine-tuning) and other devices fall back to the plain layers, and
-hooks on the blocks, attention and MLP modules still see their outputs. Same dtype as the model: results
-differ from the plain path only by summation order (~1e-6 relative).
+Each call takes the packed or the plain path by the CPU-kind rule `kernels.use_packed`. Forwards with
+gradients (head attribution, fine-tuning) and other devices fall back to the plain layers, and hooks on the
+blocks, attention and MLP modules still see their outputs. Same dtype as the model: results differ from the
+plain path only by summation order (~1e-6 relative).
 """
 
 from __future__ import annotations

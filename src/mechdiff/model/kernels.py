@@ -6,6 +6,8 @@ the 2-core AVX2 machine this project is measured on, that brings the fp32 matmul
 ~150 to ~200 GFLOP/s at batch 16 x 50 tokens. The arithmetic stays in the weight's dtype (fp32 stays fp32;
 results differ from the BLAS path only by summation order, ~1e-6 relative). Packing is inference-only (no
 autograd through the packed weight) and costs one extra copy of the packed weights while it is active.
+Whether a call takes the packed weight is one CPU-kind rule, `use_packed`: on AVX-512 CPUs (where plain fp32
+GEMM already runs at the matmul peak for large inputs) fp32 calls use it only at 2-512 rows.
 
 Gated SiLU MLPs (Llama, Qwen, Mistral, SmolLM...: down(silu(gate(x)) * up(x))) additionally run as two fused
 oneDNN calls: the gate matmul with its SiLU as a post-op, and the up matmul with the product as a binary
@@ -60,6 +62,36 @@ def onednn_linear_available() -> bool:
         return False
 
 
+_AVX512: bool | None = None
+# fp32 on AVX-512 CPUs: the plain BLAS path runs at the matmul peak for large and single-row inputs; the packed
+# weights win only in between (measured on SmolLM2's 576x1536 / 1536x576 / 576x576 layers, 2 cores of a Xeon with
+# AVX-512 and AMX: packed/plain time 0.5-0.75 at 1 row, 0.3-0.8 at 16-256 rows, 1.0-1.1 at 800-2048 rows).
+_FP32_PACKED_ROWS = (2, 512)
+
+
+def _avx512() -> bool:
+    """True when torch's CPU kernels run at the AVX-512 level on this machine (detected once, never assumed)."""
+    global _AVX512
+    if _AVX512 is None:
+        try:
+            _AVX512 = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+        except (AttributeError, RuntimeError):
+            _AVX512 = False
+    return _AVX512
+
+
+def use_packed(x: torch.Tensor) -> bool:
+    """The one CPU-kind rule: does a packed oneDNN weight beat the plain BLAS call for this input?
+
+    bf16: always (2-3x at a few rows, even at 2048). fp32: always on AVX2 CPUs (1.1-1.3x); on AVX-512 CPUs only
+    for 2-512 rows, where plain MKL GEMM is slower; a single decode row or a full prefill batch runs plain.
+    """
+    if x.dtype != torch.float32 or not _avx512():
+        return True
+    rows = x.numel() // max(1, x.shape[-1])
+    return _FP32_PACKED_ROWS[0] <= rows <= _FP32_PACKED_ROWS[1]
+
+
 def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
     """The oneDNN-packed copy of `weight`, or None when this build or dtype cannot pack it."""
     try:
@@ -68,9 +100,31 @@ def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
         return None
 
 
-def _packed_forward(packed: torch.Tensor) -> types.FunctionType:
+class _Packed:
+    """One linear layer's oneDNN-packed weight, made on the first call that takes the packed path (never, where
+    `use_packed` always says no: no time or memory spent on packing)."""
+
+    __slots__ = ("layer", "rows_hint", "value", "failed")
+
+    def __init__(self, layer: nn.Linear, rows_hint: int) -> None:
+        self.layer, self.rows_hint, self.value, self.failed = layer, rows_hint, None, False
+
+    def get(self) -> torch.Tensor | None:
+        if self.value is None and not self.failed:
+            self.value = _pack(self.layer.weight, self.rows_hint)
+            self.failed = self.value is None
+        return self.value
+
+
+def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and use_packed(x))
+
+
+def _packed_forward(cell: _Packed) -> types.FunctionType:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != packed.dtype or torch.is_grad_enabled() or x.device.type != "cpu":
+        packed = cell.get() if _fast_path(x, self.weight) else None
+        if packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
@@ -91,13 +145,28 @@ def _silu_like(act: object) -> bool:
         torch.allclose(out.float(), F.silu(probe), rtol=1e-5, atol=1e-6))
 
 
-def _fused_mlp_forward(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> types.FunctionType:
+def _fused_mlp_forward(gate: _Packed, up: _Packed, down: _Packed) -> types.FunctionType:
+    state = {"ok": None}  # checked against the plain MLP on the first packed call
+
+    def fused(self: nn.Module, x: torch.Tensor, g_w: torch.Tensor, u_w: torch.Tensor, d_w: torch.Tensor):
+        g = torch.ops.mkldnn._linear_pointwise(x, g_w, self.gate_proj.bias, "swish", [], "")
+        h = torch.ops.mkldnn._linear_pointwise.binary(x, g, u_w, self.up_proj.bias, "mul")
+        return torch.ops.mkldnn._linear_pointwise(h, d_w, self.down_proj.bias, "none", [], "")
+
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != gate.dtype or torch.is_grad_enabled() or x.device.type != "cpu":
+        if state["ok"] is False or not _fast_path(x, self.gate_proj.weight):
             return type(self).forward(self, x)
-        g = torch.ops.mkldnn._linear_pointwise(x, gate, self.gate_proj.bias, "swish", [], "")
-        h = torch.ops.mkldnn._linear_pointwise.binary(x, g, up, self.up_proj.bias, "mul")
-        return torch.ops.mkldnn._linear_pointwise(h, down, self.down_proj.bias, "none", [], "")
+        ws = (gate.get(), up.get(), down.get())
+        if any(w is None for w in ws):
+            state["ok"] = False
+            return type(self).forward(self, x)
+        if state["ok"] is None:
+            probe = x.reshape(-1, x.shape[-1])[:3]
+            state["ok"] = bool(torch.allclose(fused(self, probe, *ws).float(), type(self).forward(self, probe).float(),
+                                              rtol=1e-3, atol=1e-4))
+            if not state["ok"]:
+                return type(self).forward(self, x)
+        return fused(self, x, *ws)
 
     return forward
 
@@ -117,45 +186,38 @@ def _agrees(mod: nn.Linear, packed: torch.Tensor) -> bool:
 def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = True) -> Iterator[int]:
     """Within the block, every CPU fp32/bf16 `nn.Linear` of `model` runs on a oneDNN-packed weight; yields how many.
 
-    Only used under `torch.no_grad()` / `torch.inference_mode()`; with gradients enabled, on another device
+    Each weight is packed on the first call that `use_packed` sends to the packed path (so never, where the
+    rule always picks the plain path), and gated SiLU MLPs then run fused (checked against the plain MLP on that
+    first call). Only used under `torch.no_grad()` / `torch.inference_mode()`; with gradients enabled, on another device
     or another input dtype a layer falls back to `F.linear`. A no-op (yields 0) when disabled or unsupported.
     """
     patched: list[nn.Module] = []
-    packs: dict[int, torch.Tensor] = {}
+    packs: dict[int, _Packed] = {}
     try:
         if enabled and onednn_linear_available():
-            checked = False
+            checked: dict[torch.dtype, bool] = {}
             for mod in model.modules():
                 if type(mod) is not nn.Linear or "forward" in mod.__dict__:
                     continue
                 w = mod.weight
                 if w.device.type != "cpu" or w.dtype not in _DTYPES:
                     continue
-                packed = _pack(w, rows_hint)
-                if packed is None:
-                    break
-                if not checked:
-                    if not _agrees(mod, packed):
-                        break
-                    checked = True
-                mod.forward = types.MethodType(_packed_forward(packed), mod)
+                cell = _Packed(mod, rows_hint)
+                if w.dtype not in checked:  # one eager self-check per dtype guards against odd builds
+                    packed = cell.get()
+                    checked[w.dtype] = packed is not None and _agrees(mod, packed)
+                if not checked[w.dtype]:
+                    continue
+                mod.forward = types.MethodType(_packed_forward(cell), mod)
                 patched.append(mod)
-                packs[id(mod)] = packed
+                packs[id(mod)] = cell
             n_linear = len(patched)
             for mod in list(model.modules()) if packs else []:
                 parts = [getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
                 if "forward" in mod.__dict__ or not all(id(p) in packs for p in parts) \
                         or not _silu_like(getattr(mod, "act_fn", None)):
                     continue
-                fwd = _fused_mlp_forward(*(packs[id(p)] for p in parts))
-                probe = torch.randn(3, parts[0].in_features, generator=torch.Generator().manual_seed(1))
-                probe = probe.to(parts[0].weight.dtype)
-                with torch.no_grad():
-                    ok = torch.allclose(fwd(mod, probe).float(), type(mod).forward(mod, probe).float(),
-                                        rtol=1e-3, atol=1e-4)
-                if not ok:
-                    continue
-                mod.forward = types.MethodType(fwd, mod)
+                mod.forward = types.MethodType(_fused_mlp_forward(*(packs[id(p)] for p in parts)), mod)
                 patched.append(mod)
             yield n_linear
         else:
