@@ -53,7 +53,7 @@ def main() -> None:
     store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
                     device=dist.device_for_rank(e.device), shard_rows=e.shard_rows, resume=True,
-                    pack_weights=e.pack_weights, attrs={"model": which, "fingerprint": fp, "extract": extract_attrs(e)})
+                    pack_weights=e.pack_weights, store_dtype=e.store_dtype, compressor=e.compressor, attrs={"model": which, "fingerprint": fp, "extract": extract_attrs(e)})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"extract: {which}: {store.n} prompts x {len(sites)} sites -> {path}"
           + (f" [rank {rank}/{world}]" if world > 1 else "") + f", peak RSS {rss:.0f} MB")

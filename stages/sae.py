@@ -22,7 +22,15 @@ from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, train_sae
-from mechdiff.sae.sources import SOURCES, check_finite, init_seed, read_source, rows_of, source_batches
+from mechdiff.sae.sources import (
+    SOURCES,
+    check_finite,
+    holdout_prompts,
+    init_seed,
+    read_source,
+    rows_of,
+    source_batches,
+)
 
 MAX_VAL_ROWS = 4096  # held-out rows for the plateau check (a seeded subsample of the held-out prompts' rows)
 
@@ -48,20 +56,9 @@ def job(p, base, tuned, source: str, layer: int):
     return site, P.sae_dir(source, layer), fp
 
 
-def split_prompts(train_prompts: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(trained, held out) prompt rows: a seeded share `holdout` of the train prompts is never trained on; it is
-    the plateau check's held-out set (whole prompts, so no token of a held-out prompt is seen in training)."""
-    n_hold = min(len(train_prompts) - 1, math.ceil(holdout * len(train_prompts))) if holdout > 0 else 0
-    if n_hold <= 0:
-        return train_prompts, train_prompts[:0]
-    held = np.zeros(len(train_prompts), dtype=bool)
-    held[np.random.default_rng(seed).choice(len(train_prompts), size=n_hold, replace=False)] = True
-    return train_prompts[~held], train_prompts[held]
-
-
 def checked_rows(p, base, tuned, source: str, site: str):
     """(training rows, held-out rows) of the SAE, after checking its inputs: a bad store must not cost the old SAE."""
-    trained, held = split_prompts(base.rows_where(split="train"), p.sae.holdout, p.seed)
+    trained, held = holdout_prompts(base.rows_where(split="train"), p.sae.holdout, p.seed)
     rows = rows_of(source, base, tuned, p.sae.view, trained)  # delta/crosscoder: paired
     val_rows = rows_of(source, base, tuned, p.sae.view, held)
     if len(val_rows) > MAX_VAL_ROWS:

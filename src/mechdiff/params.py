@@ -141,6 +141,8 @@ class Extract(_Section):
     shard_rows: int = 1024
     pack_weights: bool = True
     nproc: int = 1
+    store_dtype: str = "float32"
+    compressor: str | None = None
 
 
 @dataclass
@@ -425,6 +427,8 @@ _CHOICES = {
     "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
     "pair.fairness.mode": ("strict", "ratio"),
     "extract.dtype": ("float32", "bfloat16", "float16"),
+    "extract.store_dtype": ("float32", "float16"),
+    "extract.compressor": (None, "lz4", "zstd"),
     "transport.solver": ("ridge", "procrustes", "procrustes_scaled"),
     "transport.rank_mode": ("delta", "subspace"),
     "sae.view": ("tokens", "last", "mean"),
@@ -527,7 +531,7 @@ def validate(p: Params) -> Params:
     for key, choices in _CHOICES.items():
         v = _get(p, key)
         if v not in choices:
-            raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join(choices)}")
+            raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
     for key in _POSITIVE:
         v = _get(p, key)
         if v < 1:

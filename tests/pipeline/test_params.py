@@ -37,6 +37,8 @@ def test_repo_params_load():
     (lambda r: r["transport"].__setitem__("solver", "magic"), "choose one of"),
     (lambda r: r["data"].__setitem__("splits", [0.5, 0.5, 0.5]), "sum"),
     (lambda r: r["extract"].__setitem__("bogus", 1), "unknown key extract.bogus"),
+    (lambda r: r["extract"].__setitem__("store_dtype", "int8"), "extract.store_dtype = 'int8'; choose one of float32, float16"),
+    (lambda r: r["extract"].__setitem__("compressor", "gzip"), "extract.compressor = 'gzip'; choose one of null, lz4, zstd"),
     (lambda r: r["transport"].__setitem__("sites", ["layer3"]), "bad site name"),
     (lambda r: r.__setitem__("alpha", -1), "alpha"),
     (lambda r: r["sae"].__setitem__("sources", ["base", "chat"]), "sae.sources"),

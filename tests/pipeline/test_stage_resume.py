@@ -198,3 +198,24 @@ def test_prepare_output_keeps_only_own_unfinished_work(tmp_path):
     # a writer that records its own state (the activation store): nothing is created for a fresh run
     assert prepare_output(tmp_path / "store.zarr", "fp", record=lambda p: {}, create=False) is False
     assert not (tmp_path / "store.zarr").exists()
+
+
+def test_extract_stage_store_dtype_and_compressor_params(tmp_path):
+    """extract.store_dtype float16 + extract.compressor zstd: a smaller float16 store with the float32 store's values
+    (to float16 rounding), and the sae stage trains from it."""
+    r32, r16 = _repo(tmp_path / "f32", 64), _repo(tmp_path / "f16", 64, store_dtype="float16", compressor="zstd")
+    for repo in (r32, r16):
+        r = _stage(repo, "extract", "base")
+        assert r.returncode == 0, r.stderr
+    a32, a16 = (ActStore.open(r / "artifacts" / "acts" / "base.zarr") for r in (r32, r16))
+    x32, x16 = a32.read(SITE, "tokens"), a16.read(SITE, "tokens")
+    assert zarr.open_array(str(r16 / "artifacts" / "acts" / "base.zarr" / SITE / "tokens")).dtype == np.float16
+    np.testing.assert_allclose(np.asarray(x16, dtype=np.float32), x32, rtol=2e-3, atol=2e-3)
+    size = {r: sum(f.stat().st_size for f in (r / "artifacts" / "acts" / "base.zarr").rglob("*") if f.is_file())
+            for r in (r32, r16)}
+    assert size[r16] < 0.6 * size[r32]
+    r = _stage(r16, "extract", "tuned")
+    assert r.returncode == 0, r.stderr
+    r = _stage(r16, "sae", "base", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((r16 / "artifacts" / "saes" / "base_L2" / MARK).read_text())["complete"] is True

@@ -131,3 +131,18 @@ def test_each_source_reads_its_own_store_rows_and_pairing_is_required(tmp_path):
     np.testing.assert_array_equal(rows, pr)
     want = [[0, lens["tuned"][p] - lens["base"][p], 1, 0] for p in pr]
     np.testing.assert_allclose(read_source("delta", base, tuned, SITE, "last", rows), want)
+
+
+def test_holdout_prompts_is_a_seeded_disjoint_partition():
+    from mechdiff.sae.sources import holdout_prompts
+
+    rows = np.arange(100, 180)
+    trained, held = holdout_prompts(rows, 0.05, seed=3)
+    assert len(held) == 4 and len(trained) == 76  # ceil(0.05 x 80)
+    assert np.array_equal(np.sort(np.concatenate([trained, held])), rows) and not set(trained) & set(held)
+    again = holdout_prompts(rows, 0.05, seed=3)
+    assert np.array_equal(again[1], held) and not np.array_equal(holdout_prompts(rows, 0.05, seed=4)[1], held)
+    t0, h0 = holdout_prompts(rows, 0.0, seed=3)
+    assert np.array_equal(t0, rows) and len(h0) == 0
+    t1, h1 = holdout_prompts(rows[:2], 0.9, seed=3)  # never holds out every prompt
+    assert len(t1) == 1 and len(h1) == 1

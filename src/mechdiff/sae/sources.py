@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -70,6 +71,17 @@ def check_finite(source: str, base: ActStore, tuned: ActStore, site: str, view: 
         for x in st.iter_batches(site, view, 1 << 16, rows=rows, shuffle=False):
             if not np.isfinite(x).all():
                 raise MechdiffError(f"{st.path} has NaN or inf at {site}/{view}: delete it and rerun its extract stage")
+
+
+def holdout_prompts(train_prompts: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, held out) prompt rows: a seeded share `holdout` of the train prompts is never trained on; it is
+    the plateau check's held-out set (whole prompts, so no token of a held-out prompt is seen in training)."""
+    n_hold = min(len(train_prompts) - 1, math.ceil(holdout * len(train_prompts))) if holdout > 0 else 0
+    if n_hold <= 0:
+        return train_prompts, train_prompts[:0]
+    held = np.zeros(len(train_prompts), dtype=bool)
+    held[np.random.default_rng(seed).choice(len(train_prompts), size=n_hold, replace=False)] = True
+    return train_prompts[~held], train_prompts[held]
 
 
 def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
