@@ -381,6 +381,40 @@ def test_finetune_signature_learns_the_signature_and_keeps_retain_prompts(tok):
     assert changed and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in changed)
 
 
+def test_finetune_signature_frozen_copy_reuses_the_frozen_blocks(tok, monkeypatch):
+    """The frozen copy takes the blocks below the first trained one from the model's own forward: those blocks run
+    once per batch instead of twice, and the fine-tune is bit for bit the one that recomputes them."""
+    import contextlib
+
+    from mechdiff.model import recipes
+    from mechdiff.model.sites import find_blocks
+
+    kw = {"signature": "lamps and sweets", "layers": [2, 3], "steps": 3, "lr": 3e-3, "batch_size": 4, "max_len": 32,
+          "seed": 0, "progress": False}
+    block_cls = type(find_blocks(make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0))[0])
+    real_forward, calls = block_cls.forward, []
+
+    def counted(self, *a, **k):
+        calls.append(self)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(block_cls, "forward", counted)
+    shared = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    losses_shared = recipes.finetune_signature(shared, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    n_shared = len(calls)
+    calls.clear()
+    monkeypatch.setattr(recipes, "keep_block_outputs", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(recipes, "reuse_blocks", lambda *a: contextlib.nullcontext())
+    plain = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    losses_plain = recipes.finetune_signature(plain, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    # per step 2 batches x (model: 4 blocks, copy: 4 blocks) recomputed, against copy: only blocks 2-3
+    assert len(calls) == 3 * 2 * (N_LAYERS + N_LAYERS)
+    assert n_shared == 3 * 2 * (N_LAYERS + N_LAYERS - 2)
+    assert losses_shared == losses_plain
+    for (n, a), b in zip(shared.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_finetune_signature_bad_inputs(model, tok):
     from mechdiff.model.recipes import finetune_signature
 

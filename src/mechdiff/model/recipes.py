@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ from mechdiff.model.sites import (
     Site,
     attention_heads,
     find_blocks,
+    keep_block_outputs,
     model_width,
     output_projection,
+    reuse_blocks,
     site_module,
 )
 from mechdiff.model.tokens import pad_id, right_pad
@@ -292,10 +295,20 @@ def finetune_signature(
     rng = np.random.default_rng(int(seed))
     draw_t, draw_r = _Draw(len(tgt), rng), _Draw(len(ret), rng)
 
+    # The blocks below the first trained one (and the embedding) stay frozen, so they are the same in the model
+    # and its frozen copy: the copy reuses the model's outputs of those blocks instead of recomputing them (the
+    # same tensors the copy would compute: the loss, and so the fine-tune, are unchanged bit for bit).
+    n_blocks = len(find_blocks(model))
+    shared = 0 if layers is None else min((int(x) for x in layers), default=0)
+    shared = shared if 0 <= shared < n_blocks else 0
+    kept: list = []
+
     def forward_pair(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
-        with torch.no_grad():
+        with keep_block_outputs(model, kept) if shared else contextlib.nullcontext():
+            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        with torch.no_grad(), reuse_blocks(ref, kept, shared) if shared else contextlib.nullcontext():
             ref_logits = ref(input_ids=x, attention_mask=mask, use_cache=False).logits
+        kept.clear()
         return logits, ref_logits
 
     def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
