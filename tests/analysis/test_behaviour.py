@@ -334,3 +334,49 @@ def test_prefix_cache_gives_the_same_numbers_with_and_without_an_intervention(wo
                         option_logprobs(model, tok, qs, chs, intervene=iv)):
             np.testing.assert_allclose(a, b, rtol=1e-4)
     assert 0 < len(cache) <= len(PROMPTS) + len(QUESTIONS)  # one entry per distinct prefix, reused
+
+
+def test_prefix_cache_reuses_the_blocks_below_an_intervention_exactly():
+    """Teacher-forced scoring under interventions at block 2 of 4: blocks 0-1 run once per batch (the first
+    intervention's forward), later interventions reuse their output, and every number is bit for bit the one
+    of recomputing them."""
+    from mechdiff.analysis.behaviour import PrefixCache
+    from mechdiff.analysis.steering import Handle, intervention
+    from mechdiff.model.sites import find_blocks
+
+    tok = make_tiny_tokenizer(PROMPTS, extra_words=EXTRA)
+    model = make_tiny_model(len(tok), n_layers=4, d_model=D, seed=0)
+    enc, rows = encode(tok, PROMPTS), list(range(len(PROMPTS)))
+    qs, chs = [q for q, _, _ in QUESTIONS], [c for _, c, _ in QUESTIONS]
+    V = np.linalg.qr(np.random.default_rng(0).normal(size=(D, 2)))[0]
+    handles = [Handle(Site(2, "resid_post"), V, np.eye(2), np.ones(2)), Handle(Site(3, "attn_out"), V, -np.eye(2),
+                                                                               np.zeros(2))]
+    ivs = [intervention(handles, a) for a in (0.5, 2.0, 2.0)]
+    assert [iv.first_block for iv in ivs] == [2, 2, 2]
+    calls = {0: 0, 2: 0}
+    blocks = find_blocks(model)
+    hooks = [blocks[i].mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+
+    def score(iv, cache):
+        return (decision_logits(model, enc, rows, batch_size=4, intervene=iv, prefix=cache),
+                continuation_logprobs(model, tok, PROMPTS, CONTS, intervene=iv, prefix=cache)[0],
+                np.concatenate(option_logprobs(model, tok, qs, chs, intervene=iv, prefix=cache)))
+
+    try:
+        shared, plain = PrefixCache(model), PrefixCache(model)
+        got = [score(iv, shared) for iv in ivs]
+        n_first = dict(calls)
+        want = [score(lambda m, s, iv=iv: iv(m, s), plain) for iv in ivs]  # no first_block: every block runs
+    finally:
+        for h in hooks:
+            h.remove()
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got[0][0], got[1][0])  # the interventions differ
+    # plain: every block in every forward; shared: block 0 in the prefixes' own forwards (P) and the first
+    # intervention's F suffix forwards only, block 2 in all 3F
+    d0, d2 = calls[0] - n_first[0], calls[2] - n_first[2]
+    assert d0 == d2 == n_first[2]
+    F, rem = divmod(n_first[2] - n_first[0], 2)
+    assert rem == 0 and F > 0 and n_first[0] - F == d2 - 3 * F >= 0

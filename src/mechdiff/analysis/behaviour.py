@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import cache_kv, empty_cache
-from mechdiff.model.sites import get_body, head_logits
+from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
 from mechdiff.stats.checks import as_f64
@@ -101,6 +101,7 @@ class PrefixCache:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._lower: dict[tuple, Any] = {}
 
     def __len__(self) -> int:
         return len(self._kv)
@@ -167,6 +168,41 @@ class PrefixCache:
         return cache, mask, lens
 
 
+    @contextlib.contextmanager
+    def lower_blocks(self, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], upto: int
+                     ) -> Iterator[None]:
+        """Within the block, a teacher-forced suffix forward of this batch reuses the output of decoder blocks
+        0..upto-1 kept from its first forward under any intervention that reads and changes nothing below block
+        `upto` (those blocks compute the same tensors every time: exact, not an approximation). Not for a forward
+        whose KV cache is used afterwards (the skipped blocks add no keys and values)."""
+        if upto <= 0:
+            yield
+            return
+        key = (int(upto), tuple(tuple(int(t) for t in x) for x in prefixes),
+               tuple(tuple(int(t) for t in x) for x in suffixes))
+        kept = self._lower.get(key)
+        if kept is not None:
+            with reuse_blocks(self.model, [kept] * int(upto), int(upto)):
+                yield
+            return
+        store: list = []
+        blocks = find_blocks(self.model)
+        handle = blocks[min(int(upto), len(blocks)) - 1].register_forward_hook(
+            lambda _m, _a, out: store.append(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+        if store and int(upto) <= len(blocks):
+            self._lower[key] = store[-1]
+
+
+def first_block(intervene: Intervene | None) -> int:
+    """The first decoder block an intervention reads or changes (its `first_block` attribute; 0 when it does not
+    say): every block below it computes the same tensors with or without it."""
+    return 0 if intervene is None else max(0, int(getattr(intervene, "first_block", 0) or 0))
+
+
 def _split_at_decision(seq: Sequence[int], decision: int) -> tuple[list[int], list[int]]:
     """(prefix, suffix): the suffix starts one token before the decision token (at the start when decision = 0)."""
     cut = max(0, int(decision) - 1)
@@ -176,14 +212,15 @@ def _split_at_decision(seq: Sequence[int], decision: int) -> tuple[list[int], li
 def _suffix_forward(model: nn.Module, prefix: PrefixCache, prefixes: list[list[int]], suffixes: list[list[int]],
                     starts: Sequence[int], pad: int, intervene: Intervene | None):
     """Forward right-padded `suffixes` after cached left-padded `prefixes`; returns (output, attention mask,
-    position ids of the last real suffix token). The intervention starts at `starts` (suffix frame)."""
+    position ids of the last real suffix token). The intervention starts at `starts` (suffix frame). Teacher
+    forced only: blocks below the intervention's `first_block` are reused from the batch's first forward."""
     dev = _device(model)
     cache, pmask, plen = prefix.batch(prefixes)
     sids, smask = right_pad(suffixes, pad, dev)
     pos = plen[:, None] + torch.arange(sids.shape[1], device=dev)[None, :]
     mask = torch.cat([pmask, smask], dim=1)
     start = torch.as_tensor(list(starts), dtype=torch.long, device=dev)
-    with _ctx(intervene, model, start):
+    with _ctx(intervene, model, start), prefix.lower_blocks(prefixes, suffixes, first_block(intervene)):
         out = get_body(model)(input_ids=sids, attention_mask=mask, position_ids=pos, cache=cache,
                               use_cache=cache is not None)
     return out, mask, pos

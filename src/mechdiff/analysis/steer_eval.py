@@ -258,6 +258,7 @@ def from_first(intervene: Intervene) -> Intervene:
     def wrapped(model: nn.Module, start: torch.Tensor):
         return intervene(model, torch.zeros_like(start))
 
+    wrapped.first_block = getattr(intervene, "first_block", 0)
     return wrapped
 
 

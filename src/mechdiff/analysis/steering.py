@@ -439,6 +439,9 @@ def intervention(handles: Sequence[Handle], alpha: float, *, gate: Gate | None =
     def make(model: nn.Module, start: torch.Tensor) -> AbstractContextManager[None]:
         return _intervene(model, _start(start), hs, a, gate)
 
+    # every hook sits on the block of its site or inside it: the blocks below compute what they compute without it
+    sites = [h.site for h in hs] + ([gate.site] if gate is not None else [])
+    make.first_block = min((st.layer for st in sites), default=0)
     return make
 
 
