@@ -48,7 +48,7 @@ def job(p, base, tuned, source: str, layer: int):
     if site not in base.sites or s.view not in base.views(site):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
     training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs, s.tokens, s.holdout,
-                s.eval_every, s.plateau_tol, s.patience, MAX_VAL_ROWS]
+                s.eval_every, s.plateau_tol, s.patience, s.select_dtype, MAX_VAL_ROWS]
     # the activations themselves (their running statistics), not only the settings that made the stores
     data = hashlib.sha256(b"".join(a.tobytes() for st in (base, tuned) for a in st.stats(site, s.view))).hexdigest()
     fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
@@ -80,7 +80,7 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
                     seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
-                    patience=s.patience,
+                    patience=s.patience, bf16=s.select_dtype == "bfloat16",
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:

@@ -199,6 +199,7 @@ class SAE(_Section):
     nproc: int = 1
     parallel: str = "many"
     device: str = "cpu"
+    select_dtype: str = "float32"  # bfloat16: the encoder matmul that picks the top-k latents runs in bf16 (AMX)
 
 
 @dataclass
@@ -432,6 +433,7 @@ _CHOICES = {
     "transport.solver": ("ridge", "procrustes", "procrustes_scaled"),
     "transport.rank_mode": ("delta", "subspace"),
     "sae.view": ("tokens", "last", "mean"),
+    "sae.select_dtype": ("float32", "bfloat16"),
     "geometry.estimator": ("lda", "mean"),
     "hsae.view": ("tokens", "last", "mean"),
     "hsae.teacher": ("unembedding", "contexts"),

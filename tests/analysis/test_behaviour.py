@@ -380,3 +380,46 @@ def test_prefix_cache_reuses_the_blocks_below_an_intervention_exactly():
     assert d0 == d2 == n_first[2]
     F, rem = divmod(n_first[2] - n_first[0], 2)
     assert rem == 0 and F > 0 and n_first[0] - F == d2 - 3 * F >= 0
+
+
+def test_prefix_cache_keeps_padded_batches_within_its_byte_budget(world, monkeypatch):
+    """The left-padded key/value batch of a set of prefixes is assembled once and reused by every later scoring
+    of the same batch, bit for bit the numbers of assembling it each time; the kept batches stay within
+    `keep_bytes` (least recently used dropped), and a forward never writes into a kept batch."""
+    from mechdiff.analysis.behaviour import PrefixCache
+
+    tok, model = world
+    enc, rows = encode(tok, PROMPTS), list(range(len(PROMPTS)))
+    vec = 4.0 * torch.randn(D, generator=torch.Generator().manual_seed(3))
+    ivs = [None, _adder(1, vec, "from"), _adder(1, -vec, "from")]
+    pads = {"n": 0}
+    pad = PrefixCache._pad
+
+    def counting(self, prefixes):
+        pads["n"] += 1
+        return pad(self, prefixes)
+
+    monkeypatch.setattr(PrefixCache, "_pad", counting)
+
+    def score(cache, iv):
+        return (decision_logits(model, enc, rows, batch_size=4, intervene=iv, prefix=cache),
+                continuation_logprobs(model, tok, PROMPTS, CONTS, intervene=iv, prefix=cache)[0])
+
+    kept = PrefixCache(model)
+    got = [score(kept, iv) for iv in ivs]
+    n_once = pads["n"]
+    frozen = {k: [t.clone() for t in v[0]] for k, v in kept._padded.items()}
+    pads["n"] = 0
+    fresh = [score(PrefixCache(model, keep_bytes=0), iv) for iv in ivs]  # keeps nothing: assembles every time
+    assert pads["n"] == len(ivs) * n_once > n_once
+    for g, f in zip(got, fresh):
+        for a, b in zip(g, f):
+            np.testing.assert_array_equal(a, b)
+    assert len(kept._padded) == n_once
+    for k, ks in frozen.items():  # the kept tensors were read, never written
+        assert all(torch.equal(a, b) for a, b in zip(ks, kept._padded[k][0]))
+    sizes = [sum(t.numel() * t.element_size() for t in v[0] + v[1]) for v in kept._padded.values()]
+    small = PrefixCache(model, keep_bytes=max(sizes) + 1)
+    score(small, None)
+    total = sum(sum(t.numel() * t.element_size() for t in v[0] + v[1]) for v in small._padded.values())
+    assert 1 <= len(small._padded) < n_once and total <= max(sizes) + 1

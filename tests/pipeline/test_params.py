@@ -42,6 +42,7 @@ def test_repo_params_load():
     (lambda r: r["transport"].__setitem__("sites", ["layer3"]), "bad site name"),
     (lambda r: r.__setitem__("alpha", -1), "alpha"),
     (lambda r: r["sae"].__setitem__("sources", ["base", "chat"]), "sae.sources"),
+    (lambda r: r["sae"].__setitem__("select_dtype", "float16"), "sae.select_dtype = 'float16'; choose one of float32, bfloat16"),
     (lambda r: r["behaviour"]["markers"].__setitem__("signature", "(unclosed"), "not a valid regex"),
     (lambda r: r["behaviour"].__setitem__("markers", {"signature": 3}), r"behaviour.markers.signature must be str"),
     (lambda r: r["steer"].__setitem__("marker", "style"), "steer.marker 'style' is not a key"),

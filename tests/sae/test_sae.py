@@ -47,13 +47,26 @@ def _max_cos(atoms: np.ndarray, W_dec: np.ndarray) -> np.ndarray:
     return (atoms @ Wn).max(1)
 
 
-def test_recovers_planted_dictionary():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recovers_planted_dictionary(bf16, monkeypatch):
+    """Also with the top-k selection in bf16 (`SAEConfig.bf16`, params sae.select_dtype): the selection matmul
+    runs in bf16 (spied), the planted atoms are recovered as well."""
     d, n_atoms, k = 32, 128, 5
     A = _dictionary(n_atoms, d, 0)
     rng = np.random.default_rng(1)
     X = _codes(30000, n_atoms, k, rng) @ A + 0.01 * rng.standard_normal((30000, d))
-    cfg = SAEConfig(d_in=d, width=256, k=k, batch_size=256, lr=3e-3, seed=0)
+    seen: set[torch.dtype] = set()
+    select = TopKSAE._select
+
+    def spy(self, src):
+        seen.add(src.dtype)
+        return select(self, src)
+
+    monkeypatch.setattr(TopKSAE, "_select", spy)
+    cfg = SAEConfig(d_in=d, width=256, k=k, batch_size=256, lr=3e-3, seed=0, bf16=bf16)
     sae = train_sae(_stream(X, 256, 0), cfg, None, total_tokens=1200 * 256, progress=False)
+    assert seen == {torch.bfloat16 if bf16 else torch.float32}
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
     mc = _max_cos(A, sae.W_dec.detach().numpy())
     assert (mc >= 0.9).mean() >= 0.9, np.sort(mc)[:10]
     Xt = _codes(2000, n_atoms, k, rng) @ A

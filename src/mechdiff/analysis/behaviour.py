@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -98,10 +99,14 @@ class PrefixCache:
     position ids counted from each row's first real token (equal to an unpadded forward within float rounding).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, keep_bytes: int = 1 << 30) -> None:
         self.model = model
         self._kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._lower: dict[tuple, Any] = {}
+        # what a sweep asks for again and again, kept up to `keep_bytes` each (least recently used dropped first):
+        # the left-padded key/value batches (`batch`) and the lower blocks' outputs (`lower_blocks`)
+        self.keep_bytes = int(keep_bytes)
+        self._padded: OrderedDict[tuple, tuple[list, list, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lower: OrderedDict[tuple, Any] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._kv)
@@ -143,17 +148,39 @@ class PrefixCache:
                                for k, v in kv]
 
     def batch(self, prefixes: Sequence[Sequence[int]]):
-        """(a DynamicCache of the left-padded prefixes or None when all are empty, prefix mask (B, P), lengths (B,))."""
+        """(a DynamicCache of the left-padded prefixes or None when all are empty, prefix mask (B, P), lengths (B,)).
+
+        The padded keys and values of a batch are assembled once and kept (within `keep_bytes`): every further
+        intervention on the same batch gets a new cache over the same tensors (a forward appends to a cache by
+        concatenation, so the kept tensors are never written)."""
+        key = tuple(tuple(int(t) for t in x) for x in prefixes)
+        hit = self._padded.get(key)
+        if hit is None:
+            hit = self._pad(prefixes)
+            _keep(self._padded, key, hit, _nbytes(hit[0]) + _nbytes(hit[1]), self.keep_bytes)
+        else:
+            self._padded.move_to_end(key)
+        Ks, Vs, mask, lens = hit
+        if not Ks:
+            return None, mask.clone(), lens.clone()
+        cache = empty_cache(self.model)
+        for li, (K, Vv) in enumerate(zip(Ks, Vs)):
+            cache.update(K, Vv, li)
+        return cache, mask.clone(), lens.clone()
+
+    def _pad(self, prefixes: Sequence[Sequence[int]]) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+        """(per layer padded keys, per layer padded values, prefix mask (B, P), lengths (B,)); no layers when every
+        prefix is empty."""
         self.fill(prefixes)
         dev = _device(self.model)
         lens = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
         P = int(lens.max()) if len(prefixes) else 0
         mask = torch.zeros((len(prefixes), P), dtype=torch.long, device=dev)
         if P == 0:
-            return None, mask, lens
+            return [], [], mask, lens
         kvs = [self.get(x) if len(x) else None for x in prefixes]
         ref = next(kv for kv in kvs if kv is not None)
-        cache = empty_cache(self.model)
+        Ks, Vs = [], []
         for li, (k0, v0) in enumerate(ref):
             K = k0.new_zeros((len(prefixes), k0.shape[1], P, k0.shape[3]))
             Vv = v0.new_zeros((len(prefixes), v0.shape[1], P, v0.shape[3]))
@@ -162,10 +189,11 @@ class PrefixCache:
                     n = int(lens[b])
                     K[b, :, P - n :] = kv[li][0][0]
                     Vv[b, :, P - n :] = kv[li][1][0]
-            cache.update(K, Vv, li)
+            Ks.append(K)
+            Vs.append(Vv)
         for b in range(len(prefixes)):
             mask[b, P - int(lens[b]) :] = 1
-        return cache, mask, lens
+        return Ks, Vs, mask, lens
 
 
     @contextlib.contextmanager
@@ -182,19 +210,40 @@ class PrefixCache:
                tuple(tuple(int(t) for t in x) for x in suffixes))
         kept = self._lower.get(key)
         if kept is not None:
+            self._lower.move_to_end(key)
             with reuse_blocks(self.model, [kept] * int(upto), int(upto)):
                 yield
             return
         store: list = []
-        blocks = find_blocks(self.model)
-        handle = blocks[min(int(upto), len(blocks)) - 1].register_forward_hook(
-            lambda _m, _a, out: store.append(out))
+        handle = find_blocks(self.model)[int(upto) - 1].register_forward_hook(lambda _m, _a, out: store.append(out))
         try:
             yield
         finally:
             handle.remove()
-        if store and int(upto) <= len(blocks):
-            self._lower[key] = store[-1]
+        if store:
+            _keep(self._lower, key, store[-1], _nbytes(store[-1]), self.keep_bytes)
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of the tensors in `x` (a tensor, or a tuple / list of them and other things)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+def _keep(memo: OrderedDict, key: tuple, value: Any, size: int, budget: int) -> None:
+    """Keep `value` under `key` in the least-recently-used `memo`, dropping the oldest entries beyond `budget`
+    bytes (an entry larger than the budget is not kept)."""
+    if size > budget:
+        return
+    memo[key] = value
+    memo.move_to_end(key)
+    total = sum(_nbytes(v) for v in memo.values())
+    while total > budget and len(memo) > 1:
+        _, old = memo.popitem(last=False)
+        total -= _nbytes(old)
 
 
 def first_block(intervene: Intervene | None) -> int:

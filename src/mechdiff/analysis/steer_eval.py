@@ -87,6 +87,7 @@ class Arm:
     prefix: PrefixCache | None = None  # unintervened prompt prefixes, shared by every intervention (decision on)
     own_logits: dict[str, np.ndarray] = field(default_factory=dict)
     own_hits: dict[str, np.ndarray] = field(default_factory=dict)
+    own_kl: dict[str, np.ndarray] = field(default_factory=dict)  # split -> KL(goal || unintervened) (kl_before)
 
     def prepare(self) -> Arm:
         """Score the unintervened model once (the reference of every effect and side effect)."""
@@ -121,6 +122,12 @@ class Arm:
     def kl_to_goal(self, split: str, logits: np.ndarray) -> np.ndarray:
         """Per-prompt KL(goal || logits) on the split's target rows (fairness-aligned ids when tokenizers differ)."""
         return next_token_kl(self.goal_logits[split], logits, self.allowed_goal, self.allowed_self)
+
+    def kl_before(self, split: str) -> np.ndarray:
+        """Per-prompt KL(goal || unintervened model) on the split's target rows, computed once per goal."""
+        if split not in self.own_kl:
+            self.own_kl[split] = self.kl_to_goal(split, self.own_logits[split])
+        return self.own_kl[split]
 
 
 def gap_share(own: np.ndarray, goal: np.ndarray, new: np.ndarray, idx: np.ndarray | None = None) -> float:
@@ -162,7 +169,7 @@ def evaluate(arm: Arm, intervene: Intervene, *, splits: Sequence[str] = ("dev", 
     for split in splits:
         rows = arm.rows[split]
         hits, logits = arm._hits(rows, intervene)
-        before, after = arm.kl_to_goal(split, arm.own_logits[split]), arm.kl_to_goal(split, logits)
+        before, after = arm.kl_before(split), arm.kl_to_goal(split, logits)
         own, goal = arm.own_hits[split], arm.goal_hits[split]
         out[f"rate_{split}"] = float(hits.mean())
         if n_boot and split == "test":
@@ -297,6 +304,7 @@ def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded]
         arms[which].goal_logits = own[goal]["logits"]
         arms[which].goal_hits = own[goal]["hits"]
         arms[which].allowed_goal = allowed[goal]
+        arms[which].own_kl = {}
     return {"steer": arms["base"], "ablate": arms["tuned"]}
 
 
