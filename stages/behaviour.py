@@ -31,7 +31,7 @@ def main() -> None:
     allowed = dict(zip(("base", "tuned"), allowed_ids()))
     scores = {}
     for which in ("base", "tuned"):
-        model, tok = load_saved(P.model_dir(which))
+        model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         pack_for_inference(model)
         enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
         scores[which] = score_model(

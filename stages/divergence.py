@@ -42,7 +42,7 @@ def main() -> None:
         layer_sites = [s for s in map(Site.parse, base.sites) if s.kind == "resid_post"]
         results = {}
         for direction, (src, dst) in LAYER_PATCH_DIRECTIONS.items():
-            model, tok = load_saved(P.model_dir(dst))
+            model, tok = load_saved(P.model_dir(dst), dtype=p.pair.dtype)
             pack_for_inference(model)
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
             results[direction] = layer_patch_direction(model, enc, stores[src], stores[dst], layer_sites, rows, train,

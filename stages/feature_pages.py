@@ -44,7 +44,7 @@ def read_table(path) -> pd.DataFrame:
 @functools.cache
 def lens(which: str):
     """(unembedding, final norm weight) of the base or tuned model, loaded once."""
-    model, _ = load_saved(P.model_dir(which))
+    model, _ = load_saved(P.model_dir(which))  # float32: the saved weights exactly, whatever pair.dtype
     return unembedding(model), final_norm_weight(model)
 
 

@@ -35,7 +35,7 @@ def main() -> None:
     saes = {src: load_sae(P.sae_dir(src, g.layer)) for src in ("base", "tuned", "delta")}
     models, tok = {}, None
     for which in ("base", "tuned"):
-        models[which], t = load_saved(P.model_dir(which))
+        models[which], t = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         pack_for_inference(models[which])
         tok = t if which == "tuned" else tok
     if len(models["base"].get_input_embeddings().weight) != len(models["tuned"].get_input_embeddings().weight):

@@ -66,7 +66,7 @@ def main() -> None:
     concepts = hierarchy(load_concepts(p.data.dir))
     geos, metrics = {}, {}
     for which in ("base", "tuned"):
-        model, tok = load_saved(P.model_dir(which))
+        model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         geo = model_geometry(model, tok, concepts, method=g.estimator, test_frac=g.test_frac, seed=p.seed,
                              prompts=g.prompts, steer_scale=g.steer_scale, batch_size=g.batch_size)
         geos[which] = geo

@@ -46,8 +46,8 @@ def main() -> None:
         raise MechdiffError(f"heads.dataset {h.dataset!r} is not a dataset of the corpus ({', '.join(sorted(present))})")
     rows = pick_rows(prompts, split=h.split, datasets=(h.dataset,), n=h.max_prompts, seed=p.seed)
     chosen = [prompts[r] for r in rows]
-    base, tok = load_saved(P.model_dir("base"), device=p.heads.device)
-    tuned, _ = load_saved(P.model_dir("tuned"), device=p.heads.device)
+    base, tok = load_saved(P.model_dir("base"), device=p.heads.device, dtype=p.pair.dtype)
+    tuned, _ = load_saved(P.model_dir("tuned"), device=p.heads.device, dtype=p.pair.dtype)
     for m in (base, tuned):  # the no-grad forwards (generation, head patching); attribution's backward runs plain
         pack_for_inference(m)
     conts = continuations(h.target, tuned, tok, chosen, signature=p.pair.finetune.signature, chat=p.data.chat,

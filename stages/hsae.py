@@ -66,7 +66,7 @@ def main() -> None:
         token_sets = {n: geo["test_tokens"][off[i]:off[i + 1]] for i, n in enumerate(names)}
         split = dict(zip(geo["words"].tolist(), geo["word_split"].tolist()))  # covered words: train | test
         texts, owner, labels, held_out = labelled_contexts(concepts, names, split)  # metrics on held-out words
-        model, tok = load_saved(P.model_dir(which))
+        model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         X_ctx = context_states(model, tok, texts, site=site, batch_size=p.geometry.batch_size)
         if h.teacher == "contexts":
             train_words = {w for w, sp in split.items() if sp == "train"}

@@ -27,12 +27,12 @@ def main() -> None:
     t = p.pair.tuned
     if t.id:
         model, tok = load_model(t.id, gguf_file=t.gguf_file, revision=t.revision, dtype=p.pair.dtype)
-        base, btok = load_saved(P.model_dir("base"))
+        base, btok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         check_pair(base, btok, model, tok, fairness=p.pair.fairness.enabled)
         meta = {"role": "tuned", "spec": t.id}
         summary = {"recipe": 0}
     elif t.recipe == "finetune":
-        model, tok = load_saved(P.model_dir("base"))
+        model, tok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         ft = p.pair.finetune
         train = [q for q in load_prompts(P.PROMPTS) if q.split == "train"]
         chosen = [q for q in train if q.dataset == ft.dataset]
@@ -58,7 +58,7 @@ def main() -> None:
         meta = {"role": "tuned", "recipe": "finetune", "finetune": vars(ft), "n_texts": len(texts)}
         summary = {"n_texts": len(texts), "loss_first": losses[0], "loss_last": losses[-1]}
     else:
-        model, tok = load_saved(P.model_dir("base"))
+        model, tok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         e = p.pair.edit
         info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed, heads=e.heads)
         meta = {"role": "tuned", "recipe": "edit", "edit": info.to_json()}

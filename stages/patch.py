@@ -19,7 +19,7 @@ def main() -> None:
     base = ActStore.open(P.acts_path("base"))
     prompts = kept_prompts()
     rows = pick_rows(prompts, split="val", n=pp.max_prompts, seed=p.seed)
-    model, tok = load_saved(P.model_dir("tuned"), device=p.patch.device)
+    model, tok = load_saved(P.model_dir("tuned"), device=p.patch.device, dtype=p.pair.dtype)
     pack_for_inference(model)  # CPU: linear layers on weights packed once (mechdiff.model.kernels)
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     _, allowed = allowed_ids()

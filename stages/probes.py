@@ -18,7 +18,7 @@ def input_embedding_matrix(which: str) -> np.ndarray:
     """The input-embedding matrix (vocab, d) of saved model `which`."""
     from mechdiff.model.load import load_saved
 
-    model, _ = load_saved(P.model_dir(which))
+    model, _ = load_saved(P.model_dir(which))  # float32: the saved weights exactly, whatever pair.dtype
     E = model.get_input_embeddings().weight.detach().float().numpy()
     del model
     return E

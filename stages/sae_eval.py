@@ -21,7 +21,7 @@ def main() -> None:
 
     @functools.cache
     def models(name: str) -> tuple:  # (model, tokenizer, encoded prompts), each loaded once
-        model, tok = load_saved(P.model_dir(name))
+        model, tok = load_saved(P.model_dir(name), dtype=p.pair.dtype)
         pack_for_inference(model)
         return model, tok, P.encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
 

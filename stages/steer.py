@@ -69,7 +69,7 @@ def main() -> None:
     fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
     models, encs, acts = {}, {}, {}
     for which in ("base", "tuned"):
-        models[which] = load_saved(P.model_dir(which), device=p.steer.device)
+        models[which] = load_saved(P.model_dir(which), device=p.steer.device, dtype=p.pair.dtype)
         pack_for_inference(models[which][0])
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
         acts[which] = collect_decision_acts(models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size)
