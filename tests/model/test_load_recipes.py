@@ -195,42 +195,25 @@ def test_finetune_deterministic(tok):
     assert la != lc
 
 
-def test_finetune_bf16_model_trains_mixed_precision_and_casts_back(tok):
-    """A bf16 model trains with fp32 weights and optimizer, its linear layers running in bf16 (autocast): the
-    first loss equals a bf16-autocast forward of the fp32-cast weights, not the plain fp32 one; the weights that
-    trained move, the others stay bit-equal, and everything is bf16 again afterwards."""
+def test_finetune_bf16_model_trains_in_fp32_and_casts_back(tok):
+    """A bf16 model (pair.dtype: bfloat16) trains in float32 (every linear layer runs in fp32 while training:
+    bf16 autocast measured slower on a 2-core AMX CPU, 194 s against 163 s for the default fine-tune) and is
+    bf16 again afterwards; only the chosen block changed."""
     m = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0).to(torch.bfloat16)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    seen: list[torch.dtype] = []
+    seen: set[torch.dtype] = set()
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, _a, out: seen.append(out.dtype) if isinstance(mod, torch.nn.Linear) and m.training else None)
+        lambda mod, _a, out: seen.add(out.dtype) if isinstance(mod, torch.nn.Linear) and m.training else None)
     try:
-        losses = finetune(m, tok, TEXTS[:2], layers=[1], steps=3, lr=1e-3, batch_size=2, max_len=10, seed=0,
+        losses = finetune(m, tok, TEXTS, layers=[1], steps=3, lr=1e-3, batch_size=2, max_len=10, seed=0,
                           progress=False)
     finally:
         hook.remove()
     assert len(losses) == 3 and all(np.isfinite(losses))
-    assert seen and set(seen) == {torch.bfloat16}  # every linear ran in bf16 while training
+    assert seen == {torch.float32}
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
-    # the first step's loss, recomputed: the same draw (2 texts, batch 2) through the fp32-cast start weights
-    ref = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=0).to(torch.bfloat16).float()
-    ids = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]][:10] for t in TEXTS[:2]]
-    T = max(map(len, ids))
-    x = torch.tensor([r + [0] * (T - len(r)) for r in ids])
-    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids])
-    tgt = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-
-    def first_loss(autocast: bool) -> float:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            lg = ref(input_ids=x, attention_mask=mask, use_cache=False).logits
-            return float(torch.nn.functional.cross_entropy(lg[:, :-1].float().reshape(-1, lg.shape[-1]),
-                                                           tgt.reshape(-1), ignore_index=-100))
-
-    mixed, full = first_loss(True), first_loss(False)
-    assert mixed != full
-    assert losses[0] == pytest.approx(mixed, rel=1e-6)
 
 
 def test_finetune_bad_inputs(model, tok):

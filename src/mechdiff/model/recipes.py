@@ -169,13 +169,9 @@ def _train_blocks(
     model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
     step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
 ) -> list[float]:
-    """The one fine-tune loop: train only the chosen decoder blocks (all if None) with float32 weights and AdamW
-    (weight decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
-    requires_grad flags and dtype afterwards. Returns the loss per step.
-
-    A float32 model trains in float32 throughout. A bfloat16 model (pair.dtype: bfloat16) trains mixed-precision:
-    float32 weights, optimizer and loss, with the forward and backward matmuls under bfloat16 autocast (the
-    dtype the model is saved and used in anyway; several times faster on CPUs with bf16 matrix units)."""
+    """The one fine-tune loop: train only the chosen decoder blocks (all if None) in float32 with AdamW (weight
+    decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
+    requires_grad flags and dtype afterwards. Returns the loss per step."""
     from tqdm.auto import tqdm
 
     blocks = find_blocks(model)
@@ -198,13 +194,10 @@ def _train_blocks(
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
     losses: list[float] = []
     model.train()
-    dev = next(model.parameters()).device
-    mixed = orig_dtype == torch.bfloat16 and dev.type in ("cpu", "cuda")
     try:
         bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
         for _ in bar:
-            with torch.autocast(dev.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext():
-                loss, shown = step_loss()
+            loss, shown = step_loss()
             if not torch.isfinite(loss):
                 raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
             opt.zero_grad(set_to_none=True)
