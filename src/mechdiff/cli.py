@@ -197,9 +197,10 @@ def dtype_tip(p) -> str | None:
     units = cpu_bf16_units()
     if not units or p.extract.dtype != "float32" or not str(p.extract.device).startswith("cpu"):
         return None
-    return (f"params: tip: this CPU has native bf16 matrix units ({units}): `dvc exp run -S pair.dtype=bfloat16 "
-            f"-S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16` runs the models' matmuls (and the SAEs' "
-            f"top-k selection) in bf16, several times faster per matmul; every statistic stays float32/float64. "
+    return (f"params: tip: this CPU has native bf16 matrix units ({units}): `dvc exp run -S extract.dtype=bfloat16 "
+            f"-S sae.select_dtype=bfloat16` runs the extraction forwards (and the SAEs' top-k selection) in bf16, "
+            f"several times faster per large matmul; every statistic stays float32/float64 (pair.dtype bfloat16 "
+            f"also runs the small-batch stages in bf16, which was slower on a small model: README 'Run time'). "
             f"The dtype is an explicit param, so runs on machines without them still reproduce float32 results.")
 
 

@@ -135,3 +135,18 @@ def test_read_add_and_edit_at(tiny_model, tiny_tok):
     with pytest.raises(MechdiffError, match="one position per"):
         with replace_at(tiny_model, site, torch.tensor([0, 1, 2]), vec[:2], rows=rows):
             capture(tiny_model, ids, mask, probe)
+
+
+def test_head_logits_of_a_bf16_model_take_float32_hidden_states(tiny_model):
+    """pair.dtype bfloat16: statistics hand the LM head float32 hidden states; the head runs in the model's dtype
+    and returns float32 logits equal to the bf16 head applied to the bf16-rounded states."""
+    import copy
+
+    from mechdiff.model.sites import head_logits
+
+    m = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    h = torch.randn(3, m.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    got = head_logits(m, h)
+    want = m.get_output_embeddings()(h.to(torch.bfloat16)).float()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(head_logits(tiny_model, h), tiny_model.get_output_embeddings()(h))  # fp32 unchanged

@@ -83,7 +83,7 @@ def test_bf16_tip_follows_the_detected_cpu(tmp_path, corpora, capsys, monkeypatc
     monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: "AMX")
     rc, _, out = _check(tmp_path, corpora, lambda raw: None, capsys)
     assert rc == 0 and "tip: this CPU has native bf16 matrix units (AMX)" in out
-    assert "-S pair.dtype=bfloat16 -S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16" in out
+    assert "dvc exp run -S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16" in out
     rc, _, out = _check(tmp_path, corpora, _set("extract.dtype", "bfloat16"), capsys)
     assert rc == 0 and "tip:" not in out
     monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: None)

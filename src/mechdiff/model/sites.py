@@ -316,7 +316,8 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     if head is None:
         raise MechdiffError(f"{type(model).__name__} has no output embedding (LM head)")
-    logits = head(hidden)
+    w = getattr(head, "weight", None)
+    logits = head(hidden.to(w.dtype) if isinstance(w, torch.Tensor) and w.dtype != hidden.dtype else hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
