@@ -200,7 +200,7 @@ def dtype_tip(p) -> str | None:
     return (f"params: tip: this CPU has native bf16 matrix units ({units}): `dvc exp run -S extract.dtype=bfloat16 "
             f"-S sae.select_dtype=bfloat16` runs the extraction forwards (and the SAEs' top-k selection) in bf16, "
             f"several times faster per large matmul; every statistic stays float32/float64 (pair.dtype bfloat16 "
-            f"also runs the small-batch stages in bf16, which was slower on a small model: README 'Run time'). "
+            f"also runs the small-batch stages in bf16, which sped up generation and scoring but slowed patching on a small model: README 'bf16 runs'). "
             f"The dtype is an explicit param, so runs on machines without them still reproduce float32 results.")
 
 
