@@ -157,7 +157,7 @@ class PrefixCache:
         hit = self._padded.get(key)
         if hit is None:
             hit = self._pad(prefixes)
-            _keep(self._padded, key, hit, _nbytes(hit[0]) + _nbytes(hit[1]), self.keep_bytes)
+            _keep(self._padded, key, hit, self.keep_bytes)
         else:
             self._padded.move_to_end(key)
         Ks, Vs, mask, lens = hit
@@ -221,7 +221,7 @@ class PrefixCache:
         finally:
             handle.remove()
         if store:
-            _keep(self._lower, key, store[-1], _nbytes(store[-1]), self.keep_bytes)
+            _keep(self._lower, key, store[-1], self.keep_bytes)
 
 
 def _nbytes(x: Any) -> int:
@@ -233,10 +233,10 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
-def _keep(memo: OrderedDict, key: tuple, value: Any, size: int, budget: int) -> None:
+def _keep(memo: OrderedDict, key: tuple, value: Any, budget: int) -> None:
     """Keep `value` under `key` in the least-recently-used `memo`, dropping the oldest entries beyond `budget`
     bytes (an entry larger than the budget is not kept)."""
-    if size > budget:
+    if _nbytes(value) > budget:
         return
     memo[key] = value
     memo.move_to_end(key)

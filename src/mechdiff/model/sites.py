@@ -316,8 +316,7 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     if head is None:
         raise MechdiffError(f"{type(model).__name__} has no output embedding (LM head)")
-    w = getattr(head, "weight", None)
-    logits = head(hidden.to(w.dtype) if isinstance(w, torch.Tensor) and w.dtype != hidden.dtype else hidden)
+    logits = head(hidden.to(head.weight.dtype))  # a no-op unless the model runs in another dtype (pair.dtype)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
