@@ -312,3 +312,37 @@ def test_rank_alpha_configs_are_the_map_at_each_rank_and_alpha():
     np.testing.assert_allclose(cfg["raw"], recolour(X[:5], m.stats))
     np.testing.assert_allclose(cfg["k=2|a=auto"], 1.7 * (X[:5] @ m.at_rank(2).W + m.at_rank(2).b / 1.0))
     np.testing.assert_allclose(cfg["k=full|a=0.5"], 0.5 * (X[:5] @ m.W + m.b))
+
+
+def test_prefix_cache_runs_in_bf16_and_its_self_check_catches_a_wrong_position(world, monkeypatch):
+    """A bf16 model keeps the prefix-cache path (its self-check allows bf16 rounding, 2 x eps relative, not a
+    fallback to full forwards) and agrees with bf16 full forwards; a decode one position off fails the check."""
+    import mechdiff.analysis.patching as PT
+
+    tok, model, enc = world
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    site, rows = Site(LAYER, "attn_out"), np.arange(10, 40)
+    vec = np.random.default_rng(2).normal(size=(len(rows), D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        fast = patched_logits(m16, enc, rows, site, vec, prefix_cache=True, batch_size=8)
+    full = patched_logits(m16, enc, rows, site, vec, prefix_cache=False, batch_size=8)
+    rel = np.linalg.norm(fast - full) / np.linalg.norm(full)
+    assert rel < 2 * torch.finfo(torch.bfloat16).eps
+    # the rule itself: float32 allows 1e-3 relative, bf16 2 x 2^-7; an error of 5 % fails both
+    want = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
+    noisy = want + 0.05 * want.norm() / want.numel() ** 0.5 * torch.randn(16, 50)
+    for dt, tol in ((torch.float32, 1e-3), (torch.bfloat16, 2 * 2.0**-7)):
+        err, t = PT._self_check(noisy, want, dt)
+        assert t == pytest.approx(tol) and err == pytest.approx(0.05, rel=0.1) and err > t
+        assert PT._self_check(want, want, dt)[0] == 0.0
+    orig = PT._decode
+
+    def off_by_one(model_, body, ctx, bsel, plan, upto=0, kept=None):
+        kv, t, p, P = ctx
+        return orig(model_, body, (kv, t, p + 1, P), bsel, plan, upto, kept)
+
+    monkeypatch.setattr(PT, "_decode", off_by_one)
+    with pytest.warns(RuntimeWarning, match="prefix-cache patching unavailable"):
+        again = patched_logits(m16, enc, rows, site, vec, prefix_cache=True, batch_size=8)
+    np.testing.assert_array_equal(again, full)  # the fallback is the full-forward path
