@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.cache import cache_kv, empty_cache
+from mechdiff.model.cache import cache_kv, empty_cache, prefilled_cache
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
@@ -163,10 +163,7 @@ class PrefixCache:
         Ks, Vs, mask, lens = hit
         if not Ks:
             return None, mask.clone(), lens.clone()
-        cache = empty_cache(self.model)
-        for li, (K, Vv) in enumerate(zip(Ks, Vs)):
-            cache.update(K, Vv, li)
-        return cache, mask.clone(), lens.clone()
+        return prefilled_cache(self.model, list(zip(Ks, Vs))), mask.clone(), lens.clone()
 
     def _pad(self, prefixes: Sequence[Sequence[int]]) -> tuple[list, list, torch.Tensor, torch.Tensor]:
         """(per layer padded keys, per layer padded values, prefix mask (B, P), lengths (B,)); no layers when every

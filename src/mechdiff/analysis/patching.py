@@ -30,7 +30,7 @@ from torch import nn
 
 from mechdiff.analysis.transport import TransportMap, rank_value, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
-from mechdiff.model.cache import UnknownCacheLayout, cache_kv, empty_cache
+from mechdiff.model.cache import UnknownCacheLayout, cache_kv, empty_cache, prefilled_cache
 from mechdiff.model.sites import (
     Site,
     find_blocks,
@@ -167,20 +167,23 @@ class _NoPrefixCache(Exception):
 
 def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], sel: torch.Tensor | None, P: int,
                upto: int = 0):
-    """A cache holding the first P slots of batch rows `sel` (None = all rows, as views: no copy) of `kv`.
-    Every layer is filled, also those whose blocks will be reused: the model sizes its attention masks from
-    the cache of its first full-attention (or sliding) layer, whichever that is. The layers below `upto` belong
-    to reused blocks, which never read their keys and values: they get a broadcast view of the right shape (no copy)."""
-    cache = empty_cache(model)
+    """A cache of the first P slots of batch rows `sel` (None = all rows) of `kv`, the prefix forward's keys and
+    values (P + 1 slots: slot P, the longest rows' decision token, is free and takes the decoded token in place).
+
+    Every layer is filled, also those whose blocks will be reused (the model sizes its attention masks from the
+    cache of its first full-attention or sliding layer, whichever that is); those below `upto` belong to reused
+    blocks, which never read them: they get a broadcast view of the right shape. With `sel` None nothing is
+    copied; else each running layer's rows are gathered once."""
+    n = len(sel) if sel is not None else kv[0][0].shape[0]
+    rows = []
     for li, (k, v) in enumerate(kv):
-        if sel is None:
-            cache.update(k[:, :, :P], v[:, :, :P], li)
-        elif li < upto:
-            n = len(sel)
-            cache.update(k[:1, :, :P].expand(n, -1, -1, -1), v[:1, :, :P].expand(n, -1, -1, -1), li)
+        if li < upto and sel is not None:
+            rows.append((k[:1, :, :P].expand(n, -1, -1, -1), v[:1, :, :P].expand(n, -1, -1, -1)))
+        elif sel is None:
+            rows.append((k, v))
         else:
-            cache.update(k[sel, :, :P], v[sel, :, :P], li)
-    return cache
+            rows.append((k.index_select(0, sel), v.index_select(0, sel)))
+    return prefilled_cache(model, rows, P)
 
 
 def _self_check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:

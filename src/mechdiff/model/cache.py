@@ -32,3 +32,46 @@ def empty_cache(model: nn.Module):
         return DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
+
+
+def prefilled_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int | None = None):
+    """A new DynamicCache whose layer i starts from `kv[i]`'s first `length` slots, without copying them.
+
+    Filling a cache through `update` copies every layer (a concatenation onto an empty tensor), and the next
+    forward copies it again to append. Here each plain `DynamicLayer` holds views of the given tensors, which are
+    never written: a forward appends by concatenation (a new tensor), except a one-token forward on a layer whose
+    tensors have a spare slot at index `length` (`kv[i]` longer than `length`): that token's keys and values are
+    written into the slot in place and the layer attends over the `length + 1` slots, with no copy at all (the
+    caller owns that slot and must not need what it held). Layers of other kinds, or a cache made without the
+    model's config, are filled through `update` as usual.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    cache = empty_cache(model)
+    layers = getattr(cache, "layers", None)
+    for li, (k, v) in enumerate(kv):
+        n = k.shape[-2] if length is None else int(length)
+        if layers is None or li >= len(layers) or type(layers[li]) is not DynamicLayer:
+            cache.update(k[:, :, :n], v[:, :, :n], li)
+            continue
+        ly = layers[li]
+        ly.lazy_initialization(k, v)
+        ly.keys, ly.values = k[:, :, :n], v[:, :, :n]
+        if k.shape[-2] > n and k.stride(0) != 0:
+            ly.update = _slot_update(ly, k, v, n)
+    return cache
+
+
+def _slot_update(layer: Any, k: torch.Tensor, v: torch.Tensor, n: int):
+    """`DynamicLayer.update` of `layer`, writing a first one-token update into slot `n` of k / v in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if key_states.shape[-2] != 1 or layer.keys.shape[-2] != n or key_states.shape[0] != k.shape[0]:
+            return DynamicLayer.update(layer, key_states, value_states, *args, **kwargs)
+        k[:, :, n : n + 1].copy_(key_states)
+        v[:, :, n : n + 1].copy_(value_states)
+        layer.keys, layer.values = k[:, :, : n + 1], v[:, :, : n + 1]
+        return layer.keys, layer.values
+
+    return update

@@ -51,21 +51,29 @@ def _rows_np(x: Any, what: str) -> np.ndarray:
 def _check(a: Any, what: str, isnan, isposinf) -> None:
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
         raise MechdiffError(f"{what} must be (rows, vocab) logits, got shape {tuple(a.shape)}")
-    if bool(isnan(a).any()) or bool(isposinf(a).any()):
+    top = a.max()  # one pass: a NaN anywhere makes the max NaN (numpy and torch both propagate it)
+    if bool(isnan(top)) or bool(isposinf(top)):
         raise MechdiffError(f"{what} contains NaN or +inf: the model output overflowed (try float32)")
 
 
 def log_softmax(logits: Any) -> Any:
     """Row-wise log-softmax in float64 (numpy in -> numpy out, torch in -> torch out); -inf logits stay -inf."""
+    return _log_softmax(logits, checked=False)
+
+
+def _log_softmax(logits: Any, *, checked: bool) -> Any:
+    """`log_softmax`; `checked`: the caller already rejected NaN / +inf (one pass over the logits, not two)."""
     if _is_torch(logits):
         t = logits.double()
         t = t[None, :] if t.dim() == 1 else t
-        _check(t, "logits", torch.isnan, torch.isposinf)
+        if not checked:
+            _check(t, "logits", torch.isnan, torch.isposinf)
         if not bool(torch.isfinite(t.max(dim=-1).values).all()):
             raise MechdiffError("a logits row is entirely -inf: at least one token must be allowed")
         return torch.log_softmax(t, dim=-1)
     a = _rows_np(logits, "logits")
-    _check(a, "logits", np.isnan, np.isposinf)
+    if not checked:
+        _check(a, "logits", np.isnan, np.isposinf)
     m = a.max(axis=1, keepdims=True)
     if not np.isfinite(m).all():
         raise MechdiffError("a logits row is entirely -inf: at least one token must be allowed")
@@ -98,7 +106,7 @@ def kl_divergence(p_logits: Any, q_logits: Any, allowed: Any = None) -> Any:
         p, q = p.index_select(1, sel), q.index_select(1, sel)
     elif ids is not None:
         p, q = p[:, ids], q[:, ids]
-    lp, lq = log_softmax(p), log_softmax(q)
+    lp, lq = _log_softmax(p, checked=True), _log_softmax(q, checked=True)
     if _is_torch(lp):
         pp = lp.exp()
         return torch.where(pp > 0, pp * (lp - lq), torch.zeros_like(pp)).sum(dim=-1)
