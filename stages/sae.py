@@ -82,6 +82,11 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
                     seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
                     patience=s.patience, bf16=s.select_dtype == "bfloat16",
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
+    try:  # before prepare_output: a bad config must not cost the SAE trained before
+        cfg.validate()
+    except MechdiffError as e:
+        raise MechdiffError(f"sae.{str(e).removeprefix('SAEConfig.')} (sae.expansion x the site width {d} = "
+                            f"{cfg.width} latents)") from e
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")
@@ -119,6 +124,9 @@ def main() -> None:
         return worker(p, argv)
     if len(argv) < 2 or argv[0] not in SOURCES:
         raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>")
+    if not argv[1].lstrip("-").isdigit():
+        raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>: the layer must be an "
+                            f"integer, got {argv[1]!r}")
     source, layer = argv[0], int(argv[1])
     base, tuned = P.open_stores()
     site, out, fp = job(p, base, tuned, source, layer)

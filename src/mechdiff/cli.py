@@ -10,6 +10,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mechdiff.errors import MechdiffError
@@ -44,6 +45,11 @@ def cmd_data(ns: argparse.Namespace) -> int:
         if st.returncode == 0 and "changed" not in st.stdout and "deleted" not in st.stdout:
             print("data/ is up to date")
             return 0
+    if dvcfile.exists() and data_dir.exists() and any(data_dir.iterdir()):  # edited or partial: keep it, never delete a user's edit
+        keep = root / f"data.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+        data_dir.rename(keep)
+        print(f"data/ differed from data.dvc: moved it to {keep.name}/ (to use an edited corpus instead, move it "
+              "back, `dvc add data` and commit data.dvc)")
     pulled = False
     if dvcfile.exists() and not ns.rebuild:
         remotes = _sh([_dvc(), "remote", "list"], root).stdout.strip()

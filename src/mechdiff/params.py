@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,7 +449,34 @@ _POSITIVE = {
     "steer.max_prompts", "steer.mc_questions", "steer.max_new_tokens", "steer.batch_size", "steer.n_boot",
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
     "hsae.eval_prompts", "heads.max_new_tokens", "heads.max_prompts", "heads.top_k", "heads.batch_size",
+    "sae.eval_prompts", "features.n_perm", "features.n_top_cultural", "features.top_examples",
+    "features.theme_points", "gates.max_features", "gates.max_prompts", "gates.neutral_prompts",
+    "gates.mc_questions", "gates.n_perm", "gates.min_regions", "feature_pages.n_top", "feature_pages.n_contexts",
+    "feature_pages.n_logit_tokens", "feature_pages.hist_bins", "feature_pages.plot_prompts",
 }
+_NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
+                 "feature_pages.max_gated"}
+_UNIT = {  # fractions: (key, lowest allowed, whether the lowest is allowed); all at most 1
+    "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
+    "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
+    "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
+}
+_NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings")
+
+
+def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float value in the params (dotted key, value), lists and mappings included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{prefix}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floats(v, f"{prefix}.{k}")
+    elif isinstance(obj, float):
+        yield prefix, obj
 
 
 def _type_name(tp: Any) -> str:
@@ -534,10 +563,36 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v not in choices:
             raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
+    for key, v in _floats(p):
+        if not math.isfinite(v):
+            raise MechdiffError(f"params.yaml: {key} must be a finite number, got {v}")
     for key in _POSITIVE:
         v = _get(p, key)
         if v < 1:
             raise MechdiffError(f"params.yaml: {key} must be >= 1, got {v!r}")
+    for key in _NON_NEGATIVE:
+        v = _get(p, key)
+        if v < 0:
+            raise MechdiffError(f"params.yaml: {key} must be >= 0, got {v!r}")
+    for key, (lo, closed) in _UNIT.items():
+        v = _get(p, key)
+        if not (v >= lo if closed else v > lo) or v > 1:
+            raise MechdiffError(f"params.yaml: {key} must lie in {'[' if closed else '('}{lo:g}, 1], got {v!r}")
+    for key in _NON_EMPTY:
+        if not _get(p, key):
+            raise MechdiffError(f"params.yaml: {key} is empty: list at least one entry")
+    if not 0 < p.patch.target_drop <= 100:
+        raise MechdiffError(f"params.yaml: patch.target_drop is a percent of the KL removed, in (0, 100], "
+                            f"got {p.patch.target_drop}")
+    for key in ("steer.target_effect", "geometry.steer_scale", "hsae.steer_scale", "steer.ppl_budget",
+                "steer.mc_budget"):
+        if not _get(p, key) > 0:
+            raise MechdiffError(f"params.yaml: {key} must be > 0, got {_get(p, key)}")
+    if p.features.max_themes < 2:
+        raise MechdiffError(f"params.yaml: features.max_themes must be >= 2 (k-means tries k = 2..max_themes), "
+                            f"got {p.features.max_themes}")
+    if p.sae.k_aux is not None and p.sae.k_aux < 1:
+        raise MechdiffError(f"params.yaml: sae.k_aux must be >= 1 or null, got {p.sae.k_aux}")
     if not p.pair.base.id:
         raise MechdiffError("params.yaml: pair.base.id is empty: give a hub id, local directory, .gguf file or package:<name>")
     if not _rank_ok(p.rank):

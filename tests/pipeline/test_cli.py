@@ -169,3 +169,22 @@ def test_geometry_and_hsae_inputs(tmp_path, corpora, capsys):
     _fails(_check(tmp_path, corpora, _set("hsae.layer", 29), capsys),
            "hsae.layer:", "L29", "sae.layers")
     assert _check(tmp_path, corpora, _set("hsae.view", "last"), capsys)[0] == 0
+
+
+def test_data_keeps_an_edited_corpus(tmp_path, capsys):
+    """`mechdiff data` restores the tracked corpora but moves an edited data/ aside instead of deleting it."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    assert main(["--root", str(tmp_path), "data"]) == 0  # no data.dvc yet: writes the corpora and adds them
+    files = sorted(p.relative_to(tmp_path / "data") for p in (tmp_path / "data").rglob("*.jsonl"))
+    assert files and (tmp_path / "data.dvc").is_file()
+    victim = tmp_path / "data" / files[0]
+    tracked = victim.read_text()
+    victim.write_text(tracked + '{"text": "my own prompt"}\n')
+    assert main(["--root", str(tmp_path), "data"]) == 0
+    (bak,) = tmp_path.glob("data.bak-*")
+    assert "my own prompt" in (bak / files[0]).read_text()  # the edit survives, moved aside
+    assert victim.read_text() == tracked  # data/ is the tracked corpus again
+    assert "moved it to data.bak-" in capsys.readouterr().out
+    assert main(["--root", str(tmp_path), "data"]) == 0 and len(list(tmp_path.glob("data.bak-*"))) == 1

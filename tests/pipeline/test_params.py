@@ -51,6 +51,21 @@ def test_repo_params_load():
     (lambda r: r["steer"].__setitem__("source", "pca"), "choose one of"),
     (lambda r: r["steer"].__setitem__("sites", ["L3x"]), "bad site name"),
     (lambda r: r["pair"]["finetune"].__setitem__("objective", "dpo"), "choose one of"),
+    (lambda r: r.__setitem__("seed", -1), "seed must be >= 0"),
+    (lambda r: r["patch"].__setitem__("ranks", []), "patch.ranks is empty"),
+    (lambda r: r["transport"].__setitem__("sites", []), "transport.sites is empty"),
+    (lambda r: r["features"].__setitem__("fdr", 2), r"features.fdr must lie in \(0, 1\]"),
+    (lambda r: r["features"].__setitem__("n_perm", 0), "features.n_perm must be >= 1"),
+    (lambda r: r["features"].__setitem__("max_themes", 1), "features.max_themes must be >= 2"),
+    (lambda r: r["sae"].__setitem__("eval_prompts", 0), "sae.eval_prompts must be >= 1"),
+    (lambda r: r["sae"].__setitem__("k_aux", 0), "sae.k_aux must be >= 1"),
+    (lambda r: r["divergence"].__setitem__("layer_patch_prompts", -1), "divergence.layer_patch_prompts must be >= 0"),
+    (lambda r: r["pair"]["finetune"].__setitem__("lr", float("nan")), "pair.finetune.lr must be a finite number"),
+    (lambda r: r["steer"].__setitem__("target_effect", float("nan")), "steer.target_effect must be a finite"),
+    (lambda r: r["patch"].__setitem__("target_drop", -5), "patch.target_drop"),
+    (lambda r: r["geometry"].__setitem__("steer_scale", -1), "geometry.steer_scale must be > 0"),
+    (lambda r: r["gates"].__setitem__("max_freq", -1), r"gates.max_freq must lie in \(0, 1\]"),
+    (lambda r: r["gates"].__setitem__("max_prompts", 0), "gates.max_prompts must be >= 1"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:

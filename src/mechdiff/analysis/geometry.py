@@ -161,7 +161,7 @@ def concept_vector(G: np.ndarray, method: str = "lda") -> np.ndarray:
         return mu
     from sklearn.covariance import LedoitWolf
 
-    sigma = LedoitWolf(assume_centered=False).fit(G).covariance_
+    sigma = LedoitWolf(store_precision=False, assume_centered=False).fit(G).covariance_  # the precision is not used
     try:  # Ledoit-Wolf shrinks toward a scaled identity, so Sigma is positive definite unless mu is degenerate
         gh = np.linalg.solve(sigma, mu)
     except np.linalg.LinAlgError:

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, capture, model_width, read_at, replace_at
+from mechdiff.model.sites import (
+    Site,
+    capture,
+    keep_block_outputs,
+    model_width,
+    read_at,
+    replace_at,
+    reuse_blocks,
+)
 from mechdiff.model.tokens import Encoded, batches
 from mechdiff.sae.model import TopKSAE
 from mechdiff.sae.sources import read_source, rows_of, tokens_paired
@@ -232,10 +240,13 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
     for brows, ids, mask, pos in batches(enc, rows, batch_size, enc.pad, device=_device(models[targets[0]])):
         acts: dict[str, torch.Tensor] = {}
         clean: dict[str, torch.Tensor] = {}
+        kept: dict[str, list] = {}
         for name in dict.fromkeys((*targets, *reads)):
             model = models[name]
             if name in targets:  # its clean forward gives the logits and, read on the way, the site activation
-                with read_at(model, site, functools.partial(acts.__setitem__, name)):
+                kept[name] = []  # and the outputs of the blocks before the site, which the splices leave alone
+                with read_at(model, site, functools.partial(acts.__setitem__, name)), \
+                        keep_block_outputs(model, kept[name]):
                     clean[name] = _logits(model, ids, mask)
             else:
                 dev = _device(model)
@@ -251,9 +262,11 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
             else:
                 ref_b = lg[torch.arange(lg.shape[0], device=lg.device), pos.to(lg.device)]
             _add_losses(tot[name], "clean", lg, ids, mask, pos, ref_b)
-            for kind in ("sae", "zero"):
-                with _spliced(models[name], site, acts[name], new[kind][name], positions, pos):
+            for kind in ("sae", "zero"):  # blocks 0..layer-1 return their clean outputs instead of running
+                with reuse_blocks(models[name], kept[name][: site.layer], site.layer), \
+                        _spliced(models[name], site, acts[name], new[kind][name], positions, pos):
                     _add_losses(tot[name], kind, _logits(models[name], ids, mask), ids, mask, pos, ref_b)
+            kept.pop(name)
         n_tok += int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
         n_rows += ids.shape[0]
     return tot, n_rows, n_tok

@@ -78,6 +78,9 @@ class SAEConfig:
                 raise MechdiffError(f"SAEConfig.{name} must be a positive int, got {v!r}")
         if self.k > self.width:
             raise MechdiffError(f"SAEConfig.k={self.k} exceeds width={self.width}")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or isinstance(self.k_aux, bool)
+                                       or self.k_aux < 1):
+            raise MechdiffError(f"SAEConfig.k_aux must be a positive int or None, got {self.k_aux!r}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise MechdiffError(f"SAEConfig.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:
