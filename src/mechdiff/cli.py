@@ -85,9 +85,34 @@ def cmd_data(ns: argparse.Namespace) -> int:
 STAGE_DATASETS = {"features": ("cultural", "control")}
 
 
+def layer_params(p) -> list[tuple[str, int]]:
+    """(params key, layer) of every layer the params name (sites, layer lists, single layers)."""
+    from mechdiff.model.sites import Site
+
+    out = [(f"transport.sites ({s})", Site.parse(s).layer) for s in p.transport.sites]
+    out += [(f"steer.sites ({s})", Site.parse(s).layer) for s in p.steer.sites if s != "layers"]
+    for key, layers in {"steer.layers": p.steer.layers, "extract.detail_layers": p.extract.detail_layers,
+                        "sae.layers": p.sae.layers, "pair.finetune.layers": p.pair.finetune.layers or []}.items():
+        out += [(key, int(x)) for x in layers]
+    out += [("hsae.layer", p.hsae.layer), ("gates.layer", p.gates.layer)]
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
+        out.append(("pair.edit.layer", p.pair.edit.layer))
+    return out
+
+
+def _check_layers(p, n_layers: int) -> list[str]:
+    """Every layer the params name exists in a model of n_layers blocks."""
+    bad = [f"{k}: layer {x}" for k, x in layer_params(p) if not 0 <= x < n_layers]
+    if not bad:
+        return []
+    return [f"{'; '.join(bad[:4])}{f' (and {len(bad) - 4} more)' if len(bad) > 4 else ''}: out of range, the base "
+            f"model has {n_layers} blocks (0..{n_layers - 1})"]
+
+
 def _check_models(p) -> list[str]:
-    """Model specs resolve (no download); with two given models, their tokenizers vs pair.fairness.enabled."""
-    from mechdiff.model.load import check_spec, check_vocab, spec_tokenizer
+    """Model specs resolve (no download); layers the params name are in range; with two given models, their
+    tokenizers vs pair.fairness.enabled."""
+    from mechdiff.model.load import check_spec, check_vocab, spec_n_layers, spec_tokenizer
 
     problems, infos = [], {}
     specs = {"base": p.pair.base, "tuned": p.pair.tuned} if p.pair.tuned.id else {"base": p.pair.base}
@@ -97,6 +122,13 @@ def _check_models(p) -> list[str]:
                                       key=f"pair.{which}.id")
         except MechdiffError as e:
             problems.append(str(e))
+    if "base" in infos:
+        try:
+            n = spec_n_layers(infos["base"], revision=p.pair.base.revision)
+        except (OSError, ValueError):  # a hub model not cached yet: the stages check their layers after download
+            n = None
+        if n:
+            problems += _check_layers(p, n)
     if len(infos) == 2:
         try:
             toks = [spec_tokenizer(infos[w], revision=specs[w].revision) for w in ("base", "tuned")]

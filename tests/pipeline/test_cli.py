@@ -65,6 +65,13 @@ def _both(base, tuned, fairness: bool):
         raw["pair"]["base"]["id"] = str(base)
         raw["pair"]["tuned"]["id"] = str(tuned)
         raw["pair"]["fairness"]["enabled"] = fairness
+        # the tiny models have 2 blocks: every layer the params name must exist
+        raw["transport"]["sites"] = ["L1.attn_out"]
+        raw["steer"].update({"sites": ["L1.attn_out", "layers"], "layers": [0, 1]})
+        raw["pair"]["finetune"]["layers"] = [1]
+        raw["extract"]["detail_layers"] = [1]
+        raw["sae"]["layers"] = [1]
+        raw["hsae"]["layer"] = raw["gates"]["layer"] = 1
     return mutate
 
 
@@ -188,3 +195,13 @@ def test_data_keeps_an_edited_corpus(tmp_path, capsys):
     assert victim.read_text() == tracked  # data/ is the tracked corpus again
     assert "moved it to data.bak-" in capsys.readouterr().out
     assert main(["--root", str(tmp_path), "data"]) == 0 and len(list(tmp_path.glob("data.bak-*"))) == 1
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("transport.sites", ["L20.attn_out", "L99.resid_post"], "transport.sites (L99.resid_post): layer 99"),
+    ("sae.layers", [20, 30], "sae.layers: layer 30: out of range, the base model has 30 blocks (0..29)"),
+    ("gates.layer", 45, "gates.layer: layer 45"),
+])
+def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
+    """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""
+    _fails(_check(tmp_path, corpora, _set(key, value), capsys), needle)

@@ -195,6 +195,28 @@ def _finish(model: nn.Module, device: str) -> nn.Module:
     return model.eval()
 
 
+def spec_n_layers(info: dict[str, Any], *, revision: str | None = None) -> int | None:
+    """The number of decoder blocks of a resolved spec, from its config alone (no weights; a hub id only from the
+    local cache); None when the config names none."""
+    from transformers import AutoConfig
+
+    if info["kind"] == "dir":
+        cfg = AutoConfig.from_pretrained(info["path"])
+    elif info["kind"] in ("gguf", "package"):
+        cfg = AutoConfig.from_pretrained(info["path"], gguf_file=info["gguf_file"])
+    else:
+        kw: dict[str, Any] = {"revision": revision} if revision else {}
+        if info.get("gguf_file"):
+            kw["gguf_file"] = info["gguf_file"]
+        cfg = AutoConfig.from_pretrained(info["id"], local_files_only=True, **kw)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(text, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
     """The tokenizer of a resolved spec (`resolve_spec`) without its model; a hub id only from the local cache
     unless `local_only` is False."""
