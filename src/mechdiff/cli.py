@@ -130,10 +130,17 @@ def _check_models(p) -> list[str]:
         if n:
             problems += _check_layers(p, n)
     if len(infos) == 2:
-        try:
-            toks = [spec_tokenizer(infos[w], revision=specs[w].revision) for w in ("base", "tuned")]
-        except (OSError, ValueError):  # a hub model not cached yet: the model stage checks it after download
-            return problems
+        toks = []
+        for w in ("base", "tuned"):
+            try:
+                toks.append(spec_tokenizer(infos[w], revision=specs[w].revision))
+            except (OSError, ValueError) as e:
+                if infos[w]["kind"] == "hub":  # not cached yet: the model stage checks it after download
+                    return problems
+                where = infos[w].get("path", specs[w].id)
+                problems.append(f"pair.{w}.id: no usable tokenizer in {where} (tokenizer.json or tokenizer_config.json "
+                                f"missing or unreadable: {str(e).splitlines()[0][:120]})")
+                return problems
         try:
             check_vocab(*toks, fairness=p.pair.fairness.enabled)
         except MechdiffError as e:

@@ -205,3 +205,14 @@ def test_data_keeps_an_edited_corpus(tmp_path, capsys):
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
     """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""
     _fails(_check(tmp_path, corpora, _set(key, value), capsys), needle)
+
+
+def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):
+    """A local model folder that lost its tokenizer files is a problem of the check, not a silent pass."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["a2"], broken)
+    for f in broken.glob("tokenizer*"):
+        f.unlink()
+    _fails(_check(tmp_path, corpora, _both(models["a"], broken, False), capsys), "pair.tuned.id: no usable tokenizer")
