@@ -210,3 +210,19 @@ def test_context_teacher_is_class_means_and_deltas(tree):
         context_teacher(X[one], owner, ["p0", "x"], [kids[0], []], [words[0], ["nope"]])
     with pytest.raises(MechdiffError, match="at least two concept parents"):
         context_teacher(X[one], owner, ["p0"], [kids[0]], [words[0]])
+
+
+def test_hsae_gradients_are_reproducible():
+    """The decoder gradients (index_select / index_add) are the same bit for bit on every backward: an
+    advanced-index gather's accumulate made them, and the H-SAE stage's metrics, vary run to run."""
+    from mechdiff.sae.hsae import HierarchicalSAE
+
+    x = torch.randn(512, 48, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(3):
+        m = HierarchicalSAE(48, 64, 4, 8, seed=3, ortho_coef=1.0, metric=torch.eye(48))
+        loss, _ = m.training_loss(x)
+        loss.backward()
+        grads.append([p.grad.clone() for p in (m.dec_p, m.dec_c)])
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], g))

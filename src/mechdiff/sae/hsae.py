@@ -135,8 +135,11 @@ class HierarchicalSAE(nn.Module):
         return idx, a, cj, b
 
     def _decode_codes(self, idx, a, cj, b) -> torch.Tensor:
-        dp = self.dec_p[idx]  # (B, k, d)
-        dc = self.dec_c[idx, cj]  # (B, k, d)
+        # index_select, not advanced indexing: its backward (index_add) is deterministic on CPU, while the
+        # accumulate of `dec_p[idx]`'s backward made the decoder gradients, and so training, vary run to run
+        B, k = idx.shape
+        dp = self.dec_p.index_select(0, idx.reshape(-1)).view(B, k, self.d_in)  # (B, k, d)
+        dc = self.dec_c.view(-1, self.d_in).index_select(0, (idx * self.C + cj).reshape(-1)).view(B, k, self.d_in)
         return torch.einsum("bk,bkd->bd", a, dp) + torch.einsum("bk,bkd->bd", b, dc) + self.b_pre
 
     def encode(self, x) -> torch.Tensor:
