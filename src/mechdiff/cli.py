@@ -242,11 +242,11 @@ def dtype_tip(p) -> str | None:
     units = cpu_bf16_units()
     if not units or p.extract.dtype != "float32" or not str(p.extract.device).startswith("cpu"):
         return None
-    return (f"params: tip: this CPU has native bf16 matrix units ({units}): `dvc exp run -S extract.dtype=bfloat16 "
-            f"-S sae.select_dtype=bfloat16` runs the extraction forwards (and the SAEs' top-k selection) in bf16, "
-            f"several times faster per large matmul; every statistic stays float32/float64 (pair.dtype bfloat16 "
-            f"also runs the small-batch stages in bf16, which sped up generation and scoring but slowed patching on a small model: README 'bf16 runs'). "
-            f"The dtype is an explicit param, so runs on machines without them still reproduce float32 results.")
+    return (f"params: tip: this CPU has native bf16 matrix units ({units}): `dvc exp run -S pair.dtype=bfloat16 "
+            f"-S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16` runs every model forward (and the SAEs' top-k "
+            f"selection) in bf16: 19.6 against 23.9 minutes for the default run on 2 AMX cores, every statistic still "
+            f"float32/float64, but near-zero quantities move (README 'bf16 runs'). The dtype is an explicit param, so "
+            f"float32 runs reproduce on machines without bf16 units.")
 
 
 def cmd_sites(ns: argparse.Namespace) -> int:
@@ -256,6 +256,8 @@ def cmd_sites(ns: argparse.Namespace) -> int:
 
     p = load_params(Path(ns.root) / "params.yaml")
     n = ns.n_layers
+    if n is not None and n < 1:
+        raise MechdiffError(f"--n-layers must be >= 1 (the model's number of blocks), got {n}")
     if n is None:
         from mechdiff.pipeline import model_dir
 

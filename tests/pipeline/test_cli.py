@@ -90,7 +90,7 @@ def test_bf16_tip_follows_the_detected_cpu(tmp_path, corpora, capsys, monkeypatc
     monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: "AMX")
     rc, _, out = _check(tmp_path, corpora, lambda raw: None, capsys)
     assert rc == 0 and "tip: this CPU has native bf16 matrix units (AMX)" in out
-    assert "dvc exp run -S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16" in out
+    assert "dvc exp run -S pair.dtype=bfloat16 -S extract.dtype=bfloat16 -S sae.select_dtype=bfloat16" in out
     rc, _, out = _check(tmp_path, corpora, _set("extract.dtype", "bfloat16"), capsys)
     assert rc == 0 and "tip:" not in out
     monkeypatch.setattr(kernels, "cpu_bf16_units", lambda: None)
@@ -216,3 +216,12 @@ def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):
     for f in broken.glob("tokenizer*"):
         f.unlink()
     _fails(_check(tmp_path, corpora, _both(models["a"], broken, False), capsys), "pair.tuned.id: no usable tokenizer")
+
+
+def test_sites_needs_a_positive_depth(tmp_path, corpora, capsys):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--root", str(tmp_path), "sites", "--n-layers", "0"]) == 2
+    assert "--n-layers must be >= 1" in capsys.readouterr().err
+    assert main(["--root", str(tmp_path), "sites", "--n-layers", "30"]) == 0
+    assert "L20.resid_post" in capsys.readouterr().out
