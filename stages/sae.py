@@ -68,6 +68,24 @@ def checked_rows(p, base, tuned, source: str, site: str):
     return rows, val_rows
 
 
+def sae_config(p, base, source: str, layer: int) -> SAEConfig:
+    """The validated training config of one SAE: a bad config fails before anything trained before is touched."""
+    s = p.sae
+    site = f"L{layer}.resid_post"
+    d = base.width(site)
+    cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
+                    batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
+                    seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
+                    patience=s.patience, bf16=s.select_dtype == "bfloat16",
+                    meta={"site": site, "source": source, "view": s.view, "layer": layer})
+    try:
+        cfg.validate()
+    except MechdiffError as e:
+        raise MechdiffError(f"sae.{str(e).removeprefix('SAEConfig.')} (sae.expansion x the site width {d} = "
+                            f"{cfg.width} latents)") from e
+    return cfg
+
+
 def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True,
               rows=None) -> None:
     """Train (or resume) one SAE into its out dir and mark it complete (rank 0 only writes under ddp)."""
@@ -76,17 +94,7 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
     if rows is None:
         rows = checked_rows(p, base, tuned, source, site)
     rows, val_rows = rows
-    d = base.width(site)
-    cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
-                    batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
-                    seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
-                    patience=s.patience, bf16=s.select_dtype == "bfloat16",
-                    meta={"site": site, "source": source, "view": s.view, "layer": layer})
-    try:  # before prepare_output: a bad config must not cost the SAE trained before
-        cfg.validate()
-    except MechdiffError as e:
-        raise MechdiffError(f"sae.{str(e).removeprefix('SAEConfig.')} (sae.expansion x the site width {d} = "
-                            f"{cfg.width} latents)") from e
+    cfg = sae_config(p, base, source, layer)
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")
@@ -131,6 +139,7 @@ def main() -> None:
     base, tuned = P.open_stores()
     site, out, fp = job(p, base, tuned, source, layer)
     rows = checked_rows(p, base, tuned, source, site)  # inputs first, whatever was trained before
+    sae_config(p, base, source, layer)  # and the config, before a ddp launch prepares the output
     if s.nproc == 1:
         train_one(p, base, tuned, source, layer, rows=rows)  # a finished SAE is replaced, as every stage does
     else:

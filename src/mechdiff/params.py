@@ -456,7 +456,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
                  "feature_pages.max_gated"}
-_UNIT = {  # fractions: (key, lowest allowed, whether the lowest is allowed); all at most 1
+_UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself is allowed)
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
     "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
     "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
@@ -603,8 +603,9 @@ def validate(p: Params) -> Params:
     for a in [p.alpha, *p.patch.alphas]:
         if a != "auto" and (isinstance(a, str) or a <= 0):
             raise MechdiffError(f"params.yaml: alpha values must be 'auto' or a positive number, got {a!r}")
-    if len(p.data.splits) != 3 or any(f < 0 for f in p.data.splits) or abs(sum(p.data.splits) - 1) > 1e-6:
-        raise MechdiffError(f"params.yaml: data.splits must be three non-negative fractions summing to 1, got {p.data.splits}")
+    if len(p.data.splits) != 3 or any(not f > 0 for f in p.data.splits) or abs(sum(p.data.splits) - 1) > 1e-6:
+        raise MechdiffError(f"params.yaml: data.splits must be three positive fractions (train, val, test) summing to 1, "
+                            f"got {p.data.splits}: every stage needs all three (fit on train, choose on val, report on test)")
     if not 0 <= p.transport.shrink < 1:
         raise MechdiffError(f"params.yaml: transport.shrink must be in [0, 1), got {p.transport.shrink}")
     if p.sae.parallel not in ("many", "ddp"):

@@ -81,6 +81,19 @@ def test_cka_by_site_matches_linear_cka_per_site_and_view():
             assert r[f"cka_{v}_lo"] <= r[f"cka_{v}"] + 0.05 and r[f"cka_{v}_hi"] >= r[f"cka_{v}"] - 0.05
 
 
+def test_cka_by_site_names_the_site_and_stores_of_nan_activations():
+    from mechdiff.analysis.similarity import cka_by_site
+
+    rng = np.random.default_rng(7)
+    base = {"L0.resid_post": {v: rng.normal(size=(10, 3)) for v in ("last", "mean")}}
+    tuned = {"L0.resid_post": {v: a.copy() for v, a in base["L0.resid_post"].items()}}
+    tuned["L0.resid_post"]["mean"][4, 1] = np.nan
+    b, t = _Stores(base), _Stores(tuned)
+    b.path, t.path = "acts/base.zarr", "acts/tuned.zarr"
+    with pytest.raises(MechdiffError, match=r"L0.resid_post/mean \(acts/base.zarr / acts/tuned.zarr\).*NaN"):
+        cka_by_site(b, t, n_boot=5, seed=0)
+
+
 def test_next_token_kl_and_kl_by_dataset():
     from mechdiff.analysis.similarity import kl_by_dataset, next_token_kl
 

@@ -227,3 +227,7 @@ def test_fit_site_is_fit_on_train_alpha_and_scores_on_val():
     np.testing.assert_allclose(m.stats["mu_b"], X[tr].mean(0))  # recolour stats from train rows only
     with pytest.raises(MechdiffError, match="val"):
         fit_site(X, Y, tr, va[:1])
+    Yn = Y.copy()
+    Yn[3, 2] = np.inf
+    with pytest.raises(MechdiffError, match="site L1.attn_out tuned activations contains NaN or inf"):
+        fit_site(X, Yn, tr, va, site="L1.attn_out")

@@ -129,7 +129,11 @@ def cka_by_site(base: Any, tuned: Any, *, views: Sequence[str] = ("last", "mean"
         site = Site.parse(name)
         rec: dict[str, Any] = {"layer": site.layer, "site": name}
         for view in views:
-            c, lo, hi = cka_bootstrap(base.read(name, view), tuned.read(name, view), n_boot=n_boot, seed=seed)
+            try:
+                c, lo, hi = cka_bootstrap(base.read(name, view), tuned.read(name, view), n_boot=n_boot, seed=seed)
+            except MechdiffError as e:  # say which site and stores: the message alone names only X / Y
+                where = " / ".join(str(getattr(st, "path", "")) for st in (base, tuned) if getattr(st, "path", ""))
+                raise MechdiffError(f"CKA at {name}/{view}{f' ({where})' if where else ''}: {e}") from e
             rec.update({f"cka_{view}": c, f"cka_{view}_lo": lo, f"cka_{view}_hi": hi})
         out.append(rec)
     return out

@@ -472,7 +472,7 @@ def fit_site(X: Any, Y: Any, train_rows: Any, val_rows: Any, *, solver: str = "p
     X, Y are all prompts' base / tuned decision vectors; returns (map with alpha auto, {'alpha_auto', ...
     `diagnostics`}). Validation rows choose the ridge lambda and alpha, and score the map.
     """
-    x, y = _pair(X, Y, "site")
+    x, y = _pair(X, Y, f"site {site}" if site else "site")
     tr, va = np.asarray(train_rows, dtype=np.int64), np.asarray(val_rows, dtype=np.int64)
     if tr.size < 2 or va.size < 2:
         raise MechdiffError(f"site {site}: need >= 2 train and >= 2 val prompts, got {tr.size} and {va.size}: "

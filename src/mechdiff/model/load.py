@@ -195,20 +195,25 @@ def _finish(model: nn.Module, device: str) -> nn.Module:
     return model.eval()
 
 
+def _from_spec(loader: Any, info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
+    """`loader.from_pretrained` (AutoConfig, AutoTokenizer) on a resolved spec (`resolve_spec`) without its weights: a
+    directory, a GGUF file (or a package's), or a hub id (only from the local cache unless `local_only` is False)."""
+    if info["kind"] == "dir":
+        return loader.from_pretrained(info["path"])
+    if info["kind"] in ("gguf", "package"):
+        return loader.from_pretrained(info["path"], gguf_file=info["gguf_file"])
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    if info.get("gguf_file"):
+        kw["gguf_file"] = info["gguf_file"]
+    return loader.from_pretrained(info["id"], local_files_only=local_only, **kw)
+
+
 def spec_n_layers(info: dict[str, Any], *, revision: str | None = None) -> int | None:
     """The number of decoder blocks of a resolved spec, from its config alone (no weights; a hub id only from the
     local cache); None when the config names none."""
     from transformers import AutoConfig
 
-    if info["kind"] == "dir":
-        cfg = AutoConfig.from_pretrained(info["path"])
-    elif info["kind"] in ("gguf", "package"):
-        cfg = AutoConfig.from_pretrained(info["path"], gguf_file=info["gguf_file"])
-    else:
-        kw: dict[str, Any] = {"revision": revision} if revision else {}
-        if info.get("gguf_file"):
-            kw["gguf_file"] = info["gguf_file"]
-        cfg = AutoConfig.from_pretrained(info["id"], local_files_only=True, **kw)
+    cfg = _from_spec(AutoConfig, info, revision=revision)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         v = getattr(text, name, None)
@@ -222,14 +227,7 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
     unless `local_only` is False."""
     from transformers import AutoTokenizer
 
-    if info["kind"] == "dir":
-        return AutoTokenizer.from_pretrained(info["path"])
-    if info["kind"] in ("gguf", "package"):
-        return AutoTokenizer.from_pretrained(info["path"], gguf_file=info["gguf_file"])
-    kw: dict[str, Any] = {"revision": revision} if revision else {}
-    if info.get("gguf_file"):
-        kw["gguf_file"] = info["gguf_file"]
-    return AutoTokenizer.from_pretrained(info["id"], local_files_only=local_only, **kw)
+    return _from_spec(AutoTokenizer, info, revision=revision, local_only=local_only)
 
 
 def load_model(
