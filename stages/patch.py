@@ -1,4 +1,4 @@
-"""Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k."""
+"""Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k and the saturation rank."""
 
 import mechdiff.pipeline as P
 from mechdiff.analysis.patching import rank_alpha_sweep, reference_logits
@@ -31,12 +31,12 @@ def main() -> None:
             model, enc, rows, Site.parse(site_name), load_map(P.map_dir(site_name)),
             base.read(site_name, "last", rows), ranks=pp.ranks, alphas=pp.alphas, rank=p.rank, alpha=p.alpha,
             target_drop=pp.target_drop, allowed=allowed, datasets=[prompts[r].dataset for r in rows],
-            n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref)
+            n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref, saturation=pp.saturation)
         rank_rows += ranks
         alpha_rows += alphas
         write_csv(P.plot(f"rank_k/{site_name}.csv"), ranks)
         print(f"patch: {site_name}: drop at rank {p.rank} = {metrics[site_name]['kl_drop']:.1f}%  "
-              f"min_k = {metrics[site_name]['min_k']}")
+              f"min_k = {metrics[site_name]['min_k']}, saturates at k = {metrics[site_name]['k_saturated']}")
     metrics["rank"] = p.rank if p.rank != "full" else -1
     write_csv(P.plot("rank_k.csv"), rank_rows)
     write_csv(P.plot("alpha.csv"), alpha_rows)

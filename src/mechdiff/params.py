@@ -172,6 +172,7 @@ class Patch(_Section):
     ranks: list[int | str] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, "full"])
     alphas: list[float | str] = field(default_factory=lambda: ["auto", 0.5, 1.0])
     target_drop: float = 50.0
+    saturation: float = 0.9
     max_prompts: int = 96
     batch_size: int = 16
     n_boot: int = 1000
@@ -460,6 +461,7 @@ _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself 
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
     "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
     "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
+    "patch.saturation": (0.0, False),
 }
 _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings")
 

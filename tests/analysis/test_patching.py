@@ -18,6 +18,7 @@ from mechdiff.analysis.patching import (
     patch_kl,
     patched_logits,
     reference_logits,
+    saturation_k,
     sweep_kl,
 )
 from mechdiff.analysis.similarity import linear_cka
@@ -126,6 +127,8 @@ def test_planted_edit_known_answer(world, kind, r):
     if r > 1:
         assert drop[r - 1] < 0.9 * full["drop_pct"], (drop, full)
     assert min_k(ks, [drop[k] for k in ks], 0.9 * full["drop_pct"]) == r
+    # the saturation rank finds r with no target given: 90 % of the best drop of the sweep (full rank included)
+    assert saturation_k([*ks, D], [*(drop[k] for k in ks), full["drop_pct"]], 0.9) == r
 
 
 class _MemStore:
@@ -247,6 +250,13 @@ def test_kl_drop_min_k_and_errors(world):
     assert noisy["ci_low"] < noisy["drop_pct"] < noisy["ci_high"]
     assert min_k([1, 2, 4, 8], [10.0, 50.0, 91.0, 95.0], 90.0) == 4
     assert min_k([1, 2], [10.0, 50.0], 90.0) is None
+    # saturation: the best drop is 80 (k = 8), 90 % of it is 72 -> k = 4; full rank fitting noise does not matter
+    assert saturation_k([0, 1, 2, 4, 8, 64], [0.0, 30.0, 60.0, 75.0, 80.0, 40.0], 0.9) == 4
+    assert saturation_k([0, 1, 2], [0.0, 30.0, 60.0], 1.0) == 2
+    assert saturation_k([0, 1, 2], [0.0, float("nan"), 61.0], 0.5) == 2  # undefined drops never count
+    assert saturation_k([0, 1], [0.0, -3.0], 0.9) is None  # nothing to saturate
+    with pytest.raises(MechdiffError):
+        saturation_k([0, 1], [0.0, 5.0], 0.0)
     with pytest.raises(MechdiffError):
         kl_drop(raw, mapped[:10])
     tok, model, enc = world

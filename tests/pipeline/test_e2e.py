@@ -32,6 +32,7 @@ def test_pipeline_outputs(tiny_repo):
     site = patch["L2.attn_out"]
     assert site["kl_drop_full"] > 90  # the map is exact at the planted site
     assert site["min_k"] == 2  # the 80% target is reached at exactly the planted rank
+    assert site["k_saturated"] == 2  # and the rank-k drop saturates there (90 % of the sweep's best)
     assert (tiny_repo / "plots/rank_k.csv").read_text().count("L2.attn_out") >= 6
     for f in ("cka.csv", "kl_by_dataset.csv", "layer_patch.csv", "cka.png", "rank_k.png"):
         assert (tiny_repo / "plots" / f).stat().st_size > 0

@@ -405,6 +405,21 @@ def min_k(ks: Sequence[int], drops: Sequence[float], target: float) -> int | Non
     return min(hits) if hits else None
 
 
+def saturation_k(ks: Sequence[int], drops: Sequence[float], share: float) -> int | None:
+    """The smallest k whose KL drop (%) reaches `share` of the best drop any k in the sweep reaches (the rank at
+    which the drop saturates: how many directions carry the change, with no fixed target); None when no drop is
+    positive. A planted rank-r change saturates at k = r when each of its directions moves the output."""
+    if len(ks) != len(drops):
+        raise MechdiffError(f"ks and drops must have the same length, got {len(ks)} and {len(drops)}")
+    if not 0 < share <= 1:
+        raise MechdiffError(f"saturation share must lie in (0, 1], got {share}")
+    ok = [(int(k), float(d)) for k, d in zip(ks, drops) if d is not None and np.isfinite(d)]
+    best = max((d for _k, d in ok), default=float("nan"))
+    if not best > 0:
+        return None
+    return min(k for k, d in ok if d >= share * best)
+
+
 def reference_logits(model: nn.Module, enc: Encoded, rows: Any, *, batch_size: int = 16,
                      device: str | torch.device | None = None) -> np.ndarray:
     """Unpatched decision-token logits (len(rows), V): the reference of every patch KL."""
@@ -508,14 +523,15 @@ def rank_alpha_configs(m: TransportMap, X: Any, ranks: Sequence[int | str], alph
 def summarise_sweep(
     kls: Mapping[str, np.ndarray], *, site: str, width: int, ranks: Sequence[int | str], alphas: Sequence[float | str],
     rank: int | str, alpha: float | str, target_drop: float, datasets: Sequence[str] | None = None,
-    n_boot: int = 1000, seed: int = 0,
+    n_boot: int = 1000, seed: int = 0, saturation: float = 0.9,
 ) -> tuple[list[dict], list[dict], dict]:
     """KL drop % of every (rank, alpha) of a sweep against 'raw': (rank records, alpha records, site metrics).
 
     Rank records (at `alpha`): {'site', 'k', 'k_label', 'kl_drop', 'ci_low', 'ci_high'} ('full' -> k = width);
     alpha records: {'site', 'alpha', 'k', 'kl_drop'}. Site metrics hold the drop at (`rank`, `alpha`) with CI,
-    the full-rank drop, `min_k` (smallest k reaching `target_drop` %, -1 if none) and, for each dataset with
-    >= 2 prompts, 'kl_drop_<dataset>'.
+    the full-rank drop, `min_k` (smallest k reaching `target_drop` %, -1 if none), `k_saturated` (smallest k
+    reaching `saturation` x the best drop of the sweep, `saturation_k`; -1 if no drop is positive) and, for each
+    dataset with >= 2 prompts, 'kl_drop_<dataset>'.
     """
     raw = np.asarray(kls["raw"], dtype=np.float64)
     a_main = alpha_key(alpha)
@@ -531,11 +547,14 @@ def summarise_sweep(
             alpha_rows.append({"site": site, "alpha": alpha_key(a), "k": kx, "kl_drop": res["drop_pct"]})
     main_name = _config_name(rank, alpha)
     main = drop_pct_ci(raw, kls[main_name], n_boot=n_boot, seed=seed)
-    mk = min_k([width if k == "full" else int(k) for k in ranks], [drops[k] for k in ranks], target_drop)
+    kx = [width if k == "full" else int(k) for k in ranks]
+    mk = min_k(kx, [drops[k] for k in ranks], target_drop)
+    ks = saturation_k(kx, [drops[k] for k in ranks], saturation)
     metrics = {
         "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
         "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],
         "kl_drop_full": drops.get("full", float("nan")), "min_k": -1 if mk is None else int(mk),
+        "k_saturated": -1 if ks is None else int(ks),
     }
     if datasets is not None:
         ds = np.asarray([str(x) for x in datasets])
@@ -553,7 +572,7 @@ def rank_alpha_sweep(
     model: nn.Module, enc: Encoded, rows: Any, site: Site, m: TransportMap, X: Any, *, ranks: Sequence[int | str],
     alphas: Sequence[float | str], rank: int | str, alpha: float | str, target_drop: float, allowed: Any = None,
     datasets: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
-    progress: bool = True, ref_logits: Any = None,
+    progress: bool = True, ref_logits: Any = None, saturation: float = 0.9,
 ) -> tuple[list[dict], list[dict], dict]:
     """The patch experiment at one site: raw vs mapped patch of base vectors X (len(rows), d) into `model`.
 
@@ -568,7 +587,7 @@ def rank_alpha_sweep(
     kls = sweep_kl(model, enc, rows, site, configs, ref, allowed=allowed, batch_size=batch_size, progress=progress)
     rank_rows, alpha_rows, metrics = summarise_sweep(
         kls, site=site.name, width=int(np.shape(X)[1]), ranks=ranks, alphas=alphas, rank=rank, alpha=alpha,
-        target_drop=target_drop, datasets=datasets, n_boot=n_boot, seed=seed)
+        target_drop=target_drop, datasets=datasets, n_boot=n_boot, seed=seed, saturation=saturation)
     metrics["alpha"] = m.alpha if alpha == "auto" else float(alpha)
     return rank_rows, alpha_rows, metrics
 
@@ -576,5 +595,5 @@ def rank_alpha_sweep(
 __all__ = [
     "LAYER_PATCH_DIRECTIONS", "alpha_key", "kl_drop", "layer_patch", "layer_patch_direction",
     "layer_patch_table", "layer_recolour_stats", "min_k", "patch_kl", "patched_logits", "rank_alpha_configs",
-    "rank_alpha_sweep", "reference_logits", "summarise_sweep", "sweep_kl",
+    "rank_alpha_sweep", "reference_logits", "saturation_k", "summarise_sweep", "sweep_kl",
 ]

@@ -166,9 +166,11 @@ STAGES: tuple[StageReport, ...] = (
                         group="site", logx=True, image=plot("rank_k.png")),),
         tables=(
             Table("patch", "Mapped patch per site", metric("patch.json"), "json",
-                  "KL raw / mapped at the configured rank, its drop with CI, per-dataset drops and min_k.",
+                  "KL raw / mapped at the configured rank, its drop with CI, per-dataset drops, min_k and k_saturated.",
                   {"kl_drop": "% of the gap closed at the configured rank",
-                   "min_k": "fewest directions reaching the target drop (-1: none)"}),
+                   "min_k": "fewest directions reaching the target drop (-1: none)",
+                   "k_saturated": "fewest directions reaching patch.saturation of the best drop of the sweep "
+                                  "(where the rank-k curve saturates; -1: no drop)"}),
             Table("alpha", "Alpha sweep", plot("alpha.csv"), "csv", "KL drop per output scale alpha and rank."),
             Table("rank-k-sites", "Rank-k data per site", plot("rank_k"), "files",
                   "The rank-k table split by site (for `dvc plots`)."),

@@ -92,6 +92,8 @@ def directions(run: Run) -> list[Fact]:
             continue
         full = m.get("kl_drop_full")
         tail = f"full rank closes {full:.0f}%" if full is not None else ""
+        if m.get("k_saturated", -1) >= 0:
+            tail += f"{'; ' if tail else ''}the drop saturates at k = {m['k_saturated']}"
         if m["min_k"] < 0:
             facts.append(Fact(site, "not reached", f"no rank reaches {goal}; {tail}"))
         else:
