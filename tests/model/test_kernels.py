@@ -124,3 +124,17 @@ def test_weights_are_packed_only_when_a_call_takes_the_packed_path(monkeypatch):
             assert len(packed) == n == n_lin
     torch.testing.assert_close(out_big, ref_big, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_small, ref_small, rtol=1e-4, atol=1e-5)
+
+
+def test_warm_up_runs_one_discarded_forward_and_keeps_the_model_as_it_was():
+    from mechdiff.model.kernels import warm_up
+
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=6).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    h = model.register_forward_hook(lambda m, a, kw_out: seen.append(True))
+    warm_up(model)
+    h.remove()
+    assert len(seen) == 1 and model.training  # one forward ran; train mode restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    warm_up(nn.Linear(3, 3))  # a module that takes no input_ids: best effort, no error

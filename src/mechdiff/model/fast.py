@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
-from mechdiff.model.kernels import packed_linears
+from mechdiff.model.kernels import packed_linears, warm_up
 from mechdiff.model.sites import get_body
 
 
@@ -29,24 +28,8 @@ def pack_for_inference(model: nn.Module, *, rows_hint: int = 1024) -> nn.Module:
     n = stack.enter_context(packed_linears(get_body(model), rows_hint=rows_hint))
     model._mechdiff_packed = stack  # closing it restores the plain layers
     if n:
-        _warm_up(model, p.device)
+        warm_up(model)
     return model
-
-
-def _warm_up(model: nn.Module, device: torch.device) -> None:
-    """One tiny forward right after packing. Without it, the first real forward after the packing's oneDNN
-    self-check gave different fp32 logits from every later forward of the same batch in about a third of
-    processes (up to 1e-3 absolute on a 608-row batch; a thread-pool start-up effect, not seeded), which made
-    e.g. `patch` at a tiny-KL site differ run to run; after this warm-up, 8 of 8 processes agreed bit for bit."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False)
-    except Exception:  # noqa: BLE001 - best effort: a model that cannot take this input still works packed
-        pass
-    finally:
-        model.train(was)
 
 
 def unpack(model: nn.Module) -> nn.Module:

@@ -34,6 +34,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
+from mechdiff.model.kernels import warm_up
 from mechdiff.model.sites import find_blocks, model_width
 
 META_FILE = "mechdiff_model.json"
@@ -192,6 +193,7 @@ def _finish(model: nn.Module, device: str) -> nn.Module:
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MechdiffError(f"cannot move the model to device {device!r}: {str(exc).splitlines()[0]}") from exc
+    warm_up(model)  # the first forward of a process can differ from the later ones (kernels.warm_up)
     return model.eval()
 
 
