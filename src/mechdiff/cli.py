@@ -129,20 +129,18 @@ def _check_models(p) -> list[str]:
             n = None
         if n:
             problems += _check_layers(p, n)
-    if len(infos) == 2:
-        toks = []
-        for w in ("base", "tuned"):
-            try:
-                toks.append(spec_tokenizer(infos[w], revision=specs[w].revision))
-            except (OSError, ValueError) as e:
-                if infos[w]["kind"] == "hub":  # not cached yet: the model stage checks it after download
-                    return problems
-                where = infos[w].get("path", specs[w].id)
-                problems.append(f"pair.{w}.id: no usable tokenizer in {where} (tokenizer.json or tokenizer_config.json "
-                                f"missing or unreadable: {str(e).splitlines()[0][:120]})")
-                return problems
+    toks = {}
+    for w, info in infos.items():  # every model needs its tokenizer; a hub one not cached yet is checked later
         try:
-            check_vocab(*toks, fairness=p.pair.fairness.enabled)
+            toks[w] = spec_tokenizer(info, revision=specs[w].revision)
+        except (OSError, ValueError, KeyError) as e:
+            if info["kind"] != "hub":
+                where = info.get("path", specs[w].id)
+                problems.append(f"pair.{w}.id: no usable tokenizer in {where} (tokenizer.json or "
+                                f"tokenizer_config.json missing or unreadable: {str(e).splitlines()[0][:120]})")
+    if len(toks) == 2:
+        try:
+            check_vocab(toks["base"], toks["tuned"], fairness=p.pair.fairness.enabled)
         except MechdiffError as e:
             problems.append(str(e))
     return problems
@@ -308,16 +306,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--root", default=".", help="repository root (default: .)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("data", help="materialise data/ (dvc pull when a remote answers, else rebuild)")
+    d = sub.add_parser(
+        "data", help="materialise data/ (dvc pull when a remote answers, else rebuild)",
+        description="Make data/ match data.dvc: `dvc pull data.dvc` when a DVC remote answers, else rebuild the "
+        "corpora from the package. A data/ that differs from data.dvc (an edited or partial corpus) is never "
+        "deleted: it is moved to data.bak-<time>/ first (to use an edited corpus instead, move it back, "
+        "`dvc add data` and commit data.dvc). `make data` runs this.")
     d.add_argument("--rebuild", action="store_true", help="rebuild from the package's corpora without pulling")
     d.set_defaults(fn=cmd_data)
-    pp = sub.add_parser("params", help="validate params.yaml, print the effective values, check models and data")
+    pp = sub.add_parser(
+        "params", help="validate params.yaml, print the effective values, check models and data",
+        description="Validate params.yaml (types, ranges, names) and print the effective values with every "
+        "default filled in; then check, without loading weights or downloading, that the models resolve (config, "
+        "weights, tokenizer), that every layer the params name exists in the base model, that the tokenizers "
+        "suit pair.fairness, and that the corpora hold the datasets the stages need. One line per problem; "
+        "exit 1 if any. `make run` runs `mechdiff params --check` before `dvc repro`.")
     pp.add_argument("--check", action="store_true", help="only the checks (what `make run` does before dvc repro)")
     pp.set_defaults(fn=cmd_params)
-    s = sub.add_parser("sites", help="list the sites and views extract stores")
+    s = sub.add_parser(
+        "sites", help="list the sites and views extract stores",
+        description="List the sites (L<layer>.<resid_post|attn_out|mlp_out>) and views (last, mean, tokens) the "
+        "extract stage writes for the current params (extract.layer_stride, extract.detail_layers, "
+        "transport.sites, sae.layers), with the base model's depth read from its config.")
     s.add_argument("--n-layers", type=int, default=None, help="number of decoder blocks (default: read the base model)")
     s.set_defaults(fn=cmd_sites)
-    r = sub.add_parser("remote", help="configure (add) or check the DVC remote")
+    r = sub.add_parser(
+        "remote", help="configure (add) or check the DVC remote",
+        description="`mechdiff remote add URL` makes URL the default DVC remote (written to .dvc/config, so "
+        "commit it to share it; credentials stay in .dvc/config.local or the environment). `mechdiff remote "
+        "check` tests that the remote --name (default storage) is configured, that its DVC plugin is installed "
+        "and that its location exists (something was pushed there), so `dvc pull` can work; with --for-push only "
+        "that it can be reached (an empty remote is fine before the first push). One line per problem.")
     r.add_argument("action", choices=["add", "check"])
     r.add_argument("url", nargs="?", help="remote URL: s3://, gs://, azure://, ssh://, or a directory")
     r.add_argument("--name", default="storage", help="remote name (default: storage)")

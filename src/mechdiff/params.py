@@ -583,6 +583,9 @@ def validate(p: Params) -> Params:
     for key in _NON_EMPTY:
         if not _get(p, key):
             raise MechdiffError(f"params.yaml: {key} is empty: list at least one entry")
+    if p.data.sources is not None and not p.data.sources:
+        raise MechdiffError("params.yaml: data.sources is empty: list at least one corpus, or null for the project's "
+                            "cultural, control, neutral and trait corpora")
     if not 0 < p.patch.target_drop <= 100:
         raise MechdiffError(f"params.yaml: patch.target_drop is a percent of the KL removed, in (0, 100], "
                             f"got {p.patch.target_drop}")

@@ -292,8 +292,12 @@ def test_hf_code_path_on_local_json(tmp_path):
         load_corpus(tmp_path, [{**src, "text_field": "prompt"}])
     with pytest.raises(MechdiffError, match="not an integer"):
         load_corpus(tmp_path, [{**src, "label_field": "question"}])
-    with pytest.raises(MechdiffError, match="make data"):
+    with pytest.raises(MechdiffError, match="missing.jsonl of source 'qa' not found: fix its data_files in data.sources"):
         load_corpus(tmp_path, [{**src, "data_files": "missing.jsonl"}])
+    with pytest.raises(MechdiffError, match="of source 'mine' not found: fix its path in data.sources"):
+        load_corpus(tmp_path, [{"name": "mine", "path": "nowhere.jsonl"}])
+    with pytest.raises(MechdiffError, match="make data"):  # a project corpus missing from data/: make data makes it
+        load_corpus(tmp_path / "empty", ["neutral"])
 
 
 def test_unreachable_hub_dataset(tmp_path, monkeypatch):

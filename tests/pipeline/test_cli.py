@@ -217,6 +217,22 @@ def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):
         f.unlink()
     _fails(_check(tmp_path, corpora, _both(models["a"], broken, False), capsys), "pair.tuned.id: no usable tokenizer")
 
+    def alone(base):  # base only (the tuned model comes from a recipe): its tokenizer is still checked
+        both = _both(base, base, False)
+
+        def mutate(raw):
+            both(raw)
+            raw["pair"]["tuned"]["id"] = None
+        return mutate
+
+    _fails(_check(tmp_path, corpora, alone(broken), capsys), "pair.base.id: no usable tokenizer")
+    weightless = tmp_path / "weightless"
+    shutil.copytree(models["a2"], weightless)
+    for f in [*weightless.glob("*.safetensors"), *weightless.glob("*.bin")]:
+        f.unlink()
+    _fails(_check(tmp_path, corpora, alone(weightless), capsys), "pair.base.id:", "has a config.json but no weights")
+    assert _check(tmp_path, corpora, alone(models["a2"]), capsys)[0] == 0  # the intact folder passes
+
 
 def test_sites_needs_a_positive_depth(tmp_path, corpora, capsys):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -225,3 +241,25 @@ def test_sites_needs_a_positive_depth(tmp_path, corpora, capsys):
     assert "--n-layers must be >= 1" in capsys.readouterr().err
     assert main(["--root", str(tmp_path), "sites", "--n-layers", "30"]) == 0
     assert "L20.resid_post" in capsys.readouterr().out
+
+
+def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path):
+    """`python stages/<x>.py --help` prints the stage's purpose, its DVC stage, params and outputs; exit 0."""
+    from mechdiff.io import stage_help
+
+    root = ROOT
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for script in sorted((root / "stages").glob("*.py")):
+        src = script.read_text()
+        assert "run_stage(main)" in src, script  # run_stage handles --help before main runs
+        names = [n for n, st in stages.items() if f"stages/{script.name}" in st["cmd"]]
+        text = stage_help(script, None, root / "dvc.yaml")
+        assert names and all(f"dvc repro {n}" in text for n in names), (script, text)
+        for n in names:
+            for p in stages[n].get("params") or []:
+                assert str(p) in text, (script, p)
+    # one for real, from an empty directory: exit 0, the docstring, and nothing written there
+    r = subprocess.run([sys.executable, str(root / "stages" / "transport.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Stage transport@<site>: fit a base -> tuned map") and not list(tmp_path.iterdir())

@@ -554,7 +554,8 @@ def _read_hf(src: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
             kwargs["data_files"] = files
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
-            raise MechdiffError(f"data file {missing[0]} of source {name!r} not found: {_MISSING_HINT}")
+            raise MechdiffError(f"data file {missing[0]} of source {name!r} not found: fix its data_files in "
+                                f"data.sources (a relative path is read under data.dir, {data_dir})")
     if src.get("cache_dir") is not None:
         kwargs["cache_dir"] = str(src["cache_dir"])
     try:
@@ -683,6 +684,7 @@ def _named_source(src: Any) -> Any:
 
 
 def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
+    own = isinstance(src, dict)  # a user's {name, path} / {name, hf}, not one of the project's corpora
     src = _named_source(src)
     if not isinstance(src, dict) or not isinstance(src.get("name"), str) or not src["name"]:
         raise MechdiffError(f"corpus source {src!r} needs a non-empty \"name\" and a \"path\" or \"hf\" key")
@@ -691,6 +693,9 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         raise MechdiffError(f"corpus source {name!r} needs exactly one of \"path\" (local JSONL) or \"hf\"")
     if "path" in src:
         path = _resolve(src["path"], data_dir)
+        if own and not path.is_file():
+            raise MechdiffError(f"corpus file {path} of source {name!r} not found: fix its path in data.sources "
+                                f"(a relative path is read under data.dir, {data_dir})")
         rows = _read_jsonl(path)
         where = str(path)
         text_field = src.get("text_field", "text")

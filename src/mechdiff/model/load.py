@@ -349,7 +349,13 @@ def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str 
         raise MechdiffError(f"{key}: {e}") from e
     if info["kind"] == "hub" and not _hub_cached(info["id"], revision, gguf_file) and not _hub_reachable():
         raise MechdiffError(f"{key}: {_no_network(info['id'])}")
+    if info["kind"] == "dir" and not any(any(Path(info["path"]).glob(g)) for g in _WEIGHT_FILES):
+        raise MechdiffError(f"{key}: {info['path']} has a config.json but no weights (model.safetensors, "
+                            "pytorch_model.bin or their sharded index): point it at a complete model directory")
     return info
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
 def check_vocab(tok_base: Any, tok_tuned: Any, *, fairness: bool) -> None:
