@@ -684,7 +684,8 @@ def _named_source(src: Any) -> Any:
 
 
 def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
-    own = isinstance(src, dict)  # a user's {name, path} / {name, hf}, not one of the project's corpora
+    # a user's {name, path} / {name, hf}, not one of the project's corpora (by name or as their own dicts)
+    own = isinstance(src, dict) and src not in [*DEFAULT_SOURCES, *EXTRA_SOURCES, *MC_SOURCES]
     src = _named_source(src)
     if not isinstance(src, dict) or not isinstance(src.get("name"), str) or not src["name"]:
         raise MechdiffError(f"corpus source {src!r} needs a non-empty \"name\" and a \"path\" or \"hf\" key")

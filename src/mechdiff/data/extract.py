@@ -19,7 +19,7 @@ from mechdiff import dist as _dist
 from mechdiff.data.store import RANK_DIR, VIEWS, ActStore, StoreWriter
 from mechdiff.errors import MechdiffError
 from mechdiff.model import sites as _sites
-from mechdiff.model.kernels import packed_linears, warm_up
+from mechdiff.model.kernels import packed_linears
 from mechdiff.model.sites import Site
 from mechdiff.model.tokens import batches, encode, pad_id
 
@@ -193,7 +193,11 @@ def extract(
         with store.writer(rows, world) as writer, torch.inference_mode(), \
                 packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
                                enabled=pack_weights and str(device).startswith("cpu")):
-            warm_up(run)  # the process's first forward can differ from the later ones (kernels.warm_up)
+            # one discarded 4-token forward on the extraction's own path (stopping where it stops): the first
+            # forward of a process can differ from the later ones (kernels.warm_up)
+            warm = torch.zeros(1, 4, dtype=torch.long, device=device)
+            _sites.capture(run, warm, None, site_list,
+                           logits_at=torch.tensor([3], device=device) if store_logits else None)
             lo = 0 if rows is None else rows[0]
             _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
                   device=device, store_logits=store_logits, d=d, n=writer.end, shard_rows=shard_rows,
