@@ -88,11 +88,10 @@ def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.
         matrix = st.get("matrix")
         keys = name + (f" (every {' x '.join(matrix)}; one of them: dvc repro {name}@<"
                        + "-".join(matrix) + ">, e.g. from `dvc stage list`)" if isinstance(matrix, dict) else "")
-        body = st
-        params = [p if isinstance(p, str) else ", ".join(map(str, p)) for p in body.get("params") or []]
+        params = [p if isinstance(p, str) else ", ".join(map(str, p)) for p in st.get("params") or []]
         outs = [next(iter(o)) if isinstance(o, dict) else str(o) for kind in ("outs", "metrics", "plots")
-                for o in body.get(kind) or []]
-        lines += [f"Run it through DVC: dvc repro {keys}", f"  command: {body.get('cmd', '')}",
+                for o in st.get(kind) or []]
+        lines += [f"Run it through DVC: dvc repro {keys}", f"  command: {st.get('cmd', '')}",
                   f"  params read (params.yaml): {', '.join(params) or 'none'}", f"  writes: {', '.join(outs)}"]
     if not found:
         lines.append(f"Run it from the project root through DVC (dvc repro), which runs `python stages/{script.name}`.")

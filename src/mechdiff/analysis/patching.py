@@ -547,9 +547,8 @@ def summarise_sweep(
             alpha_rows.append({"site": site, "alpha": alpha_key(a), "k": kx, "kl_drop": res["drop_pct"]})
     main_name = _config_name(rank, alpha)
     main = drop_pct_ci(raw, kls[main_name], n_boot=n_boot, seed=seed)
-    kx = [width if k == "full" else int(k) for k in ranks]
-    mk = min_k(kx, [drops[k] for k in ranks], target_drop)
-    ks = saturation_k(kx, [drops[k] for k in ranks], saturation)
+    kx, dk = [width if k == "full" else int(k) for k in ranks], [drops[k] for k in ranks]
+    mk, ks = min_k(kx, dk, target_drop), saturation_k(kx, dk, saturation)
     metrics = {
         "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
         "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],

@@ -672,11 +672,14 @@ def _mc_fields(rec: dict[str, Any], where: str, fields_: dict[str, str | None],
     return out
 
 
+_PROJECT_SOURCES = [*DEFAULT_SOURCES, *EXTRA_SOURCES, *MC_SOURCES]  # the corpora the project ships
+
+
 def _named_source(src: Any) -> Any:
     """A shipped corpus named by a string (`cultural`, `math`, ...) as its source dict; anything else as is."""
     if not isinstance(src, str):
         return src
-    known = {s["name"]: s for s in [*DEFAULT_SOURCES, *EXTRA_SOURCES, *MC_SOURCES]}
+    known = {s["name"]: s for s in _PROJECT_SOURCES}
     if src not in known:
         raise MechdiffError(f"corpus source {src!r} is not a corpus of the project ({', '.join(known)}): name one "
                             "of them or give {\"name\", \"path\"} / {\"name\", \"hf\"}")
@@ -685,7 +688,7 @@ def _named_source(src: Any) -> Any:
 
 def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
     # a user's {name, path} / {name, hf}, not one of the project's corpora (by name or as their own dicts)
-    own = isinstance(src, dict) and src not in [*DEFAULT_SOURCES, *EXTRA_SOURCES, *MC_SOURCES]
+    own = isinstance(src, dict) and src not in _PROJECT_SOURCES
     src = _named_source(src)
     if not isinstance(src, dict) or not isinstance(src.get("name"), str) or not src["name"]:
         raise MechdiffError(f"corpus source {src!r} needs a non-empty \"name\" and a \"path\" or \"hf\" key")
