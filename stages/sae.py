@@ -87,14 +87,15 @@ def sae_config(p, base, source: str, layer: int) -> SAEConfig:
 
 
 def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, prepare: bool = True,
-              rows=None) -> None:
-    """Train (or resume) one SAE into its out dir and mark it complete (rank 0 only writes under ddp)."""
+              rows=None, cfg: SAEConfig | None = None) -> None:
+    """Train (or resume) one SAE into its out dir and mark it complete (rank 0 only writes under ddp); `rows` and
+    `cfg` where the caller has checked them already."""
     s = p.sae
     site, out, fp = job(p, base, tuned, source, layer)
     if rows is None:
         rows = checked_rows(p, base, tuned, source, site)
     rows, val_rows = rows
-    cfg = sae_config(p, base, source, layer)
+    cfg = cfg or sae_config(p, base, source, layer)
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
         print(f"sae: resuming {out} from its last checkpoint")
@@ -139,9 +140,9 @@ def main() -> None:
     base, tuned = P.open_stores()
     site, out, fp = job(p, base, tuned, source, layer)
     rows = checked_rows(p, base, tuned, source, site)  # inputs first, whatever was trained before
-    sae_config(p, base, source, layer)  # and the config, before a ddp launch prepares the output
+    cfg = sae_config(p, base, source, layer)  # and the config, before a ddp launch prepares the output
     if s.nproc == 1:
-        train_one(p, base, tuned, source, layer, rows=rows)  # a finished SAE is replaced, as every stage does
+        train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)  # a finished SAE is replaced, as every stage does
     else:
         if not finished_output(out, fp):  # a sibling's many-run may have trained it already
             if s.parallel == "ddp":
@@ -150,7 +151,7 @@ def main() -> None:
             else:
                 dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
         if not finished_output(out, fp):
-            train_one(p, base, tuned, source, layer, rows=rows)
+            train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)
     log = json.loads((out / "train_log.json").read_text())
     write_csv(P.plot(f"sae/{source}_L{layer}.csv"), log)
     last = log[-1] if log else {}

@@ -86,13 +86,17 @@ def launch(argv: Sequence[str], nproc: int, *, what: str = "run") -> None:
                             "printed above); rerun to resume what the ranks committed")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the machine's count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def local_threads_for(nproc: int) -> int:
     """Threads per rank when `nproc` ranks share this machine's CPUs."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, nproc))
+    return max(1, available_cpus() // max(1, nproc))
 
 
 def device_for_rank(device: str) -> str:

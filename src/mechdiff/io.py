@@ -68,41 +68,13 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
-    """The `--help` text of a stage script: its docstring, then for each dvc.yaml stage that runs it, the command,
-    the params it reads and what it writes (read from `dvc_yaml` when it is there)."""
-    import yaml
-
-    script = Path(script)
-    lines = [(doc or f"Stage script {script.name}.").strip(), ""]
-    stages = {}
-    try:
-        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        pass
-    found = False
-    for name, st in stages.items():
-        if not isinstance(st, dict) or f"stages/{script.name}" not in str(st.get("cmd", "")):
-            continue
-        found = True
-        matrix = st.get("matrix")
-        keys = name + (f" (every {' x '.join(matrix)}; one of them: dvc repro {name}@<"
-                       + "-".join(matrix) + ">, e.g. from `dvc stage list`)" if isinstance(matrix, dict) else "")
-        params = [p if isinstance(p, str) else ", ".join(map(str, p)) for p in st.get("params") or []]
-        outs = [next(iter(o)) if isinstance(o, dict) else str(o) for kind in ("outs", "metrics", "plots")
-                for o in st.get(kind) or []]
-        lines += [f"Run it through DVC: dvc repro {keys}", f"  command: {st.get('cmd', '')}",
-                  f"  params read (params.yaml): {', '.join(params) or 'none'}", f"  writes: {', '.join(outs)}"]
-    if not found:
-        lines.append(f"Run it from the project root through DVC (dvc repro), which runs `python stages/{script.name}`.")
-    return "\n".join(lines)
-
-
 def run_stage(fn: Callable[[], Any]) -> None:
     """Run a stage's main (traced when MECHDIFF_TRACE is set); a MechdiffError prints one line and exits 2.
     `-h` / `--help` prints `stage_help` and exits 0 without running or touching anything."""
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         module = sys.modules.get(getattr(fn, "__module__", "__main__"))
+        from mechdiff.pipeline import stage_help  # the layout's knowledge, needed only here
+
         print(stage_help(sys.argv[0], getattr(module, "__doc__", None)))
         sys.exit(0)
     trace.start()

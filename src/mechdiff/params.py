@@ -317,7 +317,7 @@ class ProbesParams(_Section):
     n_features: int = 8
     embedding: bool = True
     sparse_k: list[int] = field(default_factory=lambda: [1, 2, 5])
-    n_jobs: int = 1
+    n_jobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.view not in ("last", "mean") or self.feature_view not in ("last", "mean"):
@@ -327,7 +327,7 @@ class ProbesParams(_Section):
         if bad or not self.estimators:
             raise MechdiffError(f"params.yaml: probes.estimators entry {bad[0] if bad else None!r}; choose from "
                                 "logistic, ridge, forest, svm")
-        if self.folds < 2 or self.n_trees < 1 or self.n_features < 1 or self.n_jobs < 1:
+        if self.folds < 2 or self.n_trees < 1 or self.n_features < 1 or (self.n_jobs is not None and self.n_jobs < 1):
             raise MechdiffError("params.yaml: probes.folds must be >= 2 and probes.n_trees, n_features, n_jobs >= 1")
         if self.C <= 0 or self.ridge_alpha <= 0:
             raise MechdiffError(f"params.yaml: probes.C and probes.ridge_alpha must be > 0, got {self.C}, {self.ridge_alpha}")
@@ -423,7 +423,7 @@ _CHOICES = {
     "pair.finetune.objective": ("signature", "answer", "lm"),
     "heads.split": ("train", "val", "test"),
     "heads.target": ("tuned", "signature", "reference"),
-    "heads.rank_by": ("pred", "delta"),
+    "heads.rank_by": ("direct", "pred", "delta"),
     "steer.source": ("dim", "delta", "transport", "sae"),
     "steer.from_token": ("decision", "first"),
     "behaviour.split": ("train", "val", "test"),

@@ -125,3 +125,33 @@ def pick_rows(prompts: list, *, split: str | None = None, datasets: tuple[str, .
     if n is not None and 0 < n < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
     return rows
+
+
+def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
+    """The `--help` text of a stage script: its docstring, then for each dvc.yaml stage that runs it, the command,
+    the params it reads and what it writes (read from `dvc_yaml` when it is there)."""
+    import yaml
+
+    script = Path(script)
+    lines = [(doc or f"Stage script {script.name}.").strip(), ""]
+    stages = {}
+    try:
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    found = False
+    for name, st in stages.items():
+        if not isinstance(st, dict) or f"stages/{script.name}" not in str(st.get("cmd", "")):
+            continue
+        found = True
+        matrix = st.get("matrix")
+        keys = name + (f" (every {' x '.join(matrix)}; one of them: dvc repro {name}@<"
+                       + "-".join(matrix) + ">, e.g. from `dvc stage list`)" if isinstance(matrix, dict) else "")
+        params = [p if isinstance(p, str) else ", ".join(map(str, p)) for p in st.get("params") or []]
+        outs = [next(iter(o)) if isinstance(o, dict) else str(o) for kind in ("outs", "metrics", "plots")
+                for o in st.get(kind) or []]
+        lines += [f"Run it through DVC: dvc repro {keys}", f"  command: {st.get('cmd', '')}",
+                  f"  params read (params.yaml): {', '.join(params) or 'none'}", f"  writes: {', '.join(outs)}"]
+    if not found:
+        lines.append(f"Run it from the project root through DVC (dvc repro), which runs `python stages/{script.name}`.")
+    return "\n".join(lines)

@@ -242,6 +242,12 @@ def test_probe_by_layer_finds_the_planted_layer_and_the_tuned_difference():
     assert summ["base"]["best_layer"] == 2 and summ["base"]["test"] == 1.0
     assert summ["max_abs_diff"]["layer"] == 4 and summ["max_abs_diff"]["diff"] > 0.3
     assert set(summ["estimators"]["L2"]) == {"logistic", "ridge", "forest", "svm"}
+    # two worker processes: the same rows in the same order, number for number
+    from dataclasses import replace
+
+    again = probe_by_layer([t], ["L0", "L2", "L4"], read, compare_sites=["L2"], settings=replace(s, n_jobs=2),
+                           layer_of=lambda x: int(x[1:]))
+    assert again == rows
 
 
 def test_task_without_enough_families_per_class_is_skipped():

@@ -245,7 +245,7 @@ def test_sites_needs_a_positive_depth(tmp_path, corpora, capsys):
 
 def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path):
     """`python stages/<x>.py --help` prints the stage's purpose, its DVC stage, params and outputs; exit 0."""
-    from mechdiff.io import stage_help
+    from mechdiff.pipeline import stage_help
 
     root = ROOT
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]

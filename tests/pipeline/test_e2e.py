@@ -97,6 +97,9 @@ def test_heads_outputs(tiny_repo):
     assert len(rows) == 16
     assert all(float(r["pred"]) == 0.0 for r in rows if int(r["layer"]) < 2)
     assert all(layer >= 2 for layer, _ in m["top_pred"])
+    # only layer 2's heads changed weights: the direct estimate is exactly 0 everywhere else, layer 3 included
+    assert {int(r["layer"]) for r in rows if float(r["direct"]) != 0.0} == {2}
+    assert m["top_direct"][0][0] == 2
     patched = list(csv.DictReader((tiny_repo / "plots/heads_patch.csv").open()))
     assert len(patched) == 6 and {r["group"] for r in patched} == {"top", "random"}
     curve = list(csv.DictReader((tiny_repo / "plots/heads_curve.csv").open()))

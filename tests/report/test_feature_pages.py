@@ -272,6 +272,27 @@ def test_sparse_codes_and_prompt_means_equal_dense() -> None:
     assert np.allclose(m, np.stack([Z[row_prompt == p].mean(0) for p in chosen]))
 
 
+def test_sparse_codes_of_a_topk_sae_equal_its_dense_encoding() -> None:
+    """`topk_codes` (never dense) gives the codes np.nonzero finds in `encode`'s dense latents, value for value."""
+    import torch
+
+    from mechdiff.sae.model import TopKSAE
+    from mechdiff.sae.sources import encode_rows
+
+    rng = np.random.default_rng(4)
+    sae = TopKSAE(8, 40, 5, seed=3)
+    X = rng.normal(size=(53, 8)).astype(np.float32)
+    with torch.no_grad():  # half of the top k pre-activations negative: encode leaves them 0
+        top = sae.pre_acts(sae.normalize(torch.as_tensor(X))).topk(5, dim=1).values
+        sae.b_enc.sub_(top.median())
+    Z = encode_rows(sae, X, chunk=16)
+    assert 0 < (Z > 0).sum() < 53 * 5
+    codes = encode_sparse(sae, X, chunk=16)
+    r, f = np.nonzero(Z)
+    assert np.array_equal(codes.feats, f) and np.array_equal(codes.vals, Z[r, f])
+    assert np.array_equal(codes.dense(np.arange(53)), Z)
+
+
 def test_gate_survivors_are_named_so():
     """A gates row whose causal, consistent and side_ok columns are all true reads "passed the gates"."""
     from mechdiff.report.feature_pages import pick_features

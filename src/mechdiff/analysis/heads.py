@@ -49,6 +49,7 @@ from mechdiff.model.tokens import right_pad
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
 HeadSet = Iterable[tuple[int, int]]
+RANK_BY = ("direct", "pred", "delta")  # orders of heads for patching (`diff_heads`)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Scan:
     logits: list[torch.Tensor]  # [batch] continuation logits (N, V)
     blocks: list[list[Any]]  # [batch][layer] each decoder block's output (`sites.reuse_blocks`)
     pred: np.ndarray | None = None  # (L, H) attribution-patching estimate of patching each head from `other`
+    direct: np.ndarray | None = None  # (L, H) the same estimate for the head's own change alone (`other`'s weights
+    #                                   on this model's inputs to the layer)
 
 
 def _block_sum(x: torch.Tensor, mask: torch.Tensor, heads: Heads) -> torch.Tensor:
@@ -124,7 +127,10 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
 
     With `other` (the other model's scan on the same batches) and `other_model`, also the attribution-patching
     estimate of patching each head in from the other model: sum over positions of
-    (z'_h W'_h^T - z_h W_h^T) . dF/d(attn_out).
+    (z'_h W'_h^T - z_h W_h^T) . dF/d(attn_out) (`pred`), and the same for the head's own change alone (`direct`):
+    z'_h there is the other model's layer (its norm, query, key, value weights) run on this model's input to the
+    layer, so a head whose weights did not change has a direct estimate of exactly 0 even when heads before it
+    changed what it reads.
     """
     if (other is None) != (other_model is None):
         raise MechdiffError("attribution: pass both `other` (the other model's scan) and `other_model`, or neither")
@@ -133,6 +139,7 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
     n = int(sum(len(b.rows) for b in batches))
     attr = np.zeros((L, heads.n_heads))
     pred = np.zeros((L, heads.n_heads)) if other is not None else None
+    direct = np.zeros((L, heads.n_heads)) if other is not None else None
     scores = np.zeros(n)
     zs: list[list[torch.Tensor]] = []
     logits_all: list[torch.Tensor] = []
@@ -140,7 +147,7 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
     other_heads = attention_heads(other_model) if other_model is not None else None
     bar = _progress(len(batches) * (1 + ig_steps), progress, "heads: attribution")
 
-    def leaves(source: list[torch.Tensor] | None, alpha: float, store: dict, outs: dict | None):
+    def leaves(source: list[torch.Tensor] | None, alpha: float, store: dict):
         """Hooks making every layer's head outputs a leaf (its own value, or alpha x the cached one)."""
         ctxs = []
         for layer in range(L):
@@ -151,39 +158,33 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
                 return leaf
 
             ctxs.append(edit_heads_at(model, heads, layer, fn))
-            if outs is not None:
-                def keep(t: torch.Tensor, layer: int = layer) -> None:
-                    outs[layer] = t
-
-                ctxs.append(edit_at(model, Site(layer, "attn_out"), keep))
         return ctxs
 
     for bn, b in enumerate(batches):
         z_store: dict[int, torch.Tensor] = {}
-        g_store: dict[int, torch.Tensor] = {}
         kept: list[Any] = []
         with torch.enable_grad(), contextlib.ExitStack() as st:
             st.enter_context(keep_block_outputs(model, kept))
-            for ctx in leaves(None, 1.0, z_store, g_store if pred is not None else None):
+            for ctx in leaves(None, 1.0, z_store):
                 st.enter_context(ctx)
             s, lg = _score(model, b)
-            wrt = [z_store[layer] for layer in range(L)] + ([g_store[layer] for layer in range(L)] if pred is not None
-                                                           else [])
-            got = torch.autograd.grad(s.sum(), wrt)  # only these: no parameter collects a gradient
+            got = torch.autograd.grad(s.sum(), [z_store[layer] for layer in range(L)])  # no parameter collects one
         scores[b.rows] = s.detach().cpu().numpy()
         logits_all.append(lg.detach())
         blocks.append(kept)
         zb = [z_store[layer].detach() for layer in range(L)]
         zs.append(zb)
         bar.update(1)
-        grads = list(got[:L])
-        out_grads = list(got[L:])
+        grads = list(got)
+        if pred is not None:
+            out_grads, inputs = _write_grads(model, b, L)
+            own = _own_outputs(other_model, other_heads, inputs, b)
         if ig_steps:
             grads = [torch.zeros_like(g) for g in grads]
             for i in range(ig_steps):
                 scaled: dict[int, torch.Tensor] = {}
                 with torch.enable_grad(), contextlib.ExitStack() as st:
-                    for ctx in leaves(zb, (i + 0.5) / ig_steps, scaled, None):
+                    for ctx in leaves(zb, (i + 0.5) / ig_steps, scaled):
                         st.enter_context(ctx)
                     s_a, _ = _score(model, b)
                     g_a = torch.autograd.grad(s_a.sum(), [scaled[layer] for layer in range(L)])
@@ -196,10 +197,55 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
                 g = out_grads[layer].detach().double()
                 W = heads.matrix(layer).detach().to(g.device, torch.float64)
                 Wo = other_heads.matrix(layer).detach().to(g.device, torch.float64)
-                diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - zb[layer].double() * (g @ W)
+                mine = zb[layer].double() * (g @ W)
+                diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - mine
                 pred[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
+                diff = own[layer].to(g.device, torch.float64) * (g @ Wo) - mine
+                direct[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
     bar.close()
-    return Scan(attr / n, scores, zs, logits_all, blocks, None if pred is None else pred / n)
+    return Scan(attr / n, scores, zs, logits_all, blocks, None if pred is None else pred / n,
+                None if direct is None else direct / n)
+
+
+def _write_grads(model: nn.Module, b: Batch, n_layers: int) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """(dF/d(attn_out) of every layer along every path, later heads included; every block's input) of one forward:
+    the gradient of the attribution-patching estimates (which, unlike grad x act, do not hold later heads fixed)."""
+    zero: dict[int, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def add_zero(t: torch.Tensor, layer: int) -> torch.Tensor:
+        zero[layer] = torch.zeros_like(t, requires_grad=True)
+        return t + zero[layer]
+
+    def keep_input(t: torch.Tensor, layer: int) -> None:
+        inputs[layer] = t.detach()
+
+    with torch.enable_grad(), contextlib.ExitStack() as st:
+        for layer in range(n_layers):
+            st.enter_context(edit_at(model, Site(layer, "attn_out"), lambda t, layer=layer: add_zero(t, layer)))
+            st.enter_context(edit_at(model, Site(layer, "resid_pre"), lambda t, layer=layer: keep_input(t, layer)))
+        s, _ = _score(model, b)
+        grads = torch.autograd.grad(s.sum(), [zero[layer] for layer in range(n_layers)])
+    return list(grads), inputs
+
+
+@torch.no_grad()
+def _own_outputs(model: nn.Module, heads: Heads, inputs: dict[int, torch.Tensor], b: Batch) -> list[torch.Tensor]:
+    """Every layer's head outputs z (B, T, H * head_dim) of `model` when each of its decoder blocks reads the
+    given input (`inputs[layer]`, another model's input to that block) instead of its own previous block's output:
+    one forward, the layers' own change with their inputs held at the other model's."""
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(z: torch.Tensor, layer: int) -> None:
+        out[layer] = z
+
+    with contextlib.ExitStack() as st:
+        for layer in range(heads.n_layers):
+            st.enter_context(edit_at(model, Site(layer, "resid_pre"),
+                                     lambda t, layer=layer: inputs[layer].to(t.device, t.dtype)))
+            st.enter_context(edit_heads_at(model, heads, layer, lambda z, layer=layer: keep(z, layer)))
+        get_body(model)(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+    return [out[layer] for layer in range(heads.n_layers)]
 
 
 # --------------------------------------------------------------------------------------------- rankings
@@ -388,23 +434,25 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     """Attribution in both models, churn and overlap, single-head patching and zero ablation of the top heads and
     of a seeded random sample of the others, and the cumulative patching curve.
 
-    Heads are ranked for patching by `rank_by`: "pred" (|attribution-patching estimate|: the first-order effect
-    of patching the head, zero for a head whose output and weights did not change) or "delta" (|attribution in
-    tuned - attribution in base|, the seed's ranking; it also moves for heads that did not change, because
-    their gradient passes through parts that did).
+    Heads are ranked for patching by `rank_by`: "direct" (|the estimate for the head's own change|: zero for a
+    head whose weights did not change, even when heads before it changed what it reads), "pred"
+    (|attribution-patching estimate|: the first-order effect of patching the head's whole write, zero for a head
+    whose output and weights did not change; heads after a changed one relay part of its change and rank with
+    it) or "delta" (|attribution in tuned - attribution in base|, the seed's ranking; it also moves for heads
+    that did not change, because their gradient passes through parts that did).
 
-    Returns {"base", "tuned", "delta", "z_base", "z_tuned", "pred" (L, H) arrays, "patched" (one dict per
-    patched head), "curve" (cumulative rows), "metrics"}.
+    Returns {"base", "tuned", "delta", "z_base", "z_tuned", "pred", "direct" (L, H) arrays, "patched" (one dict
+    per patched head), "curve" (cumulative rows), "metrics"}.
     """
-    if rank_by not in ("pred", "delta"):
-        raise MechdiffError(f"rank_by must be pred or delta, got {rank_by!r}")
+    if rank_by not in RANK_BY:
+        raise MechdiffError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
     ts = attribution(tuned, batches, ig_steps=ig_steps, progress=progress)
     bs = attribution(base, batches, ig_steps=ig_steps, other=ts, other_model=tuned, progress=progress)
     delta = ts.attr - bs.attr
     zb, zt = zscores(bs.attr), zscores(ts.attr)
     L, H = delta.shape
     patcher = Patcher(base, tuned, batches, bs, ts)
-    order = top_heads(bs.pred if rank_by == "pred" else delta, L * H)
+    order = top_heads({"pred": bs.pred, "direct": bs.direct, "delta": delta}[rank_by], L * H)
     top = order[: min(int(n_patch), L * H)]
     rest = order[len(top):]
     rng = np.random.default_rng(int(seed))
@@ -417,6 +465,7 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
         patched.append({
             "layer": layer, "head": h, "group": group, "rank": order.index((layer, h)) + 1,
             "delta_attr": float(delta[layer, h]), "pred": float(bs.pred[layer, h]),
+            "direct": float(bs.direct[layer, h]),
             "attr_tuned": float(ts.attr[layer, h]), "patch_effect": p["effect"], "patch_share": p["share"],
             "patch_kl": p["kl"], "patch_kl_share": p["kl_share"], "zero_effect": zr["effect"], "zero_share": zr["share"],
         })
@@ -431,24 +480,28 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
         "churn": churn(zb, zt, z_threshold), "churn_abs": float(np.mean(np.abs(delta) > abs_threshold)),
         "n_churn": int(np.sum(np.abs(zt - zb) > z_threshold)),
         "jaccard_top_k": topk_jaccard(bs.attr, ts.attr, top_k), "top_k": int(top_k),
-        "churn_pred": float(np.mean(np.abs(bs.pred) > abs_threshold)), "rank_by": rank_by,
+        "churn_pred": float(np.mean(np.abs(bs.pred) > abs_threshold)),
+        "churn_direct": float(np.mean(np.abs(bs.direct) > abs_threshold)), "rank_by": rank_by,
         "spearman_patch": _spearman(np.abs(col.get("delta_attr", [])), np.abs(col.get("patch_share", []))),
         "spearman_zero": _spearman(np.abs(col.get("attr_tuned", [])), np.abs(col.get("zero_share", []))),
         "spearman_pred": _spearman(col.get("pred", []), col.get("patch_share", [])),
+        "spearman_direct": _spearman(col.get("direct", []), col.get("patch_share", [])),
         "heads_for_target": n_target, "target_effect": float(target_effect),
         "share_all_heads": curve[-1]["share"], "share_top1": curve[0]["share"],
         "top_base": [list(x) for x in top_heads(bs.attr, 5)], "top_tuned": [list(x) for x in top_heads(ts.attr, 5)],
         "top_delta": [list(x) for x in top_heads(delta, 5)], "top_pred": [list(x) for x in top_heads(bs.pred, 5)],
+        "top_direct": [list(x) for x in top_heads(bs.direct, 5)],
     }
     return {"base": bs.attr, "tuned": ts.attr, "delta": delta, "z_base": zb, "z_tuned": zt, "pred": bs.pred,
-            "patched": patched, "curve": curve, "metrics": metrics}
+            "direct": bs.direct, "patched": patched, "curve": curve, "metrics": metrics}
 
 
 def head_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per head (layer, head, attributions, z-scores, delta z, attribution-patching estimate)."""
+    """One row per head (layer, head, attributions, z-scores, delta z, attribution-patching estimates)."""
     L, H = res["delta"].shape
     return [{"layer": layer, "head": h, "label": f"L{layer}H{h}", "base": float(res["base"][layer, h]),
              "tuned": float(res["tuned"][layer, h]), "delta": float(res["delta"][layer, h]),
              "z_base": float(res["z_base"][layer, h]), "z_tuned": float(res["z_tuned"][layer, h]),
-             "dz": float(res["z_tuned"][layer, h] - res["z_base"][layer, h]), "pred": float(res["pred"][layer, h])}
+             "dz": float(res["z_tuned"][layer, h] - res["z_base"][layer, h]), "pred": float(res["pred"][layer, h]),
+             "direct": float(res["direct"][layer, h])}
             for layer in range(L) for h in range(H)]

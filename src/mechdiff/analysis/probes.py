@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -33,7 +33,8 @@ STRATEGIES = ("hidden->concept", "hidden->feature", "embedding->feature")
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How probes are fitted: CV folds, L2 strengths, forest size, seed, parallel jobs (forest only)."""
+    """How probes are fitted: CV folds, L2 strengths, forest size, seed, worker processes (`probe_by_layer` runs its
+    sites in that many; a random forest fitted alone uses them for its trees)."""
 
     folds: int = 5
     C: float = 1.0            # logistic regression (and SVC) inverse L2 strength
@@ -319,24 +320,41 @@ def probe_by_layer(tasks: Sequence[Task], sites: Sequence[str], read: Callable[[
                    layer_of: Callable[[str], int] | None = None, progress: bool = False) -> list[dict]:
     """Run every task at every site for every model: the curve estimator everywhere, every estimator of
     `estimators` at `compare_sites`. `read(model, site)` gives the (n_prompts, d) inputs in row order (a site may
-    be any key, e.g. 'embedding'). Rows: task, strategy, model, site, layer, estimator, cv_mean, cv_sd, test, ..."""
+    be any key, e.g. 'embedding'). Rows: task, strategy, model, site, layer, estimator, cv_mean, cv_sd, test, ...
+    With `settings.n_jobs` > 1 the (model, site) pairs run in that many worker processes, in the same order and
+    with the same results."""
+    from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
-    rows: list[dict] = []
     jobs = [(m, s) for s in sites for m in models]
-    for m, s in tqdm(jobs, desc="probes", disable=not progress, leave=False):
-        X = read(m, s)
-        for t in tasks:
-            ests = [curve_estimator(t.kind)]
-            if s in compare_sites:
-                ests += [e for e in estimators if e not in ests and not (e == "logistic" and t.kind == "regress")]
-            for e in ests:
-                r = probe(X[t.train], t.y_train[m], t.groups, X[t.test], t.y_test[m], kind=t.kind, estimator=e,
-                          settings=settings, graded=t.graded)
-                rows.append({"task": t.name, "strategy": t.strategy, "model": m, "site": s,
-                             "layer": layer_of(s) if layer_of else None, "estimator": e,
-                             "cv_mean": r.cv_mean, "cv_sd": r.cv_sd, "test": r.test, "train": r.train,
-                             "spearman": r.spearman, "n_train": r.n_train, "n_test": r.n_test})
+    workers = min(int(settings.n_jobs), len(jobs))
+    inner = replace(settings, n_jobs=1) if workers > 1 else settings
+    args = ((read(m, s), tasks, m, s, s in compare_sites, estimators, inner, layer_of(s) if layer_of else None)
+            for m, s in jobs)  # read lazily: joblib dispatches a few jobs ahead, not every site's matrix at once
+    if workers > 1:  # same fits, same results: each fit runs on one BLAS thread either way (`probe`)
+        out = Parallel(n_jobs=workers, backend="loky", return_as="generator")(delayed(_site_rows)(*a) for a in args)
+    else:
+        out = (_site_rows(*a) for a in args)
+    rows: list[dict] = []
+    for got in tqdm(out, total=len(jobs), desc="probes", disable=not progress, leave=False):
+        rows += got
+    return rows
+
+
+def _site_rows(X: np.ndarray, tasks: Sequence[Task], m: str, s: str, compare: bool, estimators: Sequence[str],
+               settings: ProbeSettings, layer: int | None) -> list[dict]:
+    """Every task's probe rows of one model at one site (`probe_by_layer`'s unit of work)."""
+    rows = []
+    for t in tasks:
+        ests = [curve_estimator(t.kind)]
+        if compare:
+            ests += [e for e in estimators if e not in ests and not (e == "logistic" and t.kind == "regress")]
+        for e in ests:
+            r = probe(X[t.train], t.y_train[m], t.groups, X[t.test], t.y_test[m], kind=t.kind, estimator=e,
+                      settings=settings, graded=t.graded)
+            rows.append({"task": t.name, "strategy": t.strategy, "model": m, "site": s, "layer": layer,
+                         "estimator": e, "cv_mean": r.cv_mean, "cv_sd": r.cv_sd, "test": r.test, "train": r.train,
+                         "spearman": r.spearman, "n_train": r.n_train, "n_test": r.n_test})
     return rows
 
 

@@ -29,11 +29,7 @@ DEFAULT_VIEWS = ["last", "mean"]
 
 def set_threads(threads: int | None = None) -> int:
     """Use `threads` torch threads (default: the CPUs this process may run on, never more); return the count."""
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        avail = os.cpu_count() or 1
-    n = int(threads) if threads else min(torch.get_num_threads(), avail)
+    n = int(threads) if threads else min(torch.get_num_threads(), _dist.available_cpus())
     if n < 1:
         raise MechdiffError(f"threads must be >= 1, got {threads}")
     if torch.get_num_threads() != n:

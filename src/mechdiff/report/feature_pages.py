@@ -637,16 +637,30 @@ class SparseCodes:
 
 
 def encode_sparse(sae: Any, X: np.ndarray, *, chunk: int = 4096) -> SparseCodes:
-    """`encode_rows` of every row of X, kept as `SparseCodes` (one pass; the same chunks, so the same values)."""
+    """`encode_rows` of every row of X, kept as `SparseCodes` (one pass; the same chunks, so the same values). An
+    SAE with `topk_codes` is never made dense: its k indices per row are the codes."""
+    import torch
+
     from mechdiff.sae.sources import encode_rows
 
     indptr, feats, vals = [np.zeros(1, dtype=np.int64)], [], []
     for s in range(0, len(X), chunk):
-        Z = encode_rows(sae, X[s : s + chunk], chunk=chunk)
-        r, f = np.nonzero(Z)
-        indptr.append(indptr[-1][-1] + np.cumsum(np.bincount(r, minlength=Z.shape[0])))
+        got = None
+        if hasattr(sae, "topk_codes"):
+            with torch.no_grad():
+                got = sae.topk_codes(torch.as_tensor(np.ascontiguousarray(X[s : s + chunk]), dtype=torch.float32))
+        if got is not None:
+            idx, z = got
+            keep = z > 0  # what `encode` leaves non-zero, row by row in feature order as np.nonzero lists it
+            counts = keep.sum(1).numpy()
+            f, v = idx[keep].numpy(), z[keep].numpy()
+        else:
+            Z = encode_rows(sae, X[s : s + chunk], chunk=chunk)
+            r, f = np.nonzero(Z)
+            counts, v = np.bincount(r, minlength=Z.shape[0]), Z[r, f]
+        indptr.append(indptr[-1][-1] + np.cumsum(counts))
         feats.append(f.astype(np.int32))
-        vals.append(Z[r, f])
+        vals.append(v)
     return SparseCodes(width=int(sae.width), indptr=np.concatenate(indptr),
                        feats=np.concatenate(feats) if feats else np.zeros(0, dtype=np.int32),
                        vals=np.concatenate(vals) if vals else np.zeros(0, dtype=np.float32))

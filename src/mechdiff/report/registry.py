@@ -330,15 +330,19 @@ STAGES: tuple[StageReport, ...] = (
                   "heads.abs_threshold), top-k Jaccard, Spearman of attribution against measured patch and "
                   "ablation effects, heads for the target share of the gap.",
                   {"spearman_patch": "|delta attribution| vs |patch share| over the patched heads",
-                   "spearman_pred": "attribution-patching estimate vs patch share"}),
+                   "spearman_pred": "attribution-patching estimate vs patch share",
+                   "spearman_direct": "direct estimate (the head's own change) vs patch share",
+                   "top_direct": "heads of largest |direct estimate|: the heads whose own weights carry the change"}),
             Table("heads-patch", "Single-head patching and ablation", plot("heads_patch.csv"), "csv",
                   "Top heads by heads.rank_by and a random sample of the others: the tuned head's write patched into "
                   "the base (share of the gap closed, KL to tuned), and zeroed in the tuned model.",
                   {"patch_share": "share of the base -> tuned gap the patch closes",
                    "zero_share": "share of the gap removed by zeroing the head in the tuned model",
-                   "pred": "attribution-patching estimate of the patch effect (nats)"}),
+                   "pred": "attribution-patching estimate of the patch effect (nats)",
+                   "direct": "the same for the head's own change alone (0 for a head whose weights did not change)"}),
             Table("heads-all", "Every head", plot("heads_attribution.csv"), "csv",
-                  "Attribution in base and tuned, delta, z-scores and the attribution-patching estimate per head."),
+                  "Attribution in base and tuned, delta, z-scores and the attribution-patching estimates (pred, "
+                  "direct) per head."),
         ),
         summary=(SummaryItem("Few heads or many", S.heads, "heads-metrics"),),
     ),

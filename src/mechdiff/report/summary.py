@@ -235,7 +235,7 @@ def heads(run: Run) -> list[Fact]:
             Fact(f"heads closing {m['target_effect']:.0%} of the gap", "not reached" if n is None else str(n),
                  f"all heads patched close {_num(m['share_all_heads'])}; Spearman of the ranking "
                  f"({m.get('rank_by', 'delta')}) vs measured patch "
-                 f"{_num(m['spearman_pred'] if m.get('rank_by') == 'pred' else m['spearman_patch'])}")]
+                 f"{_num(m.get({'pred': 'spearman_pred', 'direct': 'spearman_direct'}.get(m.get('rank_by'), 'spearman_patch')))}")]
 
 
 def gates(run: Run) -> list[Fact]:

@@ -252,6 +252,15 @@ class TopKSAE(nn.Module):
         vals, idx = pre.topk(self.k, dim=1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
+    def topk_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`encode` kept sparse: (feature indices (B, k) ascending per row, their latents (B, k), zeros included),
+        the same values `encode` scatters; None where `encode` thresholds instead (BatchTopK at inference)."""
+        if self.batchtopk and bool(self.threshold_set):
+            return None
+        vals, idx = self.pre_acts(self.normalize(x)).topk(self.k, dim=1, sorted=False)
+        idx, order = idx.sort(dim=1)
+        return idx, vals.gather(1, order).relu()
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction of dense latents."""
         return (z @ self.dec + self.b_pre) / self.input_scale
