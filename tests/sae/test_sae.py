@@ -289,6 +289,24 @@ def test_resume_matches_uninterrupted(tmp_path, batchtopk):
         train_sae(_stream(X, 64, 0), bad, tmp_path / "c", total_tokens=total, progress=False)
 
 
+def test_checkpoints_by_wall_time_resume_to_the_same_sae(tmp_path):
+    """With ckpt_every off and ckpt_seconds tiny, a checkpoint follows every step: a crash loses nothing, and the
+    resumed SAE equals the uninterrupted one bit for bit."""
+    X = np.random.default_rng(1).standard_normal((3000, 8)).astype(np.float32)
+    cfg = SAEConfig(d_in=8, width=32, k=3, batch_size=64, lr=3e-3, dead_tokens=128, ckpt_every=0,
+                    ckpt_seconds=1e-9, seed=2)
+    total = 16 * 64
+    ref = train_sae(_stream(X, 64, 0), cfg, tmp_path / "a", total_tokens=total, progress=False, log_every=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(_crashing(_stream(X, 64, 0), 11), cfg, tmp_path / "b", total_tokens=total, progress=False,
+                  log_every=4)
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 11
+    got = train_sae(_stream(X, 64, 0), cfg, tmp_path / "b", total_tokens=total, progress=False, log_every=4)
+    for (n, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+        assert torch.equal(p, q), n
+    assert ref.train_log == got.train_log
+
+
 def test_checkpoint_loads_without_project_and_metrics_match_numpy(tmp_path):
     from safetensors.numpy import load_file
     from sklearn.metrics import r2_score

@@ -7,9 +7,9 @@ input scale (unless given) and b_pre (its mean), then is trained on like every o
 Dead latents: a running counter of tokens since each latent last fired; a latent is dead once the counter
 reaches `dead_tokens` (default min(10M, total_tokens / 10), at least one batch).
 
-Checkpoints (every `ckpt_every` steps) go to `out_dir/checkpoints/step-<n>/` (SAE + optimizer state + dead
-counter + RNG state + log so far) and `out_dir/checkpoints/latest.json` points at the newest complete one
-(written last, by an atomic rename). On resume the trainer reloads it and skips the `step` batches that were
+Checkpoints (every `ckpt_every` steps, and once `ckpt_seconds` of training passed since the last one) go to
+`out_dir/checkpoints/step-<n>/` (SAE + optimizer state + dead counter + RNG state + log so far) and
+`out_dir/checkpoints/latest.json` points at the newest complete one (written last, by an atomic rename). On resume the trainer reloads it and skips the `step` batches that were
 already consumed: the caller's iterator must be deterministic (same seed, same order).
 
 Stopping: the run trains on at most `total_tokens` (the budget). With a held-out matrix `val` (rows never
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ class SAEConfig:
     beta2: float = 0.999
     resample_every: int = 0  # steps between dead-latent resamplings; 0 = off (AuxK only)
     ckpt_every: int = 500
+    ckpt_seconds: float = 60.0  # also checkpoint once this much wall time passed since the last (0 = steps only): a
+    #                             kill loses at most about this much (checkpoints never change what is trained)
     sparse: bool = True  # sparse decoder + sparse encoder backward (False: dense autograd reference)
     bf16: bool = False  # select the active latents with a bf16 encoder matmul (values and grads stay fp32)
     input_scale: float | None = None  # default: estimated from the first batch
@@ -376,6 +379,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
 
         bar = tqdm(total=total_steps, initial=st.step, desc="sae", unit="step", leave=False)
     last_info: dict = {}
+    last_ckpt = time.monotonic()
     try:
         while st.step < (st.cooldown[1] if st.cooldown is not None else total_steps):
             try:
@@ -454,8 +458,11 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_pct']:.1f}%")
             if bar is not None:
                 bar.update(1)
-            if out is not None and cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < end:
+            if out is not None and st.step < end and (
+                    (cfg.ckpt_every and st.step % cfg.ckpt_every == 0)
+                    or (cfg.ckpt_seconds and time.monotonic() - last_ckpt >= cfg.ckpt_seconds)):
                 _save_checkpoint(out, sae, opt, st, cfg)
+                last_ckpt = time.monotonic()
     finally:
         if bar is not None:
             bar.close()
