@@ -10,6 +10,9 @@ attention shares keys and values, not outputs, so every query head is one block)
   heads' outputs as independent inputs (each a leaf: a change in one head does not spill into the attribution
   of every head that feeds it); with `ig_steps` > 0, integrated gradients along the straight path from all head
   outputs 0 to their values (the heads then add up to f(z) - f(all heads 0), up to the quadrature error).
+- The estimates (base scan with the tuned scan): `pred`, the first-order effect of patching a head's write in from
+  the tuned model, and `direct`, the same for the head's own weight change alone (0 for an unchanged head, even
+  one that reads a changed residual stream).
 - `zscores`, `churn`, `topk_jaccard`: how the two models' head rankings differ.
 - `Patcher`: a head's write into the residual stream, z_h W_h^T, replaced in the base by the tuned model's
   (patch: the tuned activation through the tuned weights, so a change in the head's own output weights counts),
@@ -127,7 +130,8 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
 
     With `other` (the other model's scan on the same batches) and `other_model`, also the attribution-patching
     estimate of patching each head in from the other model: sum over positions of
-    (z'_h W'_h^T - z_h W_h^T) . dF/d(attn_out) (`pred`), and the same for the head's own change alone (`direct`):
+    (z'_h W'_h^T - z_h W_h^T) . dF/d(attn_out) (`pred`; the total gradient, later heads included, from a second
+    backward: `_write_grads`), and the same for the head's own change alone (`direct`):
     z'_h there is the other model's layer (its norm, query, key, value weights) run on this model's input to the
     layer, so a head whose weights did not change has a direct estimate of exactly 0 even when heads before it
     changed what it reads.
