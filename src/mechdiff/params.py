@@ -328,7 +328,8 @@ class ProbesParams(_Section):
             raise MechdiffError(f"params.yaml: probes.estimators entry {bad[0] if bad else None!r}; choose from "
                                 "logistic, ridge, forest, svm")
         if self.folds < 2 or self.n_trees < 1 or self.n_features < 1 or (self.n_jobs is not None and self.n_jobs < 1):
-            raise MechdiffError("params.yaml: probes.folds must be >= 2 and probes.n_trees, n_features, n_jobs >= 1")
+            raise MechdiffError("params.yaml: probes.folds must be >= 2 and probes.n_trees, n_features >= 1; "
+                                "probes.n_jobs >= 1 or null (every CPU)")
         if self.C <= 0 or self.ridge_alpha <= 0:
             raise MechdiffError(f"params.yaml: probes.C and probes.ridge_alpha must be > 0, got {self.C}, {self.ridge_alpha}")
         if not self.sparse_k or any(k < 1 for k in self.sparse_k):

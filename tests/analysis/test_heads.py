@@ -114,6 +114,20 @@ def test_churn_pred_at_a_threshold_counts_the_planted_heads(world):
     assert again["metrics"]["churn_pred"] == pytest.approx(2 / 16)
 
 
+def test_rank_by_direct_puts_the_planted_heads_first_then_the_relays(world):
+    """rank_by direct: the planted heads first; the heads tied at a direct estimate of 0 follow by |pred| (those
+    relaying the change before the untouched ones), not by index."""
+    base, tuned, batches, res = _planted(world, [0, 3])
+    again = diff_heads(base, tuned, batches, rank_by="direct", n_patch=6, n_random=0)
+    order = [(r["layer"], r["head"]) for r in again["patched"]]
+    assert set(order[:2]) == {(1, 0), (1, 3)}
+    rest = [lh for lh in np.ndindex(4, 4) if lh not in {(1, 0), (1, 3)}]
+    by_pred = sorted(rest, key=lambda lh: (-abs(res["pred"][lh]), lh))
+    assert order[2:] == by_pred[:4]
+    assert abs(res["pred"][order[2]]) > 0 and order[2][0] > 1  # a relay after the planted layer
+    assert again["metrics"]["rank_by"] == "direct"
+
+
 def test_block_reuse_gives_the_full_forward(world, monkeypatch):
     """Patching with the blocks before the first patched layer skipped equals running every block."""
     import mechdiff.analysis.heads as H

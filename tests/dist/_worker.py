@@ -64,8 +64,8 @@ def sae_batches(seed: int = 0) -> list[np.ndarray]:
 def sae_config(seed: int = 0, ckpt_every: int = 500):
     from mechdiff.sae import SAEConfig
 
-    return SAEConfig(d_in=D_IN, width=WIDTH, k=K, batch_size=BATCH, seed=seed, ckpt_every=ckpt_every, dead_tokens=128,
-                     lr=3e-3)
+    return SAEConfig(d_in=D_IN, width=WIDTH, k=K, batch_size=BATCH, seed=seed, ckpt_every=ckpt_every, ckpt_seconds=0,
+                     dead_tokens=128, lr=3e-3)
 
 
 def run_sae(out: str, *, seed: int = 0, ddp: bool = False, ckpt_every: int = 500) -> None:

@@ -50,7 +50,8 @@ def batches(X: np.ndarray, epochs: int, seed: int = 0, bs: int = 256):
 
 
 def train(m: HierarchicalSAE, X: np.ndarray, epochs: int, out=None, **kw) -> HierarchicalSAE:
-    cfg = SAEConfig(d_in=D, width=m.width, k=m.k, batch_size=256, lr=2e-3, seed=0, ckpt_every=kw.pop("ckpt", 500))
+    cfg = SAEConfig(d_in=D, width=m.width, k=m.k, batch_size=256, lr=2e-3, seed=0, ckpt_every=kw.pop("ckpt", 500),
+                    ckpt_seconds=0)
     return train_sae(batches(X, epochs), cfg, out, total_tokens=len(X) * epochs, progress=False, model=m, **kw)
 
 

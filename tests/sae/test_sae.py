@@ -266,7 +266,7 @@ def _crashing(it, n):
 def test_resume_matches_uninterrupted(tmp_path, batchtopk):
     X = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
     cfg = SAEConfig(d_in=8, width=32, k=3, batch_size=64, lr=3e-3, batchtopk=batchtopk, dead_tokens=128,
-                    resample_every=4, ckpt_every=5, seed=1)
+                    resample_every=4, ckpt_every=5, ckpt_seconds=0, seed=1)
     total = 20 * 64
     ref = train_sae(_stream(X, 64, 0), cfg, tmp_path / "a", total_tokens=total, progress=False, log_every=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -285,6 +285,9 @@ def test_resume_matches_uninterrupted(tmp_path, batchtopk):
     with pytest.raises(RuntimeError):
         train_sae(_crashing(_stream(X, 64, 0), 6), cfg, tmp_path / "c", total_tokens=total, progress=False)
     bad = SAEConfig(d_in=8, width=64, k=3, batch_size=64, ckpt_every=5, seed=1)
+    for wrong in ({"ckpt_seconds": float("nan")}, {"ckpt_seconds": -1}, {"ckpt_every": -5}, {"ckpt_every": 2.5}):
+        with pytest.raises(MechdiffError, match="ckpt_"):
+            SAEConfig(d_in=8, width=64, k=3, batch_size=64, **wrong).validate()
     with pytest.raises(MechdiffError, match="width"):
         train_sae(_stream(X, 64, 0), bad, tmp_path / "c", total_tokens=total, progress=False)
 

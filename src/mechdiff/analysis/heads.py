@@ -18,7 +18,7 @@ attention shares keys and values, not outputs, so every query head is one block)
   (patch: the tuned activation through the tuned weights, so a change in the head's own output weights counts),
   or zeroed in the tuned model (zero); the behaviour change as a share of the base -> tuned gap and the KL to
   the tuned model's next-token distributions on the continuation.
-- `cumulative`: the top 1, 2, 4, ... heads (by the estimate, or by |delta attribution|) patched together, and the
+- `cumulative`: the top 1, 2, 4, ... heads (by an estimate, or by |delta attribution|) patched together, and the
   fewest heads that close a target share of the gap (by bisection between the powers of two).
 - `diff_heads`: all of it for one pair.
 """
@@ -182,7 +182,10 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
         grads = list(got)
         if pred is not None:
             out_grads, inputs = _write_grads(model, b, L)
-            own = _own_outputs(other_model, other_heads, inputs, b)
+            # both sides of the direct estimate from the same kind of forward (no grad, each block fed the same
+            # input), so a layer whose weights did not change gives exactly 0 whatever kernels each path uses
+            own_other = _own_outputs(other_model, other_heads, inputs, b)
+            own_mine = _own_outputs(model, heads, inputs, b)
         if ig_steps:
             grads = [torch.zeros_like(g) for g in grads]
             for i in range(ig_steps):
@@ -204,7 +207,8 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
                 mine = zb[layer].double() * (g @ W)
                 diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - mine
                 pred[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
-                diff = own[layer].to(g.device, torch.float64) * (g @ Wo) - mine
+                diff = (own_other[layer].to(g.device, torch.float64) * (g @ Wo)
+                        - own_mine[layer].to(g.device, torch.float64) * (g @ W))
                 direct[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
     bar.close()
     return Scan(attr / n, scores, zs, logits_all, blocks, None if pred is None else pred / n,
@@ -439,7 +443,8 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     of a seeded random sample of the others, and the cumulative patching curve.
 
     Heads are ranked for patching by `rank_by`: "direct" (|the estimate for the head's own change|: zero for a
-    head whose weights did not change, even when heads before it changed what it reads), "pred"
+    head whose weights and layer norm did not change, even when heads before it changed what it reads; ties
+    broken by |pred|), "pred"
     (|attribution-patching estimate|: the first-order effect of patching the head's whole write, zero for a head
     whose output and weights did not change; heads after a changed one relay part of its change and rank with
     it) or "delta" (|attribution in tuned - attribution in base|, the seed's ranking; it also moves for heads
@@ -456,7 +461,11 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     zb, zt = zscores(bs.attr), zscores(ts.attr)
     L, H = delta.shape
     patcher = Patcher(base, tuned, batches, bs, ts)
-    order = top_heads({"pred": bs.pred, "direct": bs.direct, "delta": delta}[rank_by], L * H)
+    if rank_by == "direct":  # heads whose weights did not change tie at 0: those relaying the change come first
+        order = [tuple(int(x) for x in np.unravel_index(i, (L, H)))
+                 for i in np.lexsort((-np.abs(bs.pred).ravel(), -np.abs(bs.direct).ravel()))]
+    else:
+        order = top_heads(bs.pred if rank_by == "pred" else delta, L * H)
     top = order[: min(int(n_patch), L * H)]
     rest = order[len(top):]
     rng = np.random.default_rng(int(seed))

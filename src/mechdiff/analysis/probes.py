@@ -330,9 +330,10 @@ def probe_by_layer(tasks: Sequence[Task], sites: Sequence[str], read: Callable[[
     workers = min(int(settings.n_jobs), len(jobs))
     inner = replace(settings, n_jobs=1) if workers > 1 else settings
     args = ((read(m, s), tasks, m, s, s in compare_sites, estimators, inner, layer_of(s) if layer_of else None)
-            for m, s in jobs)  # read lazily: joblib dispatches a few jobs ahead, not every site's matrix at once
+            for m, s in jobs)  # read lazily (one job per worker ahead), not every site's matrix at once
     if workers > 1:  # same fits, same results: each fit runs on one BLAS thread either way (`probe`)
-        out = Parallel(n_jobs=workers, backend="loky", return_as="generator")(delayed(_site_rows)(*a) for a in args)
+        out = Parallel(n_jobs=workers, backend="loky", return_as="generator", pre_dispatch="n_jobs")(
+            delayed(_site_rows)(*a) for a in args)
     else:
         out = (_site_rows(*a) for a in args)
     rows: list[dict] = []

@@ -651,7 +651,7 @@ def encode_sparse(sae: Any, X: np.ndarray, *, chunk: int = 4096) -> SparseCodes:
                 got = sae.topk_codes(torch.as_tensor(np.ascontiguousarray(X[s : s + chunk]), dtype=torch.float32))
         if got is not None:
             idx, z = got
-            keep = z > 0  # what `encode` leaves non-zero, row by row in feature order as np.nonzero lists it
+            keep = z != 0  # what np.nonzero finds in `encode`'s latents, row by row in feature order
             counts = keep.sum(1).numpy()
             f, v = idx[keep].numpy(), z[keep].numpy()
         else:

@@ -339,7 +339,8 @@ STAGES: tuple[StageReport, ...] = (
                   {"patch_share": "share of the base -> tuned gap the patch closes",
                    "zero_share": "share of the gap removed by zeroing the head in the tuned model",
                    "pred": "attribution-patching estimate of the patch effect (nats)",
-                   "direct": "the same for the head's own change alone (0 for a head whose weights did not change)"}),
+                   "direct": "the same for the head's own change alone (0 for a head whose weights and layer norm did "
+                             "not change)"}),
             Table("heads-all", "Every head", plot("heads_attribution.csv"), "csv",
                   "Attribution in base and tuned, delta, z-scores and the attribution-patching estimates (pred, "
                   "direct) per head."),

@@ -94,6 +94,13 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise MechdiffError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.ckpt_every, int) or isinstance(self.ckpt_every, bool) or self.ckpt_every < 0:
+            raise MechdiffError(f"SAEConfig.ckpt_every must be an int >= 0 (0: no step checkpoints), got "
+                                f"{self.ckpt_every!r}")
+        if (not isinstance(self.ckpt_seconds, int | float) or isinstance(self.ckpt_seconds, bool)
+                or not math.isfinite(self.ckpt_seconds) or self.ckpt_seconds < 0):
+            raise MechdiffError(f"SAEConfig.ckpt_seconds must be a finite number >= 0 (0: no timed checkpoints), "
+                                f"got {self.ckpt_seconds!r}")
         if not (0 <= self.plateau_tol < 1):
             raise MechdiffError(f"SAEConfig.plateau_tol must lie in [0, 1), got {self.plateau_tol!r}")
 
