@@ -314,6 +314,27 @@ def test_iter_batches_covers_each_row_once_shuffled_and_seeded(tmp_path):
         next(st.iter_batches("L0.resid_pre", "last", 0))
 
 
+@pytest.mark.parametrize("rows", [None, np.arange(0, 600, 3)])
+def test_iter_batches_cache_reads_once_and_changes_no_batch(tmp_path, monkeypatch, rows):
+    """Over several epochs the selected rows are read from the store once (when they fit in cache_bytes), and
+    every batch equals the streamed one (cache_bytes=0), bit for bit."""
+    st = _labelled_store(tmp_path)
+    calls = []
+    read = type(st)._read_range
+    monkeypatch.setattr(type(st), "_read_range", lambda self, *a: calls.append(a) or read(self, *a))
+    kw = dict(rows=rows, seed=3, buffer_rows=256, epochs=3)
+    streamed = list(st.iter_batches("L0.resid_pre", "tokens", 50, cache_bytes=0, **kw))
+    n_streamed, calls[:] = len(calls), []
+    cached = list(st.iter_batches("L0.resid_pre", "tokens", 50, **kw))
+    assert len(calls) * 3 == n_streamed and len(set(calls)) == len(calls)  # each block once instead of per epoch
+    assert len(cached) == len(streamed)
+    for a, b in zip(cached, streamed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    calls[:] = []
+    small = list(st.iter_batches("L0.resid_pre", "tokens", 50, cache_bytes=100, **kw))  # does not fit: streams
+    assert len(calls) == n_streamed and all(np.array_equal(a, b) for a, b in zip(small, streamed, strict=True))
+
+
 def test_delta_view_and_materialise(tmp_path):
     db, dt = make_data(seed=1), make_data(seed=2)
     base = write_all(tmp_path / "base.zarr", db)

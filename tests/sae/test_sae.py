@@ -110,8 +110,14 @@ def test_crosscoder_and_delta_find_tuned_only_atoms():
     assert (_max_cos(Nw, ds.W_dec.detach().numpy()) >= 0.9).all()
 
 
+@pytest.mark.parametrize("aux_fill,dead_every", [(0, 4), (4, 4), (4, 16), (3, 2)])
 @pytest.mark.parametrize("batchtopk,n_blocks", [(False, 1), (True, 1), (False, 2), (True, 2)])
-def test_sparse_gradients_equal_dense(batchtopk, n_blocks):
+def test_sparse_gradients_equal_dense(batchtopk, n_blocks, aux_fill, dead_every, monkeypatch):
+    """Both AuxK forms match the autograd reference: pairs (fill 0, or 24 dead > 3 x k_aux), dense over the dead
+    columns with a top-k_aux mask (12 dead) and without one (3 dead <= k_aux: every dead column selected)."""
+    import mechdiff.sae.model as sae_model
+
+    monkeypatch.setattr(sae_model, "AUX_DENSE_FILL", aux_fill)
     sae = TopKSAE(12, 48, 4, k_aux=6, batchtopk=batchtopk, n_blocks=n_blocks, seed=3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -119,7 +125,7 @@ def test_sparse_gradients_equal_dense(batchtopk, n_blocks):
         sae.b_pre.normal_(generator=g)
     x = torch.randn(40, 12 * n_blocks, generator=g)
     dead = torch.zeros(48, dtype=torch.bool)
-    dead[::4] = True
+    dead[::dead_every] = True
     grads, losses = [], []
     for sparse in (True, False):
         sae.zero_grad()
@@ -146,15 +152,20 @@ def test_sparse_gradients_equal_dense(batchtopk, n_blocks):
         e = x - xh
         pd = pre.clone()
         pd[:, ~dead] = -torch.inf
-        va, ia = pd.topk(6, dim=1)
+        va, ia = pd.topk(min(6, int(dead.sum())), dim=1)
         eh = torch.zeros_like(pre).scatter(1, ia, va.relu()) @ sae.dec
         aux = ((eh - e) ** 2).sum() / (e ** 2).sum()
     assert losses[0] == pytest.approx(float(main + aux / 32), rel=1e-5)
 
 
+@pytest.mark.parametrize("aux_fill", [0, 4])
 @pytest.mark.parametrize("batchtopk", [False, True])
-def test_sparse_kernels_with_bf16_selection_and_input_grad_match_dense(batchtopk):
-    """bf16 selection (values recomputed in fp32 by sampled dot products) and d loss / d x: sparse == dense."""
+def test_sparse_kernels_with_bf16_selection_and_input_grad_match_dense(batchtopk, aux_fill, monkeypatch):
+    """bf16 selection (values recomputed in fp32 by sampled dot products) and d loss / d x: sparse == dense,
+    with AuxK as pairs (fill 0) or dense over the 13 dead columns."""
+    import mechdiff.sae.model as sae_model
+
+    monkeypatch.setattr(sae_model, "AUX_DENSE_FILL", aux_fill)
     sae = TopKSAE(10, 40, 3, k_aux=5, batchtopk=batchtopk, seed=5)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -196,13 +196,15 @@ class _Reader:
 
     def iter_batches(
         self, site: str, view: str, batch_size: int, *, rows: np.ndarray | None = None, shuffle: bool = True,
-        seed: int = 0, buffer_rows: int = 65536, epochs: int = 1,
+        seed: int = 0, buffer_rows: int = 65536, epochs: int = 1, cache_bytes: int = 1 << 30,
     ) -> Iterator[np.ndarray]:
         """Stream float32 batches of `batch_size` rows (the last one of each epoch may be smaller).
 
         Blocks of one chunk are read in random order and shuffled again within a buffer of `buffer_rows`, so
         the whole array is never loaded. `rows` restricts to those row indices (token rows for 'tokens').
-        Every selected row appears exactly once per epoch; the order is fixed by `seed`.
+        Every selected row appears exactly once per epoch; the order is fixed by `seed`. Over several epochs,
+        selected rows that fit in `cache_bytes` are read from the store once and kept (0: always stream);
+        the batches are the same either way.
         """
         if batch_size < 1 or buffer_rows < 1 or epochs < 1:
             raise MechdiffError("iter_batches: batch_size, buffer_rows and epochs must all be >= 1")
@@ -212,15 +214,22 @@ class _Reader:
         block_ids = np.arange(math.ceil(total / blk)) if sel is None else np.unique(sel // blk)
         rng = np.random.default_rng(seed)
         buf: np.ndarray | None = None  # one preallocated buffer: held rows live in buf[:held]
+        kept: dict[int, np.ndarray] | None = None  # block -> its selected rows, when they fit in cache_bytes
         for _ in range(epochs):
             order = rng.permutation(block_ids) if shuffle else block_ids
             held = 0
             for b in order:
                 a0, a1 = int(b) * blk, min(total, (int(b) + 1) * blk)
-                x = self._read_range(site, view, a0, a1)
-                if sel is not None:
-                    lo, hi = np.searchsorted(sel, [a0, a1])
-                    x = x[sel[lo:hi] - a0]
+                x = kept.get(int(b)) if kept is not None else None
+                if x is None:
+                    x = self._read_range(site, view, a0, a1)
+                    if sel is not None:
+                        lo, hi = np.searchsorted(sel, [a0, a1])
+                        x = x[sel[lo:hi] - a0]
+                    if kept is None and epochs > 1 and (total if sel is None else len(sel)) * x.shape[1] * 4 <= cache_bytes:
+                        kept = {}
+                    if kept is not None:
+                        kept[int(b)] = x
                 if buf is None:
                     buf = np.empty((max(buffer_rows, batch_size) + blk, x.shape[1]), dtype=np.float32)
                 buf[held : held + len(x)] = x

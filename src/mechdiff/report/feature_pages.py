@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mechdiff.errors import MechdiffError
+from mechdiff.sae.sources import SparseCodes, encode_sparse
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -599,73 +600,6 @@ def page_order(picks: Mapping[PickKey, Any]) -> list[PickKey]:
 # --------------------------------------------------------------------------------------------------- encodings
 
 
-@dataclass
-class SparseCodes:
-    """An SAE's activations on token rows kept sparsely (CSR: the nonzero entries of each row), exact: any feature
-    column or block of rows comes back as `encode_rows` gave it."""
-
-    width: int
-    indptr: np.ndarray  # (n_rows + 1,)
-    feats: np.ndarray  # (nnz,) feature of each entry
-    vals: np.ndarray  # (nnz,) float32 activation of each entry
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.indptr.size - 1)
-
-    def columns(self, features: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Dense (n_rows, len(features)) activations of the given features."""
-        fi = np.asarray(features, dtype=np.int64).reshape(-1)
-        out = np.zeros((self.n_rows, fi.size), dtype=self.vals.dtype)
-        lut = np.full(self.width, -1, dtype=np.int64)
-        lut[fi] = np.arange(fi.size)
-        col = lut[self.feats]
-        m = col >= 0
-        rows = np.repeat(np.arange(self.n_rows), np.diff(self.indptr))
-        out[rows[m], col[m]] = self.vals[m]
-        return out
-
-    def dense(self, rows: np.ndarray) -> np.ndarray:
-        """Dense (len(rows), width) activations of the given rows (positions into the encoded rows)."""
-        r = np.asarray(rows, dtype=np.int64)
-        counts = self.indptr[r + 1] - self.indptr[r]
-        starts = np.repeat(self.indptr[r] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        at = starts + np.arange(int(counts.sum()))
-        out = np.zeros((r.size, self.width), dtype=self.vals.dtype)
-        out[np.repeat(np.arange(r.size), counts), self.feats[at]] = self.vals[at]
-        return out
-
-
-def encode_sparse(sae: Any, X: np.ndarray, *, chunk: int = 4096) -> SparseCodes:
-    """`encode_rows` of every row of X, kept as `SparseCodes` (one pass; the same chunks, so the same values). An
-    SAE with `topk_codes` is never made dense: its k indices per row are the codes."""
-    import torch
-
-    from mechdiff.sae.sources import encode_rows
-
-    indptr, feats, vals = [np.zeros(1, dtype=np.int64)], [], []
-    for s in range(0, len(X), chunk):
-        got = None
-        if hasattr(sae, "topk_codes"):
-            with torch.no_grad():
-                got = sae.topk_codes(torch.as_tensor(np.ascontiguousarray(X[s : s + chunk]), dtype=torch.float32))
-        if got is not None:
-            idx, z = got
-            keep = z != 0  # what np.nonzero finds in `encode`'s latents, row by row in feature order
-            counts = keep.sum(1).numpy()
-            f, v = idx[keep].numpy(), z[keep].numpy()
-        else:
-            Z = encode_rows(sae, X[s : s + chunk], chunk=chunk)
-            r, f = np.nonzero(Z)
-            counts, v = np.bincount(r, minlength=Z.shape[0]), Z[r, f]
-        indptr.append(indptr[-1][-1] + np.cumsum(counts))
-        feats.append(f.astype(np.int32))
-        vals.append(v)
-    return SparseCodes(width=int(sae.width), indptr=np.concatenate(indptr),
-                       feats=np.concatenate(feats) if feats else np.zeros(0, dtype=np.int32),
-                       vals=np.concatenate(vals) if vals else np.zeros(0, dtype=np.float32))
-
-
 def prompt_means(codes: SparseCodes, row_prompt: np.ndarray, prompt_rows: np.ndarray, *,
                  chunk_prompts: int = 256) -> np.ndarray:
     """Per-prompt mean activations (len(prompt_rows), width) over each prompt's encoded rows, as
@@ -676,13 +610,7 @@ def prompt_means(codes: SparseCodes, row_prompt: np.ndarray, prompt_rows: np.nda
     for s in range(0, len(prompt_rows), chunk_prompts):
         pr = np.asarray(prompt_rows[s : s + chunk_prompts], dtype=np.int64)
         at = np.flatnonzero(np.isin(rp, pr))
-        Z = codes.dense(at)
-        owner = rp[at]
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        lens = np.diff(np.r_[starts, len(owner)])
-        if len(lens) != len(pr):
-            raise MechdiffError("a prompt has a single token: per-prompt SAE activations need longer prompts")
-        out.append(np.add.reduceat(Z, starts, axis=0) / lens[:, None])
+        out.append(codes.run_means(rp[at], len(pr), rows=at))
     return np.concatenate(out)
 
 
