@@ -217,7 +217,7 @@ class Behaviour(_Section):
     refusal_patterns: list[str] = field(default_factory=lambda: [
         r"\bI (can(?:not|'t)|am unable)\b", r"\bI must not\b", r"\bI will not\b"])
     max_prompts: int = 200
-    batch_size: int = 16
+    batch_size: int = 64
     n_boot: int = 1000
 
 
