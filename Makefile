@@ -47,6 +47,7 @@ bench: setup  ## benchmarks (extraction, patching, SAE training) printing ratios
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_patch.py
 	$(BIN)/python bench/bench_sae.py
+	$(BIN)/python bench/bench_auxk.py
 
 bench-gpu: setup  ## GPU benchmarks (extraction vs plain HF, SAE vs SAELens) on CUDA; says so and exits without a GPU
 	$(BIN)/python bench/bench_gpu.py --json bench/gpu.json
