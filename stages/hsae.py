@@ -100,6 +100,7 @@ def main() -> None:
                 batches = source_batches(which, stores["base"], stores["tuned"], site.name, h.view, train_rows,
                                          batch_size=h.batch_size, seed=p.seed, epochs=h.epochs)
                 train_sae(batches, cfg, out, total_tokens=len(train_rows) * h.epochs, resume=resumed, model=m)
+                del batches  # and the training rows it may keep in memory
                 mark_complete(out)
             m = load_hsae(out)
             res, per, match = evaluate_hsae(

@@ -270,6 +270,8 @@ def test_sparse_codes_and_prompt_means_equal_dense() -> None:
     chosen = np.array([1, 2, 5, 8])
     m = prompt_means(codes, row_prompt, chosen, chunk_prompts=3)
     assert np.allclose(m, np.stack([Z[row_prompt == p].mean(0) for p in chosen]))
+    with pytest.raises(MechdiffError, match="one owner per row"):  # an owner too many would skew the last mean
+        codes.run_means(np.r_[row_prompt, row_prompt[-1]], 9)
 
 
 def test_sparse_codes_of_a_topk_sae_equal_its_dense_encoding() -> None:

@@ -42,6 +42,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,14 @@ class _Pattern:
         """(width, D) matrix G[c] = sum over pairs n with cols[n] = c of w[n] * table[rows[n]]."""
         perm, rows_c, off = self.by_col()
         return _bag(rows_c, table, off, w[perm])
+
+
+class _DeadColumns(NamedTuple):
+    """The dense form of an AuxK selection: the dead latents' ids and a (B, n_dead) bool mask of the ones selected
+    per row (None: every dead latent is selected in every row)."""
+
+    idx: torch.Tensor
+    mask: torch.Tensor | None
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -341,24 +350,25 @@ class TopKSAE(nn.Module):
         return _Pattern(rows[order], cols[order], B, self.width), cv[mask][order]
 
     def _select_aux(self, src: torch.Tensor, dead_idx: torch.Tensor,
-                    dense: bool | None = None) -> tuple[_Pattern, torch.Tensor] | tuple[torch.Tensor, torch.Tensor | None]:
+                    dense: bool | None = None) -> tuple[_Pattern, torch.Tensor] | _DeadColumns:
         """AuxK selection: top k_aux of `src` restricted to the dead latents, per row.
 
         Sparse form: (pattern, values of `src` there). Dense form, chosen when the selection fills at least
-        1 / AUX_DENSE_FILL of the dead columns (`dense=None`; True / False force it): (dead_idx, a (B, n_dead)
-        bool mask of the selected columns, or None when every dead column is selected), for `_aux_dense`.
+        1 / AUX_DENSE_FILL of the dead columns (`dense=None`; True / False force it): `_DeadColumns`, for
+        `_aux_dense`.
         """
         B, n_dead = src.shape[0], int(dead_idx.numel())
         ka = min(self.k_aux, n_dead)
         if dense is None:
             dense = n_dead <= AUX_DENSE_FILL * ka
         if dense and ka == n_dead:
-            return dead_idx, None
+            return _DeadColumns(dead_idx, None)
         sub = torch.index_select(src, 1, dead_idx,
                                  out=self._workspace("aux", (B, n_dead), src.dtype, src.device))
         v, local = sub.topk(ka, dim=1, sorted=False)
         if dense:
-            return dead_idx, torch.zeros(B, n_dead, dtype=torch.bool, device=src.device).scatter_(1, local, True)
+            mask = torch.zeros(B, n_dead, dtype=torch.bool, device=src.device).scatter_(1, local, True)
+            return _DeadColumns(dead_idx, mask)
         aidx, order = dead_idx[local].sort(dim=1)
         return _Pattern.from_topk(aidx, self.width), v.gather(1, order).reshape(-1)
 
@@ -366,7 +376,8 @@ class TopKSAE(nn.Module):
         """AuxK reconstruction from the dead latents as small dense products over the dead columns only:
         ReLU of their pre-activations (kept where `mask`, all if None) times their decoder rows. Where the AuxK
         selection fills most dead columns (many dead latents, k_aux of them per row) this beats the pairwise
-        sparse kernels, whose work grows with B x k_aux pairs of full-width rows."""
+        sparse kernels, whose work grows with B x k_aux pairs of full-width rows. (`x_n - b_pre` is formed
+        again here: the selection's copy carries no gradient to b_pre.)"""
         pre = torch.addmm(self.b_enc.index_select(0, dead_idx), x_n - self.b_pre,
                           self.W_enc.index_select(0, dead_idx).t())
         vals = pre.relu() if mask is None else torch.where(mask, pre.relu(), pre.new_zeros(()))
@@ -408,7 +419,7 @@ class TopKSAE(nn.Module):
             aux_sel = None
             if dead is not None and aux_coef > 0 and bool(dead.any()):
                 aux_sel = self._select_aux(src, torch.nonzero(dead).squeeze(1), None if sparse else False)
-                if isinstance(aux_sel[0], _Pattern):
+                if not isinstance(aux_sel, _DeadColumns):
                     aux_sel[0].xc = xc
             del src
         if sparse:
@@ -441,15 +452,16 @@ class TopKSAE(nn.Module):
         loss = main
         aux_val = 0.0
         if aux_sel is not None:
-            apat, apvals = aux_sel
             e = (x_n - x_hat).detach()
-            if not isinstance(apat, _Pattern):  # dense over the dead columns (`_select_aux`)
-                e_hat = self._aux_dense(x_n, apat, apvals)
+            if isinstance(aux_sel, _DeadColumns):  # dense over the dead columns (`_select_aux`)
+                e_hat = self._aux_dense(x_n, aux_sel.idx, aux_sel.mask)
             elif sparse:
+                apat, apvals = aux_sel
                 avals = _SparseEncode.apply(x_n, self.b_pre, self.W_enc, self.b_enc, apat,
                                             apvals if exact else None).relu()
                 e_hat = _SparseDecode.apply(avals, self.dec, apat)
             else:
+                apat = aux_sel[0]
                 pre = self.pre_acts(x_n)
                 avals = pre[apat.rows, apat.cols].relu()
                 za = torch.zeros(B, self.width, dtype=pre.dtype, device=dev).index_put((apat.rows, apat.cols),

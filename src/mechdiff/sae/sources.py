@@ -130,7 +130,8 @@ def read_source(source: str, base: ActStore, tuned: ActStore, site: str, view: s
 
 def source_batches(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray, *,
                    batch_size: int, seed: int, epochs: int) -> Iterator[np.ndarray]:
-    """Shuffled training batches of a source (`rows` from `rows_of`), streamed from the stores with bounded memory."""
+    """Shuffled training batches of a source (`rows` from `rows_of`), streamed from the stores with bounded memory
+    (rows that fit in `iter_batches`' cache_bytes are kept after the first epoch instead of read again)."""
     kw = {"rows": rows, "shuffle": True, "seed": seed, "epochs": epochs}
     if source == "base":
         yield from base.iter_batches(site, view, batch_size, **kw)
@@ -209,6 +210,8 @@ class SparseCodes:
         """
         owner = np.asarray(owner)
         rows = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        if owner.shape != rows.shape:
+            raise MechdiffError(f"run_means: {owner.size} owners for {rows.size} rows: give one owner per row")
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if owner.size else np.zeros(0, np.int64)
         lens = np.diff(np.r_[starts, owner.size])
         if len(lens) != n_runs:
