@@ -24,6 +24,7 @@ from mechdiff.analysis.patching import (
 from mechdiff.analysis.similarity import linear_cka
 from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.errors import MechdiffError
+from mechdiff.model.cache import cache_check
 from mechdiff.model.recipes import plant_edit
 from mechdiff.model.sites import Site, capture, replace_at
 from mechdiff.model.tokens import batches, pad_id
@@ -343,9 +344,9 @@ def test_prefix_cache_runs_in_bf16_and_its_self_check_catches_a_wrong_position(w
     want = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
     noisy = want + 0.05 * want.norm() / want.numel() ** 0.5 * torch.randn(16, 50)
     for dt, tol in ((torch.float32, 1e-3), (torch.bfloat16, 2 * 2.0**-7)):
-        err, t = PT._self_check(noisy, want, dt)
+        err, t = cache_check(noisy, want, dt)
         assert t == pytest.approx(tol) and err == pytest.approx(0.05, rel=0.1) and err > t
-        assert PT._self_check(want, want, dt)[0] == 0.0
+        assert cache_check(want, want, dt)[0] == 0.0
     orig = PT._decode
 
     def off_by_one(model_, body, ctx, bsel, plan, upto=0, kept=None):

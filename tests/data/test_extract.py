@@ -105,9 +105,11 @@ def test_resume_after_crash_is_identical(tiny, tmp_path, monkeypatch):
     real = ex._sites.capture
     n = {"calls": 0}
 
+    setup = 4  # the warm-up, the shared prefix (2 tokens here) and its check: a cached and a full forward
+
     def flaky(*a, **k):
         n["calls"] += 1
-        if n["calls"] == 7:  # the warm-up and 5 batches of 4 done: 2 blocks of 8 committed, the third half done
+        if n["calls"] == setup + 6:  # 5 batches of 4 done: 2 blocks of 8 committed, the third half done
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -125,7 +127,7 @@ def test_resume_after_crash_is_identical(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex._sites, "capture", counting)
     st = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "c.zarr", **kw)
-    assert seen["calls"] == 1 + int(np.ceil((len(prompts) - 16) / 4))  # the warm-up, then only the remaining prompts
+    assert seen["calls"] == setup + int(np.ceil((len(prompts) - 16) / 4))  # then only the remaining prompts
     for s, vs in VIEWS.items():
         for v in vs:
             np.testing.assert_array_equal(st.read(s, v), ref.read(s, v))
@@ -174,3 +176,51 @@ def test_bfloat16_close_to_float32_and_model_untouched(tiny, tmp_path):
     assert b.read("L2.resid_post", "mean").dtype == np.float32
     rel = np.linalg.norm(x - y) / np.linalg.norm(x)
     assert 0 < rel < 0.05, rel
+
+
+def test_shared_prefix_runs_once_and_matches_full_forwards(tiny, tmp_path):
+    """Prompts sharing a long opening: the cached-prefix store equals the full-forward store to float32 rounding
+    in every view (tokens rows of the prefix included) and in the logits, and the prefix is not recomputed."""
+    model, tok, prompts = tiny
+    opening = "the cat sat on a mat while dogs ran"
+    shared = [P(q.pid, f"{opening} {q.text}", q.dataset, q.split) for q in prompts]
+    from mechdiff.model.tokens import encode
+
+    enc = encode(tok, [q.text for q in shared])
+    assert enc.shared_prefix >= 10
+    kw = dict(batch_size=4, shard_rows=8, store_logits=True, progress=False)
+    tokens_in = {"n": 0}
+    h = model.model.layers[0].register_forward_pre_hook(
+        lambda _m, a: tokens_in.__setitem__("n", tokens_in["n"] + int(a[0].shape[0] * a[0].shape[1])))
+    try:
+        fast = extract(model, tok, shared, SITES, VIEWS, tmp_path / "fast.zarr", **kw)
+        n_fast = tokens_in["n"]
+        tokens_in["n"] = 0
+        full = extract(model, tok, shared, SITES, VIEWS, tmp_path / "full.zarr", prefix_cache=False, **kw)
+        n_full = tokens_in["n"]
+    finally:
+        h.remove()
+    for s, vs in VIEWS.items():
+        for v in vs:
+            a, b = fast.read(s, v), full.read(s, v)
+            assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), (s, v)
+    np.testing.assert_allclose(fast.read_logits(), full.read_logits(), atol=2e-3)  # float16 logits
+    # block-0 tokens: the same batches, less the prefix of every prompt, plus the prefix once and its check on the
+    # first 4 prompts (a cached and a full forward, padded to their longest)
+    Pn, Tc = enc.shared_prefix, max(len(x) for x in enc.ids[:4])
+    assert n_full - n_fast == len(shared) * Pn - Pn - 4 * (Tc - Pn) - 4 * Tc
+
+
+def test_shared_prefix_falls_back_to_full_forwards_when_its_check_fails(tiny, tmp_path, monkeypatch):
+    import mechdiff.model.cache as mc
+
+    model, tok, prompts = tiny
+    kw = dict(batch_size=4, shard_rows=8, store_logits=True, progress=False)
+    monkeypatch.setattr(mc, "cache_check", lambda got, want, dtype: (0.05, 1e-3))
+    with pytest.warns(RuntimeWarning, match="shared-prefix cache is unavailable"):
+        a = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "a.zarr", **kw)
+    monkeypatch.undo()
+    b = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "b.zarr", prefix_cache=False, **kw)
+    for s, vs in VIEWS.items():
+        for v in vs:
+            np.testing.assert_array_equal(a.read(s, v), b.read(s, v))

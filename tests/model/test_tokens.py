@@ -47,3 +47,31 @@ def test_encode_records_the_tokenizers_pad_id(tiny_tok):
     assert pad_id(Tok()) == 7
     Tok.eos_token_id = None
     assert pad_id(Tok()) == 0
+
+
+def test_shared_prefix_against_a_brute_force_reference():
+    from mechdiff.model.tokens import shared_prefix
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        head = list(rng.integers(0, 3, size=int(rng.integers(0, 6))))
+        ids = [head + list(rng.integers(0, 3, size=int(rng.integers(1, 6)))) for _ in range(int(rng.integers(1, 5)))]
+        dec = [int(rng.integers(0, len(x))) for x in ids]
+        want = 0
+        while (all(len(x) > want + 1 for x in ids) and want < min(dec)
+               and all(x[want] == ids[0][want] for x in ids)):
+            want += 1
+        assert shared_prefix(ids, dec) == want == Encoded(ids, dec).shared_prefix
+        assert shared_prefix(ids) >= want
+    assert shared_prefix([]) == 0
+    assert shared_prefix([[5, 6, 7], [5, 6, 7]]) == 2  # identical prompts keep their last token
+    assert shared_prefix([[5, 6, 7, 8], [5, 6, 7, 9]], [1, 3]) == 1  # never past a decision token
+
+
+def test_the_chat_templates_constant_opening_is_the_shared_prefix(tiny_tok):
+    enc = encode(tiny_tok, SENTENCES[:6])
+    opening = tiny_tok(tiny_tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                    add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    n = enc.shared_prefix
+    assert n >= 1 and all(x[:n] == opening[:n] for x in enc.ids)
+    assert len({x[n] for x in enc.ids}) > 1  # the prompts differ right after it

@@ -459,9 +459,10 @@ def _zero_sae(d_in: int, n_blocks: int = 1) -> TopKSAE:
 
 
 @torch.no_grad()
-def _reference(model, enc, rows, layer: int, new_rows) -> tuple[float, float]:
+def _reference(model, enc, rows, layer: int, new_rows, skip: int = 1) -> tuple[float, float]:
     """Token-mean CE and prompt-mean decision KL(p || p_clean), one unpadded prompt at a time, with the output of
-    block `layer` at positions 1.. replaced by new_rows(i) (T-1, d) through a hook of the test's own (numpy maths)."""
+    block `layer` at positions skip.. replaced by new_rows(i) (T-skip, d) through a hook of the test's own (numpy
+    maths)."""
     blk = model.model.layers[layer]
     ce_sum, n_tok, kl = 0.0, 0, []
     for i in rows:
@@ -471,7 +472,7 @@ def _reference(model, enc, rows, layer: int, new_rows) -> tuple[float, float]:
 
         def hook(_m, _a, out, _new=new):
             h = (out[0] if isinstance(out, tuple) else out).clone()
-            h[0, 1:] = _new
+            h[0, skip:] = _new
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
         hd = blk.register_forward_hook(hook)
@@ -536,9 +537,11 @@ def test_spliced_delta_matches_independent_reference():
                         batch_size=3)
     hb = {i: _hidden(base, enc, i, 1) for i in rows}
     ht = {i: _hidden(tuned, enc, i, 1) for i in rows}
-    ce_sae, kl_sae = _reference(tuned, enc, rows, 1, lambda i: (hb[i] + (ht[i] - hb[i]) @ u1 @ u1.T)[1:])
-    ce_zero, kl_zero = _reference(tuned, enc, rows, 1, lambda i: hb[i][1:])
-    ce_clean, kl_clean = _reference(tuned, enc, rows, 1, lambda i: ht[i][1:])
+    S = enc.shared_prefix  # the chat template's shared opening keeps its clean values, like the sink at 0
+    assert S >= 2
+    ce_sae, kl_sae = _reference(tuned, enc, rows, 1, lambda i: (hb[i] + (ht[i] - hb[i]) @ u1 @ u1.T)[S:], S)
+    ce_zero, kl_zero = _reference(tuned, enc, rows, 1, lambda i: hb[i][S:], S)
+    ce_clean, kl_clean = _reference(tuned, enc, rows, 1, lambda i: ht[i][S:], S)
     assert kl_clean == pytest.approx(0.0, abs=1e-9) and 0.05 < (ce_zero - ce_sae) / (ce_zero - ce_clean) < 0.95
     for key, want in (("ce_sae", ce_sae), ("ce_zero", ce_zero), ("ce_clean", ce_clean), ("kl_sae", kl_sae),
                       ("kl_zero", kl_zero)):
@@ -546,6 +549,11 @@ def test_spliced_delta_matches_independent_reference():
     assert m["ce_recovered"] == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), rel=1e-3)
     assert m["kl_recovered"] == pytest.approx((kl_zero - kl_sae) / kl_zero, rel=1e-3)
     assert m["n_prompts"] == len(rows) and m["n_tokens"] == sum(len(x) - 1 for x in enc.ids)
+    # skip given: splicing from position 1 on is the reference with only the sink kept
+    m1 = spliced_metrics({"base": base, "tuned": tuned}, enc, rows, Site(1), _span_sae(u1, 16), source="delta",
+                         batch_size=3, skip=1)
+    ce1, kl1 = _reference(tuned, enc, rows, 1, lambda i: (hb[i] + (ht[i] - hb[i]) @ u1 @ u1.T)[1:])
+    assert m1["ce_sae"] == pytest.approx(ce1, rel=1e-4) and m1["kl_sae"] == pytest.approx(kl1, rel=1e-4, abs=1e-6)
 
 
 def test_spliced_crosscoder_per_model():
@@ -575,13 +583,14 @@ def test_spliced_crosscoder_per_model():
     cc = TopKSAE(d, 24, 3, n_blocks=2, seed=4)
     hb = {i: _hidden(base, enc, i, 1) for i in rows}
     ht = {i: _hidden(tuned, enc, i, 1) for i in rows}
-    cc.set_input_scale(torch.from_numpy(np.concatenate([np.c_[hb[i], ht[i]][1:] for i in rows])).float())
+    S = enc.shared_prefix
+    cc.set_input_scale(torch.from_numpy(np.concatenate([np.c_[hb[i], ht[i]][S:] for i in rows])).float())
     mr = spliced_metrics(models, enc, rows, site, cc, source="crosscoder", batch_size=3)
     with torch.no_grad():
-        rec = {i: cc(torch.from_numpy(np.c_[hb[i], ht[i]][1:]).float()).double().numpy() for i in rows}
+        rec = {i: cc(torch.from_numpy(np.c_[hb[i], ht[i]][S:]).float()).double().numpy() for i in rows}
     for b, (name, model) in enumerate(models.items()):
-        ce, kl = _reference(model, enc, rows, 1, lambda i, _b=b: rec[i][:, _b * d : (_b + 1) * d])
-        ce0, kl0 = _reference(model, enc, rows, 1, lambda i: np.zeros((len(enc.ids[i]) - 1, d)))
+        ce, kl = _reference(model, enc, rows, 1, lambda i, _b=b: rec[i][:, _b * d : (_b + 1) * d], S)
+        ce0, kl0 = _reference(model, enc, rows, 1, lambda i: np.zeros((len(enc.ids[i]) - S, d)), S)
         assert mr[f"ce_sae_{name}"] == pytest.approx(ce, rel=1e-4), name
         assert mr[f"kl_sae_{name}"] == pytest.approx(kl, rel=1e-4, abs=1e-6), name
         assert mr[f"ce_zero_{name}"] == pytest.approx(ce0, rel=1e-4), name

@@ -146,3 +146,25 @@ def test_holdout_prompts_is_a_seeded_disjoint_partition():
     assert np.array_equal(t0, rows) and len(h0) == 0
     t1, h1 = holdout_prompts(rows[:2], 0.9, seed=3)  # never holds out every prompt
     assert len(t1) == 1 and len(h1) == 1
+
+
+def test_source_rows_leave_out_the_sink_and_the_prompts_shared_prefix(tmp_path):
+    """Token rows before the prompts' common opening ends (the same activations for every prompt) are not SAE
+    data; a store without token ids or decisions drops position 0 only."""
+    from mechdiff.model.tokens import shared_prefix
+    from mechdiff.sae.sources import first_position
+
+    ids = [[7, 8, 9, 1, 2], [7, 8, 9, 3], [7, 8, 9, 4, 5, 6]]
+    dec = [4, 3, 4]
+    lens = np.array([len(x) for x in ids])
+    st = ActStore.create(tmp_path / "s.zarr", prompt_ids=np.arange(3), n_tokens=lens, datasets=["x"] * 3,
+                         splits=["train"] * 3, sites={SITE: 2}, views={SITE: ["tokens"]}, attrs={},
+                         tok_ids=np.concatenate(ids), decision=np.array(dec))
+    with st.writer() as w:
+        w.append({}, {SITE: np.zeros((int(lens.sum()), 2), np.float32)}, n=3)
+    st = ActStore.open(tmp_path / "s.zarr")
+    assert st.shared_prefix == shared_prefix(ids, dec) == 3 and first_position(st) == 3
+    pos = st.index("tok_pos")[source_rows(st, "tokens", np.array([2, 0]))]
+    assert pos.tolist() == [3, 4, 5, 3, 4]
+    plain = make_store(tmp_path / "p.zarr", lens, None)
+    assert plain.shared_prefix == 0 and first_position(plain) == 1

@@ -273,12 +273,13 @@ class Pass:
         return out
 
 
-def _latents(sae, X: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
-    """(B, T, len(features)) latents of activations X (B, T, d); position 0 (the sink) is 0."""
+def _latents(sae, X: torch.Tensor, features: Sequence[int], skip: int = 1) -> torch.Tensor:
+    """(B, T, len(features)) latents of activations X (B, T, d); 0 before position `skip` (the sink and the
+    prompts' shared prefix: rows the SAE was not trained on, `sae.sources.source_rows`)."""
     B, T, d = X.shape
     Z = torch.as_tensor(encode_rows(sae, X.reshape(-1, d).numpy(), features=np.asarray(features, dtype=np.int64)))
     Z = Z.reshape(B, T, -1).clone()
-    Z[:, 0] = 0
+    Z[:, :skip] = 0
     return Z
 
 
@@ -300,13 +301,14 @@ def site_acts(model: nn.Module, enc: Encoded, rows: np.ndarray, site: Site, *, b
     return [out[int(r)] for r in rows]
 
 
-def _prompt_max(sae, acts: list[torch.Tensor], feats: Sequence[int], base_acts: list[torch.Tensor] | None = None
-                ) -> np.ndarray:
-    """(n_prompts, len(feats)) max over each prompt's tokens (sink excluded) of the latents."""
+def _prompt_max(sae, acts: list[torch.Tensor], feats: Sequence[int], base_acts: list[torch.Tensor] | None = None,
+                skip: int = 1) -> np.ndarray:
+    """(n_prompts, len(feats)) max over each prompt's tokens from position `skip` on (as `_latents`) of the
+    latents (from its last token on for a prompt no longer than `skip`)."""
     out = []
     for i, a in enumerate(acts):
         x = a if base_acts is None else a - base_acts[i]
-        z = encode_rows(sae, x[1:].numpy(), features=np.asarray(feats, dtype=np.int64))
+        z = encode_rows(sae, x[min(skip, len(x) - 1):].numpy(), features=np.asarray(feats, dtype=np.int64))
         out.append(z.max(0) if len(z) else np.zeros(len(feats), dtype=np.float32))
     return np.stack(out)
 
@@ -441,6 +443,7 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
 
     t0 = time.time()
     site, enc, sig = inp.site, inp.enc, inp.signature_id
+    skip = max(1, enc.shared_prefix)  # the SAEs' first trained position (`sae.sources.first_position`)
     pool = _sorted(enc, np.concatenate([inp.target_rows, inp.control_rows]))
     is_target = np.isin(pool, inp.target_rows)
     neutral = _sorted(enc, inp.neutral_rows)
@@ -482,7 +485,7 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
         X = get_pass(_model_of(src), kind).acts.float()
         if src == "delta":  # the delta feature reads tuned - base activations of the same tokens
             X = X - get_pass("base", kind).acts.float()
-        return _latents(inp.saes[src], X, [feat])[..., 0]
+        return _latents(inp.saes[src], X, [feat], skip)[..., 0]
 
     nan = float("nan")
     for var, src, feat in cand:
@@ -512,7 +515,7 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
             # corruption consistency on its prompts (the target prompts it fires on)
             own, cl = fires[ti], Z.amax(1).numpy()[ti]
             cors = {meth: _prompt_max(inp.saes[src], get_cor(mdl, meth), [feat],
-                                      get_cor("base", meth) if src == "delta" else None)[:, 0][own]
+                                      get_cor("base", meth) if src == "delta" else None, skip)[:, 0][own]
                     for meth in inp.corrupted}
             cc = corruption_consistency(cl[own], cors, d_min=st.d_min, sd_max=st.sd_max)
             # side effects: neutral prompts (KL, signature rate) and neutral multiple choice (accuracy)

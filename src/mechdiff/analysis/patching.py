@@ -30,7 +30,7 @@ from torch import nn
 
 from mechdiff.analysis.transport import TransportMap, rank_value, recolour, recolour_stats
 from mechdiff.errors import MechdiffError
-from mechdiff.model.cache import UnknownCacheLayout, cache_kv, empty_cache, prefilled_cache
+from mechdiff.model.cache import UnknownCacheLayout, cache_check, cache_kv, empty_cache, prefilled_cache
 from mechdiff.model.sites import (
     Site,
     find_blocks,
@@ -186,15 +186,6 @@ def _new_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], se
     return prefilled_cache(model, rows, P)
 
 
-def _self_check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    """(relative error, tolerance) of the prefix-cache logits against a full forward's: ||got - want|| / ||want||
-    against max(1e-3, 2 x the machine epsilon of the model's dtype). A float32 model agrees to ~1e-7; bf16 to
-    ~0.2-0.6 % (two summation orders of a 30-block model), while a cache off by one position misses by ~5 %."""
-    err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    return err, max(1e-3, 2.0 * eps)
-
-
 def _first_changed_block(site: Site | None, n_blocks: int) -> int:
     """Index of the first decoder block whose output a patch at `site` can change (blocks before it are reused)."""
     if site is None:
@@ -264,7 +255,7 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
             base = _decode(model, body, ctx, ar, {})
         if not checked:
             want = head_logits(model, _hidden(out)[ar, p])
-            err, tol = _self_check(base, want, _hidden(out).dtype)
+            err, tol = cache_check(base, want, _hidden(out).dtype)
             if not err <= tol:
                 raise _NoPrefixCache(f"prefix-cache logits differ from a full forward by {err:.3g} (relative; "
                                      f"allowed {tol:.3g})")

@@ -35,7 +35,7 @@ from mechdiff.analysis.probes import (
 from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
-from mechdiff.sae.sources import prompt_feature_means, read_source, rows_of
+from mechdiff.sae.sources import first_position, prompt_feature_means, read_source, rows_of
 
 MODELS = ("base", "tuned")
 EMBED = "embedding"  # the site name of embedding -> feature rows (layer -1: before block 0)
@@ -208,7 +208,8 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
         say(f"probes: hidden -> feature: {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
         if st.embedding:
             emb = {m: mean_token_embeddings(embeddings(m), stores[m].index("tok_id"), stores[m].index("tok_prompt"),
-                                            stores[m].index("tok_pos"), stores[m].n) for m in MODELS}
+                                            stores[m].index("tok_pos"), stores[m].n,
+                                            first=first_position(stores[m])) for m in MODELS}
             et = feature_task(prompts, {m: feats[m, feat_layer] for m in MODELS}, n_features=st.n_features,
                               strategy="embedding->feature", name=ftasks[0].name)
             erows = probe_by_layer([et], [EMBED], lambda m, _: emb[m], models=MODELS, settings=s,

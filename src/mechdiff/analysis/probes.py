@@ -295,11 +295,11 @@ def feature_task(prompts: Sequence, features: Mapping[str, np.ndarray], *, n_fea
 
 
 def mean_token_embeddings(E: np.ndarray, tok_id: np.ndarray, tok_prompt: np.ndarray, tok_pos: np.ndarray,
-                          n_prompts: int, *, skip_first: bool = True) -> np.ndarray:
+                          n_prompts: int, *, first: int = 1) -> np.ndarray:
     """Per-prompt mean of the input embeddings E[tok_id] over each prompt's tokens (token rows of a store:
-    `tok_id`, owning prompt `tok_prompt`, position `tok_pos`), without position 0 when `skip_first` (the same
-    tokens as the per-prompt SAE feature means)."""
-    keep = tok_pos > 0 if skip_first else np.ones(len(tok_id), dtype=bool)
+    `tok_id`, owning prompt `tok_prompt`, position `tok_pos`) from position `first` on (give the store's
+    `sae.sources.first_position`: the same tokens as the per-prompt SAE feature means)."""
+    keep = tok_pos >= int(first)
     ids, owner = tok_id[keep].astype(np.int64), tok_prompt[keep].astype(np.int64)
     if len(ids) and (ids.max() >= len(E) or ids.min() < 0):
         raise MechdiffError(f"token id {int(ids.max())} outside the embedding matrix ({len(E)} rows)")

@@ -563,6 +563,20 @@ class ActStore(_Reader):
             m &= self.index("dataset") == dataset
         return np.flatnonzero(m)
 
+    @property
+    def shared_prefix(self) -> int:
+        """How many leading tokens every prompt of the store has in common (`model.tokens.shared_prefix`: at most
+        each decision position and length - 1); 0 for a store without token ids or decision positions."""
+        if "_shared_prefix" not in self._cache:
+            p = 0
+            if self.n and all(k in self._root for k in ("tok_id", "tok_offset", "decision")):
+                ids, off, nt = self.index("tok_id"), self.index("tok_offset"), self.index("n_tokens")
+                cap = max(0, min(int(nt.min()) - 1, int(self.index("decision").min())))
+                while p < cap and bool((ids[off + p] == ids[off[0] + p]).all()):
+                    p += 1
+            self._cache["_shared_prefix"] = p
+        return int(self._cache["_shared_prefix"])
+
     def token_rows(self, rows: np.ndarray) -> np.ndarray:
         """Token-row indices (into 'tokens' views) of the given prompt rows, in row order."""
         r = _as_rows(rows, self.n, "token_rows")

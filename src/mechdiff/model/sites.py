@@ -268,9 +268,13 @@ def _register_hook(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.Removable
     return mod.register_forward_hook(post)
 
 
-def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, body_only: bool):
+def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, body_only: bool,
+          cache: Any = None, position_ids: torch.Tensor | None = None):
     target = get_body(model) if body_only else model
-    return target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if cache is None:
+        return target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return target(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                  use_cache=True)
 
 
 @torch.no_grad()
@@ -281,10 +285,14 @@ def capture(
     sites: Sequence[Site],
     *,
     logits_at: torch.Tensor | None = None,
+    cache: Any = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Run the model once; return {site name: (B, T, d)} and, if `logits_at` (B,) positions are given, logits (B, V) there.
 
-    Without `logits_at` the forward stops right after the last needed block and never runs the LM head.
+    Without `logits_at` the forward stops right after the last needed block and never runs the LM head (and
+    fills a given KV `cache` only that far). With a `cache` the forward continues it (a prefix already in the
+    cache; `position_ids` (B, T) then say where the tokens sit) and appends its own keys and values to it.
     """
     acts: dict[str, torch.Tensor] = {}
     sites = list(dict.fromkeys(sites))
@@ -302,9 +310,9 @@ def capture(
     with _hooks(handles):
         try:
             if logits_at is None:
-                _call(model, input_ids, attention_mask, body_only=True)
+                _call(model, input_ids, attention_mask, True, cache, position_ids)
                 return acts, None
-            out = _call(model, input_ids, attention_mask, body_only=True)
+            out = _call(model, input_ids, attention_mask, True, cache, position_ids)
         except _Stop:
             return acts, None
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -28,6 +28,36 @@ class Encoded:
         """Number of tokens per prompt."""
         return np.array([len(x) for x in self.ids], dtype=np.int64)
 
+    @property
+    def shared_prefix(self) -> int:
+        """`shared_prefix` of these prompts: how many leading tokens every one of them has in common."""
+        return shared_prefix(self.ids, self.decision)
+
+
+def shared_prefix(ids: Sequence[Sequence[int]], decision: Sequence[int] | None = None) -> int:
+    """Length of the longest token prefix common to every prompt of `ids` (0 for none), at most each prompt's
+    `decision` position (so every decision token stays after it) and at most its length - 1.
+
+    A causal model computes the same activations at these positions for every prompt (a chat template's
+    constant opening, e.g. SmolLM2's 24-token system prompt): they are computed once (`extract`) and are
+    not data about any one prompt (`sae.sources.source_rows` leaves them out).
+    """
+    if len(ids) == 0:
+        return 0
+    first = ids[0]
+    n = min(len(x) for x in ids) - 1
+    if decision is not None and len(decision):
+        n = min(n, int(min(decision)))
+    n = max(n, 0)
+    for x in ids[1:]:
+        i = 0
+        while i < n and x[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
 
 def render(tokenizer, text: str, chat: bool = True) -> str:
     """The prompt as the model sees it: chat-templated with a generation prompt when `chat` and a template exist."""

@@ -196,18 +196,20 @@ def _refs(ref_logits: RefLogits, targets: tuple[str, ...], n: int) -> dict[str, 
     return out
 
 
-def _select(t: torch.Tensor, positions: str, pos: torch.Tensor) -> torch.Tensor:
-    """The spliced rows of a site activation (B, T, d): "all" = every position but the sink at 0, flattened."""
+def _select(t: torch.Tensor, positions: str, pos: torch.Tensor, skip: int) -> torch.Tensor:
+    """The spliced rows of a site activation (B, T, d): "all" = every position from `skip` on, flattened."""
     if positions == "all":
-        return t[:, 1:].reshape(-1, t.shape[-1])
+        return t[:, skip:].reshape(-1, t.shape[-1])
     return t[torch.arange(t.shape[0], device=t.device), pos.to(t.device)]
 
 
-def _spliced(model: nn.Module, site: Site, clean: torch.Tensor, v: torch.Tensor, positions: str, pos: torch.Tensor):
+def _spliced(model: nn.Module, site: Site, clean: torch.Tensor, v: torch.Tensor, positions: str, pos: torch.Tensor,
+             skip: int):
     """`replace_at` writing the rows `v` (as laid out by `_select`) into the site activation (clean: (B, T, d))."""
-    if positions == "all":  # every position but the sink at 0, which keeps its clean value
+    if positions == "all":  # positions before `skip` (the sink, the shared prefix) keep their clean values
         full = clean.clone()
-        full[:, 1:] = v.reshape(clean.shape[0], clean.shape[1] - 1, -1).to(device=clean.device, dtype=clean.dtype)
+        full[:, skip:] = v.reshape(clean.shape[0], clean.shape[1] - skip, -1).to(device=clean.device,
+                                                                                dtype=clean.dtype)
         return replace_at(model, site, None, full)
     return replace_at(model, site, pos, v)
 
@@ -231,7 +233,7 @@ def _add_losses(acc: dict[str, float], kind: str, lg: torch.Tensor, ids: torch.T
 @torch.no_grad()
 def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndarray, site: Site,
                     reads: tuple[str, ...], targets: tuple[str, ...], replace: Replace,
-                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str
+                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str, skip: int
                     ) -> tuple[dict[str, dict[str, float]], int, int]:
     """Summed CE / KL per target model and kind over the prompts `rows`: (totals, n_prompts, n_tokens)."""
     where = {int(r): i for i, r in enumerate(rows)}
@@ -251,7 +253,7 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
             else:
                 dev = _device(model)
                 acts[name] = capture(model, ids.to(dev), mask.to(dev), [site])[0][site.name]
-        new = replace({n: _select(acts[n], positions, pos).float() for n in reads})
+        new = replace({n: _select(acts[n], positions, pos, skip).float() for n in reads})
         for name in targets:
             lg = clean.pop(name)
             if name in refs:
@@ -264,7 +266,7 @@ def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndar
             _add_losses(tot[name], "clean", lg, ids, mask, pos, ref_b)
             for kind in ("sae", "zero"):  # blocks 0..layer-1 return their clean outputs instead of running
                 with reuse_blocks(models[name], kept[name][: site.layer], site.layer), \
-                        _spliced(models[name], site, acts[name], new[kind][name], positions, pos):
+                        _spliced(models[name], site, acts[name], new[kind][name], positions, pos, skip):
                     _add_losses(tot[name], kind, _logits(models[name], ids, mask), ids, mask, pos, ref_b)
             kept.pop(name)
         n_tok += int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
@@ -280,7 +282,8 @@ def _recovered(zero: float, sae_v: float, clean: float) -> float:
 @torch.no_grad()
 def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | Mapping[str, Encoded],
                     rows: Sequence[int] | np.ndarray, site: Site, sae: TopKSAE, ref_logits: RefLogits = None, *,
-                    source: str | None = None, batch_size: int = 8, positions: str = "all") -> dict:
+                    source: str | None = None, batch_size: int = 8, positions: str = "all",
+                    skip: int | None = None) -> dict:
     """CE / KL recovered when the SAE reconstruction replaces the site's activation (vs zero-ablation).
 
     Sources (`source`; `model` one model, or {"base": ..., "tuned": ...} by name, `enc` one Encoded or one
@@ -291,8 +294,9 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
       "crosscoder" (n_blocks=2): [x_b, x_t] is encoded once, the base block of the reconstruction is spliced
         into the base model and the tuned block into the tuned model; zero-ablation zeroes each; keys per
         model get a `_base` / `_tuned` suffix.
-    `positions="all"` splices every prompt position but the first (the standard; position 0 is an attention sink
-    left out of SAE training); `"decision"` only the decision token.
+    `positions="all"` splices every prompt position from `skip` on (default: after the attention sink at 0 and
+    the shared prefix of the prompts of `enc`, the rows `sae.sources.source_rows` trains on); `"decision"` only
+    the decision token.
     CE = mean next-token cross-entropy over the prompt's own tokens (positions 0..len-2; "all" only);
     KL = KL(p_patched || p_ref) at the decision token, p_ref from `ref_logits` (len(rows), V) in the order of
     `rows` (a dict by model for a crosscoder), or the clean model's logits when None.
@@ -307,8 +311,12 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     home = "tuned" if src in ("delta", "crosscoder") else name  # the SAE runs on this model's device
     reads, targets, replace = _plan(src, name, sae.to(_device(models[home])))
     refs = _refs(ref_logits, targets, rows.size)
+    if skip is None:
+        skip = max(1, shared.shared_prefix)
+    if not 0 <= int(skip) <= int(min(shared.decision[int(r)] for r in rows)):
+        raise MechdiffError(f"skip {skip} must be in 0..the earliest decision position of the prompts")
     tot, n_rows, n_tok = _spliced_totals(models, shared, rows, site, reads, targets, replace, refs,
-                                         batch_size=batch_size, positions=positions)
+                                         batch_size=batch_size, positions=positions, skip=int(skip))
     res: dict = {}
     for t in targets:
         sfx = "" if len(targets) == 1 else f"_{t}"

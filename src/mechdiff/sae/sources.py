@@ -87,16 +87,25 @@ def holdout_prompts(train_prompts: np.ndarray, holdout: float, seed: int) -> tup
 
 
 def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
-    """Row indices of `view` for the given prompt rows (token rows for 'tokens', without position 0).
+    """Row indices of `view` for the given prompt rows (token rows for 'tokens', from position
+    `first_position(store)` on).
 
     The first token of a prompt is an attention sink whose residual norm is ~100x the others' (25000 vs
     ~200 at SmolLM2's layer 20): left in, it dominates the SAE's input scale and its FVU, so it is
-    left out, as is usual for SAE training.
+    left out, as is usual for SAE training. So are the positions of the prompts' shared prefix (a chat
+    template's constant opening: 24 of SmolLM2's ~45 tokens per prompt): a causal model gives every prompt
+    the same activations there, so they would be the same few vectors repeated once per prompt.
     """
     if view != "tokens":
         return np.asarray(prompt_rows, dtype=np.int64)
     rows = store.token_rows(prompt_rows)
-    return rows[store.index("tok_pos")[rows] > 0]
+    return rows[store.index("tok_pos")[rows] >= first_position(store)]
+
+
+def first_position(store: ActStore) -> int:
+    """The first token position whose rows are data (`source_rows`): after the sink at 0 and the prompts'
+    shared prefix (`ActStore.shared_prefix`)."""
+    return max(1, store.shared_prefix)
 
 
 def rows_of(source: str, base: ActStore, tuned: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
@@ -253,7 +262,8 @@ def encode_sparse(sae: Any, X: np.ndarray, *, chunk: int = 4096) -> SparseCodes:
 
 def prompt_feature_means(sae, source: str, base: ActStore, tuned: ActStore, site: str, view: str,
                          prompt_rows: np.ndarray, *, chunk_prompts: int = 256) -> np.ndarray:
-    """Per-prompt SAE activations (n_prompts, width): the mean over the prompt's tokens for 'tokens', else the row."""
+    """Per-prompt SAE activations (n_prompts, width): the mean over the prompt's token rows (`source_rows`) for
+    'tokens', else the row."""
     prompt_rows = np.asarray(prompt_rows, dtype=np.int64)
     if view != "tokens":
         return encode_rows(sae, read_source(source, base, tuned, site, view, prompt_rows))
@@ -261,7 +271,7 @@ def prompt_feature_means(sae, source: str, base: ActStore, tuned: ActStore, site
     out = []
     for s in range(0, len(prompt_rows), chunk_prompts):
         pr = prompt_rows[s : s + chunk_prompts]
-        rows = rows_of(source, base, tuned, view, pr)  # in prompt order, position 0 left out
+        rows = rows_of(source, base, tuned, view, pr)  # in prompt order, from first_position on
         codes = encode_sparse(sae, read_source(source, base, tuned, site, view, rows))
         out.append(codes.run_means(tok_prompt[rows], len(pr)))
     return np.concatenate(out)
