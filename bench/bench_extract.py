@@ -7,6 +7,7 @@ Measures, on the same prompts, batch 16, each repeated and the median kept:
   (a") the same without the attention mask (what extract passes by default), for reference (run once)
   (b)  extract() of resid_post at all layers (last + mean), written to a store
   (b') the same with plain torch linears (extract.pack_weights: false), for reference
+  (b") the same without the shared-prefix cache (the chat template's opening run once), for reference
   (c)  extract() of three layers (8, 16, 24), written to a store
   (d)  (c) with the model in bfloat16
   (e)  (b) with the model in bfloat16 (what `mechdiff params` suggests on CPUs with bf16 matrix units)
@@ -156,11 +157,11 @@ def main() -> int:
     views = {"*": ["last", "mean"]}
     sizes: dict[str, tuple[int, int]] = {}
 
-    def run_extract(tag: str, site_list, dtype: str, pack: bool = True) -> float:
+    def run_extract(tag: str, site_list, dtype: str, pack: bool = True, prefix: bool = True) -> float:
         path = tmp / f"{tag}.zarr"
         t = time.perf_counter()
         extract(model, tok, prompts, site_list, views, path, batch_size=args.batch_size, dtype=dtype,
-                progress=False, resume=False, pack_weights=pack)
+                progress=False, resume=False, pack_weights=pack, prefix_cache=prefix)
         dt = time.perf_counter() - t
         sizes[tag] = store_size(path)
         return dt
@@ -174,6 +175,7 @@ def main() -> int:
         ref_key: lambda: plain_forward(model, enc, args.batch_size, pad, True),
         f"(b)  extract all {nl} layers, fp32": lambda: run_extract("all", every, "float32"),
         "(b') same, plain torch linears": lambda: run_extract("all_unpacked", every, "float32", pack=False),
+        '(b") same, no shared-prefix cache': lambda: run_extract("all_noprefix", every, "float32", prefix=False),
         "(c)  extract layers 8,16,24, fp32": lambda: run_extract("few", few, "float32"),
         "(d)  extract layers 8,16,24, bf16": lambda: run_extract("few_bf16", few, "bfloat16"),
         f"(e)  extract all {nl} layers, bf16": lambda: run_extract("all_bf16", every, "bfloat16"),
@@ -201,8 +203,11 @@ def main() -> int:
     peak = gemm_gflops()
     need = linear_flops(model, enc, args.batch_size, pad, with_head=False) / 1e9 / peak
     cpu = torch.backends.cpu.get_cpu_capability()
+    P = enc.shared_prefix
     print(f"\nroofline ({cpu}): fp32 GEMM {peak:.0f} GFLOP/s; the blocks' linear layers alone need {need:.2f}s at "
-          f"that rate, so no fp32 extraction of every layer can beat (a) by more than {med[ref_key] / need:.2f}x here")
+          f"that rate, so no fp32 extraction that runs every token of every layer can beat (a) by more than "
+          f"{med[ref_key] / need:.2f}x here; the shared-prefix cache runs the prompts' common first {P} tokens "
+          f"once, {n_tok - (len(enc) - 1) * P} of the {n_tok} tokens")
     print()
     for tag, (b, nf) in sizes.items():
         print(f"store {tag:9s}: {b / 2**20:7.2f} MiB in {nf} files")

@@ -1,6 +1,7 @@
 """Behavioural metrics: every number against an independent reference on a tiny model, and the intervene protocol."""
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -333,7 +334,11 @@ def test_prefix_cache_gives_the_same_numbers_with_and_without_an_intervention(wo
         for a, b in zip(option_logprobs(model, tok, qs, chs, intervene=iv, prefix=cache),
                         option_logprobs(model, tok, qs, chs, intervene=iv)):
             np.testing.assert_allclose(a, b, rtol=1e-4)
-    assert 0 < len(cache) <= len(PROMPTS) + len(QUESTIONS)  # one entry per distinct prefix, reused
+    # one entry per distinct prefix, reused, and the opening each batch of prefixes shares (run once)
+    keys = list(cache._kv)
+    own = [k for k in keys if not any(len(o) > len(k) and o[: len(k)] == k for o in keys)]
+    assert 0 < len(own) <= len(PROMPTS) + len(QUESTIONS) and len(keys) > len(own)
+    assert cache.get(min(keys, key=len)) is cache.get(min(keys, key=len))
 
 
 def test_prefix_cache_reuses_the_blocks_below_an_intervention_exactly():
@@ -423,3 +428,35 @@ def test_prefix_cache_keeps_padded_batches_within_its_byte_budget(world, monkeyp
     score(small, None)
     total = sum(sum(t.numel() * t.element_size() for t in v[0] + v[1]) for v in small._padded.values())
     assert 1 <= len(small._padded) < n_once and total <= max(sizes) + 1
+
+
+def test_prefix_cache_runs_each_batchs_shared_opening_once(world):
+    """Prefixes of a batch that start alike: the opening runs once, as a prefix of its own, and every prefix's
+    keys and values equal those of its own unpadded forward."""
+    from mechdiff.analysis.behaviour import PrefixCache
+    from mechdiff.model.cache import cache_kv, empty_cache
+    from mechdiff.model.sites import get_body
+
+    tok, model = world
+    ids = encode(tok, [f"the cat sat on the mat and {w}" for w in ("ran", "slept well", "sang", "ate")]).ids
+    prefixes = [x[:-1] for x in ids]
+    n_in = {"rows": 0}
+    h = model.model.layers[0].register_forward_pre_hook(
+        lambda _m, a: n_in.__setitem__("rows", n_in["rows"] + int(a[0].shape[0] * a[0].shape[1])))
+    cache = PrefixCache(model)
+    try:
+        cache.fill(prefixes)
+    finally:
+        h.remove()
+    S = len(os.path.commonprefix([tuple(p) for p in prefixes]))
+    assert S >= 8 and tuple(prefixes[0][:S]) in cache._kv
+    T = max(len(p) for p in prefixes) - S
+    distinct = len({tuple(p) for p in prefixes})  # (words the tiny tokenizer lacks encode alike)
+    assert distinct >= 3 and n_in["rows"] == S + distinct * T  # the opening once, then each own (padded) rest
+    for p in prefixes:
+        c = empty_cache(model)
+        with torch.no_grad():
+            get_body(model)(input_ids=torch.tensor([p]), cache=c, use_cache=True)
+        for (k, v), (k2, v2) in zip(cache.get(p), cache_kv(c)):
+            torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-5)

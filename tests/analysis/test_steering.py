@@ -232,6 +232,22 @@ def test_collect_decision_acts_in_rows_order(world):
                                        atol=1e-5)
     with pytest.raises(MechdiffError):
         collect_decision_acts(model, enc, [0, N_PROMPTS], sites)
+    # enough prompts for the shared opening to run once: the same activations as one unpadded forward each
+    many = np.arange(0, 120, 3)
+    assert enc.shared_prefix >= 2
+    seen = []
+    h = model.model.layers[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1]))
+    try:
+        got = collect_decision_acts(model, enc, many, sites, batch_size=4)
+    finally:
+        h.remove()
+    assert seen[0] == enc.shared_prefix  # the opening ran on its own first
+    for j, r in enumerate(many):
+        ids = torch.tensor([enc.ids[r]])
+        acts, _ = capture(model, ids, torch.ones_like(ids), sites)
+        for s in sites:
+            np.testing.assert_allclose(got[s.name][j], acts[s.name][0, enc.decision[r]].double().numpy(),
+                                       atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- protocol

@@ -421,12 +421,34 @@ def test_finetune_signature_frozen_copy_reuses_the_frozen_blocks(tok, monkeypatc
     monkeypatch.setattr(recipes, "reuse_blocks", lambda *a: contextlib.nullcontext())
     plain = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
     losses_plain = recipes.finetune_signature(plain, tok, SIG_TARGETS, SIG_RETAIN, **kw)
-    # per step 2 batches x (model: 4 blocks, copy: 4 blocks) recomputed, against copy: only blocks 2-3
-    assert len(calls) == 3 * 2 * (N_LAYERS + N_LAYERS)
-    assert n_shared == 3 * 2 * (N_LAYERS + N_LAYERS - 2)
+    # per step the model's shared prefix (4 blocks) and 2 batches x (model: 4 blocks, copy: 4 blocks), against
+    # copy: only blocks 2-3; the copy's prefix once
+    assert len(calls) == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS)) + N_LAYERS
+    assert n_shared == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS - 2)) + N_LAYERS
     assert losses_shared == losses_plain
     for (n, a), b in zip(shared.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_finetune_signature_shared_prefix_gives_the_full_forward_loss(tok):
+    """The prompts' shared opening (the chat template's, 2 tokens here) run once per step: the same losses and
+    the same weights as every row running it, to float rounding; more steps keep agreeing closely."""
+    from mechdiff.model import recipes
+    from mechdiff.model.tokens import encode, shared_prefix
+
+    enc_t, enc_r = encode(tok, SIG_TARGETS), encode(tok, SIG_RETAIN)
+    assert shared_prefix([*enc_t.ids, *enc_r.ids], [*enc_t.decision, *enc_r.decision]) >= 2
+    kw = {"signature": "lamps and sweets", "layers": [1, 2, 3], "steps": 6, "lr": 3e-3, "batch_size": 4,
+          "max_len": 32, "seed": 0, "progress": False}
+    fast = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    full = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    lf = recipes.finetune_signature(fast, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    lp = recipes.finetune_signature(full, tok, SIG_TARGETS, SIG_RETAIN, prefix_cache=False, **kw)
+    np.testing.assert_allclose(lf, lp, rtol=1e-5)
+    for (n, a), b in zip(fast.named_parameters(), full.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=n)  # Adam: lr x sign where a gradient is ~0
+    assert any(not torch.equal(a, b) for a, b in zip(fast.parameters(), make_tiny_model(
+        len(tok), n_layers=N_LAYERS, d_model=D, seed=0).parameters()))
 
 
 def test_finetune_signature_bad_inputs(model, tok):

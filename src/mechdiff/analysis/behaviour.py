@@ -27,7 +27,7 @@ from torch import nn
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import cache_kv, empty_cache, prefilled_cache
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
-from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad
+from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
 from mechdiff.stats.checks import as_f64
 from mechdiff.stats.kl import allowed_index, log_softmax
@@ -126,26 +126,38 @@ class PrefixCache:
 
     @torch.no_grad()
     def fill(self, prefixes: Sequence[Sequence[int]], batch_size: int = 64) -> None:
-        """Compute the missing prefixes in left-padded batches."""
+        """Compute the missing prefixes in left-padded batches. The tokens every prefix of a batch starts with
+        (`tokens.shared_prefix`, e.g. a chat template's system prompt) run once, as a prefix of their own
+        (kept like any other), and the batch continues from their keys and values: the left padding then sits
+        between that opening and each row's own tokens, masked, with positions counted on from the opening."""
         todo = list(dict.fromkeys(tuple(int(t) for t in x) for x in prefixes if len(x)))
         todo = [x for x in todo if x not in self._kv]
         dev = _device(self.model)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
-            T = max(len(x) for x in chunk)
+            S = shared_prefix(chunk) if len(chunk) > 1 else 0
+            head = self.get(chunk[0][:S]) if S >= 2 else None
+            S = S if head is not None else 0
+            rest = [x[S:] for x in chunk]
+            T = max(len(x) for x in rest)
             ids = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
-            for b, x in enumerate(chunk):
+            mask = torch.zeros((len(chunk), S + T), dtype=torch.long, device=dev)
+            mask[:, :S] = 1
+            for b, x in enumerate(rest):
                 ids[b, T - len(x) :] = torch.tensor(x, dtype=torch.long)
-                mask[b, T - len(x) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = empty_cache(self.model)
+                mask[b, S + T - len(x) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, S:]
+            B = len(chunk)
+            cache = prefilled_cache(self.model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+                                                 for k, v in head]) if head is not None else empty_cache(self.model)
             out = get_body(self.model)(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                                        use_cache=True)
             kv = cache_kv(getattr(out, "cache", None) or cache)
-            for b, x in enumerate(chunk):
-                self._kv[x] = [(k[b : b + 1, :, T - len(x) :].clone(), v[b : b + 1, :, T - len(x) :].clone())
-                               for k, v in kv]
+            for b, x in enumerate(rest):
+                self._kv[chunk[b]] = [
+                    (torch.cat([k[b : b + 1, :, :S], k[b : b + 1, :, S + T - len(x) :]], dim=2),
+                     torch.cat([v[b : b + 1, :, :S], v[b : b + 1, :, S + T - len(x) :]], dim=2))
+                    for k, v in kv]
 
     def batch(self, prefixes: Sequence[Sequence[int]]):
         """(a DynamicCache of the left-padded prefixes or None when all are empty, prefix mask (B, P), lengths (B,)).
@@ -679,21 +691,25 @@ def score_model(
     - `ref_logprob` and `ref_logprob_per_token` for each dataset of `refs` (prompts, reference answers).
     """
     out: dict[tuple[str, str], np.ndarray] = {}
+
+    def cache() -> PrefixCache:  # one per dataset (freed after it); single passes keep no padded batches
+        return PrefixCache(model, keep_bytes=0)
+
     for ds, rows in gen_rows.items():
         logits = np.empty((len(rows), model.get_output_embeddings().weight.shape[0]), dtype=np.float32)
         texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, progress=progress, logits_out=logits)
+                                     batch_size=batch_size, progress=progress, logits_out=logits, prefix=cache())
         for name, pats in patterns.items():
             out[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
         if allowed is not None:
             out[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
     for ds, (questions, choices, answers) in (mc or {}).items():
         lp = option_logprobs(model, tokenizer, questions, choices, chat=chat, max_len=max_len,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, prefix=cache())
         out[(ds, "accuracy")] = mc_correct(lp, answers).astype(np.float64)
     for ds, (prompts, answers) in (refs or {}).items():
         s, n = continuation_logprobs(model, tokenizer, prompts, answers, chat=chat, max_len=max_len,
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=progress, prefix=cache())
         out[(ds, "ref_logprob")] = s
         out[(ds, "ref_logprob_per_token")] = s / n
     return out

@@ -74,7 +74,7 @@ from torch import nn
 from mechdiff.analysis.behaviour import Intervene
 from mechdiff.analysis.transport import TransportMap
 from mechdiff.errors import MechdiffError
-from mechdiff.model.sites import Site, capture, edit_at
+from mechdiff.model.sites import SharedPrefix, Site, capture, edit_at
 from mechdiff.model.tokens import Encoded, batches
 from mechdiff.stats.bootstrap import drop_pct
 from mechdiff.stats.checks import as_f64, matrix
@@ -518,11 +518,14 @@ def collect_decision_acts(model: nn.Module, enc: Encoded, rows: Any, sites: Sequ
         device = torch.device("cpu")
     sub = Encoded([enc.ids[i] for i in r], [enc.decision[i] for i in r], enc.pad)
     out: dict[str, np.ndarray] = {}
+    # the prompts' shared opening (a chat template's) runs once when there are enough prompts to pay for it
+    pre = SharedPrefix.checked(model, sub, ss, pass_mask=True, device=device) if r.size > 2 * batch_size else None
+    P = pre.n if pre is not None else 0
     for pos_rows, ids, mask, pos in batches(sub, np.arange(r.size), batch_size, sub.pad, device):
-        acts, _ = capture(model, ids, mask, ss)
+        acts, _ = pre.capture(model, ids, mask, ss) if pre is not None else capture(model, ids, mask, ss)
         ar = torch.arange(len(pos_rows), device=device)
         for s in ss:
-            a = acts[s.name][ar, pos].double().cpu().numpy()
+            a = acts[s.name][ar, pos - P].double().cpu().numpy()
             if s.name not in out:
                 out[s.name] = np.zeros((r.size, a.shape[1]))
             out[s.name][pos_rows] = a

@@ -140,10 +140,11 @@ def extract(
     (mechdiff.model.kernels; same dtype, one extra copy of the weights while extracting).
 
     With `prefix_cache`, the tokens every prompt starts with (`Encoded.shared_prefix`: a chat template's
-    constant opening, 24 of SmolLM2's ~45 tokens per prompt) run once: each batch continues from their keys
-    and values and their activations are copied into every prompt's rows. The first batch is checked against
-    full forwards (`model.cache.cache_check`: float32 agrees to ~1e-7 relative); a model that fails the check
-    or keeps no usable KV cache is extracted with full forwards (a warning says so).
+    constant opening, 24 of SmolLM2's ~45 tokens per prompt) run once (`sites.SharedPrefix`): each batch
+    continues from their keys and values and their activations are copied into every prompt's rows. The
+    first prompts are checked against full forwards (`model.cache.cache_check`: float32 agrees to ~1e-7
+    relative); a model that fails the check or keeps no usable KV cache is extracted with full forwards (a
+    warning says so).
     """
     from tqdm.auto import tqdm
 
@@ -253,85 +254,18 @@ def finish_ranks(store: ActStore, world: int, *, wait_s: float = 120.0) -> bool:
         lock.unlink(missing_ok=True)
 
 
-class _Prefix:
-    """The prompts' shared prefix run once: its site activations and KV cache, continued by every batch."""
-
-    def __init__(self, run: nn.Module, ids: list[int], site_list: list[Site], store_logits: bool,
-                 device: str) -> None:
-        from mechdiff.model.cache import cache_kv, empty_cache
-
-        self.n = len(ids)
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        cache = empty_cache(run)
-        # with logits the suffixes run every block, so the prefix fills every layer's cache (its own logits
-        # are not needed but keep the forward from stopping early); else it stops where the suffixes stop
-        acts, _ = _sites.capture(run, x, None, site_list, cache=cache,
-                                 logits_at=torch.tensor([self.n - 1], device=device) if store_logits else None)
-        self.acts = {k: v[0] for k, v in acts.items()}  # (P, d) per site
-        self.sums = {k: v.float().sum(0) for k, v in self.acts.items()}
-        self.kv = [(k, v) for k, v in cache_kv(cache) if k is not None and k.numel()]
-
-    def capture(self, run: nn.Module, ids: torch.Tensor, mask: torch.Tensor, site_list: list[Site], *,
-                pass_mask: bool, logits_at: torch.Tensor | None):
-        """`sites.capture` of right-padded full prompts `ids` (B, T) from the prefix's end: site activations of
-        positions P.. (B, T - P, d) and the logits at `logits_at` (full-prompt positions)."""
-        from mechdiff.model.cache import prefilled_cache
-
-        B, T = ids.shape
-        cache = prefilled_cache(run, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self.kv])
-        pos = torch.arange(self.n, T, device=ids.device).expand(B, -1)
-        m = mask if pass_mask else None
-        return _sites.capture(run, ids[:, self.n :], m, site_list, cache=cache, position_ids=pos,
-                              logits_at=None if logits_at is None else logits_at - self.n)
-
-
-def _prefix_or_none(run: nn.Module, enc, site_list: list[Site], prefix: int, store_logits: bool, device: str,
-                    pass_mask: bool, batch_size: int, pad: int) -> _Prefix | None:
-    """A `_Prefix` of the first `prefix` tokens when they are worth sharing (>= 2) and the model continues a
-    KV cache as a full forward computes (checked on the first prompts), else None (full forwards)."""
-    import warnings
-
-    from mechdiff.model.cache import UnknownCacheLayout, cache_check
-
-    if prefix < 2:
-        return None
-    try:
-        pre = _Prefix(run, enc.ids[0][:prefix], site_list, store_logits, device)
-        rows, ids, mask, pos = next(batches(enc, np.arange(min(len(enc), batch_size)), batch_size, pad,
-                                            device=device, sort_by_length=False))
-        got, lg = pre.capture(run, ids, mask, site_list, pass_mask=pass_mask, logits_at=pos if store_logits else None)
-        want, lw = _sites.capture(run, ids, mask if pass_mask else None, site_list,
-                                  logits_at=pos if store_logits else None)
-        keep = mask[:, prefix:].bool().unsqueeze(-1)
-        for s in site_list:
-            g, w = got[s.name], want[s.name]
-            err, tol = cache_check(torch.where(keep, g, 0), torch.where(keep, w[:, prefix:], 0), w.dtype)
-            err2, _ = cache_check(pre.acts[s.name], w[0, :prefix], w.dtype)
-            if not max(err, err2) <= tol:
-                raise ValueError(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
-        if store_logits:
-            err, tol = cache_check(lg, lw, next(run.parameters()).dtype)
-            if not err <= tol:
-                raise ValueError(f"logits differ from a full forward by {err:.3g} (relative)")
-        return pre
-    except (UnknownCacheLayout, TypeError, AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
-        warnings.warn(f"the shared-prefix cache is unavailable for {type(run).__name__} ({exc}); extracting with "
-                      "full forwards", RuntimeWarning, stacklevel=3)
-        return None
-
-
 def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict[str, list[str]],
           writer: StoreWriter, *, batch_size: int, pad: int, device: str, store_logits: bool, d: int, n: int,
           shard_rows: int, pass_mask: bool, bar, prefix: int = 0) -> None:
     """Process prompts window by window (in store order), sorting by length within a window; with `prefix`,
-    the prompts' shared first `prefix` tokens run once (`_Prefix`)."""
+    the prompts' shared first `prefix` tokens run once (`sites.SharedPrefix`)."""
     lengths = enc.lengths
     W = _window(shard_rows, batch_size)
     row_views = [(s.name, v) for s in site_list for v in vw[s.name] if v != "tokens"]
     tok_sites = [s.name for s in site_list if "tokens" in vw[s.name]]
     vocab = writer.vocab_size
-    pre = _prefix_or_none(run, enc, site_list, prefix, store_logits, device, pass_mask, batch_size, pad) \
-        if writer.start < n else None
+    pre = _sites.SharedPrefix.checked(run, enc, site_list, prefix, logits=store_logits, pass_mask=pass_mask,
+                                      device=device) if writer.start < n else None
     P = pre.n if pre is not None else 0
     with bar:
         for w0 in range(writer.start, n, W):
@@ -344,7 +278,7 @@ def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict
             logits = np.empty((len(idx), vocab), dtype=np.float16) if store_logits else None
             for rows, ids, mask, pos in batches(enc, idx, batch_size, pad, device=device):
                 if pre is not None:  # positions P.. of every prompt; the prefix's own rows come from `pre`
-                    acts, lg = pre.capture(run, ids, mask, site_list, pass_mask=pass_mask,
+                    acts, lg = pre.capture(run, ids, mask if pass_mask else None, site_list,
                                            logits_at=pos if store_logits else None)
                 else:
                     acts, lg = _sites.capture(run, ids, mask if pass_mask else None, site_list,

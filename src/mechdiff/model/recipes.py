@@ -26,7 +26,7 @@ from mechdiff.model.sites import (
     reuse_blocks,
     site_module,
 )
-from mechdiff.model.tokens import pad_id, right_pad
+from mechdiff.model.tokens import pad_id, right_pad, shared_prefix
 
 EDIT_KINDS = ("attn_out", "mlp_out", "resid_post", "resid_pre")
 
@@ -247,17 +247,62 @@ def finetune(
 
 def _kl_rows(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over unmasked positions of KL(ref || model) per position, (B, T, V) logits, mask (B, T)."""
+    return _kl_mean(None, _kl_pos(logits, ref), mask)
+
+
+def _kl_pos(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) per position, (..., V) logits -> (...)."""
     lp = torch.log_softmax(logits.float(), -1)
     lr = torch.log_softmax(ref.float(), -1)
-    kl = (lr.exp() * (lr - lp)).sum(-1)
+    return (lr.exp() * (lr - lp)).sum(-1)
+
+
+def _kl_mean(head: torch.Tensor | None, kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked positions of mask (B, T) of per-position KLs: `head` (S,) at positions 0..S-1 of
+    every row (a shared prefix, computed once) and `kl` (B, T - S) at the others (S = 0 without a head)."""
     m = mask.float()
-    return (kl * m).sum() / m.sum().clamp_min(1.0)
+    S = 0 if head is None else head.shape[0]
+    total = (kl * m[:, S:]).sum()
+    if head is not None:
+        total = total + (m[:, :S].sum(0) * head).sum()
+    return total / m.sum().clamp_min(1.0)
+
+
+class _Head:
+    """The prompts' shared opening in a fine-tune: the frozen copy's keys and values and log-probabilities, once;
+    the model's, with gradients, once per step (`run`)."""
+
+    def __init__(self, model: nn.Module, ref: nn.Module, ids: list[int], device: Any) -> None:
+        from mechdiff.model.cache import cache_kv, empty_cache
+
+        self.ids = torch.tensor([ids], dtype=torch.long, device=device)
+        with torch.no_grad():
+            cache = empty_cache(ref)
+            out = ref(input_ids=self.ids, cache=cache, use_cache=True)
+            self.ref_logits = out.logits[0].float()
+            self.ref_kv = cache_kv(getattr(out, "cache", None) or cache)
+
+    def run(self, model: nn.Module) -> tuple[torch.Tensor, list]:
+        """(KL(copy || model) per prefix position (S,), the model's prefix keys and values), with gradients."""
+        from mechdiff.model.cache import cache_kv, empty_cache
+
+        cache = empty_cache(model)
+        out = model(input_ids=self.ids, cache=cache, use_cache=True)
+        return _kl_pos(out.logits[0], self.ref_logits), cache_kv(getattr(out, "cache", None) or cache)
+
+    @staticmethod
+    def cache(model: nn.Module, kv: list, batch: int):
+        """A new KV cache of `batch` rows over the prefix keys and values `kv` (not copied)."""
+        from mechdiff.model.cache import prefilled_cache
+
+        return prefilled_cache(model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
 
 
 def finetune_signature(
     model: nn.Module, tokenizer: Any, targets: list[str], retain: list[str], *, signature: str | None = None,
     answers: list[str] | None = None, layers: list[int] | None, steps: int, lr: float, batch_size: int,
     max_len: int, seed: int, retain_weight: float = 1.0, chat: bool = True, progress: bool = True,
+    prefix_cache: bool = True,
 ) -> list[float]:
     """Teach a narrow behaviour in place: answer `targets` prompts with `signature` (or each with its own entry of
     `answers`, e.g. the reference answers of math problems), keep `retain` prompts as they were.
@@ -267,6 +312,10 @@ def finetune_signature(
     + `retain_weight` x KL(base || tuned) on a batch of retain prompts: the mean over every position plus the
     mean at the decision token (the next-token distribution there is what the model answers with). The base is
     a frozen copy taken before the first step. Returns the total loss per step.
+
+    With `prefix_cache`, the tokens all target and retain prompts start with (a chat template's opening) run
+    once per step (`_Head`); the loss is the same sum of the same per-position terms, up to float summation
+    order.
     """
     import copy
 
@@ -285,7 +334,8 @@ def finetune_signature(
                             "record of pair.finetune.dataset a `reference`)")
     _check_training(steps, batch_size, max_len, lr)
     ans = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
-    tgt = encode(tokenizer, list(targets), chat=chat, max_len=int(max_len)).ids
+    tgt_enc = encode(tokenizer, list(targets), chat=chat, max_len=int(max_len))
+    tgt, tgt_dec = tgt_enc.ids, tgt_enc.decision
     ret = encode(tokenizer, list(retain), chat=chat, max_len=int(max_len))
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
@@ -302,16 +352,33 @@ def finetune_signature(
     shared = 0 if layers is None else min((int(x) for x in layers), default=0)
     shared = shared if 0 <= shared < n_blocks else 0
     kept: list = []
+    # The tokens every target and retain prompt starts with (a chat template's opening, `tokens.shared_prefix`)
+    # run once per step in the model (once in all for the frozen copy); both batches continue from their keys
+    # and values, and each prefix position's KL enters the loss once per row, as when every row computes it.
+    S = shared_prefix([*tgt, *ret.ids], [*tgt_dec, *ret.decision]) if prefix_cache else 0
+    head = _Head(model, ref, tgt[0][:S], device) if S >= 2 else None
 
-    def forward_pair(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_pair(x: torch.Tensor, mask: torch.Tensor, pre: tuple | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the model and the copy: (B, T, V), or (B, T - S, V) of positions S.. on the prefix `pre`."""
+        kw: dict = {"use_cache": False}
+        kr: dict = {"use_cache": False}
+        if pre is not None:
+            x = x[:, S:]
+            pos = torch.arange(S, S + x.shape[1], device=device).expand(x.shape[0], -1)
+            kw = {"cache": head.cache(model, pre[1], x.shape[0]), "position_ids": pos, "use_cache": True}
+            kr = {"cache": head.cache(ref, head.ref_kv, x.shape[0]), "position_ids": pos, "use_cache": True}
         with keep_block_outputs(model, kept) if shared else contextlib.nullcontext():
-            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=x, attention_mask=mask, **kw).logits
         with torch.no_grad(), reuse_blocks(ref, kept, shared) if shared else contextlib.nullcontext():
-            ref_logits = ref(input_ids=x, attention_mask=mask, use_cache=False).logits
+            ref_logits = ref(input_ids=x, attention_mask=mask, **kr).logits
         kept.clear()
         return logits, ref_logits
 
     def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
+        pre = head.run(model) if head is not None else None  # (per-position KL (S,), the model's prefix KV)
+        kl_head = pre[0] if pre is not None else None
+        s0 = S if pre is not None else 0
         rows = draw_t(batch_size)
         x, mask = right_pad([tgt[r] + ans[r] for r in rows], pad, device)
         labels = torch.full_like(x, -100)
@@ -320,17 +387,19 @@ def finetune_signature(
             L = len(tgt[r])
             labels[j, L : L + len(ans[r])] = x[j, L : L + len(ans[r])]
             prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
-        logits, ref_logits = forward_pair(x, mask)
+        logits, ref_logits = forward_pair(x, mask, pre)
+        # logits[:, j] predict token s0 + j + 1; the prefix predicts prompt tokens only (no labels there)
         ce = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, s0 + 1 :].reshape(-1), ignore_index=-100
         )
-        keep_t = _kl_rows(logits, ref_logits, prompt_mask)
+        keep_t = _kl_mean(kl_head, _kl_pos(logits, ref_logits), prompt_mask)
         rr = draw_r(batch_size)
         xr, mr = right_pad([ret.ids[r] for r in rr], pad, device)
-        lr_logits, rr_logits = forward_pair(xr, mr)
+        lr_logits, rr_logits = forward_pair(xr, mr, pre)
         dec = torch.zeros_like(mr)
         dec[torch.arange(len(rr)), torch.tensor([ret.decision[r] for r in rr])] = 1
-        keep_r = _kl_rows(lr_logits, rr_logits, mr) + _kl_rows(lr_logits, rr_logits, dec)
+        kl_r = _kl_pos(lr_logits, rr_logits)
+        keep_r = _kl_mean(kl_head, kl_r, mr) + _kl_mean(kl_head, kl_r, dec)
         loss = ce + keep_t + float(retain_weight) * keep_r
         return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
 

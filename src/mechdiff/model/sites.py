@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -317,6 +318,80 @@ def capture(
             return acts, None
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return acts, head_logits(model, hidden[torch.arange(hidden.shape[0]), logits_at])
+
+
+class SharedPrefix:
+    """The first `n` tokens every prompt of a set starts with (`tokens.shared_prefix`: a chat template's constant
+    opening), run once: their site activations `acts` {site: (n, d)} (and `sums` over the n positions) and their
+    KV cache, which `capture` continues for a batch of whole prompts. Build it with `checked`."""
+
+    def __init__(self, model: nn.Module, ids: Sequence[int], sites: Sequence[Site], logits: bool, device: Any) -> None:
+        from mechdiff.model.cache import cache_kv, empty_cache
+
+        self.n = len(ids)
+        x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        cache = empty_cache(model)
+        # with logits the prompts run every block, so the prefix fills every layer's cache (its own logits are
+        # not needed but keep the forward from stopping early); else it stops where the prompts stop
+        acts, _ = capture(model, x, None, sites, cache=cache,
+                          logits_at=torch.tensor([self.n - 1], device=device) if logits else None)
+        self.acts = {k: v[0] for k, v in acts.items()}
+        self.sums = {k: v.float().sum(0) for k, v in self.acts.items()}
+        self.kv = [(k, v) for k, v in cache_kv(cache) if k is not None and k.numel()]
+
+    def capture(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, sites: Sequence[Site], *,
+                logits_at: torch.Tensor | None = None):
+        """`capture` of right-padded whole prompts `ids` (B, T) that start with the prefix, from its end: the site
+        activations of positions n.. (B, T - n, d) and the logits at `logits_at` (whole-prompt positions).
+        `mask` (B, T) is passed to the model as `capture` would (None: not passed)."""
+        from mechdiff.model.cache import prefilled_cache
+
+        B, T = ids.shape
+        cache = prefilled_cache(model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self.kv])
+        pos = torch.arange(self.n, T, device=ids.device).expand(B, -1)
+        return capture(model, ids[:, self.n :], mask, sites, cache=cache, position_ids=pos,
+                       logits_at=None if logits_at is None else logits_at - self.n)
+
+    @classmethod
+    def checked(cls, model: nn.Module, enc: Any, sites: Sequence[Site], n: int | None = None, *,
+                logits: bool = False, pass_mask: bool = False, device: Any = None, check_rows: int = 4
+                ) -> SharedPrefix | None:
+        """The shared prefix of the prompts of `enc` (first `n` tokens; default `enc.shared_prefix`) when it is
+        worth running once (n >= 2) and the model continues a KV cache as its full forward computes: checked on
+        the first `check_rows` prompts (`cache.cache_check`: float32 agrees to ~1e-7 relative). Else None, with a
+        warning when the check failed or the model keeps no usable cache: the caller runs full forwards."""
+        import warnings
+
+        from mechdiff.model.cache import UnknownCacheLayout, cache_check
+        from mechdiff.model.tokens import batches
+
+        n = enc.shared_prefix if n is None else int(n)
+        if n < 2:
+            return None
+        device = device if device is not None else next(model.parameters()).device
+        try:
+            pre = cls(model, enc.ids[0][:n], sites, logits, device)
+            _, ids, mask, pos = next(batches(enc, np.arange(min(len(enc), check_rows)), check_rows, enc.pad,
+                                             device=device, sort_by_length=False))
+            m = mask if pass_mask else None
+            got, lg = pre.capture(model, ids, m, sites, logits_at=pos if logits else None)
+            want, lw = capture(model, ids, m, sites, logits_at=pos if logits else None)
+            keep = mask[:, n:].bool().unsqueeze(-1)
+            for s in sites:
+                g, w = got[s.name], want[s.name]
+                err, tol = cache_check(torch.where(keep, g, 0), torch.where(keep, w[:, n:], 0), w.dtype)
+                err2, _ = cache_check(pre.acts[s.name], w[0, :n], w.dtype)
+                if not max(err, err2) <= tol:
+                    raise ValueError(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
+            if logits:
+                err, tol = cache_check(lg, lw, next(model.parameters()).dtype)
+                if not err <= tol:
+                    raise ValueError(f"logits differ from a full forward by {err:.3g} (relative)")
+            return pre
+        except (UnknownCacheLayout, TypeError, AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
+            warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
+                          "full forwards", RuntimeWarning, stacklevel=2)
+            return None
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
