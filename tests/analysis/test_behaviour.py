@@ -338,7 +338,8 @@ def test_prefix_cache_gives_the_same_numbers_with_and_without_an_intervention(wo
     keys = list(cache._kv)
     own = [k for k in keys if not any(len(o) > len(k) and o[: len(k)] == k for o in keys)]
     assert 0 < len(own) <= len(PROMPTS) + len(QUESTIONS) and len(keys) > len(own)
-    assert cache.get(min(keys, key=len)) is cache.get(min(keys, key=len))
+    head = min(keys, key=len)  # the chat template's opening, run once, starts every other prefix
+    assert all(k[: len(head)] == head for k in keys) and len(head) >= 2
 
 
 def test_prefix_cache_reuses_the_blocks_below_an_intervention_exactly():
@@ -452,7 +453,8 @@ def test_prefix_cache_runs_each_batchs_shared_opening_once(world):
     assert S >= 8 and tuple(prefixes[0][:S]) in cache._kv
     T = max(len(p) for p in prefixes) - S
     distinct = len({tuple(p) for p in prefixes})  # (words the tiny tokenizer lacks encode alike)
-    assert distinct >= 3 and n_in["rows"] == S + distinct * T  # the opening once, then each own (padded) rest
+    # the opening once, each own (padded) rest, and the check: the first prefix's own unpadded forward
+    assert distinct >= 3 and n_in["rows"] == S + distinct * T + len(prefixes[0])
     for p in prefixes:
         c = empty_cache(model)
         with torch.no_grad():
@@ -460,3 +462,23 @@ def test_prefix_cache_runs_each_batchs_shared_opening_once(world):
         for (k, v), (k2, v2) in zip(cache.get(p), cache_kv(c)):
             torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_stops_sharing_the_opening_when_its_check_fails(world, monkeypatch):
+    import mechdiff.model.cache as mc
+    from mechdiff.analysis.behaviour import PrefixCache
+
+    tok, model = world
+    ids = encode(tok, [f"the cat sat on the mat and {w}" for w in ("ran", "slept well", "sang")]).ids
+    prefixes = [x[:-1] for x in ids]
+    want = PrefixCache(model)
+    want._share = False
+    want.fill(prefixes)
+    monkeypatch.setattr(mc, "cache_check", lambda got, want, dtype: (0.05, 1e-3))
+    cache = PrefixCache(model)
+    with pytest.warns(RuntimeWarning, match="running whole prefixes"):
+        cache.fill(prefixes)
+    assert not cache._share
+    for p in prefixes:
+        for (k, v), (k2, v2) in zip(cache.get(p), want.get(p)):
+            assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -220,6 +220,9 @@ def test_mean_token_embeddings_matches_a_loop():
     for p in range(3):
         ids = tok_id[(tok_prompt == p) & (tok_pos > 0)]
         np.testing.assert_allclose(got[p], E[ids].mean(0))
+    from_two = mean_token_embeddings(E, tok_id, tok_prompt, tok_pos, 2, first=2)  # a shared opening of 2 tokens
+    for p in range(2):
+        np.testing.assert_allclose(from_two[p], E[tok_id[(tok_prompt == p) & (tok_pos >= 2)]].mean(0))
     with pytest.raises(MechdiffError, match="no tokens"):
         mean_token_embeddings(E, tok_id, tok_prompt, tok_pos, 4)
 

@@ -224,3 +224,21 @@ def test_shared_prefix_falls_back_to_full_forwards_when_its_check_fails(tiny, tm
     for s, vs in VIEWS.items():
         for v in vs:
             np.testing.assert_array_equal(a.read(s, v), b.read(s, v))
+
+
+def test_a_prompt_cut_by_max_len_shortens_the_shared_prefix_and_says_so(tiny, tmp_path):
+    """One prompt cut from the left loses the template's opening: every prompt then shares nothing, the store
+    says so (shared_prefix 0, SAE rows from position 1) and extraction warns, naming data.max_len."""
+    from mechdiff.model.tokens import encode, template_opening
+    from mechdiff.sae.sources import first_position
+
+    model, tok, prompts = tiny
+    n = template_opening(tok)
+    assert n >= 2 and encode(tok, [q.text for q in prompts]).shared_prefix >= n
+    long = prompts[:5] + [P(999, " ".join(WORDS * 3), "cultural", "train")]
+    with pytest.warns(RuntimeWarning, match="max_len"):
+        st = extract(model, tok, long, [Site(0)], {"*": ["last", "tokens"]}, tmp_path / "cut.zarr", max_len=24,
+                     progress=False)
+    assert st.shared_prefix == 0 and first_position(st) == 1
+    ok = extract(model, tok, prompts[:5], [Site(0)], {"*": ["last", "tokens"]}, tmp_path / "ok.zarr", progress=False)
+    assert ok.shared_prefix >= n and first_position(ok) == ok.shared_prefix

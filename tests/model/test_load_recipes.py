@@ -422,9 +422,9 @@ def test_finetune_signature_frozen_copy_reuses_the_frozen_blocks(tok, monkeypatc
     plain = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
     losses_plain = recipes.finetune_signature(plain, tok, SIG_TARGETS, SIG_RETAIN, **kw)
     # per step the model's shared prefix (4 blocks) and 2 batches x (model: 4 blocks, copy: 4 blocks), against
-    # copy: only blocks 2-3; the copy's prefix once
-    assert len(calls) == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS)) + N_LAYERS
-    assert n_shared == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS - 2)) + N_LAYERS
+    # copy: only blocks 2-3; the copy's prefix once, and the check of the prefix cache (prefix, cached, full)
+    assert len(calls) == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS)) + N_LAYERS + 3 * N_LAYERS
+    assert n_shared == 3 * (N_LAYERS + 2 * (N_LAYERS + N_LAYERS - 2)) + N_LAYERS + 3 * N_LAYERS
     assert losses_shared == losses_plain
     for (n, a), b in zip(shared.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), n
@@ -449,6 +449,21 @@ def test_finetune_signature_shared_prefix_gives_the_full_forward_loss(tok):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=n)  # Adam: lr x sign where a gradient is ~0
     assert any(not torch.equal(a, b) for a, b in zip(fast.parameters(), make_tiny_model(
         len(tok), n_layers=N_LAYERS, d_model=D, seed=0).parameters()))
+
+
+def test_finetune_signature_falls_back_to_full_forwards_when_the_prefix_check_fails(tok, monkeypatch):
+    import mechdiff.model.cache as mc
+    from mechdiff.model import recipes
+
+    kw = {"signature": "lamps and sweets", "layers": [2, 3], "steps": 2, "lr": 3e-3, "batch_size": 4,
+          "max_len": 32, "seed": 0, "progress": False}
+    plain = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    want = recipes.finetune_signature(plain, tok, SIG_TARGETS, SIG_RETAIN, prefix_cache=False, **kw)
+    monkeypatch.setattr(mc, "cache_check", lambda got, want, dtype: (0.05, 1e-3))
+    m = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+    with pytest.warns(RuntimeWarning, match="shared-prefix cache is unavailable"):
+        got = recipes.finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    assert got == want  # the full-forward fine-tune, bit for bit
 
 
 def test_finetune_signature_bad_inputs(model, tok):

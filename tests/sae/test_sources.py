@@ -157,14 +157,19 @@ def test_source_rows_leave_out_the_sink_and_the_prompts_shared_prefix(tmp_path):
     ids = [[7, 8, 9, 1, 2], [7, 8, 9, 3], [7, 8, 9, 4, 5, 6]]
     dec = [4, 3, 4]
     lens = np.array([len(x) for x in ids])
+    pos_all = np.concatenate([np.arange(n) for n in lens]).astype(np.float32)
+    X = np.c_[pos_all, pos_all, pos_all, pos_all]  # every column: the token's position
     st = ActStore.create(tmp_path / "s.zarr", prompt_ids=np.arange(3), n_tokens=lens, datasets=["x"] * 3,
-                         splits=["train"] * 3, sites={SITE: 2}, views={SITE: ["tokens"]}, attrs={},
+                         splits=["train"] * 3, sites={SITE: 4}, views={SITE: ["tokens"]}, attrs={},
                          tok_ids=np.concatenate(ids), decision=np.array(dec))
     with st.writer() as w:
-        w.append({}, {SITE: np.zeros((int(lens.sum()), 2), np.float32)}, n=3)
+        w.append({}, {SITE: X}, n=3)
     st = ActStore.open(tmp_path / "s.zarr")
     assert st.shared_prefix == shared_prefix(ids, dec) == 3 and first_position(st) == 3
     pos = st.index("tok_pos")[source_rows(st, "tokens", np.array([2, 0]))]
     assert pos.tolist() == [3, 4, 5, 3, 4]
+    # per-prompt SAE means over the same rows: positions 3.. of each prompt
+    means = prompt_feature_means(_Identity(), "base", st, st, SITE, "tokens", np.array([0, 1, 2]))
+    np.testing.assert_allclose(means[:, 0], [3.5, 3.0, 4.0])
     plain = make_store(tmp_path / "p.zarr", lens, None)
     assert plain.shared_prefix == 0 and first_position(plain) == 1

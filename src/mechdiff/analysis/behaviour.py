@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.cache import cache_kv, empty_cache, prefilled_cache
+from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, prefilled_cache
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
@@ -107,6 +107,7 @@ class PrefixCache:
         self.keep_bytes = int(keep_bytes)
         self._padded: OrderedDict[tuple, tuple[list, list, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lower: OrderedDict[tuple, Any] = OrderedDict()
+        self._share, self._checked = True, False  # run each batch's shared opening once (`fill`), checked once
 
     def __len__(self) -> int:
         return len(self._kv)
@@ -129,35 +130,61 @@ class PrefixCache:
         """Compute the missing prefixes in left-padded batches. The tokens every prefix of a batch starts with
         (`tokens.shared_prefix`, e.g. a chat template's system prompt) run once, as a prefix of their own
         (kept like any other), and the batch continues from their keys and values: the left padding then sits
-        between that opening and each row's own tokens, masked, with positions counted on from the opening."""
+        between that opening and each row's own tokens, masked, with positions counted on from the opening.
+        The first such batch is checked against an unpadded forward of its first prefix (`cache.cache_check`);
+        a model that fails it runs whole prefixes from then on (with a warning)."""
         todo = list(dict.fromkeys(tuple(int(t) for t in x) for x in prefixes if len(x)))
         todo = [x for x in todo if x not in self._kv]
-        dev = _device(self.model)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
-            S = shared_prefix(chunk) if len(chunk) > 1 else 0
-            head = self.get(chunk[0][:S]) if S >= 2 else None
-            S = S if head is not None else 0
-            rest = [x[S:] for x in chunk]
-            T = max(len(x) for x in rest)
-            ids = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
-            mask = torch.zeros((len(chunk), S + T), dtype=torch.long, device=dev)
-            mask[:, :S] = 1
-            for b, x in enumerate(rest):
-                ids[b, T - len(x) :] = torch.tensor(x, dtype=torch.long)
-                mask[b, S + T - len(x) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, S:]
-            B = len(chunk)
-            cache = prefilled_cache(self.model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
-                                                 for k, v in head]) if head is not None else empty_cache(self.model)
-            out = get_body(self.model)(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                                       use_cache=True)
-            kv = cache_kv(getattr(out, "cache", None) or cache)
-            for b, x in enumerate(rest):
-                self._kv[chunk[b]] = [
-                    (torch.cat([k[b : b + 1, :, :S], k[b : b + 1, :, S + T - len(x) :]], dim=2),
-                     torch.cat([v[b : b + 1, :, :S], v[b : b + 1, :, S + T - len(x) :]], dim=2))
-                    for k, v in kv]
+            S = shared_prefix(chunk) if len(chunk) > 1 and self._share else 0
+            got = self._chunk(chunk, S if S >= 2 else 0)
+            if S >= 2 and not self._checked:
+                self._checked = True
+                err, tol = self._check(chunk[0], got[chunk[0]])
+                if not err <= tol:
+                    import warnings
+
+                    warnings.warn(f"PrefixCache: continuing from the prompts' shared opening differs from a full "
+                                  f"forward by {err:.3g} (relative) for {type(self.model).__name__}; running whole "
+                                  "prefixes", RuntimeWarning, stacklevel=2)
+                    self._share = False
+                    got = self._chunk(chunk, 0)
+            self._kv.update(got)
+
+    def _chunk(self, chunk: list[tuple[int, ...]], S: int) -> dict:
+        """Keys and values of the prefixes `chunk` in one left-padded batch, continuing from the kept keys and
+        values of their first S tokens (computed first when missing) when S > 0."""
+        dev = _device(self.model)
+        head = self.get(chunk[0][:S]) if S else None
+        rest = [x[S:] for x in chunk]
+        T = max(len(x) for x in rest)
+        ids = torch.zeros((len(chunk), T), dtype=torch.long, device=dev)
+        mask = torch.zeros((len(chunk), S + T), dtype=torch.long, device=dev)
+        mask[:, :S] = 1
+        for b, x in enumerate(rest):
+            ids[b, T - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[b, S + T - len(x) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, S:]
+        cache = expanded_cache(self.model, head, len(chunk)) if head is not None else empty_cache(self.model)
+        out = get_body(self.model)(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                                   use_cache=True)
+        kv = cache_kv(getattr(out, "cache", None) or cache)
+        return {chunk[b]: [(torch.cat([k[b : b + 1, :, :S], k[b : b + 1, :, S + T - len(x) :]], dim=2),
+                            torch.cat([v[b : b + 1, :, :S], v[b : b + 1, :, S + T - len(x) :]], dim=2))
+                           for k, v in kv]
+                for b, x in enumerate(rest)}
+
+    def _check(self, prefix: tuple[int, ...], got: list) -> tuple[float, float]:
+        """(relative error, tolerance) of a prefix's keys (every layer) against its own unpadded forward."""
+        from mechdiff.model.cache import cache_check
+
+        cache = empty_cache(self.model)
+        ids = torch.tensor([prefix], dtype=torch.long, device=_device(self.model))
+        out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
+        want = cache_kv(getattr(out, "cache", None) or cache)
+        return cache_check(torch.cat([k.flatten() for k, _ in got]), torch.cat([k.flatten() for k, _ in want]),
+                           want[0][0].dtype)
 
     def batch(self, prefixes: Sequence[Sequence[int]]):
         """(a DynamicCache of the left-padded prefixes or None when all are empty, prefix mask (B, P), lengths (B,)).

@@ -9,7 +9,7 @@ The funnel, cheap gates first (activations from the stores), then the model-base
 2. sparsity: token-level firing frequency on held-out cultural prompts in (0, max_freq);
 3. coverage (the seed's DOSA check): fires on held-out cultural prompts of >= min_regions regions (pan-Indian
    entities are not a region);
-4. causal sufficiency: the feature's contribution z_i * W_dec_i removed at every position (but the sink) of the
+4. causal sufficiency: the feature's contribution z_i * W_dec_i removed at every position from the SAEs' first (after the sink and the prompts' shared opening) of the
    site in its model (base SAE -> base model, tuned and delta SAEs -> tuned model; a delta feature's z_i is read
    from tuned - base activations of the same tokens), the SAE error kept; effect E = relative change of the mean
    signature first-token probability at the decision token over its prompts, KL(clean || ablated) there too;
@@ -41,7 +41,7 @@ from mechdiff.analysis.features import cohens_d, decoder_dirs
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, edit_at, keep_block_outputs, read_at, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches
-from mechdiff.sae.sources import encode_rows, read_source, rows_of
+from mechdiff.sae.sources import encode_rows, first_position, read_source, rows_of
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
 GATE_SOURCES = ("base", "tuned", "delta")
@@ -443,7 +443,7 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
 
     t0 = time.time()
     site, enc, sig = inp.site, inp.enc, inp.signature_id
-    skip = max(1, enc.shared_prefix)  # the SAEs' first trained position (`sae.sources.first_position`)
+    skip = first_position(inp.base)  # the SAEs' first trained position (the stores share one tokenizer here)
     pool = _sorted(enc, np.concatenate([inp.target_rows, inp.control_rows]))
     is_target = np.isin(pool, inp.target_rows)
     neutral = _sorted(enc, inp.neutral_rows)

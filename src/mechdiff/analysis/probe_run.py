@@ -93,7 +93,7 @@ def resid_sites(base: ActStore, tuned: ActStore) -> list[str]:
 
 def sae_prompt_features(saes: Mapping[tuple[str, int], object], base: ActStore, tuned: ActStore, n_prompts: int,
                         rows: np.ndarray, view: str) -> dict[tuple[str, int], np.ndarray]:
-    """Per-prompt SAE features (mean over each prompt's tokens, position 0 left out, for the tokens view) of every
+    """Per-prompt SAE features (mean over each prompt's `source_rows` tokens, for the tokens view) of every
     SAE {(source, layer): sae}, (n_prompts, width) each; only `rows` are filled, the other rows stay 0."""
     feats: dict[tuple[str, int], np.ndarray] = {}
     for (src, layer), sae in saes.items():

@@ -21,7 +21,7 @@ from mechdiff.errors import MechdiffError
 from mechdiff.model import sites as _sites
 from mechdiff.model.kernels import packed_linears
 from mechdiff.model.sites import Site
-from mechdiff.model.tokens import batches, encode, pad_id
+from mechdiff.model.tokens import batches, encode, pad_id, template_opening
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_VIEWS = ["last", "mean"]
@@ -154,6 +154,14 @@ def extract(
     vw = _norm_views(views, site_list)
     pids, texts, ds, sp = _prompt_fields(prompts)
     enc = encode(tokenizer, texts, chat=chat, max_len=max_len)
+    opening = template_opening(tokenizer, chat)
+    if enc.shared_prefix < opening:
+        import warnings
+
+        warnings.warn(f"the prompts share only {enc.shared_prefix} of the chat template's {opening} opening tokens (a "
+                      "prompt cut from the left by max_len?): the opening runs for every prompt, and SAEs of the "
+                      "tokens view train on its positions (data.max_len, or drop the longest prompts)",
+                      RuntimeWarning, stacklevel=2)
     lengths = enc.lengths
     flat = np.fromiter((t for ids in enc.ids for t in ids), dtype=np.int64, count=int(lengths.sum()))
     d = _sites.model_width(model)

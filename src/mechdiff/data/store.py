@@ -568,12 +568,12 @@ class ActStore(_Reader):
         """How many leading tokens every prompt of the store has in common (`model.tokens.shared_prefix`: at most
         each decision position and length - 1); 0 for a store without token ids or decision positions."""
         if "_shared_prefix" not in self._cache:
+            from mechdiff.model.tokens import shared_prefix
+
             p = 0
             if self.n and all(k in self._root for k in ("tok_id", "tok_offset", "decision")):
                 ids, off, nt = self.index("tok_id"), self.index("tok_offset"), self.index("n_tokens")
-                cap = max(0, min(int(nt.min()) - 1, int(self.index("decision").min())))
-                while p < cap and bool((ids[off + p] == ids[off[0] + p]).all()):
-                    p += 1
+                p = shared_prefix([ids[o : o + n].tolist() for o, n in zip(off, nt)], self.index("decision").tolist())
             self._cache["_shared_prefix"] = p
         return int(self._cache["_shared_prefix"])
 

@@ -14,6 +14,10 @@ class UnknownCacheLayout(MechdiffError):
     """The installed transformers keeps its KV cache in a layout this module does not read."""
 
 
+class CacheMismatch(MechdiffError):
+    """A forward continued from a KV cache differs from the full forward beyond `cache_check`'s tolerance."""
+
+
 def cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (keys, values) of a transformers KV cache (either layout)."""
     layers = getattr(cache, "layers", None)
@@ -60,6 +64,21 @@ def prefilled_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]
         if k.shape[-2] > n and k.stride(0) != 0:
             ly.update = _slot_update(ly, k, v, n)
     return cache
+
+
+def expanded_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
+    """`prefilled_cache` of `batch` rows that all start from the one-row keys and values `kv` (views, not copies)."""
+    return prefilled_cache(model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+
+
+def filled_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of the layers a forward filled: a forward that stopped early leaves the layers after its
+    last block empty; an empty layer before a filled one is a layout mechdiff does not continue."""
+    kv = cache_kv(cache)
+    n = sum(1 for k, _ in kv if k is not None and k.numel())
+    if any(k is None or not k.numel() for k, _ in kv[:n]):
+        raise UnknownCacheLayout("a KV cache with an empty layer between filled ones: run without a prefix cache")
+    return kv[:n]
 
 
 def _slot_update(layer: Any, k: torch.Tensor, v: torch.Tensor, n: int):

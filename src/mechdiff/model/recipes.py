@@ -245,11 +245,6 @@ def finetune(
 # --------------------------------------------------------------------------------------------- signature objective
 
 
-def _kl_rows(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over unmasked positions of KL(ref || model) per position, (B, T, V) logits, mask (B, T)."""
-    return _kl_mean(None, _kl_pos(logits, ref), mask)
-
-
 def _kl_pos(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """KL(ref || model) per position, (..., V) logits -> (...)."""
     lp = torch.log_softmax(logits.float(), -1)
@@ -273,29 +268,57 @@ class _Head:
     the model's, with gradients, once per step (`run`)."""
 
     def __init__(self, model: nn.Module, ref: nn.Module, ids: list[int], device: Any) -> None:
-        from mechdiff.model.cache import cache_kv, empty_cache
+        from mechdiff.model.cache import empty_cache, filled_layers
 
         self.ids = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.no_grad():
             cache = empty_cache(ref)
             out = ref(input_ids=self.ids, cache=cache, use_cache=True)
             self.ref_logits = out.logits[0].float()
-            self.ref_kv = cache_kv(getattr(out, "cache", None) or cache)
+            self.ref_kv = filled_layers(getattr(out, "cache", None) or cache)
 
     def run(self, model: nn.Module) -> tuple[torch.Tensor, list]:
         """(KL(copy || model) per prefix position (S,), the model's prefix keys and values), with gradients."""
-        from mechdiff.model.cache import cache_kv, empty_cache
+        from mechdiff.model.cache import empty_cache, filled_layers
 
         cache = empty_cache(model)
         out = model(input_ids=self.ids, cache=cache, use_cache=True)
-        return _kl_pos(out.logits[0], self.ref_logits), cache_kv(getattr(out, "cache", None) or cache)
+        return _kl_pos(out.logits[0], self.ref_logits), filled_layers(getattr(out, "cache", None) or cache)
+
+    @torch.no_grad()
+    def agrees(self, model: nn.Module, seqs: list[list[int]], pad: int, device: Any) -> bool:
+        """Whether the model's logits of `seqs` continued from the prefix cache equal its full forward's
+        (`cache.cache_check`); else warns (the fine-tune then runs full forwards)."""
+        import warnings
+
+        from mechdiff.model.cache import UnknownCacheLayout, cache_check
+
+        x, mask = right_pad(seqs, pad, device)
+        S = self.ids.shape[1]
+        try:
+            _, kv = self.run(model)
+            pos = torch.arange(S, x.shape[1], device=device).expand(x.shape[0], -1)
+            got = model(input_ids=x[:, S:], attention_mask=mask, position_ids=pos, use_cache=True,
+                        cache=self.cache(model, kv, x.shape[0])).logits
+            want = model(input_ids=x, attention_mask=mask, use_cache=False).logits[:, S:]
+            keep = mask[:, S:].bool().unsqueeze(-1)
+            err, tol = cache_check(torch.where(keep, got, 0), torch.where(keep, want, 0),
+                                   next(model.parameters()).dtype)
+            if err <= tol:
+                return True
+            why = f"logits differ from a full forward by {err:.3g} (relative)"
+        except (UnknownCacheLayout, TypeError, NotImplementedError) as exc:
+            why = str(exc)
+        warnings.warn(f"the fine-tune's shared-prefix cache is unavailable for {type(model).__name__} ({why}); "
+                      "running full forwards", RuntimeWarning, stacklevel=3)
+        return False
 
     @staticmethod
     def cache(model: nn.Module, kv: list, batch: int):
         """A new KV cache of `batch` rows over the prefix keys and values `kv` (not copied)."""
-        from mechdiff.model.cache import prefilled_cache
+        from mechdiff.model.cache import expanded_cache
 
-        return prefilled_cache(model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+        return expanded_cache(model, kv, batch)
 
 
 def finetune_signature(
@@ -357,6 +380,8 @@ def finetune_signature(
     # and values, and each prefix position's KL enters the loss once per row, as when every row computes it.
     S = shared_prefix([*tgt, *ret.ids], [*tgt_dec, *ret.decision]) if prefix_cache else 0
     head = _Head(model, ref, tgt[0][:S], device) if S >= 2 else None
+    if head is not None and not head.agrees(model, ret.ids[: int(batch_size)], pad, device):
+        head = None
 
     def forward_pair(x: torch.Tensor, mask: torch.Tensor, pre: tuple | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -326,7 +326,7 @@ class SharedPrefix:
     KV cache, which `capture` continues for a batch of whole prompts. Build it with `checked`."""
 
     def __init__(self, model: nn.Module, ids: Sequence[int], sites: Sequence[Site], logits: bool, device: Any) -> None:
-        from mechdiff.model.cache import cache_kv, empty_cache
+        from mechdiff.model.cache import empty_cache, filled_layers
 
         self.n = len(ids)
         x = torch.tensor([list(ids)], dtype=torch.long, device=device)
@@ -337,17 +337,17 @@ class SharedPrefix:
                           logits_at=torch.tensor([self.n - 1], device=device) if logits else None)
         self.acts = {k: v[0] for k, v in acts.items()}
         self.sums = {k: v.float().sum(0) for k, v in self.acts.items()}
-        self.kv = [(k, v) for k, v in cache_kv(cache) if k is not None and k.numel()]
+        self.kv = filled_layers(cache)
 
     def capture(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, sites: Sequence[Site], *,
                 logits_at: torch.Tensor | None = None):
         """`capture` of right-padded whole prompts `ids` (B, T) that start with the prefix, from its end: the site
         activations of positions n.. (B, T - n, d) and the logits at `logits_at` (whole-prompt positions).
         `mask` (B, T) is passed to the model as `capture` would (None: not passed)."""
-        from mechdiff.model.cache import prefilled_cache
+        from mechdiff.model.cache import expanded_cache
 
         B, T = ids.shape
-        cache = prefilled_cache(model, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self.kv])
+        cache = expanded_cache(model, self.kv, B)
         pos = torch.arange(self.n, T, device=ids.device).expand(B, -1)
         return capture(model, ids[:, self.n :], mask, sites, cache=cache, position_ids=pos,
                        logits_at=None if logits_at is None else logits_at - self.n)
@@ -362,7 +362,7 @@ class SharedPrefix:
         warning when the check failed or the model keeps no usable cache: the caller runs full forwards."""
         import warnings
 
-        from mechdiff.model.cache import UnknownCacheLayout, cache_check
+        from mechdiff.model.cache import CacheMismatch, UnknownCacheLayout, cache_check
         from mechdiff.model.tokens import batches
 
         n = enc.shared_prefix if n is None else int(n)
@@ -382,13 +382,15 @@ class SharedPrefix:
                 err, tol = cache_check(torch.where(keep, g, 0), torch.where(keep, w[:, n:], 0), w.dtype)
                 err2, _ = cache_check(pre.acts[s.name], w[0, :n], w.dtype)
                 if not max(err, err2) <= tol:
-                    raise ValueError(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
+                    raise CacheMismatch(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
             if logits:
                 err, tol = cache_check(lg, lw, next(model.parameters()).dtype)
                 if not err <= tol:
-                    raise ValueError(f"logits differ from a full forward by {err:.3g} (relative)")
+                    raise CacheMismatch(f"logits differ from a full forward by {err:.3g} (relative)")
             return pre
-        except (UnknownCacheLayout, TypeError, AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        # a model that takes no cache (TypeError, NotImplementedError), keeps one mechdiff does not read, or
+        # continues it differently: full forwards; anything else (out of memory, a bug) is raised
+        except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
             warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
                           "full forwards", RuntimeWarning, stacklevel=2)
             return None

@@ -34,6 +34,16 @@ class Encoded:
         return shared_prefix(self.ids, self.decision)
 
 
+def template_opening(tokenizer, chat: bool = True) -> int:
+    """How many tokens the chat template puts before every user message (the common start of two rendered
+    messages; 0 without `chat` or a template): what `shared_prefix` finds when no prompt is cut."""
+    if not (chat and getattr(tokenizer, "chat_template", None)):
+        return 0
+    a, b = ([int(t) for t in tokenizer(render(tokenizer, x, True), add_special_tokens=False)["input_ids"]]
+            for x in ("a", "z q"))
+    return shared_prefix([a, b])
+
+
 def shared_prefix(ids: Sequence[Sequence[int]], decision: Sequence[int] | None = None) -> int:
     """Length of the longest token prefix common to every prompt of `ids` (0 for none), at most each prompt's
     `decision` position (so every decision token stays after it) and at most its length - 1.

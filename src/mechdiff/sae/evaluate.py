@@ -22,7 +22,7 @@ from mechdiff.model.sites import (
 )
 from mechdiff.model.tokens import Encoded, batches
 from mechdiff.sae.model import TopKSAE
-from mechdiff.sae.sources import read_source, rows_of, tokens_paired
+from mechdiff.sae.sources import first_position, read_source, rows_of, tokens_paired
 from mechdiff.stats.kl import kl_divergence
 
 RefLogits = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray] | None
@@ -312,7 +312,7 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     reads, targets, replace = _plan(src, name, sae.to(_device(models[home])))
     refs = _refs(ref_logits, targets, rows.size)
     if skip is None:
-        skip = max(1, shared.shared_prefix)
+        skip = first_position(shared)
     if not 0 <= int(skip) <= int(min(shared.decision[int(r)] for r in rows)):
         raise MechdiffError(f"skip {skip} must be in 0..the earliest decision position of the prompts")
     tot, n_rows, n_tok = _spliced_totals(models, shared, rows, site, reads, targets, replace, refs,
@@ -379,7 +379,8 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
             else:
                 sp = spliced_metrics({n: v[0] for n, v in loaded.items()}, {n: v[2] for n, v in loaded.items()}, val,
                                      Site(layer), sae, source=source, batch_size=batch_size,
-                                     positions="all" if view == "tokens" else "decision")
+                                     positions="all" if view == "tokens" else "decision",
+                                     skip=first_position(tuned if source == "tuned" else base))
                 m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
             if source == "crosscoder":
                 counts, hist = crosscoder_norm_shares(sae)

@@ -102,10 +102,10 @@ def source_rows(store: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarr
     return rows[store.index("tok_pos")[rows] >= first_position(store)]
 
 
-def first_position(store: ActStore) -> int:
+def first_position(prompts: ActStore | Encoded) -> int:
     """The first token position whose rows are data (`source_rows`): after the sink at 0 and the prompts'
-    shared prefix (`ActStore.shared_prefix`)."""
-    return max(1, store.shared_prefix)
+    shared prefix (`ActStore.shared_prefix`, or `Encoded.shared_prefix` of the same prompts)."""
+    return max(1, prompts.shared_prefix)
 
 
 def rows_of(source: str, base: ActStore, tuned: ActStore, view: str, prompt_rows: np.ndarray) -> np.ndarray:
