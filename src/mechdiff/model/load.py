@@ -18,6 +18,7 @@ The tuned recipes live in `mechdiff.model.recipes`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -232,6 +233,32 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
     return _from_spec(AutoTokenizer, info, revision=revision, local_only=local_only)
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Within this block each GGUF file is parsed once. transformers parses the file again for the tokenizer, the
+    config and the weights (`gguf.GGUFReader`, ~3 s each for SmolLM2's 49k-token vocabulary on one core); the
+    reader only maps the file and is not changed by its users, so one reader per path serves all three."""
+    try:
+        import gguf
+    except ImportError:  # the load itself reports the missing package
+        yield
+        return
+    orig = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = orig(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = orig
+
+
 def load_model(
     spec: str, *, gguf_file: str | None = None, revision: str | None = None, dtype: str = "float32",
     device: str = "cpu",
@@ -252,8 +279,9 @@ def load_model(
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]
         try:
-            tok = spec_tokenizer(info)
-            gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
+            with _gguf_read_once():
+                tok = spec_tokenizer(info)
+                gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -266,8 +294,9 @@ def load_model(
     if info.get("gguf_file"):
         kw["gguf_file"] = info["gguf_file"]
     try:
-        tok = spec_tokenizer(info, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
+        with _gguf_read_once() if info.get("gguf_file") else contextlib.nullcontext():
+            tok = spec_tokenizer(info, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
     except (OSError, ValueError) as exc:
         if not _hub_reachable():
             raise _no_network(model_id) from exc

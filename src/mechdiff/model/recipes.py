@@ -291,7 +291,7 @@ class _Head:
         (`cache.cache_check`); else warns (the fine-tune then runs full forwards)."""
         import warnings
 
-        from mechdiff.model.cache import UnknownCacheLayout, cache_check
+        from mechdiff.model.cache import UnknownCacheLayout, cache_check, expanded_cache
 
         x, mask = right_pad(seqs, pad, device)
         S = self.ids.shape[1]
@@ -299,7 +299,7 @@ class _Head:
             _, kv = self.run(model)
             pos = torch.arange(S, x.shape[1], device=device).expand(x.shape[0], -1)
             got = model(input_ids=x[:, S:], attention_mask=mask, position_ids=pos, use_cache=True,
-                        cache=self.cache(model, kv, x.shape[0])).logits
+                        cache=expanded_cache(model, kv, x.shape[0])).logits
             want = model(input_ids=x, attention_mask=mask, use_cache=False).logits[:, S:]
             keep = mask[:, S:].bool().unsqueeze(-1)
             err, tol = cache_check(torch.where(keep, got, 0), torch.where(keep, want, 0),
@@ -312,13 +312,6 @@ class _Head:
         warnings.warn(f"the fine-tune's shared-prefix cache is unavailable for {type(model).__name__} ({why}); "
                       "running full forwards", RuntimeWarning, stacklevel=3)
         return False
-
-    @staticmethod
-    def cache(model: nn.Module, kv: list, batch: int):
-        """A new KV cache of `batch` rows over the prefix keys and values `kv` (not copied)."""
-        from mechdiff.model.cache import expanded_cache
-
-        return expanded_cache(model, kv, batch)
 
 
 def finetune_signature(
@@ -342,6 +335,7 @@ def finetune_signature(
     """
     import copy
 
+    from mechdiff.model.cache import expanded_cache
     from mechdiff.model.tokens import encode
 
     if not targets:
@@ -382,6 +376,8 @@ def finetune_signature(
     head = _Head(model, ref, tgt[0][:S], device) if S >= 2 else None
     if head is not None and not head.agrees(model, ret.ids[: int(batch_size)], pad, device):
         head = None
+    if head is None:
+        S = 0  # every row runs from its first token
 
     def forward_pair(x: torch.Tensor, mask: torch.Tensor, pre: tuple | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,8 +387,8 @@ def finetune_signature(
         if pre is not None:
             x = x[:, S:]
             pos = torch.arange(S, S + x.shape[1], device=device).expand(x.shape[0], -1)
-            kw = {"cache": head.cache(model, pre[1], x.shape[0]), "position_ids": pos, "use_cache": True}
-            kr = {"cache": head.cache(ref, head.ref_kv, x.shape[0]), "position_ids": pos, "use_cache": True}
+            kw = {"cache": expanded_cache(model, pre[1], x.shape[0]), "position_ids": pos, "use_cache": True}
+            kr = {"cache": expanded_cache(ref, head.ref_kv, x.shape[0]), "position_ids": pos, "use_cache": True}
         with keep_block_outputs(model, kept) if shared else contextlib.nullcontext():
             logits = model(input_ids=x, attention_mask=mask, **kw).logits
         with torch.no_grad(), reuse_blocks(ref, kept, shared) if shared else contextlib.nullcontext():
@@ -403,7 +399,6 @@ def finetune_signature(
     def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
         pre = head.run(model) if head is not None else None  # (per-position KL (S,), the model's prefix KV)
         kl_head = pre[0] if pre is not None else None
-        s0 = S if pre is not None else 0
         rows = draw_t(batch_size)
         x, mask = right_pad([tgt[r] + ans[r] for r in rows], pad, device)
         labels = torch.full_like(x, -100)
@@ -413,9 +408,9 @@ def finetune_signature(
             labels[j, L : L + len(ans[r])] = x[j, L : L + len(ans[r])]
             prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
         logits, ref_logits = forward_pair(x, mask, pre)
-        # logits[:, j] predict token s0 + j + 1; the prefix predicts prompt tokens only (no labels there)
+        # logits[:, j] predict token S + j + 1; the prefix predicts prompt tokens only (no labels there)
         ce = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, s0 + 1 :].reshape(-1), ignore_index=-100
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, S + 1 :].reshape(-1), ignore_index=-100
         )
         keep_t = _kl_mean(kl_head, _kl_pos(logits, ref_logits), prompt_mask)
         rr = draw_r(batch_size)
