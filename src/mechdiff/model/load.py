@@ -235,28 +235,39 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
 
 @contextlib.contextmanager
 def _gguf_read_once():
-    """Within this block each GGUF file is parsed once. transformers parses the file again for the tokenizer, the
-    config and the weights (`gguf.GGUFReader`, ~3 s each for SmolLM2's 49k-token vocabulary on one core); the
-    reader only maps the file and is not changed by its users, so one reader per path serves all three."""
+    """Within this block each GGUF file is parsed once and each tensor-name map built once. transformers parses
+    the file again for the tokenizer, the config and the weights (`gguf.GGUFReader`, ~3 s each for SmolLM2's
+    49k-token vocabulary on one core) and builds the name map again for every submodule (`gguf.get_tensor_name_map`,
+    ~400 times); the reader only maps the file and the map is only looked up, so one of each serves all calls."""
     try:
         import gguf
     except ImportError:  # the load itself reports the missing package
         yield
         return
-    orig = gguf.GGUFReader
-    readers: dict[tuple, Any] = {}
+    orig = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+    made: dict[tuple, Any] = {}
 
-    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
-        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = orig(path, *args, **kwargs)
-        return readers[key]
+    def once(name: str):
+        def make(*args: Any, **kwargs: Any) -> Any:
+            key = (name, tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args),
+                   tuple(sorted(kwargs.items())))
+            try:
+                hash(key)
+            except TypeError:  # arguments it cannot key on: no sharing
+                return orig[name](*args, **kwargs)
+            if key not in made:
+                made[key] = orig[name](*args, **kwargs)
+            return made[key]
 
-    gguf.GGUFReader = reader
+        return make
+
+    for name in orig:
+        setattr(gguf, name, once(name))
     try:
         yield
     finally:
-        gguf.GGUFReader = orig
+        for name, f in orig.items():
+            setattr(gguf, name, f)
 
 
 def load_model(
