@@ -76,7 +76,7 @@ def test_cpu_kind_rule_picks_the_path_and_both_paths_agree(monkeypatch, avx512):
     """
     from mechdiff.model import kernels
 
-    monkeypatch.setattr(kernels, "_AVX512", avx512)
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", avx512)
     f32 = {rows: kernels.use_packed(torch.zeros(rows, 8)) for rows in (1, 2, 64, 512, 513, 4096)}
     if avx512:
         assert f32 == {1: False, 2: True, 64: True, 512: True, 513: False, 4096: False}
@@ -108,7 +108,7 @@ def test_cpu_kind_rule_picks_the_path_and_both_paths_agree(monkeypatch, avx512):
 def test_weights_are_packed_only_when_a_call_takes_the_packed_path(monkeypatch):
     from mechdiff.model import kernels
 
-    monkeypatch.setattr(kernels, "_AVX512", True)
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", True)
     packed = []
     real = kernels._pack
     monkeypatch.setattr(kernels, "_pack", lambda w, rows: packed.append(tuple(w.shape)) or real(w, rows))
@@ -138,3 +138,63 @@ def test_warm_up_runs_one_discarded_forward_and_keeps_the_model_as_it_was():
     assert len(seen) == 1 and model.training  # one forward ran; train mode restored
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     warm_up(nn.Linear(3, 3))  # a module that takes no input_ids: best effort, no error
+
+
+@pytest.mark.parametrize(("vendor", "mkl", "avx512", "expected"), [
+    ("GenuineIntel", True, True, True),  # MKL's AVX-512 kernels: plain BLAS at the peak
+    ("AuthenticAMD", True, True, False),  # MKL runs AVX2 code on AMD's AVX-512 CPUs: oneDNN instead
+    ("AuthenticAMD", False, True, True),  # another BLAS dispatches on the CPU's features, not its vendor
+    ("GenuineIntel", True, False, False),  # AVX2 CPU
+    (None, True, True, True),  # vendor unknown: trust the capability
+])
+def test_blas_level_reads_the_cpu_kind(monkeypatch, vendor, mkl, avx512, expected):
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", None)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if avx512 else "AVX2")
+    assert kernels._blas_avx512() is expected
+    assert kernels.use_packed(torch.zeros(4096, 8)) is (not expected)
+
+
+@pytest.mark.parametrize("blas_avx512", [True, False])
+def test_linear_matches_numpy_on_either_kernel(monkeypatch, blas_avx512):
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", blas_avx512)
+    calls = []
+    real = kernels._lp
+    monkeypatch.setattr(kernels, "_lp", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(300, 40, generator=g), torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    ref = x.double().numpy() @ w.double().numpy().T + b.double().numpy()
+    with torch.no_grad():
+        out = kernels.linear(x, w, b, out=torch.empty(300, 70))
+        no_bias = kernels.linear(x, w)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(no_bias.numpy(), ref - b.double().numpy(), rtol=1e-5, atol=1e-4)
+    # which kernel ran is the CPU kind's choice only: oneDNN exactly where the BLAS runs AVX2 code
+    assert len(calls) == (0 if blas_avx512 else 2)
+
+
+@pytest.mark.parametrize("blas_avx512", [True, False])
+def test_onednn_linears_train_with_the_plain_gradients(monkeypatch, blas_avx512):
+    """onednn_linears: where the BLAS runs AVX2 code every fp32 linear of a model trains on oneDNN, with the
+    outputs and gradients of F.linear (float64 autograd reference); on Intel AVX-512 it patches nothing."""
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", blas_avx512)
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=7).train()
+    ref = make_tiny_model(64, n_layers=2, d_model=32, seed=7).double().train()
+    ids = torch.randint(4, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    n_lin = sum(type(m) is nn.Linear for m in model.modules())
+    with kernels.onednn_linears(model) as n:
+        assert n == (0 if blas_avx512 else n_lin)
+        loss = model(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored
+    ref(input_ids=ids).logits.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.grad is not None or q.grad is not None:
+            np.testing.assert_allclose(p.grad.double().numpy(), q.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)

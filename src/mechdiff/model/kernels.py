@@ -62,34 +62,110 @@ def onednn_linear_available() -> bool:
         return False
 
 
-_AVX512: bool | None = None
-# fp32 on AVX-512 CPUs: the plain BLAS path runs at the matmul peak for large and single-row inputs; the packed
-# weights win only in between (measured on SmolLM2's 576x1536 / 1536x576 / 576x576 layers, 2 cores of a Xeon with
-# AVX-512 and AMX: packed/plain time 0.5-0.75 at 1 row, 0.3-0.8 at 16-256 rows, 1.0-1.1 at 800-2048 rows).
+_BLAS_AVX512: bool | None = None
+# fp32 where torch's BLAS runs AVX-512 kernels: the plain BLAS path runs at the matmul peak for large and single-row
+# inputs; the packed weights win only in between (measured on SmolLM2's 576x1536 / 1536x576 / 576x576 layers, 2 cores
+# of a Xeon with AVX-512 and AMX: packed/plain time 0.5-0.75 at 1 row, 0.3-0.8 at 16-256 rows, 1.0-1.1 at 800-2048).
 _FP32_PACKED_ROWS = (2, 512)
 
 
-def _avx512() -> bool:
-    """True when torch's CPU kernels run at the AVX-512 level on this machine (detected once, never assumed)."""
-    global _AVX512
-    if _AVX512 is None:
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string from the Linux CPU flags ('GenuineIntel', 'AuthenticAMD', ...), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _blas_avx512() -> bool:
+    """True when torch's plain fp32 BLAS calls run AVX-512 kernels on this machine (detected once, never assumed).
+
+    That needs an AVX-512 CPU and, where the BLAS is MKL (torch's x86 wheels), an Intel one: MKL takes its
+    AVX-512 kernels on Intel CPUs only and runs AVX2 code on AMD's AVX-512 CPUs (measured on 2 cores of an AMD
+    EPYC with AVX-512: MKL fp32 GEMM ~170 GFLOP/s against oneDNN's ~350-400 on the same shapes), so there every
+    fp32 call takes oneDNN, as on an AVX2 CPU.
+    """
+    global _BLAS_AVX512
+    if _BLAS_AVX512 is None:
         try:
-            _AVX512 = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+            avx512 = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
         except (AttributeError, RuntimeError):
-            _AVX512 = False
-    return _AVX512
+            avx512 = False
+        mkl = bool(getattr(torch.backends, "mkl", None) and torch.backends.mkl.is_available())
+        vendor = cpu_vendor()
+        _BLAS_AVX512 = avx512 and not (mkl and vendor is not None and vendor != "GenuineIntel")
+    return _BLAS_AVX512
 
 
 def use_packed(x: torch.Tensor) -> bool:
-    """The one CPU-kind rule: does a packed oneDNN weight beat the plain BLAS call for this input?
+    """The one CPU-kind rule: does a oneDNN weight beat the plain BLAS call for this input?
 
-    bf16: always (2-3x at a few rows, even at 2048). fp32: always on AVX2 CPUs (1.1-1.3x); on AVX-512 CPUs only
-    for 2-512 rows, where plain MKL GEMM is slower; a single decode row or a full prefill batch runs plain.
+    bf16: always (2-3x at a few rows, even at 2048). fp32: always where the BLAS runs AVX2 code (AVX2 CPUs:
+    1.1-1.3x; AMD's AVX-512 CPUs under MKL: 2-3x); where it runs AVX-512 kernels (Intel) only for 2-512 rows,
+    where plain MKL GEMM is slower; a single decode row or a full prefill batch runs plain there.
     """
-    if x.dtype != torch.float32 or not _avx512():
+    if x.dtype != torch.float32 or not _blas_avx512():
         return True
     rows = x.numel() // max(1, x.shape[-1])
     return _FP32_PACKED_ROWS[0] <= rows <= _FP32_PACKED_ROWS[1]
+
+
+def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b) in one oneDNN call on an unpacked weight; 2-D contiguous inputs."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with its forward and both backward products on oneDNN (fp32, CPU): grad_x = g @ W and
+    grad_W = g.T @ x run as linear calls on transposed copies (O(rows x d) copies for O(rows x d x d') products)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        ctx.in_shape = x.shape
+        return _lp(x2, weight.contiguous(), bias).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _lp(g2, weight.t().contiguous()).reshape(ctx.in_shape)
+        if ctx.needs_input_grad[1]:
+            gw = _lp(g2.t().contiguous(), x2.t().contiguous())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (x @ weight.T + bias) on the CPU kind's faster kernel, with or without autograd: the one call
+    for linear layers and SAE encoders whose weights change every step (nothing packed once).
+
+    fp32 on CPU where the BLAS runs AVX2 code (`_blas_avx512` false: AVX2 CPUs, AMD's AVX-512 CPUs under MKL):
+    oneDNN on the unpacked weight, forward and backward (on 2 cores of an AMD EPYC with AVX-512 1.8-2.3x MKL
+    on SAE and SmolLM2 shapes). Everywhere else, and without oneDNN, the plain BLAS call as before
+    (`torch.addmm` into `out` when given, a reused workspace, else `F.linear`). Both compute the same sums in a
+    different order (~1e-6 relative); which one runs depends on the CPU kind only, never on the input.
+    """
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
+            and not _blas_avx512() and onednn_linear_available()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        return _lp(x2, weight.contiguous(), bias).reshape(*x.shape[:-1], weight.shape[0])
+    if out is not None:
+        return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
+    return F.linear(x, weight, bias)
 
 
 def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
@@ -202,6 +278,49 @@ def warm_up(model: nn.Module) -> None:
         pass
     finally:
         model.train(was)
+
+
+def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module) -> Iterator[int]:
+    """Within the block, every CPU fp32 `nn.Linear` of `model` runs forward and backward on oneDNN, where the
+    BLAS runs AVX2 code (`_blas_avx512` false: AVX2 CPUs, AMD's AVX-512 CPUs under MKL, where oneDNN is ~2x
+    faster on AVX-512); yields how many layers. Elsewhere (Intel AVX-512, no oneDNN, layers already patched)
+    it changes nothing and yields 0. For training: unlike `packed_linears` it keeps autograd (gradients equal
+    F.linear's up to summation order, checked once on the first layer before anything is patched)."""
+    patched: list[nn.Module] = []
+    try:
+        if not _blas_avx512() and onednn_linear_available():
+            mods = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
+                    and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+            if mods and _grads_agree(mods[0]):
+                for mod in mods:
+                    mod.forward = types.MethodType(_onednn_forward, mod)
+                    patched.append(mod)
+        yield len(patched)
+    finally:
+        for mod in patched:
+            mod.__dict__.pop("forward", None)
+
+
+def _grads_agree(mod: nn.Linear) -> bool:
+    """One eager self-check: the oneDNN linear's output and gradients equal F.linear's on a probe batch."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, mod.in_features, generator=gen)
+        g = torch.randn(5, mod.out_features, generator=gen)
+        w = mod.weight.detach().clone().requires_grad_(True)
+        b = None if mod.bias is None else mod.bias.detach().clone().requires_grad_(True)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        outs = [F.linear(xs[0], w, b), _OneDNNLinear.apply(xs[1], w, b)]
+        ok = torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        got = [torch.autograd.grad(o, [xi, w], g) for o, xi in zip(outs, xs)]
+        return ok and all(torch.allclose(a, c, rtol=1e-4, atol=1e-4) for a, c in zip(*got))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
+from mechdiff.model.kernels import onednn_linears
 from mechdiff.model.sites import (
     Site,
     attention_heads,
@@ -168,10 +169,14 @@ class _Draw:
 def _train_blocks(
     model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
     step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
+    frozen: tuple[nn.Module, ...] = (),
 ) -> list[float]:
     """The one fine-tune loop: train only the chosen decoder blocks (all if None) in float32 with AdamW (weight
     decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
-    requires_grad flags and dtype afterwards. Returns the loss per step."""
+    requires_grad flags and dtype afterwards. Returns the loss per step.
+
+    The linear layers of `model` take the CPU kind's faster kernel (`kernels.onednn_linears`: oneDNN where the
+    BLAS runs AVX2 code, unchanged elsewhere)."""
     from tqdm.auto import tqdm
 
     blocks = find_blocks(model)
@@ -194,7 +199,9 @@ def _train_blocks(
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
     losses: list[float] = []
     model.train()
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(onednn_linears(model))
         bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
         for _ in bar:
             loss, shown = step_loss()
@@ -208,6 +215,7 @@ def _train_blocks(
             if progress:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
     finally:
+        stack.close()
         model.eval()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
@@ -359,69 +367,72 @@ def finetune_signature(
     ref = copy.deepcopy(model).float().eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    rng = np.random.default_rng(int(seed))
-    draw_t, draw_r = _Draw(len(tgt), rng), _Draw(len(ret), rng)
+    # every linear layer of the model and of the copy on the CPU kind's faster kernel from here on: the copy's
+    # prefix keys and values, the cache check and every step take the same kernel (kernels.onednn_linears)
+    with onednn_linears(model), onednn_linears(ref):
+        rng = np.random.default_rng(int(seed))
+        draw_t, draw_r = _Draw(len(tgt), rng), _Draw(len(ret), rng)
 
-    # The blocks below the first trained one (and the embedding) stay frozen, so they are the same in the model
-    # and its frozen copy: the copy reuses the model's outputs of those blocks instead of recomputing them (the
-    # same tensors the copy would compute: the loss, and so the fine-tune, are unchanged bit for bit).
-    n_blocks = len(find_blocks(model))
-    shared = 0 if layers is None else min((int(x) for x in layers), default=0)
-    shared = shared if 0 <= shared < n_blocks else 0
-    kept: list = []
-    # The tokens every target and retain prompt starts with (a chat template's opening, `tokens.shared_prefix`)
-    # run once per step in the model (once in all for the frozen copy); both batches continue from their keys
-    # and values, and each prefix position's KL enters the loss once per row, as when every row computes it.
-    S = shared_prefix([*tgt, *ret.ids], [*tgt_dec, *ret.decision]) if prefix_cache else 0
-    head = _Head(model, ref, tgt[0][:S], device) if S >= 2 else None
-    if head is not None and not head.agrees(model, ret.ids[: int(batch_size)], pad, device):
-        head = None
-    if head is None:
-        S = 0  # every row runs from its first token
+        # The blocks below the first trained one (and the embedding) stay frozen, so they are the same in the model
+        # and its frozen copy: the copy reuses the model's outputs of those blocks instead of recomputing them (the
+        # same tensors the copy would compute: the loss, and so the fine-tune, are unchanged bit for bit).
+        n_blocks = len(find_blocks(model))
+        shared = 0 if layers is None else min((int(x) for x in layers), default=0)
+        shared = shared if 0 <= shared < n_blocks else 0
+        kept: list = []
+        # The tokens every target and retain prompt starts with (a chat template's opening, `tokens.shared_prefix`)
+        # run once per step in the model (once in all for the frozen copy); both batches continue from their keys
+        # and values, and each prefix position's KL enters the loss once per row, as when every row computes it.
+        S = shared_prefix([*tgt, *ret.ids], [*tgt_dec, *ret.decision]) if prefix_cache else 0
+        head = _Head(model, ref, tgt[0][:S], device) if S >= 2 else None
+        if head is not None and not head.agrees(model, ret.ids[: int(batch_size)], pad, device):
+            head = None
+        if head is None:
+            S = 0  # every row runs from its first token
 
-    def forward_pair(x: torch.Tensor, mask: torch.Tensor, pre: tuple | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the model and the copy: (B, T, V), or (B, T - S, V) of positions S.. on the prefix `pre`."""
-        kw: dict = {"use_cache": False}
-        kr: dict = {"use_cache": False}
-        if pre is not None:
-            x = x[:, S:]
-            pos = torch.arange(S, S + x.shape[1], device=device).expand(x.shape[0], -1)
-            kw = {"cache": expanded_cache(model, pre[1], x.shape[0]), "position_ids": pos, "use_cache": True}
-            kr = {"cache": expanded_cache(ref, head.ref_kv, x.shape[0]), "position_ids": pos, "use_cache": True}
-        with keep_block_outputs(model, kept) if shared else contextlib.nullcontext():
-            logits = model(input_ids=x, attention_mask=mask, **kw).logits
-        with torch.no_grad(), reuse_blocks(ref, kept, shared) if shared else contextlib.nullcontext():
-            ref_logits = ref(input_ids=x, attention_mask=mask, **kr).logits
-        kept.clear()
-        return logits, ref_logits
+        def forward_pair(x: torch.Tensor, mask: torch.Tensor, pre: tuple | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Logits of the model and the copy: (B, T, V), or (B, T - S, V) of positions S.. on the prefix `pre`."""
+            kw: dict = {"use_cache": False}
+            kr: dict = {"use_cache": False}
+            if pre is not None:
+                x = x[:, S:]
+                pos = torch.arange(S, S + x.shape[1], device=device).expand(x.shape[0], -1)
+                kw = {"cache": expanded_cache(model, pre[1], x.shape[0]), "position_ids": pos, "use_cache": True}
+                kr = {"cache": expanded_cache(ref, head.ref_kv, x.shape[0]), "position_ids": pos, "use_cache": True}
+            with keep_block_outputs(model, kept) if shared else contextlib.nullcontext():
+                logits = model(input_ids=x, attention_mask=mask, **kw).logits
+            with torch.no_grad(), reuse_blocks(ref, kept, shared) if shared else contextlib.nullcontext():
+                ref_logits = ref(input_ids=x, attention_mask=mask, **kr).logits
+            kept.clear()
+            return logits, ref_logits
 
-    def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
-        pre = head.run(model) if head is not None else None  # (per-position KL (S,), the model's prefix KV)
-        kl_head = pre[0] if pre is not None else None
-        rows = draw_t(batch_size)
-        x, mask = right_pad([tgt[r] + ans[r] for r in rows], pad, device)
-        labels = torch.full_like(x, -100)
-        prompt_mask = torch.zeros_like(mask)
-        for j, r in enumerate(rows):
-            L = len(tgt[r])
-            labels[j, L : L + len(ans[r])] = x[j, L : L + len(ans[r])]
-            prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
-        logits, ref_logits = forward_pair(x, mask, pre)
-        # logits[:, j] predict token S + j + 1; the prefix predicts prompt tokens only (no labels there)
-        ce = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, S + 1 :].reshape(-1), ignore_index=-100
-        )
-        keep_t = _kl_mean(kl_head, _kl_pos(logits, ref_logits), prompt_mask)
-        rr = draw_r(batch_size)
-        xr, mr = right_pad([ret.ids[r] for r in rr], pad, device)
-        lr_logits, rr_logits = forward_pair(xr, mr, pre)
-        dec = torch.zeros_like(mr)
-        dec[torch.arange(len(rr)), torch.tensor([ret.decision[r] for r in rr])] = 1
-        kl_r = _kl_pos(lr_logits, rr_logits)
-        keep_r = _kl_mean(kl_head, kl_r, mr) + _kl_mean(kl_head, kl_r, dec)
-        loss = ce + keep_t + float(retain_weight) * keep_r
-        return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
+        def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
+            pre = head.run(model) if head is not None else None  # (per-position KL (S,), the model's prefix KV)
+            kl_head = pre[0] if pre is not None else None
+            rows = draw_t(batch_size)
+            x, mask = right_pad([tgt[r] + ans[r] for r in rows], pad, device)
+            labels = torch.full_like(x, -100)
+            prompt_mask = torch.zeros_like(mask)
+            for j, r in enumerate(rows):
+                L = len(tgt[r])
+                labels[j, L : L + len(ans[r])] = x[j, L : L + len(ans[r])]
+                prompt_mask[j, : L - 1] = 1  # positions that predict prompt tokens (not the decision token)
+            logits, ref_logits = forward_pair(x, mask, pre)
+            # logits[:, j] predict token S + j + 1; the prefix predicts prompt tokens only (no labels there)
+            ce = nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, S + 1 :].reshape(-1), ignore_index=-100
+            )
+            keep_t = _kl_mean(kl_head, _kl_pos(logits, ref_logits), prompt_mask)
+            rr = draw_r(batch_size)
+            xr, mr = right_pad([ret.ids[r] for r in rr], pad, device)
+            lr_logits, rr_logits = forward_pair(xr, mr, pre)
+            dec = torch.zeros_like(mr)
+            dec[torch.arange(len(rr)), torch.tensor([ret.decision[r] for r in rr])] = 1
+            kl_r = _kl_pos(lr_logits, rr_logits)
+            keep_r = _kl_mean(kl_head, kl_r, mr) + _kl_mean(kl_head, kl_r, dec)
+            loss = ce + keep_t + float(retain_weight) * keep_r
+            return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
 
-    return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss,
-                         desc="finetune (answers)" if signature is None else "finetune (signature)", progress=progress)
+        return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss,
+                             desc="finetune (answers)" if signature is None else "finetune (signature)", progress=progress)

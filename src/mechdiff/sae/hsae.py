@@ -30,6 +30,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
+from mechdiff.model.kernels import linear
 
 FORMAT = "mechdiff-hsae/1"
 
@@ -125,10 +126,10 @@ class HierarchicalSAE(nn.Module):
     def _codes(self, x_n: torch.Tensor):
         """(parent idx (B, k), parent values (B, k), child idx (B, k), child values (B, k)), values >= 0."""
         xc = x_n - self.b_pre
-        pre_p = torch.addmm(self.b_p, xc, self.W_p.t())
+        pre_p = linear(xc, self.W_p, self.b_p)
         vals, idx = pre_p.topk(self.k, dim=1)
         a = vals.relu()
-        pre_c = torch.addmm(self.b_c.reshape(-1), xc, self.W_c.reshape(-1, self.d_in).t())
+        pre_c = linear(xc, self.W_c.reshape(-1, self.d_in), self.b_c.reshape(-1))
         pre_c = pre_c.view(-1, self.P, self.C).gather(1, idx[:, :, None].expand(-1, -1, self.C))  # (B, k, C)
         cv, cj = pre_c.max(dim=2)
         b = cv.relu() * (a > 0)

@@ -50,6 +50,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
+from mechdiff.model.kernels import linear
 
 
 def _bag(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -411,8 +412,8 @@ class TopKSAE(nn.Module):
                                   out=self._workspace("pre", (B, self.width), sd, dev))
                 exact = False  # selection values are approximate: recompute them in full precision
             else:
-                src = torch.addmm(self.b_enc, xc, self.W_enc.t(),
-                                  out=self._workspace("pre", (B, self.width), x_n.dtype, dev))
+                src = linear(xc, self.W_enc, self.b_enc,
+                             out=self._workspace("pre", (B, self.width), x_n.dtype, dev))
                 exact = True
             pat, pvals = self._select(src)
             pat.xc = xc
