@@ -1,4 +1,4 @@
-"""CPU inference kernels: run a model's linear layers on oneDNN weights packed once, instead of re-laid-out per call.
+"""CPU kernels: run a model's linear layers on oneDNN weights packed once, instead of re-laid-out per call.
 
 A plain `nn.Linear` on CPU calls a BLAS GEMM that re-packs the weight matrix on every call. oneDNN can pack
 a weight once into its blocked layout (`mkldnn._reorder_linear_weight`) and reuse it for every batch; on
@@ -6,8 +6,13 @@ the 2-core AVX2 machine this project is measured on, that brings the fp32 matmul
 ~150 to ~200 GFLOP/s at batch 16 x 50 tokens. The arithmetic stays in the weight's dtype (fp32 stays fp32;
 results differ from the BLAS path only by summation order, ~1e-6 relative). Packing is inference-only (no
 autograd through the packed weight) and costs one extra copy of the packed weights while it is active.
-Whether a call takes the packed weight is one CPU-kind rule, `use_packed`: on AVX-512 CPUs (where plain fp32
-GEMM already runs at the matmul peak for large inputs) fp32 calls use it only at 2-512 rows.
+Whether a call takes the packed weight is one CPU-kind rule, `use_packed`: where torch's BLAS runs AVX-512
+kernels (Intel AVX-512 CPUs under MKL, where plain fp32 GEMM already runs at the matmul peak for large
+inputs) fp32 calls use it only at 2-512 rows; elsewhere always.
+
+Training (weights that change every step) cannot pack once: `linear` and `onednn_linears` run fp32 linears
+forward and backward on oneDNN with the unpacked weight, where the BLAS runs AVX2 code (AVX2 CPUs, and AMD's
+AVX-512 CPUs, on which MKL takes its AVX2 kernels); on Intel AVX-512 they are the plain BLAS calls.
 
 Gated SiLU MLPs (Llama, Qwen, Mistral, SmolLM...: down(silu(gate(x)) * up(x))) additionally run as two fused
 oneDNN calls: the gate matmul with its SiLU as a post-op, and the up matmul with the product as a binary
