@@ -198,3 +198,30 @@ def test_onednn_linears_train_with_the_plain_gradients(monkeypatch, blas_avx512)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         if p.grad is not None or q.grad is not None:
             np.testing.assert_allclose(p.grad.double().numpy(), q.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("blas_avx512", [True, False])
+def test_linear_takes_any_bias_layout(monkeypatch, blas_avx512):
+    """A strided or 0-d bias gives F.linear's broadcast sum on either kernel (with and without autograd)."""
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", blas_avx512)
+    g = torch.Generator().manual_seed(4)
+    x, w, full = torch.randn(2, 6, 16, generator=g), torch.randn(17, 16, generator=g), torch.randn(34, generator=g)
+    for bias in (full[::2], torch.tensor(1.5)):
+        ref = x.double().numpy() @ w.double().numpy().T + bias.double().numpy()
+        with torch.no_grad():
+            np.testing.assert_allclose(kernels.linear(x, w, bias).numpy(), ref, rtol=1e-5, atol=1e-5)
+        wg = w.clone().requires_grad_(True)
+        np.testing.assert_allclose(kernels.linear(x, wg, bias).detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linears_patch_also_when_entered_without_gradients(monkeypatch):
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", False)
+    model = make_tiny_model(64, n_layers=1, d_model=32, seed=8)
+    n_lin = sum(type(m) is nn.Linear for m in model.modules())
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), kernels.onednn_linears(model) as n:
+            assert n == n_lin

@@ -150,24 +150,34 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def onednn_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """The rule `linear` follows: True when this fp32 CPU linear runs on oneDNN (the BLAS runs AVX2 code here:
+    `_blas_avx512` false, i.e. AVX2 CPUs and AMD's AVX-512 CPUs under MKL) rather than the plain BLAS call.
+    It depends on the CPU kind and the tensors' dtype, device and shape kind, never on their values or sizes."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 1
+            and x.numel() > 0 and weight.dim() == 2
+            and (bias is None or (bias.dim() == 1 and bias.dtype == torch.float32))
+            and not _blas_avx512() and onednn_linear_available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (x @ weight.T + bias) on the CPU kind's faster kernel, with or without autograd: the one call
     for linear layers and SAE encoders whose weights change every step (nothing packed once).
 
-    fp32 on CPU where the BLAS runs AVX2 code (`_blas_avx512` false: AVX2 CPUs, AMD's AVX-512 CPUs under MKL):
-    oneDNN on the unpacked weight, forward and backward (on 2 cores of an AMD EPYC with AVX-512 1.8-2.3x MKL
-    on SAE and SmolLM2 shapes). Everywhere else, and without oneDNN, the plain BLAS call as before
-    (`torch.addmm` into `out` when given, a reused workspace, else `F.linear`). Both compute the same sums in a
-    different order (~1e-6 relative); which one runs depends on the CPU kind only, never on the input.
+    Where `onednn_fp32` says so: oneDNN on the unpacked weight, forward and backward (on 2 cores of an AMD
+    EPYC with AVX-512 1.8-2.3x MKL on SAE and SmolLM2 shapes). Everywhere else the plain BLAS call as before
+    (`torch.addmm` into `out` when given, a reused workspace, else `F.linear`); `out` is for that path only
+    (callers that want a workspace ask `onednn_fp32` first). Both compute the same sums in a different order
+    (~1e-6 relative).
     """
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
-            and not _blas_avx512() and onednn_linear_available()):
+    if onednn_fp32(x, weight, bias):
+        b = None if bias is None else bias.contiguous()
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            return _OneDNNLinear.apply(x, weight, bias)
+            return _OneDNNLinear.apply(x, weight, b)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        return _lp(x2, weight.contiguous(), bias).reshape(*x.shape[:-1], weight.shape[0])
+        return _lp(x2, weight.contiguous(), b).reshape(*x.shape[:-1], weight.shape[0])
     if out is not None:
         return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight, bias)
@@ -312,18 +322,20 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
 
 
 def _grads_agree(mod: nn.Linear) -> bool:
-    """One eager self-check: the oneDNN linear's output and gradients equal F.linear's on a probe batch."""
+    """One eager self-check: the oneDNN linear's output and gradients equal F.linear's on a probe batch (run with
+    gradients on, also when the caller is under no_grad / inference_mode)."""
     try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5, mod.in_features, generator=gen)
-        g = torch.randn(5, mod.out_features, generator=gen)
-        w = mod.weight.detach().clone().requires_grad_(True)
-        b = None if mod.bias is None else mod.bias.detach().clone().requires_grad_(True)
-        xs = [x.clone().requires_grad_(True) for _ in range(2)]
-        outs = [F.linear(xs[0], w, b), _OneDNNLinear.apply(xs[1], w, b)]
-        ok = torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-        got = [torch.autograd.grad(o, [xi, w], g) for o, xi in zip(outs, xs)]
-        return ok and all(torch.allclose(a, c, rtol=1e-4, atol=1e-4) for a, c in zip(*got))
+        with torch.inference_mode(False), torch.enable_grad():
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(5, mod.in_features, generator=gen)
+            g = torch.randn(5, mod.out_features, generator=gen)
+            w = mod.weight.detach().clone().requires_grad_(True)
+            b = None if mod.bias is None else mod.bias.detach().clone().requires_grad_(True)
+            xs = [x.clone().requires_grad_(True) for _ in range(2)]
+            outs = [F.linear(xs[0], w, b), _OneDNNLinear.apply(xs[1], w, b)]
+            ok = torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+            got = [torch.autograd.grad(o, [xi, w], g) for o, xi in zip(outs, xs)]
+            return ok and all(torch.allclose(a, c, rtol=1e-4, atol=1e-4) for a, c in zip(*got))
     except (RuntimeError, NotImplementedError):
         return False
 

@@ -169,7 +169,6 @@ class _Draw:
 def _train_blocks(
     model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
     step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
-    frozen: tuple[nn.Module, ...] = (),
 ) -> list[float]:
     """The one fine-tune loop: train only the chosen decoder blocks (all if None) in float32 with AdamW (weight
     decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
@@ -367,8 +366,9 @@ def finetune_signature(
     ref = copy.deepcopy(model).float().eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    # every linear layer of the model and of the copy on the CPU kind's faster kernel from here on: the copy's
-    # prefix keys and values, the cache check and every step take the same kernel (kernels.onednn_linears)
+    # every fp32 linear layer of the model and of the copy (always fp32) on the CPU kind's faster kernel from here
+    # on: the copy's prefix keys and values, the cache check and every step take the same kernel
+    # (kernels.onednn_linears; a bf16 model's layers join in `_train_blocks`, once it made them fp32)
     with onednn_linears(model), onednn_linears(ref):
         rng = np.random.default_rng(int(seed))
         draw_t, draw_r = _Draw(len(tgt), rng), _Draw(len(ret), rng)

@@ -50,7 +50,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.io import to_jsonable
-from mechdiff.model.kernels import linear
+from mechdiff.model.kernels import linear, onednn_fp32
 
 
 def _bag(indices: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -412,8 +412,9 @@ class TopKSAE(nn.Module):
                                   out=self._workspace("pre", (B, self.width), sd, dev))
                 exact = False  # selection values are approximate: recompute them in full precision
             else:
-                src = linear(xc, self.W_enc, self.b_enc,
-                             out=self._workspace("pre", (B, self.width), x_n.dtype, dev))
+                ws = None if onednn_fp32(xc, self.W_enc, self.b_enc) else \
+                    self._workspace("pre", (B, self.width), x_n.dtype, dev)  # oneDNN returns its own tensor
+                src = linear(xc, self.W_enc, self.b_enc, out=ws)
                 exact = True
             pat, pvals = self._select(src)
             pat.xc = xc
