@@ -48,7 +48,7 @@ def main() -> None:
     chosen = [prompts[r] for r in rows]
     base, tok = load_saved(P.model_dir("base"), device=p.heads.device, dtype=p.pair.dtype)
     tuned, _ = load_saved(P.model_dir("tuned"), device=p.heads.device, dtype=p.pair.dtype)
-    for m in (base, tuned):  # the no-grad forwards (generation, head patching); attribution's backward runs plain
+    for m in (base, tuned):  # no-grad forwards on packed weights; attribution with gradients takes kernels.linear
         pack_for_inference(m)
     conts = continuations(h.target, tuned, tok, chosen, signature=p.pair.finetune.signature, chat=p.data.chat,
                           max_len=p.data.max_len, max_new_tokens=h.max_new_tokens, batch_size=h.batch_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,22 @@ def test_onednn_linears_patch_also_when_entered_without_gradients(monkeypatch):
     for mode in (torch.no_grad, torch.inference_mode):
         with mode(), kernels.onednn_linears(model) as n:
             assert n == n_lin
+
+
+@pytest.mark.parametrize("blas_avx512", [True, False])
+def test_packed_model_gives_plain_gradients(monkeypatch, blas_avx512):
+    """With gradients on (head attribution through a packed model) each packed layer falls back to `linear`: the
+    input gradients are F.linear's (float64 autograd reference) on either kernel."""
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", blas_avx512)
+    model = make_tiny_model(64, n_layers=2, d_model=32, seed=9).eval()
+    ref = make_tiny_model(64, n_layers=2, d_model=32, seed=9).double().eval()
+    ids = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for m, dt in ((model, torch.float32), (ref, torch.float64)):
+        emb = m.model.embed_tokens(ids).detach().to(dt).requires_grad_(True)
+        with packed_linears(m.model) if m is model else contextlib.nullcontext():
+            m(inputs_embeds=emb).logits.square().mean().backward()
+        grads.append(emb.grad.double().numpy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -215,8 +215,8 @@ def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _packed_forward(cell: _Packed) -> types.FunctionType:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         packed = cell.get() if _fast_path(x, self.weight) else None
-        if packed is None:
-            return F.linear(x, self.weight, self.bias)
+        if packed is None:  # with gradients (e.g. attribution through a packed model): `linear`'s rule
+            return linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     return forward
