@@ -124,6 +124,11 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+def _lp_nd(x2: torch.Tensor, shape: torch.Size, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`_lp` of the rows `x2` (x flattened to 2-D) back in x's leading `shape`."""
+    return _lp(x2, w.contiguous(), b).reshape(*shape[:-1], w.shape[0])
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """F.linear with its forward and both backward products on oneDNN (fp32, CPU): grad_x = g @ W and
     grad_W = g.T @ x run as linear calls on transposed copies (O(rows x d) copies for O(rows x d x d') products)."""
@@ -134,7 +139,7 @@ class _OneDNNLinear(torch.autograd.Function):
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         ctx.in_shape = x.shape
-        return _lp(x2, weight.contiguous(), bias).reshape(*x.shape[:-1], weight.shape[0])
+        return _lp_nd(x2, x.shape, weight, bias)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -154,10 +159,10 @@ def onednn_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """The rule `linear` follows: True when this fp32 CPU linear runs on oneDNN (the BLAS runs AVX2 code here:
     `_blas_avx512` false, i.e. AVX2 CPUs and AMD's AVX-512 CPUs under MKL) rather than the plain BLAS call.
     It depends on the CPU kind and the tensors' dtype, device and shape kind, never on their values or sizes."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 1
-            and x.numel() > 0 and weight.dim() == 2
+    return (not _blas_avx512() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.dim() >= 1 and x.numel() > 0 and weight.dim() == 2
             and (bias is None or (bias.dim() == 1 and bias.dtype == torch.float32))
-            and not _blas_avx512() and onednn_linear_available())
+            and onednn_linear_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -176,8 +181,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _OneDNNLinear.apply(x, weight, b)
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        return _lp(x2, weight.contiguous(), b).reshape(*x.shape[:-1], weight.shape[0])
+        return _lp_nd(x.reshape(-1, x.shape[-1]).contiguous(), x.shape, weight, b)
     if out is not None:
         return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight, bias)

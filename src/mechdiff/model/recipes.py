@@ -198,23 +198,21 @@ def _train_blocks(
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
     losses: list[float] = []
     model.train()
-    stack = contextlib.ExitStack()
     try:
-        stack.enter_context(onednn_linears(model))
-        bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
-        for _ in bar:
-            loss, shown = step_loss()
-            if not torch.isfinite(loss):
-                raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.item()))
-            if progress:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
+        with onednn_linears(model):
+            bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
+            for _ in bar:
+                loss, shown = step_loss()
+                if not torch.isfinite(loss):
+                    raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                losses.append(float(loss.item()))
+                if progress:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
     finally:
-        stack.close()
         model.eval()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
