@@ -18,6 +18,7 @@ from mechdiff.analysis.geometry import (
 )
 from mechdiff.data.corpus import load_concepts
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.params import load_params
 
@@ -67,6 +68,7 @@ def main() -> None:
     geos, metrics = {}, {}
     for which in ("base", "tuned"):
         model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
+        pack_for_inference(model, avx512_fp32=False)  # numbers as unpacked on Intel AVX-512 fp32
         geo = model_geometry(model, tok, concepts, method=g.estimator, test_frac=g.test_frac, seed=p.seed,
                              prompts=g.prompts, steer_scale=g.steer_scale, batch_size=g.batch_size)
         geos[which] = geo

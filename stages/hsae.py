@@ -15,6 +15,7 @@ from mechdiff.analysis.geometry import context_states, hierarchy, labelled_conte
 from mechdiff.data.corpus import load_concepts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
@@ -67,6 +68,7 @@ def main() -> None:
         split = dict(zip(geo["words"].tolist(), geo["word_split"].tolist()))  # covered words: train | test
         texts, owner, labels, held_out = labelled_contexts(concepts, names, split)  # metrics on held-out words
         model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
+        pack_for_inference(model, avx512_fp32=False)  # numbers as unpacked on Intel AVX-512 fp32
         X_ctx = context_states(model, tok, texts, site=site, batch_size=p.geometry.batch_size)
         if h.teacher == "contexts":
             train_words = {w for w, sp in split.items() if sp == "train"}

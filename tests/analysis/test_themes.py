@@ -89,6 +89,31 @@ def test_silhouette_on_a_row_sample_matches_sklearn_dense_and_sparse():
                 silhouette_score(X, labels, sample_size=120, random_state=5), abs=1e-12)
 
 
+def test_concurrent_kmeans_fits_equal_serial_sklearn_bit_for_bit_and_restore_the_blas(monkeypatch):
+    # kmeans_fits runs its fits in threads; each must be exactly the fit sklearn makes alone (dense, sparse,
+    # row subsets, sample weights), and the process's BLAS thread limit must be what it was before
+    from scipy import sparse
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_info
+
+    from mechdiff.analysis import themes as th
+
+    monkeypatch.setattr(th.os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)
+    rng = np.random.default_rng(7)
+    dense = rng.normal(0, 1, (400, 12)) + np.repeat(np.eye(12)[:4] * 2.5, 100, axis=0)
+    blas = [(i["user_api"], i["num_threads"]) for i in threadpool_info()]
+    for X in (dense, sparse.csr_matrix(np.where(dense > 0.8, dense, 0.0))):
+        rows = np.sort(rng.choice(400, 150, replace=False))
+        w = rng.integers(1, 4, 150).astype(np.float64)
+        jobs = [(None, 3, 11, None), (rows, 5, 2, w), (None, 6, 4, None), (rows, 2, 9, None)]
+        got = th.kmeans_fits(X, jobs, n_init=3)
+        for (r, k, state, weight), km in zip(jobs, got):
+            ref = KMeans(n_clusters=k, n_init=3, random_state=state).fit(X if r is None else X[r], sample_weight=weight)
+            assert np.array_equal(km.labels_, ref.labels_)
+            assert np.array_equal(km.cluster_centers_, ref.cluster_centers_) and km.inertia_ == ref.inertia_
+    assert [(i["user_api"], i["num_threads"]) for i in threadpool_info()] == blas
+
+
 def test_choose_k_rule():
     sil = {2: 0.30, 3: 0.50, 4: 0.40}
     assert choose_k(sil, {2: 0.95, 3: 0.60, 4: 0.90}, 0.8) == (4, True)  # best silhouette among the stable

@@ -197,12 +197,13 @@ def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
 
 class _Packed:
     """One linear layer's oneDNN-packed weight, made on the first call that takes the packed path (never, where
-    `use_packed` always says no: no time or memory spent on packing)."""
+    `use_packed` always says no: no time or memory spent on packing). With `avx512_fp32` false, fp32 calls stay
+    on the BLAS wherever it runs AVX-512 kernels, whatever their rows (that layer's numbers as the plain path's)."""
 
-    __slots__ = ("layer", "rows_hint", "value", "failed")
+    __slots__ = ("layer", "rows_hint", "avx512_fp32", "value", "failed")
 
-    def __init__(self, layer: nn.Linear, rows_hint: int) -> None:
-        self.layer, self.rows_hint, self.value, self.failed = layer, rows_hint, None, False
+    def __init__(self, layer: nn.Linear, rows_hint: int, avx512_fp32: bool = True) -> None:
+        self.layer, self.rows_hint, self.avx512_fp32, self.value, self.failed = layer, rows_hint, avx512_fp32, None, False
 
     def get(self) -> torch.Tensor | None:
         if self.value is None and not self.failed:
@@ -211,14 +212,14 @@ class _Packed:
         return self.value
 
 
-def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dtype == weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and use_packed(x))
+def _fast_path(x: torch.Tensor, cell: _Packed) -> bool:
+    return (x.dtype == cell.layer.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and (cell.avx512_fp32 or x.dtype != torch.float32 or not _blas_avx512()) and use_packed(x))
 
 
 def _packed_forward(cell: _Packed) -> types.FunctionType:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        packed = cell.get() if _fast_path(x, self.weight) else None
+        packed = cell.get() if _fast_path(x, cell) else None
         if packed is None:  # with gradients (e.g. attribution through a packed model): `linear`'s rule
             return linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
@@ -249,7 +250,7 @@ def _fused_mlp_forward(gate: _Packed, up: _Packed, down: _Packed) -> types.Funct
         return torch.ops.mkldnn._linear_pointwise(h, d_w, self.down_proj.bias, "none", [], "")
 
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if state["ok"] is False or not _fast_path(x, self.gate_proj.weight):
+        if state["ok"] is False or not _fast_path(x, gate):
             return type(self).forward(self, x)
         ws = (gate.get(), up.get(), down.get())
         if any(w is None for w in ws):
@@ -345,13 +346,16 @@ def _grads_agree(mod: nn.Linear) -> bool:
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = True) -> Iterator[int]:
+def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = True, avx512_fp32: bool = True
+                   ) -> Iterator[int]:
     """Within the block, every CPU fp32/bf16 `nn.Linear` of `model` runs on a oneDNN-packed weight; yields how many.
 
     Each weight is packed on the first call that `use_packed` sends to the packed path (so never, where the
     rule always picks the plain path), and gated SiLU MLPs then run fused (checked against the plain MLP on that
     first call). Only used under `torch.no_grad()` / `torch.inference_mode()`; with gradients enabled, on another device
     or another input dtype a layer falls back to `F.linear`. A no-op (yields 0) when disabled or unsupported.
+    `avx512_fp32=False` keeps fp32 calls on the plain BLAS wherever it runs AVX-512 kernels (Intel AVX-512 CPUs:
+    those numbers exactly as without packing); bf16 calls and the CPUs whose BLAS runs AVX2 code still pack.
     """
     patched: list[nn.Module] = []
     packs: dict[int, _Packed] = {}
@@ -364,7 +368,7 @@ def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = T
                 w = mod.weight
                 if w.device.type != "cpu" or w.dtype not in _DTYPES:
                     continue
-                cell = _Packed(mod, rows_hint)
+                cell = _Packed(mod, rows_hint, avx512_fp32)
                 if w.dtype not in checked:  # one eager self-check per dtype guards against odd builds
                     packed = cell.get()
                     checked[w.dtype] = packed is not None and _agrees(mod, packed)

@@ -257,8 +257,9 @@ class TopKSAE(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations (B, width) of normalised inputs."""
-        return torch.addmm(self.b_enc, x_n - self.b_pre, self.W_enc.t())
+        """Encoder pre-activations (B, width) of normalised inputs (`kernels.linear`: the CPU kind's faster
+        kernel, the same BLAS call as before on Intel AVX-512)."""
+        return linear(x_n - self.b_pre, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor, *, use_threshold: bool | None = None) -> torch.Tensor:
         """Dense latents (B, width) of raw inputs (TopK per row; BatchTopK SAEs use the stored threshold)."""
