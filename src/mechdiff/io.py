@@ -70,7 +70,8 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 
 def run_stage(fn: Callable[[], Any]) -> None:
     """Run a stage's main (traced when MECHDIFF_TRACE is set); a MechdiffError prints one line and exits 2.
-    `-h` / `--help` prints `stage_help` and exits 0 without running or touching anything."""
+    `-h` / `--help` prints `stage_help` and exits 0 without running or touching anything. A main that returns
+    ends the process at once (`exit_now`)."""
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         module = sys.modules.get(getattr(fn, "__module__", "__main__"))
         from mechdiff.pipeline import stage_help  # the layout's knowledge, needed only here
@@ -86,3 +87,20 @@ def run_stage(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
         sys.exit(130)
+    exit_now(0)
+
+
+def exit_now(code: int = 0) -> None:
+    """End a finished stage process without the interpreter's teardown: the atexit handlers run (the trace's
+    among them) and the standard streams are flushed, then the process exits. Freeing a stage's models and
+    tensors object by object at shutdown took 1-2 s per stage (measured on 2 cores), ~30 s over a `dvc repro`;
+    every output is written and closed before the stage's main returns."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -263,3 +263,41 @@ def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Stage transport@<site>: fit a base -> tuned map") and not list(tmp_path.iterdir())
+
+
+def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit_codes(tmp_path):
+    """run_stage ends a stage whose main returned through `io.exit_now`: exit 0, buffered output and atexit
+    handlers kept, no interpreter teardown (an object's finaliser does not run); errors still exit 2."""
+    import textwrap
+
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, sys
+        from pathlib import Path
+        from mechdiff.errors import MechdiffError
+        from mechdiff.io import run_stage
+
+        class Noisy:
+            def __del__(self):
+                Path("finaliser.txt").write_text("ran")
+
+        keep = Noisy()
+
+        def main():
+            atexit.register(lambda: Path("atexit.txt").write_text("ran"))
+            sys.stdout.write("done, unflushed")
+            if sys.argv[1:] == ["fail"]:
+                raise MechdiffError("bad input")
+
+        run_stage(main)
+    """))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout == "done, unflushed", r.stderr
+    assert (tmp_path / "atexit.txt").read_text() == "ran" and not (tmp_path / "finaliser.txt").exists()
+    (tmp_path / "atexit.txt").unlink()
+    r = subprocess.run([sys.executable, str(script), "fail"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "mechdiff: error: bad input"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
