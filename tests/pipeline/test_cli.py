@@ -266,8 +266,8 @@ def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path)
 
 
 def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit_codes(tmp_path):
-    """run_stage ends a stage whose main returned through `io.exit_now`: exit 0, buffered output and atexit
-    handlers kept, no interpreter teardown (an object's finaliser does not run); errors still exit 2."""
+    """run_stage ends a stage whose main returned through `io.exit_now`: exit 0, buffered output, atexit handlers
+    and process-pool shutdown kept, no interpreter teardown (an object's finaliser does not run); errors exit 2."""
     import textwrap
 
     script = tmp_path / "stage.py"
@@ -284,6 +284,11 @@ def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit
         keep = Noisy()
 
         def main():
+            from joblib import Parallel, delayed
+
+            # loky keeps its worker processes for reuse: they must be stopped before multiprocessing's atexit
+            # handler joins them (else the process never ends)
+            assert Parallel(n_jobs=2, backend="loky")(delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
             atexit.register(lambda: Path("atexit.txt").write_text("ran"))
             sys.stdout.write("done, unflushed")
             if sys.argv[1:] == ["fail"]:
