@@ -105,5 +105,5 @@ def exit_now(code: int = 0) -> None:
         try:
             stream.flush()
         except (OSError, ValueError):
-            pass
+            code = code or 120  # as CPython's own exit when it cannot flush (a full disk, a closed pipe)
     os._exit(code)

@@ -114,6 +114,62 @@ def test_concurrent_kmeans_fits_equal_serial_sklearn_bit_for_bit_and_restore_the
     assert [(i["user_api"], i["num_threads"]) for i in threadpool_info()] == blas
 
 
+def _serial_cluster_kmeans(X, ks, *, seed, n_seeds, n_boot, max_points, n_init=4, max_sil=5000):
+    """The plain serial algorithm, written out: per k one fit, its silhouette and its stability fits in turn."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = X.shape[0]
+    idx = np.random.RandomState(seed).permutation(n)[: min(max_sil, n)]
+    out = {}
+    for k in ks:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X)
+        if len(np.unique(km.labels_)) < 2:
+            continue
+        rng = np.random.default_rng([seed, k])
+        S = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
+        XS, ref = X[S], km.labels_[S]
+        seeds = [pair_ari(ref, KMeans(n_clusters=k, n_init=n_init, random_state=int(rng.integers(2**31 - 1)))
+                          .fit(XS).labels_) for _ in range(n_seeds)]
+        boots = []
+        for _ in range(n_boot):
+            u, cnt = np.unique(rng.integers(0, S.size, S.size), return_counts=True)
+            if u.size <= k:
+                continue
+            b = KMeans(n_clusters=k, n_init=n_init, random_state=int(rng.integers(2**31 - 1)))
+            boots.append(pair_ari(ref[u], b.fit(XS[u], sample_weight=cnt.astype(np.float64)).labels_))
+        out[k] = (km, silhouette_score(X[idx], km.labels_[idx]), np.mean(seeds) if seeds else None,
+                  np.mean(boots) if boots else None)
+    return out
+
+
+@pytest.mark.parametrize("case", ["subsampled", "skipped_boot", "sparse"])
+def test_cluster_kmeans_equals_the_serial_algorithm_exactly(case):
+    # the planned, concurrent fits give what fitting each k and its re-runs in turn gives, number for number
+    from scipy import sparse
+
+    rng = np.random.default_rng(11)
+    if case == "skipped_boot":  # 12 rows, k up to 10: bootstrap resamples with <= k distinct rows are skipped
+        X, ks, max_points = rng.normal(size=(12, 3)), range(2, 11), 1000
+    else:
+        X = rng.normal(0, 1, (240, 6)) + np.repeat(np.eye(6)[:3] * 3, 80, axis=0)
+        ks, max_points = range(2, 7), 100
+        if case == "sparse":
+            X = sparse.csr_matrix(np.where(X > 0.7, X, 0.0))
+    res = cluster_kmeans(X, ks, seed=4, n_seeds=2, n_boot=4, max_stability_points=max_points)
+    ref = _serial_cluster_kmeans(X, ks, seed=4, n_seeds=2, n_boot=4, max_points=max_points)
+    assert sorted(res["silhouette"]) == sorted(ref)
+    for k, (_km, sil, a_s, a_b) in ref.items():
+        assert res["silhouette"][k] == pytest.approx(sil, abs=1e-12)
+        assert res["ari_seeds"][k] == a_s and res["ari_boot"][k] == a_b
+    assert np.array_equal(res["labels"], ref[res["k"]][0].labels_)
+    assert np.array_equal(res["centroids"], ref[res["k"]][0].cluster_centers_)
+    if case == "skipped_boot":  # the case did skip resamples: fewer than n_seeds + n_boot fits planned for some k
+        from mechdiff.analysis.themes import _stability_plan
+
+        assert any(len(_stability_plan(12, k, seed=4, n_seeds=2, n_boot=4, max_points=1000)[1]) < 6 for k in ref)
+
+
 def test_choose_k_rule():
     sil = {2: 0.30, 3: 0.50, 4: 0.40}
     assert choose_k(sil, {2: 0.95, 3: 0.60, 4: 0.90}, 0.8) == (4, True)  # best silhouette among the stable

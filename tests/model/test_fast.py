@@ -36,10 +36,12 @@ def test_packed_model_equals_plain_and_unpacks():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("avx512_fp32", [True, False])
 @pytest.mark.parametrize("blas_avx512", [True, False])
-def test_head_packs_only_where_the_blas_is_slow_and_avx512_fp32_keeps_the_plain_path(monkeypatch, blas_avx512):
-    """The LM head joins the packed layers where the BLAS runs AVX2 code; on an AVX-512 BLAS (Intel) the head, and
-    with avx512_fp32=False the whole body, stay on F.linear in fp32: logits bit for bit the unpacked model's."""
+def test_head_packs_only_where_the_blas_is_slow_and_avx512_fp32_keeps_the_plain_path(monkeypatch, blas_avx512,
+                                                                                      avx512_fp32):
+    """The LM head joins the packed layers where the BLAS runs AVX2 code; on an AVX-512 BLAS (Intel) in fp32 the
+    head is left as it is, and with avx512_fp32=False the whole model: logits bit for bit the unpacked model's."""
     from mechdiff.model import kernels
 
     if not onednn_linear_available():
@@ -55,24 +57,27 @@ def test_head_packs_only_where_the_blas_is_slow_and_avx512_fp32_keeps_the_plain_
     monkeypatch.setattr(torch.nn.functional, "linear", counting)
     tok = make_tiny_tokenizer(["the cat sat on a mat while dogs ran far"])
     model = make_tiny_model(len(tok), n_layers=2, d_model=32, seed=3).eval()
+    head = model.get_output_embeddings()
     n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())  # the body's and the head
     x = torch.randint(0, len(tok), (3, 7))  # 21 rows: in the packed range of use_packed on either CPU kind
     with torch.no_grad():
         ref = model(x).logits
-    pack_for_inference(model, avx512_fp32=False)
-    assert "forward" in model.get_output_embeddings().__dict__  # the head is wrapped either way
+    pack_for_inference(model, avx512_fp32=avx512_fp32)
     calls["plain"] = 0
     with torch.no_grad():
         out = model(x).logits
     if blas_avx512:
-        assert calls["plain"] == n_linear  # every linear, the head included, on the plain BLAS call
-        assert torch.equal(out, ref)
+        assert "forward" not in head.__dict__  # never packed there: no packed copy kept
+        if avx512_fp32:
+            assert calls["plain"] == 1  # the body packs at these rows; the head runs the plain BLAS call
+        else:
+            assert calls["plain"] == n_linear and not any("forward" in m.__dict__ for m in model.modules())
+            assert torch.equal(out, ref)
     else:
-        assert calls["plain"] == 0  # every linear, the head included, on a packed weight
+        assert calls["plain"] == 0 and "forward" in head.__dict__  # every linear on a packed weight
         with torch.no_grad():
             h = model.model(x).last_hidden_state.double()
-        w = model.get_output_embeddings().weight.detach().double()
-        torch.testing.assert_close(out.double(), h @ w.T, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), h @ head.weight.detach().double().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     unpack(model)
     assert not any("forward" in m.__dict__ for m in model.modules())

@@ -93,11 +93,14 @@ def pair_ari(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def kmeans_fits(X: Any, jobs: Sequence[tuple[Any, int, int, np.ndarray | None]], *, n_init: int = 4) -> list[Any]:
-    """sklearn KMeans fits of `jobs` = [(rows of X or None for all, k, random_state, sample_weight or None)], run
-    concurrently in threads (one per CPU core, at most 8): each fit is the same computation as alone, bit for
-    bit (sklearn's Lloyd iterations release the GIL and keep their own OpenMP threading and summation order), but
-    a single fit of these sizes uses a 2-core CPU poorly (measured: 1 and 2 threads equally fast), so two at once
-    nearly halve the time. The BLAS stays at one thread inside the block, as sklearn sets it inside each fit."""
+    """sklearn KMeans fits of `jobs` = [(rows of X or None for all, k, random_state, sample_weight or None)], two
+    at a time in threads: each fit is the same computation as alone (sklearn's Lloyd iterations release the GIL
+    and keep their own OpenMP threading and summation order), but a single fit of these sizes used a 2-core CPU
+    poorly (measured: as fast on 1 thread as on 2), so two at once nearly halve the time. The BLAS runs one
+    thread inside the block (sklearn sets that inside each fit's iterations anyway; the k-means++ start-up's
+    distances then run on one thread too, bit for bit the same with OpenBLAS: each output element is one dot
+    product whatever the thread count; checked against serial sklearn in the tests and on `features`' outputs).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from sklearn.cluster import KMeans
@@ -112,7 +115,7 @@ def kmeans_fits(X: Any, jobs: Sequence[tuple[Any, int, int, np.ndarray | None]],
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    workers = max(1, min(8, cores, len(jobs)))
+    workers = max(1, min(2, cores, len(jobs)))  # two: each fit's OpenMP team already spans the cores
     if workers == 1:
         return [fit(j) for j in jobs]
     # one BLAS thread for the whole block: each fit's own threadpool_limits then saves and restores the same value

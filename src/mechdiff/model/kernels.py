@@ -368,6 +368,8 @@ def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = T
                 w = mod.weight
                 if w.device.type != "cpu" or w.dtype not in _DTYPES:
                     continue
+                if not avx512_fp32 and w.dtype == torch.float32 and _blas_avx512():
+                    continue  # would never take the packed path: left as it is (no packed copy, no self-check)
                 cell = _Packed(mod, rows_hint, avx512_fp32)
                 if w.dtype not in checked:  # one eager self-check per dtype guards against odd builds
                     packed = cell.get()
