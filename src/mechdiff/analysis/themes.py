@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,66 +91,6 @@ def pair_ari(a: np.ndarray, b: np.ndarray) -> float:
     return float(adjusted_rand_score(a, b))
 
 
-def kmeans_fits(X: Any, jobs: Sequence[tuple[Any, int, int, np.ndarray | None]], *, n_init: int = 4) -> list[Any]:
-    """sklearn KMeans fits of `jobs` = [(rows of X or None for all, k, random_state, sample_weight or None)], two
-    at a time in threads: each fit is the same computation as alone (sklearn's Lloyd iterations release the GIL
-    and keep their own OpenMP threading and summation order), but a single fit of these sizes used a 2-core CPU
-    poorly (measured: as fast on 1 thread as on 2), so two at once nearly halve the time. The BLAS runs one
-    thread inside the block (sklearn sets that inside each fit's iterations anyway; the k-means++ start-up's
-    distances then run on one thread too, bit for bit the same with OpenBLAS: each output element is one dot
-    product whatever the thread count; checked against serial sklearn in the tests and on `features`' outputs).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    def fit(job: tuple[Any, int, int, np.ndarray | None]) -> Any:
-        rows, k, state, weight = job
-        return KMeans(n_clusters=int(k), n_init=n_init, random_state=int(state)).fit(
-            X if rows is None else X[rows], sample_weight=weight)
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    workers = max(1, min(2, cores, len(jobs)))  # two: each fit's OpenMP team already spans the cores
-    if workers == 1:
-        return [fit(j) for j in jobs]
-    # one BLAS thread for the whole block: each fit's own threadpool_limits then saves and restores the same value
-    # (they are process-wide, so nested in concurrent fits they would otherwise leave the BLAS at one thread)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(fit, jobs))
-
-
-def _stability_plan(n: int, k: int, *, seed: int, n_seeds: int, n_boot: int, max_points: int
-                    ) -> tuple[np.ndarray, list[tuple[np.ndarray, int, int, np.ndarray | None]], int]:
-    """The k-means fits `kmeans_stability` runs, drawn from its seeded generator before any fit: (the rows S,
-    the jobs for `kmeans_fits`: the seed re-runs first, then the bootstrap resamples (their distinct rows of
-    S, weighted by multiplicity), the number of seed re-runs)."""
-    rng = np.random.default_rng([int(seed), int(k)])
-    S = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
-    jobs: list[tuple[np.ndarray, int, int, np.ndarray | None]] = [
-        (S, k, int(rng.integers(2**31 - 1)), None) for _ in range(n_seeds)]
-    for _ in range(n_boot):
-        u, cnt = np.unique(rng.integers(0, S.size, S.size), return_counts=True)
-        if u.size <= k:
-            continue
-        jobs.append((S[u], k, int(rng.integers(2**31 - 1)), cnt.astype(np.float64)))
-    return S, jobs, n_seeds
-
-
-def _stability_scores(labels: np.ndarray, S: np.ndarray, jobs: list, n_seeds: int, fits: list
-                      ) -> dict[str, float | None]:
-    """`kmeans_stability`'s ARIs from the fits of its plan (`_stability_plan`)."""
-    seeds = [pair_ari(labels[S], km.labels_) for km in fits[:n_seeds]]
-    boots = [pair_ari(labels[rows], km.labels_) for (rows, *_), km in zip(jobs[n_seeds:], fits[n_seeds:])]
-    a_s = float(np.mean(seeds)) if seeds else None
-    a_b = float(np.mean(boots)) if boots else None
-    measured = [a for a in (a_s, a_b) if a is not None]
-    return {"ari_seeds": a_s, "ari_boot": a_b, "stability": min(measured) if measured else None}
-
-
 def kmeans_stability(X: Any, k: int, labels: np.ndarray, *, seed: int, n_seeds: int, n_boot: int, n_init: int = 4,
                      max_points: int = 1000) -> dict[str, float | None]:
     """How well k-means reproduces the partition `labels` (of the rows of X, dense or sparse) at this k.
@@ -161,8 +100,26 @@ def kmeans_stability(X: Any, k: int, labels: np.ndarray, *, seed: int, n_seeds: 
     bootstrap resample of S holds, between labels and k-means on that resample (rows weighted by their multiplicity),
     over `n_boot` resamples; `stability` = the smaller of the two measured (None when neither is).
     """
-    S, jobs, ns = _stability_plan(X.shape[0], k, seed=seed, n_seeds=n_seeds, n_boot=n_boot, max_points=max_points)
-    return _stability_scores(np.asarray(labels), S, jobs, ns, kmeans_fits(X, jobs, n_init=n_init))
+    from sklearn.cluster import KMeans
+
+    n = X.shape[0]
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([int(seed), int(k)])
+    S = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
+    XS, ref = X[S], labels[S]
+    seeds = [pair_ari(ref, KMeans(n_clusters=k, n_init=n_init, random_state=int(rng.integers(2**31 - 1)))
+                      .fit(XS).labels_) for _ in range(n_seeds)]
+    boots = []
+    for _ in range(n_boot):
+        u, cnt = np.unique(rng.integers(0, S.size, S.size), return_counts=True)
+        if u.size <= k:
+            continue
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=int(rng.integers(2**31 - 1)))
+        boots.append(pair_ari(ref[u], km.fit(XS[u], sample_weight=cnt.astype(np.float64)).labels_))
+    a_s = float(np.mean(seeds)) if seeds else None
+    a_b = float(np.mean(boots)) if boots else None
+    measured = [a for a in (a_s, a_b) if a is not None]
+    return {"ari_seeds": a_s, "ari_boot": a_b, "stability": min(measured) if measured else None}
 
 
 def choose_k(silhouette: dict[int, float], stability: dict[int, float | None], stable_ari: float
@@ -190,6 +147,7 @@ def cluster_kmeans(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_
     Returns labels, k, centroids of the chosen fit; silhouette, stability, ari_seeds, ari_boot as {k: value};
     stable (bool, or None when n_seeds = n_boot = 0) and stable_ari.
     """
+    from sklearn.cluster import KMeans
     from sklearn.metrics import pairwise_distances, silhouette_score
 
     if n_seeds < 0 or n_boot < 0 or max_stability_points < 2 or not 0 <= stable_ari <= 1:
@@ -205,19 +163,15 @@ def cluster_kmeans(X: Any, k_range: Sequence[int], *, seed: int, max_silhouette_
     dist = pairwise_distances(X[idx])
     sil: dict[int, float] = {}
     fits: dict[int, Any] = {}
-    # every fit (each k's, then every k's stability re-runs) planned first and run together (`kmeans_fits`)
-    for k, km in zip(ks, kmeans_fits(X, [(None, k, seed, None) for k in ks], n_init=n_init)):
+    stab: dict[int, dict[str, float | None]] = {}
+    for k in ks:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(X)
         if len(np.unique(km.labels_)) < 2:
             continue
         sil[k] = float(silhouette_score(dist, km.labels_[idx], metric="precomputed"))
         fits[k] = km
-    plans = {k: _stability_plan(n, k, seed=seed, n_seeds=n_seeds, n_boot=n_boot, max_points=max_stability_points)
-             for k in fits}
-    runs = kmeans_fits(X, [j for _, jobs, _ in plans.values() for j in jobs], n_init=n_init)
-    stab: dict[int, dict[str, float | None]] = {}
-    for k, (S, jobs, ns) in plans.items():
-        stab[k] = _stability_scores(fits[k].labels_, S, jobs, ns, runs[: len(jobs)])
-        runs = runs[len(jobs):]
+        stab[k] = kmeans_stability(X, k, km.labels_, seed=seed, n_seeds=n_seeds, n_boot=n_boot, n_init=n_init,
+                                   max_points=max_stability_points)
     if not fits:
         raise MechdiffError(f"{who}: k-means found fewer than 2 distinct clusters (identical feature representations?)")
     best, stable = choose_k(sil, {k: s["stability"] for k, s in stab.items()}, stable_ari)
