@@ -197,13 +197,12 @@ def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
 
 class _Packed:
     """One linear layer's oneDNN-packed weight, made on the first call that takes the packed path (never, where
-    `use_packed` always says no: no time or memory spent on packing). With `avx512_fp32` false, fp32 calls stay
-    on the BLAS wherever it runs AVX-512 kernels, whatever their rows (that layer's numbers as the plain path's)."""
+    `use_packed` always says no: no time or memory spent on packing)."""
 
-    __slots__ = ("layer", "rows_hint", "avx512_fp32", "value", "failed")
+    __slots__ = ("layer", "rows_hint", "value", "failed")
 
-    def __init__(self, layer: nn.Linear, rows_hint: int, avx512_fp32: bool = True) -> None:
-        self.layer, self.rows_hint, self.avx512_fp32, self.value, self.failed = layer, rows_hint, avx512_fp32, None, False
+    def __init__(self, layer: nn.Linear, rows_hint: int) -> None:
+        self.layer, self.rows_hint, self.value, self.failed = layer, rows_hint, None, False
 
     def get(self) -> torch.Tensor | None:
         if self.value is None and not self.failed:
@@ -214,7 +213,7 @@ class _Packed:
 
 def _fast_path(x: torch.Tensor, cell: _Packed) -> bool:
     return (x.dtype == cell.layer.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and (cell.avx512_fp32 or x.dtype != torch.float32 or not _blas_avx512()) and use_packed(x))
+            and use_packed(x))
 
 
 def _packed_forward(cell: _Packed) -> types.FunctionType:
@@ -369,8 +368,8 @@ def packed_linears(model: nn.Module, *, rows_hint: int = 1024, enabled: bool = T
                 if w.device.type != "cpu" or w.dtype not in _DTYPES:
                     continue
                 if not avx512_fp32 and w.dtype == torch.float32 and _blas_avx512():
-                    continue  # would never take the packed path: left as it is (no packed copy, no self-check)
-                cell = _Packed(mod, rows_hint, avx512_fp32)
+                    continue  # left as it is: the plain BLAS call, no packed copy, no self-check
+                cell = _Packed(mod, rows_hint)
                 if w.dtype not in checked:  # one eager self-check per dtype guards against odd builds
                     packed = cell.get()
                     checked[w.dtype] = packed is not None and _agrees(mod, packed)
