@@ -23,6 +23,7 @@ def main() -> None:
         base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings)
     write_csv(P.plot("enrichment.csv"), res.enrichment_rows)
     write_csv(P.plot("graded.csv"), res.graded_rows)
+    write_csv(P.plot("feature_table.csv"), res.feature_rows)
     P.plot("top_examples.md").write_text(res.examples_markdown())
     P.plot("themes.md").write_text(res.themes_markdown())
     write_json(P.metric("features.json"), res.metrics_json())

@@ -381,7 +381,13 @@ def _planted_pair(n: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_type_c_comes_from_the_delta_sae_planted():
-    from mechdiff.analysis.features import FeatureSettings, decoder_dirs, delta_types, sae_type_counts
+    from mechdiff.analysis.features import (
+        FeatureSettings,
+        decoder_dirs,
+        delta_types,
+        feature_table,
+        sae_types,
+    )
     from mechdiff.sae.sources import encode_rows
 
     Xb, Xt = _planted_pair()
@@ -401,18 +407,41 @@ def test_type_c_comes_from_the_delta_sae_planted():
     base_freq = (encode_rows(base, Xb.astype(np.float32)) > 0).mean(0)
     types, counts = delta_types(decoder_dirs(delta), decoder_dirs(base), Zd, base_freq=base_freq)
     assert list(types) == ["", "", "C", "C", "", "C"] and counts == {"A": 0, "B": 0, "C": 3}
-    got = sae_type_counts({"base": base, "tuned": tuned, "delta": delta}, Xb.astype(np.float32),
-                          Xt.astype(np.float32), FeatureSettings())
-    assert got == {"base": {"A": 1, "B": 1, "C": 1}, "tuned": {"A": 1, "B": 1, "C": 2},
-                   "delta": {"A": 0, "B": 0, "C": 3}}
+    typed = sae_types({"base": base, "tuned": tuned, "delta": delta}, Xb.astype(np.float32),
+                      Xt.astype(np.float32), FeatureSettings())
+    assert {src: c for src, (_, c, _) in typed.items()} == {
+        "base": {"A": 1, "B": 1, "C": 1}, "tuned": {"A": 1, "B": 1, "C": 2}, "delta": {"A": 0, "B": 0, "C": 3}}
+    # the per-feature table: one row per feature of each SAE, its type, and statistics recomputed here by numpy
+    cult = {"tuned": {"diff": np.arange(5.0), "q": np.linspace(0, 1, 5)}}
+    rows = feature_table(20, typed, cult)
+    # per SAE: typed features first, then the rest, each by decreasing |cultural gap| (tuned), else by index
+    order = [(r["source"], r["feature"]) for r in rows]
+    assert list(typed["base"][0]) == ["A", "B", "C", ""] and order[:4] == [("base", f) for f in range(4)]
+    tuned_types = typed["tuned"][0]
+    want = sorted(range(5), key=lambda f: (tuned_types[f] == "", -f))
+    assert order[4:9] == [("tuned", f) for f in want]
+    assert order[9:] == [("delta", f) for f in (2, 3, 5, 0, 1, 4)]
+    rows = sorted(rows, key=lambda r: (("base", "tuned", "delta").index(r["source"]), r["feature"]))
+    assert "".join(r["type"] or "." for r in rows[9:]) == "..CC.C"
+    Zb, Zt = (encode_rows(tuned, X.astype(np.float32)).astype(np.float64) for X in (Xb, Xt))
+    pooled = np.sqrt(((len(Zb) - 1) * Zb.var(0, ddof=1) + (len(Zt) - 1) * Zt.var(0, ddof=1)) / (len(Zb) + len(Zt) - 2))
+    for f, r in enumerate(rows[4:9]):
+        assert r["type"] == typed["tuned"][0][f]
+        assert r["freq_base"] == pytest.approx((Zb[:, f] > 0).mean()) and r["freq_tuned"] == pytest.approx((Zt[:, f] > 0).mean())
+        assert r["mean_tuned"] == pytest.approx(Zt[:, f].mean(), rel=1e-5)
+        if pooled[f] > 0:
+            assert r["cohens_d"] == pytest.approx((Zt[:, f].mean() - Zb[:, f].mean()) / pooled[f], rel=1e-4)
+        assert (r["cultural_diff"], r["cultural_q"]) == (f, pytest.approx(f / 4))
+    assert "cultural_diff" not in rows[0] and "cohens_d" not in rows[9]
+    assert rows[12]["freq_delta"] == pytest.approx((Zd[:, 3] > 0).mean())
     # a base counterpart is |cos| >= match_cos: at 0.75 the diagonal feature (cos 0.707 with e6) is still new,
     # at 0.7 it matches once the base SAE has an e6 feature
     base6 = _planted_sae(eye[[0, 1, 2, 3, 6]])
     assert delta_types(decoder_dirs(delta), decoder_dirs(base6), Zd, match_cos=0.75)[1]["C"] == 2
     assert list(delta_types(decoder_dirs(delta), decoder_dirs(base6), Zd, match_cos=0.7)[0]) == [""] * 3 + ["C"] + [""] * 2
     # without a base SAE there is nothing to match against: the delta SAE gets no types
-    assert "delta" not in sae_type_counts({"tuned": tuned, "delta": delta}, Xb.astype(np.float32),
-                                          Xt.astype(np.float32), FeatureSettings())
+    assert "delta" not in sae_types({"tuned": tuned, "delta": delta}, Xb.astype(np.float32),
+                                    Xt.astype(np.float32), FeatureSettings())
 
 
 def test_delta_only_features_rejects_bad_input():

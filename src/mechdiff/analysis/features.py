@@ -533,12 +533,14 @@ ENRICH_KEYS = ("enrichment", "p", "q", "n_group", "n_group_selected")
 
 @dataclass
 class FeatureResults:
-    """What `analyse_features` finds: metrics by `<source>_L<layer>`, theme enrichment, graded rows, markdown."""
+    """What `analyse_features` finds: metrics by `<source>_L<layer>`, theme enrichment, graded rows, the per-feature
+    table, markdown."""
 
     metrics: dict = field(default_factory=dict)
     enrichment: dict = field(default_factory=dict)
     enrichment_rows: list = field(default_factory=list)
     graded_rows: list = field(default_factory=list)
+    feature_rows: list = field(default_factory=list)  # `feature_table` of every layer
     examples_md: list = field(default_factory=lambda: ["# Top-activating examples", ""])
     themes_md: list = field(default_factory=lambda: list(THEMES_HEADER))
     skipped_traits: dict = field(default_factory=dict)
@@ -563,22 +565,54 @@ def sample_rows(store: Any, view: str, n_prompts: int, *, max_rows: int, rng: np
     return np.sort(rng.choice(rows, size=min(max_rows, len(rows)), replace=False))
 
 
-def sae_type_counts(saes: dict, Xb: np.ndarray, Xt: np.ndarray, st: FeatureSettings) -> dict[str, dict[str, int]]:
-    """Type A/B/C counts per SAE on paired base / tuned rows: base and tuned SAEs by `classify_types`, the delta
-    SAE (with a base SAE to match against: its live features) by `delta_types`. {source: {"A": n, "B": n, "C": n}}."""
-    out: dict[str, dict[str, int]] = {}
-    stats: dict[str, dict[str, np.ndarray]] = {}
+def sae_types(saes: dict, Xb: np.ndarray, Xt: np.ndarray, st: FeatureSettings
+              ) -> dict[str, tuple[np.ndarray, dict[str, int], dict[str, np.ndarray]]]:
+    """Per-feature Type A/B/C of each SAE on paired base / tuned rows: base and tuned SAEs by `classify_types` on
+    their codes of both sides, the delta SAE (with a base SAE to match against: its live features) by
+    `delta_types` on tuned - base rows. {source: (types, counts, activation_stats)}; the delta SAE's stats are of
+    its codes on the delta rows (the same on both sides)."""
+    out: dict[str, tuple[np.ndarray, dict[str, int], dict[str, np.ndarray]]] = {}
     for src, sae in saes.items():
         if src in ("base", "tuned"):
-            stats[src] = activation_stats(encode_rows(sae, Xb), encode_rows(sae, Xt))
-            out[src] = classify_types(stats[src], active_freq=st.active_freq, inactive_freq=st.inactive_freq,
-                                      d_min=st.d_min, suppress_ratio=st.suppress_ratio,
-                                      amplify_ratio=st.amplify_ratio)[1]
+            stats = activation_stats(encode_rows(sae, Xb), encode_rows(sae, Xt))
+            out[src] = (*classify_types(stats, active_freq=st.active_freq, inactive_freq=st.inactive_freq,
+                                        d_min=st.d_min, suppress_ratio=st.suppress_ratio,
+                                        amplify_ratio=st.amplify_ratio), stats)
     if "delta" in saes and "base" in saes:
-        out["delta"] = delta_types(decoder_dirs(saes["delta"]), decoder_dirs(saes["base"]),
-                                   encode_rows(saes["delta"], Xt - Xb), base_freq=stats["base"]["freq_base"],
-                                   active_freq=st.active_freq, match_cos=st.match_cos)[1]
+        Z = encode_rows(saes["delta"], Xt - Xb)
+        out["delta"] = (*delta_types(decoder_dirs(saes["delta"]), decoder_dirs(saes["base"]), Z,
+                                     base_freq=out["base"][2]["freq_base"], active_freq=st.active_freq,
+                                     match_cos=st.match_cos), activation_stats(Z, Z))
     return out
+
+
+def feature_table(layer: int, types: dict[str, tuple[np.ndarray, dict[str, int], dict[str, np.ndarray]]],
+                  cultural: dict[str, dict]) -> list[dict]:
+    """One row per feature of every SAE: its type (`sae_types`; '' for none), firing frequency and mean code on
+    base and tuned rows with Cohen's d (base / tuned SAEs), on the delta rows (delta SAE), and its mean code on
+    cultural - control prompts with the permutation q (`permutation_enrichment`, where `cultural` has the SAE).
+    Per SAE the typed features come first, then the rest, each by decreasing |cultural - control difference|."""
+    rows = []
+    for src in sorted(set(types) | set(cultural), key=lambda x: ("base", "tuned", "delta").index(x)
+                      if x in ("base", "tuned", "delta") else 3):
+        t = types.get(src)
+        c = cultural.get(src)
+        n = len(t[0]) if t is not None else len(c["diff"])
+        typed = np.zeros(n, dtype=bool) if t is None else t[0] != ""
+        gap = np.zeros(n) if c is None else np.abs(np.asarray(c["diff"], dtype=np.float64))
+        for f in np.lexsort((np.arange(n), -gap, ~typed)).tolist():
+            r: dict = {"layer": layer, "source": src, "feature": f, "type": "" if t is None else str(t[0][f])}
+            if t is not None:
+                stt = t[2]
+                if src == "delta":
+                    r.update({"freq_delta": stt["freq_base"][f], "mean_delta": stt["mean_base"][f]})
+                else:
+                    r.update({k: stt[k][f] for k in ("freq_base", "freq_tuned", "mean_base", "mean_tuned",
+                                                      "cohens_d")})
+            if c is not None:
+                r.update({"cultural_diff": c["diff"][f], "cultural_q": c["q"][f]})
+            rows.append(r)
+    return rows
 
 
 def decoder_dirs(sae: Any) -> np.ndarray:
@@ -587,16 +621,17 @@ def decoder_dirs(sae: Any) -> np.ndarray:
 
 
 def cultural_features(means: dict[str, np.ndarray], is_cultural: np.ndarray, st: FeatureSettings
-                      ) -> tuple[dict[str, int], np.ndarray]:
+                      ) -> tuple[dict[str, int], np.ndarray, dict[str, dict]]:
     """Per SAE the number of features significantly more or less active on cultural than control prompts
-    (`permutation_enrichment`), and the tuned SAE's `n_top_cultural` features with the largest difference."""
-    counts, top = {}, np.zeros(0, dtype=np.int64)
+    (`permutation_enrichment`), the tuned SAE's `n_top_cultural` features with the largest difference, and each
+    SAE's `permutation_enrichment` result."""
+    counts, top, results = {}, np.zeros(0, dtype=np.int64), {}
     for src, A in means.items():
-        res = permutation_enrichment(A, is_cultural, n_perm=st.n_perm, seed=st.seed, alpha=st.fdr)
+        res = results[src] = permutation_enrichment(A, is_cultural, n_perm=st.n_perm, seed=st.seed, alpha=st.fdr)
         counts[src] = res["n_significant"]
         if src == "tuned":
             top = np.argsort(-res["diff"])[: st.n_top_cultural]
-    return counts, top
+    return counts, top, results
 
 
 def graded_unrankable(labels: np.ndarray) -> str | None:
@@ -680,8 +715,8 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
                      settings: FeatureSettings = FeatureSettings()) -> FeatureResults:
     """The feature analysis of every layer's SAEs (no crosscoder) at L<layer>.resid_post.
 
-    Per layer: Type A/B/C counts (`sae_type_counts`) on a row sample; per SAE the cultural-vs-control
-    features (`cultural_features`); with the delta SAE and another, `pooled_themes` (each clustering's k, silhouette,
+    Per layer: Type A/B/C (`sae_types`) on a row sample; per SAE the cultural-vs-control
+    features (`cultural_features`); every SAE feature's row of both (`feature_table`); with the delta SAE and another, `pooled_themes` (each clustering's k, silhouette,
     stability and `stable` in metrics `themes_L<layer>`; the MiniLM embeddings of the prompts computed once); per
     base / tuned SAE and
     trait the graded ranking (`graded_rankings`, unrankable traits skipped); on the tokens view, the top
@@ -701,11 +736,12 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
         site = f"L{layer}.resid_post"
         saes = load_saes(layer)
         sample = sample_rows(base, view, len(prompts), max_rows=st.max_rows, rng=rng)
-        counts = sae_type_counts(saes, base.read(site, view, sample), tuned.read(site, view, sample), st)
-        for src, c in counts.items():
+        types = sae_types(saes, base.read(site, view, sample), tuned.read(site, view, sample), st)
+        for src, (_, c, _) in types.items():
             res.metrics[f"{src}_L{layer}"] = {f"type_{t}": n for t, n in c.items()}
         means = {src: prompt_feature_means(sae, src, base, tuned, site, view, cc) for src, sae in saes.items()}
-        n_cult, top = cultural_features(means, datasets[cc] == "cultural", st)
+        n_cult, top, cult = cultural_features(means, datasets[cc] == "cultural", st)
+        res.feature_rows += feature_table(layer, types, cult)
         for src, n in n_cult.items():
             res.metrics.setdefault(f"{src}_L{layer}", {})["n_cultural_features"] = n
         if "delta" in saes and len(saes) > 1:

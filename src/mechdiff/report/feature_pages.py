@@ -533,7 +533,7 @@ def top_cultural(means: np.ndarray, is_cultural: np.ndarray, n_top: int) -> list
     A = np.asarray(means)
     is_c = np.asarray(is_cultural, dtype=bool)
     # the top list is the order of the observed difference: the permutations do not change it
-    _, top = cultural_features({"tuned": A}, is_c, FeatureSettings(n_top_cultural=n_top, n_perm=1))
+    _, top, _ = cultural_features({"tuned": A}, is_c, FeatureSettings(n_top_cultural=n_top, n_perm=1))
     diff = A[is_c].mean(0) - A[~is_c].mean(0)
     return [(int(f), float(diff[f])) for f in top]
 

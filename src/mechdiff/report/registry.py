@@ -209,6 +209,12 @@ STAGES: tuple[StageReport, ...] = (
             Table("graded", "Graded concepts", plot("graded.csv"), "csv",
                   "Best feature per trait scored against graded labels 0-3.",
                   {"r": "Pearson r with the grade", "tpr": "hit rate on grade 3", "fpr": "false alarms on grade 0"}),
+            Table("feature-table", "Every feature", plot("feature_table.csv"), "csv",
+                  "One row per feature of the base, tuned and delta SAEs: typed features first, then by the size of "
+                  "the cultural - control gap.",
+                  {"type": "A / B / C, empty for none", "cohens_d": "tuned - base, pooled SD",
+                   "freq_delta": "firing rate on tuned - base rows (delta SAE)",
+                   "cultural_q": "BH-adjusted permutation p of the cultural - control gap"}),
             Table("themes", "Feature themes", plot("themes.md"), "markdown", "Themes by top-activating texts."),
             Table("top-examples", "Top-activating examples", plot("top_examples.md"), "markdown",
                   "The most cultural features and the contexts they fire on (bold = the token)."),
