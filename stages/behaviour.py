@@ -37,7 +37,7 @@ def main() -> None:
         scores[which] = score_model(
             model, tok, enc, gen_rows, patterns, mc=mc, refs=refs,
             allowed=allowed["tuned"] if which == "tuned" else None, chat=p.data.chat, max_len=p.data.max_len + 64,
-            max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True)
+            max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True, mc_score=b.mc_score)
         del model
     rows, metrics = behaviour_table(scores["base"], scores["tuned"], n_boot=b.n_boot, seed=p.seed)
     write_csv(P.plot("behaviour.csv"), rows)

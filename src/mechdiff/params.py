@@ -219,6 +219,7 @@ class Behaviour(_Section):
     max_prompts: int = 200
     batch_size: int = 64
     n_boot: int = 1000
+    mc_score: str = "sum"
 
 
 @dataclass
@@ -427,6 +428,7 @@ _CHOICES = {
     "heads.rank_by": ("direct", "pred", "delta"),
     "steer.source": ("dim", "delta", "transport", "sae"),
     "steer.from_token": ("decision", "first"),
+    "behaviour.mc_score": ("sum", "mean"),
     "behaviour.split": ("train", "val", "test"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),

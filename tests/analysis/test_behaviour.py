@@ -159,6 +159,11 @@ def test_mc_text_option_logprobs_and_mc_correct(world):
     assert mc_text("Capital of France?", ["Paris", "Rome"], "cloze") == "Capital of France?"
     for g, q, ch in zip(cloze, qs, chs):
         np.testing.assert_allclose(g, [_ref_logprob(model, tok, q, c)[0] for c in ch], rtol=1e-5)
+    mean = option_logprobs(model, tok, qs, chs, batch_size=2, score="mean")  # length-normalised
+    for g, q, ch in zip(mean, qs, chs):
+        np.testing.assert_allclose(g, [s / n for s, n in (_ref_logprob(model, tok, q, c) for c in ch)], rtol=1e-5)
+    with pytest.raises(MechdiffError, match="option score"):
+        option_logprobs(model, tok, qs, chs, score="max")
     with pytest.raises(MechdiffError, match="format"):
         mc_text("q", ["a", "b"], "letters")
     want = np.array([int(np.argmax(g)) == a for g, a in zip(got, ans)])

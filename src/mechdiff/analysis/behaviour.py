@@ -445,23 +445,31 @@ def continuation_logprobs(
     return sums, np.asarray(n_cont, dtype=np.float64)
 
 
+MC_SCORES = ("sum", "mean")  # how `option_logprobs` scores an option: summed or mean token log-prob
+
+
 def option_logprobs(
     model: nn.Module, tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]], *, chat: bool = True,
     max_len: int = 256, batch_size: int = 16, intervene: Intervene | None = None, progress: bool = False,
-    fmt: str = "cloze", prefix: PrefixCache | None = None,
+    fmt: str = "cloze", prefix: PrefixCache | None = None, score: str = "sum",
 ) -> list[np.ndarray]:
-    """Per question, the float64 summed log-prob of each option's text as the answer to `mc_text(question, choices,
-    fmt)` (default cloze: the question alone)."""
+    """Per question, the float64 log-prob of each option's text as the answer to `mc_text(question, choices, fmt)`
+    (default cloze: the question alone): summed over the option's tokens (`score="sum"`) or their mean
+    (`"mean"`, length-normalised)."""
     if len(questions) != len(choices):
         raise MechdiffError(f"questions and choices must pair up, got {len(questions)} and {len(choices)}")
+    if score not in MC_SCORES:
+        raise MechdiffError(f"option score {score!r}: use one of {', '.join(MC_SCORES)}")
     prompts, conts, sizes = [], [], []
     for q, ch in zip(questions, choices):
         text = mc_text(q, ch, fmt)
         prompts.extend([text] * len(ch))
         conts.extend(c.strip() for c in ch)
         sizes.append(len(ch))
-    lp, _ = continuation_logprobs(model, tokenizer, prompts, conts, chat=chat, max_len=max_len,
+    lp, n = continuation_logprobs(model, tokenizer, prompts, conts, chat=chat, max_len=max_len,
                                   batch_size=batch_size, intervene=intervene, progress=progress, prefix=prefix)
+    if score == "mean":
+        lp = lp / n
     return [a.copy() for a in np.split(lp, np.cumsum(sizes)[:-1])]
 
 
@@ -707,7 +715,7 @@ def score_model(
     model: nn.Module, tokenizer, enc: Encoded, gen_rows: dict[str, np.ndarray], patterns: dict[str, Sequence[str]],
     *, mc: dict[str, tuple[list[str], list[list[str]], list[int]]] | None = None,
     refs: dict[str, tuple[list[str], list[str]]] | None = None, allowed: Any | None = None, chat: bool = True,
-    max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False,
+    max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False, mc_score: str = "sum",
 ) -> dict[tuple[str, str], np.ndarray]:
     """Per-record behaviour of one model: {(dataset, metric): values}.
 
@@ -715,7 +723,8 @@ def score_model(
       each prompt of `gen_rows[dataset]` matches any of the marker's patterns (0/1);
     - `new_token_mass` (only with `allowed`, the model's ids the other model shares): the decision-token mass
       on tokens the other model lacks;
-    - `accuracy` for each multiple-choice dataset of `mc` (questions, choices, answers), by option log-prob;
+    - `accuracy` for each multiple-choice dataset of `mc` (questions, choices, answers), by option log-prob
+      (`mc_score`: summed or mean over the option's tokens, `option_logprobs`);
     - `ref_logprob` and `ref_logprob_per_token` for each dataset of `refs` (prompts, reference answers).
     """
     out: dict[tuple[str, str], np.ndarray] = {}
@@ -733,7 +742,7 @@ def score_model(
             out[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
     for ds, (questions, choices, answers) in (mc or {}).items():
         lp = option_logprobs(model, tokenizer, questions, choices, chat=chat, max_len=max_len,
-                             batch_size=batch_size, progress=progress, prefix=cache())
+                             batch_size=batch_size, progress=progress, prefix=cache(), score=mc_score)
         out[(ds, "accuracy")] = mc_correct(lp, answers).astype(np.float64)
     for ds, (prompts, answers) in (refs or {}).items():
         s, n = continuation_logprobs(model, tokenizer, prompts, answers, chat=chat, max_len=max_len,
