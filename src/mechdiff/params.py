@@ -238,6 +238,7 @@ class Steer(_Section):
     alpha_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])
     k: int | str = "auto"
     affine: bool = True
+    ablation: str = "fitted"
     target_effect: float = 0.8
     ppl_budget: float = 0.05
     mc_budget: float = 0.05
@@ -429,6 +430,7 @@ _CHOICES = {
     "steer.source": ("dim", "delta", "transport", "sae"),
     "steer.from_token": ("decision", "first"),
     "behaviour.mc_score": ("sum", "mean"),
+    "steer.ablation": ("fitted", "mean"),
     "behaviour.split": ("train", "val", "test"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),

@@ -18,6 +18,7 @@ from mechdiff.analysis.steering import (
     fit_handle,
     gap_closed,
     intervention,
+    mean_ablation_handle,
     mean_difference,
     min_k_within,
     sae_directions,
@@ -181,6 +182,15 @@ def test_fit_handle_affine_and_mean_shift_and_json():
     np.testing.assert_allclose(shift(t, h, 0.5).numpy(), want, rtol=0, atol=1e-12)
     tb = t.to(torch.bfloat16)
     assert shift(tb, h, 0.5).dtype == torch.bfloat16
+    # the directional ablation: x - V V^T (x - mean base), every row's subspace coordinates set to the base mean's
+    m = mean_ablation_handle(Site(2, "mlp_out"), V, X[:50])
+    out = shift(torch.from_numpy(Y[:7]), m, 1.0).numpy()
+    np.testing.assert_allclose(out, Y[:7] - (Y[:7] - X[:50].mean(0)) @ V @ V.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out @ V, np.tile(X[:50].mean(0) @ V, (7, 1)), rtol=0, atol=1e-12)
+    P_perp = np.eye(d) - V @ V.T
+    np.testing.assert_allclose(out @ P_perp, Y[:7] @ P_perp, rtol=0, atol=1e-12)
+    with pytest.raises(MechdiffError, match="width"):
+        mean_ablation_handle(Site(2, "mlp_out"), V, X[:, :5])
 
 
 def test_effect_helpers():

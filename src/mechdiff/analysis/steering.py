@@ -310,6 +310,16 @@ def fit_handle(site: Site, V: Any, X_from: Any, X_to: Any, *, affine: bool = Tru
     return Handle(_site(site), v, A, ym - A @ zm)
 
 
+def mean_ablation_handle(site: Site, V: Any, X_base: Any) -> Handle:
+    """The directional ablation x - V V^T (x - mean(X_base)) as a handle (A = -I, b = V^T mean(X_base)): at
+    alpha = 1 every row's coordinates in the subspace become the base mean's, the rest of the row unchanged."""
+    v = _orthonormal(V, "V")
+    xb = matrix(X_base, "X_base", 1)
+    if xb.shape[1] != v.shape[0]:
+        raise MechdiffError(f"activations have width {xb.shape[1]} but V has {v.shape[0]} rows: same site?")
+    return Handle(_site(site), v, -np.eye(v.shape[1]), xb.mean(axis=0) @ v)
+
+
 def shift(t: torch.Tensor, h: Handle, alpha: float) -> torch.Tensor:
     """t + alpha * V (A V^T t + b) on the last dim (float64 for float64 tensors, else float32; t's dtype out)."""
     if t.shape[-1] != h.d:
@@ -569,6 +579,6 @@ def choose_alpha(alphas: Sequence[float], dev_effects: Sequence[float], within_b
 
 __all__ = [
     "FORWARD_ORDER", "Gate", "Handle", "Intervene", "choose_alpha", "collect_decision_acts", "delta_directions",
-    "dim_directions", "fit_gate", "fit_handle", "gap_closed", "intervention", "mean_difference", "min_k_within",
-    "sae_directions", "shift", "svd_basis", "transport_directions",
+    "dim_directions", "fit_gate", "fit_handle", "gap_closed", "intervention", "mean_ablation_handle",
+    "mean_difference", "min_k_within", "sae_directions", "shift", "svd_basis", "transport_directions",
 ]
