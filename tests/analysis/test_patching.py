@@ -303,6 +303,12 @@ def test_summarise_sweep_planted_drops():
     assert m["min_k"] == 4 and m["kl_drop"] == pytest.approx(70.0) and m["kl_drop_full"] == pytest.approx(90.0)
     assert m["kl_raw"] == pytest.approx(raw.mean()) and m["kl_mapped"] == pytest.approx(0.3 * raw.mean())
     assert m["kl_drop_a"] == pytest.approx(70.0) and m["kl_drop_b"] == pytest.approx(70.0)
+    # the paired difference in nats: mean(raw - mapped) = 0.7 mean(raw), its CI a percentile bootstrap over prompts
+    assert m["kl_diff"] == pytest.approx(0.7 * raw.mean())
+    boot = [0.7 * raw[i].mean() for i in np.random.default_rng(5).integers(0, raw.size, (4000, raw.size))]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert m["kl_diff_ci_low"] == pytest.approx(lo, rel=0.1) and m["kl_diff_ci_high"] == pytest.approx(hi, rel=0.1)
+    assert m["kl_diff_ci_low"] < m["kl_diff"] < m["kl_diff_ci_high"]
     assert "kl_drop_c" not in m  # a dataset with < 2 prompts gets no drop
     half = {r["k"]: r["kl_drop"] for r in alpha_rows if r["alpha"] == "0.5"}
     assert half[4] == pytest.approx(40.0) and half[0] == pytest.approx(0.0)

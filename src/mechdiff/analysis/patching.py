@@ -43,7 +43,7 @@ from mechdiff.model.sites import (
     site_module,
 )
 from mechdiff.model.tokens import Encoded, right_pad
-from mechdiff.stats.bootstrap import drop_pct_ci
+from mechdiff.stats.bootstrap import drop_pct_ci, mean_ci
 from mechdiff.stats.kl import allowed_index, kl_divergence
 
 Job = tuple[Site, "torch.Tensor | None"]
@@ -521,7 +521,8 @@ def summarise_sweep(
     Rank records (at `alpha`): {'site', 'k', 'k_label', 'kl_drop', 'ci_low', 'ci_high'} ('full' -> k = width);
     alpha records: {'site', 'alpha', 'k', 'kl_drop'}. Site metrics hold the drop at (`rank`, `alpha`) with CI,
     the full-rank drop, `min_k` (smallest k reaching `target_drop` %, -1 if none), `k_saturated` (smallest k
-    reaching `saturation` x the best drop of the sweep, `saturation_k`; -1 if no drop is positive) and, for each
+    reaching `saturation` x the best drop of the sweep, `saturation_k`; -1 if no drop is positive), the paired
+    difference `kl_diff` = mean(KL_raw - KL_mapped) in nats with its bootstrap CI, and, for each
     dataset with >= 2 prompts, 'kl_drop_<dataset>'.
     """
     raw = np.asarray(kls["raw"], dtype=np.float64)
@@ -538,11 +539,13 @@ def summarise_sweep(
             alpha_rows.append({"site": site, "alpha": alpha_key(a), "k": kx, "kl_drop": res["drop_pct"]})
     main_name = _config_name(rank, alpha)
     main = drop_pct_ci(raw, kls[main_name], n_boot=n_boot, seed=seed)
+    diff = mean_ci(raw - np.asarray(kls[main_name], dtype=np.float64), n_boot=n_boot, seed=seed)
     kx, dk = [width if k == "full" else int(k) for k in ranks], [drops[k] for k in ranks]
     mk, ks = min_k(kx, dk, target_drop), saturation_k(kx, dk, saturation)
     metrics = {
         "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
         "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],
+        "kl_diff": diff[0], "kl_diff_ci_low": diff[1], "kl_diff_ci_high": diff[2],
         "kl_drop_full": drops.get("full", float("nan")), "min_k": -1 if mk is None else int(mk),
         "k_saturated": -1 if ks is None else int(ks),
     }
