@@ -86,7 +86,8 @@ def main() -> None:
         for variant in VARIANTS:
             teacher = variant == "teacher"
             m = HierarchicalSAE(d, h.width, h.children, h.k, seed=p.seed, ortho_coef=h.ortho_coef,
-                                freeze_steps=h.freeze_steps if teacher else 0, metric=geo["metric"])
+                                freeze_steps=h.freeze_steps if teacher else 0,
+                                metric=geo["metric"] if h.metric == "causal" else None)
             if teacher:
                 m.init_teacher(t_par, t_kids)
             cfg = SAEConfig(d_in=d, width=m.width, k=h.k, lr=h.lr, batch_size=h.batch_size, seed=p.seed, ckpt_every=100,

@@ -277,6 +277,7 @@ class HSAE(_Section):
     batch_size: int = 1024
     epochs: int = 6
     ortho_coef: float = 1.0
+    metric: str = "causal"
     freeze_steps: int = 100
     steer_scale: float = 0.5
     eval_prompts: int = 32
@@ -431,6 +432,7 @@ _CHOICES = {
     "steer.from_token": ("decision", "first"),
     "behaviour.mc_score": ("sum", "mean"),
     "steer.ablation": ("fitted", "mean"),
+    "hsae.metric": ("causal", "euclidean"),
     "behaviour.split": ("train", "val", "test"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.edit.site": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
