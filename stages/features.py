@@ -17,13 +17,14 @@ def main() -> None:
                                fdr=f.fdr, n_top_cultural=f.n_top_cultural, top_examples=f.top_examples,
                                max_themes=f.max_themes, embeddings=tuple(f.embeddings), theme_seeds=f.theme_seeds,
                                theme_boot=f.theme_boot, stable_ari=f.stable_ari, theme_points=f.theme_points,
-                               seed=p.seed)
+                               graded_top=f.graded_top, seed=p.seed)
     res = analyse_features(
         s.layers, lambda layer: {src: load_sae(P.sae_dir(src, layer)) for src in s.sources if src != "crosscoder"},
         base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings)
     write_csv(P.plot("enrichment.csv"), res.enrichment_rows)
     write_csv(P.plot("graded.csv"), res.graded_rows)
     write_csv(P.plot("feature_table.csv"), res.feature_rows)
+    write_csv(P.plot("graded_top.csv"), res.graded_top_rows)
     P.plot("top_examples.md").write_text(res.examples_markdown())
     P.plot("themes.md").write_text(res.themes_markdown())
     write_json(P.metric("features.json"), res.metrics_json())

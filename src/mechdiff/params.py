@@ -360,6 +360,7 @@ class Features(_Section):
     theme_boot: int = 3
     stable_ari: float = 0.8
     theme_points: int = 1000
+    graded_top: int = 10
 
 
 @dataclass
@@ -458,7 +459,7 @@ _POSITIVE = {
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
     "hsae.eval_prompts", "heads.max_new_tokens", "heads.max_prompts", "heads.top_k", "heads.batch_size",
     "sae.eval_prompts", "features.n_perm", "features.n_top_cultural", "features.top_examples",
-    "features.theme_points", "gates.max_features", "gates.max_prompts", "gates.neutral_prompts",
+    "features.theme_points", "features.graded_top", "gates.max_features", "gates.max_prompts", "gates.neutral_prompts",
     "gates.mc_questions", "gates.n_perm", "gates.min_regions", "feature_pages.n_top", "feature_pages.n_contexts",
     "feature_pages.n_logit_tokens", "feature_pages.hist_bins", "feature_pages.plot_prompts",
 }

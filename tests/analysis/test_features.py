@@ -470,11 +470,22 @@ def test_graded_rankings_skip_a_trait_that_lost_a_grade():
     traits = np.array(["a"] * y_a.size + ["b"] * y_b.size)
     A = rng.normal(size=(labels.size, 5))
     A[:, 2] += labels  # feature 2 tracks the grade
-    rows, skipped = graded_rankings(A, traits, labels)
+    rows, skipped, ranked = graded_rankings(A, traits, labels, top=3)
     assert [r["trait"] for r in rows] == ["a"] and set(skipped) == {"b"} and "grade 3" in skipped["b"]
     ref = graded_scores(A[traits == "a"], y_a)
     assert rows[0]["best_feature"] == int(np.argmax(ref["score"])) == 2
     assert rows[0]["score"] == pytest.approx(ref["score"][2]) and rows[0]["n_keep"] == int(ref["keep"].sum())
+    # the ranked list: the 3 best features of trait a by score, each with the seed's columns
+    assert [r["feature"] for r in ranked] == np.argsort(-ref["score"])[:3].tolist() and ranked[0]["feature"] == 2
+    assert [r["rank"] for r in ranked] == [1, 2, 3] and {r["trait"] for r in ranked} == {"a"}
+    for r in ranked:
+        f = r["feature"]
+        assert r["r"] == pytest.approx(stats.pearsonr(A[traits == "a", f], y_a).statistic)
+        assert r["rho"] == pytest.approx(stats.spearmanr(A[traits == "a", f], y_a).statistic)
+        assert [r[f"mean_{j}"] for j in range(4)] == pytest.approx(
+            [A[traits == "a", f][y_a == j].mean() for j in range(4)])
+        assert (r["tpr"], r["fpr"], r["keep"], r["monotonic"]) == (ref["tpr"][f], ref["fpr"][f], ref["keep"][f],
+                                                                   ref["monotonic"][f])
     res = FeatureResults(metrics={"base_L0": {"type_A": 0}})
     assert "skipped_traits" not in res.metrics_json()
     res.skipped_traits.update(skipped)

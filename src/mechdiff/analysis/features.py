@@ -506,6 +506,7 @@ class FeatureSettings:
     theme_boot: int = 3  # k-means runs on bootstrap resamples per k (stability)
     stable_ari: float = 0.8  # a clustering is stable when its stability ARI reaches this
     theme_points: int = 1000  # stability is measured on at most this many (seeded sample of) features
+    graded_top: int = 10  # features listed per trait in the graded ranking (plots/graded_top.csv)
 
     def __post_init__(self) -> None:
         bad = [e for e in self.embeddings if e not in EMBEDDINGS]
@@ -541,6 +542,7 @@ class FeatureResults:
     enrichment_rows: list = field(default_factory=list)
     graded_rows: list = field(default_factory=list)
     feature_rows: list = field(default_factory=list)  # `feature_table` of every layer
+    graded_top_rows: list = field(default_factory=list)  # `graded_rankings`' ranked lists of every layer and SAE
     examples_md: list = field(default_factory=lambda: ["# Top-activating examples", ""])
     themes_md: list = field(default_factory=lambda: list(THEMES_HEADER))
     skipped_traits: dict = field(default_factory=dict)
@@ -644,10 +646,12 @@ def graded_unrankable(labels: np.ndarray) -> str | None:
     return None
 
 
-def graded_rankings(A: np.ndarray, traits: np.ndarray, labels: np.ndarray) -> tuple[list[dict], dict[str, str]]:
+def graded_rankings(A: np.ndarray, traits: np.ndarray, labels: np.ndarray, *, top: int = 10
+                    ) -> tuple[list[dict], dict[str, str], list[dict]]:
     """Per trait the best graded feature of activations A (n_prompts, F): rows (trait, best_feature, score, r,
-    tpr, fpr, n_keep) and {trait: reason} for traits that cannot be ranked (skipped)."""
-    rows, skipped = [], {}
+    tpr, fpr, n_keep), {trait: reason} for traits that cannot be ranked (skipped), and the ranked list of the
+    `top` best-scoring features per trait with every `graded_scores` column (rank 1 = the best feature)."""
+    rows, skipped, ranked = [], {}, []
     for trait in sorted(set(traits.tolist())):
         m = traits == trait
         why = graded_unrankable(labels[m])
@@ -655,10 +659,16 @@ def graded_rankings(A: np.ndarray, traits: np.ndarray, labels: np.ndarray) -> tu
             skipped[trait] = why
             continue
         g = graded_scores(A[m], labels[m])
-        best = int(np.argmax(g["score"]))
+        order = np.lexsort((np.arange(g["score"].size), -g["score"]))  # by score, ties by feature index
+        best = int(order[0])
         rows.append({"trait": trait, "best_feature": best, "score": g["score"][best], "r": g["r"][best],
                      "tpr": g["tpr"][best], "fpr": g["fpr"][best], "n_keep": int(g["keep"].sum())})
-    return rows, skipped
+        for rank, f in enumerate(order[:top].tolist(), start=1):
+            ranked.append({"trait": trait, "rank": rank, "feature": f, "score": g["score"][f], "r": g["r"][f],
+                           "rho": g["rho"][f], **{f"mean_{j}": g["class_means"][f, j] for j in range(4)},
+                           "monotonic": bool(g["monotonic"][f]), "separation": g["separation"][f],
+                           "tpr": g["tpr"][f], "fpr": g["fpr"][f], "keep": bool(g["keep"][f])})
+    return rows, skipped, ranked
 
 
 TEXT_BY = {"tfidf": "text", "minilm": "minilm"}  # enrichment rows' `by` (and key prefix) per text embedding
@@ -761,8 +771,9 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
                 if src not in saes:
                     continue
                 A = prompt_feature_means(saes[src], src, base, tuned, site, view, tr)
-                rows, skipped = graded_rankings(A, traits, labels)
+                rows, skipped, ranked = graded_rankings(A, traits, labels, top=st.graded_top)
                 res.skipped_traits.update(skipped)
+                res.graded_top_rows += [{"layer": layer, "source": src, **r} for r in ranked]
                 m = res.metrics.setdefault(f"{src}_L{layer}", {})
                 for r in rows:
                     res.graded_rows.append({"layer": layer, "source": src, **r})
