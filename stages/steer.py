@@ -8,7 +8,7 @@ import numpy as np
 import mechdiff.pipeline as P
 from mechdiff.analysis.steer_eval import (
     conditional,
-    directions_for,
+    group_handles,
     make_arms,
     report_rows,
     robustness,
@@ -16,7 +16,7 @@ from mechdiff.analysis.steer_eval import (
     summarise,
     sweep,
 )
-from mechdiff.analysis.steering import collect_decision_acts, fit_handle, mean_ablation_handle
+from mechdiff.analysis.steering import collect_decision_acts
 from mechdiff.data.corpus import load_prompts, prompt_form
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
@@ -86,14 +86,8 @@ def main() -> None:
     grid, best_rows = [], []
     for name, group in groups.items():
         def handles_for(k: int, group=group) -> dict:
-            out = {"steer": [], "ablate": []}
-            for site in group:
-                Xb, Xt = acts["base"][site.name], acts["tuned"][site.name]
-                V = directions_for(s.source, k, site, Xt - Xb, n_target=n_t, groups=target_groups, extra=extra)
-                out["steer"].append(fit_handle(site, V, Xb, Xt, affine=s.affine))
-                out["ablate"].append(fit_handle(site, V, Xt, Xb, affine=s.affine) if s.ablation == "fitted"
-                                     else mean_ablation_handle(site, V, Xb))
-            return out
+            return group_handles(group, acts["base"], acts["tuned"], k, source=s.source, n_target=n_t,
+                                 groups=target_groups, extra=extra, affine=s.affine, ablation=s.ablation)
 
         rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
                        progress=True)

@@ -11,6 +11,7 @@ from mechdiff.analysis.steer_eval import (
     directions_for,
     evaluate,
     gap_share,
+    group_handles,
     kl_share,
     make_arms,
     site_group,
@@ -151,3 +152,27 @@ def test_conditional_gate_keeps_the_effect_and_removes_side_effects(world):
     assert res["ungated"]["kl_neutral"] > 1e-4
     assert res["gated"]["kl_neutral"] <= 0.5 * res["ungated"]["kl_neutral"]
     assert abs(res["gated"]["ppl_change"]) <= abs(res["ungated"]["ppl_change"]) + 1e-9
+
+
+def test_group_handles_skip_unchanged_sites_and_make_either_ablation():
+    """A configuration whose first site the change bypasses (identical activations) gets handles only at the
+    changed site; `ablation` picks the fitted or the base-mean ablation; no changed site at all is an error."""
+    rng = np.random.default_rng(0)
+    n_t, n, d = 30, 80, 6
+    same, moved = Site(1, "mlp_out"), Site(2, "attn_out")
+    Xb = {same.name: rng.normal(size=(n, d)), moved.name: rng.normal(size=(n, d))}
+    Xt = {same.name: Xb[same.name].copy(), moved.name: Xb[moved.name].copy()}
+    Xt[moved.name][:n_t, 0] += 3.0  # the target prompts move along e0 at the second site only
+    groups = [f"g{i % 3}" for i in range(n_t)]
+    h = group_handles([same, moved], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups)
+    assert [x.site for x in h["steer"]] == [moved] and [x.site for x in h["ablate"]] == [moved]
+    assert abs(h["steer"][0].V[0, 0]) > 0.99  # the direction of the planted change
+    want = fit_handle(moved, h["steer"][0].V, Xt[moved.name], Xb[moved.name])
+    np.testing.assert_array_equal(h["ablate"][0].A, want.A)
+    m = group_handles([same, moved], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups, ablation="mean")["ablate"][0]
+    np.testing.assert_array_equal(m.A, -np.eye(1))
+    np.testing.assert_allclose(m.b, Xb[moved.name].mean(0) @ m.V, rtol=0, atol=1e-12)
+    with pytest.raises(MechdiffError, match="equals the base at every site"):
+        group_handles([same], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups)
+    with pytest.raises(MechdiffError, match="steer.ablation"):
+        group_handles([moved], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups, ablation="zero")

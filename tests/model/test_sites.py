@@ -41,6 +41,30 @@ def test_attn_and_mlp_sum_to_residual(tiny_model, tiny_tok):
     assert torch.allclose(total, acts["L1.resid_post"], atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_sites_of_other_block_layouts_sum_to_residual(arch):
+    """OPT keeps its MLP layers (fc1, fc2) directly in the block, GPT-2 names its attention `attn`: the sites
+    still add up to the residual stream, and resid_post is the model's own hidden state."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=60, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    model.eval()
+    ids = torch.randint(4, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    acts, _ = capture(model, ids, mask, [Site(1, k) for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")])
+    total = acts["L1.resid_pre"] + acts["L1.attn_out"] + acts["L1.mlp_out"]
+    assert torch.allclose(total, acts["L1.resid_post"], atol=1e-5)
+    assert acts["L1.mlp_out"].abs().max() > 1e-3 and acts["L1.attn_out"].abs().max() > 1e-3
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.allclose(acts["L1.resid_pre"], hidden[1], atol=1e-6)
+
+
 def test_capture_logits_at_match_full_forward(tiny_model, tiny_tok):
     _, ids, mask, pos = _batch(tiny_tok)
     with torch.no_grad():

@@ -35,8 +35,10 @@ from mechdiff.analysis.steering import (
     delta_directions,
     dim_directions,
     fit_gate,
+    fit_handle,
     gap_closed,
     intervention,
+    mean_ablation_handle,
     min_k_within,
     sae_directions,
     transport_directions,
@@ -343,6 +345,36 @@ def directions_for(source: str, k: int, site: Site, delta: np.ndarray, *, n_targ
     raise MechdiffError(f"steer.source {source!r}: choose dim, delta, transport or sae")
 
 
+ABLATIONS = ("fitted", "mean")  # how the ablate handles are made: `fit_handle` tuned -> base, or `mean_ablation_handle`
+
+
+def group_handles(group: Sequence[Site], acts_base: dict[str, np.ndarray], acts_tuned: dict[str, np.ndarray], k: int,
+                  *, source: str, n_target: int, groups: Sequence[str], extra: dict[str, Any] | None = None,
+                  affine: bool = True, ablation: str = "fitted") -> dict[str, list[Handle]]:
+    """The steer and ablate handles of one configuration at rank k: per site of `group`, directions from `source`
+    (`directions_for`) on the change tuned - base of the fitting rows (`acts_*[site.name]`, target rows first), a
+    steer handle fitted base -> tuned and an ablate handle (`ablation`: fitted tuned -> base, or the directional
+    ablation to the base mean). A site where the two models' activations are identical on every fitting row (a
+    layer before the change, or a site the change bypasses, e.g. a parallel-residual MLP) gets no handle: there
+    is nothing to steer there. {"steer": [...], "ablate": [...]}; an error when no site of the group changed."""
+    if ablation not in ABLATIONS:
+        raise MechdiffError(f"steer.ablation {ablation!r}: choose {' or '.join(ABLATIONS)}")
+    out: dict[str, list[Handle]] = {"steer": [], "ablate": []}
+    for site in group:
+        Xb, Xt = acts_base[site.name], acts_tuned[site.name]
+        if np.array_equal(Xb, Xt):
+            continue
+        V = directions_for(source, k, site, Xt - Xb, n_target=n_target, groups=groups, extra=extra)
+        out["steer"].append(fit_handle(site, V, Xb, Xt, affine=affine))
+        out["ablate"].append(fit_handle(site, V, Xt, Xb, affine=affine) if ablation == "fitted"
+                             else mean_ablation_handle(site, V, Xb))
+    if not out["steer"]:
+        raise MechdiffError(f"the tuned model equals the base at every site of {', '.join(s.name for s in group)} on "
+                            "the fitting prompts: nothing to steer there; choose sites after the change (steer.sites, "
+                            "steer.layers)")
+    return out
+
+
 def summarise(rows: list[dict[str, Any]], arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list[Handle]]],
               *, target: float, k: int | str, n_boot: int, seed: int, ppl_budget: float, mc_budget: float
               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -421,6 +453,7 @@ def report_rows(grid: list[dict[str, Any]], best: list[dict[str, Any]], metrics:
     return k_rows, alpha_rows
 
 
-__all__ = ["Arm", "Neutral", "choose", "conditional", "directions_for", "from_first", "make_arms", "report_rows",
+__all__ = ["ABLATIONS", "Arm", "Neutral", "choose", "conditional", "directions_for", "from_first", "group_handles",
+           "make_arms", "report_rows",
            "robustness", "summarise", "evaluate", "gap_share", "kl_share", "site_group", "sweep",
            "within_budget"]

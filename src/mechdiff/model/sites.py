@@ -22,7 +22,7 @@ from mechdiff.errors import MechdiffError
 
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")  # fc2: blocks without an MLP module (OPT), whose last MLP layer is it
 
 
 @dataclass(frozen=True, order=True)
@@ -246,8 +246,12 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _register_hook(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.RemovableHandle:
-    """Register `fn(tensor)` on the site's activation; the returned value (if any) replaces it."""
+def _register_hook(model: nn.Module, site: Site, fn) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register `fn(tensor)` on the site's activation (B, T, d); the returned value (if any) replaces it.
+
+    A site module that works on flattened rows (OPT's fc2 sees (B*T, d)) is shown to `fn` as (B, T, d): the
+    block's input shape is read by a pre-hook on the block."""
+    mod, kind = site_module(model, site), site.kind
     if kind == "resid_pre":
 
         def pre(_m, args, kwargs):
@@ -260,13 +264,24 @@ def _register_hook(mod: nn.Module, kind: str, fn) -> torch.utils.hooks.Removable
                 return args, kwargs
             return None
 
-        return mod.register_forward_pre_hook(pre, with_kwargs=True)
+        return [mod.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    shape: list[int] = []
+
+    def block_in(_m, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        shape[:] = h.shape[:2] if isinstance(h, torch.Tensor) and h.dim() == 3 else []
 
     def post(_m, _args, out):
-        new = fn(_first(out))
-        return _with_first(out, new) if new is not None else None
+        t = _first(out)
+        flat = t.dim() == 2 and len(shape) == 2 and t.shape[0] == shape[0] * shape[1]
+        new = fn(t.view(shape[0], shape[1], t.shape[-1]) if flat else t)
+        if new is None:
+            return None
+        return _with_first(out, new.reshape(t.shape) if flat else new)
 
-    return mod.register_forward_hook(post)
+    return [find_blocks(model)[site.layer].register_forward_pre_hook(block_in, with_kwargs=True),
+            mod.register_forward_hook(post)]
 
 
 def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, body_only: bool,
@@ -302,7 +317,7 @@ def capture(
     for s in sites:
         def fn(t, _name=s.name):
             acts[_name] = t.detach()
-        handles.append(_register_hook(site_module(model, s), s.kind, fn))
+        handles += _register_hook(model, s, fn)
     blocks = find_blocks(model)
     if logits_at is None and sites:
         def stop(_m, _a, _o):
@@ -415,7 +430,7 @@ def edit_at(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Ten
     The one public hook of the project: reading, replacing, adding, SAE splicing and steering are built on it.
     `fn` must not modify `t` in place (clone it first); stack several sites with `contextlib.ExitStack`.
     """
-    with _hooks([_register_hook(site_module(model, site), site.kind, fn)]):
+    with _hooks(_register_hook(model, site, fn)):
         yield
 
 
