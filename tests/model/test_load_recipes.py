@@ -316,6 +316,22 @@ def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):
         load_saved(tmp_path / "empty")
 
 
+def test_save_refuses_a_tokenizer_that_reloads_differently(tmp_path, monkeypatch):
+    """A tokenizer that transformers rebuilds as something else on reload (as it does for some model types) is
+    caught when the model is saved, and nothing is left behind; an identical reload passes."""
+    import mechdiff.model.load as load_mod
+    from mechdiff.model.tiny import make_tiny_tokenizer
+
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=2)
+    model, tk = load_model(str(d))
+    other = make_tiny_tokenizer(TEXTS[:1])  # fewer words: the rest become <unk>
+    monkeypatch.setattr(load_mod, "load_tokenizer", lambda _d: other)
+    with pytest.raises(MechdiffError, match="after reloading"):
+        save_model(model, tk, tmp_path / "saved", {"spec": str(d)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    load_mod.check_tokenizer_roundtrip(tk, tk, tmp_path)  # the same tokenizer: no error
+
+
 # ------------------------------------------------------------------------------------------ check_pair
 
 

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -333,6 +334,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> P
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        check_tokenizer_roundtrip(tokenizer, load_tokenizer(tmp), out)
         (tmp / META_FILE).write_text(json.dumps(to_jsonable(meta), indent=2, sort_keys=True) + "\n")
         if out.exists():
             out.rename(old)
@@ -344,6 +346,28 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> P
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+_PROBES = ("The quick brown fox jumps over the lazy dog.", "Namaste, friend! 12 + 30 = 42; naïve café, 東京.",
+           "  leading spaces\tand a tab\n")
+
+
+def check_tokenizer_roundtrip(tok: Any, reloaded: Any, where: str | Path) -> None:
+    """Raise when a tokenizer reloaded from disk encodes probe texts (fixed sentences and a sample of the
+    tokenizer's own vocabulary, decoded) differently from the one that was saved: every later stage would run
+    on other tokens than the loaded model's without a sign (transformers can rebuild a tokenizer of another
+    class on reload for some model types)."""
+    n = len(tok)
+    ids = np.random.default_rng(0).choice(n, size=min(n, 64), replace=False)
+    texts = [*_PROBES, " ".join(tok.decode([int(i)]) for i in ids)]
+    for text in texts:
+        a = tok(text, add_special_tokens=False)["input_ids"]
+        b = reloaded(text, add_special_tokens=False)["input_ids"]
+        if list(a) != list(b):
+            raise MechdiffError(f"the tokenizer saved in {where} tokenizes {text[:40]!r} as {list(b)[:8]} after "
+                                f"reloading, not {list(a)[:8]}: transformers rebuilt it as "
+                                f"{type(reloaded).__name__}; save a tokenizer that reloads as it is (e.g. set "
+                                "tokenizer_class in its tokenizer_config.json)")
 
 
 def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
