@@ -4,7 +4,8 @@ import numpy as np
 
 import mechdiff.pipeline as P
 from mechdiff.data.corpus import load_prompts
-from mechdiff.data.fairness import filter_prompts, shared_vocab
+from mechdiff.data.fairness import filter_prompts, no_prompts_kept, shared_vocab
+from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_json
 from mechdiff.model.load import load_tokenizer
 from mechdiff.params import load_params
@@ -22,6 +23,8 @@ def main() -> None:
         keep = np.asarray(filter_prompts([q.text for q in prompts], tb, tt, sv, mode=f.mode,
                                          min_ratio=f.min_shared_ratio, chat=p.data.chat), dtype=np.int64)
     kept_pids = np.array([prompts[i].pid for i in keep], dtype=np.int64)
+    if not len(kept_pids):
+        raise MechdiffError(no_prompts_kept(f.mode, f.min_shared_ratio, sv.n_shared))
     np.savez(P.FAIRNESS, identical=sv.identical, kept_pids=kept_pids,
              allowed_base=sv.pair_a, allowed_tuned=sv.pair_b)  # aligned string by string
     write_json(P.metric("fairness.json"), {

@@ -69,7 +69,7 @@ def main() -> None:
     write_csv(P.plot("heads_patch.csv"), res["patched"])
     write_csv(P.plot("heads_curve.csv"), res["curve"])
     m = res["metrics"]
-    examples = sorted({conts[i] for i in keep}, key=lambda c: -sum(x == c for x in conts))[:3]
+    examples = sorted({conts[i] for i in keep}, key=lambda c: (-sum(x == c for x in conts), c))[:3]  # ties: by text
     write_json(P.metric("heads.json"), {**m, "dataset": h.dataset, "target": h.target, "continuations": examples,
                                         "seconds": time.time() - t0})
     print(f"heads: churn {m['churn']:.3f} (|dz| > {h.z_threshold}), top-{h.top_k} Jaccard {m['jaccard_top_k']:.2f}, "

@@ -91,8 +91,11 @@ def layer_params(p) -> list[tuple[str, int]]:
 
     out = [(f"transport.sites ({s})", Site.parse(s).layer) for s in p.transport.sites]
     out += [(f"steer.sites ({s})", Site.parse(s).layer) for s in p.steer.sites if s != "layers"]
-    for key, layers in {"steer.layers": p.steer.layers, "extract.detail_layers": p.extract.detail_layers,
-                        "sae.layers": p.sae.layers, "pair.finetune.layers": p.pair.finetune.layers or []}.items():
+    lists = {"steer.layers": p.steer.layers, "extract.detail_layers": p.extract.detail_layers,
+             "sae.layers": p.sae.layers}
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune":  # read only when the pipeline fine-tunes
+        lists["pair.finetune.layers"] = p.pair.finetune.layers or []
+    for key, layers in lists.items():
         out += [(key, int(x)) for x in layers]
     out += [("hsae.layer", p.hsae.layer), ("gates.layer", p.gates.layer)]
     if not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
@@ -112,7 +115,7 @@ def _check_layers(p, n_layers: int) -> list[str]:
 def _check_models(p) -> list[str]:
     """Model specs resolve (no download); layers the params name are in range; with two given models, their
     tokenizers vs pair.fairness.enabled."""
-    from mechdiff.model.load import check_spec, check_vocab, spec_n_layers, spec_tokenizer
+    from mechdiff.model.load import check_spec, check_vocab, spec_shape, spec_tokenizer
 
     problems, infos = [], {}
     specs = {"base": p.pair.base, "tuned": p.pair.tuned} if p.pair.tuned.id else {"base": p.pair.base}
@@ -122,13 +125,20 @@ def _check_models(p) -> list[str]:
                                       key=f"pair.{which}.id")
         except MechdiffError as e:
             problems.append(str(e))
-    if "base" in infos:
+    shapes = {}
+    for w, info in infos.items():
         try:
-            n = spec_n_layers(infos["base"], revision=p.pair.base.revision)
+            shapes[w] = spec_shape(info, revision=specs[w].revision)
         except (OSError, ValueError):  # a hub model not cached yet: the stages check their layers after download
-            n = None
-        if n:
-            problems += _check_layers(p, n)
+            pass
+    if shapes.get("base", (None,))[0]:
+        problems += _check_layers(p, shapes["base"][0])
+    if len(shapes) == 2:
+        for i, what in enumerate(("blocks", "hidden size")):
+            b, t = shapes["base"][i], shapes["tuned"][i]
+            if b and t and b != t:
+                problems.append(f"pair.tuned.id: the tuned model has {t} {what} but the base has {b}: diff a model "
+                                "against its own fine-tune")
     toks = {}
     for w, info in infos.items():  # every model needs its tokenizer; a hub one not cached yet is checked later
         try:

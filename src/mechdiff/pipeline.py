@@ -76,7 +76,7 @@ def kept_prompts(prompts_path: Path = PROMPTS, fairness_path: Path = FAIRNESS) -
     keep = set(np.load(fairness_path)["kept_pids"].tolist())
     prompts = [q for q in load_prompts(prompts_path) if q.pid in keep]
     if not prompts:
-        raise MechdiffError("no prompts left after the fairness filter: relax pair.fairness.mode to ratio")
+        raise MechdiffError("no prompts left after the fairness filter: rerun the fairness stage, which says why")
     return prompts
 
 

@@ -12,6 +12,7 @@ from mechdiff.data.corpus import Prompt
 from mechdiff.data.fairness import (
     aligned_logits,
     filter_prompts,
+    no_prompts_kept,
     shared_vocab,
 )
 from mechdiff.errors import MechdiffError
@@ -179,3 +180,16 @@ def test_no_shared_strings_is_an_error():
 
     with pytest.raises(MechdiffError):
         shared_vocab(V(["a", "b"]), V(["c", "d"]))
+
+
+def test_nothing_kept_says_what_to_change_per_mode(toks, sv):
+    """Prompts made of words only one tokenizer has: both modes keep none, and the error names the param that
+    can help under each mode."""
+    a, b = toks
+    only_a = sorted(set(a.get_vocab()) - set(b.get_vocab()) - {"<unk>"})
+    texts = [" ".join(only_a[:3]), " ".join(only_a[3:6])]
+    assert filter_prompts(texts, a, b, sv, mode="strict") == []
+    assert filter_prompts(texts, a, b, sv, mode="ratio", min_ratio=0.5) == []
+    assert "pair.fairness.mode: ratio" in no_prompts_kept("strict", 0.9, sv.n_shared)
+    msg = no_prompts_kept("ratio", 0.5, sv.n_shared)
+    assert "pair.fairness.min_shared_ratio" in msg and "0.5" in msg and "\n" not in msg

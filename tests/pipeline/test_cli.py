@@ -30,7 +30,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     return {"a": save_tiny_pair_dir(d / "a", TEXTS, n_layers=2, d_model=32),
             "a2": save_tiny_pair_dir(d / "a2", TEXTS, n_layers=2, d_model=32, seed=1),
-            "b": save_tiny_pair_dir(d / "b", [*TEXTS, "sherkala kazakh"], n_layers=2, d_model=32)}
+            "b": save_tiny_pair_dir(d / "b", [*TEXTS, "sherkala kazakh"], n_layers=2, d_model=32),
+            "other": save_tiny_pair_dir(d / "other", [" ".join(f"zq{i}" for i in range(40))], n_layers=2, d_model=32),
+            "deep": save_tiny_pair_dir(d / "deep", TEXTS, n_layers=3, d_model=32),
+            "wide": save_tiny_pair_dir(d / "wide", TEXTS, n_layers=2, d_model=48)}
 
 
 def _check(tmp_path: Path, corpora: Path, mutate, capsys) -> tuple[int, list[str], str]:
@@ -111,6 +114,10 @@ def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
            "pair.base.id:", "no such model path")
     _fails(_check(tmp_path, corpora, _set("pair.tuned.id", "package:no_such_pkg_mechdiff_xyz"), capsys),
            "pair.tuned.id:", "not installed")
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    _fails(_check(tmp_path, corpora, _set("pair.base.id", str(fake)), capsys),
+           "pair.base.id:", str(fake), "not a GGUF file")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
     _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),
            "pair.base.id:", "huggingface-cli download no-org/no-model")
@@ -121,6 +128,30 @@ def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
            "tokenizers differ", "pair.fairness.enabled")
     assert _check(tmp_path, corpora, _both(models["a"], models["b"], True), capsys)[0] == 0
     assert _check(tmp_path, corpora, _both(models["a"], models["a2"], False), capsys)[0] == 0
+    # a tokenizer with almost nothing in common: no fairness mode can compare them
+    _fails(_check(tmp_path, corpora, _both(models["a"], models["other"], True), capsys),
+           "tokenizers share only", "pair.tuned.id")
+
+
+def test_pair_must_share_depth_and_width(tmp_path, corpora, models, capsys):
+    _fails(_check(tmp_path, corpora, _both(models["a"], models["deep"], True), capsys),
+           "pair.tuned.id:", "3 blocks but the base has 2")
+    _fails(_check(tmp_path, corpora, _both(models["a"], models["wide"], True), capsys),
+           "pair.tuned.id:", "48 hidden size but the base has 32")
+
+
+def test_finetune_layers_are_checked_only_when_the_pipeline_fine_tunes(tmp_path, corpora, models, capsys):
+    def edit_pair(raw: dict) -> None:
+        _both(models["a"], models["a"], True)(raw)
+        raw["pair"]["tuned"] = {"id": None, "recipe": "edit"}
+        raw["pair"]["edit"]["layer"] = 1
+        raw["pair"]["finetune"]["layers"] = [20, 21]  # out of range for 2 blocks, but the edit recipe ignores it
+    assert _check(tmp_path, corpora, edit_pair, capsys)[0] == 0
+
+    def finetune_pair(raw: dict) -> None:
+        edit_pair(raw)
+        raw["pair"]["tuned"]["recipe"] = "finetune"
+    _fails(_check(tmp_path, corpora, finetune_pair, capsys), "pair.finetune.layers: layer 20", "out of range")
 
 
 def test_sources_exist_and_are_not_empty(tmp_path, corpora, capsys):

@@ -158,6 +158,16 @@ def filter_prompts(texts_or_prompts: Sequence[Any], tok_a: Any, tok_b: Any, sv: 
     return np.flatnonzero(keep).tolist()
 
 
+def no_prompts_kept(mode: str, min_ratio: float, n_shared: int) -> str:
+    """The one-line error when `filter_prompts` kept nothing, with the change that can help under `mode`."""
+    why = f"the tokenizers share {n_shared} tokens and no prompt's tokens are all among them"
+    if mode == "strict":
+        return f"no prompt passes the fairness filter ({why}): set pair.fairness.mode: ratio"
+    return (f"no prompt passes the fairness filter in ratio mode (shared-token share >= {min_ratio}; the tokenizers "
+            f"share {n_shared} tokens): lower pair.fairness.min_shared_ratio, or diff a model against a fine-tune "
+            "that kept most of its tokenizer")
+
+
 def _check_ids(ids: np.ndarray, width: int, what: str) -> None:
     """One-line error unless `ids` is a non-empty set of ids within the logits' vocabulary (`allowed_index`)."""
     try:

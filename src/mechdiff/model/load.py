@@ -212,18 +212,22 @@ def _from_spec(loader: Any, info: dict[str, Any], *, revision: str | None = None
     return loader.from_pretrained(info["id"], local_files_only=local_only, **kw)
 
 
-def spec_n_layers(info: dict[str, Any], *, revision: str | None = None) -> int | None:
-    """The number of decoder blocks of a resolved spec, from its config alone (no weights; a hub id only from the
-    local cache); None when the config names none."""
+def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[int | None, int | None]:
+    """(decoder blocks, hidden width) of a resolved spec, from its config alone (no weights; a hub id only from the
+    local cache); None for what the config does not name."""
     from transformers import AutoConfig
 
     cfg = _from_spec(AutoConfig, info, revision=revision)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(text, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+
+    def first(*names: str) -> int | None:
+        for name in names:
+            v = getattr(text, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    return first("num_hidden_layers", "n_layer", "num_layers"), first("hidden_size", "n_embd", "d_model")
 
 
 def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
@@ -416,6 +420,16 @@ def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str 
     if info["kind"] == "dir" and not any(any(Path(info["path"]).glob(g)) for g in _WEIGHT_FILES):
         raise MechdiffError(f"{key}: {info['path']} has a config.json but no weights (model.safetensors, "
                             "pytorch_model.bin or their sharded index): point it at a complete model directory")
+    if info["kind"] in ("gguf", "package"):
+        f = Path(info["path"]) / info["gguf_file"]
+        try:
+            with f.open("rb") as fh:
+                magic = fh.read(4)
+        except OSError as e:
+            raise MechdiffError(f"{key}: cannot read the GGUF file {f}: {e.strerror or e}") from None
+        if magic != b"GGUF":
+            raise MechdiffError(f"{key}: {f} is not a GGUF file (it does not start with the GGUF magic bytes): "
+                                "point the spec at a real .gguf model file")
     return info
 
 
@@ -423,13 +437,22 @@ _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bi
 
 
 def check_vocab(tok_base: Any, tok_tuned: Any, *, fairness: bool) -> None:
-    """Raise MechdiffError when the tokenizers' vocabularies differ and pair.fairness.enabled is off."""
+    """Raise MechdiffError when the tokenizers' vocabularies differ and pair.fairness.enabled is off, or share
+    less than half of the smaller one (no shared-vocabulary comparison is meaningful then)."""
     vb, vt = tok_base.get_vocab(), tok_tuned.get_vocab()
-    if vb != vt and not fairness:
-        only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
+    if vb == vt:
+        return
+    only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
+    if not fairness:
         raise MechdiffError(
             f"the tokenizers differ ({len(vb)} vs {len(vt)} tokens; {only_b} only in base, {only_t} only in tuned): "
             "set pair.fairness.enabled: true in params.yaml to compare on the shared vocabulary"
+        )
+    shared = len(set(vb) & set(vt))
+    if shared < 0.5 * min(len(vb), len(vt)):
+        raise MechdiffError(
+            f"the tokenizers share only {shared} of {min(len(vb), len(vt))} tokens ({len(vb)} vs {len(vt)}): not a "
+            "model and its fine-tune (a fine-tune that extends a vocabulary keeps the old one); check pair.tuned.id"
         )
 
 
