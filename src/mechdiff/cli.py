@@ -133,6 +133,12 @@ def _check_models(p) -> list[str]:
             pass
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0])
+    width = shapes.get("base", (None, None))[1]
+    too_big = [f"{key} {k}" for key, ks in (("rank", [p.rank]), ("patch.ranks", p.patch.ranks))
+               for k in ks if width and isinstance(k, int) and k > width]
+    if too_big:
+        problems.append(f"{', '.join(too_big)}: more directions than the model's width {width}: use a k <= {width} "
+                        "or 'full'")
     if len(shapes) == 2:
         for i, what in enumerate(("blocks", "hidden size")):
             b, t = shapes["base"][i], shapes["tuned"][i]
@@ -220,6 +226,23 @@ def _check_devices(p) -> list[str]:
     return problems
 
 
+def _check_sections(path: Path) -> list[str]:
+    """Every top-level key of the params is written in params.yaml: `dvc repro` reads them from the file, where a
+    missing one stops it (`load_params` would fill in the default and hide that)."""
+    import dataclasses
+
+    import yaml
+
+    from mechdiff.params import Params
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    missing = [f.name for f in dataclasses.fields(Params) if f.name not in raw]
+    if not missing:
+        return []
+    return [f"params.yaml: {', '.join(missing)} missing: every stage reads its section from the file; restore "
+            f"{'them' if len(missing) > 1 else 'it'} (git checkout params.yaml, or copy from the repository's params.yaml)"]
+
+
 def cmd_params(ns: argparse.Namespace) -> int:
     """Validate params.yaml, print it back as typed values, and check cheaply what `dvc repro` would fail on."""
     import dataclasses
@@ -231,7 +254,7 @@ def cmd_params(ns: argparse.Namespace) -> int:
     p = load_params(root / "params.yaml")
     if not ns.check:
         print(json.dumps(dataclasses.asdict(p), indent=2))
-    problems = _check_models(p) + _check_data(p, root) + _check_devices(p)
+    problems = _check_sections(root / "params.yaml") + _check_models(p) + _check_data(p, root) + _check_devices(p)
     for msg in problems:
         print(f"mechdiff: error: {msg}", file=sys.stderr)
     if problems:
@@ -330,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default filled in; then check, without loading weights or downloading, that the models resolve (config, "
         "weights, tokenizer), that every layer the params name exists in the base model, that the tokenizers "
         "suit pair.fairness, and that the corpora hold the datasets the stages need. One line per problem; "
-        "exit 1 if any. `make run` runs `mechdiff params --check` before `dvc repro`.")
+        "exit 2 if any. `make run` runs `mechdiff params --check` before `dvc repro`.")
     pp.add_argument("--check", action="store_true", help="only the checks (what `make run` does before dvc repro)")
     pp.set_defaults(fn=cmd_params)
     s = sub.add_parser(

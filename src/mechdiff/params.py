@@ -580,6 +580,12 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v < 1:
             raise MechdiffError(f"params.yaml: {key} must be >= 1, got {v!r}")
+    if p.data.max_per_dataset is not None and p.data.max_per_dataset < 1:
+        raise MechdiffError(f"params.yaml: data.max_per_dataset must be >= 1 or null (every prompt), got "
+                            f"{p.data.max_per_dataset!r}")
+    if p.data.max_len < 8:
+        raise MechdiffError(f"params.yaml: data.max_len must be >= 8 tokens (a chat template's opening alone is "
+                            f"longer than that), got {p.data.max_len!r}")
     for key in _NON_NEGATIVE:
         v = _get(p, key)
         if v < 0:
@@ -692,7 +698,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         with trace.quiet():  # DVC tracks params.yaml by the keys a stage declares, not as a file
             raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise MechdiffError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise MechdiffError(f"{path} is not valid YAML{where}: {problem}") from e
     if not isinstance(raw, dict):
         raise MechdiffError(f"{path} must be a mapping of sections")
     p = validate(_build(Params, raw))

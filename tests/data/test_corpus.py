@@ -16,6 +16,7 @@ import pytest
 
 from mechdiff.data.corpus import (
     Prompt,
+    check_splits,
     load_concepts,
     load_corpus,
     load_prompts,
@@ -387,6 +388,13 @@ def test_split_edge_cases():
             split_prompts(ps, bad, seed=0)
     with pytest.raises(MechdiffError):
         split_prompts([], (0.8, 0.1, 0.1), seed=0)
+    # every dataset needs a prompt in each split with a share: one prompt leaves two splits empty
+    check_splits(split_prompts(ps, (0.6, 0.2, 0.2), seed=5), (0.6, 0.2, 0.2))
+    check_splits(out, (0.5, 0.0, 0.5))  # val has no share: an empty val split is expected
+    lone = split_prompts([*ps, Prompt(pid=100, text="only one", dataset="solo")], (0.6, 0.2, 0.2), seed=5)
+    with pytest.raises(MechdiffError, match=r"^data.sources: dataset 'solo' has 1 prompt.*split empty") as e:
+        check_splits(lone, (0.6, 0.2, 0.2))
+    assert sum(s in str(e.value) for s in ("train", "val", "test")) == 2
 
 
 def test_save_load_prompts_round_trip(tmp_path, data_dir):

@@ -140,6 +140,19 @@ def test_pair_must_share_depth_and_width(tmp_path, corpora, models, capsys):
            "pair.tuned.id:", "48 hidden size but the base has 32")
 
 
+def test_missing_sections_are_named(tmp_path, corpora, capsys):
+    def drop(raw: dict) -> None:
+        del raw["extract"], raw["seed"]
+    _fails(_check(tmp_path, corpora, drop, capsys), "params.yaml: seed, extract missing", "git checkout params.yaml")
+
+
+def test_ranks_beyond_the_width_are_refused(tmp_path, corpora, models, capsys):
+    def big(raw: dict) -> None:
+        _both(models["a"], models["a"], True)(raw)
+        raw["rank"] = 1000
+    _fails(_check(tmp_path, corpora, big, capsys), "rank 1000", "width 32")
+
+
 def test_finetune_layers_are_checked_only_when_the_pipeline_fine_tunes(tmp_path, corpora, models, capsys):
     def edit_pair(raw: dict) -> None:
         _both(models["a"], models["a"], True)(raw)
@@ -193,7 +206,9 @@ def test_make_run_checks_before_dvc_repro():
 
 
 def test_console_script_exit_code(tmp_path):
-    (tmp_path / "params.yaml").write_text("pair: {base: {id: ''}}\n")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pair"]["base"]["id"] = ""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     r = subprocess.run([sys.executable, "-m", "mechdiff.cli", "--root", str(tmp_path), "params", "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pair.base.id" in r.stderr

@@ -68,6 +68,12 @@ def test_repo_params_load():
     (lambda r: r["geometry"].__setitem__("steer_scale", -1), "geometry.steer_scale must be > 0"),
     (lambda r: r["gates"].__setitem__("max_freq", -1), r"gates.max_freq must lie in \(0, 1\]"),
     (lambda r: r["gates"].__setitem__("max_prompts", 0), "gates.max_prompts must be >= 1"),
+    (lambda r: r["data"].__setitem__("max_per_dataset", 0), "data.max_per_dataset must be >= 1 or null"),
+    (lambda r: r["data"].__setitem__("max_len", 2), "data.max_len must be >= 8"),
+    (lambda r: r["steer"].__setitem__("ablation", "zero"), "choose one of"),
+    (lambda r: r["behaviour"].__setitem__("mc_score", "max"), "choose one of"),
+    (lambda r: r["hsae"].__setitem__("metric", "cosine"), "choose one of"),
+    (lambda r: r["features"].__setitem__("graded_top", 0), "features.graded_top must be >= 1"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:
@@ -82,6 +88,10 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("rank: [1,\n")
     with pytest.raises(MechdiffError, match="not valid YAML"):
         load_params(bad)
+    bad.write_text("seed: 17\nrank: 8\npair:\n  base: {id: x\n  dtype: float32\n")  # unclosed flow mapping
+    with pytest.raises(MechdiffError, match=r"not valid YAML \(line \d+, column \d+\)") as e:
+        load_params(bad)
+    assert "\n" not in str(e.value)
 
 
 def test_int_accepted_for_float(tmp_path):

@@ -852,6 +852,20 @@ def split_prompts(prompts: list[Prompt], fractions: tuple[float, float, float], 
     return [replace(p, split=assign[k]) for k, p in zip(keys, prompts)]
 
 
+def check_splits(prompts: Sequence[Prompt], fractions: Sequence[float], *, key: str = "data.sources") -> None:
+    """Raise when a dataset has no prompt in a split whose fraction is > 0 (the stages that read that split would
+    find nothing, several stages later); the message names the dataset, its size and the empty splits."""
+    counts: dict[str, dict[str, int]] = {}
+    for p in prompts:
+        counts.setdefault(p.dataset, dict.fromkeys(SPLITS, 0))[p.split] += 1
+    for ds in sorted(counts):
+        empty = [s for s, f in zip(SPLITS, fractions) if f > 0 and counts[ds][s] == 0]
+        if empty:
+            n = sum(counts[ds].values())
+            raise MechdiffError(f"{key}: dataset {ds!r} has {n} prompt(s) and data.splits {list(fractions)} leave its "
+                                f"{' and '.join(empty)} split empty: give it more prompts (or groups)")
+
+
 # ---------------------------------------------------------------- prompt files
 
 

@@ -27,5 +27,7 @@ def matrix(x: Any, what: str, min_rows: int = 1) -> np.ndarray:
     if a.shape[0] < min_rows or a.shape[1] == 0:
         raise MechdiffError(f"{what} has shape {a.shape}: need at least {min_rows} rows and 1 column")
     if not np.isfinite(a).all():
-        raise MechdiffError(f"{what} contains NaN or inf: check the activations (dtype overflow?)")
+        raise MechdiffError(f"{what} contains NaN or inf: a model run in float16/bfloat16 can overflow (run it in "
+                            "float32); rows read from an activation store mean a damaged store (delete it and rerun "
+                            "its extract stage)")
     return a

@@ -53,7 +53,9 @@ def _check(a: Any, what: str, isnan, isposinf) -> None:
         raise MechdiffError(f"{what} must be (rows, vocab) logits, got shape {tuple(a.shape)}")
     top = a.max()  # one pass: a NaN anywhere makes the max NaN (numpy and torch both propagate it)
     if bool(isnan(top)) or bool(isposinf(top)):
-        raise MechdiffError(f"{what} contains NaN or +inf: the model output overflowed (try float32)")
+        raise MechdiffError(f"{what} contains NaN or +inf: a model run in float16/bfloat16 can overflow (run it in "
+                            "float32); logits read from an activation store mean a damaged store (delete it and "
+                            "rerun its extract stage)")
 
 
 def log_softmax(logits: Any) -> Any:
