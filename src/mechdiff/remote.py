@@ -227,6 +227,11 @@ try:
         out = {"state": "no_remote", "remotes": sorted(remotes)}
     else:
         out["url"] = remotes[name].get("url", "")
+        import socket
+        from urllib.parse import urlsplit
+        u = urlsplit(out["url"])
+        if u.scheme in ("http", "https", "webdav", "webdavs", "ssh", "sftp") and u.hostname:
+            socket.getaddrinfo(u.hostname, u.port or None)  # a host that does not resolve: "error", not "missing"
         from dvc.fs import get_cloud_fs
         cls, config, path = get_cloud_fs(r.config, name=name)
         fs = cls(**config)

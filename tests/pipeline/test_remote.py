@@ -159,6 +159,10 @@ def test_check_remote_messages(toy_repo: Path, tmp_path: Path) -> None:
     configure_remote(clone, f"s3://{TEST_BUCKET}/x", endpoint_url=f"http://127.0.0.1:{port}", **keys)
     with pytest.raises(MechdiffError, match=r"cannot reach DVC remote 'storage' \(s3://"):
         check_remote(clone, timeout=60)
+    # an HTTP remote whose host does not resolve is unreachable, not "missing" (.invalid never resolves)
+    configure_remote(clone, "https://mechdiff-remote.invalid/dvc")
+    with pytest.raises(MechdiffError, match=r"cannot reach DVC remote 'storage' \(https://.*gaierror"):
+        check_remote(clone, timeout=60)
 
     with moto_server() as endpoint:
         configure_remote(clone, "s3://no-such-bucket/x", endpoint_url=endpoint, **keys)
