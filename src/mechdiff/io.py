@@ -7,7 +7,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,9 @@ def run_stage(fn: Callable[[], Any]) -> None:
         print(stage_help(sys.argv[0], getattr(module, "__doc__", None)))
         sys.exit(0)
     trace.start()
+    lock = None
     try:
+        lock = stage_lock(sys.argv)  # held while the stage runs
         fn()
     except MechdiffError as e:
         print(f"mechdiff: error: {e}", file=sys.stderr)
@@ -87,7 +89,41 @@ def run_stage(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if lock is not None:
+            lock.close()
     exit_now(0)
+
+
+def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:
+    """An exclusive lock on this stage command in this repository (the same script and arguments under `root`),
+    held by the returned open file until the process ends (the OS frees it even on SIGKILL). A second copy of
+    the command, e.g. after `dvc repro` was killed but its stage process kept running, stops with a one-line
+    error instead of writing into the same outputs. Ranks under torchrun take none (their launcher holds it)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return None
+    cmd = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "stage"
+    key = hashlib.sha256(f"{Path(root).resolve()}\0{cmd}".encode()).hexdigest()[:24]
+    d = Path(tempfile.gettempdir()) / "mechdiff-locks"
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / f"{key}.lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the process)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise MechdiffError(f"`python {cmd}` is already running in this repository (pid {pid}), probably left over "
+                            f"from a killed `dvc repro`: wait for it or stop it (kill {pid}), then rerun") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def exit_now(code: int = 0) -> None:

@@ -352,3 +352,44 @@ def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "mechdiff: error: bad input"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
+
+
+def test_a_second_copy_of_a_running_stage_stops_and_the_lock_dies_with_the_process(tmp_path):
+    """Two copies of one stage command in one repository (a stage left running after `dvc repro` was killed, and
+    a rerun): the second stops with one line naming the first's pid; once the first is killed, the command runs."""
+    import os
+    import signal
+    import textwrap
+    import time
+
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from mechdiff.io import run_stage
+
+        def main():
+            Path(f"started-{sys.argv[1]}").write_text("x")
+            time.sleep(float(os.environ.get("SLEEP", "0")))
+
+        run_stage(main)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    first = subprocess.Popen([sys.executable, str(script), "a"], cwd=tmp_path, env={**env, "SLEEP": "60"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if (tmp_path / "started-a").exists():
+                break
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, str(script), "a"], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"already running in this repository (pid {first.pid})" in second.stderr
+        other = subprocess.run([sys.executable, str(script), "b"], cwd=tmp_path, env=env, timeout=60)
+        assert other.returncode == 0  # another command (other arguments) is not blocked
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    again = subprocess.run([sys.executable, str(script), "a"], cwd=tmp_path, env=env, timeout=60)
+    assert again.returncode == 0
