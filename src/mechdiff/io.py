@@ -106,8 +106,9 @@ def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:
 
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return None
-    cmd = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "stage"
-    key = hashlib.sha256(f"{Path(root).resolve()}\0{cmd}".encode()).hexdigest()[:24]
+    cmd = " ".join(argv) if argv else "stage"
+    script = str(Path(argv[0]).resolve()) if argv else ""
+    key = hashlib.sha256("\0".join([str(Path(root).resolve()), script, *argv[1:]]).encode()).hexdigest()[:24]
     d = Path(tempfile.gettempdir()) / "mechdiff-locks"
     d.mkdir(parents=True, exist_ok=True)
     f = open(d / f"{key}.lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the process)
