@@ -134,11 +134,9 @@ def _check_models(p) -> list[str]:
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None))[1]
-    too_big = [f"{key} {k}" for key, ks in (("rank", [p.rank]), ("patch.ranks", p.patch.ranks))
-               for k in ks if width and isinstance(k, int) and k > width]
-    if too_big:
-        problems.append(f"{', '.join(too_big)}: more directions than the model's width {width}: use a k <= {width} "
-                        "or 'full'")
+    if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
+        problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "
+                        "'full'")
     if len(shapes) == 2:
         for i, what in enumerate(("blocks", "hidden size")):
             b, t = shapes["base"][i], shapes["tuned"][i]

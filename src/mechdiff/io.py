@@ -99,19 +99,24 @@ def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:
     """An exclusive lock on this stage command in this repository (the same script and arguments under `root`),
     held by the returned open file until the process ends (the OS frees it even on SIGKILL). A second copy of
     the command, e.g. after `dvc repro` was killed but its stage process kept running, stops with a one-line
-    error instead of writing into the same outputs. Ranks under torchrun take none (their launcher holds it)."""
+    error instead of writing into the same outputs. Processes under torchrun take none: on one machine the stage
+    process that launched them holds it; ranks started by hand on several machines are not guarded."""
     import fcntl
     import hashlib
     import tempfile
 
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # `dist.in_worker`, without importing torch here
         return None
     cmd = " ".join(argv) if argv else "stage"
     script = str(Path(argv[0]).resolve()) if argv else ""
     key = hashlib.sha256("\0".join([str(Path(root).resolve()), script, *argv[1:]]).encode()).hexdigest()[:24]
-    d = Path(tempfile.gettempdir()) / "mechdiff-locks"
-    d.mkdir(parents=True, exist_ok=True)
-    f = open(d / f"{key}.lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the process)
+    d = Path(tempfile.gettempdir()) / f"mechdiff-locks-{os.getuid()}"  # per user: a shared /tmp stays usable
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        f = open(d / f"{key}.lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the process)
+    except OSError as e:
+        raise MechdiffError(f"cannot create the stage lock in {d}: {e.strerror or e}; set TMPDIR to a writable "
+                            "folder") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -216,7 +216,7 @@ def configure_remote(
 
 # Runs in a child process (bounded by a timeout, so a black-holed endpoint cannot hang the caller).
 _PROBE = r"""
-import json, sys
+import json, os, sys
 repo, name = sys.argv[1], sys.argv[2]
 out = {}
 try:
@@ -230,7 +230,8 @@ try:
         import socket
         from urllib.parse import urlsplit
         u = urlsplit(out["url"])
-        if u.scheme in ("http", "https", "webdav", "webdavs", "ssh", "sftp") and u.hostname:
+        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+        if u.scheme in ("http", "https", "webdav", "webdavs") and u.hostname and not proxied:
             socket.getaddrinfo(u.hostname, u.port or None)  # a host that does not resolve: "error", not "missing"
         from dvc.fs import get_cloud_fs
         cls, config, path = get_cloud_fs(r.config, name=name)

@@ -275,7 +275,7 @@ def _register_hook(model: nn.Module, site: Site, fn) -> list[torch.utils.hooks.R
     def post(_m, _args, out):
         t = _first(out)
         flat = t.dim() == 2 and len(shape) == 2 and t.shape[0] == shape[0] * shape[1]
-        new = fn(t.view(shape[0], shape[1], t.shape[-1]) if flat else t)
+        new = fn(t.reshape(shape[0], shape[1], t.shape[-1]) if flat else t)
         if new is None:
             return None
         return _with_first(out, new.reshape(t.shape) if flat else new)
