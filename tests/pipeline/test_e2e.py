@@ -196,6 +196,26 @@ def test_exp_ordering_of_rank_and_heads(tiny_repo):
     assert four["heads.json"]["churn_pred"] > one["heads.json"]["churn_pred"]
 
 
+def test_method_options_reach_the_stages(tiny_repo):
+    """The rule-form options run through their stages: `steer.ablation=mean` (directional ablation),
+    `hsae.metric=euclidean`, `behaviour.mc_score=mean`, and `steer.layers` reaching a layer before the planted
+    change (L1: no handle there, no failure); each moves its stage's metrics, nothing else breaks."""
+    before = {name: _metrics(tiny_repo, name) for name in ("steer.json", "hsae.json", "behaviour.json")}
+    try:
+        sh(["dvc", "exp", "run", "-n", "rule-forms", "-S", "steer.ablation=mean", "-S", "hsae.metric=euclidean",
+            "-S", "behaviour.mc_score=mean", "-S", "steer.layers=[1,2,3]", "steer", "hsae", "behaviour"], tiny_repo)
+        after = {name: _metrics(tiny_repo, name) for name in before}
+    finally:
+        sh(["git", "checkout", "--", "."], tiny_repo)
+        sh(["dvc", "checkout", "-f"], tiny_repo, check=False)
+    assert after["steer.json"]["layers"]["ablate"] != before["steer.json"]["layers"]["ablate"]
+    assert after["steer.json"]["L2.attn_out"]["steer"] == before["steer.json"]["L2.attn_out"]["steer"]  # steer unchanged
+    assert after["hsae.json"]["base"]["teacher"]["fvu"] != before["hsae.json"]["base"]["teacher"]["fvu"]
+    mc = [d for d in before["behaviour.json"] if isinstance(before["behaviour.json"][d], dict)
+          and "accuracy" in before["behaviour.json"][d]]
+    assert mc and any(after["behaviour.json"][d]["accuracy"] != before["behaviour.json"][d]["accuracy"] for d in mc)
+
+
 def test_two_processes_give_the_same_metrics(tiny_repo):
     """`dvc exp run -S extract.nproc=2 -S sae.nproc=2`: two torchrun processes extract the stores and train the
     SAEs (spread over the ranks); the metrics equal the one-process run's. Each rank runs one torch thread and
