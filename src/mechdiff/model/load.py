@@ -442,13 +442,14 @@ def check_vocab(tok_base: Any, tok_tuned: Any, *, fairness: bool) -> None:
     vb, vt = tok_base.get_vocab(), tok_tuned.get_vocab()
     if vb == vt:
         return
-    only_b, only_t = len(set(vb) - set(vt)), len(set(vt) - set(vb))
+    sb, st = set(vb), set(vt)
+    only_b, only_t = len(sb - st), len(st - sb)
     if not fairness:
         raise MechdiffError(
             f"the tokenizers differ ({len(vb)} vs {len(vt)} tokens; {only_b} only in base, {only_t} only in tuned): "
             "set pair.fairness.enabled: true in params.yaml to compare on the shared vocabulary"
         )
-    shared = len(set(vb) & set(vt))
+    shared = len(sb & st)
     if shared < 0.5 * min(len(vb), len(vt)):
         raise MechdiffError(
             f"the tokenizers share only {shared} of {min(len(vb), len(vt))} tokens ({len(vb)} vs {len(vt)}): not a "
