@@ -249,8 +249,9 @@ def _hooks(handles: list) -> Iterator[None]:
 def _register_hook(model: nn.Module, site: Site, fn) -> list[torch.utils.hooks.RemovableHandle]:
     """Register `fn(tensor)` on the site's activation (B, T, d); the returned value (if any) replaces it.
 
-    A site module that works on flattened rows (OPT's fc2 sees (B*T, d)) is shown to `fn` as (B, T, d): the
-    block's input shape is read by a pre-hook on the block."""
+    A site module that is a bare layer of the block (OPT's fc2, which sees flattened (B*T, d) rows) is shown to `fn`
+    as (B, T, d): the block's input shape is read by a pre-hook on the block. Attention and MLP modules return
+    (B, T, d) themselves and get no such hook."""
     mod, kind = site_module(model, site), site.kind
     if kind == "resid_pre":
 
@@ -266,7 +267,7 @@ def _register_hook(model: nn.Module, site: Site, fn) -> list[torch.utils.hooks.R
 
         return [mod.register_forward_pre_hook(pre, with_kwargs=True)]
 
-    shape: list[int] = []
+    shape: list[int] = []  # (B, T) of the block's input, recorded only for a bare layer
 
     def block_in(_m, args, kwargs):
         h = args[0] if args else kwargs.get("hidden_states")
@@ -280,8 +281,9 @@ def _register_hook(model: nn.Module, site: Site, fn) -> list[torch.utils.hooks.R
             return None
         return _with_first(out, new.reshape(t.shape) if flat else new)
 
-    return [find_blocks(model)[site.layer].register_forward_pre_hook(block_in, with_kwargs=True),
-            mod.register_forward_hook(post)]
+    bare = next(mod.children(), None) is None  # attention / MLP modules return (B, T, d) themselves
+    pre_hook = [find_blocks(model)[site.layer].register_forward_pre_hook(block_in, with_kwargs=True)] if bare else []
+    return [*pre_hook, mod.register_forward_hook(post)]
 
 
 def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, body_only: bool,
