@@ -1,5 +1,6 @@
 """Stage geometry: concept geometry under the causal inner product for base and tuned (whitening check, concept
-vectors, hierarchical orthogonality with controls, separation, intervention, context vectors), and how the pair
+vectors, hierarchical orthogonality with controls, separation, the children's polytopes, parent and child
+interventions, context vectors), and how the pair
 differs; saves each model's vectors and the H-SAE teacher directions."""
 
 import time
@@ -81,7 +82,8 @@ def main() -> None:
         s = geo.summary
         print(f"geometry: {which}: {s['coverage']['words']}/{s['coverage']['words_total']} words single tokens, "
               f"median child angle {_fmt(s['median_child'])} deg (random parents "
-              f"{_fmt(s['controls']['random_parents']['median_child'])}), separation AUC {_fmt(s['separation_auc'])}")
+              f"{_fmt(s['controls']['random_parents']['median_child'])}), separation AUC {_fmt(s['separation_auc'])}, "
+              f"children at their own vertex {_fmt(s['polytope']['accuracy'])} (chance {_fmt(s['polytope']['chance'])})")
         del model
     pair, pair_rows = compare_pair(geos["base"], geos["tuned"])
     metrics["pair"] = pair
@@ -99,6 +101,12 @@ def main() -> None:
                                                 for r in sorted(pair_rows, key=lambda r: -r["shift"])
                                                 if r["level"] == "parent"])
     write_csv(P.plot("geometry_summary.csv"), summary_rows(metrics))
+    write_csv(P.plot("geometry_polytope.csv"), [{"model": w, **{k: round(v, 5) if isinstance(v, float) else v
+                                                                   for k, v in r.items()}}
+                                                 for w, geo in geos.items() for r in geo.polytope])
+    write_csv(P.plot("geometry_children.csv"), [{"model": w, **{k: round(v, 5) if isinstance(v, float) else v
+                                                                   for k, v in r.items()}}
+                                                 for w, geo in geos.items() for r in geo.child_interventions])
     write_csv(P.plot("geometry_concepts.csv"),
               [{"model": w, **r, **next((x for x in geo.interventions if x["concept"] == r["concept"]), {})}
                for w, geo in geos.items() for r in geo.separation])

@@ -1,13 +1,14 @@
-"""Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k and the saturation rank."""
+"""Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k and the saturation rank; at attn_out
+sites optionally per head through pinv(W_o) (`patch.attn_heads`)."""
 
 import mechdiff.pipeline as P
-from mechdiff.analysis.patching import rank_alpha_sweep, reference_logits
+from mechdiff.analysis.patching import head_blend, rank_alpha_sweep, reference_logits
 from mechdiff.analysis.transport import load_map
 from mechdiff.data.store import ActStore
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
-from mechdiff.model.sites import Site
+from mechdiff.model.sites import Site, attention_heads
 from mechdiff.params import load_params
 from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
 from mechdiff.report.plots import plot_series
@@ -26,12 +27,19 @@ def main() -> None:
     ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)
     metrics: dict = {}
     rank_rows, alpha_rows = [], []
+    heads = attention_heads(model) if pp.attn_heads is not None else None
     for site_name in p.transport.sites:
+        site = Site.parse(site_name)
+        blend = None
+        if heads is not None and site.kind == "attn_out":  # per-head parts, the other heads keep their own
+            clean = ActStore.open(P.acts_path("tuned")).read(site_name, "last", rows)
+            blend = head_blend(heads, site.layer, clean, pp.attn_heads)
         ranks, alphas, metrics[site_name] = rank_alpha_sweep(
-            model, enc, rows, Site.parse(site_name), load_map(P.map_dir(site_name)),
+            model, enc, rows, site, load_map(P.map_dir(site_name)),
             base.read(site_name, "last", rows), ranks=pp.ranks, alphas=pp.alphas, rank=p.rank, alpha=p.alpha,
             target_drop=pp.target_drop, allowed=allowed, datasets=[prompts[r].dataset for r in rows],
-            n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref, saturation=pp.saturation)
+            n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref, saturation=pp.saturation,
+            blend=blend)
         rank_rows += ranks
         alpha_rows += alphas
         write_csv(P.plot(f"rank_k/{site_name}.csv"), ranks)

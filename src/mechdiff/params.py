@@ -177,6 +177,7 @@ class Patch(_Section):
     batch_size: int = 16
     n_boot: int = 1000
     device: str = "cpu"
+    attn_heads: str | list[int] | None = None  # attn_out sites: null = the vector; all / [h, ...] = per head via pinv(W_o)
 
 
 @dataclass
@@ -619,6 +620,11 @@ def validate(p: Params) -> Params:
     for r in p.patch.ranks:
         if not _rank_ok(r):
             raise MechdiffError(f"params.yaml: patch.ranks entries must be ints >= 0 or 'full', got {r!r}")
+    ah = p.patch.attn_heads
+    if isinstance(ah, str) and ah != "all" or isinstance(ah, list) and (
+            not ah or len(set(ah)) != len(ah) or min(ah) < 0):
+        raise MechdiffError(f"params.yaml: patch.attn_heads must be null (patch the attention output vector), all, or "
+                            f"a list of distinct head indices >= 0, got {ah!r}")
     for a in [p.alpha, *p.patch.alphas]:
         if a != "auto" and (isinstance(a, str) or a <= 0):
             raise MechdiffError(f"params.yaml: alpha values must be 'auto' or a positive number, got {a!r}")

@@ -11,6 +11,7 @@ import torch
 
 from mechdiff.analysis.geometry import (
     Concept,
+    ConceptSet,
     angle,
     compare_pair,
     concept_vector,
@@ -20,6 +21,8 @@ from mechdiff.analysis.geometry import (
     hierarchy_angles,
     identity_deviation,
     model_geometry,
+    polytope,
+    polytope_summary,
     set_shifts,
     target_leakage,
     whitening,
@@ -193,3 +196,74 @@ def test_a_concept_edited_in_the_tuned_model_moves_most(planted):
     assert summ["min_cos_unembedding"] == pytest.approx(1.0)  # the LM head is untouched
     shift = {r["concept"]: r["shift"] for r in rows}
     assert shift["tools"] > 2 * max(shift["fauna"], shift["foods"])
+
+
+def _simplex_set(vertices: np.ndarray, n: int, noise: float, seed: int) -> tuple[np.ndarray, ConceptSet]:
+    """Rows of g for one parent whose children's tokens sit at planted vertices (+ noise); vectors = train means."""
+    rng = np.random.default_rng(seed)
+    k, d = vertices.shape
+    g = np.concatenate([np.repeat(vertices, 2 * n, axis=0) + noise * rng.normal(size=(2 * k * n, d)),
+                        rng.normal(size=(50, d))])
+    concepts = [Concept("p", None, ["x"])] + [Concept(f"p/c{i}", "p", ["x"]) for i in range(k)]
+    train = {f"p/c{i}": np.arange(2 * n * i, 2 * n * i + n) for i in range(k)}
+    test = {f"p/c{i}": np.arange(2 * n * i + n, 2 * n * (i + 1)) for i in range(k)}
+    train["p"], test["p"] = np.concatenate(list(train.values())), np.concatenate(list(test.values()))
+    cs = ConceptSet(concepts, train, test)
+    cs.vectors = {c: g[ids].mean(0) for c, ids in train.items()}
+    return g, cs
+
+
+def test_polytope_of_a_planted_simplex_and_of_a_degenerate_one():
+    rng = np.random.default_rng(7)
+    d, k = 16, 4
+    common = 3 * np.eye(d)[0]
+    vert = common + 2 * np.linalg.qr(rng.normal(size=(d, k)))[0].T  # parent part + orthogonal child parts
+    g, cs = _simplex_set(vert, 40, 0.3, 0)
+    (row,) = polytope(g, cs)
+    assert row["k"] == k and row["chance"] == 0.25 and row["n_test"] == 4 * 40
+    assert row["accuracy"] == 1.0 and row["own_coord"] == pytest.approx(1.0, abs=0.05)
+    V = np.stack([cs.vectors[f"p/c{i}"] for i in range(k)])
+    sv = np.linalg.svd(V, compute_uv=False)
+    assert row["sv_ratio"] == pytest.approx(sv[-1] / sv[0]) and row["sv_ratio"] > 0.2
+    # independent reference for the assignment: nearest point of the vertices' span, coordinates by normal equations
+    beta = np.linalg.solve(V @ V.T, V @ g[cs.test["p/c2"]].T).T
+    assert np.all(beta.argmax(1) == 2)
+    # a vertex halfway between two others: the vertices are linearly dependent, no 3-simplex
+    flat = vert.copy()
+    flat[3] = (vert[0] + vert[1]) / 2
+    g2, cs2 = _simplex_set(flat, 40, 0.01, 1)
+    (row2,) = polytope(g2, cs2)
+    assert row2["sv_ratio"] < 0.01
+    # children with no signal of their own: vertex accuracy at chance
+    g3, cs3 = _simplex_set(np.repeat(common[None], k, axis=0), 200, 1.0, 2)
+    (row3,) = polytope(g3, cs3)
+    assert abs(row3["accuracy"] - 0.25) < 0.08
+    s = polytope_summary([row, row3])
+    assert s["accuracy"] == pytest.approx((160 * 1.0 + 800 * row3["accuracy"]) / 960)
+    assert s["parents"] == 2 and s["chance"] == 0.25
+    assert polytope_summary([])["accuracy"] is None
+
+
+def test_planted_children_form_simplices_and_their_pushes_keep_to_their_siblings(planted):
+    from mechdiff.analysis.geometry import child_interventions, context_states
+
+    model, tok, concepts = planted
+    geo = model_geometry(model, tok, concepts, prompts=["the", "i saw a", "look at that"], seed=0)
+    s = geo.summary
+    assert s["polytope"]["parents"] == 3 and s["polytope"]["accuracy"] == 1.0
+    assert s["polytope"]["chance"] == pytest.approx(1 / 3) and s["polytope"]["median_sv_ratio"] > 0.2
+    assert s["controls"]["shuffled"]["polytope"]["accuracy"] < 0.75
+    c = s["child_intervention"]
+    assert c["children"] == 9 and c["share_own_top"] == 1.0 and c["median_effect"] > 0
+    # the parent's push moves its children's words together, a child's push sets them apart
+    assert c["median_ratio_parent"] < 0.25 * c["median_ratio_child"], c
+    # ratio_parent against a hand computation with set_shifts for one parent
+    hidden = torch.from_numpy(context_states(model, tok, ["the", "i saw a", "look at that"])).float()
+    norm = float(hidden.norm(dim=1).median())
+    u = torch.from_numpy(0.5 * norm * hidden_direction(geo.vectors["tools"], geo.whitening, None)).float()
+    kids = [f"tools/c{j}" for j in range(3) if len(geo.cs.test[f"tools/c{j}"])]
+    with torch.no_grad():
+        sh = set_shifts(model.lm_head(hidden), model.lm_head(hidden + u), {k: geo.cs.test[k] for k in kids})
+    want = np.median([abs(sh[a] - sh[b]) for i, a in enumerate(kids) for b in kids[i + 1:]])
+    rows = child_interventions(model, hidden, geo.cs, geo.whitening, scale=0.5)
+    assert next(r for r in rows if r["parent"] == "tools")["ratio_parent"] == pytest.approx(want, rel=1e-6)

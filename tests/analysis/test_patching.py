@@ -363,3 +363,43 @@ def test_prefix_cache_runs_in_bf16_and_its_self_check_catches_a_wrong_position(w
     with pytest.warns(RuntimeWarning, match="prefix-cache patching unavailable"):
         again = patched_logits(m16, enc, rows, site, vec, prefix_cache=True, batch_size=8)
     np.testing.assert_array_equal(again, full)  # the fallback is the full-forward path
+
+
+def test_head_blend_splits_through_pinv_and_patches_only_the_chosen_heads(world):
+    """Known answer: a change planted in one head's queries at the last layer (the output projection untouched).
+    Its per-head parts through pinv(W_o) are the base model's for the planted head and equal elsewhere, so
+    patching the base vector through that head alone gives the base model's output, the other heads change
+    nothing, and all heads together equal the vector patch (W_o square and invertible here)."""
+    from mechdiff.analysis.patching import head_blend
+    from mechdiff.model.sites import attention_heads
+
+    tok, base, enc = world
+    tuned = copy.deepcopy(base)
+    last, H, hd = 3, 4, 16
+    attn = tuned.model.layers[last].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight[2 * hd : 3 * hd] *= -3.0  # head 2's queries only
+    site = Site(last, "attn_out")
+    rows = np.arange(40)
+    a_base, lg_base = _collect(base, tok, enc, [site])
+    a_tuned, lg_tuned = _collect(tuned, tok, enc, [site])
+    vb, vt = a_base[site.name][rows], a_tuned[site.name][rows]
+    heads = attention_heads(tuned)
+    W = heads.matrix(last).detach().double().numpy()
+    # independent reference of the per-head parts: numpy's pinv
+    z_b, z_t = vb @ np.linalg.pinv(W).T, vt @ np.linalg.pinv(W).T
+    diff = np.abs(z_b - z_t).reshape(len(rows), H, hd).max(axis=(0, 2))
+    assert diff[2] > 0.1 and max(diff[[0, 1, 3]]) < 1e-4  # only the planted head's part differs
+    only2 = head_blend(heads, last, vt, [2])(vb)
+    want = (np.where(np.repeat(np.arange(H), hd) == 2, z_b, z_t)) @ W.T
+    np.testing.assert_allclose(only2, want, atol=1e-5)
+    kl = {name: patch_kl(tuned, enc, rows, site, v, lg_base[rows]) for name, v in
+          (("head2", only2), ("others", head_blend(heads, last, vt, [0, 1, 3])(vb)),
+           ("all", head_blend(heads, last, vt, "all")(vb)), ("vector", vb), ("none", None))}
+    assert kl["none"].mean() > 5e-4  # the planted head moves the output
+    for name in ("head2", "all", "vector"):  # the base output, to float rounding
+        assert kl[name].mean() < 1e-3 * kl["none"].mean(), name
+    np.testing.assert_allclose(kl["others"], kl["none"], rtol=1e-3, atol=1e-7)  # the other heads carry nothing
+    np.testing.assert_allclose(head_blend(heads, last, vt, "all")(vb), vb, atol=1e-4)
+    with pytest.raises(MechdiffError, match="4 heads"):
+        head_blend(heads, last, vt, [4])

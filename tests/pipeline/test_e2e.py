@@ -72,6 +72,10 @@ def test_geometry_and_hsae_outputs(tiny_repo):
         assert g["coverage"]["share"] == 1.0  # the tiny tokenizer holds every concept word
         assert set(g["controls"]) == {"shuffled", "random_parents", "euclidean", "mean_estimator"}
         assert g["intervention"]["median_effect"] is not None  # a random tiny model has no concept structure to test
+        assert g["polytope"]["parents"] >= 1 and 0 <= g["polytope"]["accuracy"] <= 1
+        assert g["child_intervention"]["children"] >= 2
+    # the edit leaves the LM head alone: the polytopes (unembedding side) are the same in both models
+    assert geo["base"]["polytope"] == geo["tuned"]["polytope"]
     # the edit recipe leaves the LM head alone: the unembedding geometry is identical in both models
     assert geo["pair"]["min_cos_unembedding"] == pytest.approx(1.0)
     h = _metrics(tiny_repo, "hsae.json")
@@ -80,7 +84,8 @@ def test_geometry_and_hsae_outputs(tiny_repo):
             m = h[which][variant]
             assert 0 < m["l0"] <= 4  # k = 2 parents, each with at most one child
         assert set(h[which]["targets"]["met"]) == {"purity", "leakage", "steering_leakage", "reconstruction_parity"}
-    for f in ("geometry_cos.csv", "geometry_summary.csv", "hsae_summary.csv", "hsae_pair.csv"):
+    for f in ("geometry_cos.csv", "geometry_summary.csv", "geometry_polytope.csv", "geometry_children.csv",
+              "hsae_summary.csv", "hsae_pair.csv"):
         assert (tiny_repo / "plots" / f).stat().st_size > 0
     assert (tiny_repo / "artifacts/hsae/base_teacher/hsae.safetensors").is_file()
 
@@ -198,12 +203,14 @@ def test_exp_ordering_of_rank_and_heads(tiny_repo):
 
 def test_method_options_reach_the_stages(tiny_repo):
     """The rule-form options run through their stages: `steer.ablation=mean` (directional ablation),
-    `hsae.metric=euclidean`, `behaviour.mc_score=mean`, and `steer.layers` reaching a layer before the planted
-    change (L1: no handle there, no failure); each moves its stage's metrics, nothing else breaks."""
-    before = {name: _metrics(tiny_repo, name) for name in ("steer.json", "hsae.json", "behaviour.json")}
+    `hsae.metric=euclidean`, `behaviour.mc_score=mean`, `patch.attn_heads=[1]` (one head's part of the attn_out
+    patch, through pinv(W_o)), and `steer.layers` reaching a layer before the planted change (L1: no handle
+    there, no failure); each moves its stage's metrics, nothing else breaks."""
+    before = {name: _metrics(tiny_repo, name) for name in ("steer.json", "hsae.json", "behaviour.json", "patch.json")}
     try:
         sh(["dvc", "exp", "run", "-n", "rule-forms", "-S", "steer.ablation=mean", "-S", "hsae.metric=euclidean",
-            "-S", "behaviour.mc_score=mean", "-S", "steer.layers=[1,2,3]", "steer", "hsae", "behaviour"], tiny_repo)
+            "-S", "behaviour.mc_score=mean", "-S", "steer.layers=[1,2,3]", "-S", "patch.attn_heads=[1]",
+            "steer", "hsae", "behaviour", "patch"], tiny_repo)
         after = {name: _metrics(tiny_repo, name) for name in before}
     finally:
         sh(["git", "checkout", "--", "."], tiny_repo)
@@ -214,6 +221,9 @@ def test_method_options_reach_the_stages(tiny_repo):
     mc = [d for d in before["behaviour.json"] if isinstance(before["behaviour.json"][d], dict)
           and "accuracy" in before["behaviour.json"][d]]
     assert mc and any(after["behaviour.json"][d]["accuracy"] != before["behaviour.json"][d]["accuracy"] for d in mc)
+    # one head of four carries part of the planted change: its patch removes less KL than the whole vector's
+    pb, pa = before["patch.json"]["L2.attn_out"], after["patch.json"]["L2.attn_out"]
+    assert 0 < pa["kl_raw"] < pb["kl_raw"]
 
 
 def test_two_processes_give_the_same_metrics(tiny_repo):

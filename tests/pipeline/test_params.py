@@ -73,6 +73,10 @@ def test_repo_params_load():
     (lambda r: r["steer"].__setitem__("ablation", "zero"), "choose one of"),
     (lambda r: r["behaviour"].__setitem__("mc_score", "max"), "choose one of"),
     (lambda r: r["hsae"].__setitem__("metric", "cosine"), "choose one of"),
+    (lambda r: r["patch"].__setitem__("attn_heads", "some"), "patch.attn_heads must be null"),
+    (lambda r: r["patch"].__setitem__("attn_heads", [1, 1]), "patch.attn_heads must be null"),
+    (lambda r: r["patch"].__setitem__("attn_heads", []), "patch.attn_heads must be null"),
+    (lambda r: r["patch"].__setitem__("attn_heads", 2), "patch.attn_heads must be str or a list of int or null"),
     (lambda r: r["features"].__setitem__("graded_top", 0), "features.graded_top must be >= 1"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):

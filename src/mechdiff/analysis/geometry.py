@@ -285,6 +285,49 @@ def separation(g: np.ndarray, cs: ConceptSet, *, n_random: int = 2000, seed: int
     return rows
 
 
+def children_of(cs: ConceptSet, parent: str) -> list[str]:
+    """The children of `parent` that have a vector and held-out tokens."""
+    return [c.name for c in cs.concepts if c.parent == parent and c.name in cs.vectors and len(cs.test[c.name])]
+
+
+def polytope(g: np.ndarray, cs: ConceptSet) -> list[dict]:
+    """Per parent with >= 2 children: its children's vectors as the vertices of a simplex (Park et al. 2024: a
+    categorical concept is represented by the polytope of its elements' vectors).
+
+    - `sv_ratio`: smallest over largest singular value of the (k, d) vertex matrix; > 0 when the k vertices are
+      linearly independent, so that they span a (k-1)-simplex (0: a vertex is a combination of the others);
+    - `accuracy`: each held-out token of a child, written by least squares as g(y) ~ sum_i beta_i l_i over the
+      vertices l_i, goes to the vertex of largest beta_i; the share that goes to its own child, against `chance`
+      1 / k;
+    - `own_coord`: the median of those tokens' coordinate on their own vertex (1: a token sits at its vertex, as
+      the estimator puts a concept's mean projection there; 0: its vertex plays no part in it)."""
+    rows = []
+    for p in (c.name for c in cs.concepts if c.is_parent):
+        kids = children_of(cs, p)
+        if len(kids) < 2:
+            continue
+        V = np.stack([cs.vectors[k] for k in kids])  # (k, d)
+        sv = np.linalg.svd(V, compute_uv=False)
+        ids = np.concatenate([cs.test[k] for k in kids])
+        own = np.concatenate([np.full(len(cs.test[k]), i) for i, k in enumerate(kids)])
+        beta = np.linalg.lstsq(V.T, g[ids].T, rcond=None)[0].T  # (n, k)
+        rows.append({"parent": p, "k": len(kids), "sv_ratio": float(sv[-1] / sv[0]) if sv[0] > 0 else 0.0,
+                     "accuracy": float(np.mean(beta.argmax(1) == own)), "chance": 1.0 / len(kids),
+                     "own_coord": float(np.median(beta[np.arange(len(ids)), own])), "n_test": int(len(ids))})
+    return rows
+
+
+def polytope_summary(rows: Sequence[dict]) -> dict:
+    """Vertex accuracy and chance pooled over parents (each held-out token counts once); medians over parents of
+    the singular-value ratio and the own-vertex coordinate."""
+    n = np.array([r["n_test"] for r in rows], dtype=np.float64)
+    if not n.sum():
+        return {"parents": 0, "accuracy": None, "chance": None, "median_sv_ratio": None, "median_own_coord": None}
+    pooled = {k: float(np.dot(n, [r[k] for r in rows]) / n.sum()) for k in ("accuracy", "chance")}
+    return {"parents": len(rows), **pooled, "median_sv_ratio": median_of(rows, "sv_ratio"),
+            "median_own_coord": median_of(rows, "own_coord")}
+
+
 def cosine_matrix(vectors: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
     V = np.stack([vectors[n] / np.linalg.norm(vectors[n]) for n in names])
     return V @ V.T
@@ -427,6 +470,52 @@ def intervention(model: nn.Module, hidden: torch.Tensor, directions: Mapping[str
     return rows
 
 
+def child_interventions(model: nn.Module, hidden: torch.Tensor, cs: ConceptSet, wh: Whitening, *, scale: float
+                        ) -> list[dict]:
+    """Park et al.'s hierarchical claims as interventions on the final hidden states, per parent with >= 2
+    children, over its children's held-out token sets (pushes of scale * median ||lambda||, as `intervention`):
+
+    - a push along a child's delta l_child - l_parent: `effect` and `leakage` (`target_leakage`) over the
+      siblings' sets, and `own_top` when its own set rises most;
+    - the ratio of two siblings' probabilities, |change of log p(a) - change of log p(b)| (mean log-probability of
+      each set, nats): under the parent's push (`ratio_parent`, median over sibling pairs: the parent vector
+      should leave the ratios alone) and under the child's push (`ratio_child`, against each sibling: it should
+      move them); `parent_up` is the siblings' mean change under the parent's push."""
+    norm = float(hidden.norm(dim=1).median())
+
+    def push(v: np.ndarray, sets: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return token_effects(model, hidden, torch.from_numpy(scale * norm * hidden_direction(v, wh, None)).float(),
+                             sets)
+
+    rows = []
+    for p in (c.name for c in cs.concepts if c.is_parent and c.name in cs.vectors):
+        kids = children_of(cs, p)
+        if len(kids) < 2:
+            continue
+        sets = {k: cs.test[k] for k in kids}
+        par = push(cs.vectors[p], sets)
+        ratio_parent = float(np.median([abs(par[a] - par[b]) for i, a in enumerate(kids) for b in kids[i + 1:]]))
+        for k in kids:
+            eff = push(cs.vectors[k] - cs.vectors[p], sets)
+            e, leak = target_leakage(eff, k)
+            rows.append({"parent": p, "child": k, "effect": e, "leakage": leak,
+                         "own_top": bool(eff[k] >= max(eff.values())),
+                         "ratio_child": float(np.median([abs(eff[k] - eff[b]) for b in kids if b != k])),
+                         "ratio_parent": ratio_parent, "parent_up": float(np.mean(list(par.values())))})
+    return rows
+
+
+def children_summary(rows: Sequence[dict]) -> dict:
+    """Medians of the child pushes' effect and of the sibling-ratio changes, and the share of children whose own
+    set rises most under their push."""
+    if not rows:
+        return {"children": 0}
+    return {"children": len(rows), "median_effect": median_of(rows, "effect"),
+            "share_own_top": float(np.mean([r["own_top"] for r in rows])),
+            "median_ratio_parent": median_of(rows, "ratio_parent"),
+            "median_ratio_child": median_of(rows, "ratio_child")}
+
+
 @torch.no_grad()
 def site_interventions(model: nn.Module, tokenizer, prompts: Sequence[str], site: Site,
                        directions: Mapping[str, np.ndarray], token_sets: Mapping[str, np.ndarray], *, scale: float
@@ -475,6 +564,8 @@ class Geometry:
     angles: list[dict]
     separation: list[dict]
     interventions: list[dict]
+    polytope: list[dict]  # per parent: its children as a simplex (`polytope`)
+    child_interventions: list[dict]  # per child: its delta's push and the sibling ratios (`child_interventions`)
     vectors: dict[str, np.ndarray]  # unembedding-side concept vectors (causal space)
     context_vectors: dict[str, np.ndarray]  # context-side concept vectors (causal space)
     whitening: Whitening
@@ -485,7 +576,7 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
                    test_frac: float = 0.3, seed: int = 0, prompts: Sequence[str] = (), steer_scale: float = 0.5,
                    min_tokens: int = 2, batch_size: int = 64) -> Geometry:
     """The causal geometry of one model: whitening check, concept vectors, orthogonality with controls,
-    separation, intervention (on `prompts`) and context vectors."""
+    separation, the children's polytopes, parent and child interventions (on `prompts`) and context vectors."""
     gamma = unembedding(model)
     wh = whitening(gamma)
     g = wh.apply(gamma)
@@ -526,15 +617,22 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
     shuffled = ConceptSet(cs.concepts, cs.train, cs.test, cs.split, controls["shuffled"])
     summ["controls"]["shuffled"]["separation_auc"] = median_of(
         separation(g_shuffled, shuffled, seed=seed), "auc")
+    poly = polytope(g, cs)
+    summ["polytope"] = polytope_summary(poly)
+    summ["controls"]["shuffled"]["polytope"] = polytope_summary(polytope(g_shuffled, shuffled))
     parents = [c.name for c in concepts if c.is_parent and c.name in cs.vectors and len(te[c.name])]
     inter: list[dict] = []
-    if prompts and len(parents) > 1:
+    kids: list[dict] = []
+    if prompts and (len(parents) > 1 or poly):
         hidden = torch.from_numpy(context_states(model, tokenizer, prompts, batch_size=batch_size)).float()
-        inter = intervention(model, hidden, {p: hidden_direction(cs.vectors[p], wh, None) for p in parents},
-                             {p: te[p] for p in parents}, scale=steer_scale)
-        summ["intervention"] = {"median_effect": median_of(inter, "effect"),
-                                "median_leakage": median_of(inter, "leakage"),
-                                "share_own_up": float(np.mean([r["own"] > 0 for r in inter]))}
+        if len(parents) > 1:
+            inter = intervention(model, hidden, {p: hidden_direction(cs.vectors[p], wh, None) for p in parents},
+                                 {p: te[p] for p in parents}, scale=steer_scale)
+            summ["intervention"] = {"median_effect": median_of(inter, "effect"),
+                                    "median_leakage": median_of(inter, "leakage"),
+                                    "share_own_up": float(np.mean([r["own"] > 0 for r in inter]))}
+        kids = child_interventions(model, hidden, cs, wh, scale=steer_scale)
+        summ["child_intervention"] = children_summary(kids)
     texts, owner = context_texts([w for w in all_words if w in split])
     states = context_states(model, tokenizer, texts, batch_size=batch_size) @ wh.A_inv
     ctx = context_concepts(states, owner, cs, method)
@@ -543,7 +641,7 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
                            [{"c": cosine(ctx[n], cs.vectors[n])} for n in ctx if n in cs.vectors], "c")}
     summ["context"].update({f"{k}": v for k, v in angle_summary(hierarchy_angles(ctx, concepts)).items()
                             if k.startswith("median")})
-    return Geometry(summ, rows, sep, inter, cs.vectors, ctx, wh, cs)
+    return Geometry(summ, rows, sep, inter, poly, kids, cs.vectors, ctx, wh, cs)
 
 
 # ------------------------------------------------------------------------------------------------ across the pair

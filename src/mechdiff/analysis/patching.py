@@ -32,6 +32,7 @@ from mechdiff.analysis.transport import TransportMap, rank_value, recolour, reco
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import UnknownCacheLayout, cache_check, cache_kv, empty_cache, prefilled_cache
 from mechdiff.model.sites import (
+    Heads,
     Site,
     find_blocks,
     get_body,
@@ -561,21 +562,62 @@ def summarise_sweep(
     return rank_rows, alpha_rows, metrics
 
 
+def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str = "all"
+               ) -> Callable[[Any], np.ndarray]:
+    """Patch vectors for an `attn_out` site blended per head through the pseudo-inverse of the output projection
+    (the seeds' head-level form of the attention patch).
+
+    attn_out = z W^T + b with z the heads' outputs concatenated (`Heads.matrix`). A vector v is split into
+    per-head parts z_v = (v - b) pinv(W)^T, and so is the model's own (unpatched) attention output c; the
+    selected heads take their part of v, the others keep their own: the blend is z W^T + b with z = z_c outside
+    the selected heads' blocks and z_v inside them. `select` "all" (every head) gives v itself wherever W has
+    full column rank d (its projection onto W's column space otherwise). Returns a function of (n, d) vectors
+    (rows matching `clean`, the model's own attn_out at the same prompts and position)."""
+    W = heads.matrix(layer).detach().double().cpu()
+    proj = heads.projections[layer]
+    b = getattr(proj, "bias", None)
+    b = torch.zeros(W.shape[0], dtype=torch.float64) if b is None else b.detach().double().cpu()
+    H = heads.n_heads
+    chosen = list(range(H)) if select == "all" else [int(h) for h in select]
+    bad = [h for h in chosen if not 0 <= h < H]
+    if bad or not chosen:
+        raise MechdiffError(f"heads to blend {list(select)}: the model has {H} heads per layer (0..{H - 1})")
+    mask = torch.zeros(W.shape[1], dtype=torch.bool)
+    for h in chosen:
+        mask[heads.block(h)] = True
+    pinv_t = torch.linalg.pinv(W).T  # (d, n_heads * head_dim): z = (x - b) pinv(W)^T
+    c = torch.as_tensor(np.asarray(clean), dtype=torch.float64)
+    z_c = (c - b) @ pinv_t
+
+    def blend(v: Any) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(v), dtype=torch.float64)
+        if x.shape != c.shape:
+            raise MechdiffError(f"head blend: {tuple(x.shape)} vectors for {tuple(c.shape)} unpatched ones")
+        z = torch.where(mask, (x - b) @ pinv_t, z_c)
+        return (z @ W.T + b).float().numpy()
+
+    return blend
+
+
 def rank_alpha_sweep(
     model: nn.Module, enc: Encoded, rows: Any, site: Site, m: TransportMap, X: Any, *, ranks: Sequence[int | str],
     alphas: Sequence[float | str], rank: int | str, alpha: float | str, target_drop: float, allowed: Any = None,
     datasets: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
     progress: bool = True, ref_logits: Any = None, saturation: float = 0.9,
+    blend: Callable[[Any], np.ndarray] | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """The patch experiment at one site: raw vs mapped patch of base vectors X (len(rows), d) into `model`.
 
     The reported (`rank`, `alpha`) is added to the grid; returns `summarise_sweep`'s records and metrics, with
     'alpha' (the alpha used at the reported point). `ref_logits` (unpatched, computed when None) may be shared
-    between sites.
+    between sites. `blend` (e.g. `head_blend`) turns every configuration's vectors, raw and mapped alike, into
+    the vectors actually patched.
     """
     ranks = list(dict.fromkeys([*ranks, rank]))
     alphas = list(dict.fromkeys([*alphas, alpha]))
     configs = rank_alpha_configs(m, X, ranks, alphas)
+    if blend is not None:
+        configs = {name: blend(v) for name, v in configs.items()}
     ref = reference_logits(model, enc, rows, batch_size=batch_size) if ref_logits is None else ref_logits
     kls = sweep_kl(model, enc, rows, site, configs, ref, allowed=allowed, batch_size=batch_size, progress=progress)
     rank_rows, alpha_rows, metrics = summarise_sweep(
@@ -586,7 +628,7 @@ def rank_alpha_sweep(
 
 
 __all__ = [
-    "LAYER_PATCH_DIRECTIONS", "alpha_key", "kl_drop", "layer_patch", "layer_patch_direction",
+    "LAYER_PATCH_DIRECTIONS", "alpha_key", "head_blend", "kl_drop", "layer_patch", "layer_patch_direction",
     "layer_patch_table", "layer_recolour_stats", "min_k", "patch_kl", "patched_logits", "rank_alpha_configs",
     "rank_alpha_sweep", "reference_logits", "saturation_k", "summarise_sweep", "sweep_kl",
 ]

@@ -281,7 +281,8 @@ STAGES: tuple[StageReport, ...] = (
         tables=(
             Table("geometry-metrics", "Geometry metrics", metric("geometry.json"), "json",
                   "Per model: whitening check (max |Cov(g) - I|), word coverage, median angles with controls, "
-                  "separation AUC of held-out words, intervention effect and leakage, context vectors; pair: "
+                  "separation AUC of held-out words, the children's polytopes, parent and child interventions, "
+                  "context vectors; pair: "
                   "unembedding and context cosines, most moved concepts."),
             Table("geometry-angles-table", "Every angle", plot("geometry_angles.csv"), "csv",
                   "Parent vs (child - parent) and (child - sibling) angles per model, real and each control."),
@@ -291,6 +292,14 @@ STAGES: tuple[StageReport, ...] = (
             Table("geometry-concepts", "Separation and intervention per concept", plot("geometry_concepts.csv"),
                   "csv", "AUC of held-out words' projections against random tokens; for parents, the "
                   "intervention's effect (nats) on their held-out words and its leakage to other parents."),
+            Table("geometry-polytope", "Children as the vertices of a simplex", plot("geometry_polytope.csv"), "csv",
+                  "Per parent: smallest / largest singular value of its children's vectors (> 0: a (k-1)-simplex), "
+                  "the share of held-out child words whose largest least-squares coordinate is their own vertex "
+                  "(against chance 1/k) and their median own-vertex coordinate (1: at the vertex)."),
+            Table("geometry-children", "Child interventions and sibling ratios", plot("geometry_children.csv"), "csv",
+                  "Per child: a push along l_child - l_parent, its effect (nats) on its own held-out words over its "
+                  "siblings', leakage, and how much it changes the siblings' log-probability ratios (ratio_child) "
+                  "against the parent's push of the same size (ratio_parent: ~0 when the parent leaves them alone)."),
         ),
         summary=(SummaryItem("Is the concept geometry there, and did it move", S.geometry, "geometry-metrics"),),
     ),

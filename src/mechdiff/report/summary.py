@@ -202,6 +202,16 @@ def geometry(run: Run) -> list[Fact]:
                   f"shuffled {c['shuffled']['median_child']:.1f}, Euclidean {c['euclidean']['median_child']:.1f}"),
              Fact("held-out words vs random tokens", f"AUC {_num(b['separation_auc'])}",
                   f"shuffled unembedding {_num(c['shuffled'].get('separation_auc'))}")]
+    poly = b.get("polytope") or {}
+    if poly.get("accuracy") is not None:
+        facts.append(Fact("held-out child words at their own vertex (base)", f"{poly['accuracy']:.0%}",
+                          f"chance {poly['chance']:.0%}, shuffled {_num((c['shuffled'].get('polytope') or {}).get('accuracy'))}; "
+                          f"median singular-value ratio {_num(poly['median_sv_ratio'])}"))
+    kids = b.get("child_intervention") or {}
+    if kids.get("children"):
+        facts.append(Fact("sibling log-ratio change: parent vs child push (base)",
+                          f"{_num(kids['median_ratio_parent'])} vs {_num(kids['median_ratio_child'])} nats",
+                          f"own words rise most for {kids['share_own_top']:.0%} of child pushes"))
     pair = m.get("pair") or {}
     if pair.get("most_moved"):
         facts.append(Fact("most moved concepts", ", ".join(pair["most_moved"][:3]),
