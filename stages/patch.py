@@ -40,6 +40,8 @@ def main() -> None:
             target_drop=pp.target_drop, allowed=allowed, datasets=[prompts[r].dataset for r in rows],
             n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref, saturation=pp.saturation,
             blend=blend)
+        if blend is not None:
+            metrics[site_name]["attn_pinv_rank"] = blend.rank  # singular directions of W_o the split keeps
         rank_rows += ranks
         alpha_rows += alphas
         write_csv(P.plot(f"rank_k/{site_name}.csv"), ranks)

@@ -403,3 +403,34 @@ def test_head_blend_splits_through_pinv_and_patches_only_the_chosen_heads(world)
     np.testing.assert_allclose(head_blend(heads, last, vt, "all")(vb), vb, atol=1e-4)
     with pytest.raises(MechdiffError, match="4 heads"):
         head_blend(heads, last, vt, [4])
+
+
+def test_head_blend_drops_the_ill_conditioned_directions_of_w_o():
+    """An output projection with one tiny singular value: the exact pseudo-inverse would split a difference
+    along it into per-head parts 1e6 times larger; the truncated one leaves that direction unpatched."""
+    from torch import nn
+
+    from mechdiff.analysis.patching import head_blend
+    from mechdiff.model.sites import Heads
+
+    rng = np.random.default_rng(0)
+    d = 8
+    U, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    V, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    sv = np.array([3.0, 2.5, 2.0, 1.5, 1.2, 1.0, 0.8, 1e-6])
+    proj = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.from_numpy(U @ np.diag(sv) @ V.T))
+    heads = Heads(2, 4, (proj,))
+    c = rng.normal(size=(5, d))
+    v = c + 0.1 * U[:, -1]  # the difference lies along the tiny singular direction only
+    b = head_blend(heads, 0, c, [0])
+    assert b.rank == 7
+    np.testing.assert_allclose(b(v), c, atol=1e-5)  # that direction is dropped: the patch changes nothing
+    w = c + 0.1 * U[:, 0]  # along a well-conditioned direction every head's share comes through
+    both = head_blend(heads, 0, c, "all")(w)
+    np.testing.assert_allclose(both, w, atol=1e-5)
+    h0 = head_blend(heads, 0, c, [0])(w) - c
+    Wn = proj.weight.detach().double().numpy()
+    z = 0.1 * U[:, 0] @ np.linalg.pinv(Wn, rcond=1e-3).T  # numpy's truncated split
+    np.testing.assert_allclose(h0, np.tile(np.where(np.arange(d) < 4, z, 0) @ Wn.T, (5, 1)), atol=1e-6)

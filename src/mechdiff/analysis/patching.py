@@ -562,40 +562,44 @@ def summarise_sweep(
     return rank_rows, alpha_rows, metrics
 
 
-def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str = "all"
+def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str = "all", *, rtol: float = 1e-3
                ) -> Callable[[Any], np.ndarray]:
     """Patch vectors for an `attn_out` site blended per head through the pseudo-inverse of the output projection
     (the seeds' head-level form of the attention patch).
 
-    attn_out = z W^T + b with z the heads' outputs concatenated (`Heads.matrix`). A vector v is split into
-    per-head parts z_v = (v - b) pinv(W)^T, and so is the model's own (unpatched) attention output c; the
-    selected heads take their part of v, the others keep their own: the blend is z W^T + b with z = z_c outside
-    the selected heads' blocks and z_v inside them. `select` "all" (every head) gives v itself wherever W has
-    full column rank d (its projection onto W's column space otherwise). Returns a function of (n, d) vectors
-    (rows matching `clean`, the model's own attn_out at the same prompts and position)."""
+    attn_out = z W^T + b with z the heads' outputs concatenated (`Heads.matrix`). The difference between a patch
+    vector v and the model's own attention output c at the same prompt is split into per-head parts
+    (v - c) pinv(W)^T; the selected heads take their parts, the others keep their own output: the patched
+    vector is c + sum over the selected heads h of W_h (part of h) (the bias cancels). `select` "all" gives v
+    itself wherever W has full column rank d (c plus the projection of v - c onto W's column space otherwise).
+
+    The pseudo-inverse drops singular values below `rtol` x the largest: output projections can be
+    ill-conditioned (SmolLM2's L20: condition number 3e4), and the exact pseudo-inverse then splits a small
+    difference into per-head parts about 20x larger than the heads' own outputs that cancel only in their sum,
+    so a subset of heads would patch a vector several times the activation's norm. Returns a function of (n, d)
+    vectors (rows matching `clean`, the model's own attn_out at the same prompts and position); its `rank`
+    attribute is the number of singular directions kept."""
     W = heads.matrix(layer).detach().double().cpu()
-    proj = heads.projections[layer]
-    b = getattr(proj, "bias", None)
-    b = torch.zeros(W.shape[0], dtype=torch.float64) if b is None else b.detach().double().cpu()
     H = heads.n_heads
     chosen = list(range(H)) if select == "all" else [int(h) for h in select]
     bad = [h for h in chosen if not 0 <= h < H]
     if bad or not chosen:
         raise MechdiffError(f"heads to blend {list(select)}: the model has {H} heads per layer (0..{H - 1})")
-    mask = torch.zeros(W.shape[1], dtype=torch.bool)
+    mask = torch.zeros(W.shape[1], dtype=torch.float64)
     for h in chosen:
-        mask[heads.block(h)] = True
-    pinv_t = torch.linalg.pinv(W).T  # (d, n_heads * head_dim): z = (x - b) pinv(W)^T
+        mask[heads.block(h)] = 1.0
+    # (d, d): x -> the selected heads' share of x, through the truncated pseudo-inverse
+    share = (torch.linalg.pinv(W, rtol=rtol).T * mask) @ W.T
+    sv = torch.linalg.svdvals(W)
     c = torch.as_tensor(np.asarray(clean), dtype=torch.float64)
-    z_c = (c - b) @ pinv_t
 
     def blend(v: Any) -> np.ndarray:
         x = torch.as_tensor(np.asarray(v), dtype=torch.float64)
         if x.shape != c.shape:
             raise MechdiffError(f"head blend: {tuple(x.shape)} vectors for {tuple(c.shape)} unpatched ones")
-        z = torch.where(mask, (x - b) @ pinv_t, z_c)
-        return (z @ W.T + b).float().numpy()
+        return (c + (x - c) @ share).float().numpy()
 
+    blend.rank = int((sv > rtol * sv[0]).sum())  # type: ignore[attr-defined]
     return blend
 
 
