@@ -291,8 +291,9 @@ def children_of(cs: ConceptSet, parent: str) -> list[str]:
 
 
 def polytope(g: np.ndarray, cs: ConceptSet) -> list[dict]:
-    """Per parent with >= 2 children: its children's vectors as the vertices of a simplex (Park et al. 2024: a
-    categorical concept is represented by the polytope of its elements' vectors).
+    """Per parent with >= 2 children that have a vector (and held-out words among them): its children's vectors
+    as the vertices of a simplex (Park et al. 2024: a categorical concept is represented by the polytope of its
+    elements' vectors).
 
     - `sv_ratio`: smallest over largest singular value of the (k, d) vertex matrix; > 0 when the k vertices are
       linearly independent, so that they span a (k-1)-simplex (0: a vertex is a combination of the others);
@@ -303,8 +304,8 @@ def polytope(g: np.ndarray, cs: ConceptSet) -> list[dict]:
       the estimator puts a concept's mean projection there; 0: its vertex plays no part in it)."""
     rows = []
     for p in (c.name for c in cs.concepts if c.is_parent):
-        kids = children_of(cs, p)
-        if len(kids) < 2:
+        kids = [c.name for c in cs.concepts if c.parent == p and c.name in cs.vectors]  # the vertices
+        if len(kids) < 2 or not any(len(cs.test[k]) for k in kids):
             continue
         V = np.stack([cs.vectors[k] for k in kids])  # (k, d)
         sv = np.linalg.svd(V, compute_uv=False)
