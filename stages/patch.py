@@ -5,6 +5,7 @@ import mechdiff.pipeline as P
 from mechdiff.analysis.patching import head_blend, rank_alpha_sweep, reference_logits
 from mechdiff.analysis.transport import load_map
 from mechdiff.data.store import ActStore
+from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
@@ -27,13 +28,24 @@ def main() -> None:
     ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)
     metrics: dict = {}
     rank_rows, alpha_rows = [], []
-    heads = attention_heads(model) if pp.attn_heads is not None else None
+    heads, tuned = None, None
+    if pp.attn_heads is not None:
+        if not any(Site.parse(s).kind == "attn_out" for s in p.transport.sites):
+            print("patch: patch.attn_heads is set but no transport.sites entry is an attn_out site: it changes nothing")
+        else:
+            heads = attention_heads(model)
+            if pp.attn_heads != "all" and max(pp.attn_heads) >= heads.n_heads:
+                raise MechdiffError(f"params.yaml: patch.attn_heads {pp.attn_heads} names a head the tuned model lacks: "
+                                    f"it has {heads.n_heads} heads per layer (0..{heads.n_heads - 1})")
+            tuned = ActStore.open(P.acts_path("tuned"))
     for site_name in p.transport.sites:
         site = Site.parse(site_name)
         blend = None
         if heads is not None and site.kind == "attn_out":  # per-head parts, the other heads keep their own
-            clean = ActStore.open(P.acts_path("tuned")).read(site_name, "last", rows)
-            blend = head_blend(heads, site.layer, clean, pp.attn_heads)
+            blend = head_blend(heads, site.layer, tuned.read(site_name, "last", rows), pp.attn_heads)
+            if blend.rank < heads.matrix(site.layer).shape[0]:
+                print(f"patch: {site_name}: the output projection's split keeps {blend.rank} of "
+                      f"{heads.matrix(site.layer).shape[0]} directions; the rest of each patch vector is not patched")
         ranks, alphas, metrics[site_name] = rank_alpha_sweep(
             model, enc, rows, site, load_map(P.map_dir(site_name)),
             base.read(site_name, "last", rows), ranks=pp.ranks, alphas=pp.alphas, rank=p.rank, alpha=p.alpha,

@@ -267,3 +267,5 @@ def test_planted_children_form_simplices_and_their_pushes_keep_to_their_siblings
     want = np.median([abs(sh[a] - sh[b]) for i, a in enumerate(kids) for b in kids[i + 1:]])
     rows = child_interventions(model, hidden, geo.cs, geo.whitening, scale=0.5)
     assert next(r for r in rows if r["parent"] == "tools")["ratio_parent"] == pytest.approx(want, rel=1e-6)
+    per_parent = {r["parent"]: r["ratio_parent"] for r in rows}  # each parent counted once in the summary
+    assert len(per_parent) == 3 and c["median_ratio_parent"] == pytest.approx(np.median(list(per_parent.values())))

@@ -221,7 +221,8 @@ def test_method_options_reach_the_stages(tiny_repo):
     mc = [d for d in before["behaviour.json"] if isinstance(before["behaviour.json"][d], dict)
           and "accuracy" in before["behaviour.json"][d]]
     assert mc and any(after["behaviour.json"][d]["accuracy"] != before["behaviour.json"][d]["accuracy"] for d in mc)
-    # one head of four carries part of the planted change: its patch removes less KL than the whole vector's
+    # one head of four takes its part of each patch vector: the raw patch moves the tuned output less than the
+    # whole vector does
     pb, pa = before["patch.json"]["L2.attn_out"], after["patch.json"]["L2.attn_out"]
     assert 0 < pa["kl_raw"] < pb["kl_raw"]
 

@@ -76,6 +76,8 @@ def test_repo_params_load():
     (lambda r: r["patch"].__setitem__("attn_heads", "some"), "patch.attn_heads must be null"),
     (lambda r: r["patch"].__setitem__("attn_heads", [1, 1]), "patch.attn_heads must be null"),
     (lambda r: r["patch"].__setitem__("attn_heads", []), "patch.attn_heads must be null"),
+    (lambda r: r["patch"].__setitem__("attn_heads", [-1]), "patch.attn_heads must be null"),
+    (lambda r: r["patch"].__setitem__("attn_heads", [True]), "patch.attn_heads must be str or a list of int"),
     (lambda r: r["patch"].__setitem__("attn_heads", 2), "patch.attn_heads must be str or a list of int or null"),
     (lambda r: r["features"].__setitem__("graded_top", 0), "features.graded_top must be >= 1"),
 ])

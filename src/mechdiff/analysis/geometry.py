@@ -507,13 +507,14 @@ def child_interventions(model: nn.Module, hidden: torch.Tensor, cs: ConceptSet, 
 
 
 def children_summary(rows: Sequence[dict]) -> dict:
-    """Medians of the child pushes' effect and of the sibling-ratio changes, and the share of children whose own
-    set rises most under their push."""
+    """Medians of the child pushes' effect and sibling-ratio change (over children), of the parent pushes'
+    sibling-ratio change (over parents, each once), and the share of children whose own set rises most under
+    their push."""
     if not rows:
         return {"children": 0}
     return {"children": len(rows), "median_effect": median_of(rows, "effect"),
             "share_own_top": float(np.mean([r["own_top"] for r in rows])),
-            "median_ratio_parent": median_of(rows, "ratio_parent"),
+            "median_ratio_parent": median_of(list({r["parent"]: r for r in rows}.values()), "ratio_parent"),
             "median_ratio_child": median_of(rows, "ratio_child")}
 
 

@@ -571,7 +571,8 @@ def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str
     vector v and the model's own attention output c at the same prompt is split into per-head parts
     (v - c) pinv(W)^T; the selected heads take their parts, the others keep their own output: the patched
     vector is c + sum over the selected heads h of W_h (part of h) (the bias cancels). `select` "all" gives v
-    itself wherever W has full column rank d (c plus the projection of v - c onto W's column space otherwise).
+    itself wherever W (d x n_heads * head_dim) has rank d (c plus the projection of v - c onto W's column space
+    otherwise, e.g. when n_heads * head_dim < d).
 
     The pseudo-inverse drops singular values below `rtol` x the largest: output projections can be
     ill-conditioned (SmolLM2's L20: condition number 3e4), and the exact pseudo-inverse then splits a small

@@ -29,6 +29,10 @@ def _site(name: str):
     return Site.parse(name)
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def _num(x: float | None, digits: int = 3) -> str:
     """A metric for reading; "undefined" where it is null (NaN in the stage, e.g. a constant site)."""
     if x is None:
@@ -205,7 +209,7 @@ def geometry(run: Run) -> list[Fact]:
     poly = b.get("polytope") or {}
     if poly.get("accuracy") is not None:
         facts.append(Fact("held-out child words at their own vertex (base)", f"{poly['accuracy']:.0%}",
-                          f"chance {poly['chance']:.0%}, shuffled {_num((c['shuffled'].get('polytope') or {}).get('accuracy'))}; "
+                          f"chance {poly['chance']:.0%}, shuffled {_pct((c['shuffled'].get('polytope') or {}).get('accuracy'))}; "
                           f"median singular-value ratio {_num(poly['median_sv_ratio'])}"))
     kids = b.get("child_intervention") or {}
     if kids.get("children"):
