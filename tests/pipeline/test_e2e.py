@@ -221,10 +221,13 @@ def test_method_options_reach_the_stages(tiny_repo):
     mc = [d for d in before["behaviour.json"] if isinstance(before["behaviour.json"][d], dict)
           and "accuracy" in before["behaviour.json"][d]]
     assert mc and any(after["behaviour.json"][d]["accuracy"] != before["behaviour.json"][d]["accuracy"] for d in mc)
-    # one head of four takes its part of each patch vector: the raw patch moves the tuned output less than the
-    # whole vector does
+    # one head of four takes its part of each patch vector at the attn_out site (through the full-rank 64 x 64
+    # projection); the resid_post site is patched as before
     pb, pa = before["patch.json"]["L2.attn_out"], after["patch.json"]["L2.attn_out"]
-    assert 0 < pa["kl_raw"] < pb["kl_raw"]
+    assert pa["attn_pinv_rank"] == 64 and "attn_pinv_rank" not in pb
+    assert pa["kl_raw"] > 0 and pa["kl_raw"] != pb["kl_raw"]
+    r_b, r_a = before["patch.json"]["L3.resid_post"], after["patch.json"]["L3.resid_post"]
+    assert r_a["kl_raw"] == pytest.approx(r_b["kl_raw"], rel=1e-4) and r_a["min_k"] == r_b["min_k"]
 
 
 def test_two_processes_give_the_same_metrics(tiny_repo):
