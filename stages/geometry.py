@@ -18,7 +18,7 @@ from mechdiff.analysis.geometry import (
     model_geometry,
 )
 from mechdiff.data.corpus import load_concepts
-from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.io import run_stage, to_jsonable, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.params import load_params
@@ -101,12 +101,9 @@ def main() -> None:
                                                 for r in sorted(pair_rows, key=lambda r: -r["shift"])
                                                 if r["level"] == "parent"])
     write_csv(P.plot("geometry_summary.csv"), summary_rows(metrics))
-    write_csv(P.plot("geometry_polytope.csv"), [{"model": w, **{k: round(v, 5) if isinstance(v, float) else v
-                                                                   for k, v in r.items()}}
-                                                 for w, geo in geos.items() for r in geo.polytope])
-    write_csv(P.plot("geometry_children.csv"), [{"model": w, **{k: round(v, 5) if isinstance(v, float) else v
-                                                                   for k, v in r.items()}}
-                                                 for w, geo in geos.items() for r in geo.child_interventions])
+    for name, attr in (("geometry_polytope.csv", "polytope"), ("geometry_children.csv", "child_interventions")):
+        write_csv(P.plot(name), [{"model": w, **to_jsonable(r, digits=5)}
+                                 for w, geo in geos.items() for r in getattr(geo, attr)])
     write_csv(P.plot("geometry_concepts.csv"),
               [{"model": w, **r, **next((x for x in geo.interventions if x["concept"] == r["concept"]), {})}
                for w, geo in geos.items() for r in geo.separation])

@@ -43,9 +43,10 @@ def main() -> None:
         blend = None
         if heads is not None and site.kind == "attn_out":  # per-head parts, the other heads keep their own
             blend = head_blend(heads, site.layer, tuned.read(site_name, "last", rows), pp.attn_heads)
-            if blend.rank < heads.matrix(site.layer).shape[0]:
-                print(f"patch: {site_name}: the output projection's split keeps {blend.rank} of "
-                      f"{heads.matrix(site.layer).shape[0]} directions; the rest of each patch vector is not patched")
+            d = heads.matrix(site.layer).shape[0]
+            if blend.rank < d:
+                print(f"patch: {site_name}: the output projection's split keeps {blend.rank} of {d} directions; "
+                      "the rest of each patch vector is not patched")
         ranks, alphas, metrics[site_name] = rank_alpha_sweep(
             model, enc, rows, site, load_map(P.map_dir(site_name)),
             base.read(site_name, "last", rows), ranks=pp.ranks, alphas=pp.alphas, rank=p.rank, alpha=p.alpha,
