@@ -246,3 +246,53 @@ def test_packed_model_gives_plain_gradients(monkeypatch, blas_avx512):
             m(inputs_embeds=emb).logits.square().mean().backward()
         grads.append(emb.grad.double().numpy())
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_reused_transposes_train_bit_for_bit_and_are_made_once_per_weight_version(monkeypatch):
+    """Inside onednn_linears each weight's transposed copy for the backward is made once per version: AdamW
+    steps (in-place, version bumped) get fresh copies, so three steps of two backward passes each end in the
+    same weights bit for bit as with a fresh copy per call; a frozen weight is copied once in all."""
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", False)
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    ids = torch.randint(4, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    real, real_reuse = kernels._weight_t, kernels.reuse_transposes
+    made: list[torch.Tensor] = []
+
+    def counting(w: torch.Tensor) -> torch.Tensor:
+        out = real(w)
+        if not any(out is m for m in made):
+            made.append(out)
+        return out
+
+    def train(reuse: bool) -> tuple[nn.Module, int]:
+        made.clear()
+        model = make_tiny_model(64, n_layers=2, d_model=32, seed=7)
+        frozen = model.model.layers[0]
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        monkeypatch.setattr(kernels, "reuse_transposes", real_reuse if reuse else contextlib.nullcontext)
+        with kernels.onednn_linears(model):
+            for _ in range(3):
+                opt.zero_grad()
+                for half in (ids[:2], ids[2:]):  # two backward passes on the same weights per step
+                    model(input_ids=half).logits.square().mean().backward()
+                opt.step()
+        return model, len(made)
+
+    monkeypatch.setattr(kernels, "_weight_t", counting)
+    plain, n_plain = train(False)
+    reused, n_reused = train(True)
+    for (name, p), q in zip(plain.named_parameters(), reused.parameters()):
+        assert torch.equal(p, q), name
+    lin = [m for m in reused.modules() if type(m) is nn.Linear]
+    n_frozen = sum(1 for m in reused.model.layers[0].modules() if type(m) is nn.Linear)
+    n_trained = len(lin) - n_frozen
+    # grad_x is needed through every layer above the embedding: frozen layers once in all, trained once per step
+    # (plus the one probe of onednn_linears' self-check); without reuse, once per backward call
+    assert n_reused == 1 + n_frozen + 3 * n_trained
+    assert n_plain == 1 + 6 * (n_frozen + n_trained)
+    assert kernels._TRANSPOSES[0] is None  # dropped when the outermost block ends

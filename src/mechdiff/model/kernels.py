@@ -129,9 +129,47 @@ def _lp_nd(x2: torch.Tensor, shape: torch.Size, w: torch.Tensor, b: torch.Tensor
     return _lp(x2, w.contiguous(), b).reshape(*shape[:-1], w.shape[0])
 
 
+# Transposed weights for the backward products, per weight and version, while `reuse_transposes` is active
+# (None: off). Entries hold the weight itself, so an id is never reused for another tensor while it is kept.
+_TRANSPOSES: list[dict[int, tuple[torch.Tensor, int, torch.Tensor]] | None] = [None]
+
+
+@contextlib.contextmanager
+def reuse_transposes() -> Iterator[None]:
+    """Within the block, the oneDNN backward (`_OneDNNLinear`) makes each weight's transposed copy once per weight
+    version instead of once per backward call: a frozen weight (an LM head, every layer under attribution) once
+    in all, a trained one once per optimizer step however many forwards the step runs. The copy is the same
+    tensor either way, so results are unchanged bit for bit. In-place updates through tracked ops (optimizer
+    steps, `copy_` under no_grad) bump the version and so make a fresh copy; writes through `.data` are not
+    tracked and must not happen inside the block. Nested blocks share the outermost one's copies; they are
+    dropped when it ends."""
+    outer = _TRANSPOSES[0] is not None
+    if not outer:
+        _TRANSPOSES[0] = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            _TRANSPOSES[0] = None
+
+
+def _weight_t(weight: torch.Tensor) -> torch.Tensor:
+    """weight.T as a contiguous tensor: made anew, or (inside `reuse_transposes`) the copy of this version."""
+    cache = _TRANSPOSES[0]
+    if cache is None:
+        return weight.t().contiguous()
+    hit = cache.get(id(weight))
+    if hit is not None and hit[0] is weight and hit[1] == weight._version:
+        return hit[2]
+    wt = weight.detach().t().contiguous()
+    cache[id(weight)] = (weight, weight._version, wt)
+    return wt
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """F.linear with its forward and both backward products on oneDNN (fp32, CPU): grad_x = g @ W and
-    grad_W = g.T @ x run as linear calls on transposed copies (O(rows x d) copies for O(rows x d x d') products)."""
+    grad_W = g.T @ x run as linear calls on transposed copies (O(rows x d) copies for O(rows x d x d') products;
+    the weight's copy is reused across calls inside `reuse_transposes`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -147,7 +185,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _lp(g2, weight.t().contiguous()).reshape(ctx.in_shape)
+            gx = _lp(g2, _weight_t(weight)).reshape(ctx.in_shape)
         if ctx.needs_input_grad[1]:
             gw = _lp(g2.t().contiguous(), x2.t().contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -309,7 +347,8 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
     BLAS runs AVX2 code (`_blas_avx512` false: AVX2 CPUs, AMD's AVX-512 CPUs under MKL, where oneDNN is ~2x
     faster on AVX-512); yields how many layers. Elsewhere (Intel AVX-512, no oneDNN, layers already patched)
     it changes nothing and yields 0. For training: unlike `packed_linears` it keeps autograd (gradients equal
-    F.linear's up to summation order, checked once on the first layer before anything is patched)."""
+    F.linear's up to summation order, checked once on the first layer before anything is patched). The block
+    runs inside `reuse_transposes`: no `.data` writes to the weights within it."""
     patched: list[nn.Module] = []
     try:
         if not _blas_avx512() and onednn_linear_available():
@@ -319,7 +358,8 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
                 for mod in mods:
                     mod.forward = types.MethodType(_onednn_forward, mod)
                     patched.append(mod)
-        yield len(patched)
+        with reuse_transposes():
+            yield len(patched)
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
