@@ -114,7 +114,14 @@ def _check_layers(p, n_layers: int) -> list[str]:
 
 def _check_models(p) -> list[str]:
     """Model specs resolve (no download); layers the params name are in range; with two given models, their
-    tokenizers vs pair.fairness.enabled."""
+    tokenizers vs pair.fairness.enabled. A GGUF file is parsed once for its config and its tokenizer."""
+    from mechdiff.model.load import gguf_read_once
+
+    with gguf_read_once():
+        return _check_models_read(p)
+
+
+def _check_models_read(p) -> list[str]:
     from mechdiff.model.load import check_spec, check_vocab, spec_shape, spec_tokenizer
 
     problems, infos = [], {}

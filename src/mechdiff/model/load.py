@@ -239,7 +239,7 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
 
 
 @contextlib.contextmanager
-def _gguf_read_once():
+def gguf_read_once():
     """Within this block each GGUF file is parsed once and each tensor-name map built once. transformers parses
     the file again for the tokenizer, the config and the weights (`gguf.GGUFReader`, ~3 s each for SmolLM2's
     49k-token vocabulary on one core) and builds the name map again for every submodule (`gguf.get_tensor_name_map`,
@@ -295,7 +295,7 @@ def load_model(
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]
         try:
-            with _gguf_read_once():
+            with gguf_read_once():
                 tok = spec_tokenizer(info)
                 gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
@@ -310,7 +310,7 @@ def load_model(
     if info.get("gguf_file"):
         kw["gguf_file"] = info["gguf_file"]
     try:
-        with _gguf_read_once() if info.get("gguf_file") else contextlib.nullcontext():
+        with gguf_read_once() if info.get("gguf_file") else contextlib.nullcontext():
             tok = spec_tokenizer(info, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
     except (OSError, ValueError) as exc:
