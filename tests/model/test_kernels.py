@@ -296,3 +296,31 @@ def test_reused_transposes_train_bit_for_bit_and_are_made_once_per_weight_versio
     assert n_reused == 1 + n_frozen + 3 * n_trained
     assert n_plain == 1 + 6 * (n_frozen + n_trained)
     assert kernels._TRANSPOSES[0] is None  # dropped when the outermost block ends
+
+
+def test_reused_transposes_follow_a_parameter_whose_storage_is_swapped(monkeypatch):
+    """A conversion that swaps a parameter's storage without a version bump (`.to()`, `.float()`, `p.data = ...`)
+    gets a fresh transposed copy: the input gradient after it is the new weight's (numpy reference)."""
+    from mechdiff.model import kernels
+
+    monkeypatch.setattr(kernels, "_BLAS_AVX512", False)
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    lin = nn.Linear(16, 8, bias=False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 16, generator=g)
+
+    def grad_x() -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        kernels._OneDNNLinear.apply(xr, lin.weight, None).sum().backward()
+        return xr.grad
+
+    with kernels.reuse_transposes():
+        first = grad_x()
+        version = lin.weight._version
+        lin.weight.data = lin.weight.data * 3.0  # new storage, same version
+        assert lin.weight._version == version
+        after = grad_x()
+    ones = np.ones((4, 8))
+    np.testing.assert_allclose(first.numpy(), ones @ (lin.weight.detach().numpy() / 3.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after.numpy(), ones @ lin.weight.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -131,7 +131,7 @@ def _lp_nd(x2: torch.Tensor, shape: torch.Size, w: torch.Tensor, b: torch.Tensor
 
 # Transposed weights for the backward products, per weight and version, while `reuse_transposes` is active
 # (None: off). Entries hold the weight itself, so an id is never reused for another tensor while it is kept.
-_TRANSPOSES: list[dict[int, tuple[torch.Tensor, int, torch.Tensor]] | None] = [None]
+_TRANSPOSES: list[dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] | None] = [None]
 
 
 @contextlib.contextmanager
@@ -139,10 +139,12 @@ def reuse_transposes() -> Iterator[None]:
     """Within the block, the oneDNN backward (`_OneDNNLinear`) makes each weight's transposed copy once per weight
     version instead of once per backward call: a frozen weight (an LM head, every layer under attribution) once
     in all, a trained one once per optimizer step however many forwards the step runs. The copy is the same
-    tensor either way, so results are unchanged bit for bit. In-place updates through tracked ops (optimizer
-    steps, `copy_` under no_grad) bump the version and so make a fresh copy; writes through `.data` are not
-    tracked and must not happen inside the block. Nested blocks share the outermost one's copies; they are
-    dropped when it ends."""
+    tensor either way, so results are unchanged bit for bit. Only parameters are kept (a weight built anew per
+    call is transposed per call, as outside the block); each kept copy costs as much memory as its weight until
+    the outermost block ends. In-place updates through tracked ops (optimizer steps, `copy_` under no_grad)
+    bump the version, and a conversion that swaps a parameter's storage (`.to()`, `.float()`) changes its data
+    pointer: either makes a fresh copy. Writes through `.data` into the same storage are not tracked and must
+    not happen inside the block. Nested blocks share the outermost one's copies."""
     outer = _TRANSPOSES[0] is not None
     if not outer:
         _TRANSPOSES[0] = {}
@@ -156,13 +158,14 @@ def reuse_transposes() -> Iterator[None]:
 def _weight_t(weight: torch.Tensor) -> torch.Tensor:
     """weight.T as a contiguous tensor: made anew, or (inside `reuse_transposes`) the copy of this version."""
     cache = _TRANSPOSES[0]
-    if cache is None:
+    if cache is None or not isinstance(weight, nn.Parameter):
         return weight.t().contiguous()
+    key = (weight._version, weight.data_ptr())
     hit = cache.get(id(weight))
-    if hit is not None and hit[0] is weight and hit[1] == weight._version:
+    if hit is not None and hit[0] is weight and hit[1] == key:
         return hit[2]
     wt = weight.detach().t().contiguous()
-    cache[id(weight)] = (weight, weight._version, wt)
+    cache[id(weight)] = (weight, key, wt)
     return wt
 
 
