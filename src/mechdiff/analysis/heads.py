@@ -118,6 +118,7 @@ def _block_sum(x: torch.Tensor, mask: torch.Tensor, heads: Heads) -> torch.Tenso
     return (x.double().view(B, T, heads.n_heads, heads.head_dim).sum(-1) * mask[:, :, None].double()).sum(1)
 
 
+@reuse_transposes()  # the weights stay as they are: each one's transposed copy for the backward is made once
 def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0, other: Scan | None = None,
                 other_model: nn.Module | None = None, progress: bool = False) -> Scan:
     """Per-head attribution of the summed continuation log-prob, averaged over prompts, with each prompt's score
@@ -165,54 +166,52 @@ def attribution(model: nn.Module, batches: Sequence[Batch], *, ig_steps: int = 0
             ctxs.append(edit_heads_at(model, heads, layer, fn))
         return ctxs
 
-    # the weights stay as they are: each one's transposed copy for the backward products is made once in all
-    with reuse_transposes():
-        for bn, b in enumerate(batches):
-            z_store: dict[int, torch.Tensor] = {}
-            kept: list[Any] = []
-            with torch.enable_grad(), contextlib.ExitStack() as st:
-                st.enter_context(keep_block_outputs(model, kept))
-                for ctx in leaves(None, 1.0, z_store):
-                    st.enter_context(ctx)
-                s, lg = _score(model, b)
-                got = torch.autograd.grad(s.sum(), [z_store[layer] for layer in range(L)])  # no parameter collects one
-            scores[b.rows] = s.detach().cpu().numpy()
-            logits_all.append(lg.detach())
-            blocks.append(kept)
-            zb = [z_store[layer].detach() for layer in range(L)]
-            zs.append(zb)
-            bar.update(1)
-            grads = list(got)
+    for bn, b in enumerate(batches):
+        z_store: dict[int, torch.Tensor] = {}
+        kept: list[Any] = []
+        with torch.enable_grad(), contextlib.ExitStack() as st:
+            st.enter_context(keep_block_outputs(model, kept))
+            for ctx in leaves(None, 1.0, z_store):
+                st.enter_context(ctx)
+            s, lg = _score(model, b)
+            got = torch.autograd.grad(s.sum(), [z_store[layer] for layer in range(L)])  # no parameter collects one
+        scores[b.rows] = s.detach().cpu().numpy()
+        logits_all.append(lg.detach())
+        blocks.append(kept)
+        zb = [z_store[layer].detach() for layer in range(L)]
+        zs.append(zb)
+        bar.update(1)
+        grads = list(got)
+        if pred is not None:
+            out_grads, inputs = _write_grads(model, b, L)
+            # both sides of the direct estimate from the same kind of forward (no grad, each block fed the same
+            # input), so a layer whose weights did not change gives exactly 0 whatever kernels each path uses
+            own_other = _own_outputs(other_model, other_heads, inputs, b)
+            own_mine = _own_outputs(model, heads, inputs, b)
+        if ig_steps:
+            grads = [torch.zeros_like(g) for g in grads]
+            for i in range(ig_steps):
+                scaled: dict[int, torch.Tensor] = {}
+                with torch.enable_grad(), contextlib.ExitStack() as st:
+                    for ctx in leaves(zb, (i + 0.5) / ig_steps, scaled):
+                        st.enter_context(ctx)
+                    s_a, _ = _score(model, b)
+                    g_a = torch.autograd.grad(s_a.sum(), [scaled[layer] for layer in range(L)])
+                for layer in range(L):
+                    grads[layer] += g_a[layer] / ig_steps
+                bar.update(1)
+        for layer in range(L):
+            attr[layer] += _block_sum(zb[layer].double() * grads[layer].double(), b.mask, heads).sum(0).cpu().numpy()
             if pred is not None:
-                out_grads, inputs = _write_grads(model, b, L)
-                # both sides of the direct estimate from the same kind of forward (no grad, each block fed the same
-                # input), so a layer whose weights did not change gives exactly 0 whatever kernels each path uses
-                own_other = _own_outputs(other_model, other_heads, inputs, b)
-                own_mine = _own_outputs(model, heads, inputs, b)
-            if ig_steps:
-                grads = [torch.zeros_like(g) for g in grads]
-                for i in range(ig_steps):
-                    scaled: dict[int, torch.Tensor] = {}
-                    with torch.enable_grad(), contextlib.ExitStack() as st:
-                        for ctx in leaves(zb, (i + 0.5) / ig_steps, scaled):
-                            st.enter_context(ctx)
-                        s_a, _ = _score(model, b)
-                        g_a = torch.autograd.grad(s_a.sum(), [scaled[layer] for layer in range(L)])
-                    for layer in range(L):
-                        grads[layer] += g_a[layer] / ig_steps
-                    bar.update(1)
-            for layer in range(L):
-                attr[layer] += _block_sum(zb[layer].double() * grads[layer].double(), b.mask, heads).sum(0).cpu().numpy()
-                if pred is not None:
-                    g = out_grads[layer].detach().double()
-                    W = heads.matrix(layer).detach().to(g.device, torch.float64)
-                    Wo = other_heads.matrix(layer).detach().to(g.device, torch.float64)
-                    mine = zb[layer].double() * (g @ W)
-                    diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - mine
-                    pred[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
-                    diff = (own_other[layer].to(g.device, torch.float64) * (g @ Wo)
-                            - own_mine[layer].to(g.device, torch.float64) * (g @ W))
-                    direct[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
+                g = out_grads[layer].detach().double()
+                W = heads.matrix(layer).detach().to(g.device, torch.float64)
+                Wo = other_heads.matrix(layer).detach().to(g.device, torch.float64)
+                mine = zb[layer].double() * (g @ W)
+                diff = other.z[bn][layer].to(g.device, torch.float64) * (g @ Wo) - mine
+                pred[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
+                diff = (own_other[layer].to(g.device, torch.float64) * (g @ Wo)
+                        - own_mine[layer].to(g.device, torch.float64) * (g @ W))
+                direct[layer] += _block_sum(diff, b.mask, heads).sum(0).cpu().numpy()
     bar.close()
     return Scan(attr / n, scores, zs, logits_all, blocks, None if pred is None else pred / n,
                 None if direct is None else direct / n)
