@@ -81,6 +81,36 @@ def test_procrustes_scaled_recovers_scaled_rotation():
     assert auto_alpha(m, X[300:], Y[300:]) == pytest.approx(1.0, abs=0.01)
 
 
+def test_subspace_procrustes_scaled_rank_k_scale_is_least_squares():
+    """Subspace rank k: the scale is the least-squares one of the rank-k rotation in whitened space (numpy
+    reference), so a planted rank-r map is recovered at k = r (an ||Xw||^2 denominator shrank it by ~k/d)."""
+    rng = np.random.default_rng(5)
+    n, d, r = 800, 24, 4
+    X = rng.normal(size=(n, d)) @ np.diag(np.exp(rng.normal(size=d) * 0.3)) + 1.0
+    U, _ = np.linalg.qr(rng.normal(size=(d, r)))
+    V, _ = np.linalg.qr(rng.normal(size=(d, r)))
+    Y = X @ U @ np.diag(rng.uniform(1, 3, r)) @ V.T + 0.05 * rng.normal(size=(n, d)) + 2.0
+    m = fit_map(X[:600], Y[:600], solver="procrustes_scaled", shrink=0.0, rank_mode="subspace")
+    # whitened coordinates from numpy's eigh, the rank-k rotation from numpy's SVD
+    xc, yc = X[:600] - X[:600].mean(0), Y[:600] - Y[:600].mean(0)
+
+    def inv_sqrt(C):
+        e, E = np.linalg.eigh(C)
+        return E @ np.diag(np.maximum(e, e.max() * 1e-6) ** -0.5) @ E.T
+
+    Xw, Yw = xc @ inv_sqrt(xc.T @ xc / 599), yc @ inv_sqrt(yc.T @ yc / 599)
+    Us, _, Vts = np.linalg.svd(Xw.T @ Yw)
+    for k in (1, r, 12):
+        P = Xw @ Us[:, :k] @ Vts[:k]
+        s_ref = np.linalg.lstsq(P.reshape(-1, 1), Yw.reshape(-1), rcond=None)[0][0]
+        assert m.factors["scales"][k - 1] == pytest.approx(s_ref, rel=1e-6)
+    s_full = np.linalg.svd(Xw.T @ Yw, compute_uv=False).sum() / np.sum(Xw**2)
+    assert m.factors["scales"][-1] == pytest.approx(s_full, rel=1e-6)  # full rank: the documented s
+    # the planted map has rank r: the rank-r map predicts held-out rows, the full rotation also maps noise
+    r2 = {k: r2_score(Y[600:], m.at_rank(k).apply(X[600:])) for k in (1, r, None)}
+    assert r2[r] > 0.95 and r2[r] > r2[None] and r2[1] < 0.8
+
+
 @pytest.mark.parametrize("r", [1, 4])
 def test_delta_mode_recovers_planted_change(r):
     rng = np.random.default_rng(10 + r)

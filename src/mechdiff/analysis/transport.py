@@ -353,7 +353,11 @@ def _procrustes_scaled_parts(x, y, st, shrink):
         raise MechdiffError("whitened base activations are all zero: nothing to map at this site")
     s = float(S.sum()) / nx
     L, Rt = Bm @ U, Vt @ Tp
-    return s * (L @ Rt), L, Rt, np.cumsum(S) / nx, S
+    # rank k: the least-squares scale of the rank-k rotation Q_k = U_k V_k^T, sum_{i<=k} S_i / ||Xw U_k||_F^2
+    # (||Xw Q_k||_F = ||Xw U_k||_F); at full rank with equal widths ||Xw U||_F = ||Xw||_F, so the last is s
+    kept = np.cumsum(np.sum((Xw @ U) ** 2, axis=0))
+    scales = np.divide(np.cumsum(S), kept, out=np.zeros_like(S), where=kept > 1e-12 * nx)
+    return s * (L @ Rt), L, Rt, scales, S
 
 
 def fit_map(
