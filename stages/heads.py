@@ -75,6 +75,8 @@ def main() -> None:
     print(f"heads: churn {m['churn']:.3f} (|dz| > {h.z_threshold}), top-{h.top_k} Jaccard {m['jaccard_top_k']:.2f}, "
           f"{m['heads_for_target']} heads close {h.target_effect:.0%} of the gap ({m['gap']:.3f} nats), "
           f"Spearman patch {m['spearman_patch']}, in {time.time() - t0:.0f}s")
+    direct, pred = (", ".join(f"L{a}H{b}" for a, b in m[key]) or "none" for key in ("top_direct", "top_pred"))
+    print(f"heads: changed by the tuning (top_direct) {direct}; carrying the change (top_pred) {pred}")
 
 
 if __name__ == "__main__":

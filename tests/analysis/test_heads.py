@@ -91,7 +91,9 @@ def test_planted_heads_are_found_and_patching_them_closes_the_gap(world, layer, 
     assert {lh for lh in np.ndindex(direct.shape) if direct[lh] != 0.0} == planted
     for lh in planted:
         assert res["direct"][lh] == pytest.approx(res["pred"][lh], rel=1e-9, abs=1e-12)
-    assert [tuple(x) for x in res["metrics"]["top_direct"][: len(heads)]] == top_heads(res["direct"], len(heads))
+    # top_direct lists the planted heads and nothing else (every other head's direct estimate is exactly 0)
+    assert [tuple(x) for x in res["metrics"]["top_direct"]] == top_heads(res["direct"], len(heads))
+    assert {tuple(x) for x in res["metrics"]["top_direct"]} == planted
     from mechdiff.analysis.heads import Patcher
 
     bs, ts = attribution(base, batches), attribution(tuned, batches)
@@ -346,3 +348,58 @@ def test_direct_estimate_is_the_first_order_effect_of_each_heads_own_change(worl
     # measured within 0.3-0.7 %; with the gradient of grad x act (later heads held fixed) it was off by up to 31 %
     np.testing.assert_allclose(direct[2], measured, rtol=0.02)
     np.testing.assert_allclose(res["pred"][2], measured, rtol=0.02)
+
+
+def _gqa_llama(seed=0):
+    """A Llama with grouped-query attention unlike the tiny model: 8 query heads over 2 key/value heads, head_dim 6."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=60, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return m.eval()
+
+
+@pytest.mark.parametrize("plant", ["o_proj", "q_proj", "v_proj"])
+def test_direct_finds_planted_heads_under_grouped_query_attention(plant):
+    """Planted in the output columns of two heads, the query rows of one head, or the value rows of one key/value
+    group (whose answer is every query head sharing it): the direct estimate is nonzero exactly there and
+    `top_direct` lists exactly those heads, even where a later head relaying the change outranks them by pred."""
+    from mechdiff.model.sites import find_blocks
+
+    base = _gqa_llama()
+    tuned = copy.deepcopy(base)
+    hd, layer = attention_heads(base).head_dim, 1
+    attn = find_blocks(tuned)[layer].self_attn
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        if plant == "o_proj":
+            plant_edit(tuned, layer=layer, kind="attn_out", rank=4, scale=6.0, seed=3, heads=[7, 1])
+            planted = {(layer, 1), (layer, 7)}
+        elif plant == "q_proj":
+            attn.q_proj.weight[7 * hd:8 * hd] += 0.5 * torch.randn(hd, 48, generator=gen)
+            planted = {(layer, 7)}
+        else:  # key/value group 1 serves query heads 4-7
+            attn.v_proj.weight[hd:2 * hd] += 0.5 * torch.randn(hd, 48, generator=gen)
+            planted = {(layer, h) for h in range(4, 8)}
+    rng = np.random.default_rng(1)
+    seqs, n_prompt = [], []
+    for _ in range(24):
+        t = int(rng.integers(6, 14))
+        seqs.append(rng.integers(4, 60, size=t + 3).tolist())
+        n_prompt.append(t)
+    batches = make_batches(seqs, n_prompt, [3] * 24, pad=0, batch_size=8)
+    res = diff_heads(base, tuned, batches, n_patch=4, n_random=0)
+    direct = res["direct"]
+    assert {lh for lh in np.ndindex(direct.shape) if direct[lh] != 0.0} == planted
+    assert {tuple(x) for x in res["metrics"]["top_direct"]} == set(top_heads(direct, min(5, len(planted))))
+    assert set(top_heads(direct, len(planted))) == planted
+    from mechdiff.analysis.heads import Patcher
+
+    p = Patcher(base, tuned, batches, attribution(base, batches), attribution(tuned, batches))
+    assert p.patch(sorted(planted))["share"] == pytest.approx(1.0, abs=1e-4)

@@ -505,7 +505,8 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
         "share_all_heads": curve[-1]["share"], "share_top1": curve[0]["share"],
         "top_base": [list(x) for x in top_heads(bs.attr, 5)], "top_tuned": [list(x) for x in top_heads(ts.attr, 5)],
         "top_delta": [list(x) for x in top_heads(delta, 5)], "top_pred": [list(x) for x in top_heads(bs.pred, 5)],
-        "top_direct": [list(x) for x in top_heads(bs.direct, 5)],
+        # heads with a direct estimate of exactly 0 (their own weights did not change) are never listed
+        "top_direct": [list(x) for x in top_heads(bs.direct, min(5, int(np.count_nonzero(bs.direct))))],
     }
     return {"base": bs.attr, "tuned": ts.attr, "delta": delta, "z_base": zb, "z_tuned": zt, "pred": bs.pred,
             "direct": bs.direct, "patched": patched, "curve": curve, "metrics": metrics}
