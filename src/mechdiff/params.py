@@ -181,6 +181,16 @@ class Patch(_Section):
 
 
 @dataclass
+class SAEValidate(_Section):
+    """Pass / fail thresholds of each SAE on held-out prompts (stage sae_eval; mechdiff.sae.evaluate.Criteria)."""
+
+    max_fvu: float = 0.1
+    min_sparsity: float = 10.0
+    max_dead_pct: float = 50.0
+    min_kl_recovered: float = 0.9
+
+
+@dataclass
 class SAE(_Section):
     """Sparse autoencoders."""
 
@@ -204,6 +214,7 @@ class SAE(_Section):
     parallel: str = "many"
     device: str = "cpu"
     select_dtype: str = "float32"  # bfloat16: the encoder matmul that picks the top-k latents runs in bf16 (AMX)
+    validate: SAEValidate = field(default_factory=SAEValidate)
 
 
 @dataclass
@@ -465,7 +476,7 @@ _POSITIVE = {
     "feature_pages.n_logit_tokens", "feature_pages.hist_bins", "feature_pages.plot_prompts",
 }
 _NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
-                 "feature_pages.max_gated"}
+                 "feature_pages.max_gated", "sae.validate.min_sparsity"}
 _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself is allowed)
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
     "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
@@ -611,6 +622,10 @@ def validate(p: Params) -> Params:
     if p.features.max_themes < 2:
         raise MechdiffError(f"params.yaml: features.max_themes must be >= 2 (k-means tries k = 2..max_themes), "
                             f"got {p.features.max_themes}")
+    sv = p.sae.validate
+    if not (sv.max_fvu > 0 and 0 <= sv.max_dead_pct <= 100 and sv.min_kl_recovered <= 1):
+        raise MechdiffError(f"params.yaml: sae.validate needs max_fvu > 0 (got {sv.max_fvu}), max_dead_pct in [0, 100] "
+                            f"(got {sv.max_dead_pct}) and min_kl_recovered <= 1 (got {sv.min_kl_recovered})")
     if p.sae.k_aux is not None and p.sae.k_aux < 1:
         raise MechdiffError(f"params.yaml: sae.k_aux must be >= 1 or null, got {p.sae.k_aux}")
     if not p.pair.base.id:

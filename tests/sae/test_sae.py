@@ -10,6 +10,7 @@ import torch
 
 from mechdiff.errors import MechdiffError
 from mechdiff.sae import SAEConfig, TopKSAE, eval_sae, load_sae, save_sae, spliced_metrics, train_sae
+from mechdiff.sae.evaluate import Criteria, check_sae
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +73,27 @@ def test_recovers_planted_dictionary(bf16, monkeypatch):
     Xt = _codes(2000, n_atoms, k, rng) @ A
     ev = eval_sae(sae, Xt)
     assert ev["fvu"] < 0.2 and ev["l0"] <= k
+    # seed 000's validation: the trained SAE passes; an untrained one with k = width / 2 fails reconstruction
+    # and sparsity (width / L0, against numpy's count of the latents it fires)
+    crit = Criteria(max_fvu=0.2, min_sparsity=10.0, max_dead_pct=50.0, min_kl_recovered=0.9)
+    assert check_sae(ev, 256, crit) == {"sparsity_ratio": pytest.approx(256 / ev["l0"]), "passed": True, "failed": ""}
+    bad = TopKSAE(d, 256, 128)
+    ev_bad = eval_sae(bad, Xt)
+    l0_ref = (bad.encode(torch.as_tensor(Xt, dtype=torch.float32)).detach().numpy() > 0).sum(1).mean()
+    got = check_sae(ev_bad, 256, crit)
+    assert got["sparsity_ratio"] == pytest.approx(256 / l0_ref) and got["sparsity_ratio"] < 10
+    assert got["passed"] is False and got["failed"] == "fvu,sparsity"
+
+
+def test_check_sae_thresholds_nan_and_spliced_kl():
+    crit = Criteria(max_fvu=0.1, min_sparsity=10.0, max_dead_pct=20.0, min_kl_recovered=0.9)
+    good = {"fvu": 0.05, "l0": 8.0, "dead_pct": 5.0}
+    assert check_sae(good, 128, crit)["passed"]  # no spliced metrics: no KL check
+    assert check_sae({**good, "kl_recovered_base": 0.95, "kl_recovered_tuned": 0.85}, 128, crit)["failed"] == \
+        "kl_recovered"  # every model it is spliced into must recover
+    assert check_sae({**good, "fvu": float("nan"), "dead_pct": 30.0}, 128, crit)["failed"] == "fvu,dead"
+    assert check_sae({**good, "l0": 0.0}, 128, crit) == {"sparsity_ratio": None, "passed": True, "failed": ""}
+    assert check_sae({**good, "fvu": 0.1, "l0": 12.8}, 128, crit)["passed"]  # thresholds are inclusive
 
 
 def test_crosscoder_and_delta_find_tuned_only_atoms():

@@ -97,6 +97,9 @@ _SAE_COLUMNS = {
     "dead_pct": "% of latents that never fired",
     "ce_recovered": "share of the CE gap (zero-ablation vs real) closed by the splice; 1 = perfect",
     "kl_recovered": "the same for next-token KL",
+    "sparsity_ratio": "width / L0 (the seed's sparsity ratio)",
+    "passed": "meets every sae.validate threshold (FVU, sparsity ratio, dead %, KL recovered)",
+    "failed": "the sae.validate checks it misses",
 }
 
 STAGES: tuple[StageReport, ...] = (

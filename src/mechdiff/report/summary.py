@@ -120,6 +120,9 @@ def sae_fit(run: Run) -> list[Fact]:
             continue
         ce = [f"{m[k]:.3f}" for k in ("ce_recovered", "ce_recovered_base", "ce_recovered_tuned") if m.get(k) is not None]
         note = f"CE recovered {' / '.join(ce)}" + (" (base / tuned)" if len(ce) == 2 else "") if ce else ""
+        if "passed" in m:  # sae.validate's verdict
+            verdict = "passes validation" if m["passed"] else f"fails validation ({m.get('failed') or '?'})"
+            note = f"{note}; {verdict}" if note else verdict
         facts.append(Fact(name, f"FVU {_num(m['fvu'])}", note))
     return facts
 

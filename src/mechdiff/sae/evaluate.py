@@ -1,9 +1,12 @@
-"""SAE evaluation: FVU, L0, dead %, MSE on held-out activations; CE / KL recovered with the reconstruction spliced in."""
+"""SAE evaluation: FVU, L0, dead %, MSE on held-out activations; CE / KL recovered with the reconstruction spliced in;
+a pass / fail check of each SAE against thresholds (seed 000's validation)."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -352,12 +355,39 @@ def crosscoder_norm_shares(sae: TopKSAE, *, base_only: float = 0.1, tuned_only: 
 ModelLoader = Callable[[str], tuple[nn.Module, object, Encoded]]
 
 
+@dataclass(frozen=True)
+class Criteria:
+    """Thresholds an SAE must meet on held-out prompts to pass (seed 000's validation: reconstruction below a
+    threshold and a sparsity ratio width / L0 of at least 10x; FVU here, as the seed's raw MSE depends on the
+    activations' scale)."""
+
+    max_fvu: float = 0.1  # fraction of variance unexplained
+    min_sparsity: float = 10.0  # width / mean L0
+    max_dead_pct: float = 50.0  # latents never active on the held-out rows
+    min_kl_recovered: float = 0.9  # spliced KL recovered, every model the SAE is spliced into
+
+
+def check_sae(m: Mapping[str, float], width: int, criteria: Criteria) -> dict:
+    """Pass / fail of one SAE's metrics `m` (from `eval_sae`, plus `kl_recovered*` from `spliced_metrics` where
+    they were computed): {"sparsity_ratio", "passed", "failed" (the failed checks, comma-separated, "" if none)}.
+    A NaN metric fails its check; without spliced metrics the KL check is not made."""
+    l0 = float(m["l0"])
+    ratio = width / l0 if l0 > 0 else math.inf  # no latent ever fires: sparse, and the FVU check fails it
+    checks = {"fvu": float(m["fvu"]) <= criteria.max_fvu, "sparsity": ratio >= criteria.min_sparsity,
+              "dead": float(m["dead_pct"]) <= criteria.max_dead_pct}
+    kl = [float(v) for k, v in m.items() if k.startswith("kl_recovered")]
+    if kl:
+        checks["kl_recovered"] = all(v >= criteria.min_kl_recovered for v in kl)
+    return {"sparsity_ratio": ratio if math.isfinite(ratio) else None, "passed": all(checks.values()),
+            "failed": ",".join(k for k, ok in checks.items() if not ok)}
+
+
 def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[[str, int], TopKSAE], base, tuned,
                   val: np.ndarray, models: ModelLoader, *, view: str, batch_size: int,
-                  log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                  criteria: Criteria | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """Every SAE at L<layer>.resid_post on the held-out prompts `val`: `eval_sae` on its source's activations,
     `spliced_metrics` into the model(s) it was trained on (delta and crosscoder only when `tokens_paired`),
-    and for a crosscoder `crosscoder_norm_shares`.
+    and for a crosscoder `crosscoder_norm_shares`; with `criteria`, `check_sae`'s pass / fail.
 
     Returns metrics {"<source>_L<layer>": {...}} and the crosscoders' norm-share histogram rows (with layer).
     `load(source, layer)` gives an SAE; `models(name)` a model, its tokenizer and its prompt encoding.
@@ -386,7 +416,11 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
                 counts, hist = crosscoder_norm_shares(sae)
                 m.update(counts)
                 norm_rows += [{"layer": layer, **r} for r in hist]
+            if criteria is not None:
+                m.update(check_sae(m, sae.width, criteria))
             metrics[f"{source}_L{layer}"] = m
             rec = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("ce_recovered"))
-            log(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%  {rec}")
+            verdict = "" if criteria is None else ("  PASS" if m["passed"] else f"  FAIL ({m['failed']})")
+            log(f"sae_eval: {source}_L{layer}: fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_pct']:.1f}%  "
+                f"{rec}{verdict}")
     return metrics, norm_rows
