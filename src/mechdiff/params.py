@@ -332,6 +332,7 @@ class ProbesParams(_Section):
     n_features: int = 8
     embedding: bool = True
     sparse_k: list[int] = field(default_factory=lambda: [1, 2, 5])
+    concat_layers: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])
     n_jobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -351,6 +352,9 @@ class ProbesParams(_Section):
             raise MechdiffError(f"params.yaml: probes.sparse_k must list integers >= 1, got {self.sparse_k}")
         if self.target == self.control:
             raise MechdiffError(f"params.yaml: probes.target and probes.control are both {self.target!r}")
+        if self.concat_layers and (len(set(self.concat_layers)) < 2 or min(self.concat_layers) < 0):
+            raise MechdiffError(f"params.yaml: probes.concat_layers must list at least two distinct layers >= 0 "
+                                f"(or be empty: no concatenated probe), got {self.concat_layers}")
 
 
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one

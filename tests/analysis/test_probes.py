@@ -408,3 +408,65 @@ def test_run_probes_without_the_feature_saes_skips_feature_probes(tmp_path):
     assert set(run.metrics["sparse_probing"]) == {"base_L1"} and set(run.metrics["reconstruction_bias"]) == {"base_L1"}
     with pytest.raises(MechdiffError, match="rows are not the kept prompts"):
         run_probes(base, tuned, prompts[:-1], {}, no_embeddings, ProbeRunSettings(sae_layers=(1,)))
+
+
+def test_concatenated_layers_find_a_concept_split_across_layers():
+    """Seed 001's hidden -> concept on layers side by side: a label that is the sign of a + b, with a written at
+    one layer and b at another, is out of reach of either layer alone and found by the two side by side."""
+    from mechdiff.analysis.probe_run import CONCAT_LAYER, concat_reader
+
+    rng = np.random.default_rng(4)
+    n, d = 400, 5
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    y = (a + b > 0).astype(int)
+    g = np.arange(n) // 2
+    layers = {}
+    for name, v in (("L0", a), ("L1", b)):
+        X = rng.normal(size=(n, d))
+        X[:, 0] = v
+        layers[name] = X
+
+    class Store:
+        def read(self, site, view):
+            assert view == "last"
+            return layers[site.split(".")[0]]
+
+    t = Task("c", "hidden->concept", "classify", np.arange(300), np.arange(300, n), g[:300],
+             {m: y[:300] for m in ("base", "tuned")}, {m: y[300:] for m in ("base", "tuned")})
+    read = concat_reader({"base": Store(), "tuned": Store()}, [0, 1], "last")
+    np.testing.assert_array_equal(read("base", "L0+L1"), np.hstack([layers["L0"], layers["L1"]]))
+    s = ProbeSettings(C=100.0)
+    single = probe_by_layer([t], ["L0", "L1"], lambda m, site: layers[site], settings=s, layer_of=lambda x: int(x[1:]))
+    both = probe_by_layer([t], ["L0+L1"], read, settings=s, layer_of=lambda _: CONCAT_LAYER)
+    assert max(r["test"] for r in single) < 0.85 and min(r["test"] for r in both) > 0.95
+    assert {r["layer"] for r in both} == {CONCAT_LAYER}
+
+
+def test_run_probes_concatenated_layers_match_sklearn_and_check_layers(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mechdiff.analysis.probe_run import ProbeRunSettings, run_probes
+
+    prompts, (base, tuned), saes = _run_world(tmp_path)
+    st = ProbeRunSettings(sae_layers=(1,), n_features=3, sparse_k=(1,), embedding=False, concat_layers=(0, 1),
+                          estimators=("logistic",), probe=ProbeSettings(folds=3, n_trees=5))
+    run = run_probes(base, tuned, prompts, saes, lambda m: None, st)
+    assert run.metrics["concat_site"] == "L0+L1"
+    cc = run.metrics["tasks"]["cultural_vs_control"]
+    assert cc["base"]["best_layer"] == 1  # single-layer summaries leave the concatenated rows out
+    tr = [i for i, q in enumerate(prompts) if q.split == "train" and q.dataset in ("cultural", "control")]
+    te = [i for i, q in enumerate(prompts) if q.split == "test" and q.dataset in ("cultural", "control")]
+    y = np.array([int(q.dataset == "cultural") for q in prompts])
+    for m, store in (("base", base), ("tuned", tuned)):
+        X = np.hstack([store.read("L0.resid_post", "last"), store.read("L1.resid_post", "last")])
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(X[tr], y[tr])
+        assert cc["concat"][m] == pytest.approx(ref.score(X[te], y[te]))
+    assert cc["concat"]["layers"] == [0, 1]
+    rows = [r for r in run.rows if r["site"] == "L0+L1"]
+    assert {r["task"] for r in rows} == {"cultural_vs_control", "trait:certainty", "trait:warmth"}
+    assert {r["layer"] for r in rows} == {-2} and {r["kind"] for r in rows} == {"classify"}
+    with pytest.raises(MechdiffError, match=r"concat_layers \[0, 5\].*not stored: 5"):
+        run_probes(base, tuned, prompts, saes, lambda m: None,
+                   ProbeRunSettings(sae_layers=(1,), concat_layers=(0, 5)))

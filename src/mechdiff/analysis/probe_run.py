@@ -39,6 +39,7 @@ from mechdiff.sae.sources import first_position, prompt_feature_means, read_sour
 
 MODELS = ("base", "tuned")
 EMBED = "embedding"  # the site name of embedding -> feature rows (layer -1: before block 0)
+CONCAT_LAYER = -2  # the layer of hidden -> concept rows on concatenated layers (site "L<a>+L<b>+...")
 LAYER_COLUMNS = ("task", "strategy", "model", "layer", "estimator", "cv_mean", "cv_sd", "test", "train", "spearman",
                  "site", "n_train", "n_test")
 
@@ -60,6 +61,7 @@ class ProbeRunSettings:
     n_features: int = 8
     embedding: bool = True
     sparse_k: tuple[int, ...] = (1, 2, 5)
+    concat_layers: tuple[int, ...] = ()  # hidden -> concept also on these layers' resid_post side by side (seed 001)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
@@ -158,12 +160,37 @@ def sae_quality(feats: Mapping[tuple[str, int], np.ndarray], saes: Mapping[tuple
     return sparse_rows, sparse, bias
 
 
+def concat_site(layers: Sequence[int], sites: Sequence[str]) -> str | None:
+    """The site name of `layers`' resid_post side by side ("L0+L2+L4"), None for no layers; raise when a layer is
+    not stored or fewer than two are given."""
+    if not layers:
+        return None
+    missing = [x for x in layers if f"L{x}.resid_post" not in sites]
+    if missing or len(set(layers)) < 2:
+        raise MechdiffError(f"probes.concat_layers {list(layers)}: give at least two distinct stored layers "
+                            f"({'not stored: ' + ', '.join(map(str, missing)) + '; ' if missing else ''}stored: "
+                            f"{', '.join(str(_layer(x)) for x in sites)})")
+    return "+".join(f"L{x}" for x in layers)
+
+
+def concat_reader(stores: Mapping[str, ActStore], layers: Sequence[int], view: str
+                  ) -> Callable[[str, str], np.ndarray]:
+    """`read(model, _)`: that model's `view` of every layer in `layers` (resid_post), side by side (n, len x d)."""
+    def read(m: str, _site: str) -> np.ndarray:
+        return np.hstack([stores[m].read(f"L{x}.resid_post", view) for x in layers])
+    return read
+
+
 def _summary_line(name: str, d: dict) -> str:
     b, tu = d.get("base", {}), d.get("tuned", {})
+    c = d.get("concat")
+    side = "" if not c else (f"; layers {'+'.join(map(str, c['layers']))} side by side: base "
+                             f"{c.get('base', float('nan')):.3f}, tuned {c.get('tuned', float('nan')):.3f}")
     return (f"probes: {name}: {d['metric']} base {b.get('test', float('nan')):.3f} @L{b.get('best_layer')}, "
             f"tuned {tu.get('test', float('nan')):.3f} @L{tu.get('best_layer')}, "
             f"tuned - base {d.get('diff_best_test', float('nan')):+.3f}; largest gap "
-            f"{d.get('max_abs_diff', {}).get('diff', float('nan')):+.3f} @L{d.get('max_abs_diff', {}).get('layer')}")
+            f"{d.get('max_abs_diff', {}).get('diff', float('nan')):+.3f} @L{d.get('max_abs_diff', {}).get('layer')}"
+            + side)
 
 
 def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping[tuple[str, int], object],
@@ -178,6 +205,7 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     stores = {"base": base, "tuned": tuned}
     check_store_rows(stores, prompts)
     sites = resid_sites(base, tuned)
+    concat = concat_site(st.concat_layers, sites)  # before any fit: a layer that is not stored fails at once
     compare = [x for x in (f"L{layer}.resid_post" for layer in st.sae_layers) if x in sites]
     used = np.array([i for i, q in enumerate(prompts) if q.split in ("train", "test")], dtype=np.int64)  # val unused
     s = st.probe
@@ -203,6 +231,10 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
           "progress": progress is not None}
     rows = probe_by_layer(tasks, sites, reader.view(st.view), **kw)
     say(f"probes: hidden -> concept: {len(tasks)} tasks x {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
+    if concat:
+        rows += probe_by_layer(tasks, [concat], concat_reader(stores, st.concat_layers, st.view), models=MODELS,
+                               settings=s, layer_of=lambda _: CONCAT_LAYER, progress=progress is not None)
+        say(f"probes: hidden -> concept on {concat} side by side ({time.time() - t0:.0f}s)")
     if ftasks:
         rows += probe_by_layer(ftasks, sites, reader.view(st.feature_view), **kw)
         say(f"probes: hidden -> feature: {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
@@ -222,7 +254,7 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     # shuffled-label controls at the first compare site (selectivity: should be ~chance / R^2 <= 0)
     metrics: dict = {"view": st.view, "feature_view": st.feature_view, "sites": sites, "compare_sites": compare,
                      "skipped": skipped}
-    hidden_rows = [r for r in rows if r["site"] != EMBED]
+    hidden_rows = [r for r in rows if r["layer"] >= 0]  # one layer each: not the embedding or concatenated rows
     summary = summarise(hidden_rows, tasks + ftasks, models=MODELS, compare_sites=compare)
     if compare:
         for t in tasks + ftasks:
@@ -234,7 +266,12 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
         emb_rows = [r for r in rows if r["site"] == EMBED and r["task"] == t.name]
         if emb_rows:
             summary[t.name]["embedding_test"] = {r["model"]: r["test"] for r in emb_rows}
+    if concat:  # the concatenated layers' test score beside each model's best single layer
+        for t in tasks:
+            got = {r["model"]: r["test"] for r in rows if r["site"] == concat and r["task"] == t.name}
+            summary[t.name]["concat"] = {"layers": list(st.concat_layers), **got}
     metrics["tasks"] = summary
+    metrics["concat_site"] = concat
     for name, d in summary.items():
         say(_summary_line(name, d))
 
@@ -252,7 +289,8 @@ def layer_table(rows: Sequence[dict]) -> list[dict]:
 
 def plot_layers(rows: Sequence[dict], png: Path) -> None:
     """One panel per task: test (solid) and CV mean (dotted) of the curve estimator by layer, base and tuned on the
-    same axes; embedding -> feature as horizontal dashed lines on the feature panel."""
+    same axes; embedding -> feature as horizontal dashed lines on the feature panel, concatenated layers as
+    dash-dotted ones on the concept panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -266,7 +304,7 @@ def plot_layers(rows: Sequence[dict], png: Path) -> None:
         ax = fig.add_subplot(nrow, ncol, i + 1)
         mine = [r for r in rows if r["task"] == task and r["estimator"] == curve_estimator(r["kind"])]
         for m in MODELS:
-            cur = sorted((r for r in mine if r["model"] == m and r["site"] != EMBED), key=lambda r: r["layer"])
+            cur = sorted((r for r in mine if r["model"] == m and r["layer"] >= 0), key=lambda r: r["layer"])
             if cur:
                 x = [r["layer"] for r in cur]
                 ax.plot(x, [r["test"] for r in cur], "-o", ms=3, color=colours[m], label=f"{m} test")
@@ -274,6 +312,8 @@ def plot_layers(rows: Sequence[dict], png: Path) -> None:
             for r in mine:
                 if r["model"] == m and r["site"] == EMBED:
                     ax.axhline(r["test"], ls="--", lw=1, color=colours[m], label=f"{m} embedding")
+                elif r["model"] == m and r["layer"] == CONCAT_LAYER:
+                    ax.axhline(r["test"], ls="-.", lw=1, color=colours[m], label=f"{m} {r['site']}")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("R^2" if mine and mine[0]["kind"] == "regress" else "accuracy", fontsize=8)
