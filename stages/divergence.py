@@ -4,7 +4,12 @@ import numpy as np
 
 import mechdiff.pipeline as P
 from mechdiff.analysis.onset import cka_onset, kl_onset
-from mechdiff.analysis.patching import LAYER_PATCH_DIRECTIONS, layer_patch_direction, layer_patch_table
+from mechdiff.analysis.patching import (
+    LAYER_PATCH_DIRECTIONS,
+    layer_patch_decisions,
+    layer_patch_direction,
+    layer_patch_table,
+)
 from mechdiff.analysis.similarity import cka_by_site, kl_by_dataset, next_token_kl
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
@@ -35,7 +40,7 @@ def main() -> None:
     write_csv(P.plot("kl_by_dataset.csv"), kl_rows)
 
     # RQ1 layer patch, both directions, on val prompts; recolour statistics from train prompts only
-    lp_rows = []
+    lp_rows, flip_rows = [], []
     if d.layer_patch_prompts > 0:
         rows = pick_rows(prompts, split="val", n=d.layer_patch_prompts, seed=p.seed)
         train = pick_rows(prompts, split="train")
@@ -46,10 +51,13 @@ def main() -> None:
             pack_for_inference(model)
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
             results[direction] = layer_patch_direction(model, enc, stores[src], stores[dst], layer_sites, rows, train,
-                                                       allowed=allowed[dst], batch_size=p.extract.batch_size)
+                                                       allowed=allowed[dst], allowed_src=allowed[src],
+                                                       batch_size=p.extract.batch_size)
             del model
         lp_rows, metrics["layer_patch"] = layer_patch_table(results)
+        flip_rows, metrics["layer_patch_decisions"] = layer_patch_decisions(results)
     write_csv(P.plot("layer_patch.csv"), lp_rows)
+    write_csv(P.plot("layer_patch_flip.csv"), flip_rows)
     plot_series(P.plot("cka.csv"), P.plot("cka.png"), x="layer", y=["cka_last", "cka_mean"],
                 title="CKA(base, tuned) by layer, resid_post")
     first, low = cka_onset(metrics["cka"])
@@ -59,6 +67,12 @@ def main() -> None:
     write_json(P.metric("divergence.json"), metrics)
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', np.nan):.4f} "
           f"control {metrics['kl'].get('control', np.nan):.4f}")
+    for direction, dd in metrics.get("layer_patch_decisions", {}).items():
+        flips = {k: v for k, v in dd["flip"].items() if v is not None}
+        top = max(flips, key=flips.get) if flips else None
+        print(f"divergence: layer patch {direction}: the two models decide alike on {dd['agree_before']:.0%} of the "
+              f"prompts; of the other {dd['n_differ']}, the patch makes the src model's decision "
+              + (f"most at {top} ({flips[top]:.0%})" if top else "nowhere measurable"))
 
 
 if __name__ == "__main__":

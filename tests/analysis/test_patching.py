@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from mechdiff.analysis.patching import (
+    decisions,
     kl_drop,
     layer_patch,
+    layer_patch_decisions,
     layer_patch_direction,
     layer_patch_table,
     layer_recolour_stats,
@@ -19,6 +21,7 @@ from mechdiff.analysis.patching import (
     patched_logits,
     reference_logits,
     saturation_k,
+    src_decisions_in_dst,
     sweep_kl,
 )
 from mechdiff.analysis.similarity import linear_cka
@@ -133,14 +136,17 @@ def test_planted_edit_known_answer(world, kind, r):
 
 
 class _MemStore:
-    """An in-memory stand-in for an activation store: read(site, view, rows)."""
+    """An in-memory stand-in for an activation store: read(site, view, rows), read_logits(rows)."""
 
-    def __init__(self, acts):
-        self.acts = acts
+    def __init__(self, acts, logits=None):
+        self.acts, self.logits = acts, logits
 
     def read(self, site, view="last", rows=None):
         a = self.acts[site]
         return a if rows is None else a[np.asarray(rows)]
+
+    def read_logits(self, rows=None):
+        return self.logits if rows is None else self.logits[np.asarray(rows)]
 
 
 def test_layer_patch_identity_and_direction(world):
@@ -194,8 +200,8 @@ def test_layer_patch_recolours_with_train_rows_only(world):
     tuned = copy.deepcopy(base)
     plant_edit(tuned, layer=LAYER, kind="attn_out", rank=2, scale=2.0, seed=3)
     sites = [Site(LAYER, "resid_post"), Site(3, "resid_post")]
-    A, _ = _collect(base, tok, enc, sites)
-    B, _ = _collect(tuned, tok, enc, sites)
+    A, A_logits = _collect(base, tok, enc, sites)
+    B, B_logits = _collect(tuned, tok, enc, sites)
     train, val = np.arange(N_TRAIN), np.arange(N_TRAIN, N_PROMPTS)
     st = layer_recolour_stats(_MemStore(A), _MemStore(B), sites, train)
     for s in sites:
@@ -217,7 +223,8 @@ def test_layer_patch_recolours_with_train_rows_only(world):
             np.testing.assert_array_equal(st2[s.name][key], st[s.name][key])
     # the store-level entry point evaluates val rows with exactly those train-only statistics
     rows = val[:12]
-    got = layer_patch_direction(tuned, enc, _MemStore(A), _MemStore(B), sites, rows, train, progress=False)
+    got = layer_patch_direction(tuned, enc, _MemStore(A, A_logits), _MemStore(B, B_logits), sites, rows, train,
+                                progress=False)
     ref = reference_logits(tuned, enc, rows)
     want = {}
     for s in sites:
@@ -227,8 +234,39 @@ def test_layer_patch_recolours_with_train_rows_only(world):
         want[s.name] = (x - mu_b) / sd_b * sd_t + mu_t
     ref_kl = sweep_kl(tuned, enc, rows, sites, want, ref, progress=False)
     # the direction takes its reference from the one-token forwards themselves: equal up to float rounding
+    src_top = A_logits[rows].argmax(1)
+    np.testing.assert_array_equal(got.agree, B_logits[rows].argmax(1) == src_top)
     for s in sites:
-        np.testing.assert_allclose(got[s.name], ref_kl[s.name], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got.kl[s.name], ref_kl[s.name], rtol=1e-4, atol=1e-7)
+        # the decision side against full forwards with the same vectors (numpy argmax)
+        full = patched_logits(tuned, enc, rows, s, want[s.name], prefix_cache=False)
+        np.testing.assert_array_equal(got.top1[s.name], full.argmax(1) == src_top)
+    rows_t, dec = layer_patch_decisions({"base_into_tuned": got})
+    dec = dec["base_into_tuned"]
+    moved = ~got.agree
+    assert moved.any()  # the planted edit changes some decisions
+    for r, s in zip(rows_t, sites):
+        assert r["top1_base_into_tuned"] == pytest.approx(got.top1[s.name].mean())
+        assert r["flip_base_into_tuned"] == pytest.approx(got.top1[s.name][moved].mean())
+        assert dec["flip"][f"L{s.layer}"] == pytest.approx(r["flip_base_into_tuned"])
+    assert dec["agree_before"] == pytest.approx(got.agree.mean()) and dec["n_differ"] == int(moved.sum())
+    assert layer_patch_table({"base_into_tuned": got})[0] == layer_patch_table({"base_into_tuned": got.kl})[0]
+    # a model patched with its own vectors (src = dst): every decision stays, so every decision is "src's"
+    own = layer_patch_direction(tuned, enc, _MemStore(B, B_logits), _MemStore(B, B_logits), sites, rows, train,
+                                progress=False)
+    assert own.agree.all() and all(own.top1[s.name].all() for s in sites)
+    assert layer_patch_decisions({"d": own})[1]["d"]["flip"] == {"L2": None, "L3": None}
+
+
+def test_src_decisions_map_through_the_shared_vocabulary():
+    logits = np.array([[0.0, 5.0, 1.0, 9.0], [3.0, 0.0, 2.0, 1.0]])
+    # token 3 is not shared: the decision is the argmax over the shared ids 0-2
+    np.testing.assert_array_equal(decisions(logits, [0, 1, 2]), [1, 0])
+    np.testing.assert_array_equal(decisions(logits), [3, 0])
+    # shared ids aligned string by string: src id 1 is dst id 7, src 0 is dst 5
+    np.testing.assert_array_equal(src_decisions_in_dst(logits, [0, 1, 2], [5, 7, 6]), [7, 5])
+    with pytest.raises(MechdiffError, match="of both models"):
+        src_decisions_in_dst(logits, [0, 1, 2], None)
 
 
 def test_layer_patch_table():

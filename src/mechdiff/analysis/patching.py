@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -333,6 +334,18 @@ def sweep_kl(
     `ref_logits` None takes the reference from the same engine: the unpatched logits of the same one-token
     forwards (saves the separate full forwards of `reference_logits`; equal to them up to float rounding).
     """
+    return sweep_patch(model, enc, rows, site, configs, ref_logits, allowed=allowed, batch_size=batch_size,
+                       progress=progress, device=device, prefix_cache=prefix_cache, decode_batch=decode_batch)[0]
+
+
+def sweep_patch(
+    model: nn.Module, enc: Encoded, rows: Any, site: Site | Sequence[Site], configs: Mapping[str, Any],
+    ref_logits: Any, *, allowed: Any = None, targets: Any = None, batch_size: int = 16, progress: bool = True,
+    device: str | torch.device | None = None, prefix_cache: bool = True, decode_batch: int | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """`sweep_kl`'s KL and, with `targets` (one token id of the model's vocabulary per row), whether each
+    patched decision, the argmax of the next-token logits over `allowed`, is that token (per prompt, bool).
+    Returns (KL by configuration, hits by configuration or None)."""
     r = _rows(enc, rows)
     if not configs:
         raise MechdiffError("no patch configurations given: nothing to sweep")
@@ -351,6 +364,10 @@ def sweep_kl(
     if own:
         jobs.insert(0, (sites[0], None))
     res = {nm: np.full(len(r), np.nan) for nm in names}
+    tgt = None if targets is None else np.asarray(targets, dtype=np.int64).ravel()
+    if tgt is not None and tgt.shape[0] != len(r):
+        raise MechdiffError(f"targets has {tgt.shape[0]} entries for {len(r)} rows: give one token id per row")
+    hits = None if tgt is None else {nm: np.zeros(len(r), dtype=bool) for nm in names}
     own_ref: dict[int, torch.Tensor] = {}
     pending: list[tuple[int, np.ndarray, torch.Tensor]] = []
 
@@ -360,6 +377,8 @@ def sweep_kl(
         if lg.shape[1] != q.shape[1]:
             raise MechdiffError(f"ref_logits have {q.shape[1]} columns but the model's vocabulary is {lg.shape[1]}")
         res[names[j - own]][i] = kl_divergence(lg, q, allow).cpu().numpy()
+        if hits is not None:
+            hits[names[j - own]][i] = decisions(lg, allow) == tgt[i]
 
     def reduce(j: int, i: np.ndarray, lg: torch.Tensor) -> None:
         if own and j == 0:
@@ -374,7 +393,17 @@ def sweep_kl(
          progress=progress, prefix_cache=prefix_cache, decode_batch=decode_batch)
     for j, i, lg in pending:
         kl(j, i, lg)
-    return res
+    return res, hits
+
+
+def decisions(logits: Any, allowed: Any = None) -> np.ndarray:
+    """The decision token of each row of next-token logits (n, V): the argmax over the `allowed` ids (all when
+    None), as token ids of that vocabulary."""
+    lg = torch.as_tensor(logits)
+    idx = allowed_index(allowed, lg.shape[1])
+    if idx is None:
+        return lg.argmax(1).cpu().numpy()
+    return idx[lg[:, torch.from_numpy(idx).to(lg.device)].argmax(1).cpu().numpy()]
 
 
 def patch_kl(
@@ -439,14 +468,15 @@ def layer_recolour_stats(src: Any, dst: Any, sites: Sequence[Site], train_rows: 
 
 def layer_patch(
     model_dst: nn.Module, enc_dst: Encoded, rows: Any, layer_sites: Sequence[Site], src_vectors: Mapping[str, Any],
-    stats: Mapping[str, Mapping[str, Any]], ref_logits: Any, *, allowed: Any = None, batch_size: int = 16,
-    progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
-) -> dict[str, np.ndarray]:
+    stats: Mapping[str, Mapping[str, Any]], ref_logits: Any, *, allowed: Any = None, targets: Any = None,
+    batch_size: int = 16, progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
+) -> Any:
     """RQ1: per site, patch dst with the src decision vector recoloured into dst statistics; KL per prompt.
 
     `stats` maps a site name to recolour stats {mu_b, sd_b (src), mu_t, sd_t (dst)}, from train rows
     (`layer_recolour_stats`); `src_vectors` maps a site name to (len(rows), d) src decision vectors.
-    `ref_logits` None: the unpatched logits of the same engine (`sweep_kl`).
+    `ref_logits` None: the unpatched logits of the same engine (`sweep_kl`). Returns the KL by site, or with
+    `targets` (a dst token id per row) `sweep_patch`'s (KL, hits) pair.
     """
     if not layer_sites:
         raise MechdiffError("no layer sites given for the layer patch")
@@ -457,33 +487,85 @@ def layer_patch(
         if s.name not in stats:
             raise MechdiffError(f"no recolour stats for site {s.name}: compute them with layer_recolour_stats")
         configs[s.name] = recolour(src_vectors[s.name], stats[s.name])
-    return sweep_kl(model_dst, enc_dst, rows, list(layer_sites), configs, ref_logits, allowed=allowed,
-                    batch_size=batch_size, progress=progress, device=device, prefix_cache=prefix_cache)
+    kl, hits = sweep_patch(model_dst, enc_dst, rows, list(layer_sites), configs, ref_logits, allowed=allowed,
+                           targets=targets, batch_size=batch_size, progress=progress, device=device,
+                           prefix_cache=prefix_cache)
+    return kl if targets is None else (kl, hits)
+
+
+@dataclass
+class LayerPatch:
+    """One direction of the layer patch: per site, the per-prompt KL(patched dst || dst) and whether the patched
+    decision token is the src model's own; per prompt, whether dst's own decision already was."""
+
+    kl: dict[str, np.ndarray]
+    top1: dict[str, np.ndarray]
+    agree: np.ndarray
+
+
+def src_decisions_in_dst(src_logits: Any, allowed_src: Any = None, allowed_dst: Any = None) -> np.ndarray:
+    """The src model's decision tokens (argmax over its shared ids) as dst token ids: the shared-vocabulary id
+    lists are aligned string by string, so position j of one is position j of the other (identity when None)."""
+    ids = decisions(src_logits, allowed_src)
+    if allowed_src is None and allowed_dst is None:
+        return ids
+    if allowed_src is None or allowed_dst is None:
+        raise MechdiffError("give the shared token ids of both models (allowed_src and allowed_dst) or of neither")
+    a_src, a_dst = np.asarray(allowed_src, dtype=np.int64), np.asarray(allowed_dst, dtype=np.int64)
+    if a_src.shape != a_dst.shape:
+        raise MechdiffError(f"shared token ids differ in length ({a_src.size} vs {a_dst.size}): re-run fairness")
+    at = {int(t): j for j, t in enumerate(a_src)}
+    return a_dst[[at[int(t)] for t in ids]]
 
 
 def layer_patch_direction(
     model_dst: nn.Module, enc_dst: Encoded, src: Any, dst: Any, layer_sites: Sequence[Site], rows: Any,
-    train_rows: Any, *, allowed: Any = None, batch_size: int = 16, progress: bool = True,
-) -> dict[str, np.ndarray]:
+    train_rows: Any, *, allowed: Any = None, allowed_src: Any = None, batch_size: int = 16, progress: bool = True,
+) -> LayerPatch:
     """One direction of the RQ1 layer patch from stores: src decision vectors of `rows` (val), recoloured with
-    train-only stats into dst, patched into `model_dst` at every site; per-prompt KL against dst's own logits."""
+    train-only stats into dst, patched into `model_dst` at every site; per-prompt KL against dst's own logits and
+    whether the patched decision becomes src's (src's and dst's decisions from the stores' logits; `allowed` /
+    `allowed_src`: the shared ids of dst / src, or both None for one tokenizer)."""
     src_vecs = {s.name: src.read(s.name, "last", rows) for s in layer_sites}
     stats = layer_recolour_stats(src, dst, layer_sites, train_rows)
-    return layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, None, allowed=allowed,
-                       batch_size=batch_size, progress=progress)
+    target = src_decisions_in_dst(src.read_logits(rows), allowed_src, allowed)
+    kl, top1 = layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, None, allowed=allowed,
+                           targets=target, batch_size=batch_size, progress=progress)
+    return LayerPatch(kl, top1, decisions(dst.read_logits(rows), allowed) == target)
 
 
-def layer_patch_table(results: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[list[dict], dict]:
+def layer_patch_table(results: Mapping[str, LayerPatch | Mapping[str, np.ndarray]]) -> tuple[list[dict], dict]:
     """Mean KL per site and direction: (records {'layer', 'kl_<direction>'...}, {direction: {'L<layer>': mean}})."""
     rows: dict[str, dict] = {}
     metrics: dict[str, dict[str, float]] = {}
     for direction, res in results.items():
-        for name, kl in res.items():
+        for name, kl in (res.kl if isinstance(res, LayerPatch) else res).items():
             site = Site.parse(name)
             m = float(np.mean(kl))
             rows.setdefault(name, {"layer": site.layer})[f"kl_{direction}"] = m
             metrics.setdefault(direction, {})[f"L{site.layer}"] = m
     return [rows[k] for k in sorted(rows, key=Site.parse)], metrics
+
+
+def layer_patch_decisions(results: Mapping[str, LayerPatch]) -> tuple[list[dict], dict]:
+    """The behaviour side of the layer patch: records {'layer', 'top1_<direction>' (share of prompts whose patched
+    decision is src's), 'flip_<direction>' (the same among the prompts where dst decided otherwise before the
+    patch; NaN if none)} and per direction {"agree_before": share of prompts where dst already decided like src,
+    "n_differ": the others' count, "flip": {"L<layer>": their share the patch turns into src's, or None}}."""
+    rows: dict[str, dict] = {}
+    out: dict = {}
+    for direction, res in results.items():
+        moved = ~res.agree
+        flips: dict[str, float | None] = {}
+        for name, hit in sorted(res.top1.items(), key=lambda kv: Site.parse(kv[0])):
+            layer = Site.parse(name).layer
+            flip = float(np.mean(hit[moved])) if moved.any() else None
+            flips[f"L{layer}"] = flip
+            row = rows.setdefault(name, {"layer": layer})
+            row[f"top1_{direction}"] = float(np.mean(hit))
+            row[f"flip_{direction}"] = float("nan") if flip is None else flip
+        out[direction] = {"agree_before": float(np.mean(res.agree)), "n_differ": int(moved.sum()), "flip": flips}
+    return [rows[k] for k in sorted(rows, key=Site.parse)], out
 
 
 # --------------------------------------------------------------------------------------------- rank x alpha sweep
@@ -633,7 +715,8 @@ def rank_alpha_sweep(
 
 
 __all__ = [
-    "LAYER_PATCH_DIRECTIONS", "alpha_key", "head_blend", "kl_drop", "layer_patch", "layer_patch_direction",
-    "layer_patch_table", "layer_recolour_stats", "min_k", "patch_kl", "patched_logits", "rank_alpha_configs",
-    "rank_alpha_sweep", "reference_logits", "saturation_k", "summarise_sweep", "sweep_kl",
+    "LAYER_PATCH_DIRECTIONS", "LayerPatch", "alpha_key", "decisions", "head_blend", "kl_drop", "layer_patch",
+    "layer_patch_decisions", "layer_patch_direction", "layer_patch_table", "layer_recolour_stats", "min_k",
+    "patch_kl", "patched_logits", "rank_alpha_configs", "rank_alpha_sweep", "reference_logits", "saturation_k",
+    "src_decisions_in_dst", "summarise_sweep", "sweep_kl", "sweep_patch",
 ]

@@ -132,6 +132,11 @@ STAGES: tuple[StageReport, ...] = (
                    ("kl_base_into_tuned", "kl_tuned_into_base"),
                    "Next-token KL after patching one model's resid_post at a layer into the other (validation "
                    "prompts): 0 before the layers the tuning changed, rising where the change is carried."),
+            Figure("layer-patch-flip", "Layer patch: decisions that follow the patch", plot("layer_patch_flip.csv"),
+                   "layer", ("flip_base_into_tuned", "flip_tuned_into_base"),
+                   "Among the validation prompts where base and tuned pick different next tokens, the share whose "
+                   "decision becomes the source model's after its resid_post at that layer is patched in: the "
+                   "behaviour side of the layer patch (1 = the patch carries the whole decision)."),
             Figure("kl-by-dataset", "Next-token KL by dataset", plot("kl_by_dataset.csv"), "kl_mean", ("dataset",),
                    "KL(tuned || base) at the decision token, mean and bootstrap CI per dataset: a change specific "
                    "to the tuning domain shows as cultural well above control.", kind="barh",
