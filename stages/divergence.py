@@ -3,7 +3,7 @@
 import numpy as np
 
 import mechdiff.pipeline as P
-from mechdiff.analysis.onset import cka_onset, kl_onset
+from mechdiff.analysis.onset import cka_onset, kl_onset, most_changed_layers
 from mechdiff.analysis.patching import (
     LAYER_PATCH_DIRECTIONS,
     layer_patch_decisions,
@@ -62,7 +62,7 @@ def main() -> None:
                 title="CKA(base, tuned) by layer, resid_post")
     first, low = cka_onset(metrics["cka"])
     metrics["onset"] = {"cka_layer": None if first is None else Site.parse(first).layer, "cka_site": first,
-                        "cka_lowest_site": low,
+                        "cka_lowest_site": low, "cka_top_layers": most_changed_layers(metrics["cka"]),
                         "layer_patch_layer": kl_onset(metrics.get("layer_patch", {}).get("base_into_tuned", {}))}
     write_json(P.metric("divergence.json"), metrics)
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', np.nan):.4f} "

@@ -1,6 +1,7 @@
 """Where a change starts: the shared onset rule against hand-made CKA and KL curves."""
+import numpy as np
 
-from mechdiff.analysis.onset import CKA_TOL, cka_onset, kl_onset
+from mechdiff.analysis.onset import CKA_TOL, cka_onset, kl_onset, most_changed_layers
 
 
 def test_cka_onset_first_changed_layer_and_lowest_site():
@@ -14,3 +15,14 @@ def test_cka_onset_first_changed_layer_and_lowest_site():
 def test_kl_onset():
     assert kl_onset({"L10": 0.0, "L2": 0.0, "L12": 0.5, "L11": 2e-4}) == 11
     assert kl_onset({"L0": 0.0, "L1": 5e-5}) is None
+
+
+def test_most_changed_layers_are_the_lowest_cka_resid_post_layers():
+    rng = np.random.default_rng(0)
+    vals = rng.uniform(0.5, 1.0, size=10)
+    cka = {f"L{i}.resid_post": {"last": float(v), "mean": 1.0} for i, v in enumerate(vals)}
+    cka["L3.attn_out"] = {"last": 0.0}  # other kinds of site do not count
+    cka["L11.resid_post"] = {"last": None}  # no CKA: skipped
+    assert most_changed_layers(cka) == np.argsort(vals)[:2].tolist()
+    assert most_changed_layers(cka, k=3, view="mean") == [0, 1, 2]  # all tied at 1: the lower layers
+    assert most_changed_layers({}, k=2) == []

@@ -27,6 +27,15 @@ def cka_onset(cka: Mapping[str, Mapping[str, float | None]], view: str = "last"
     return changed[0][0], min(changed, key=lambda t: t[1])[0]
 
 
+def most_changed_layers(cka: Mapping[str, Mapping[str, float | None]], k: int = 2, view: str = "last",
+                        kind: str = "resid_post") -> list[int]:
+    """The k layers of lowest CKA at their `kind` site (seed 002 R1: "choose the top-2 layers"), lowest first
+    (ties: the lower layer); fewer when fewer sites have a CKA."""
+    rows = sorted((v[view], _layer(name)) for name, v in cka.items()
+                  if name.endswith(f".{kind}") and v.get(view) is not None)
+    return [layer for _, layer in rows[:k]]
+
+
 def kl_onset(kl_by_layer: Mapping[str, float]) -> int | None:
     """The first layer ("L<n>" keys) whose KL exceeds KL_TOL, or None."""
     return next((layer for layer, v in sorted((_layer(k), v) for k, v in kl_by_layer.items()) if v > KL_TOL), None)
