@@ -27,8 +27,7 @@ def main() -> None:
         return model, tok, P.encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
 
     v = s.validate
-    criteria = Criteria(max_fvu=v.max_fvu, min_sparsity=v.min_sparsity, max_dead_pct=v.max_dead_pct,
-                        min_kl_recovered=v.min_kl_recovered)
+    criteria = Criteria(**vars(v))
     metrics, norm_rows = evaluate_saes(s.layers, s.sources, lambda src, layer: load_sae(P.sae_dir(src, layer)),
                                        base, tuned, val, models, view=s.view, batch_size=p.extract.batch_size,
                                        criteria=criteria)

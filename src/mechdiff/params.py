@@ -352,7 +352,8 @@ class ProbesParams(_Section):
             raise MechdiffError(f"params.yaml: probes.sparse_k must list integers >= 1, got {self.sparse_k}")
         if self.target == self.control:
             raise MechdiffError(f"params.yaml: probes.target and probes.control are both {self.target!r}")
-        if self.concat_layers and (len(set(self.concat_layers)) < 2 or min(self.concat_layers) < 0):
+        c = self.concat_layers
+        if c and (len(set(c)) < 2 or len(set(c)) < len(c) or min(c) < 0):
             raise MechdiffError(f"params.yaml: probes.concat_layers must list at least two distinct layers >= 0 "
                                 f"(or be empty: no concatenated probe), got {self.concat_layers}")
 

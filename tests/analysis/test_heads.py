@@ -399,6 +399,11 @@ def test_direct_finds_planted_heads_under_grouped_query_attention(plant):
     assert {lh for lh in np.ndindex(direct.shape) if direct[lh] != 0.0} == planted
     assert {tuple(x) for x in res["metrics"]["top_direct"]} == set(top_heads(direct, min(5, len(planted))))
     assert set(top_heads(direct, len(planted))) == planted
+    pred_top = top_heads(res["pred"], 4)  # where pred ranks them (README "Attention heads")
+    if plant == "o_proj":  # a later head relaying the change first, one planted head outside the top 4
+        assert pred_top[0] == (2, 2) and (layer, 1) not in pred_top
+    elif plant == "q_proj":
+        assert pred_top[0] == (layer, 7)
     from mechdiff.analysis.heads import Patcher
 
     p = Patcher(base, tuned, batches, attribution(base, batches), attribution(tuned, batches))

@@ -23,6 +23,7 @@ def test_most_changed_layers_are_the_lowest_cka_resid_post_layers():
     cka = {f"L{i}.resid_post": {"last": float(v), "mean": 1.0} for i, v in enumerate(vals)}
     cka["L3.attn_out"] = {"last": 0.0}  # other kinds of site do not count
     cka["L11.resid_post"] = {"last": None}  # no CKA: skipped
+    cka["L12.resid_post"] = {"last": float("nan")}  # a constant side: skipped
     assert most_changed_layers(cka) == np.argsort(vals)[:2].tolist()
     assert most_changed_layers(cka, k=3, view="mean") == [0, 1, 2]  # all tied at 1: the lower layers
     assert most_changed_layers({}, k=2) == []

@@ -235,7 +235,7 @@ def test_layer_patch_recolours_with_train_rows_only(world):
     ref_kl = sweep_kl(tuned, enc, rows, sites, want, ref, progress=False)
     # the direction takes its reference from the one-token forwards themselves: equal up to float rounding
     src_top = A_logits[rows].argmax(1)
-    np.testing.assert_array_equal(got.agree, B_logits[rows].argmax(1) == src_top)
+    np.testing.assert_array_equal(got.agree, ref.argmax(1) == src_top)  # dst unpatched, full forwards
     for s in sites:
         np.testing.assert_allclose(got.kl[s.name], ref_kl[s.name], rtol=1e-4, atol=1e-7)
         # the decision side against full forwards with the same vectors (numpy argmax)
@@ -263,8 +263,10 @@ def test_src_decisions_map_through_the_shared_vocabulary():
     # token 3 is not shared: the decision is the argmax over the shared ids 0-2
     np.testing.assert_array_equal(decisions(logits, [0, 1, 2]), [1, 0])
     np.testing.assert_array_equal(decisions(logits), [3, 0])
-    # shared ids aligned string by string: src id 1 is dst id 7, src 0 is dst 5
+    # shared ids aligned string by string: src id 1 is dst id 7, src 0 is dst 5 (ids or a boolean mask)
     np.testing.assert_array_equal(src_decisions_in_dst(logits, [0, 1, 2], [5, 7, 6]), [7, 5])
+    np.testing.assert_array_equal(src_decisions_in_dst(logits, np.array([1, 1, 1, 0], bool), [5, 7, 6]), [7, 5])
+    np.testing.assert_array_equal(src_decisions_in_dst(logits), [3, 0])
     with pytest.raises(MechdiffError, match="of both models"):
         src_decisions_in_dst(logits, [0, 1, 2], None)
 

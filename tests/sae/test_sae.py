@@ -93,6 +93,7 @@ def test_check_sae_thresholds_nan_and_spliced_kl():
         "kl_recovered"  # every model it is spliced into must recover
     assert check_sae({**good, "fvu": float("nan"), "dead_pct": 30.0}, 128, crit)["failed"] == "fvu,dead"
     assert check_sae({**good, "l0": 0.0}, 128, crit) == {"sparsity_ratio": None, "passed": True, "failed": ""}
+    assert check_sae({**good, "l0": float("nan")}, 128, crit)["failed"] == "sparsity"
     assert check_sae({**good, "fvu": 0.1, "l0": 12.8}, 128, crit)["passed"]  # thresholds are inclusive
 
 

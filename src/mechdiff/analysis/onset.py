@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from mechdiff.model.sites import Site
@@ -32,7 +33,7 @@ def most_changed_layers(cka: Mapping[str, Mapping[str, float | None]], k: int = 
     """The k layers of lowest CKA at their `kind` site (seed 002 R1: "choose the top-2 layers"), lowest first
     (ties: the lower layer); fewer when fewer sites have a CKA."""
     rows = sorted((v[view], _layer(name)) for name, v in cka.items()
-                  if name.endswith(f".{kind}") and v.get(view) is not None)
+                  if name.endswith(f".{kind}") and v.get(view) is not None and math.isfinite(v[view]))
     return [layer for _, layer in rows[:k]]
 
 

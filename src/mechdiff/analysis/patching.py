@@ -323,6 +323,16 @@ def model_width_of(model: nn.Module, site: Site) -> int:
     return model_width(model)
 
 
+@dataclass
+class Sweep:
+    """`sweep_patch`'s result: per configuration the per-prompt KL and, with targets, whether the patched
+    decision is the target; per prompt whether the unpatched one is (None without targets)."""
+
+    kl: dict[str, np.ndarray]
+    hits: dict[str, np.ndarray] | None
+    agree: np.ndarray | None
+
+
 def sweep_kl(
     model: nn.Module, enc: Encoded, rows: Any, site: Site | Sequence[Site], configs: Mapping[str, Any],
     ref_logits: Any, *, allowed: Any = None, batch_size: int = 16, progress: bool = True,
@@ -335,17 +345,17 @@ def sweep_kl(
     forwards (saves the separate full forwards of `reference_logits`; equal to them up to float rounding).
     """
     return sweep_patch(model, enc, rows, site, configs, ref_logits, allowed=allowed, batch_size=batch_size,
-                       progress=progress, device=device, prefix_cache=prefix_cache, decode_batch=decode_batch)[0]
+                       progress=progress, device=device, prefix_cache=prefix_cache, decode_batch=decode_batch).kl
 
 
 def sweep_patch(
     model: nn.Module, enc: Encoded, rows: Any, site: Site | Sequence[Site], configs: Mapping[str, Any],
     ref_logits: Any, *, allowed: Any = None, targets: Any = None, batch_size: int = 16, progress: bool = True,
     device: str | torch.device | None = None, prefix_cache: bool = True, decode_batch: int | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+) -> Sweep:
     """`sweep_kl`'s KL and, with `targets` (one token id of the model's vocabulary per row), whether each
-    patched decision, the argmax of the next-token logits over `allowed`, is that token (per prompt, bool).
-    Returns (KL by configuration, hits by configuration or None)."""
+    patched decision, the argmax of the next-token logits over `allowed`, is that token (per prompt, bool), and
+    whether the unpatched decision of the same reference already was."""
     r = _rows(enc, rows)
     if not configs:
         raise MechdiffError("no patch configurations given: nothing to sweep")
@@ -393,7 +403,11 @@ def sweep_patch(
          progress=progress, prefix_cache=prefix_cache, decode_batch=decode_batch)
     for j, i, lg in pending:
         kl(j, i, lg)
-    return res, hits
+    agree = None
+    if tgt is not None:  # the unpatched decisions from the reference the KL is taken against
+        unpatched = torch.stack([own_ref[k] for k in range(len(r))]) if own else np.asarray(ref, dtype=np.float32)
+        agree = decisions(unpatched, allow) == tgt
+    return Sweep(res, hits, agree)
 
 
 def decisions(logits: Any, allowed: Any = None) -> np.ndarray:
@@ -468,16 +482,23 @@ def layer_recolour_stats(src: Any, dst: Any, sites: Sequence[Site], train_rows: 
 
 def layer_patch(
     model_dst: nn.Module, enc_dst: Encoded, rows: Any, layer_sites: Sequence[Site], src_vectors: Mapping[str, Any],
-    stats: Mapping[str, Mapping[str, Any]], ref_logits: Any, *, allowed: Any = None, targets: Any = None,
-    batch_size: int = 16, progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
-) -> Any:
+    stats: Mapping[str, Mapping[str, Any]], ref_logits: Any, *, allowed: Any = None, batch_size: int = 16,
+    progress: bool = True, device: str | torch.device | None = None, prefix_cache: bool = True,
+) -> dict[str, np.ndarray]:
     """RQ1: per site, patch dst with the src decision vector recoloured into dst statistics; KL per prompt.
 
     `stats` maps a site name to recolour stats {mu_b, sd_b (src), mu_t, sd_t (dst)}, from train rows
     (`layer_recolour_stats`); `src_vectors` maps a site name to (len(rows), d) src decision vectors.
-    `ref_logits` None: the unpatched logits of the same engine (`sweep_kl`). Returns the KL by site, or with
-    `targets` (a dst token id per row) `sweep_patch`'s (KL, hits) pair.
+    `ref_logits` None: the unpatched logits of the same engine (`sweep_kl`).
     """
+    return sweep_kl(model_dst, enc_dst, rows, list(layer_sites), layer_patch_configs(layer_sites, src_vectors, stats),
+                    ref_logits, allowed=allowed, batch_size=batch_size, progress=progress, device=device,
+                    prefix_cache=prefix_cache)
+
+
+def layer_patch_configs(layer_sites: Sequence[Site], src_vectors: Mapping[str, Any],
+                        stats: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The layer patch's vectors per site: the src decision vectors recoloured into dst statistics."""
     if not layer_sites:
         raise MechdiffError("no layer sites given for the layer patch")
     configs: dict[str, np.ndarray] = {}
@@ -487,10 +508,7 @@ def layer_patch(
         if s.name not in stats:
             raise MechdiffError(f"no recolour stats for site {s.name}: compute them with layer_recolour_stats")
         configs[s.name] = recolour(src_vectors[s.name], stats[s.name])
-    kl, hits = sweep_patch(model_dst, enc_dst, rows, list(layer_sites), configs, ref_logits, allowed=allowed,
-                           targets=targets, batch_size=batch_size, progress=progress, device=device,
-                           prefix_cache=prefix_cache)
-    return kl if targets is None else (kl, hits)
+    return configs
 
 
 @dataclass
@@ -506,16 +524,16 @@ class LayerPatch:
 def src_decisions_in_dst(src_logits: Any, allowed_src: Any = None, allowed_dst: Any = None) -> np.ndarray:
     """The src model's decision tokens (argmax over its shared ids) as dst token ids: the shared-vocabulary id
     lists are aligned string by string, so position j of one is position j of the other (identity when None)."""
-    ids = decisions(src_logits, allowed_src)
+    lg = np.asarray(src_logits)
     if allowed_src is None and allowed_dst is None:
-        return ids
+        return lg.argmax(1)
     if allowed_src is None or allowed_dst is None:
         raise MechdiffError("give the shared token ids of both models (allowed_src and allowed_dst) or of neither")
-    a_src, a_dst = np.asarray(allowed_src, dtype=np.int64), np.asarray(allowed_dst, dtype=np.int64)
+    a_src = allowed_index(allowed_src, lg.shape[1])
+    a_dst = np.asarray(allowed_dst, dtype=np.int64).ravel()
     if a_src.shape != a_dst.shape:
         raise MechdiffError(f"shared token ids differ in length ({a_src.size} vs {a_dst.size}): re-run fairness")
-    at = {int(t): j for j, t in enumerate(a_src)}
-    return a_dst[[at[int(t)] for t in ids]]
+    return a_dst[lg[:, a_src].argmax(1)]
 
 
 def layer_patch_direction(
@@ -524,14 +542,15 @@ def layer_patch_direction(
 ) -> LayerPatch:
     """One direction of the RQ1 layer patch from stores: src decision vectors of `rows` (val), recoloured with
     train-only stats into dst, patched into `model_dst` at every site; per-prompt KL against dst's own logits and
-    whether the patched decision becomes src's (src's and dst's decisions from the stores' logits; `allowed` /
-    `allowed_src`: the shared ids of dst / src, or both None for one tokenizer)."""
+    whether the patched decision becomes src's (src's decision from its store's logits, dst's unpatched one from
+    the same forwards as the patched ones; `allowed` / `allowed_src`: the shared ids of dst / src, or both None
+    for one tokenizer)."""
     src_vecs = {s.name: src.read(s.name, "last", rows) for s in layer_sites}
     stats = layer_recolour_stats(src, dst, layer_sites, train_rows)
     target = src_decisions_in_dst(src.read_logits(rows), allowed_src, allowed)
-    kl, top1 = layer_patch(model_dst, enc_dst, rows, layer_sites, src_vecs, stats, None, allowed=allowed,
-                           targets=target, batch_size=batch_size, progress=progress)
-    return LayerPatch(kl, top1, decisions(dst.read_logits(rows), allowed) == target)
+    sw = sweep_patch(model_dst, enc_dst, rows, list(layer_sites), layer_patch_configs(layer_sites, src_vecs, stats),
+                     None, allowed=allowed, targets=target, batch_size=batch_size, progress=progress)
+    return LayerPatch(sw.kl, sw.hits, sw.agree)
 
 
 def layer_patch_table(results: Mapping[str, LayerPatch | Mapping[str, np.ndarray]]) -> tuple[list[dict], dict]:
@@ -715,7 +734,7 @@ def rank_alpha_sweep(
 
 
 __all__ = [
-    "LAYER_PATCH_DIRECTIONS", "LayerPatch", "alpha_key", "decisions", "head_blend", "kl_drop", "layer_patch",
+    "LAYER_PATCH_DIRECTIONS", "LayerPatch", "Sweep", "alpha_key", "decisions", "head_blend", "kl_drop", "layer_patch",
     "layer_patch_decisions", "layer_patch_direction", "layer_patch_table", "layer_recolour_stats", "min_k",
     "patch_kl", "patched_logits", "rank_alpha_configs", "rank_alpha_sweep", "reference_logits", "saturation_k",
     "src_decisions_in_dst", "summarise_sweep", "sweep_kl", "sweep_patch",

@@ -166,8 +166,8 @@ def concat_site(layers: Sequence[int], sites: Sequence[str]) -> str | None:
     if not layers:
         return None
     missing = [x for x in layers if f"L{x}.resid_post" not in sites]
-    if missing or len(set(layers)) < 2:
-        raise MechdiffError(f"probes.concat_layers {list(layers)}: give at least two distinct stored layers "
+    if missing or len(set(layers)) < 2 or len(set(layers)) < len(layers):
+        raise MechdiffError(f"probes.concat_layers {list(layers)}: give two or more stored layers, each once "
                             f"({'not stored: ' + ', '.join(map(str, missing)) + '; ' if missing else ''}stored: "
                             f"{', '.join(str(_layer(x)) for x in sites)})")
     return "+".join(f"L{x}" for x in layers)

@@ -372,7 +372,8 @@ def check_sae(m: Mapping[str, float], width: int, criteria: Criteria) -> dict:
     they were computed): {"sparsity_ratio", "passed", "failed" (the failed checks, comma-separated, "" if none)}.
     A NaN metric fails its check; without spliced metrics the KL check is not made."""
     l0 = float(m["l0"])
-    ratio = width / l0 if l0 > 0 else math.inf  # no latent ever fires: sparse, and the FVU check fails it
+    # no latent ever fires: sparse (the FVU check fails it); a NaN L0 fails the sparsity check
+    ratio = width / l0 if l0 > 0 else math.inf if l0 == 0 else math.nan
     checks = {"fvu": float(m["fvu"]) <= criteria.max_fvu, "sparsity": ratio >= criteria.min_sparsity,
               "dead": float(m["dead_pct"]) <= criteria.max_dead_pct}
     kl = [float(v) for k, v in m.items() if k.startswith("kl_recovered")]
