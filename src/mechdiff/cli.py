@@ -112,6 +112,20 @@ def _check_layers(p, n_layers: int) -> list[str]:
             f"model has {n_layers} blocks (0..{n_layers - 1})"]
 
 
+def _check_stored_layers(p, n_layers: int) -> list[str]:
+    """Layers a stage reads from the store's resid_post rows are among those `extract` writes."""
+    from mechdiff.model.sites import Site, plan_sites
+
+    plan = plan_sites(n_layers, stride=p.extract.layer_stride, detail_layers=p.extract.detail_layers,
+                      extra=p.transport.sites, token_layers=p.sae.layers)
+    stored = sorted(Site.parse(s).layer for s in plan if s.endswith(".resid_post"))
+    missing = [x for x in p.probes.concat_layers if x not in stored]
+    if not missing:
+        return []
+    return [f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract (resid_post at "
+            f"{', '.join(map(str, stored))}): pick stored layers or add them to extract.detail_layers"]
+
+
 def _check_models(p) -> list[str]:
     """Model specs resolve (no download); layers the params name are in range; with two given models, their
     tokenizers vs pair.fairness.enabled. A GGUF file is parsed once for its config and its tokenizer."""
@@ -139,7 +153,7 @@ def _check_models_read(p) -> list[str]:
         except (OSError, ValueError):  # a hub model not cached yet: the stages check their layers after download
             pass
     if shapes.get("base", (None,))[0]:
-        problems += _check_layers(p, shapes["base"][0])
+        problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None))[1]
     if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
         problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "

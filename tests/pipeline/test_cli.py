@@ -247,6 +247,7 @@ def test_data_keeps_an_edited_corpus(tmp_path, capsys):
     ("transport.sites", ["L20.attn_out", "L99.resid_post"], "transport.sites (L99.resid_post): layer 99"),
     ("sae.layers", [20, 30], "sae.layers: layer 30: out of range, the base model has 30 blocks (0..29)"),
     ("gates.layer", 45, "gates.layer: layer 45"),
+    ("probes.concat_layers", [0, 3], "probes.concat_layers: layer 3 is not stored by extract (resid_post at 0, 2, "),
 ])
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
     """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""
