@@ -32,7 +32,7 @@ def main() -> None:
     settings = ProbeRunSettings(
         sae_layers=tuple(s.layers), sae_view=s.view, view=pr.view, feature_view=pr.feature_view, target=pr.target,
         control=pr.control, estimators=tuple(pr.estimators), n_features=pr.n_features, embedding=pr.embedding,
-        sparse_k=tuple(pr.sparse_k), concat_layers=tuple(pr.concat_layers),
+        sparse_k=tuple(pr.sparse_k), concat_layers=pr.concat_layers if isinstance(pr.concat_layers, str) else tuple(pr.concat_layers),
         probe=ProbeSettings(folds=pr.folds, C=pr.C, ridge_alpha=pr.ridge_alpha, n_trees=pr.n_trees, seed=p.seed,
                             n_jobs=pr.n_jobs or available_cpus()))
     base, tuned = P.open_stores()

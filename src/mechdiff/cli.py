@@ -119,7 +119,7 @@ def _check_stored_layers(p, n_layers: int) -> list[str]:
     plan = plan_sites(n_layers, stride=p.extract.layer_stride, detail_layers=p.extract.detail_layers,
                       extra=p.transport.sites, token_layers=p.sae.layers)
     stored = sorted(Site.parse(s).layer for s in plan if s.endswith(".resid_post"))
-    missing = [x for x in p.probes.concat_layers if x not in stored]
+    missing = [x for x in p.probes.concat_layers if x not in stored] if isinstance(p.probes.concat_layers, list) else []
     if not missing:
         return []
     return [f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract (resid_post at "

@@ -332,7 +332,7 @@ class ProbesParams(_Section):
     n_features: int = 8
     embedding: bool = True
     sparse_k: list[int] = field(default_factory=lambda: [1, 2, 5])
-    concat_layers: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 10])
+    concat_layers: list[int] | str = "auto"  # auto: the stored resid_post layers of the first third
     n_jobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -353,9 +353,11 @@ class ProbesParams(_Section):
         if self.target == self.control:
             raise MechdiffError(f"params.yaml: probes.target and probes.control are both {self.target!r}")
         c = self.concat_layers
-        if c and (len(set(c)) < 2 or len(set(c)) < len(c) or min(c) < 0):
+        if isinstance(c, str) and c != "auto":
+            raise MechdiffError(f"params.yaml: probes.concat_layers must be auto, a list of layers or [], got {c!r}")
+        if isinstance(c, list) and c and (len(set(c)) < 2 or len(set(c)) < len(c) or min(c) < 0):
             raise MechdiffError(f"params.yaml: probes.concat_layers must list at least two distinct layers >= 0 "
-                                f"(or be empty: no concatenated probe), got {self.concat_layers}")
+                                f"(or be auto, or empty: no concatenated probe), got {self.concat_layers}")
 
 
 # The section dataclasses repeat one shape (typed fields with defaults) on purpose: each mirrors one

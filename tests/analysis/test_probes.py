@@ -450,7 +450,7 @@ def test_run_probes_concatenated_layers_match_sklearn_and_check_layers(tmp_path)
     from mechdiff.analysis.probe_run import ProbeRunSettings, run_probes
 
     prompts, (base, tuned), saes = _run_world(tmp_path)
-    st = ProbeRunSettings(sae_layers=(1,), n_features=3, sparse_k=(1,), embedding=False, concat_layers=(0, 1),
+    st = ProbeRunSettings(sae_layers=(1,), n_features=3, sparse_k=(1,), embedding=False, concat_layers="auto",
                           estimators=("logistic",), probe=ProbeSettings(folds=3, n_trees=5))
     run = run_probes(base, tuned, prompts, saes, lambda m: None, st)
     assert run.metrics["concat_site"] == "L0+L1"
@@ -470,3 +470,14 @@ def test_run_probes_concatenated_layers_match_sklearn_and_check_layers(tmp_path)
     with pytest.raises(MechdiffError, match=r"concat_layers \[0, 5\].*not stored: 5"):
         run_probes(base, tuned, prompts, saes, lambda m: None,
                    ProbeRunSettings(sae_layers=(1,), concat_layers=(0, 5)))
+
+
+def test_auto_concat_layers_take_the_first_third_of_the_stored_layers():
+    from mechdiff.analysis.probe_run import auto_concat_layers
+    from mechdiff.model.sites import plan_sites
+
+    smollm = plan_sites(30, stride=2, detail_layers=[20, 24, 26])  # the default pair's stored sites
+    assert auto_concat_layers(list(smollm)) == (0, 2, 4, 6, 8, 10)
+    assert auto_concat_layers(list(plan_sites(18, stride=2))) == (0, 2, 4, 6)  # Gemma-2B depth: 0..6
+    assert auto_concat_layers(list(plan_sites(4, stride=1, detail_layers=[2]))) == (0, 1)
+    assert auto_concat_layers(["L0.resid_post", "L0.attn_out"]) == ()

@@ -61,7 +61,8 @@ class ProbeRunSettings:
     n_features: int = 8
     embedding: bool = True
     sparse_k: tuple[int, ...] = (1, 2, 5)
-    concat_layers: tuple[int, ...] = ()  # hidden -> concept also on these layers' resid_post side by side (seed 001)
+    concat_layers: tuple[int, ...] | str = ()  # hidden -> concept also on these layers' resid_post side by side
+    # (seed 001); "auto": `auto_concat_layers` of the stored layers
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
@@ -160,6 +161,16 @@ def sae_quality(feats: Mapping[tuple[str, int], np.ndarray], saes: Mapping[tuple
     return sparse_rows, sparse, bias
 
 
+def auto_concat_layers(sites: Sequence[str]) -> tuple[int, ...]:
+    """The stored resid_post layers up to a third of the depth (the deepest stored layer + 1), at least the first
+    two; () when fewer than two are stored."""
+    layers = sorted({_layer(x) for x in sites if x.endswith(".resid_post")})
+    if len(layers) < 2:
+        return ()
+    first = [x for x in layers if x <= (layers[-1] + 1) // 3]
+    return tuple(first if len(first) >= 2 else layers[:2])
+
+
 def concat_site(layers: Sequence[int], sites: Sequence[str]) -> str | None:
     """The site name of `layers`' resid_post side by side ("L0+L2+L4"), None for no layers; raise when a layer is
     not stored or fewer than two are given."""
@@ -205,7 +216,8 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     stores = {"base": base, "tuned": tuned}
     check_store_rows(stores, prompts)
     sites = resid_sites(base, tuned)
-    concat = concat_site(st.concat_layers, sites)  # before any fit: a layer that is not stored fails at once
+    concat_layers = auto_concat_layers(sites) if st.concat_layers == "auto" else tuple(st.concat_layers)
+    concat = concat_site(concat_layers, sites)  # before any fit: a layer that is not stored fails at once
     compare = [x for x in (f"L{layer}.resid_post" for layer in st.sae_layers) if x in sites]
     used = np.array([i for i, q in enumerate(prompts) if q.split in ("train", "test")], dtype=np.int64)  # val unused
     s = st.probe
@@ -232,7 +244,7 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     rows = probe_by_layer(tasks, sites, reader.view(st.view), **kw)
     say(f"probes: hidden -> concept: {len(tasks)} tasks x {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
     if concat:
-        rows += probe_by_layer(tasks, [concat], concat_reader(stores, st.concat_layers, st.view), models=MODELS,
+        rows += probe_by_layer(tasks, [concat], concat_reader(stores, concat_layers, st.view), models=MODELS,
                                settings=s, layer_of=lambda _: CONCAT_LAYER, progress=progress is not None)
         say(f"probes: hidden -> concept on {concat} side by side ({time.time() - t0:.0f}s)")
     if ftasks:
@@ -269,7 +281,7 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     if concat:  # the concatenated layers' test score beside each model's best single layer
         for t in tasks:
             got = {r["model"]: r["test"] for r in rows if r["site"] == concat and r["task"] == t.name}
-            summary[t.name]["concat"] = {"layers": list(st.concat_layers), **got}
+            summary[t.name]["concat"] = {"layers": list(concat_layers), **got}
     metrics["tasks"] = summary
     metrics["concat_site"] = concat
     for name, d in summary.items():
