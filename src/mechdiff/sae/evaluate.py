@@ -359,12 +359,12 @@ ModelLoader = Callable[[str], tuple[nn.Module, object, Encoded]]
 class Criteria:
     """Thresholds an SAE must meet on held-out prompts to pass (seed 000's validation: reconstruction below a
     threshold and a sparsity ratio width / L0 of at least 10x; FVU here, as the seed's raw MSE depends on the
-    activations' scale)."""
+    activations' scale). The defaults live in params (`sae.validate`) only."""
 
-    max_fvu: float = 0.1  # fraction of variance unexplained
-    min_sparsity: float = 10.0  # width / mean L0
-    max_dead_pct: float = 50.0  # latents never active on the held-out rows
-    min_kl_recovered: float = 0.9  # spliced KL recovered, every model the SAE is spliced into
+    max_fvu: float  # fraction of variance unexplained
+    min_sparsity: float  # width / mean L0
+    max_dead_pct: float  # latents never active on the held-out rows
+    min_kl_recovered: float  # spliced KL recovered, every model the SAE is spliced into
 
 
 def check_sae(m: Mapping[str, float], width: int, criteria: Criteria) -> dict:
