@@ -149,6 +149,27 @@ def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
         assert all(own > np.corrcoef(geo.vectors[c.name], geo.vectors[q])[0, 1] for q in PARENTS if q != c.parent)
 
 
+def test_lda_needs_three_rows_and_concepts_with_fewer_train_tokens_are_left_out(planted):
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(3)
+    two = rng.normal(size=(2, 16))
+    # why: Ledoit-Wolf leaves two rows unshrunk, a rank-1 covariance with no lda direction
+    assert abs(LedoitWolf().fit(two).shrinkage_) < 1e-12
+    np.testing.assert_allclose(concept_vector(two, "lda"), two.mean(0))
+    three = rng.normal(size=(3, 16))
+    assert LedoitWolf().fit(three).shrinkage_ > 1e-3
+    assert not np.allclose(concept_vector(three, "lda"), three.mean(0))
+    # a child with three words keeps two train tokens: it gets no vector, so no angle (not a ~180 degree outlier)
+    model, tok, concepts = planted
+    short = [Concept(c.name, c.parent, c.words[:3]) if c.name == "fauna/c0" else c for c in concepts]
+    geo = model_geometry(model, tok, short, seed=0)
+    assert len(geo.cs.train["fauna/c0"]) == 2 and "fauna/c0" not in geo.vectors
+    assert geo.summary["coverage"]["concepts"] == len(concepts) - 1
+    children = [r for r in hierarchy_angles(geo.vectors, short) if r["kind"] == "child"]
+    assert len(children) == 8 and all(70 <= r["angle"] <= 110 for r in children), children
+
+
 def test_hidden_directions_carry_the_causal_inner_product(planted):
     model, tok, concepts = planted
     geo = model_geometry(model, tok, concepts, seed=0)

@@ -144,10 +144,18 @@ def split_words(concepts: Sequence[Concept], covered: set[str], *, test_frac: fl
 # ------------------------------------------------------------------------------------------------ estimator
 
 
+# Ledoit-Wolf on two rows x1, x2 always picks shrinkage 0 (each centred outer product equals the sample
+# covariance), leaving the rank-1 covariance (x1 - x2)(x1 - x2)^T / 4: the lda direction needs at least three.
+LDA_MIN_ROWS = 3
+
+
 def concept_vector(G: np.ndarray, method: str = "lda") -> np.ndarray:
     """The concept vector of the rows G (n, d) of one concept: "lda" (Park et al.) or "mean" (the plain mean).
 
     lda: mu = mean G, Sigma = Ledoit-Wolf covariance, g_hat = Sigma^+ mu / ||Sigma^+ mu||, l = (g_hat^T mu) g_hat.
+    With fewer than `LDA_MIN_ROWS` rows, or a Ledoit-Wolf covariance that is not shrunk and has fewer rows than
+    dimensions, Sigma is singular and the direction is undefined: lda returns the mean there (callers that
+    compare estimators skip such concepts: `estimate`'s `min_tokens`).
     """
     G = np.asarray(G, dtype=np.float64)
     if G.ndim != 2 or G.shape[0] == 0:
@@ -157,12 +165,15 @@ def concept_vector(G: np.ndarray, method: str = "lda") -> np.ndarray:
         return mu
     if method != "lda":
         raise MechdiffError(f"concept estimator must be 'lda' or 'mean', got {method!r}")
-    if G.shape[0] < 2:
+    if G.shape[0] < LDA_MIN_ROWS:
         return mu
     from sklearn.covariance import LedoitWolf
 
-    sigma = LedoitWolf(store_precision=False, assume_centered=False).fit(G).covariance_  # the precision is not used
-    try:  # Ledoit-Wolf shrinks toward a scaled identity, so Sigma is positive definite unless mu is degenerate
+    lw = LedoitWolf(store_precision=False, assume_centered=False).fit(G)  # the precision is not used
+    if not lw.shrinkage_ > 1e-9 and G.shape[0] <= G.shape[1]:  # unshrunk sample covariance of rank < d: singular
+        return mu
+    sigma = lw.covariance_
+    try:  # shrunk toward a scaled identity, Sigma is positive definite
         gh = np.linalg.solve(sigma, mu)
     except np.linalg.LinAlgError:
         gh = np.linalg.pinv(sigma, hermitian=True) @ mu
@@ -216,8 +227,11 @@ def concept_tokens(concepts: Sequence[Concept], tokens: Mapping[str, list[int]],
     return tr, te
 
 
-def estimate(g: np.ndarray, cs: ConceptSet, method: str = "lda", min_tokens: int = 2) -> dict[str, np.ndarray]:
-    """Concept vectors from the rows of g (V, d) at each concept's train tokens (concepts with < min_tokens skipped)."""
+def estimate(g: np.ndarray, cs: ConceptSet, method: str = "lda", min_tokens: int = LDA_MIN_ROWS
+             ) -> dict[str, np.ndarray]:
+    """Concept vectors from the rows of g (V, d) at each concept's train tokens (concepts with < min_tokens skipped;
+    the default is the fewest rows the lda estimator can use, for every estimator, so that they cover the same
+    concepts)."""
     return {c.name: concept_vector(g[cs.train[c.name]], method) for c in cs.concepts
             if len(cs.train[c.name]) >= min_tokens}
 
@@ -392,7 +406,7 @@ def context_concepts(states: np.ndarray, owner: Sequence[str], cs: ConceptSet, m
     out = {}
     for n, words in train_words.items():
         rows = [i for w in words for i in word_rows.get(w, [])]
-        if len(rows) >= 2:
+        if len(rows) >= LDA_MIN_ROWS:
             out[n] = concept_vector(states[rows], method)
     return out
 
@@ -576,7 +590,7 @@ class Geometry:
 
 def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, method: str = "lda",
                    test_frac: float = 0.3, seed: int = 0, prompts: Sequence[str] = (), steer_scale: float = 0.5,
-                   min_tokens: int = 2, batch_size: int = 64) -> Geometry:
+                   min_tokens: int = LDA_MIN_ROWS, batch_size: int = 64) -> Geometry:
     """The causal geometry of one model: whitening check, concept vectors, orthogonality with controls,
     separation, the children's polytopes, parent and child interventions (on `prompts`) and context vectors."""
     gamma = unembedding(model)
