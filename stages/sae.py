@@ -1,4 +1,5 @@
-"""Stage sae@<source>-<layer>: train one TopK SAE (base / tuned / delta) or crosscoder at L<layer>.resid_post.
+"""Stage sae@<source>-<layer>: train one TopK SAE (base / tuned / delta) or crosscoder at L<layer>.resid_post, or
+import a pretrained one (`sae.pretrained`: Gemma Scope, SAELens or mechdiff files) for base / tuned.
 
 With `sae.nproc` > 1 the stage runs torchrun: `sae.parallel: many` trains every pending SAE of sources x
 layers at once, spread over the processes (this stage's and its siblings'; each sibling stage then finds its
@@ -21,7 +22,8 @@ from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
-from mechdiff.sae import SAEConfig, train_sae
+from mechdiff.sae import SAEConfig, eval_sae, save_sae, train_sae
+from mechdiff.sae.pretrained import digest, load_pretrained
 from mechdiff.sae.sources import (
     SOURCES,
     check_finite,
@@ -109,12 +111,41 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
         mark_complete(out)
 
 
+def pretrained_spec(p, source: str, layer: int) -> str | None:
+    """The `sae.pretrained` spec of this SAE (key "<source>-<layer>"), or None: trained here."""
+    return p.sae.pretrained.get(f"{source}-{layer}")
+
+
+def import_one(p, base, tuned, source: str, layer: int, spec: str) -> None:
+    """Import a pretrained SAE into the SAE's out dir (checked against the site width first), with its held-out
+    FVU as a one-entry training log; a finished import of the same file is kept."""
+    s = p.sae
+    site, out, _ = job(p, base, tuned, source, layer)
+    sae = load_pretrained(spec, d_in=base.width(site))  # a wrong file fails before the old SAE is touched
+    sha = digest(spec)
+    fp = fingerprint(["pretrained", spec, sha, source, layer, s.view, code_hash()])
+    if finished_output(out, fp):
+        print(f"sae: {out} already holds {spec}")
+        return
+    rows, val_rows = checked_rows(p, base, tuned, source, site)
+    prepare_output(out, fp)
+    X = read_source(source, base, tuned, site, s.view, val_rows if len(val_rows) >= 2 else rows)
+    m = eval_sae(sae, X)
+    save_sae(sae, out, meta={"site": site, "source": source, "view": s.view, "layer": layer, "pretrained": spec,
+                             "pretrained_sha256": sha, "stop_reason": "imported (sae.pretrained)",
+                             "val_fvu": m["fvu"]})
+    log = [{"step": 0, "tokens": 0, "fvu": m["fvu"], "l0": m["l0"], "dead_pct": m["dead_pct"], "val_fvu": m["fvu"]}]
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    mark_complete(out)
+
+
 def worker(p, argv: list[str]) -> None:
     """One torchrun rank: `--all` trains its share of the pending SAEs, else its share of one SAE (ddp)."""
     dist.init(dist.backend_for(p.sae.device))
     base, tuned = P.open_stores()
     if argv[0] == "--all":
-        jobs = [(src, layer) for src in p.sae.sources for layer in p.sae.layers]
+        jobs = [(src, layer) for src in p.sae.sources for layer in p.sae.layers
+                if pretrained_spec(p, src, layer) is None]  # imports run in their own stages
         pending = [(src, layer) for src, layer in jobs
                    if not finished_output(*job(p, base, tuned, src, layer)[1:])]  # job() hashes code + stats once
         dist.barrier()  # every rank has listed the pending SAEs before any starts training
@@ -123,6 +154,24 @@ def worker(p, argv: list[str]) -> None:
     else:
         train_one(p, base, tuned, argv[0], int(argv[1]), ddp=True, prepare=False)
     dist.close()
+
+
+def train_here(p, base, tuned, source: str, layer: int, site: str, out: Path, fp: str) -> None:
+    """Train this stage's SAE: in this process, or under torchrun (`sae.nproc` > 1)."""
+    s = p.sae
+    rows = checked_rows(p, base, tuned, source, site)  # inputs first, whatever was trained before
+    cfg = sae_config(p, base, source, layer)  # and the config, before a ddp launch prepares the output
+    if s.nproc == 1:
+        train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)  # a finished SAE is replaced, as every stage does
+    else:
+        if not finished_output(out, fp):  # a sibling's many-run may have trained it already
+            if s.parallel == "ddp":
+                prepare_output(out, fp)  # before the ranks start: they only resume from its checkpoints
+                dist.launch([__file__, source, str(layer)], s.nproc, what=f"sae {source} L{layer}")
+            else:
+                dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
+        if not finished_output(out, fp):
+            train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)
 
 
 def main() -> None:
@@ -139,19 +188,11 @@ def main() -> None:
     source, layer = argv[0], int(argv[1])
     base, tuned = P.open_stores()
     site, out, fp = job(p, base, tuned, source, layer)
-    rows = checked_rows(p, base, tuned, source, site)  # inputs first, whatever was trained before
-    cfg = sae_config(p, base, source, layer)  # and the config, before a ddp launch prepares the output
-    if s.nproc == 1:
-        train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)  # a finished SAE is replaced, as every stage does
+    spec = pretrained_spec(p, source, layer)
+    if spec is not None:
+        import_one(p, base, tuned, source, layer, spec)
     else:
-        if not finished_output(out, fp):  # a sibling's many-run may have trained it already
-            if s.parallel == "ddp":
-                prepare_output(out, fp)  # before the ranks start: they only resume from its checkpoints
-                dist.launch([__file__, source, str(layer)], s.nproc, what=f"sae {source} L{layer}")
-            else:
-                dist.launch([__file__, "--all"], s.nproc, what="sae (all sources x layers)")
-        if not finished_output(out, fp):
-            train_one(p, base, tuned, source, layer, rows=rows, cfg=cfg)
+        train_here(p, base, tuned, source, layer, site, out, fp)
     log = json.loads((out / "train_log.json").read_text())
     write_csv(P.plot(f"sae/{source}_L{layer}.csv"), log)
     last = log[-1] if log else {}

@@ -178,6 +178,21 @@ def _check_models_read(p) -> list[str]:
             check_vocab(toks["base"], toks["tuned"], fairness=p.pair.fairness.enabled)
         except MechdiffError as e:
             problems.append(str(e))
+    return problems + _check_pretrained(p, width)
+
+
+def _check_pretrained(p, width: int | None) -> list[str]:
+    """Local `sae.pretrained` files load and read activations of the model's width (hub ones: at the stage)."""
+    from mechdiff.sae.pretrained import load_pretrained
+
+    problems = []
+    for key, spec in p.sae.pretrained.items():
+        if str(spec).startswith("hf:"):
+            continue
+        try:
+            load_pretrained(spec, d_in=width)
+        except MechdiffError as e:
+            problems.append(f"sae.pretrained {key}: {e}")
     return problems
 
 

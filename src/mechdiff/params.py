@@ -215,6 +215,7 @@ class SAE(_Section):
     device: str = "cpu"
     select_dtype: str = "float32"  # bfloat16: the encoder matmul that picks the top-k latents runs in bf16 (AMX)
     validate: SAEValidate = field(default_factory=SAEValidate)
+    pretrained: dict[str, str] = field(default_factory=dict)  # "<base|tuned>-<layer>": spec; imported, not trained
 
 
 @dataclass
@@ -664,6 +665,17 @@ def validate(p: Params) -> Params:
     for s in p.sae.sources:
         if s not in ("base", "tuned", "delta", "crosscoder"):
             raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
+    for key, spec in p.sae.pretrained.items():
+        src, _, layer = str(key).rpartition("-")
+        if src not in ("base", "tuned") or not layer.isdigit():
+            raise MechdiffError(f"params.yaml: sae.pretrained key {key!r}: write <base|tuned>-<layer>, e.g. base-20 "
+                                "(delta and crosscoder SAEs read both models and train here)")
+        if src not in p.sae.sources or int(layer) not in p.sae.layers:
+            raise MechdiffError(f"params.yaml: sae.pretrained {key!r} names no SAE of sae.sources x sae.layers "
+                                f"({', '.join(p.sae.sources)} x {p.sae.layers}): add it there or remove the entry")
+        if not isinstance(spec, str) or not spec.strip():
+            raise MechdiffError(f"params.yaml: sae.pretrained {key!r} must be a path or hf:<org>/<repo>/<folder>, "
+                                f"got {spec!r}")
     if not 0 <= p.sae.holdout < 1 or not 0 <= p.sae.plateau_tol < 1:
         raise MechdiffError(f"params.yaml: sae.holdout ({p.sae.holdout}) and sae.plateau_tol ({p.sae.plateau_tol}) "
                             "must lie in [0, 1)")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -394,3 +395,27 @@ def test_a_second_copy_of_a_running_stage_stops_and_the_lock_dies_with_the_proce
         first.wait()
     again = subprocess.run([sys.executable, str(script), "a"], cwd=tmp_path, env=env, timeout=60)
     assert again.returncode == 0
+
+
+def test_pretrained_saes_are_checked_against_the_model_width(tmp_path, corpora, models, capsys):
+    rng = np.random.default_rng(0)
+
+    def npz(path: Path, d: int) -> str:
+        np.savez(path, W_enc=rng.normal(size=(d, 8)), W_dec=rng.normal(size=(8, d)), b_enc=np.zeros(8),
+                 b_dec=np.zeros(d), threshold=np.zeros(8))
+        return str(path)
+
+    def with_sae(spec: str):
+        def mutate(raw: dict) -> None:
+            _both(models["a"], models["a"], True)(raw)
+            raw["sae"]["pretrained"] = {"base-1": spec}
+        return mutate
+
+    assert _check(tmp_path, corpora, with_sae(npz(tmp_path / "ok.npz", 32)), capsys)[0] == 0
+    _fails(_check(tmp_path, corpora, with_sae(npz(tmp_path / "wide.npz", 48)), capsys),
+           "sae.pretrained base-1:", "48-wide inputs", "width 32")
+    _fails(_check(tmp_path, corpora, with_sae(str(tmp_path / "gone.npz")), capsys),
+           "sae.pretrained base-1:", "does not exist")
+    # a hub spec is fetched by the stage, not by the check
+    assert _check(tmp_path, corpora, with_sae("hf:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71"),
+                  capsys)[0] == 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 import zarr
 
@@ -219,3 +220,42 @@ def test_extract_stage_store_dtype_and_compressor_params(tmp_path):
     r = _stage(r16, "sae", "base", "2")
     assert r.returncode == 0, r.stderr
     assert json.loads((r16 / "artifacts" / "saes" / "base_L2" / MARK).read_text())["complete"] is True
+
+
+def test_sae_stage_imports_a_pretrained_sae_and_keeps_it_on_a_bad_one(tmp_path):
+    from mechdiff.sae.model import load_sae
+    from mechdiff.sae.pretrained import load_pretrained
+
+    repo = _repo(tmp_path, 64)
+    for which in ("base", "tuned"):
+        assert _stage(repo, "extract", which).returncode == 0
+    # a Gemma Scope style JumpReLU SAE for the tiny model's width (64), planted with random weights
+    rng = np.random.default_rng(0)
+    w = 96
+    gs = {"W_enc": rng.normal(size=(64, w)).astype(np.float32) / 8, "W_dec": rng.normal(size=(w, 64)).astype(np.float32),
+          "b_enc": np.zeros(w, np.float32), "b_dec": np.zeros(64, np.float32),
+          "threshold": np.full(w, 0.1, np.float32)}
+    np.savez(tmp_path / "params.npz", **gs)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["sae"]["pretrained"] = {"base-2": str(tmp_path / "params.npz")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p))
+    r = _stage(repo, "sae", "base", "2")
+    assert r.returncode == 0, r.stderr
+    assert "imported" in r.stdout
+    sae_dir = repo / "artifacts" / "saes" / "base_L2"
+    got, ref = load_sae(sae_dir), load_pretrained(str(tmp_path / "params.npz"))
+    x = torch.from_numpy(ActStore.open(repo / "artifacts" / "acts" / "base.zarr").read(SITE, "tokens")[:200]).float()
+    with torch.no_grad():
+        assert torch.equal(got.encode(x), ref.encode(x)) and torch.equal(got(x), ref(x))
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["pretrained"] == str(tmp_path / "params.npz")
+    log = json.loads((sae_dir / "train_log.json").read_text())
+    assert len(log) == 1 and 0 < log[0]["fvu"] and log[0]["tokens"] == 0
+    # a file of another width: one line, before the imported SAE is touched
+    before = _contents(sae_dir)
+    np.savez(tmp_path / "wide.npz", **{**gs, "W_enc": np.zeros((65, w), np.float32),
+                                       "W_dec": np.zeros((w, 65), np.float32), "b_dec": np.zeros(65, np.float32)})
+    p["sae"]["pretrained"] = {"base-2": str(tmp_path / "wide.npz")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p))
+    _one_line_error(_stage(repo, "sae", "base", "2"), "65-wide inputs", "width 64")
+    _same(_contents(sae_dir), before)

@@ -443,7 +443,8 @@ def min_k(ks: Sequence[int], drops: Sequence[float], target: float) -> int | Non
 def saturation_k(ks: Sequence[int], drops: Sequence[float], share: float) -> int | None:
     """The smallest k whose KL drop (%) reaches `share` of the best drop any k in the sweep reaches (the rank at
     which the drop saturates: how many directions carry the change, with no fixed target); None when no drop is
-    positive. A planted rank-r change saturates at k = r when each of its directions moves the output."""
+    positive. A planted rank-r change saturates at k = r when each of its directions adds more than 1 - share of
+    the best drop; with many comparable directions (r >= 6 at share 0.9) the last one adds less and k < r."""
     if len(ks) != len(drops):
         raise MechdiffError(f"ks and drops must have the same length, got {len(ks)} and {len(drops)}")
     if not 0 < share <= 1:

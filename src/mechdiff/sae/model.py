@@ -194,10 +194,13 @@ AUX_DENSE_FILL = 4
 
 
 class TopKSAE(nn.Module):
-    """TopK (or BatchTopK) SAE; `n_blocks=2` makes it a crosscoder over [x_base, x_tuned]."""
+    """TopK (or BatchTopK) SAE; `n_blocks=2` makes it a crosscoder over [x_base, x_tuned].
+
+    `jumprelu=True`: an imported JumpReLU (or ReLU) SAE (`sae.pretrained`): inference keeps each latent above its
+    own threshold (`set_thresholds`); it is never trained here."""
 
     def __init__(self, d_in: int, width: int, k: int, *, k_aux: int | None = None, batchtopk: bool = False,
-                 n_blocks: int = 1, seed: int = 0) -> None:
+                 n_blocks: int = 1, seed: int = 0, jumprelu: bool = False) -> None:
         super().__init__()
         for name, v in (("d_in", d_in), ("width", width), ("k", k), ("n_blocks", n_blocks)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -207,6 +210,7 @@ class TopKSAE(nn.Module):
         self.d_in, self.width, self.k, self.n_blocks = d_in, width, k, n_blocks
         self.k_aux = int(k_aux) if k_aux is not None else max(1, d_in // 2)
         self.batchtopk = bool(batchtopk)
+        self.jumprelu = bool(jumprelu)
         D = d_in * n_blocks
         gen = torch.Generator().manual_seed(int(seed))
         dec = torch.randn(width, D, generator=gen)
@@ -251,6 +255,20 @@ class TopKSAE(nn.Module):
         self.input_scale.fill_(math.sqrt(self.d_total / msq))
         return float(self.input_scale)
 
+    @torch.no_grad()
+    def set_thresholds(self, theta: torch.Tensor) -> None:
+        """Per-latent JumpReLU thresholds (width,) in the normalised space (a `jumprelu` SAE)."""
+        theta = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
+        if theta.numel() != self.width:
+            raise MechdiffError(f"{theta.numel()} thresholds for {self.width} latents")
+        self.threshold = theta.to(self.b_enc.device)  # replaces the scalar buffer
+        self.threshold_set.fill_(True)
+
+    @property
+    def thresholded(self) -> bool:
+        """Whether inference thresholds (BatchTopK after training, JumpReLU) instead of taking the top k."""
+        return (self.batchtopk or self.jumprelu) and bool(self.threshold_set)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs -> normalised space."""
         return self._check(x) * self.input_scale
@@ -262,10 +280,10 @@ class TopKSAE(nn.Module):
         return linear(x_n - self.b_pre, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor, *, use_threshold: bool | None = None) -> torch.Tensor:
-        """Dense latents (B, width) of raw inputs (TopK per row; BatchTopK SAEs use the stored threshold)."""
+        """Dense latents (B, width) of raw inputs (TopK per row; BatchTopK and JumpReLU SAEs use the stored threshold)."""
         pre = self.pre_acts(self.normalize(x))
         if use_threshold is None:
-            use_threshold = self.batchtopk and bool(self.threshold_set)
+            use_threshold = self.thresholded
         if use_threshold:
             return torch.where(pre > self.threshold.clamp_min(0), pre, torch.zeros_like(pre))
         vals, idx = pre.topk(self.k, dim=1, sorted=False)
@@ -273,8 +291,8 @@ class TopKSAE(nn.Module):
 
     def topk_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`encode` kept sparse: (feature indices (B, k) ascending per row, their latents (B, k), zeros included),
-        the same values `encode` scatters; None where `encode` thresholds instead (BatchTopK at inference)."""
-        if self.batchtopk and bool(self.threshold_set):
+        the same values `encode` scatters; None where `encode` thresholds instead (BatchTopK at inference, JumpReLU)."""
+        if self.thresholded:
             return None
         vals, idx = self.pre_acts(self.normalize(x)).topk(self.k, dim=1, sorted=False)
         idx, order = idx.sort(dim=1)
@@ -508,10 +526,11 @@ class TopKSAE(nn.Module):
     def config_dict(self) -> dict:
         """Architecture + normalisation config (JSON-serialisable)."""
         return {
-            "architecture": "topk" if not self.batchtopk else "batchtopk",
+            "architecture": "jumprelu" if self.jumprelu else "batchtopk" if self.batchtopk else "topk",
             "d_in": self.d_in, "width": self.width, "k": self.k, "k_aux": self.k_aux,
             "n_blocks": self.n_blocks, "batchtopk": self.batchtopk,
-            "threshold": float(self.threshold) if bool(self.threshold_set) else None,
+            "threshold": (None if not bool(self.threshold_set) else float(self.threshold) if self.threshold.dim() == 0
+                          else "per_latent"),  # per-latent thresholds: the `threshold` tensor of sae.safetensors
             "input_scale": float(self.input_scale),
         }
 
@@ -528,7 +547,8 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
     input_scale, format, plus `meta` (hook site, source, model id ...). Without this project:
 
         x_n = input_scale * x;  pre = (x_n - b_pre) @ W_enc.T + b_enc
-        z = ReLU(top-k of pre per row)   (BatchTopK: z = pre * (pre > threshold))
+        z = ReLU(top-k of pre per row)   (BatchTopK: z = pre * (pre > threshold); JumpReLU, cfg threshold
+                                          "per_latent": z = pre * (pre > max(threshold, 0)), tensor `threshold`)
         x_hat = (z @ W_dec.T + b_pre) / input_scale
 
     SAELens `TopKSAE` (W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec, input minus b_dec before the
@@ -546,6 +566,8 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
         "W_dec": sae.dec.detach().float().t().contiguous().cpu(),
         "b_pre": sae.b_pre.detach().float().contiguous().cpu(),
     }
+    if bool(sae.threshold_set) and sae.threshold.dim() == 1:
+        tensors["threshold"] = sae.threshold.detach().float().contiguous().cpu()
     if meta:
         sae.meta.update(meta)
     cfg = {"format": FORMAT, **sae.config_dict(), **{k: v for k, v in sae.meta.items() if k not in ("format",)}}
@@ -568,7 +590,8 @@ def load_sae(out_dir: str | Path) -> TopKSAE:
     cfg = json.loads((d / "cfg.json").read_text())
     try:
         sae = TopKSAE(int(cfg["d_in"]), int(cfg["width"]), int(cfg["k"]), k_aux=cfg.get("k_aux"),
-                      batchtopk=bool(cfg.get("batchtopk", False)), n_blocks=int(cfg.get("n_blocks", 1)))
+                      batchtopk=bool(cfg.get("batchtopk", False)), n_blocks=int(cfg.get("n_blocks", 1)),
+                      jumprelu=cfg.get("architecture") == "jumprelu")
     except KeyError as e:
         raise MechdiffError(f"{d / 'cfg.json'} lacks {e.args[0]!r}: it is not an SAE config written by mechdiff") from e
     t = load_file(str(d / "sae.safetensors"))
@@ -578,7 +601,9 @@ def load_sae(out_dir: str | Path) -> TopKSAE:
         sae.dec.copy_(t["W_dec"].t())
         sae.b_pre.copy_(t["b_pre"])
         sae.input_scale.fill_(float(cfg.get("input_scale", 1.0)))
-        if cfg.get("threshold") is not None:
+        if "threshold" in t:
+            sae.set_thresholds(t["threshold"])
+        elif cfg.get("threshold") is not None:
             sae.threshold.fill_(float(cfg["threshold"]))
             sae.threshold_set.fill_(True)
     own = set(sae.config_dict()) | {"format"}
