@@ -83,6 +83,8 @@ def main() -> None:
         X_val = store.read(site.name, h.view, source_rows(store, h.view, val))
         d = store.width(site.name)
         metrics[which] = {}
+        # the teacher must fit hsae.width / hsae.children: checked before the random variant trains
+        HierarchicalSAE(d, h.width, h.children, h.k, seed=p.seed).init_teacher(t_par, t_kids)
         for variant in VARIANTS:
             teacher = variant == "teacher"
             m = HierarchicalSAE(d, h.width, h.children, h.k, seed=p.seed, ortho_coef=h.ortho_coef,

@@ -113,17 +113,25 @@ def _check_layers(p, n_layers: int) -> list[str]:
 
 
 def _check_stored_layers(p, n_layers: int) -> list[str]:
-    """Layers a stage reads from the store's resid_post rows are among those `extract` writes."""
+    """Layers a stage reads from the store's resid_post rows are among those `extract` writes; the gates' layer
+    has the SAEs they read."""
     from mechdiff.model.sites import Site, plan_sites
 
     plan = plan_sites(n_layers, stride=p.extract.layer_stride, detail_layers=p.extract.detail_layers,
                       extra=p.transport.sites, token_layers=p.sae.layers)
     stored = sorted(Site.parse(s).layer for s in plan if s.endswith(".resid_post"))
     missing = [x for x in p.probes.concat_layers if x not in stored] if isinstance(p.probes.concat_layers, list) else []
-    if not missing:
-        return []
-    return [f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract (resid_post at "
-            f"{', '.join(map(str, stored))}): pick stored layers or add them to extract.detail_layers"]
+    problems = []
+    if missing:
+        problems.append(f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract "
+                        f"(resid_post at {', '.join(map(str, stored))}): pick stored layers or add them to "
+                        "extract.detail_layers")
+    lacking = [src for src in ("base", "tuned", "delta") if src not in p.sae.sources]
+    if p.gates.layer not in p.sae.layers or lacking:
+        problems.append(f"gates.layer: the gates read the base, tuned and delta SAEs at L{p.gates.layer}, but the "
+                        f"SAEs are trained at sae.layers {p.sae.layers} for sae.sources {p.sae.sources}: set "
+                        "gates.layer to one of sae.layers, with base, tuned and delta in sae.sources")
+    return problems
 
 
 def _check_models(p) -> list[str]:
@@ -178,7 +186,23 @@ def _check_models_read(p) -> list[str]:
             check_vocab(toks["base"], toks["tuned"], fairness=p.pair.fairness.enabled)
         except MechdiffError as e:
             problems.append(str(e))
-    return problems + _check_pretrained(p, width)
+    return problems + _check_sae_width(p, width) + _check_pretrained(p, width)
+
+
+def _check_sae_width(p, width: int | None) -> list[str]:
+    """What the SAEs' width (sae.expansion x the model's width) bounds: sae.k and probes.sparse_k."""
+    if not width:
+        return []
+    latents = p.sae.expansion * width
+    problems = []
+    if p.sae.k > latents:
+        problems.append(f"sae.k: {p.sae.k} exceeds the SAE width {latents} (sae.expansion {p.sae.expansion} x the "
+                        f"model's width {width}): lower sae.k or raise sae.expansion")
+    big = [k for k in p.probes.sparse_k if k > latents]
+    if big:
+        problems.append(f"probes.sparse_k: {big} exceed the SAE width {latents} (sae.expansion x the model's width "
+                        f"{width}): use k <= {latents}")
+    return problems
 
 
 def _check_pretrained(p, width: int | None) -> list[str]:
@@ -217,7 +241,8 @@ def _check_data(p, root: Path) -> list[str]:
                             f"missing (datasets: {have}): add a source named {missing[0]!r}")
     wanted = {"behaviour.datasets": list(p.behaviour.datasets), "steer.target": [p.steer.target],
               "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral],
-              "heads.dataset": [p.heads.dataset]}
+              "heads.dataset": [p.heads.dataset], "probes.target": [p.probes.target],
+              "probes.control": [p.probes.control]}
     for what, needed in wanted.items():
         missing = [d for d in needed if d not in names]
         if missing:

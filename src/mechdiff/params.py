@@ -665,6 +665,9 @@ def validate(p: Params) -> Params:
     for s in p.sae.sources:
         if s not in ("base", "tuned", "delta", "crosscoder"):
             raise MechdiffError(f"params.yaml: sae.sources entry {s!r}; choose from base, tuned, delta, crosscoder")
+    bad = [e for e in p.features.embeddings if e not in ("tfidf", "minilm")]
+    if bad:
+        raise MechdiffError(f"params.yaml: features.embeddings entry {bad[0]!r}; list one or more of tfidf, minilm")
     for key, spec in p.sae.pretrained.items():
         src, _, layer = str(key).rpartition("-")
         if src not in ("base", "tuned") or not layer.isdigit():

@@ -287,6 +287,9 @@ def check_remote(
             anc = path
             while not anc.exists() and anc != anc.parent:
                 anc = anc.parent
+            if not anc.is_dir():
+                raise MechdiffError(f"DVC remote '{name}' ({path}) lies under {anc}, which is a file, not a directory: "
+                                    f"fix it with `dvc remote modify {name} url <path>`")
             if not os.access(anc, os.W_OK):
                 raise MechdiffError(f"DVC remote '{name}' ({path}) is not writable here: fix permissions or the URL")
         return

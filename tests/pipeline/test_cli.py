@@ -419,3 +419,20 @@ def test_pretrained_saes_are_checked_against_the_model_width(tmp_path, corpora, 
     # a hub spec is fetched by the stage, not by the check
     assert _check(tmp_path, corpora, with_sae("hf:google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71"),
                   capsys)[0] == 0
+
+
+def test_sae_width_gates_layer_and_probe_datasets_are_checked(tmp_path, corpora, models, capsys):
+    def with_(**kv):
+        def mutate(raw: dict) -> None:
+            _both(models["a"], models["a"], True)(raw)
+            for k, v in kv.items():
+                sec, key = k.split("__")
+                raw[sec][key] = v
+        return mutate
+
+    # the tiny model is 32 wide: SAEs of sae.expansion 8 have 256 latents
+    _fails(_check(tmp_path, corpora, with_(sae__k=300), capsys), "sae.k: 300 exceeds the SAE width 256")
+    _fails(_check(tmp_path, corpora, with_(probes__sparse_k=[1, 999]), capsys), "probes.sparse_k: [999]", "256")
+    _fails(_check(tmp_path, corpora, with_(gates__layer=0), capsys), "gates.layer:", "L0", "sae.layers [1]")
+    _fails(_check(tmp_path, corpora, with_(probes__target="klingon"), capsys), "probes.target: klingon")
+    assert _check(tmp_path, corpora, with_(sae__k=256, probes__sparse_k=[256]), capsys)[0] == 0

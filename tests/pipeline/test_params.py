@@ -45,6 +45,7 @@ def test_repo_params_load():
     (lambda r: r.__setitem__("alpha", -1), "alpha"),
     (lambda r: r["sae"].__setitem__("sources", ["base", "chat"]), "sae.sources"),
     (lambda r: r["sae"].__setitem__("pretrained", {"delta-20": "x.npz"}), "sae.pretrained key 'delta-20'"),
+    (lambda r: r["features"].__setitem__("embeddings", ["tfidf", "bert"]), "features.embeddings entry 'bert'"),
     (lambda r: r["sae"].__setitem__("pretrained", {"base-7": "x.npz"}), "names no SAE of sae.sources x sae.layers"),
     (lambda r: r["sae"].__setitem__("pretrained", {"base-20": ""}), "must be a path or hf:"),
     (lambda r: r["sae"].__setitem__("pretrained", ["base-20"]), "sae.pretrained"),

@@ -150,6 +150,10 @@ def test_check_remote_messages(toy_repo: Path, tmp_path: Path) -> None:
     with pytest.raises(MechdiffError, match=r"which does not exist"):
         check_remote(clone)
     check_remote(clone, for_pull=False)  # a push would create it
+    (tmp_path / "afile").write_text("x")  # a push could not create a directory under a file
+    configure_remote(clone, str(tmp_path / "afile" / "store"))
+    with pytest.raises(MechdiffError, match=r"which is a file, not a directory"):
+        check_remote(clone, for_pull=False)
 
     with pytest.raises(MechdiffError, match=r"no DVC remote 'other' \(configured: storage\)"):
         check_remote(clone, "other")

@@ -605,6 +605,9 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
     if not any(c.is_parent for c in concepts if c.name in cs.vectors):
         raise MechdiffError(f"only {len(toks)} of {len(all_words)} concept words are single tokens of this "
                             "tokenizer, too few for any parent concept: add single-token words to the hierarchy")
+    if not any(c.parent is not None for c in concepts if c.name in cs.vectors):
+        raise MechdiffError(f"no child concept keeps {min_tokens} train tokens with test_frac {test_frac} of its "
+                            "words held out: lower geometry.test_frac or give the children more single-token words")
     rows = hierarchy_angles(cs.vectors, concepts)
     summ: dict = {"whitening_deviation": identity_deviation(g),
                   "coverage": {"words": len(toks), "words_total": len(all_words),

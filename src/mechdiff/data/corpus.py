@@ -698,7 +698,7 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
     if "path" in src:
         path = _resolve(src["path"], data_dir)
         if own and not path.is_file():
-            raise MechdiffError(f"corpus file {path} of source {name!r} not found: fix its path in data.sources "
+            raise MechdiffError(f"corpus file {path} of source {name!r} not found: fix its path in data.sources (or data.eval_sources) "
                                 f"(a relative path is read under data.dir, {data_dir})")
         rows = _read_jsonl(path)
         where = str(path)
@@ -715,7 +715,7 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         mc_fields = {"choices": "choices", "answer": "answer", "reference": "reference"}
     if not rows:
         origin = where if "path" in src else f"hf {src['hf']!r}"
-        raise MechdiffError(f"corpus source {name!r} ({origin}) has no records: fill it or remove it from data.sources")
+        raise MechdiffError(f"corpus source {name!r} ({origin}) has no records: fill it or remove it from data.sources (or data.eval_sources)")
     out = []
     for i, rec in enumerate(rows):
         text = rec.get(text_field)
@@ -863,7 +863,7 @@ def check_splits(prompts: Sequence[Prompt], fractions: Sequence[float], *, key: 
         if empty:
             n = sum(counts[ds].values())
             raise MechdiffError(f"{key}: dataset {ds!r} has {n} prompt(s) and data.splits {list(fractions)} leave its "
-                                f"{' and '.join(empty)} split empty: give it more prompts (or groups)")
+                                f"{' and '.join(empty)} split empty: give it more prompts (or groups), or raise data.max_per_dataset if it caps them")
 
 
 # ---------------------------------------------------------------- prompt files
@@ -897,7 +897,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     out = []
     for n, rec in enumerate(_read_jsonl(path), 1):
         if not {"pid", "text", "dataset"} <= rec.keys():
-            raise MechdiffError(f"{path}: record {n} lacks pid/text/dataset: regenerate it with save_prompts")
+            raise MechdiffError(f"{path}: record {n} lacks pid/text/dataset: rerun the prepare stage (`dvc repro prepare`)")
         p = Prompt(**{k: v for k, v in rec.items() if k in names})
         p.pid, p.label, p.answer = int(p.pid), int(p.label), int(p.answer)
         if p.choices is not None:
