@@ -168,6 +168,9 @@ def test_lda_needs_three_rows_and_concepts_with_fewer_train_tokens_are_left_out(
     assert geo.summary["coverage"]["concepts"] == len(concepts) - 1
     children = [r for r in hierarchy_angles(geo.vectors, short) if r["kind"] == "child"]
     assert len(children) == 8 and all(70 <= r["angle"] <= 110 for r in children), children
+    # holding out nearly every word leaves no child a vector: an error, not a run of empty statistics
+    with pytest.raises(MechdiffError, match="no child concept keeps 3 train tokens"):
+        model_geometry(model, tok, concepts, seed=0, test_frac=0.9)
 
 
 def test_hidden_directions_carry_the_causal_inner_product(planted):
