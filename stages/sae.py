@@ -117,20 +117,22 @@ def pretrained_spec(p, source: str, layer: int) -> str | None:
 
 
 def import_one(p, base, tuned, source: str, layer: int, spec: str) -> None:
-    """Import a pretrained SAE into the SAE's out dir (checked against the site width first), with its held-out
-    FVU as a one-entry training log; a finished import of the same file is kept."""
+    """Import a pretrained SAE into the SAE's out dir (checked against the site width first), with its FVU on
+    held-out rows as a one-entry training log; a finished import of the same files and data is kept."""
     s = p.sae
-    site, out, _ = job(p, base, tuned, source, layer)
-    sae = load_pretrained(spec, d_in=base.width(site))  # a wrong file fails before the old SAE is touched
+    site, out, data_fp = job(p, base, tuned, source, layer)  # data_fp: the store, seed and holdout behind the FVU
     sha = digest(spec)
-    fp = fingerprint(["pretrained", spec, sha, source, layer, s.view, code_hash()])
+    fp = fingerprint(["pretrained", spec, sha, data_fp])
     if finished_output(out, fp):
         print(f"sae: {out} already holds {spec}")
         return
+    sae = load_pretrained(spec, d_in=base.width(site))  # a wrong file fails before the old SAE is touched
     rows, val_rows = checked_rows(p, base, tuned, source, site)
+    if len(val_rows) < 2:  # no held-out prompts (sae.holdout 0): a seeded sample of the train rows
+        rng = np.random.default_rng(p.seed)
+        val_rows = np.sort(rng.choice(rows, size=min(len(rows), MAX_VAL_ROWS), replace=False))
     prepare_output(out, fp)
-    X = read_source(source, base, tuned, site, s.view, val_rows if len(val_rows) >= 2 else rows)
-    m = eval_sae(sae, X)
+    m = eval_sae(sae, read_source(source, base, tuned, site, s.view, val_rows))
     save_sae(sae, out, meta={"site": site, "source": source, "view": s.view, "layer": layer, "pretrained": spec,
                              "pretrained_sha256": sha, "stop_reason": "imported (sae.pretrained)",
                              "val_fvu": m["fvu"]})
@@ -201,7 +203,7 @@ def main() -> None:
     print(f"sae: {source} {site}: {last.get('tokens', 0)} tokens ({meta.get('stop_reason', 'stop reason unknown')}), "
           f"final fvu {last.get('fvu', float('nan')):.3f}"
           + (f", held-out fvu {val_fvu:.3f}" if val_fvu is not None else "")
-          + (f" ({s.nproc} processes, {s.parallel})" if s.nproc > 1 else ""))
+          + (f" ({s.nproc} processes, {s.parallel})" if s.nproc > 1 and spec is None else ""))
 
 
 if __name__ == "__main__":

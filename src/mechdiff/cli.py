@@ -134,16 +134,16 @@ def _check_stored_layers(p, n_layers: int) -> list[str]:
     return problems
 
 
-def _check_models(p) -> list[str]:
+def _check_models(p, root: Path = Path(".")) -> list[str]:
     """Model specs resolve (no download); layers the params name are in range; with two given models, their
     tokenizers vs pair.fairness.enabled. A GGUF file is parsed once for its config and its tokenizer."""
     from mechdiff.model.load import gguf_read_once
 
     with gguf_read_once():
-        return _check_models_read(p)
+        return _check_models_read(p, root)
 
 
-def _check_models_read(p) -> list[str]:
+def _check_models_read(p, root: Path) -> list[str]:
     from mechdiff.model.load import check_spec, check_vocab, spec_shape, spec_tokenizer
 
     problems, infos = [], {}
@@ -186,7 +186,7 @@ def _check_models_read(p) -> list[str]:
             check_vocab(toks["base"], toks["tuned"], fairness=p.pair.fairness.enabled)
         except MechdiffError as e:
             problems.append(str(e))
-    return problems + _check_sae_width(p, width) + _check_pretrained(p, width)
+    return problems + _check_sae_width(p, width) + _check_pretrained(p, width, root)
 
 
 def _check_sae_width(p, width: int | None) -> list[str]:
@@ -199,24 +199,28 @@ def _check_sae_width(p, width: int | None) -> list[str]:
         problems.append(f"sae.k: {p.sae.k} exceeds the SAE width {latents} (sae.expansion {p.sae.expansion} x the "
                         f"model's width {width}): lower sae.k or raise sae.expansion")
     big = [k for k in p.probes.sparse_k if k > latents]
-    if big:
+    if big and not p.sae.pretrained:  # an imported SAE has its own width
         problems.append(f"probes.sparse_k: {big} exceed the SAE width {latents} (sae.expansion x the model's width "
                         f"{width}): use k <= {latents}")
     return problems
 
 
-def _check_pretrained(p, width: int | None) -> list[str]:
-    """Local `sae.pretrained` files load and read activations of the model's width (hub ones: at the stage)."""
+def _check_pretrained(p, width: int | None, root: Path) -> list[str]:
+    """Local `sae.pretrained` files load and read activations of the model's width (hub ones: at the stage); a
+    relative path is read from the repository root, as the stage reads it."""
     from mechdiff.sae.pretrained import load_pretrained
 
     problems = []
     for key, spec in p.sae.pretrained.items():
         if str(spec).startswith("hf:"):
             continue
+        path = Path(spec).expanduser()
         try:
-            load_pretrained(spec, d_in=width)
+            load_pretrained(str(path if path.is_absolute() else root / path), d_in=width)
         except MechdiffError as e:
             problems.append(f"sae.pretrained {key}: {e}")
+        except Exception as e:  # noqa: BLE001 - whatever a foreign file does, the check reports it and goes on
+            problems.append(f"sae.pretrained {key}: {spec} is not readable ({type(e).__name__}: {str(e)[:120]})")
     return problems
 
 
@@ -313,7 +317,8 @@ def cmd_params(ns: argparse.Namespace) -> int:
     p = load_params(root / "params.yaml")
     if not ns.check:
         print(json.dumps(dataclasses.asdict(p), indent=2))
-    problems = _check_sections(root / "params.yaml") + _check_models(p) + _check_data(p, root) + _check_devices(p)
+    problems = (_check_sections(root / "params.yaml") + _check_models(p, root) + _check_data(p, root)
+                + _check_devices(p))
     for msg in problems:
         print(f"mechdiff: error: {msg}", file=sys.stderr)
     if problems:

@@ -670,7 +670,7 @@ def validate(p: Params) -> Params:
         raise MechdiffError(f"params.yaml: features.embeddings entry {bad[0]!r}; list one or more of tfidf, minilm")
     for key, spec in p.sae.pretrained.items():
         src, _, layer = str(key).rpartition("-")
-        if src not in ("base", "tuned") or not layer.isdigit():
+        if src not in ("base", "tuned") or not layer.isdigit() or layer != str(int(layer)):
             raise MechdiffError(f"params.yaml: sae.pretrained key {key!r}: write <base|tuned>-<layer>, e.g. base-20 "
                                 "(delta and crosscoder SAEs read both models and train here)")
         if src not in p.sae.sources or int(layer) not in p.sae.layers:

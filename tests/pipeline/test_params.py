@@ -48,6 +48,7 @@ def test_repo_params_load():
     (lambda r: r["features"].__setitem__("embeddings", ["tfidf", "bert"]), "features.embeddings entry 'bert'"),
     (lambda r: r["sae"].__setitem__("pretrained", {"base-7": "x.npz"}), "names no SAE of sae.sources x sae.layers"),
     (lambda r: r["sae"].__setitem__("pretrained", {"base-20": ""}), "must be a path or hf:"),
+    (lambda r: r["sae"].__setitem__("pretrained", {"base-020": "x.npz"}), "sae.pretrained key 'base-020'"),
     (lambda r: r["sae"].__setitem__("pretrained", ["base-20"]), "sae.pretrained"),
     (lambda r: r["sae"].__setitem__("select_dtype", "float16"), "sae.select_dtype = 'float16'; choose one of float32, bfloat16"),
     (lambda r: r["behaviour"]["markers"].__setitem__("signature", "(unclosed"), "not a valid regex"),

@@ -146,3 +146,48 @@ def test_bad_pretrained_saes_fail_in_one_line(tmp_path):
         load_pretrained(str(tmp_path / "params.npz"), d_in=17)
     with pytest.raises(MechdiffError, match="hf:<org>/<repo>"):
         load_pretrained("hf:just-a-name")
+
+
+def test_older_saelens_configs_scaling_factors_and_bf16_weights(tmp_path, x):
+    from safetensors.torch import save_file
+
+    # SAELens before 6: topk as an activation of a "standard" SAE, k in activation_fn_kwargs
+    t = _weights(5, unit=True)
+    d = _saelens(tmp_path, t, {"architecture": "standard", "activation_fn_str": "topk",
+                               "activation_fn_kwargs": {"k": 6}})
+    t32 = {k: v.astype(np.float32).astype(np.float64) for k, v in t.items()}
+    _check(load_pretrained(str(d)), t32, x, arch="topk", b_dec_to_input=True, k=6)
+    # a fine-tuning scaling factor multiplies the latents before W_dec: the same as scaled decoder rows
+    t = _weights(6)
+    sf = np.random.default_rng(1).uniform(0.5, 2.0, size=W)
+    d = tmp_path / "sf"
+    d.mkdir()
+    save_file({**{k: torch.from_numpy(v.astype(np.float32)) for k, v in t.items()},
+               "finetuning_scaling_factor": torch.from_numpy(sf.astype(np.float32))}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "finetuning_scaling_factor": True}))
+    ref = {k: v.astype(np.float32).astype(np.float64) for k, v in t.items()}
+    ref["W_dec"] = ref["W_dec"] * sf.astype(np.float32).astype(np.float64)[:, None]
+    _check(load_pretrained(str(d)), ref, x, arch="jumprelu", b_dec_to_input=True)
+    # bf16 weights read through torch, imported from their bf16 values
+    d = tmp_path / "bf16"
+    d.mkdir()
+    tb = {k: torch.from_numpy(v.astype(np.float32)).bfloat16() for k, v in _weights(7).items()}
+    save_file(tb, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"architecture": "jumprelu"}))
+    _check(load_pretrained(str(d)), {k: v.double().numpy() for k, v in tb.items()}, x, arch="jumprelu",
+           b_dec_to_input=True)
+
+
+def test_unreadable_files_fail_in_one_line(tmp_path):
+    (tmp_path / "params.npz").write_bytes(b"not a zip")
+    (tmp_path / "sl").mkdir()
+    (tmp_path / "sl" / "sae_weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps({"architecture": "jumprelu"}))
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "sae_weights.safetensors").write_bytes(b"")
+    (tmp_path / "k" / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": None}))
+    for spec, needle in ((tmp_path / "params.npz", "not a readable npz"), (tmp_path / "sl", "cannot read"),
+                         (tmp_path / "k", "integer k")):
+        with pytest.raises(MechdiffError, match=needle) as e:
+            load_pretrained(str(spec))
+        assert "\n" not in str(e.value)

@@ -537,6 +537,7 @@ class TopKSAE(nn.Module):
 
 # ---------------------------------------------------------------------- checkpoint format
 FORMAT = "mechdiff-topk-sae/1"
+FORMAT_JUMPRELU = "mechdiff-jumprelu-sae/1"  # per-latent thresholds (an imported SAE): readers of /1 must not take it
 
 
 def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> Path:
@@ -570,9 +571,10 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
         tensors["threshold"] = sae.threshold.detach().float().contiguous().cpu()
     if meta:
         sae.meta.update(meta)
-    cfg = {"format": FORMAT, **sae.config_dict(), **{k: v for k, v in sae.meta.items() if k not in ("format",)}}
+    fmt = FORMAT_JUMPRELU if sae.jumprelu else FORMAT
+    cfg = {"format": fmt, **sae.config_dict(), **{k: v for k, v in sae.meta.items() if k not in ("format",)}}
     tmp = out / ".sae.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    save_file(tensors, str(tmp), metadata={"format": fmt})
     os.replace(tmp, out / "sae.safetensors")
     tmpj = out / ".cfg.json.tmp"
     tmpj.write_text(json.dumps(to_jsonable(cfg), indent=2, sort_keys=True))

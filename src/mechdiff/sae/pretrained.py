@@ -78,18 +78,21 @@ def _file_of(path: Path) -> Path:
 
 
 def digest(spec: str) -> str:
-    """sha256 of the SAE's weights file (a local spec; hub specs are downloaded first)."""
+    """sha256 of the SAE's weights file and, beside it, its cfg.json (hub specs are downloaded first)."""
     h = hashlib.sha256()
-    with open(_file_of(resolve(spec)), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    weights = _file_of(resolve(spec))
+    for path in (weights, weights.parent / CFG):
+        if path.is_file():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 24), b""):
+                    h.update(chunk)
     return h.hexdigest()
 
 
 def _array(t: dict, key: str, what: str) -> np.ndarray:
     if key not in t:
         raise MechdiffError(f"{what} lacks {key!r} (has {', '.join(sorted(t))})")
-    a = np.asarray(t[key], dtype=np.float64)
+    a = np.asarray(t[key], dtype=np.float32)  # float32 like the weights: a 131k-wide SAE stays within its size
     if not np.isfinite(a).all():
         raise MechdiffError(f"{what}: {key} holds NaN or inf values")
     return a
@@ -102,7 +105,7 @@ def from_weights(W_enc, b_enc, W_dec, b_dec, *, threshold=None, k: int | None = 
     f: top-k then ReLU (k given), else JumpReLU pre * (pre > threshold) with ReLU (threshold None: 0, plain ReLU).
     W_enc (d, w), W_dec (w, d), b_enc (w,), b_dec (d,), threshold (w,) or a scalar; `b_dec_to_input`: whether the
     encoder sees x - b_dec (SAELens' apply_b_dec_to_input) or x (Gemma Scope)."""
-    W_enc, W_dec = np.asarray(W_enc, np.float64), np.asarray(W_dec, np.float64)
+    W_enc, W_dec = np.asarray(W_enc, np.float32), np.asarray(W_dec, np.float32)
     b_enc, b_dec = np.asarray(b_enc, np.float64), np.asarray(b_dec, np.float64)
     if W_enc.ndim != 2 or W_dec.shape != W_enc.shape[::-1] or b_enc.shape != (W_enc.shape[1],) \
             or b_dec.shape != (W_enc.shape[0],):
@@ -110,8 +113,8 @@ def from_weights(W_enc, b_enc, W_dec, b_dec, *, threshold=None, k: int | None = 
                             f"b_dec {b_dec.shape} (expected (d, w), (w, d), (w,), (d,))")
     d, w = W_enc.shape
     if not b_dec_to_input:  # x W + b = (x - b_dec) W + (b + b_dec W)
-        b_enc = b_enc + b_dec @ W_enc
-    norms = np.linalg.norm(W_dec, axis=1)
+        b_enc = b_enc + b_dec @ W_enc.astype(np.float64)
+    norms = np.linalg.norm(W_dec.astype(np.float64), axis=1)
     norms = np.where(norms > 0, norms, 1.0)  # a latent with a zero decoder row writes nothing either way
     if k is not None:
         if not 1 <= int(k) <= w:
@@ -128,49 +131,70 @@ def from_weights(W_enc, b_enc, W_dec, b_dec, *, threshold=None, k: int | None = 
             raise MechdiffError(f"{what}: threshold holds NaN or inf values")
         sae.set_thresholds(torch.from_numpy(th * norms).float())
     with torch.no_grad():
-        sae.W_enc.copy_(torch.from_numpy((W_enc * norms).T).float())
+        n32 = torch.from_numpy(norms).float()
+        sae.W_enc.copy_(torch.from_numpy(W_enc).t() * n32[:, None])
         sae.b_enc.copy_(torch.from_numpy(b_enc * norms).float())
-        sae.dec.copy_(torch.from_numpy(W_dec / norms[:, None]).float())
+        sae.dec.copy_(torch.from_numpy(W_dec) / n32[:, None])
         sae.b_pre.copy_(torch.from_numpy(b_dec).float())
         sae.input_scale.fill_(1.0)
     return sae
 
 
 def _gemma_scope(path: Path) -> TopKSAE:
-    with np.load(path) as z:
-        t = {("W_" + key[2:] if key.startswith("w_") else key): z[key] for key in z.files}
     what = f"Gemma Scope SAE {path}"
+    try:
+        with np.load(path) as z:
+            t = {("W_" + key[2:] if key.startswith("w_") else key): z[key] for key in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise MechdiffError(f"{what} is not a readable npz file ({type(e).__name__}: {str(e)[:120]})") from e
     if "scaling_factor" in t and not np.allclose(t["scaling_factor"], 1.0):
-        raise MechdiffError(f"{what} has a scaling_factor other than 1: fold it into W_dec / b_dec first")
+        raise MechdiffError(f"{what} has a scaling_factor other than 1 (it scales the latents): fold it into the rows "
+                            "of W_dec first")
     return from_weights(_array(t, "W_enc", what), _array(t, "b_enc", what), _array(t, "W_dec", what),
                         _array(t, "b_dec", what), threshold=_array(t, "threshold", what), b_dec_to_input=False,
                         what=what)
 
 
 def _saelens(folder: Path) -> TopKSAE:
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     what = f"SAELens SAE {folder}"
     try:
         cfg = json.loads((folder / CFG).read_text())
     except (OSError, ValueError) as e:
-        raise MechdiffError(f"{what}: cannot read {CFG} ({e})") from e
+        raise MechdiffError(f"{what}: cannot read {CFG} ({str(e)[:120]})") from e
+    if not isinstance(cfg, dict):
+        raise MechdiffError(f"{what}: {CFG} is not a JSON object")
     arch = str(cfg.get("architecture", "standard"))
     if arch not in ("standard", "jumprelu", "topk"):
         raise MechdiffError(f"{what}: architecture {arch!r} is not supported (standard, jumprelu, topk)")
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))  # SAELens before 6: topk was an activation
+    if arch == "standard" and act == "topk":
+        arch = "topk"
+    elif act not in ("relu", "topk", None):
+        raise MechdiffError(f"{what}: activation {act!r} is not supported (relu, topk)")
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if arch == "topk" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise MechdiffError(f"{what}: a topk SAE needs an integer k in {CFG} (k or activation_fn_kwargs.k), got {k!r}")
     norm = cfg.get("normalize_activations", "none")
-    if norm not in (None, "none"):
+    if norm not in (None, "none", False):
         raise MechdiffError(f"{what}: normalize_activations {norm!r}: only SAEs on raw activations import exactly "
                             "(fold the normalisation into the weights first)")
     if cfg.get("hook_head_index") is not None or cfg.get("reshape_activations", "none") not in (None, "none"):
         raise MechdiffError(f"{what}: SAEs on reshaped or per-head activations are not supported")
-    t = load_file(str(folder / SAELENS_WEIGHTS))
+    try:  # torch reads every dtype (bf16 included); the import works in float32
+        t = {key: v.float().numpy() for key, v in load_file(str(folder / SAELENS_WEIGHTS)).items()}
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line, not a traceback
+        raise MechdiffError(f"{what}: cannot read {SAELENS_WEIGHTS} ({type(e).__name__}: {str(e)[:120]})") from e
     if arch == "jumprelu" and "threshold" not in t and "log_threshold" in t:
         t["threshold"] = np.exp(t["log_threshold"])
+    sf = t.get("finetuning_scaling_factor", t.get("scaling_factor"))
+    if sf is not None and not np.allclose(sf, 1.0):  # older SAELens decodes (z * sf) W_dec + b_dec: exact in W_dec
+        t["W_dec"] = t["W_dec"] * np.broadcast_to(np.asarray(sf, np.float32).reshape(-1, 1), (t["W_dec"].shape[0], 1))
     return from_weights(_array(t, "W_enc", what), _array(t, "b_enc", what), _array(t, "W_dec", what),
                         _array(t, "b_dec", what),
                         threshold=_array(t, "threshold", what) if arch == "jumprelu" else None,
-                        k=int(cfg["k"]) if arch == "topk" else None,
+                        k=k if arch == "topk" else None,
                         b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), what=what)
 
 
@@ -188,7 +212,12 @@ def load_pretrained(spec: str, *, d_in: int | None = None) -> TopKSAE:
     elif (path / SAELENS_WEIGHTS).is_file():
         sae = _saelens(path)
     elif (path / "sae.safetensors").is_file():
-        sae = load_sae(path)
+        try:
+            sae = load_sae(path)
+        except MechdiffError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken cfg.json or tensor file: one line
+            raise MechdiffError(f"mechdiff SAE {path} is not readable ({type(e).__name__}: {str(e)[:120]})") from e
     else:
         _file_of(path)  # raises with what a folder must hold
         raise AssertionError("unreachable")
