@@ -156,10 +156,20 @@ def source_batches(source: str, base: ActStore, tuned: ActStore, site: str, view
         raise MechdiffError(f"unknown SAE source {source!r}: choose one of {', '.join(SOURCES)}")
 
 
+DENSE_CHUNK = 1 << 26  # the most dense latents (floats) one chunk holds: 256 MB, a wide imported SAE's bound
+
+
+def _rows_per_chunk(sae, chunk: int) -> int:
+    """`chunk` rows, fewer for an SAE so wide that chunk x width dense latents exceed DENSE_CHUNK (the project's own
+    SAEs, width 4608, keep 4096)."""
+    return max(64, min(int(chunk), DENSE_CHUNK // max(1, int(sae.width))))
+
+
 def encode_rows(sae, X: np.ndarray, *, features: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
     """SAE latent activations of rows X (n, d), optionally only the given feature columns, in chunks."""
     import torch
 
+    chunk = _rows_per_chunk(sae, chunk)
     out = []
     with torch.no_grad():
         for s in range(0, len(X), chunk):
@@ -237,6 +247,7 @@ def encode_sparse(sae: Any, X: np.ndarray, *, chunk: int = 4096) -> SparseCodes:
     SAE with `topk_codes` is never made dense: its k indices per row are the codes."""
     import torch
 
+    chunk = _rows_per_chunk(sae, chunk)
     indptr, feats, vals = [np.zeros(1, dtype=np.int64)], [], []
     for s in range(0, len(X), chunk):
         got = None
