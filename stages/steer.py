@@ -64,6 +64,10 @@ def main() -> None:
         "neutral_dev": pick_rows(prompts, split="val", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
         "neutral_test": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
     }
+    n_groups = len({prompts[i].group for i in rows["train_target"]})
+    if s.source == "dim" and max(s.k_sweep) > n_groups:  # before the models load
+        raise MechdiffError(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
+                            f"{s.target} train prompts; there are {n_groups}: lower steer.k_sweep or add groups")
     groups = {name: site_group(name, s.layers) for name in s.sites}
     sites = sorted({x for g in groups.values() for x in g} | {Site(g[0].layer, "resid_pre") for g in groups.values()})
     fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
