@@ -23,7 +23,7 @@ from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
 from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, eval_sae, save_sae, train_sae
-from mechdiff.sae.pretrained import digest, load_pretrained
+from mechdiff.sae.pretrained import digest, load_pretrained, resolve
 from mechdiff.sae.sources import (
     SOURCES,
     check_finite,
@@ -121,12 +121,13 @@ def import_one(p, base, tuned, source: str, layer: int, spec: str) -> None:
     held-out rows as a one-entry training log; a finished import of the same files and data is kept."""
     s = p.sae
     site, out, data_fp = job(p, base, tuned, source, layer)  # data_fp: the store, seed and holdout behind the FVU
-    sha = digest(spec)
+    local = str(resolve(spec))  # an hf: spec is fetched once
+    sha = digest(local)
     fp = fingerprint(["pretrained", spec, sha, data_fp])
     if finished_output(out, fp):
         print(f"sae: {out} already holds {spec}")
         return
-    sae = load_pretrained(spec, d_in=base.width(site))  # a wrong file fails before the old SAE is touched
+    sae = load_pretrained(local, d_in=base.width(site))  # a wrong file fails before the old SAE is touched
     rows, val_rows = checked_rows(p, base, tuned, source, site)
     if len(val_rows) < 2:  # no held-out prompts (sae.holdout 0): a seeded sample of the train rows
         rng = np.random.default_rng(p.seed)

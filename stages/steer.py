@@ -64,7 +64,8 @@ def main() -> None:
         "neutral_dev": pick_rows(prompts, split="val", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
         "neutral_test": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
     }
-    n_groups = len({prompts[i].group for i in rows["train_target"]})
+    target_groups = [prompts[i].group for i in rows["train_target"]]
+    n_groups = len(set(target_groups))
     if s.source == "dim" and max(s.k_sweep) > n_groups:  # before the models load
         raise MechdiffError(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
                             f"{s.target} train prompts; there are {n_groups}: lower steer.k_sweep or add groups")
@@ -82,7 +83,6 @@ def main() -> None:
                      allowed=dict(zip(("base", "tuned"), allowed_ids())), chat=p.data.chat, max_len=p.data.max_len,
                      max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token)
     n_t = len(rows["train_target"])
-    target_groups = [prompts[i].group for i in rows["train_target"]]
     extra = direction_inputs(s.source, [x for g in groups.values() for x in g])
 
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),

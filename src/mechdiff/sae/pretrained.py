@@ -112,9 +112,10 @@ def from_weights(W_enc, b_enc, W_dec, b_dec, *, threshold=None, k: int | None = 
         raise MechdiffError(f"{what}: inconsistent shapes W_enc {W_enc.shape}, W_dec {W_dec.shape}, b_enc {b_enc.shape}, "
                             f"b_dec {b_dec.shape} (expected (d, w), (w, d), (w,), (d,))")
     d, w = W_enc.shape
+    # float64 sums without a float64 copy of the weights (einsum casts in buffers)
     if not b_dec_to_input:  # x W + b = (x - b_dec) W + (b + b_dec W)
-        b_enc = b_enc + b_dec @ W_enc.astype(np.float64)
-    norms = np.linalg.norm(W_dec.astype(np.float64), axis=1)
+        b_enc = b_enc + np.einsum("i,ij->j", b_dec, W_enc, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", W_dec, W_dec, dtype=np.float64))
     norms = np.where(norms > 0, norms, 1.0)  # a latent with a zero decoder row writes nothing either way
     if k is not None:
         if not 1 <= int(k) <= w:
