@@ -162,7 +162,8 @@ def _check_models_read(p, root: Path) -> list[str]:
             pass
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
-    width = shapes.get("base", (None, None))[1]
+    width = shapes.get("base", (None, None, None))[1]
+    problems += _check_heads(p, shapes.get("base", (None, None, None))[2])
     if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
         problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "
                         "'full'")
@@ -187,6 +188,17 @@ def _check_models_read(p, root: Path) -> list[str]:
         except MechdiffError as e:
             problems.append(str(e))
     return problems + _check_sae_width(p, width) + _check_pretrained(p, width, root)
+
+
+def _check_heads(p, n_heads: int | None) -> list[str]:
+    """Head indices the params name (patch.attn_heads, pair.edit.heads when the edit recipe runs) exist."""
+    if not n_heads:
+        return []
+    named = {"patch.attn_heads": p.patch.attn_heads if isinstance(p.patch.attn_heads, list) else []}
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
+        named["pair.edit.heads"] = p.pair.edit.heads or []
+    return [f"{key}: head {max(heads)} is out of range, the base model has {n_heads} attention heads "
+            f"(0..{n_heads - 1})" for key, heads in named.items() if heads and max(heads) >= n_heads]
 
 
 def _check_sae_width(p, width: int | None) -> list[str]:

@@ -509,6 +509,36 @@ def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
         yield prefix, obj
 
 
+_MAY_REPEAT = {"data.splits", "geometry.prompts", "behaviour.refusal_patterns"}
+
+
+def _lists(obj: Any, prefix: str = "") -> Iterator[tuple[str, list]]:
+    """Every list in the params (dotted key, list), inside sections and mappings."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _lists(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _lists(v, f"{prefix}.{k}")
+    elif isinstance(obj, list):
+        yield prefix, obj
+
+
+def _repeated(key: str, values: list) -> Any:
+    """The first value listed twice (by name for corpus entries), else None."""
+    if key in _MAY_REPEAT:
+        return None
+    seen: set = set()
+    for v in values:
+        name = v.get("name") if isinstance(v, dict) else v
+        if isinstance(name, list | dict):
+            continue
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
@@ -729,6 +759,11 @@ def validate(p: Params) -> Params:
                             f"heads.target_effect in (0, 1], got {h.z_threshold}, {h.abs_threshold}, {h.target_effect}")
     if h.n_patch < 0 or h.n_random < 0 or h.ig_steps < 0:
         raise MechdiffError("params.yaml: heads.n_patch, heads.n_random and heads.ig_steps must be >= 0")
+    for key, values in _lists(p):
+        dup = _repeated(key, values)
+        if dup is not None:
+            raise MechdiffError(f"params.yaml: {key} lists {dup!r} twice: each entry names one layer, site, source "
+                                f"or setting, so list it once")
     return p
 
 

@@ -106,6 +106,31 @@ def test_planted_heads_are_found_and_patching_them_closes_the_gap(world, layer, 
     assert np.abs(res["delta"][:layer]).max() > 0
 
 
+def test_the_gap_carries_a_paired_ci_that_flags_noise(world):
+    """A planted head edit opens a gap whose CI excludes 0; a 600x smaller one leaves a gap above the 1e-9 floor
+    whose CI reaches 0, so its shares are flagged as noise. The CI is a percentile bootstrap of the per-prompt
+    (tuned - base) scores: it holds their mean, and lies within scipy's percentile bootstrap of the same mean to
+    a tenth of the interval (the two draw different resamples)."""
+    from scipy.stats import bootstrap
+
+    from mechdiff.analysis.heads import Patcher
+
+    tok, base, texts = world
+    for scale, significant in ((6.0, True), (0.01, False)):
+        tuned = copy.deepcopy(base)
+        plant_edit(tuned, layer=1, kind="attn_out", rank=4, scale=scale, seed=3, heads=[2])
+        batches = _batches(tok, tuned, texts)
+        m = diff_heads(base, tuned, batches, n_patch=1, n_random=0, seed=0)["metrics"]
+        bs, ts = attribution(base, batches), attribution(tuned, batches)
+        d = ts.scores - bs.scores
+        assert m["gap"] == pytest.approx(d.mean(), rel=1e-9) == pytest.approx(Patcher(base, tuned, batches, bs, ts).gap)
+        assert m["gap_lo"] < m["gap"] < m["gap_hi"]
+        ref = bootstrap((d,), np.mean, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+        width = ref.high - ref.low
+        assert abs(m["gap_lo"] - ref.low) < 0.1 * width and abs(m["gap_hi"] - ref.high) < 0.1 * width
+        assert m["gap_significant"] is significant
+
+
 def test_churn_pred_at_a_threshold_counts_the_planted_heads(world):
     from mechdiff.analysis.heads import diff_heads as run
 

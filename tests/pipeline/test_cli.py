@@ -168,6 +168,19 @@ def test_finetune_layers_are_checked_only_when_the_pipeline_fine_tunes(tmp_path,
     _fails(_check(tmp_path, corpora, finetune_pair, capsys), "pair.finetune.layers: layer 20", "out of range")
 
 
+def test_edit_heads_are_checked_against_the_base_model(tmp_path, corpora, models, capsys):
+    """The tiny model has 4 heads: a planted edit on head 4 fails before any stage runs; heads 0-3 pass."""
+    def edit_heads(heads):
+        def mutate(raw: dict) -> None:
+            _both(models["a"], models["a"], True)(raw)
+            raw["pair"]["tuned"] = {"id": None, "recipe": "edit"}
+            raw["pair"]["edit"].update({"layer": 1, "site": "attn_out", "heads": heads})
+        return mutate
+    assert _check(tmp_path, corpora, edit_heads([0, 3]), capsys)[0] == 0
+    _fails(_check(tmp_path, corpora, edit_heads([1, 4]), capsys),
+           "pair.edit.heads: head 4 is out of range, the base model has 4 attention heads (0..3)")
+
+
 def test_sources_exist_and_are_not_empty(tmp_path, corpora, capsys):
     (tmp_path / "blank.jsonl").write_text("\n")
     own = [{"name": n, "path": str(corpora / f)} for n, f in (("cultural", "cultural.jsonl"),
@@ -249,6 +262,7 @@ def test_data_keeps_an_edited_corpus(tmp_path, capsys):
     ("sae.layers", [20, 30], "sae.layers: layer 30: out of range, the base model has 30 blocks (0..29)"),
     ("gates.layer", 45, "gates.layer: layer 45"),
     ("probes.concat_layers", [0, 3], "probes.concat_layers: layer 3 is not stored by extract (resid_post at 0, 2, "),
+    ("patch.attn_heads", [0, 9], "patch.attn_heads: head 9 is out of range, the base model has 9 attention heads (0..8)"),
 ])
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
     """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""

@@ -86,11 +86,25 @@ def test_repo_params_load():
     (lambda r: r["patch"].__setitem__("attn_heads", [True]), "patch.attn_heads must be str or a list of int"),
     (lambda r: r["patch"].__setitem__("attn_heads", 2), "patch.attn_heads must be str or a list of int or null"),
     (lambda r: r["features"].__setitem__("graded_top", 0), "features.graded_top must be >= 1"),
+    (lambda r: r["sae"].__setitem__("layers", [20, 24, 20]), "sae.layers lists 20 twice"),
+    (lambda r: r["transport"].__setitem__("sites", ["L24.resid_post"] * 2), "transport.sites lists 'L24.resid_post' twice"),
+    (lambda r: r["patch"].__setitem__("ranks", [0, 8, "full", "full"]), "patch.ranks lists 'full' twice"),
+    (lambda r: r["steer"].__setitem__("k_sweep", [1, 2, 2]), "steer.k_sweep lists 2 twice"),
+    (lambda r: r["data"].__setitem__("sources", ["cultural", {"name": "cultural", "path": "x.jsonl"}]),
+     "data.sources lists 'cultural' twice"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:
         load_params(_write(tmp_path, mutate))
     assert "\n" not in str(e.value)
+
+
+def test_lists_that_may_repeat_values_load(tmp_path):
+    """Equal fractions, prompts or patterns are not duplicates of one thing."""
+    def mutate(r):
+        r["data"]["splits"] = [0.4, 0.3, 0.3]
+        r["geometry"]["prompts"] = [r["geometry"]["prompts"][0]] * 2
+    assert load_params(_write(tmp_path, mutate)).data.splits == [0.4, 0.3, 0.3]
 
 
 def test_missing_and_invalid_yaml(tmp_path):

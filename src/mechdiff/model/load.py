@@ -212,9 +212,9 @@ def _from_spec(loader: Any, info: dict[str, Any], *, revision: str | None = None
     return loader.from_pretrained(info["id"], local_files_only=local_only, **kw)
 
 
-def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[int | None, int | None]:
-    """(decoder blocks, hidden width) of a resolved spec, from its config alone (no weights; a hub id only from the
-    local cache); None for what the config does not name."""
+def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[int | None, int | None, int | None]:
+    """(decoder blocks, hidden width, attention heads) of a resolved spec, from its config alone (no weights; a hub
+    id only from the local cache); None for what the config does not name."""
     from transformers import AutoConfig
 
     cfg = _from_spec(AutoConfig, info, revision=revision)
@@ -227,7 +227,8 @@ def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[in
                 return v
         return None
 
-    return first("num_hidden_layers", "n_layer", "num_layers"), first("hidden_size", "n_embd", "d_model")
+    return (first("num_hidden_layers", "n_layer", "num_layers"), first("hidden_size", "n_embd", "d_model"),
+            first("num_attention_heads", "n_head", "num_heads"))
 
 
 def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
