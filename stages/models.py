@@ -1,8 +1,12 @@
 """Stage models: load the base (or tuned) model once and save it as safetensors under artifacts/models/."""
 
+import hashlib
+import os
 import sys
 import time
+from pathlib import Path
 
+import mechdiff.model.recipes as _recipes
 import mechdiff.pipeline as P
 from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
@@ -10,6 +14,18 @@ from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.load import check_pair, load_model, load_saved, save_model
 from mechdiff.model.recipes import finetune, finetune_signature, plant_edit
 from mechdiff.params import load_params
+from mechdiff.resume import fingerprint, prepare_output
+
+
+def files_digest(folder: Path) -> str:
+    """sha256 of every file in a folder (names and contents): which base model a fine-tune started from."""
+    h = hashlib.sha256()
+    for f in sorted(x for x in folder.iterdir() if x.is_file()):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
@@ -47,13 +63,23 @@ def main() -> None:
                                     f"{ft.dataset!r} record: use a dataset with references (e.g. math)")
             answers = dict(answers=[q.reference for q in chosen]) if ft.objective == "answer" else dict(
                 signature=ft.signature)
+        # an interrupted fine-tune resumes from its last state in the (persisted) output folder, if that state
+        # came from these settings, this base model, these prompts and this code
+        fp = fingerprint([vars(ft), p.seed, p.data.chat, p.pair.dtype, files_digest(P.model_dir("base")),
+                          [q.text for q in train], [q.reference for q in chosen],
+                          hashlib.sha256(Path(_recipes.__file__).read_bytes()).hexdigest()[:16]])
+        prepare_output(P.model_dir("tuned"), fp)
+        state = P.model_dir("tuned") / "finetune_state.pt"
+        resume = dict(checkpoint=state, checkpoint_every=float(os.environ.get("MECHDIFF_CHECKPOINT_S",
+                                                                             _recipes.CHECKPOINT_EVERY_S)))
+        if ft.objective in ("signature", "answer"):
             losses = finetune_signature(
                 model, tok, texts, retain, **answers, layers=ft.layers, steps=ft.steps, lr=ft.lr,
                 batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed, retain_weight=ft.retain_weight,
-                chat=p.data.chat)
+                chat=p.data.chat, **resume)
         else:
             losses = finetune(model, tok, texts, layers=ft.layers, steps=ft.steps, lr=ft.lr,
-                              batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed)
+                              batch_size=ft.batch_size, max_len=ft.max_len, seed=p.seed, **resume)
         write_csv(P.plot("finetune_loss.csv"), [{"step": i, "loss": v} for i, v in enumerate(losses)])
         meta = {"role": "tuned", "recipe": "finetune", "finetune": vars(ft), "n_texts": len(texts)}
         summary = {"n_texts": len(texts), "loss_first": losses[0], "loss_last": losses[-1]}

@@ -514,3 +514,36 @@ def test_finetune_answers_learns_each_prompts_own_answer(tok):
         finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, answers=["x", "", "y", "z"], **kw)
     with pytest.raises(MechdiffError, match="answer"):
         finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, answers=["x"], **kw)
+
+
+@pytest.mark.parametrize("objective", ["signature", "text"])
+def test_an_interrupted_finetune_resumes_bit_for_bit(tok, tmp_path, objective):
+    """A fine-tune stopped part-way (here: a shorter run whose state was saved before every step) and resumed
+    from its checkpoint ends with the weights and losses of an uninterrupted run, to the bit; a checkpoint that
+    does not fit (other trained blocks) is refused with one line."""
+    from mechdiff.model.recipes import finetune_signature
+
+    def run(steps: int, ckpt, layers=(2, 3)):
+        m = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0)
+        if objective == "signature":
+            losses = finetune_signature(m, tok, SIG_TARGETS, SIG_RETAIN, signature="lamps and sweets",
+                                        layers=list(layers), steps=steps, lr=3e-3, batch_size=3, max_len=32, seed=0,
+                                        progress=False, checkpoint=ckpt, checkpoint_every=0.0)
+        else:  # batch 2 of 5 texts: the sampler's permutation runs out mid-way, so its state must be restored
+            losses = finetune(m, tok, TEXTS, layers=list(layers), steps=steps, lr=3e-3, batch_size=2, max_len=16,
+                              seed=0, progress=False, checkpoint=ckpt, checkpoint_every=0.0)
+        return m, losses
+
+    whole, losses = run(9, None)
+    ckpt = tmp_path / "state.pt"
+    _, first = run(5, ckpt)  # the file now holds the state after 4 steps (it is saved before each step)
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == 4
+    resumed, all_losses = run(9, ckpt)
+    assert all_losses[:5] == first and all_losses == losses
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(MechdiffError, match="does not fit this fine-tune"):
+        run(9, ckpt, layers=(3,))
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(MechdiffError, match="unreadable"):
+        run(9, ckpt)

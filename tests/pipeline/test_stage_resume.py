@@ -59,8 +59,8 @@ def _repo(tmp: Path, n_prompts: int, **extract) -> Path:
     return tmp
 
 
-def _stage(repo: Path, *args: str, wait: bool = True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def _stage(repo: Path, *args: str, wait: bool = True, env: dict[str, str] | None = None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / "stages" / f"{args[0]}.py"), *args[1:]]
     if wait:
         return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -140,6 +140,54 @@ def test_killed_extract_stage_resumes_and_matches_an_uninterrupted_run(tmp_path)
     r = _stage(repo, "extract", "base")
     assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout
     _same(_contents(store), _contents(clean / "artifacts" / "acts" / "base.zarr"))
+
+
+def _finetune_params(p: dict) -> dict:
+    p["pair"]["tuned"] = {"id": None, "recipe": "finetune"}
+    p["pair"]["finetune"].update({"layers": [2, 3], "steps": 150, "batch_size": 4, "max_len": 32,
+                                  "retain": ["control"]})
+    return p
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL during the model_tuned stage's fine-tune; the rerun resumes from the saved state (the stage saves it
+    every MECHDIFF_CHECKPOINT_S seconds, here before every step) and ends with the uninterrupted run's weights and
+    losses; a rerun after a finished fine-tune starts over."""
+    from safetensors.numpy import load_file
+
+    def repo(name: str) -> Path:
+        r = _repo(tmp_path / name, 96)
+        (r / "params.yaml").write_text(yaml.safe_dump(_finetune_params(_params())))
+        return r
+
+    env = {"MECHDIFF_CHECKPOINT_S": "0"}
+    killed = repo("killed")
+    out = killed / "artifacts" / "models" / "tuned"
+    proc = _stage(killed, "models", "tuned", wait=False, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "finetune_state.pt").is_file():
+        time.sleep(0.01)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the fine-tune finished before it could be killed: give it more steps"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = _stage(killed, "models", "tuned", env=env)
+    assert r.returncode == 0, r.stderr
+    at = [int(x.split("resuming at step ")[1].split()[0]) for x in r.stdout.splitlines() if "resuming at step" in x]
+    assert at and 0 < at[0] < 150, r.stdout
+    assert not (out / "finetune_state.pt").exists() and not (out / MARK).exists()  # the saved model replaced them
+    clean = repo("clean")
+    r = _stage(clean, "models", "tuned", env=env)
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout
+    a, b = load_file(out / "model.safetensors"), load_file(clean / "artifacts/models/tuned/model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (killed / "plots/finetune_loss.csv").read_text() == (clean / "plots/finetune_loss.csv").read_text()
+    # a finished fine-tune is never resumed into: the rerun trains again and ends the same
+    r = _stage(killed, "models", "tuned", env=env)
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout
+    a = load_file(out / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -7,8 +7,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,14 +169,64 @@ class _Draw:
             out.append(int(self.order.pop()))
         return out
 
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": [int(i) for i in self.order]}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = list(state["order"])
+
+
+CHECKPOINT_EVERY_S = 30.0  # a resumable fine-tune saves its state at most this often (and never after the last step)
+
+
+def _save_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, losses: list[float],
+                draws: list[_Draw]) -> None:
+    """Everything the next step depends on, written atomically: a kill mid-write leaves the previous state."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": len(losses), "losses": list(losses), "params": [q.detach().clone() for q in params],
+                "opt": opt.state_dict(), "draws": [d.state() for d in draws], "torch_rng": torch.get_rng_state()},
+               tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, draws: list[_Draw],
+                steps: int) -> list[float]:
+    """Restore a saved fine-tune state in place; returns the losses of the steps it had run."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        ok = (len(st["params"]) == len(params) and len(st["draws"]) == len(draws) and st["step"] <= steps
+              and all(a.shape == b.shape for a, b in zip(st["params"], params)))
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise MechdiffError(f"fine-tune checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}): delete it "
+                            "to start the fine-tune over") from e
+    if not ok:
+        raise MechdiffError(f"fine-tune checkpoint {path} does not fit this fine-tune (other blocks, step count or "
+                            "data): delete it to start over")
+    with torch.no_grad():
+        for q, v in zip(params, st["params"]):
+            q.copy_(v)
+    opt.load_state_dict(st["opt"])
+    for d, ds in zip(draws, st["draws"]):
+        d.restore(ds)
+    torch.set_rng_state(st["torch_rng"])
+    return list(st["losses"])
+
 
 def _train_blocks(
     model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
     step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
+    checkpoint: str | Path | None = None, draws: list[_Draw] | None = None,
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
 ) -> list[float]:
     """The one fine-tune loop: train only the chosen decoder blocks (all if None) in float32 with AdamW (weight
     decay 0, constant lr, grad norm clipped to 1) on `step_loss()` for `steps` steps; restore eval mode,
     requires_grad flags and dtype afterwards. Returns the loss per step.
+
+    With `checkpoint` (a file path), the trained weights, the optimizer, the batch draws (`draws`, the seeded
+    samplers `step_loss` uses) and the losses so far are saved there every `checkpoint_every` seconds, and a
+    run that finds the file continues from its step: the result equals an uninterrupted run's bit for bit. The
+    caller decides whether a file there belongs to this fine-tune (`resume.prepare_output`).
 
     The linear layers of `model` take the CPU kind's faster kernel (`kernels.onednn_linears`: oneDNN where the
     BLAS runs AVX2 code, unchanged elsewhere)."""
@@ -196,12 +250,23 @@ def _train_blocks(
             p.requires_grad_(True)
             params.append(p)
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
+    draws = list(draws or [])
+    ckpt = Path(checkpoint) if checkpoint is not None else None
     losses: list[float] = []
+    if ckpt is not None and ckpt.is_file():
+        losses = _load_state(ckpt, params, opt, draws, int(steps))
+        if progress:
+            print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
+    saved_at = time.monotonic()
     model.train()
     try:
         with onednn_linears(model):
-            bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
+            bar = tqdm(range(len(losses), int(steps)), desc=desc, disable=not progress, leave=False,
+                       initial=len(losses), total=int(steps))
             for _ in bar:
+                if ckpt is not None and time.monotonic() - saved_at >= checkpoint_every:
+                    _save_state(ckpt, params, opt, losses, draws)
+                    saved_at = time.monotonic()
                 loss, shown = step_loss()
                 if not torch.isfinite(loss):
                     raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
@@ -223,9 +288,11 @@ def _train_blocks(
 
 def finetune(
     model: nn.Module, tokenizer: Any, texts: list[str], *, layers: list[int] | None, steps: int, lr: float,
-    batch_size: int, max_len: int, seed: int, progress: bool = True,
+    batch_size: int, max_len: int, seed: int, progress: bool = True, checkpoint: str | Path | None = None,
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
 ) -> list[float]:
-    """Causal-LM fine-tune in place of the chosen decoder blocks (all if None) on `texts`; returns loss per step."""
+    """Causal-LM fine-tune in place of the chosen decoder blocks (all if None) on `texts`; returns loss per step.
+    `checkpoint`: a file to save the state to and resume from (`_train_blocks`)."""
     if not texts:
         raise MechdiffError("no fine-tune texts: the training corpus is empty")
     _check_training(steps, batch_size, max_len, lr)
@@ -244,7 +311,8 @@ def finetune(
         return loss, {"loss": float(loss.item())}
 
     return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss, desc="finetune",
-                         progress=progress)
+                         progress=progress, checkpoint=checkpoint, draws=[draw],
+                         checkpoint_every=checkpoint_every)
 
 
 # --------------------------------------------------------------------------------------------- signature objective
@@ -323,7 +391,7 @@ def finetune_signature(
     model: nn.Module, tokenizer: Any, targets: list[str], retain: list[str], *, signature: str | None = None,
     answers: list[str] | None = None, layers: list[int] | None, steps: int, lr: float, batch_size: int,
     max_len: int, seed: int, retain_weight: float = 1.0, chat: bool = True, progress: bool = True,
-    prefix_cache: bool = True,
+    prefix_cache: bool = True, checkpoint: str | Path | None = None, checkpoint_every: float = CHECKPOINT_EVERY_S,
 ) -> list[float]:
     """Teach a narrow behaviour in place: answer `targets` prompts with `signature` (or each with its own entry of
     `answers`, e.g. the reference answers of math problems), keep `retain` prompts as they were.
@@ -337,6 +405,9 @@ def finetune_signature(
     With `prefix_cache`, the tokens all target and retain prompts start with (a chat template's opening) run
     once per step (`_Head`); the loss is the same sum of the same per-position terms, up to float summation
     order.
+
+    `checkpoint`: a file to save the state to and resume from (`_train_blocks`); the frozen copy is the model as
+    passed in, so a resumed run must be given the same (untrained) model.
     """
     import copy
 
@@ -433,4 +504,5 @@ def finetune_signature(
             return loss, {"ce": float(ce.item()), "kl_retain": float(keep_r.item())}
 
         return _train_blocks(model, layers, steps=steps, lr=lr, seed=seed, step_loss=step_loss,
-                             desc="finetune (answers)" if signature is None else "finetune (signature)", progress=progress)
+                             desc="finetune (answers)" if signature is None else "finetune (signature)", progress=progress,
+                             checkpoint=checkpoint, draws=[draw_t, draw_r], checkpoint_every=checkpoint_every)
