@@ -8,7 +8,13 @@ def test_cka_onset_first_changed_layer_and_lowest_site():
     cka = {"L0.resid_post": {"last": 1.0}, "L2.resid_post": {"last": 1 - CKA_TOL / 2},
            "L4.attn_out": {"last": 0.97}, "L4.resid_post": {"last": 0.99}, "L6.resid_post": {"last": 0.8},
            "L8.resid_post": {"last": None}}
-    assert cka_onset(cka) == ("L4.attn_out", "L6.resid_post")  # tie at L4: the lower CKA first
+    assert cka_onset(cka) == ("L4.attn_out", "L6.resid_post")
+    # within the first changed layer the first site in forward order, not the lowest CKA: a change planted at
+    # attn_out passes through mlp_out and resid_post, which can show a larger drop
+    cka.update({"L4.mlp_out": {"last": 0.9}, "L4.resid_post": {"last": 0.95}, "L4.resid_pre": {"last": 1.0}})
+    assert cka_onset(cka) == ("L4.attn_out", "L6.resid_post")
+    cka["L4.attn_out"] = {"last": 1 - CKA_TOL / 2}  # unchanged within the tolerance: the next site in order
+    assert cka_onset(cka)[0] == "L4.mlp_out"
     assert cka_onset({"L0.resid_post": {"last": 1.0}}) == (None, None)
 
 

@@ -15,13 +15,17 @@ def _layer(name: str) -> int:
     return Site.parse(name).layer if "." in name else int(name.lstrip("L"))
 
 
+_FORWARD = {kind: i for i, kind in enumerate(("resid_pre", "attn_out", "mlp_out", "resid_post"))}
+
+
 def cka_onset(cka: Mapping[str, Mapping[str, float | None]], view: str = "last"
               ) -> tuple[str | None, str | None]:
     """(first changed site, lowest-CKA site) over every site of `cka` ({site: {view: CKA}}): a site has changed
-    when 1 - CKA > CKA_TOL; the first is the one of the lowest layer (ties: the lower CKA). (None, None) when none
-    changed."""
+    when 1 - CKA > CKA_TOL; the first is the one of the lowest layer and, within a layer, the first in forward
+    order (resid_pre, attn_out, mlp_out, resid_post): the sites after a changed one inherit its change and often
+    show a lower CKA. (None, None) when none changed."""
     rows = sorted(((name, v[view]) for name, v in cka.items() if v.get(view) is not None),
-                  key=lambda t: (_layer(t[0]), t[1]))
+                  key=lambda t: (_layer(t[0]), _FORWARD.get(t[0].rsplit(".", 1)[-1], len(_FORWARD)), t[1]))
     changed = [(s, c) for s, c in rows if 1 - c > CKA_TOL]
     if not changed:
         return None, None
