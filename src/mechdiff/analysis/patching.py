@@ -444,7 +444,8 @@ def saturation_k(ks: Sequence[int], drops: Sequence[float], share: float) -> int
     """The smallest k whose KL drop (%) reaches `share` of the best drop any k in the sweep reaches (the rank at
     which the drop saturates: how many directions carry the change, with no fixed target); None when no drop is
     positive. A planted rank-r change saturates at k = r when each of its directions adds more than 1 - share of
-    the best drop; with many comparable directions (r >= 6 at share 0.9) the last one adds less and k < r."""
+    the best drop; with many comparable directions (from r = 5 or 6 at share 0.9, depending on the model) the
+    last one adds less and k < r."""
     if len(ks) != len(drops):
         raise MechdiffError(f"ks and drops must have the same length, got {len(ks)} and {len(drops)}")
     if not 0 < share <= 1:
