@@ -177,14 +177,15 @@ class _Draw:
         self.order = list(state["order"])
 
 
-CHECKPOINT_EVERY_S = 30.0  # a resumable fine-tune saves its state at most this often (and never after the last step)
+CHECKPOINT_EVERY_S = 60.0  # a resumable fine-tune saves its state at most this often (and never after the last step),
+SAVE_SHARE = 0.05          # and spends at most about this share of its time saving (a slow disk spaces the saves out)
 
 
 def _save_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, losses: list[float],
                 draws: list[_Draw]) -> None:
     """Everything the next step depends on, written atomically: a kill mid-write leaves the previous state."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": len(losses), "losses": list(losses), "params": [q.detach().clone() for q in params],
+    torch.save({"step": len(losses), "losses": list(losses), "params": [q.detach() for q in params],
                 "opt": opt.state_dict(), "draws": [d.state() for d in draws], "torch_rng": torch.get_rng_state()},
                tmp)
     os.replace(tmp, path)
@@ -224,7 +225,8 @@ def _train_blocks(
     requires_grad flags and dtype afterwards. Returns the loss per step.
 
     With `checkpoint` (a file path), the trained weights, the optimizer, the batch draws (`draws`, the seeded
-    samplers `step_loss` uses) and the losses so far are saved there every `checkpoint_every` seconds, and a
+    samplers `step_loss` uses) and the losses so far are saved there every `checkpoint_every` seconds (or, when
+    a save is slow, every 1 / `SAVE_SHARE` times its duration; 0: before every step), and a
     run that finds the file continues from its step: the result equals an uninterrupted run's bit for bit. The
     caller decides whether a file there belongs to this fine-tune (`resume.prepare_output`).
 
@@ -257,16 +259,19 @@ def _train_blocks(
         losses = _load_state(ckpt, params, opt, draws, int(steps))
         if progress:
             print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
-    saved_at = time.monotonic()
+    saved_at, wait = time.monotonic(), float(checkpoint_every)
     model.train()
     try:
         with onednn_linears(model):
             bar = tqdm(range(len(losses), int(steps)), desc=desc, disable=not progress, leave=False,
                        initial=len(losses), total=int(steps))
             for _ in bar:
-                if ckpt is not None and time.monotonic() - saved_at >= checkpoint_every:
+                if ckpt is not None and time.monotonic() - saved_at >= wait:
+                    t_save = time.monotonic()
                     _save_state(ckpt, params, opt, losses, draws)
                     saved_at = time.monotonic()
+                    if checkpoint_every > 0:
+                        wait = max(float(checkpoint_every), (saved_at - t_save) / SAVE_SHARE)
                 loss, shown = step_loss()
                 if not torch.isfinite(loss):
                     raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
