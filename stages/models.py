@@ -1,6 +1,5 @@
 """Stage models: load the base (or tuned) model once and save it as safetensors under artifacts/models/."""
 
-import hashlib
 import os
 import sys
 import time
@@ -14,18 +13,7 @@ from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.load import check_pair, load_model, load_saved, save_model
 from mechdiff.model.recipes import finetune, finetune_signature, plant_edit
 from mechdiff.params import load_params
-from mechdiff.resume import fingerprint, prepare_output
-
-
-def files_digest(folder: Path) -> str:
-    """sha256 of every file in a folder (names and contents): which base model a fine-tune started from."""
-    h = hashlib.sha256()
-    for f in sorted(x for x in folder.iterdir() if x.is_file()):
-        h.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+from mechdiff.resume import files_digest, fingerprint, prepare_output
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
         # came from these settings, this base model, these prompts and this code
         fp = fingerprint([vars(ft), p.seed, p.data.chat, p.pair.dtype, files_digest(P.model_dir("base")),
                           [q.text for q in train], [q.reference for q in chosen],
-                          hashlib.sha256(Path(_recipes.__file__).read_bytes()).hexdigest()[:16]])
+                          files_digest(Path(_recipes.__file__))])
         prepare_output(P.model_dir("tuned"), fp)
         state = P.model_dir("tuned") / "finetune_state.pt"
         resume = dict(checkpoint=state, checkpoint_every=float(os.environ.get("MECHDIFF_CHECKPOINT_S",

@@ -25,6 +25,19 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def files_digest(path: str | Path) -> str:
+    """sha256 of a file, or of every file directly in a folder (names and contents): which inputs (a model's
+    weights, the code) an unfinished output came from."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(x for x in path.iterdir() if x.is_file()) if path.is_dir() else [path]:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def read_mark(path: str | Path) -> dict:
     """The record in an output folder's mark file: {"fingerprint", "complete"} ({} when there is none)."""
     mark = Path(path) / MARK

@@ -307,3 +307,21 @@ def test_sae_stage_imports_a_pretrained_sae_and_keeps_it_on_a_bad_one(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _one_line_error(_stage(repo, "sae", "base", "2"), "65-wide inputs", "width 64")
     _same(_contents(sae_dir), before)
+
+
+def test_files_digest_follows_names_and_contents(tmp_path):
+    """The digest that ties an unfinished fine-tune to its base model: sha256 over names and bytes, in name order."""
+    import hashlib
+
+    from mechdiff.resume import files_digest
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "b.bin").write_bytes(b"\x00\x01" * 1000)
+    (d / "a.json").write_text("{}")
+    (d / "sub").mkdir()  # folders inside are not part of it
+    ref = hashlib.sha256(b"a.json\0{}" + b"b.bin\0" + b"\x00\x01" * 1000).hexdigest()[:16]
+    assert files_digest(d) == ref
+    assert files_digest(d / "a.json") == hashlib.sha256(b"a.json\0{}").hexdigest()[:16]
+    (d / "b.bin").write_bytes(b"\x00\x01" * 999 + b"\x00\x02")
+    assert files_digest(d) != ref
