@@ -11,7 +11,13 @@ from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.load import check_pair, load_model, load_saved, save_model
-from mechdiff.model.recipes import finetune, finetune_signature, plant_edit
+from mechdiff.model.recipes import (
+    CHECKPOINT_EVERY_S,
+    check_finetune,
+    finetune,
+    finetune_signature,
+    plant_edit,
+)
 from mechdiff.params import load_params
 from mechdiff.resume import files_digest, fingerprint, prepare_output
 
@@ -51,15 +57,35 @@ def main() -> None:
                                     f"{ft.dataset!r} record: use a dataset with references (e.g. math)")
             answers = dict(answers=[q.reference for q in chosen]) if ft.objective == "answer" else dict(
                 signature=ft.signature)
+        else:
+            retain, answers = None, {}
+        every = os.environ.get("MECHDIFF_CHECKPOINT_S", str(CHECKPOINT_EVERY_S))
+        try:
+            every_s = float(every)
+        except ValueError:
+            every_s = -1.0
+        if not every_s >= 0:
+            raise MechdiffError(f"MECHDIFF_CHECKPOINT_S={every!r}: give the seconds between fine-tune checkpoints, "
+                                "a number >= 0")
+        # every check the fine-tune makes, before the output folder (maybe a finished tuned model) is replaced
+        check_finetune(model, texts, retain, **answers, layers=ft.layers, steps=ft.steps, lr=ft.lr,
+                       batch_size=ft.batch_size, max_len=ft.max_len)
         # an interrupted fine-tune resumes from its last state in the (persisted) output folder, if that state
-        # came from these settings, this base model, these prompts and this code
+        # came from these settings, this base model, these prompts (texts, datasets, splits, references) and this
+        # code (the package, this script, torch and transformers)
+        import torch
+        import transformers
+
+        import mechdiff.model.cache  # noqa: F401  (the fine-tune imports it lazily: hashed with the rest)
+
+        pkg = Path(_recipes.__file__).parents[1]  # the package's modules this process runs: the stage's code deps
+        code = sorted({Path(m.__file__) for m in list(sys.modules.values())
+                       if getattr(m, "__file__", None) and Path(m.__file__).is_relative_to(pkg)}) + [Path(__file__)]
         fp = fingerprint([vars(ft), p.seed, p.data.chat, p.pair.dtype, files_digest(P.model_dir("base")),
-                          [q.text for q in train], [q.reference for q in chosen],
-                          files_digest(Path(_recipes.__file__))])
+                          files_digest(P.PROMPTS), [files_digest(f) for f in code], torch.__version__,
+                          transformers.__version__])
         prepare_output(P.model_dir("tuned"), fp)
-        state = P.model_dir("tuned") / "finetune_state.pt"
-        resume = dict(checkpoint=state, checkpoint_every=float(os.environ.get("MECHDIFF_CHECKPOINT_S",
-                                                                             _recipes.CHECKPOINT_EVERY_S)))
+        resume = dict(checkpoint=P.model_dir("tuned") / "finetune_state.pt", checkpoint_every=every_s)
         if ft.objective in ("signature", "answer"):
             losses = finetune_signature(
                 model, tok, texts, retain, **answers, layers=ft.layers, steps=ft.steps, lr=ft.lr,

@@ -197,8 +197,9 @@ def _check_heads(p, n_heads: int | None) -> list[str]:
     named = {"patch.attn_heads": p.patch.attn_heads if isinstance(p.patch.attn_heads, list) else []}
     if not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
         named["pair.edit.heads"] = p.pair.edit.heads or []
-    return [f"{key}: head {max(heads)} is out of range, the base model has {n_heads} attention heads "
-            f"(0..{n_heads - 1})" for key, heads in named.items() if heads and max(heads) >= n_heads]
+    return [f"{key}: head {max(heads) if max(heads) >= n_heads else min(heads)} is out of range, the base model has "
+            f"{n_heads} attention heads (0..{n_heads - 1})" for key, heads in named.items()
+            if heads and (max(heads) >= n_heads or min(heads) < 0)]
 
 
 def _check_sae_width(p, width: int | None) -> list[str]:

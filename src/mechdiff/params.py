@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -525,17 +526,16 @@ def _lists(obj: Any, prefix: str = "") -> Iterator[tuple[str, list]]:
 
 
 def _repeated(key: str, values: list) -> Any:
-    """The first value listed twice (by name for corpus entries), else None."""
+    """The first value listed twice, else None. Mappings (corpus entries) count as repeated only when equal in
+    full: two sources of one name (two subsets of one benchmark) make one dataset together."""
     if key in _MAY_REPEAT:
         return None
     seen: set = set()
     for v in values:
-        name = v.get("name") if isinstance(v, dict) else v
-        if isinstance(name, list | dict):
-            continue
-        if name in seen:
-            return name
-        seen.add(name)
+        ident = json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict | list) else v
+        if ident in seen:
+            return v
+        seen.add(ident)
     return None
 
 
@@ -678,6 +678,10 @@ def validate(p: Params) -> Params:
             not ah or len(set(ah)) != len(ah) or min(ah) < 0):
         raise MechdiffError(f"params.yaml: patch.attn_heads must be null (patch the attention output vector), all, or "
                             f"a list of distinct head indices >= 0, got {ah!r}")
+    eh = p.pair.edit.heads
+    if eh is not None and (not eh or min(eh) < 0):
+        raise MechdiffError(f"params.yaml: pair.edit.heads must be null (edit the whole site) or a list of head "
+                            f"indices >= 0, got {eh!r}")
     for a in [p.alpha, *p.patch.alphas]:
         if a != "auto" and (isinstance(a, str) or a <= 0):
             raise MechdiffError(f"params.yaml: alpha values must be 'auto' or a positive number, got {a!r}")

@@ -26,12 +26,12 @@ def fingerprint(obj: Any) -> str:
 
 
 def files_digest(path: str | Path) -> str:
-    """sha256 of a file, or of every file directly in a folder (names and contents): which inputs (a model's
-    weights, the code) an unfinished output came from."""
+    """sha256 of a file, or of every file directly in a folder (name, size and contents of each, in name order):
+    which inputs (a model's weights, the code) an unfinished output came from."""
     path = Path(path)
     h = hashlib.sha256()
     for f in sorted(x for x in path.iterdir() if x.is_file()) if path.is_dir() else [path]:
-        h.update(f.name.encode() + b"\0")
+        h.update(f.name.encode() + b"\0" + f.stat().st_size.to_bytes(8, "little"))
         with f.open("rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)

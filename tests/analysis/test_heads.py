@@ -129,6 +129,12 @@ def test_the_gap_carries_a_paired_ci_that_flags_noise(world):
         width = ref.high - ref.low
         assert abs(m["gap_lo"] - ref.low) < 0.1 * width and abs(m["gap_hi"] - ref.high) < 0.1 * width
         assert m["gap_significant"] is significant
+    # one prompt: no spread to judge the gap by, so a gap is never called significant (its CI is [gap, gap])
+    tuned = copy.deepcopy(base)
+    plant_edit(tuned, layer=1, kind="attn_out", rank=4, scale=6.0, seed=3, heads=[2])
+    one = diff_heads(base, tuned, _batches(tok, tuned, texts[:1]), n_patch=1, n_random=0, seed=0)["metrics"]
+    assert one["n_prompts"] == 1 and one["gap_lo"] == one["gap"] == one["gap_hi"] != 0
+    assert one["gap_significant"] is False
 
 
 def test_churn_pred_at_a_threshold_counts_the_planted_heads(world):

@@ -87,11 +87,15 @@ def test_repo_params_load():
     (lambda r: r["patch"].__setitem__("attn_heads", 2), "patch.attn_heads must be str or a list of int or null"),
     (lambda r: r["features"].__setitem__("graded_top", 0), "features.graded_top must be >= 1"),
     (lambda r: r["sae"].__setitem__("layers", [20, 24, 20]), "sae.layers lists 20 twice"),
+    (lambda r: r["pair"]["edit"].__setitem__("heads", []), "pair.edit.heads must be null"),
+    (lambda r: r["pair"]["edit"].__setitem__("heads", [0, -1]), "pair.edit.heads must be null"),
     (lambda r: r["transport"].__setitem__("sites", ["L24.resid_post"] * 2), "transport.sites lists 'L24.resid_post' twice"),
     (lambda r: r["patch"].__setitem__("ranks", [0, 8, "full", "full"]), "patch.ranks lists 'full' twice"),
     (lambda r: r["steer"].__setitem__("k_sweep", [1, 2, 2]), "steer.k_sweep lists 2 twice"),
-    (lambda r: r["data"].__setitem__("sources", ["cultural", {"name": "cultural", "path": "x.jsonl"}]),
-     "data.sources lists 'cultural' twice"),
+    (lambda r: r["data"].__setitem__("sources", ["control", {"name": "x", "path": "x.jsonl"}, "control"]),
+     "data.sources lists 'control' twice"),
+    (lambda r: r["data"].__setitem__("eval_sources", [{"name": "x", "path": "x.jsonl"}] * 2),
+     "data.eval_sources lists {'name': 'x', 'path': 'x.jsonl'} twice"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:
@@ -104,7 +108,11 @@ def test_lists_that_may_repeat_values_load(tmp_path):
     def mutate(r):
         r["data"]["splits"] = [0.4, 0.3, 0.3]
         r["geometry"]["prompts"] = [r["geometry"]["prompts"][0]] * 2
-    assert load_params(_write(tmp_path, mutate)).data.splits == [0.4, 0.3, 0.3]
+        # two subsets of one benchmark under one name: one dataset, not a repeated entry
+        r["data"]["eval_sources"] = [{"name": "mmlu", "hf": "cais/mmlu", "config": c, "split": "test"}
+                                     for c in ("astronomy", "anatomy")]
+    p = load_params(_write(tmp_path, mutate))
+    assert p.data.splits == [0.4, 0.3, 0.3] and len(p.data.eval_sources) == 2
 
 
 def test_missing_and_invalid_yaml(tmp_path):

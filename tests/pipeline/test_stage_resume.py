@@ -188,6 +188,15 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert r.returncode == 0 and "resuming" not in r.stdout, r.stdout
     a = load_file(out / "model.safetensors")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # a bad fine-tune param or checkpoint interval fails in one line before the finished model is touched
+    before = _contents(out)
+    bad = _finetune_params(_params())
+    bad["pair"]["finetune"]["layers"] = [9]
+    (killed / "params.yaml").write_text(yaml.safe_dump(bad))
+    _one_line_error(_stage(killed, "models", "tuned", env=env), "pair.finetune.layers [9] invalid")
+    (killed / "params.yaml").write_text(yaml.safe_dump(_finetune_params(_params())))
+    _one_line_error(_stage(killed, "models", "tuned", env={"MECHDIFF_CHECKPOINT_S": "often"}), "MECHDIFF_CHECKPOINT_S")
+    _same(_contents(out), before)
 
 
 @pytest.mark.slow
@@ -310,7 +319,8 @@ def test_sae_stage_imports_a_pretrained_sae_and_keeps_it_on_a_bad_one(tmp_path):
 
 
 def test_files_digest_follows_names_and_contents(tmp_path):
-    """The digest that ties an unfinished fine-tune to its base model: sha256 over names and bytes, in name order."""
+    """The digest that ties an unfinished fine-tune to its base model: sha256 over names, sizes and bytes, in name
+    order."""
     import hashlib
 
     from mechdiff.resume import files_digest
@@ -320,8 +330,10 @@ def test_files_digest_follows_names_and_contents(tmp_path):
     (d / "b.bin").write_bytes(b"\x00\x01" * 1000)
     (d / "a.json").write_text("{}")
     (d / "sub").mkdir()  # folders inside are not part of it
-    ref = hashlib.sha256(b"a.json\0{}" + b"b.bin\0" + b"\x00\x01" * 1000).hexdigest()[:16]
+    def entry(name: bytes, data: bytes) -> bytes:
+        return name + b"\0" + len(data).to_bytes(8, "little") + data
+    ref = hashlib.sha256(entry(b"a.json", b"{}") + entry(b"b.bin", b"\x00\x01" * 1000)).hexdigest()[:16]
     assert files_digest(d) == ref
-    assert files_digest(d / "a.json") == hashlib.sha256(b"a.json\0{}").hexdigest()[:16]
+    assert files_digest(d / "a.json") == hashlib.sha256(entry(b"a.json", b"{}")).hexdigest()[:16]
     (d / "b.bin").write_bytes(b"\x00\x01" * 999 + b"\x00\x02")
     assert files_digest(d) != ref

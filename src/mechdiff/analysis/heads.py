@@ -491,11 +491,11 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     col = {k: [r[k] for r in patched] for k in patched[0]} if patched else {}
     # the gap every share divides by, with its paired bootstrap CI over prompts: a CI that reaches 0 makes the
     # shares (patch_share, zero_share, the curve, heads_for_target) ratios of noise
-    _, gap_lo, gap_hi = mean_ci(ts.scores - bs.scores, n_boot=1000, seed=seed)
+    _, gap_lo, gap_hi = mean_ci(ts.scores - bs.scores, n_boot=1000, seed=seed)  # one prompt: [gap, gap]
     metrics = {
         "n_layers": L, "n_heads": H, "n_prompts": int(len(bs.scores)), "ig_steps": int(ig_steps),
         "score_base": patcher.s_base, "score_tuned": patcher.s_tuned, "gap": patcher.gap,
-        "gap_lo": gap_lo, "gap_hi": gap_hi, "gap_significant": bool(gap_lo > 0 or gap_hi < 0),
+        "gap_lo": gap_lo, "gap_hi": gap_hi, "gap_significant": bool(len(bs.scores) > 1 and (gap_lo > 0 or gap_hi < 0)),
         "kl_tuned_base": patcher.kl_base,
         "churn": churn(zb, zt, z_threshold), "churn_abs": float(np.mean(np.abs(delta) > abs_threshold)),
         "n_churn": int(np.sum(np.abs(zt - zb) > z_threshold)),

@@ -195,12 +195,13 @@ def _load_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimiz
                 steps: int) -> list[float]:
     """Restore a saved fine-tune state in place; returns the losses of the steps it had run."""
     try:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = torch.load(path, map_location="cpu", weights_only=True)
         ok = (len(st["params"]) == len(params) and len(st["draws"]) == len(draws) and st["step"] <= steps
               and all(a.shape == b.shape for a, b in zip(st["params"], params)))
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise MechdiffError(f"fine-tune checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}): delete it "
-                            "to start the fine-tune over") from e
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise MechdiffError(f"fine-tune checkpoint {path} is unreadable ({why}): delete it to start the fine-tune "
+                            "over") from e
     if not ok:
         raise MechdiffError(f"fine-tune checkpoint {path} does not fit this fine-tune (other blocks, step count or "
                             "data): delete it to start over")
@@ -212,6 +213,46 @@ def _load_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimiz
         d.restore(ds)
     torch.set_rng_state(st["torch_rng"])
     return list(st["losses"])
+
+
+def _chosen_blocks(model: nn.Module, layers: list[int] | None) -> list[int]:
+    """The decoder blocks a fine-tune trains: `layers`, checked against the model (all blocks if None)."""
+    n = len(find_blocks(model))
+    chosen = list(range(n)) if layers is None else [int(x) for x in layers]
+    if not chosen or any(not 0 <= x < n for x in chosen):
+        raise MechdiffError(f"pair.finetune.layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
+    return chosen
+
+
+def _signature_answers(targets: list[str], retain: list[str], signature: str | None,
+                       answers: list[str] | None) -> list[str]:
+    """The answer each target prompt is taught (the signature for every one, or its own), after checking them."""
+    if not targets:
+        raise MechdiffError("no fine-tune target prompts: the target dataset has no train prompts")
+    if not retain:
+        raise MechdiffError("no retain prompts: pair.finetune.retain names datasets with no train prompts")
+    if answers is None:
+        if not isinstance(signature, str) or not signature.strip():
+            raise MechdiffError("pair.finetune.signature must be a non-empty text")
+        answers = [signature] * len(targets)
+    if len(answers) != len(targets) or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise MechdiffError("every fine-tune target prompt needs a non-empty answer (objective answer: give each "
+                            "record of pair.finetune.dataset a `reference`)")
+    return list(answers)
+
+
+def check_finetune(model: nn.Module, targets: list[str], retain: list[str] | None = None, *,
+                   signature: str | None = None, answers: list[str] | None = None, layers: list[int] | None,
+                   steps: int, lr: float, batch_size: int, max_len: int) -> None:
+    """Every check `finetune` (retain None) or `finetune_signature` makes before it trains, without training: a
+    caller that replaces an earlier output (a resumable stage) runs it first."""
+    if retain is None:
+        if not targets:
+            raise MechdiffError("no fine-tune texts: the training corpus is empty")
+    else:
+        _signature_answers(targets, retain, signature, answers)
+    _check_training(steps, batch_size, max_len, lr)
+    _chosen_blocks(model, layers)
 
 
 def _train_blocks(
@@ -235,10 +276,7 @@ def _train_blocks(
     from tqdm.auto import tqdm
 
     blocks = find_blocks(model)
-    n = len(blocks)
-    chosen = list(range(n)) if layers is None else [int(x) for x in layers]
-    if not chosen or any(not 0 <= x < n for x in chosen):
-        raise MechdiffError(f"pair.finetune.layers {layers} invalid: give block indices in 0..{n - 1} (or null for all)")
+    chosen = _chosen_blocks(model, layers)
     orig_dtype = next(model.parameters()).dtype
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(int(seed))
@@ -255,14 +293,14 @@ def _train_blocks(
     draws = list(draws or [])
     ckpt = Path(checkpoint) if checkpoint is not None else None
     losses: list[float] = []
-    if ckpt is not None and ckpt.is_file():
-        losses = _load_state(ckpt, params, opt, draws, int(steps))
-        if progress:
-            print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
-    saved_at, wait = time.monotonic(), float(checkpoint_every)
     model.train()
     try:
         with onednn_linears(model):
+            if ckpt is not None and ckpt.is_file():  # inside the kernels' block: they are chosen as on a fresh run
+                losses = _load_state(ckpt, params, opt, draws, int(steps))
+                if progress:
+                    print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
+            saved_at, wait = time.monotonic(), float(checkpoint_every)
             bar = tqdm(range(len(losses), int(steps)), desc=desc, disable=not progress, leave=False,
                        initial=len(losses), total=int(steps))
             for _ in bar:
@@ -419,17 +457,7 @@ def finetune_signature(
     from mechdiff.model.cache import expanded_cache
     from mechdiff.model.tokens import encode
 
-    if not targets:
-        raise MechdiffError("no fine-tune target prompts: the target dataset has no train prompts")
-    if not retain:
-        raise MechdiffError("no retain prompts: pair.finetune.retain names datasets with no train prompts")
-    if answers is None:
-        if not isinstance(signature, str) or not signature.strip():
-            raise MechdiffError("pair.finetune.signature must be a non-empty text")
-        answers = [signature] * len(targets)
-    if len(answers) != len(targets) or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise MechdiffError("every fine-tune target prompt needs a non-empty answer (objective answer: give each "
-                            "record of pair.finetune.dataset a `reference`)")
+    answers = _signature_answers(targets, retain, signature, answers)
     _check_training(steps, batch_size, max_len, lr)
     ans = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     tgt_enc = encode(tokenizer, list(targets), chat=chat, max_len=int(max_len))
