@@ -51,6 +51,8 @@ def job(p, base, tuned, source: str, layer: int):
         raise MechdiffError(f"{site}/{s.view} is not in the activation store: add {layer} to sae.layers and rerun extract")
     training = [s.view, s.expansion, s.k, s.k_aux, s.batchtopk, s.lr, s.batch_size, s.epochs, s.tokens, s.holdout,
                 s.eval_every, s.plateau_tol, s.patience, s.select_dtype, MAX_VAL_ROWS]
+    if source == "crosscoder" and s.crosscoder_scale != "joint":  # the joint default keeps earlier fingerprints
+        training.append(s.crosscoder_scale)
     # the activations themselves (their running statistics), not only the settings that made the stores
     data = hashlib.sha256(b"".join(a.tobytes() for st in (base, tuned) for a in st.stats(site, s.view))).hexdigest()
     fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
@@ -75,10 +77,12 @@ def sae_config(p, base, source: str, layer: int) -> SAEConfig:
     s = p.sae
     site = f"L{layer}.resid_post"
     d = base.width(site)
+    per_model = s.crosscoder_scale == "per_model"
     cfg = SAEConfig(d_in=d, width=s.expansion * d, k=s.k, k_aux=s.k_aux, lr=s.lr, batch_size=s.batch_size,
                     batchtopk=s.batchtopk, n_blocks=2 if source == "crosscoder" else 1,
                     seed=init_seed(p.seed, source), eval_every=s.eval_every, plateau_tol=s.plateau_tol,
                     patience=s.patience, bf16=s.select_dtype == "bfloat16",
+                    block_scale=per_model and source == "crosscoder",
                     meta={"site": site, "source": source, "view": s.view, "layer": layer})
     try:
         cfg.validate()

@@ -215,6 +215,7 @@ class SAE(_Section):
     parallel: str = "many"
     device: str = "cpu"
     select_dtype: str = "float32"  # bfloat16: the encoder matmul that picks the top-k latents runs in bf16 (AMX)
+    crosscoder_scale: str = "joint"  # per_model: the crosscoder normalises each model's activations on its own
     validate: SAEValidate = field(default_factory=SAEValidate)
     pretrained: dict[str, str] = field(default_factory=dict)  # "<base|tuned>-<layer>": spec; imported, not trained
 
@@ -466,6 +467,7 @@ _CHOICES = {
     "transport.rank_mode": ("delta", "subspace"),
     "sae.view": ("tokens", "last", "mean"),
     "sae.select_dtype": ("float32", "bfloat16"),
+    "sae.crosscoder_scale": ("joint", "per_model"),
     "geometry.estimator": ("lda", "mean"),
     "hsae.view": ("tokens", "last", "mean"),
     "hsae.teacher": ("unembedding", "contexts"),

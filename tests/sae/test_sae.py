@@ -326,6 +326,26 @@ def test_resume_matches_uninterrupted(tmp_path, batchtopk):
         train_sae(_stream(X, 64, 0), bad, tmp_path / "c", total_tokens=total, progress=False)
 
 
+def test_per_model_scale_resumes_from_a_checkpoint(tmp_path):
+    """A crosscoder with one input scale per model, crashed after a checkpoint and resumed: the same SAE, scales
+    included, as an uninterrupted run (the per-block scale is a vector buffer; a fresh SAE holds a scalar)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 8)).astype(np.float32)
+    X = np.c_[x, 3.0 * x + 0.1 * rng.standard_normal((4000, 8)).astype(np.float32)]
+    cfg = SAEConfig(d_in=8, width=32, k=3, batch_size=64, lr=3e-3, n_blocks=2, block_scale=True, ckpt_every=5,
+                    ckpt_seconds=0, seed=1)
+    total = 20 * 64
+    ref = train_sae(_stream(X, 64, 0), cfg, tmp_path / "a", total_tokens=total, progress=False, log_every=5)
+    assert ref.input_scale.shape == (2,)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(_crashing(_stream(X, 64, 0), 13), cfg, tmp_path / "b", total_tokens=total, progress=False,
+                  log_every=5)
+    got = train_sae(_stream(X, 64, 0), cfg, tmp_path / "b", total_tokens=total, progress=False, log_every=5)
+    assert torch.equal(ref.input_scale, got.input_scale)
+    for (n, p), (_, q) in zip(ref.named_parameters(), got.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_checkpoints_by_wall_time_resume_to_the_same_sae(tmp_path):
     """With ckpt_every off and ckpt_seconds tiny, a checkpoint follows every step: a crash loses nothing, and the
     resumed SAE equals the uninterrupted one bit for bit."""
@@ -692,3 +712,39 @@ def test_init_seed_distinct_per_source_and_base_keeps_seed():
     assert seeds[0] == 17 and len(set(seeds)) == len(SOURCES)
     with pytest.raises(MechdiffError, match="unknown SAE source"):
         init_seed(17, "nope")
+
+
+def test_per_model_scale_reads_a_scaled_copy_as_shared(tmp_path):
+    """tuned = 4 x base with the same features: with one input scale for [x_base, x_tuned] every latent leans to
+    the tuned block (relative norm c / (1 + c) = 0.8); with one scale per model (`block_scale`, the stage's
+    `sae.crosscoder_scale: per_model`) the shared latents sit at 0.5 again. The per-block scales are each model's
+    own (mean ||s_b x_b||^2 = d_in, against numpy), and survive save / load and a checkpoint resume."""
+    from mechdiff.sae.model import load_sae, save_sae
+
+    d, n_atoms = 16, 32
+    S = _dictionary(n_atoms, d, 2)
+    rng = np.random.default_rng(5)
+    base = _codes(20000, n_atoms, 3, rng) @ S
+    X = np.c_[base, 4.0 * base].astype(np.float32)
+    rel = {}
+    for per_model in (False, True):
+        cfg = SAEConfig(d_in=d, width=64, k=3, batch_size=256, lr=3e-3, n_blocks=2, seed=0, block_scale=per_model)
+        cc = train_sae(_stream(X, 256, 0), cfg, None, total_tokens=800 * 256, progress=False)
+        Wn = cc.W_dec.detach().numpy()
+        Wn = Wn / np.linalg.norm(Wn, axis=0, keepdims=True)
+        best = (np.c_[S, 4 * S] / np.linalg.norm(np.c_[S, 4 * S], axis=1, keepdims=True) @ Wn).argmax(1)
+        rel[per_model] = cc.relative_norms(block=1).numpy()[best]
+        if per_model:
+            first = np.asarray(next(iter(_stream(X, 256, 0))), dtype=np.float64)  # the scales' batch: the first
+            want = [np.sqrt(d / (first[:, b * d:(b + 1) * d] ** 2).sum(1).mean()) for b in (0, 1)]
+            np.testing.assert_allclose(cc.input_scale.numpy(), want, rtol=1e-5)
+            assert float(cc.input_scale[0]) == pytest.approx(4 * float(cc.input_scale[1]), rel=1e-5)
+            x = torch.from_numpy(X[:512])
+            again = load_sae(save_sae(cc, tmp_path / "cc"))
+            assert torch.equal(again.input_scale, cc.input_scale)
+            assert torch.allclose(again(x), cc(x), rtol=1e-6, atol=1e-6)
+            # reconstructions come back in each model's own units
+            fvu = ((cc(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+            assert float(fvu.detach()) < 0.1
+    assert np.all(np.abs(rel[False] - 0.8) < 0.05), rel[False]
+    assert np.all(np.abs(rel[True] - 0.5) < 0.05), rel[True]

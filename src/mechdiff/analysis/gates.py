@@ -210,7 +210,7 @@ def ccis(effect: float, identifiability: float, semantic: float, task: float, il
 def feature_contribution(sae, i: int) -> torch.Tensor:
     """The raw-space (d,) contribution of one unit of latent i: decode(e_i) - decode(0)."""
     with torch.no_grad():
-        return (sae.dec[int(i)] / sae.input_scale).detach().float()
+        return (sae.dec[int(i)] / sae.scale()).detach().float()
 
 
 def ablation(site: Site, Z: torch.Tensor, contrib: torch.Tensor) -> Callable:

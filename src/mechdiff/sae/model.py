@@ -246,14 +246,41 @@ class TopKSAE(nn.Module):
         return x.to(self.dec.dtype)
 
     @torch.no_grad()
-    def set_input_scale(self, x: torch.Tensor) -> float:
-        """Estimate and store the scale s with mean ||s x||^2 = d_in * n_blocks from a sample of raw inputs."""
+    def set_input_scale(self, x: torch.Tensor, *, per_block: bool = False) -> float | list[float]:
+        """Estimate and store the scale s with mean ||s x||^2 = d_in * n_blocks from a sample of raw inputs; with
+        `per_block` (a crosscoder), one scale per block (model), each with mean ||s_b x_b||^2 = d_in, so that a
+        difference in the two models' activation norms is not read as a difference in their features."""
         x = self._check(x)
+        if per_block and self.n_blocks > 1:
+            msq_b = (x.double().view(len(x), self.n_blocks, self.d_in) ** 2).sum(2).mean(0)
+            if not bool(torch.isfinite(msq_b).all()) or bool((msq_b <= 0).any()):
+                raise MechdiffError("cannot estimate the SAE input scales: a block of the first batch is all zeros or "
+                                    "not finite")
+            self.set_scale(torch.sqrt(self.d_in / msq_b).tolist())
+            return self.input_scale.tolist()
         msq = float((x.double() ** 2).sum(1).mean())
         if not math.isfinite(msq) or msq <= 0:
             raise MechdiffError("cannot estimate the SAE input scale: the first batch is all zeros or not finite")
-        self.input_scale.fill_(math.sqrt(self.d_total / msq))
+        self.set_scale(math.sqrt(self.d_total / msq))
         return float(self.input_scale)
+
+    def scale(self) -> torch.Tensor:
+        """The input scale as it multiplies a raw input row: a scalar, or (d_in * n_blocks,) with one scale per block."""
+        s = self.input_scale
+        return s if s.dim() == 0 else s.repeat_interleave(self.d_in)
+
+    def set_scale(self, value: float | list[float]) -> None:
+        """Store an input scale: one number, or one per block (as `config_dict` writes it)."""
+        v = torch.as_tensor(value, dtype=torch.float64)
+        if v.dim() > 1 or (v.dim() == 1 and v.numel() != self.n_blocks) or not bool((v > 0).all()):
+            raise MechdiffError(f"input_scale must be a positive number or one per block ({self.n_blocks}), got "
+                                f"{value!r}")
+        if v.dim() == 0:  # the scalar buffer, filled in place (its dtype and device kept)
+            if self.input_scale.dim() != 0:
+                self.input_scale = self.input_scale.new_tensor(1.0)
+            self.input_scale.fill_(float(v))
+        else:
+            self.input_scale = v.to(self.input_scale.dtype).to(self.input_scale.device)
 
     @torch.no_grad()
     def set_thresholds(self, theta: torch.Tensor) -> None:
@@ -271,7 +298,7 @@ class TopKSAE(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs -> normalised space."""
-        return self._check(x) * self.input_scale
+        return self._check(x) * self.scale()
 
     # ------------------------------------------------------------------ inference
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
@@ -300,7 +327,7 @@ class TopKSAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction of dense latents."""
-        return (z @ self.dec + self.b_pre) / self.input_scale
+        return (z @ self.dec + self.b_pre) / self.scale()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of raw inputs (B, d_in * n_blocks), in raw units."""
@@ -507,7 +534,7 @@ class TopKSAE(nn.Module):
         dead_idx = torch.nonzero(dead).squeeze(1)
         if dead_idx.numel() == 0:
             return dead_idx
-        z = self.encode(x_n / self.input_scale, use_threshold=False)
+        z = self.encode(x_n / self.scale(), use_threshold=False)
         res = x_n - (z @ self.dec + self.b_pre)
         w = (res ** 2).sum(1)
         if float(w.sum()) <= 0:
@@ -531,13 +558,14 @@ class TopKSAE(nn.Module):
             "n_blocks": self.n_blocks, "batchtopk": self.batchtopk,
             "threshold": (None if not bool(self.threshold_set) else float(self.threshold) if self.threshold.dim() == 0
                           else "per_latent"),  # per-latent thresholds: the `threshold` tensor of sae.safetensors
-            "input_scale": float(self.input_scale),
+            "input_scale": float(self.input_scale) if self.input_scale.dim() == 0 else self.input_scale.tolist(),
         }
 
 
 # ---------------------------------------------------------------------- checkpoint format
 FORMAT = "mechdiff-topk-sae/1"
 FORMAT_JUMPRELU = "mechdiff-jumprelu-sae/1"  # per-latent thresholds (an imported SAE): readers of /1 must not take it
+FORMAT_BLOCKS = "mechdiff-topk-sae-blockscale/1"  # a crosscoder with one input scale per model: input_scale is a list
 
 
 def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> Path:
@@ -545,7 +573,9 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
 
     Tensors (float32): W_enc (width, d_in*n_blocks), b_enc (width,), W_dec (d_in*n_blocks, width) with unit-norm
     columns, b_pre (d_in*n_blocks,). cfg.json: d_in, width, k, k_aux, n_blocks, batchtopk, threshold,
-    input_scale, format, plus `meta` (hook site, source, model id ...). Without this project:
+    input_scale, format, plus `meta` (hook site, source, model id ...). A crosscoder trained with one scale per
+    model (format `mechdiff-topk-sae-blockscale/1`) has input_scale = [s_base, s_tuned]: read `input_scale * x`
+    below as s_b times block b of x. Without this project:
 
         x_n = input_scale * x;  pre = (x_n - b_pre) @ W_enc.T + b_enc
         z = ReLU(top-k of pre per row)   (BatchTopK: z = pre * (pre > threshold); JumpReLU, cfg threshold
@@ -571,7 +601,7 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, *, meta: dict | None = None) -> 
         tensors["threshold"] = sae.threshold.detach().float().contiguous().cpu()
     if meta:
         sae.meta.update(meta)
-    fmt = FORMAT_JUMPRELU if sae.jumprelu else FORMAT
+    fmt = FORMAT_JUMPRELU if sae.jumprelu else FORMAT_BLOCKS if sae.input_scale.dim() == 1 else FORMAT
     cfg = {"format": fmt, **sae.config_dict(), **{k: v for k, v in sae.meta.items() if k not in ("format",)}}
     tmp = out / ".sae.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": fmt})
@@ -602,7 +632,7 @@ def load_sae(out_dir: str | Path) -> TopKSAE:
         sae.b_enc.copy_(t["b_enc"])
         sae.dec.copy_(t["W_dec"].t())
         sae.b_pre.copy_(t["b_pre"])
-        sae.input_scale.fill_(float(cfg.get("input_scale", 1.0)))
+        sae.set_scale(cfg.get("input_scale", 1.0))
         if "threshold" in t:
             sae.set_thresholds(t["threshold"])
         elif cfg.get("threshold") is not None:

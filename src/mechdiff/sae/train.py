@@ -67,6 +67,7 @@ class SAEConfig:
     sparse: bool = True  # sparse decoder + sparse encoder backward (False: dense autograd reference)
     bf16: bool = False  # select the active latents with a bf16 encoder matmul (values and grads stay fp32)
     input_scale: float | None = None  # default: estimated from the first batch
+    block_scale: bool = False  # crosscoder: one input scale per model (block) instead of one for the concatenation
     threshold_decay: float = 0.99  # BatchTopK: EMA of the smallest kept activation
     eval_every: int = 50  # steps between held-out FVU evaluations (only with train_sae(val=...))
     plateau_tol: float = 0.01  # plateau: held-out FVU improved by less than this share over the window
@@ -246,7 +247,7 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
                 f"checkpoint in {root} was made with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}: "
                 f"delete {root} or train with resume=False"
             )
-    for key in ("eval_every", "plateau_tol", "patience", "warmup_frac", "decay_frac"):
+    for key in ("eval_every", "plateau_tol", "patience", "warmup_frac", "decay_frac", "block_scale"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise MechdiffError(f"checkpoint in {root} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}: "
                                 f"delete {root} or train with resume=False")
@@ -254,7 +255,10 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
         raise MechdiffError(f"checkpoint {d} was written by an older mechdiff (no model.safetensors): delete {root} "
                             "to train from scratch")
     try:
-        sae.load_state_dict(load_file(str(d / "model.safetensors")))
+        tensors = load_file(str(d / "model.safetensors"))
+        if "input_scale" in tensors:  # a per-block scale is a vector: the fresh SAE's buffer is a scalar until set
+            sae.set_scale(tensors["input_scale"].tolist())
+        sae.load_state_dict(tensors)
     except RuntimeError as e:
         raise MechdiffError(f"checkpoint {d} does not fit the model to train ({str(e).splitlines()[0][:120]}): "
                             f"delete {root} or train with resume=False") from e
@@ -399,11 +403,11 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                     if cfg.input_scale is not None:
                         if not cfg.input_scale > 0:
                             raise MechdiffError(f"SAEConfig.input_scale must be > 0, got {cfg.input_scale}")
-                        sae.input_scale.fill_(float(cfg.input_scale))
+                        sae.set_scale(float(cfg.input_scale))
                     else:
-                        sae.set_input_scale(x)
-                    sae.b_pre.copy_((x * sae.input_scale).mean(0))
-            x_n = x * sae.input_scale
+                        sae.set_input_scale(x, per_block=cfg.block_scale)
+                    sae.b_pre.copy_((x * sae.scale()).mean(0))
+            x_n = x * sae.scale()
             for g in opt.param_groups:
                 g["lr"] = base_lr * _lr_factor(st.step, total_steps, cfg.warmup_frac, cfg.decay_frac, st.cooldown)
             dead = st.since_fired >= dead_tokens
