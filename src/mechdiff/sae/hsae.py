@@ -116,6 +116,15 @@ class HierarchicalSAE(nn.Module):
         self.input_scale.fill_(math.sqrt(self.d_in / msq))
         return float(self.input_scale)
 
+    def scale(self) -> torch.Tensor:
+        """The input scale as it multiplies a raw input row (one number: the H-SAE reads one model)."""
+        return self.input_scale
+
+    @torch.no_grad()
+    def set_scale(self, value: float) -> None:
+        """Store an input scale (a checkpoint's, on resume)."""
+        self.input_scale.fill_(float(value))
+
     def _check(self, x) -> torch.Tensor:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.asarray(x, dtype=np.float32))

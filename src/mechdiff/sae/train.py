@@ -311,7 +311,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
     """Train a TopK SAE / crosscoder on a stream of (B, d_in * n_blocks) batches; save it to `out_dir`.
 
     `model` trains another SAE kind in this same loop (e.g. a `HierarchicalSAE`, already initialised; its
-    width must equal cfg.width): it provides set_input_scale, b_pre, input_scale, training_loss,
+    width must equal cfg.width): it provides set_input_scale, scale, set_scale, b_pre, input_scale, training_loss,
     project_decoder_grad_, normalize_decoder_, release_workspace and save.
 
     `device` (e.g. 'cuda') moves the SAE there first; batches and training state always follow the SAE's device.
@@ -405,7 +405,7 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                             raise MechdiffError(f"SAEConfig.input_scale must be > 0, got {cfg.input_scale}")
                         sae.set_scale(float(cfg.input_scale))
                     else:
-                        sae.set_input_scale(x, per_block=cfg.block_scale)
+                        sae.set_input_scale(x, per_block=True) if cfg.block_scale else sae.set_input_scale(x)
                     sae.b_pre.copy_((x * sae.scale()).mean(0))
             x_n = x * sae.scale()
             for g in opt.param_groups:
