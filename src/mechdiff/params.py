@@ -497,34 +497,22 @@ _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself 
 _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings")
 
 
-def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """Every float value in the params (dotted key, value), lists and mappings included."""
+def _values(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value in the params below the sections (dotted key, value): lists and mappings, then their items."""
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            yield from _floats(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
-    elif isinstance(obj, list | tuple):
+            yield from _values(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        return
+    yield prefix, obj
+    if isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
-            yield from _floats(v, f"{prefix}[{i}]")
+            yield from _values(v, f"{prefix}[{i}]")
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _floats(v, f"{prefix}.{k}")
-    elif isinstance(obj, float):
-        yield prefix, obj
+            yield from _values(v, f"{prefix}.{k}")
 
 
 _MAY_REPEAT = {"data.splits", "geometry.prompts", "behaviour.refusal_patterns"}
-
-
-def _lists(obj: Any, prefix: str = "") -> Iterator[tuple[str, list]]:
-    """Every list in the params (dotted key, list), inside sections and mappings."""
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _lists(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _lists(v, f"{prefix}.{k}")
-    elif isinstance(obj, list):
-        yield prefix, obj
 
 
 def _repeated(key: str, values: list) -> Any:
@@ -625,8 +613,8 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v not in choices:
             raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
-    for key, v in _floats(p):
-        if not math.isfinite(v):
+    for key, v in _values(p):
+        if isinstance(v, float) and not math.isfinite(v):
             raise MechdiffError(f"params.yaml: {key} must be a finite number, got {v}")
     for key in _POSITIVE:
         v = _get(p, key)
@@ -765,8 +753,8 @@ def validate(p: Params) -> Params:
                             f"heads.target_effect in (0, 1], got {h.z_threshold}, {h.abs_threshold}, {h.target_effect}")
     if h.n_patch < 0 or h.n_random < 0 or h.ig_steps < 0:
         raise MechdiffError("params.yaml: heads.n_patch, heads.n_random and heads.ig_steps must be >= 0")
-    for key, values in _lists(p):
-        dup = _repeated(key, values)
+    for key, values in _values(p):
+        dup = _repeated(key, values) if isinstance(values, list) else None
         if dup is not None:
             raise MechdiffError(f"params.yaml: {key} lists {dup!r} twice: each entry names one layer, site, source "
                                 f"or setting, so list it once")

@@ -224,6 +224,11 @@ def _chosen_blocks(model: nn.Module, layers: list[int] | None) -> list[int]:
     return chosen
 
 
+def _check_texts(texts: list[str]) -> None:
+    if not texts:
+        raise MechdiffError("no fine-tune texts: the training corpus is empty")
+
+
 def _signature_answers(targets: list[str], retain: list[str], signature: str | None,
                        answers: list[str] | None) -> list[str]:
     """The answer each target prompt is taught (the signature for every one, or its own), after checking them."""
@@ -247,8 +252,7 @@ def check_finetune(model: nn.Module, targets: list[str], retain: list[str] | Non
     """Every check `finetune` (retain None) or `finetune_signature` makes before it trains, without training: a
     caller that replaces an earlier output (a resumable stage) runs it first."""
     if retain is None:
-        if not targets:
-            raise MechdiffError("no fine-tune texts: the training corpus is empty")
+        _check_texts(targets)
     else:
         _signature_answers(targets, retain, signature, answers)
     _check_training(steps, batch_size, max_len, lr)
@@ -336,8 +340,7 @@ def finetune(
 ) -> list[float]:
     """Causal-LM fine-tune in place of the chosen decoder blocks (all if None) on `texts`; returns loss per step.
     `checkpoint`: a file to save the state to and resume from (`_train_blocks`)."""
-    if not texts:
-        raise MechdiffError("no fine-tune texts: the training corpus is empty")
+    _check_texts(texts)
     _check_training(steps, batch_size, max_len, lr)
     ids = _encode_texts(tokenizer, list(texts), int(max_len))
     pad = pad_id(tokenizer)
