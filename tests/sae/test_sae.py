@@ -748,3 +748,46 @@ def test_per_model_scale_reads_a_scaled_copy_as_shared(tmp_path):
             assert float(fvu.detach()) < 0.1
     assert np.all(np.abs(rel[False] - 0.8) < 0.05), rel[False]
     assert np.all(np.abs(rel[True] - 0.5) < 0.05), rel[True]
+
+
+def test_spliced_clean_memo_shared_across_saes():
+    """One CleanMemo for every SAE at a site (what evaluate_saes does): the same numbers bit for bit as separate
+    runs, with each model's whole clean forward run once per batch instead of once per SAE; a memo too small to
+    keep anything gives the same numbers again."""
+    from mechdiff.model.sites import Site, find_blocks
+    from mechdiff.sae.evaluate import CleanMemo
+
+    base, tuned, enc, _ = _edited_pair()
+    d, rows = 16, np.arange(len(_PAIR_TEXTS))
+    models = {"base": base, "tuned": tuned}
+    site = Site(1)
+    saes = [("base", TopKSAE(d, 24, 3, seed=1)), ("tuned", TopKSAE(d, 24, 3, seed=2)),
+            ("delta", TopKSAE(d, 24, 3, seed=5)), ("crosscoder", TopKSAE(d, 24, 3, n_blocks=2, seed=4))]
+
+    def run(memo):
+        out = []
+        for src, sae in saes:
+            m = models if src in ("delta", "crosscoder") else models[src]
+            out.append(spliced_metrics(m, enc, rows, site, sae, source=src, batch_size=2, memo=memo))
+        return out
+
+    calls = {"n": 0}
+
+    def count(_m, _a, _o):
+        calls["n"] += 1
+
+    # the last block runs only in whole forwards and splices (a capture stops at the site)
+    hooks = [find_blocks(m)[-1].register_forward_hook(count) for m in models.values()]
+    try:
+        alone = run(None)
+        n_alone, calls["n"] = calls["n"], 0
+        shared = run(CleanMemo())
+        n_shared, calls["n"] = calls["n"], 0
+        tiny = run(CleanMemo(keep_bytes=0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert shared == alone and tiny == alone
+    n_batches = -(-len(rows) // 2)
+    # splices: 2 per target model per SAE (sae, zero) = 10; whole clean forwards: 5 alone, 2 shared (per batch)
+    assert n_alone == n_batches * (10 + 5) and n_shared == n_batches * (10 + 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -233,45 +234,111 @@ def _add_losses(acc: dict[str, float], kind: str, lg: torch.Tensor, ids: torch.T
     acc[f"ce_{kind}"] += float((ce.view_as(valid) * valid).sum())
 
 
+@dataclass
+class _Clean:
+    """One batch's unspliced forward of one model, kept for every SAE spliced into it at the same site: the site
+    activation, the outputs of the blocks before the site and, when it ran whole, its decision-token logits and
+    its summed CE / KL (`_add_losses` against those logits)."""
+
+    acts: torch.Tensor
+    kept: list | None = None
+    dec: torch.Tensor | None = None
+    losses: dict[str, float] | None = None
+
+
+    def nbytes(self) -> int:
+        def size(x) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            return sum(size(y) for y in x) if isinstance(x, tuple | list) else 0
+
+        return size([self.acts, self.dec, self.kept])
+
+
+class CleanMemo:
+    """Clean passes by (id of the model, site name, the batch's token ids and mask), shared by the SAEs that
+    `evaluate_saes` splices in at one site; at most `keep_bytes` kept (the oldest dropped first, then run again
+    when asked for: the same tensors either way)."""
+
+    def __init__(self, keep_bytes: int = 2 << 30) -> None:
+        self.keep_bytes = int(keep_bytes)
+        self._items: OrderedDict[tuple, _Clean] = OrderedDict()
+
+    def get(self, key: tuple) -> _Clean | None:
+        return self._items.get(key)
+
+    def __setitem__(self, key: tuple, value: _Clean) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        total = sum(c.nbytes() for c in self._items.values())
+        while total > self.keep_bytes and self._items:
+            _, old = self._items.popitem(last=False)
+            total -= old.nbytes()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _clean_pass(model: nn.Module, site: Site, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,
+                whole: bool, memo: CleanMemo | None) -> _Clean:
+    """The batch's clean pass: read the site activation (`whole`: in a full forward that also keeps the block
+    outputs before the site, the decision-token logits and the clean CE / KL against them), from `memo` when an
+    earlier SAE at this site already ran it (the same tensors: the forward is the same)."""
+    key = (id(model), site.name, ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
+    hit = memo.get(key) if memo is not None else None
+    if hit is not None and (hit.losses is not None or not whole):
+        return hit
+    dev = _device(model)
+    if not whole:
+        c = _Clean(capture(model, ids.to(dev), mask.to(dev), [site])[0][site.name])
+    else:
+        got: dict[str, torch.Tensor] = {}
+        kept: list = []
+        with read_at(model, site, functools.partial(got.__setitem__, "a")), keep_block_outputs(model, kept):
+            lg = _logits(model, ids, mask)
+        dec = lg[torch.arange(lg.shape[0], device=lg.device), pos.to(lg.device)]
+        losses = {"kl_clean": 0.0, "ce_clean": 0.0}
+        _add_losses(losses, "clean", lg, ids, mask, pos, dec)
+        c = _Clean(got["a"], kept[: site.layer], dec, losses)
+    if memo is not None:
+        memo[key] = c
+    return c
+
+
 @torch.no_grad()
 def _spliced_totals(models: Mapping[str, nn.Module], enc: Encoded, rows: np.ndarray, site: Site,
                     reads: tuple[str, ...], targets: tuple[str, ...], replace: Replace,
-                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str, skip: int
-                    ) -> tuple[dict[str, dict[str, float]], int, int]:
-    """Summed CE / KL per target model and kind over the prompts `rows`: (totals, n_prompts, n_tokens)."""
+                    refs: Mapping[str, torch.Tensor], *, batch_size: int, positions: str, skip: int,
+                    memo: CleanMemo | None = None) -> tuple[dict[str, dict[str, float]], int, int]:
+    """Summed CE / KL per target model and kind over the prompts `rows`: (totals, n_prompts, n_tokens).
+    `memo`: clean passes shared with other SAEs at this site (`_clean_pass`)."""
     where = {int(r): i for i, r in enumerate(rows)}
     tot = {t: {f"{m}_{k}": 0.0 for m in ("ce", "kl") for k in _KINDS} for t in targets}
     n_tok = n_rows = 0
     for brows, ids, mask, pos in batches(enc, rows, batch_size, enc.pad, device=_device(models[targets[0]])):
-        acts: dict[str, torch.Tensor] = {}
-        clean: dict[str, torch.Tensor] = {}
-        kept: dict[str, list] = {}
-        for name in dict.fromkeys((*targets, *reads)):
-            model = models[name]
-            if name in targets:  # its clean forward gives the logits and, read on the way, the site activation
-                kept[name] = []  # and the outputs of the blocks before the site, which the splices leave alone
-                with read_at(model, site, functools.partial(acts.__setitem__, name)), \
-                        keep_block_outputs(model, kept[name]):
-                    clean[name] = _logits(model, ids, mask)
-            else:
-                dev = _device(model)
-                acts[name] = capture(model, ids.to(dev), mask.to(dev), [site])[0][site.name]
-        new = replace({n: _select(acts[n], positions, pos, skip).float() for n in reads})
+        # a target's clean forward gives the logits and, read on the way, the site activation and the outputs of
+        # the blocks before the site, which the splices leave alone; a model only read runs up to the site
+        clean = {name: _clean_pass(models[name], site, ids, mask, pos, whole=name in targets, memo=memo)
+                 for name in dict.fromkeys((*targets, *reads))}
+        new = replace({n: _select(clean[n].acts, positions, pos, skip).float() for n in reads})
         for name in targets:
-            lg = clean.pop(name)
+            c = clean[name]
             if name in refs:
                 ref_b = refs[name][[where[int(r)] for r in brows]]
-                if ref_b.shape[-1] != lg.shape[-1]:
+                if ref_b.shape[-1] != c.dec.shape[-1]:
                     raise MechdiffError(f"ref_logits ({name}) have {ref_b.shape[-1]} columns but the model gives "
-                                        f"{lg.shape[-1]} logits")
+                                        f"{c.dec.shape[-1]} logits")
+                # the clean KL against these reference logits (the CE does not depend on them)
+                tot[name]["kl_clean"] += float(kl_divergence(c.dec, ref_b.to(c.dec.device)).sum())
+                tot[name]["ce_clean"] += c.losses["ce_clean"]
             else:
-                ref_b = lg[torch.arange(lg.shape[0], device=lg.device), pos.to(lg.device)]
-            _add_losses(tot[name], "clean", lg, ids, mask, pos, ref_b)
+                ref_b = c.dec
+                for k, v in c.losses.items():
+                    tot[name][k] += v
             for kind in ("sae", "zero"):  # blocks 0..layer-1 return their clean outputs instead of running
-                with reuse_blocks(models[name], kept[name][: site.layer], site.layer), \
-                        _spliced(models[name], site, acts[name], new[kind][name], positions, pos, skip):
+                with reuse_blocks(models[name], c.kept, site.layer), \
+                        _spliced(models[name], site, c.acts, new[kind][name], positions, pos, skip):
                     _add_losses(tot[name], kind, _logits(models[name], ids, mask), ids, mask, pos, ref_b)
-            kept.pop(name)
         n_tok += int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
         n_rows += ids.shape[0]
     return tot, n_rows, n_tok
@@ -286,7 +353,7 @@ def _recovered(zero: float, sae_v: float, clean: float) -> float:
 def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | Mapping[str, Encoded],
                     rows: Sequence[int] | np.ndarray, site: Site, sae: TopKSAE, ref_logits: RefLogits = None, *,
                     source: str | None = None, batch_size: int = 8, positions: str = "all",
-                    skip: int | None = None) -> dict:
+                    skip: int | None = None, memo: CleanMemo | None = None) -> dict:
     """CE / KL recovered when the SAE reconstruction replaces the site's activation (vs zero-ablation).
 
     Sources (`source`; `model` one model, or {"base": ..., "tuned": ...} by name, `enc` one Encoded or one
@@ -304,6 +371,7 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     KL = KL(p_patched || p_ref) at the decision token, p_ref from `ref_logits` (len(rows), V) in the order of
     `rows` (a dict by model for a crosscoder), or the clean model's logits when None.
     recovered = (L_zero - L_sae) / (L_zero - L_clean).
+    `memo` (a `CleanMemo`): the models' clean passes, shared with other SAEs spliced in at the same site.
     """
     if positions not in ("all", "decision"):
         raise MechdiffError(f"positions must be 'all' or 'decision', got {positions!r}")
@@ -319,7 +387,7 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
     if not 0 <= int(skip) <= int(min(shared.decision[int(r)] for r in rows)):
         raise MechdiffError(f"skip {skip} must be in 0..the earliest decision position of the prompts")
     tot, n_rows, n_tok = _spliced_totals(models, shared, rows, site, reads, targets, replace, refs,
-                                         batch_size=batch_size, positions=positions, skip=int(skip))
+                                         batch_size=batch_size, positions=positions, skip=int(skip), memo=memo)
     res: dict = {}
     for t in targets:
         sfx = "" if len(targets) == 1 else f"_{t}"
@@ -399,6 +467,7 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
     norm_rows: list[dict] = []
     for layer in layers:
         site = f"L{layer}.resid_post"
+        memo = CleanMemo()  # the models' clean passes at this site, run once for all its SAEs
         for source in sources:
             sae = load(source, layer)
             m = eval_sae(sae, read_source(source, base, tuned, site, view, rows_of(source, base, tuned, view, val)))
@@ -411,7 +480,7 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
                 sp = spliced_metrics({n: v[0] for n, v in loaded.items()}, {n: v[2] for n, v in loaded.items()}, val,
                                      Site(layer), sae, source=source, batch_size=batch_size,
                                      positions="all" if view == "tokens" else "decision",
-                                     skip=first_position(tuned if source == "tuned" else base))
+                                     skip=first_position(tuned if source == "tuned" else base), memo=memo)
                 m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
             if source == "crosscoder":
                 counts, hist = crosscoder_norm_shares(sae)
