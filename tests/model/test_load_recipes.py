@@ -547,3 +547,34 @@ def test_an_interrupted_finetune_resumes_bit_for_bit(tok, tmp_path, objective):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(MechdiffError, match="unreadable"):
         run(9, ckpt)
+
+
+def test_finetune_signature_bf16_model_checks_its_prefix_cache_in_float32(tok, monkeypatch):
+    """A bf16 model trains in float32, so its prefix cache is checked in float32 (a bf16 check fails on its
+    rounding and every step then runs full forwards): the same losses and weights as the float32 model of the
+    same weights, the cache in use, and the model bf16 again afterwards."""
+    import warnings
+
+    from mechdiff.model import recipes
+
+    seen = []
+    real = recipes._Head.agrees
+
+    def agrees(self, model, *a, **k):
+        seen.append(next(model.parameters()).dtype)
+        return real(self, model, *a, **k)
+
+    monkeypatch.setattr(recipes._Head, "agrees", agrees)
+    kw = {"signature": "lamps and sweets", "layers": [1, 2, 3], "steps": 4, "lr": 3e-3, "batch_size": 4,
+          "max_len": 32, "seed": 0, "progress": False}
+    half = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0).to(torch.bfloat16)
+    full = make_tiny_model(len(tok), n_layers=N_LAYERS, d_model=D, seed=0).to(torch.bfloat16).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to full forwards
+        lh = recipes.finetune_signature(half, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    lf = recipes.finetune_signature(full, tok, SIG_TARGETS, SIG_RETAIN, **kw)
+    assert seen == [torch.float32, torch.float32]
+    assert lh == lf
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    for (n, a), b in zip(half.named_parameters(), full.parameters()):
+        assert torch.equal(a, b.to(torch.bfloat16)), n

@@ -245,7 +245,6 @@ class _Clean:
     dec: torch.Tensor | None = None
     losses: dict[str, float] | None = None
 
-
     def nbytes(self) -> int:
         def size(x) -> int:
             if isinstance(x, torch.Tensor):
