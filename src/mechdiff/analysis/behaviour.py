@@ -26,6 +26,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, prefilled_cache
+from mechdiff.model.memo import keep
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
@@ -197,7 +198,7 @@ class PrefixCache:
         hit = self._padded.get(key)
         if hit is None:
             hit = self._pad(prefixes)
-            _keep(self._padded, key, hit, self.keep_bytes)
+            keep(self._padded, key, hit, self.keep_bytes)
         else:
             self._padded.move_to_end(key)
         Ks, Vs, mask, lens = hit
@@ -258,29 +259,7 @@ class PrefixCache:
         finally:
             handle.remove()
         if store:
-            _keep(self._lower, key, store[-1], self.keep_bytes)
-
-
-def _nbytes(x: Any) -> int:
-    """Bytes of the tensors in `x` (a tensor, or a tuple / list of them and other things)."""
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (tuple, list)):
-        return sum(_nbytes(y) for y in x)
-    return 0
-
-
-def _keep(memo: OrderedDict, key: tuple, value: Any, budget: int) -> None:
-    """Keep `value` under `key` in the least-recently-used `memo`, dropping the oldest entries beyond `budget`
-    bytes (an entry larger than the budget is not kept)."""
-    if _nbytes(value) > budget:
-        return
-    memo[key] = value
-    memo.move_to_end(key)
-    total = sum(_nbytes(v) for v in memo.values())
-    while total > budget and len(memo) > 1:
-        _, old = memo.popitem(last=False)
-        total -= _nbytes(old)
+            keep(self._lower, key, store[-1], self.keep_bytes)
 
 
 def first_block(intervene: Intervene | None) -> int:

@@ -259,6 +259,19 @@ def check_finetune(model: nn.Module, targets: list[str], retain: list[str] | Non
     _chosen_blocks(model, layers)
 
 
+@contextlib.contextmanager
+def _in_float32(model: nn.Module) -> Iterator[None]:
+    """Within the block the model is float32; afterwards it has its own dtype again (a no-op for float32)."""
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        model.float()
+    try:
+        yield
+    finally:
+        if dtype != torch.float32:
+            model.to(dtype)
+
+
 def _train_blocks(
     model: nn.Module, layers: list[int] | None, *, steps: int, lr: float, seed: int,
     step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]], desc: str, progress: bool,
@@ -281,56 +294,52 @@ def _train_blocks(
 
     blocks = find_blocks(model)
     chosen = _chosen_blocks(model, layers)
-    orig_dtype = next(model.parameters()).dtype
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(int(seed))
-    if orig_dtype != torch.float32:
-        model.float()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for i in sorted(set(chosen)):
-        for p in blocks[i].parameters():
-            p.requires_grad_(True)
-            params.append(p)
-    opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
-    draws = list(draws or [])
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    losses: list[float] = []
-    model.train()
-    try:
-        with onednn_linears(model):
-            if ckpt is not None and ckpt.is_file():  # inside the kernels' block: they are chosen as on a fresh run
-                losses = _load_state(ckpt, params, opt, draws, int(steps))
-                if progress:
-                    print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
-            saved_at, wait = time.monotonic(), float(checkpoint_every)
-            bar = tqdm(range(len(losses), int(steps)), desc=desc, disable=not progress, leave=False,
-                       initial=len(losses), total=int(steps))
-            for _ in bar:
-                if ckpt is not None and time.monotonic() - saved_at >= wait:
-                    t_save = time.monotonic()
-                    _save_state(ckpt, params, opt, losses, draws)
-                    saved_at = time.monotonic()
-                    if checkpoint_every > 0:
-                        wait = max(float(checkpoint_every), (saved_at - t_save) / SAVE_SHARE)
-                loss, shown = step_loss()
-                if not torch.isfinite(loss):
-                    raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                losses.append(float(loss.item()))
-                if progress:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
-    finally:
-        model.eval()
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        if orig_dtype != torch.float32:
-            model.to(orig_dtype)
-    return losses
+    with _in_float32(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for i in sorted(set(chosen)):
+            for p in blocks[i].parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
+        draws = list(draws or [])
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        losses: list[float] = []
+        model.train()
+        try:
+            with onednn_linears(model):
+                if ckpt is not None and ckpt.is_file():  # inside the kernels' block: they are chosen as on a fresh run
+                    losses = _load_state(ckpt, params, opt, draws, int(steps))
+                    if progress:
+                        print(f"{desc}: resuming at step {len(losses)} of {int(steps)}", flush=True)
+                saved_at, wait = time.monotonic(), float(checkpoint_every)
+                bar = tqdm(range(len(losses), int(steps)), desc=desc, disable=not progress, leave=False,
+                           initial=len(losses), total=int(steps))
+                for _ in bar:
+                    if ckpt is not None and time.monotonic() - saved_at >= wait:
+                        t_save = time.monotonic()
+                        _save_state(ckpt, params, opt, losses, draws)
+                        saved_at = time.monotonic()
+                        if checkpoint_every > 0:
+                            wait = max(float(checkpoint_every), (saved_at - t_save) / SAVE_SHARE)
+                    loss, shown = step_loss()
+                    if not torch.isfinite(loss):
+                        raise MechdiffError(f"finetune loss became {loss.item()} at step {len(losses)}: lower pair.finetune.lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    losses.append(float(loss.item()))
+                    if progress:
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
+        finally:
+            model.eval()
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+        return losses
 
 
 def finetune(
@@ -362,19 +371,6 @@ def finetune(
 
 
 # --------------------------------------------------------------------------------------------- signature objective
-
-
-@contextlib.contextmanager
-def _in_float32(model: nn.Module) -> Iterator[None]:
-    """Within the block the model is float32; afterwards it has its own dtype again (a no-op for float32)."""
-    dtype = next(model.parameters()).dtype
-    if dtype != torch.float32:
-        model.float()
-    try:
-        yield
-    finally:
-        if dtype != torch.float32:
-            model.to(dtype)
 
 
 def _kl_pos(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
+from mechdiff.model.memo import keep
 from mechdiff.model.sites import (
     Site,
     capture,
@@ -245,19 +246,11 @@ class _Clean:
     dec: torch.Tensor | None = None
     losses: dict[str, float] | None = None
 
-    def nbytes(self) -> int:
-        def size(x) -> int:
-            if isinstance(x, torch.Tensor):
-                return x.numel() * x.element_size()
-            return sum(size(y) for y in x) if isinstance(x, tuple | list) else 0
-
-        return size([self.acts, self.dec, self.kept])
-
 
 class CleanMemo:
     """Clean passes by (id of the model, site name, the batch's token ids and mask), shared by the SAEs that
-    `evaluate_saes` splices in at one site; at most `keep_bytes` kept (the oldest dropped first, then run again
-    when asked for: the same tensors either way)."""
+    `evaluate_saes` splices in at one site; at most `keep_bytes` kept (`memo.keep`: the oldest dropped first,
+    then run again when asked for: the same tensors either way)."""
 
     def __init__(self, keep_bytes: int = 2 << 30) -> None:
         self.keep_bytes = int(keep_bytes)
@@ -267,15 +260,7 @@ class CleanMemo:
         return self._items.get(key)
 
     def __setitem__(self, key: tuple, value: _Clean) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        total = sum(c.nbytes() for c in self._items.values())
-        while total > self.keep_bytes and self._items:
-            _, old = self._items.popitem(last=False)
-            total -= old.nbytes()
-
-    def __len__(self) -> int:
-        return len(self._items)
+        keep(self._items, key, value, self.keep_bytes)
 
 
 def _clean_pass(model: nn.Module, site: Site, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,

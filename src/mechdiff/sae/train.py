@@ -404,8 +404,10 @@ def train_sae(batches: Iterable[np.ndarray | torch.Tensor], cfg: SAEConfig, out_
                         if not cfg.input_scale > 0:
                             raise MechdiffError(f"SAEConfig.input_scale must be > 0, got {cfg.input_scale}")
                         sae.set_scale(float(cfg.input_scale))
+                    elif cfg.block_scale:  # one scale per block: a crosscoder (per_model)
+                        sae.set_input_scale(x, per_block=True)
                     else:
-                        sae.set_input_scale(x, per_block=True) if cfg.block_scale else sae.set_input_scale(x)
+                        sae.set_input_scale(x)
                     sae.b_pre.copy_((x * sae.scale()).mean(0))
             x_n = x * sae.scale()
             for g in opt.param_groups:
