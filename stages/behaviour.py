@@ -29,6 +29,7 @@ def main() -> None:
     mc, refs = eval_sets(load_prompts(P.EVAL_PROMPTS), split=b.split, n=b.max_prompts, seed=p.seed)
     patterns = {**{name: [rx] for name, rx in b.markers.items()}, "refusal": list(b.refusal_patterns)}
     allowed = dict(zip(("base", "tuned"), allowed_ids()))
+    units = P.stage_units("behaviour")  # an interrupted run resumes each model's finished datasets
     scores = {}
     for which in ("base", "tuned"):
         model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
@@ -37,11 +38,15 @@ def main() -> None:
         scores[which] = score_model(
             model, tok, enc, gen_rows, patterns, mc=mc, refs=refs,
             allowed=allowed["tuned"] if which == "tuned" else None, chat=p.data.chat, max_len=p.data.max_len + 64,
-            max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True, mc_score=b.mc_score)
+            max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True, mc_score=b.mc_score,
+            units=lambda key, compute, which=which: units(f"{which}/{key}", compute))
         del model
     rows, metrics = behaviour_table(scores["base"], scores["tuned"], n_boot=b.n_boot, seed=p.seed)
     write_csv(P.plot("behaviour.csv"), rows)
     write_json(P.metric("behaviour.json"), {**metrics, "seconds": time.time() - t0})
+    if units.loaded:
+        print(units.note("behaviour"))
+    units.done()
     for r in rows:
         print(f"behaviour: {r['label']:<40} base {r['base'] if r['base'] is None else round(r['base'], 3)} "
               f"tuned {r['tuned'] if r['tuned'] is None else round(r['tuned'], 3)}")

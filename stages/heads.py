@@ -59,9 +59,10 @@ def main() -> None:
     seqs, n_prompt, _, n_cont = scored_sequences(tok, [chosen[i].text for i in keep], [conts[i] for i in keep],
                                                  chat=p.data.chat, max_len=p.data.max_len + 64)
     batches = make_batches(seqs, n_prompt, n_cont, pad=pad_id(tok), batch_size=h.batch_size, device=h.device)
+    units = P.stage_units("heads")  # an interrupted run resumes the finished head patches
     res = diff_heads(base, tuned, batches, z_threshold=h.z_threshold, abs_threshold=h.abs_threshold, top_k=h.top_k,
                      n_patch=h.n_patch, n_random=h.n_random, target_effect=h.target_effect, ig_steps=h.ig_steps, rank_by=h.rank_by,
-                     seed=p.seed, progress=True)
+                     seed=p.seed, progress=True, units=units)
     rows_all = head_rows(res)
     write_csv(P.plot("heads_attribution.csv"), rows_all)
     for name, col in (("heads_dz.csv", "dz"), ("heads_base.csv", "z_base"), ("heads_tuned.csv", "z_tuned")):
@@ -72,6 +73,9 @@ def main() -> None:
     examples = sorted({conts[i] for i in keep}, key=lambda c: (-sum(x == c for x in conts), c))[:3]  # ties: by text
     write_json(P.metric("heads.json"), {**m, "dataset": h.dataset, "target": h.target, "continuations": examples,
                                         "seconds": time.time() - t0})
+    if units.loaded:
+        print(units.note("heads"))
+    units.done()
     print(f"heads: churn {m['churn']:.3f} (|dz| > {h.z_threshold}), top-{h.top_k} Jaccard {m['jaccard_top_k']:.2f}, "
           f"{m['heads_for_target']} heads close {h.target_effect:.0%} of the gap ({m['gap']:.3f} nats), "
           f"Spearman patch {m['spearman_patch']}, in {time.time() - t0:.0f}s")

@@ -28,15 +28,19 @@ def main() -> None:
 
     v = s.validate
     criteria = Criteria(**vars(v))
+    units = P.stage_units("sae_eval")  # an interrupted run resumes the SAEs already evaluated
     metrics, norm_rows = evaluate_saes(s.layers, s.sources, lambda src, layer: load_sae(P.sae_dir(src, layer)),
                                        base, tuned, val, models, view=s.view, batch_size=p.extract.batch_size,
-                                       criteria=criteria)
+                                       criteria=criteria, units=units)
     if not norm_rows:  # no crosscoder configured: keep the declared figure, saying so
         norm_rows = [{"layer": -1, "rel_norm_tuned": 0.5, "n_latents": 0}]
     write_csv(P.plot("crosscoder_norms.csv"), norm_rows)
     plot_series(P.plot("crosscoder_norms.csv"), P.plot("crosscoder.png"), x="rel_norm_tuned", y="n_latents",
                 group="layer", title="crosscoder latents by tuned decoder-norm share (0 = base-only, 1 = tuned-only)")
     write_json(P.metric("sae.json"), metrics)
+    if units.loaded:
+        print(units.note("sae_eval"))
+    units.done()
     failed = [f"{name} ({m['failed']})" for name, m in metrics.items() if not m["passed"]]
     print(f"sae_eval: {len(metrics) - len(failed)}/{len(metrics)} SAEs pass (FVU <= {v.max_fvu}, width/L0 >= "
           f"{v.min_sparsity}, dead <= {v.max_dead_pct}%, KL recovered >= {v.min_kl_recovered})"

@@ -87,6 +87,7 @@ def main() -> None:
 
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
                                         "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
+    units = P.stage_units("steer")  # an interrupted run resumes the finished sweep cells and summaries
     grid, best_rows = [], []
     for name, group in groups.items():
         def handles_for(k: int, group=group) -> dict:
@@ -94,15 +95,20 @@ def main() -> None:
                                  groups=target_groups, extra=extra, affine=s.affine, ablation=s.ablation)
 
         rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
-                       progress=True)
-        summary, best = summarise(rows_g, arms, handles_for, target=s.target_effect, k=s.k, n_boot=s.n_boot,
-                                  seed=p.seed, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget)
-        gate_site = Site(group[0].layer, "resid_pre")
-        summary["conditional"] = conditional(
-            arms["steer"], handles_for(summary["steer"]["k"])["steer"], summary["steer"]["alpha"], gate_site,
-            acts["base"][gate_site.name][:n_t], acts["base"][gate_site.name][n_t:], seed=p.seed)
-        summary["robustness"] = robustness(arms, handles_for, summary,
-                                           forms=[prompt_form(prompts[i].text) for i in rows["test"]])
+                       progress=True, units=lambda key, compute, name=name: units(f"{name}/{key}", compute))
+
+        def summary_of(group=group, handles_for=handles_for, rows_g=rows_g) -> tuple[dict, list]:
+            summary, best = summarise(rows_g, arms, handles_for, target=s.target_effect, k=s.k, n_boot=s.n_boot,
+                                      seed=p.seed, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget)
+            gate_site = Site(group[0].layer, "resid_pre")
+            summary["conditional"] = conditional(
+                arms["steer"], handles_for(summary["steer"]["k"])["steer"], summary["steer"]["alpha"], gate_site,
+                acts["base"][gate_site.name][:n_t], acts["base"][gate_site.name][n_t:], seed=p.seed)
+            summary["robustness"] = robustness(arms, handles_for, summary,
+                                               forms=[prompt_form(prompts[i].text) for i in rows["test"]])
+            return summary, best
+
+        summary, best = units(f"{name}/summary", summary_of)
         metrics[name] = summary
         grid += [{"config": name, **r} for r in rows_g]
         best_rows += [{"config": name, **r} for r in best]
@@ -112,6 +118,9 @@ def main() -> None:
     write_csv(P.plot("steer_grid.csv"), grid)
     metrics["seconds"] = time.time() - t0
     write_json(P.metric("steer.json"), metrics)
+    if units.loaded:
+        print(units.note("steer"))
+    units.done()
     for name in groups:
         for op in ("steer", "ablate"):
             m = metrics[name][op]

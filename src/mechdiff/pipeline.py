@@ -20,6 +20,8 @@ REPORT = Path("report")
 PROMPTS = ARTIFACTS / "prompts" / "prompts.jsonl"
 FAIRNESS = ARTIFACTS / "prompts" / "fairness.npz"
 EVAL_PROMPTS = ARTIFACTS / "prompts" / "eval.jsonl"  # scored sets (multiple choice, reference answers), split
+PARTIAL = ARTIFACTS / "partial"  # finished units of interrupted stages (resume.Units), removed when a stage ends
+BIG_FILE = 1 << 24  # stage_fingerprint: files above this size enter by size and modification time, not contents
 
 
 def model_dir(which: str) -> Path:
@@ -155,3 +157,52 @@ def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.
     if not found:
         lines.append(f"Run it from the project root through DVC (dvc repro), which runs `python stages/{script.name}`.")
     return "\n".join(lines)
+
+
+def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
+                      ) -> str | None:
+    """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of
+    files up to `BIG_FILE`, the modification time of larger ones) and the values of its params. None when the stage
+    is not in `dvc_yaml`. Work kept under it is reused only when DVC would see the same stage."""
+    import hashlib
+
+    import yaml
+
+    from mechdiff import trace
+
+    try:
+        with trace.quiet():  # the stage's definition and its declared params' values, not inputs of its results
+            st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage)
+            values = yaml.safe_load(Path(params_yaml).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(st, dict):
+        return None
+    h = hashlib.sha256(str(st.get("cmd", "")).encode())
+    for dep in st.get("deps") or []:
+        path = Path(str(dep))
+        h.update(b"\0dep " + str(path).encode())
+        if not path.exists():
+            h.update(b" missing")
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"\0{f.relative_to(path) if f != path else f.name} {size}".encode())
+            h.update(f.read_bytes() if size <= BIG_FILE else str(f.stat().st_mtime_ns).encode())
+    for entry in st.get("params") or []:
+        keys = [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]
+        for key in keys:
+            v = values
+            for part in str(key).split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            h.update(f"\0param {key}=".encode() + repr(v).encode())
+    return h.hexdigest()[:16]
+
+
+def stage_units(stage: str, *, enabled: bool = True):
+    """The kept units of `stage`'s work (`resume.Units` in PARTIAL/<stage>, under `stage_fingerprint`): an
+    interrupted run of the same stage resumes them; a stage dvc.yaml does not declare keeps nothing."""
+    from mechdiff.resume import Units
+
+    fp = stage_fingerprint(stage)
+    return Units(PARTIAL / stage if fp is not None else None, fp or "", enabled=enabled)

@@ -101,3 +101,63 @@ def mark_complete(path: str | Path) -> None:
     info = read_mark(path)
     info["complete"] = True
     mark.write_text(json.dumps(info))
+
+
+class Units:
+    """The finished units of one stage's work, kept on disk so that an interrupted stage redoes only the rest.
+
+    `units(key, compute)` returns the unit's result: loaded when an earlier run of the same work (same
+    fingerprint) finished it, else computed and at once written to its own file (a temporary file, then an atomic
+    rename, so a kill leaves either the whole unit or none). A unit must be a pure function of what the
+    fingerprint covers (the stage's inputs, params and code), so a resumed run gives the uninterrupted run's
+    outputs bit for bit; results are pickled as they are (numpy arrays, floats, dicts). `path` None (or
+    `enabled` False) keeps nothing: every unit is computed. `done()` removes the folder once the stage's outputs
+    are written; a run with another fingerprint replaces it (`prepare_output`).
+    """
+
+    def __init__(self, path: str | Path | None, fp: str, *, enabled: bool = True) -> None:
+        self.path = Path(path) if (path is not None and enabled) else None
+        self.loaded = self.computed = 0
+        if self.path is not None:
+            prepare_output(self.path, fp)
+
+    def _file(self, key: str) -> Path:
+        assert self.path is not None
+        return self.path / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pkl")
+
+    def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
+        import pickle
+
+        if self.path is None:
+            return compute()
+        f = self._file(key)
+        if f.is_file():
+            try:
+                with f.open("rb") as fh:
+                    got_key, value = pickle.load(fh)
+                if got_key == key:
+                    self.loaded += 1
+                    return value
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError):
+                pass  # unreadable: compute it again
+        value = compute()
+        tmp = f.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            pickle.dump((key, value), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(f)
+        self.computed += 1
+        return value
+
+    def note(self, what: str) -> str:
+        """A line for the stage's log: how many units were resumed and how many computed."""
+        return f"{what}: {self.loaded} units resumed from an interrupted run, {self.computed} computed"
+
+    def done(self) -> None:
+        """The stage finished: its kept units are no longer needed."""
+        if self.path is not None and self.path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def compute_all(key: str, compute: Callable[[], Any]) -> Any:
+    """The `units` of a caller that keeps nothing: compute every unit."""
+    return compute()

@@ -337,3 +337,79 @@ def test_files_digest_follows_names_and_contents(tmp_path):
     assert files_digest(d / "a.json") == hashlib.sha256(entry(b"a.json", b"{}")).hexdigest()[:16]
     (d / "b.bin").write_bytes(b"\x00\x01" * 999 + b"\x00\x02")
     assert files_digest(d) != ref
+
+
+def _declared_outputs(repo: Path, stage: str) -> list[Path]:
+    st = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    return [repo / (next(iter(o)) if isinstance(o, dict) else o) for kind in ("metrics", "plots")
+            for o in st.get(kind) or []]
+
+
+def _without_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    return [_without_seconds(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _outputs(repo: Path, stage: str) -> dict:
+    out = {}
+    for f in _declared_outputs(repo, stage):
+        out[f.name] = _without_seconds(json.loads(f.read_text())) if f.suffix == ".json" else f.read_text()
+    return out
+
+
+KILLER = """
+import os, signal
+from mechdiff import resume
+_after = int(os.environ["KILL_AFTER_UNITS"])
+_call = resume.Units.__call__
+def _killing_call(self, key, compute):
+    value = _call(self, key, compute)
+    if self.computed >= _after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+resume.Units.__call__ = _killing_call
+"""
+
+
+def _killed_after(repo: Path, stage: str, n: int, tmp: Path) -> None:
+    """Run `stage` and SIGKILL it right after its n-th computed unit is written (a sitecustomize on PYTHONPATH
+    wraps resume.Units, so the kill lands at the same point on any machine)."""
+    (tmp / "killer").mkdir(exist_ok=True)
+    (tmp / "killer" / "sitecustomize.py").write_text(KILLER)
+    path = os.pathsep.join(x for x in (str(tmp / "killer"), os.environ.get("PYTHONPATH")) if x)
+    r = _stage(repo, stage, env={"PYTHONPATH": path, "KILL_AFTER_UNITS": str(n)})
+    assert r.returncode == -signal.SIGKILL, f"{stage} was not killed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["steer", "behaviour", "heads", "sae_eval"])
+def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, stage):
+    """SIGKILL part-way through a stage that keeps its finished units (resume.Units); the rerun loads them, computes
+    the rest and writes exactly the outputs of an uninterrupted run, then removes the kept units."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns(".git"))
+    r = _stage(repo, stage)
+    assert r.returncode == 0 and "resumed" not in r.stdout, r.stderr
+    clean = _outputs(repo, stage)
+    partial = repo / "artifacts" / "partial" / stage
+    assert not partial.exists()  # an uninterrupted run leaves nothing behind
+    for f in _declared_outputs(repo, stage):  # as DVC does before it reruns the stage
+        f.unlink()
+    _killed_after(repo, stage, 3, tmp_path)
+    assert len(list(partial.glob("*.pkl"))) == 3
+    r = _stage(repo, stage)
+    assert r.returncode == 0, r.stderr
+    assert f"{stage}: 3 units resumed from an interrupted run" in r.stdout, r.stdout
+    assert not partial.exists()
+    assert _outputs(repo, stage) == clean
+    # a changed param the stage reads: the kept units of the old settings are not reused
+    _killed_after(repo, stage, 3, tmp_path)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["seed"] = int(p["seed"]) + 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    r = _stage(repo, stage)
+    assert r.returncode == 0 and "units resumed" not in r.stdout, r.stdout
+    assert not partial.exists()

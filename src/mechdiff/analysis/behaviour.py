@@ -29,6 +29,7 @@ from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, prefille
 from mechdiff.model.memo import keep
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
+from mechdiff.resume import compute_all
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
 from mechdiff.stats.checks import as_f64
 from mechdiff.stats.kl import allowed_index, log_softmax
@@ -695,6 +696,7 @@ def score_model(
     *, mc: dict[str, tuple[list[str], list[list[str]], list[int]]] | None = None,
     refs: dict[str, tuple[list[str], list[str]]] | None = None, allowed: Any | None = None, chat: bool = True,
     max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False, mc_score: str = "sum",
+    units: Callable[[str, Callable[[], Any]], Any] = compute_all,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Per-record behaviour of one model: {(dataset, metric): values}.
 
@@ -705,29 +707,40 @@ def score_model(
     - `accuracy` for each multiple-choice dataset of `mc` (questions, choices, answers), by option log-prob
       (`mc_score`: summed or mean over the option's tokens, `option_logprobs`);
     - `ref_logprob` and `ref_logprob_per_token` for each dataset of `refs` (prompts, reference answers).
+    `units` (`resume.Units`) keeps each dataset's scores as they finish, so an interrupted run resumes.
     """
     out: dict[tuple[str, str], np.ndarray] = {}
 
     def cache() -> PrefixCache:  # one per dataset (freed after it); single passes keep no padded batches
         return PrefixCache(model, keep_bytes=0)
 
-    for ds, rows in gen_rows.items():
+    def generated(ds: str, rows: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        got = {}
         logits = np.empty((len(rows), model.get_output_embeddings().weight.shape[0]), dtype=np.float32)
         texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, progress=progress, logits_out=logits, prefix=cache())
         for name, pats in patterns.items():
-            out[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
+            got[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
         if allowed is not None:
-            out[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
-    for ds, (questions, choices, answers) in (mc or {}).items():
+            got[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
+        return got
+
+    def multiple_choice(ds: str, questions: list[str], choices: list[list[str]], answers: list[int]):
         lp = option_logprobs(model, tokenizer, questions, choices, chat=chat, max_len=max_len,
                              batch_size=batch_size, progress=progress, prefix=cache(), score=mc_score)
-        out[(ds, "accuracy")] = mc_correct(lp, answers).astype(np.float64)
-    for ds, (prompts, answers) in (refs or {}).items():
+        return {(ds, "accuracy"): mc_correct(lp, answers).astype(np.float64)}
+
+    def referenced(ds: str, prompts: list[str], answers: list[str]):
         s, n = continuation_logprobs(model, tokenizer, prompts, answers, chat=chat, max_len=max_len,
                                      batch_size=batch_size, progress=progress, prefix=cache())
-        out[(ds, "ref_logprob")] = s
-        out[(ds, "ref_logprob_per_token")] = s / n
+        return {(ds, "ref_logprob"): s, (ds, "ref_logprob_per_token"): s / n}
+
+    for ds, rows in gen_rows.items():
+        out.update(units(f"generate/{ds}", lambda ds=ds, rows=rows: generated(ds, rows)))
+    for ds, (questions, choices, answers) in (mc or {}).items():
+        out.update(units(f"mc/{ds}", lambda ds=ds, q=questions, c=choices, a=answers: multiple_choice(ds, q, c, a)))
+    for ds, (prompts, answers) in (refs or {}).items():
+        out.update(units(f"ref/{ds}", lambda ds=ds, q=prompts, a=answers: referenced(ds, q, a)))
     return out
 
 

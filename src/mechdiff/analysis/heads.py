@@ -26,7 +26,7 @@ attention shares keys and values, not outputs, so every query head is one block)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from mechdiff.model.sites import (
     reuse_blocks,
 )
 from mechdiff.model.tokens import right_pad
+from mechdiff.resume import compute_all
 from mechdiff.stats.bootstrap import mean_ci
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
@@ -400,9 +401,11 @@ class Patcher:
 
 
 def cumulative(patcher: Patcher, order: Sequence[tuple[int, int]], target: float, *,
-               progress: bool = False) -> tuple[list[dict[str, float]], int | None]:
+               progress: bool = False, units: Callable[[str, Callable[[], Any]], Any] = compute_all
+               ) -> tuple[list[dict[str, float]], int | None]:
     """Patch the first 1, 2, 4, ... heads of `order` (and all of them) together; the fewest heads whose joint
-    patch closes `target` of the gap (bisection between the powers of two; None when all heads do not)."""
+    patch closes `target` of the gap (bisection between the powers of two; None when all heads do not).
+    `units` (`resume.Units`) keeps each joint patch as it finishes."""
     N = len(order)
     ns = sorted({min(2**i, N) for i in range(int(np.ceil(np.log2(max(N, 1)))) + 1)} | {N})
     done: dict[int, dict[str, float]] = {}
@@ -410,7 +413,7 @@ def cumulative(patcher: Patcher, order: Sequence[tuple[int, int]], target: float
 
     def at(n: int) -> dict[str, float]:
         if n not in done:
-            done[n] = patcher.patch(order[:n])
+            done[n] = units(f"cumulative/{n}", lambda: patcher.patch(order[:n]))
         return done[n]
 
     first = None
@@ -443,7 +446,8 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z_threshold: float = 2.0,
                abs_threshold: float = 0.1, top_k: int = 10, n_patch: int = 10, n_random: int = 10,
                target_effect: float = 0.5, ig_steps: int = 0, rank_by: str = "pred", seed: int = 0,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, units: Callable[[str, Callable[[], Any]], Any] = compute_all
+               ) -> dict[str, Any]:
     """Attribution in both models, churn and overlap, single-head patching and zero ablation of the top heads and
     of a seeded random sample of the others, and the cumulative patching curve.
 
@@ -456,7 +460,8 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     that did not change, because their gradient passes through parts that did).
 
     Returns {"base", "tuned", "delta", "z_base", "z_tuned", "pred", "direct" (L, H) arrays, "patched" (one dict
-    per patched head), "curve" (cumulative rows), "metrics"}.
+    per patched head), "curve" (cumulative rows), "metrics"}. `units` (`resume.Units`) keeps each head's patch and
+    each joint patch as they finish, so an interrupted run redoes only the attribution and the rest.
     """
     if rank_by not in RANK_BY:
         raise MechdiffError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
@@ -477,7 +482,7 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
     patched = []
     bar = _progress(len(chosen), progress, "heads: patching")
     for (layer, h), group in chosen:
-        p, zr = patcher.patch([(layer, h)]), patcher.zero([(layer, h)])
+        p, zr = units(f"patch/L{layer}H{h}", lambda lh=(layer, h): (patcher.patch([lh]), patcher.zero([lh])))
         patched.append({
             "layer": layer, "head": h, "group": group, "rank": order.index((layer, h)) + 1,
             "delta_attr": float(delta[layer, h]), "pred": float(bs.pred[layer, h]),
@@ -487,7 +492,7 @@ def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z
         })
         bar.update(1)
     bar.close()
-    curve, n_target = cumulative(patcher, order, target_effect, progress=progress)
+    curve, n_target = cumulative(patcher, order, target_effect, progress=progress, units=units)
     col = {k: [r[k] for r in patched] for k in patched[0]} if patched else {}
     # the gap every share divides by, with its paired bootstrap CI over prompts: a CI that reaches 0 makes the
     # shares (patch_share, zero_share, the curve, heads_for_target) ratios of noise

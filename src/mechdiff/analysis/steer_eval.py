@@ -46,6 +46,7 @@ from mechdiff.analysis.steering import (
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
 from mechdiff.model.tokens import Encoded
+from mechdiff.resume import compute_all
 from mechdiff.stats.bootstrap import drop_pct, rows_ci
 
 
@@ -216,21 +217,29 @@ def site_group(name: str, layers: Sequence[int]) -> list[Site]:
 
 
 def sweep(arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list[Handle]]], ks: Sequence[int],
-          alphas: Sequence[float], *, ppl_budget: float, mc_budget: float, progress: bool = False
-          ) -> list[dict[str, Any]]:
-    """Every (operation, k, alpha): dev and test effect, KL share and the side effects; one row each."""
+          alphas: Sequence[float], *, ppl_budget: float, mc_budget: float, progress: bool = False,
+          units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> list[dict[str, Any]]:
+    """Every (operation, k, alpha): dev and test effect, KL share and the side effects; one row each. `units`
+    (`resume.Units`) keeps each row as it finishes, so an interrupted sweep resumes; the handles of a k are fitted
+    only when one of its rows is still to compute."""
     from tqdm.auto import tqdm
 
     rows = []
     bar = tqdm(total=len(ks) * len(alphas) * len(arms), desc="steer sweep", leave=False, disable=not progress)
     for k in ks:
-        handles = handles_for(int(k))
+        fitted: dict[str, list[Handle]] = {}
+
+        def row(op: str, arm: Arm, a: float, k: int = int(k), fitted=fitted) -> dict[str, Any]:
+            if not fitted:
+                fitted.update(handles_for(k))
+            res = evaluate(arm, intervention(fitted[op], a))
+            return {"op": op, "k": k, "alpha": a, **{key: v for key, v in res.items() if not key.startswith("hits_")},
+                    "within_budget": within_budget(res, ppl_budget=ppl_budget, mc_budget=mc_budget)}
+
         for op, arm in arms.items():
             for a in alphas:
-                res = evaluate(arm, intervention(handles[op], float(a)))
-                rows.append({"op": op, "k": int(k), "alpha": float(a),
-                             **{key: v for key, v in res.items() if not key.startswith("hits_")},
-                             "within_budget": within_budget(res, ppl_budget=ppl_budget, mc_budget=mc_budget)})
+                rows.append(units(f"sweep/{op}/k{int(k)}/alpha{float(a)!r}",
+                                  lambda op=op, arm=arm, a=float(a), row=row: row(op, arm, a)))
                 bar.update(1)
     bar.close()
     return rows

@@ -8,6 +8,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from mechdiff.model.sites import (
     reuse_blocks,
 )
 from mechdiff.model.tokens import Encoded, batches
+from mechdiff.resume import compute_all
 from mechdiff.sae.model import TopKSAE
 from mechdiff.sae.sources import first_position, read_source, rows_of, tokens_paired
 from mechdiff.stats.kl import kl_divergence
@@ -437,13 +439,15 @@ def check_sae(m: Mapping[str, float], width: int, criteria: Criteria) -> dict:
 
 def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[[str, int], TopKSAE], base, tuned,
                   val: np.ndarray, models: ModelLoader, *, view: str, batch_size: int,
-                  criteria: Criteria | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                  criteria: Criteria | None = None, log: Callable[[str], None] = print,
+                  units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> tuple[dict, list[dict]]:
     """Every SAE at L<layer>.resid_post on the held-out prompts `val`: `eval_sae` on its source's activations,
     `spliced_metrics` into the model(s) it was trained on (delta and crosscoder only when `tokens_paired`),
     and for a crosscoder `crosscoder_norm_shares`; with `criteria`, `check_sae`'s pass / fail.
 
     Returns metrics {"<source>_L<layer>": {...}} and the crosscoders' norm-share histogram rows (with layer).
-    `load(source, layer)` gives an SAE; `models(name)` a model, its tokenizer and its prompt encoding.
+    `load(source, layer)` gives an SAE; `models(name)` a model, its tokenizer and its prompt encoding. `units`
+    (`resume.Units`) keeps each SAE's results as they finish, so an interrupted run resumes.
     """
     val = np.asarray(val, dtype=np.int64)
     paired = tokens_paired(base, tuned, val)
@@ -452,7 +456,9 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
     for layer in layers:
         site = f"L{layer}.resid_post"
         memo = CleanMemo()  # the models' clean passes at this site, run once for all its SAEs
-        for source in sources:
+
+        def one(source: str, layer: int = layer, site: str = site, memo: CleanMemo = memo
+                ) -> tuple[dict, list[dict]]:
             sae = load(source, layer)
             m = eval_sae(sae, read_source(source, base, tuned, site, view, rows_of(source, base, tuned, view, val)))
             names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
@@ -466,12 +472,18 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
                                      positions="all" if view == "tokens" else "decision",
                                      skip=first_position(tuned if source == "tuned" else base), memo=memo)
                 m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
+            rows: list[dict] = []
             if source == "crosscoder":
                 counts, hist = crosscoder_norm_shares(sae)
                 m.update(counts)
-                norm_rows += [{"layer": layer, **r} for r in hist]
+                rows = [{"layer": layer, **r} for r in hist]
             if criteria is not None:
                 m.update(check_sae(m, sae.width, criteria))
+            return m, rows
+
+        for source in sources:
+            m, rows = units(f"{source}_L{layer}", lambda source=source, one=one: one(source))
+            norm_rows += rows
             metrics[f"{source}_L{layer}"] = m
             rec = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("ce_recovered"))
             verdict = "" if criteria is None else ("  PASS" if m["passed"] else f"  FAIL ({m['failed']})")

@@ -1,0 +1,160 @@
+"""Resumable units of a stage's work (`resume.Units`) and the fingerprint they are kept under
+(`pipeline.stage_fingerprint`): an interrupted run resumes only the same stage's finished units."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mechdiff.pipeline import stage_fingerprint
+from mechdiff.resume import MARK, Units, compute_all
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _work(units, calls: list[str], stop_after: int | None = None) -> dict:
+    """Six units of deterministic work (arrays, floats, dicts); raises Interrupt after `stop_after` computed units."""
+    out = {}
+    for i in range(6):
+        def compute(i=i):
+            if stop_after is not None and len(calls) >= stop_after:
+                raise Interrupt
+            calls.append(f"u{i}")
+            rng = np.random.default_rng(i)
+            return {"x": rng.standard_normal(5).astype(np.float32), "s": float(rng.random()), "i": i}
+        out[f"u{i}"] = units(f"u{i}", compute)
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys()
+        assert np.array_equal(a[k]["x"], b[k]["x"]) and a[k]["x"].dtype == b[k]["x"].dtype
+        assert a[k]["s"] == b[k]["s"] and a[k]["i"] == b[k]["i"]
+
+
+def test_interrupted_units_resume_and_give_the_uninterrupted_result(tmp_path):
+    whole = _work(compute_all, [])
+    path = tmp_path / "partial" / "stage"
+    calls: list[str] = []
+    with pytest.raises(Interrupt):
+        _work(Units(path, "fp1"), calls, stop_after=4)
+    assert calls == ["u0", "u1", "u2", "u3"] and len(list(path.glob("*.pkl"))) == 4
+    # the rerun loads the four finished units and computes only the last two
+    calls = []
+    units = Units(path, "fp1")
+    _same(_work(units, calls), whole)
+    assert calls == ["u4", "u5"] and (units.loaded, units.computed) == (4, 2)
+    assert "4 units resumed" in units.note("stage")
+    units.done()
+    assert not path.exists()
+
+
+def test_other_fingerprint_or_damaged_unit_is_computed_again(tmp_path):
+    path = tmp_path / "partial"
+    with pytest.raises(Interrupt):
+        _work(Units(path, "fp1"), [], stop_after=3)
+    # other settings: nothing is reused and the old units are gone
+    calls: list[str] = []
+    units = Units(path, "fp2")
+    assert not list(path.glob("*.pkl"))
+    _work(units, calls)
+    assert len(calls) == 6 and units.loaded == 0
+    # a truncated unit file (a crash of the disk, not of the process: writes are atomic) and a stray temporary file
+    files = sorted(path.glob("*.pkl"))
+    files[0].write_bytes(files[0].read_bytes()[:10])
+    (path / "stray.tmp").write_bytes(b"half")
+    calls = []
+    units = Units(path, "fp2")
+    _same(_work(units, calls), _work(compute_all, []))
+    assert len(calls) == 1 and units.loaded == 5
+
+
+def test_finished_output_or_disabled_units_keep_nothing(tmp_path):
+    path = tmp_path / "partial"
+    path.mkdir()
+    (path / MARK).write_text('{"fingerprint": "fp1", "complete": true}')  # never resumed into
+    calls: list[str] = []
+    _work(Units(path, "fp1"), calls)
+    assert len(calls) == 6
+    calls = []
+    units = Units(tmp_path / "off", "fp1", enabled=False)
+    _work(units, calls)
+    assert len(calls) == 6 and not (tmp_path / "off").exists()
+    units.done()  # nothing to remove
+    calls = []
+    _work(Units(None, ""), calls)
+    assert len(calls) == 6
+
+
+def _stage_repo(tmp: Path) -> Path:
+    (tmp / "inputs").mkdir(parents=True)
+    (tmp / "inputs" / "a.txt").write_text("alpha")
+    (tmp / "inputs" / "sub").mkdir()
+    (tmp / "inputs" / "sub" / "b.bin").write_bytes(b"\0" * 100)
+    (tmp / "code.py").write_text("print(1)\n")
+    (tmp / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "s": {"cmd": "python code.py", "deps": ["code.py", "inputs", "absent.txt"], "params": ["x.y", "z"],
+              "outs": ["out"]},
+        "t": {"cmd": "python code.py", "deps": ["code.py"], "params": [{"params.yaml": ["z"]}]}}}))
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"x": {"y": 1, "other": 5}, "z": [1, 2], "unrelated": 0}))
+    return tmp
+
+
+def test_stage_fingerprint_follows_exactly_what_the_stage_declares(tmp_path, monkeypatch):
+    repo = _stage_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    fp = stage_fingerprint("s")
+    assert fp is not None and stage_fingerprint("s") == fp
+    assert stage_fingerprint("missing") is None
+    assert stage_fingerprint("t") not in (None, fp)
+
+    def changed(edit) -> bool:
+        before = stage_fingerprint("s")
+        edit()
+        return stage_fingerprint("s") != before
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+
+    def set_param(path: list[str], value) -> None:
+        d = params
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+
+    # params it reads change it; params it does not read do not
+    assert not changed(lambda: set_param(["unrelated"], 7))
+    assert not changed(lambda: set_param(["x", "other"], 6))
+    assert changed(lambda: set_param(["x", "y"], 2))
+    assert changed(lambda: set_param(["z"], [1, 3]))
+    # the contents of a dependency file, a file inside a dependency folder, a new file there, a missing dep appearing
+    assert changed(lambda: Path("code.py").write_text("print(2)\n"))
+    assert changed(lambda: Path("inputs/sub/b.bin").write_bytes(b"\1" + b"\0" * 99))
+    assert changed(lambda: Path("inputs/new.txt").write_text("n"))
+    assert changed(lambda: Path("absent.txt").write_text("here"))
+    # a file the stage does not declare does not
+    assert not changed(lambda: Path("notes.txt").write_text("x"))
+
+
+def test_stage_fingerprint_takes_large_files_by_size_and_time(tmp_path, monkeypatch):
+    import mechdiff.pipeline as P
+
+    repo = _stage_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(P, "BIG_FILE", 50)  # b.bin (100 bytes) is now "large"
+    before = stage_fingerprint("s")
+    f = Path("inputs/sub/b.bin")
+    st = f.stat()
+    f.write_bytes(b"\1" + b"\0" * 99)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and time: a large file's contents are not read
+    assert stage_fingerprint("s") == before
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert stage_fingerprint("s") != before
