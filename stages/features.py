@@ -18,9 +18,10 @@ def main() -> None:
                                max_themes=f.max_themes, embeddings=tuple(f.embeddings), theme_seeds=f.theme_seeds,
                                theme_boot=f.theme_boot, stable_ari=f.stable_ari, theme_points=f.theme_points,
                                graded_top=f.graded_top, seed=p.seed)
+    units = P.stage_units("features")  # an interrupted run resumes the finished means, embeddings and themes
     res = analyse_features(
         s.layers, lambda layer: {src: load_sae(P.sae_dir(src, layer)) for src in s.sources if src != "crosscoder"},
-        base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings)
+        base, tuned, P.kept_prompts(), lambda i: tok.decode([i]), view=s.view, settings=settings, units=units)
     write_csv(P.plot("enrichment.csv"), res.enrichment_rows)
     write_csv(P.plot("graded.csv"), res.graded_rows)
     write_csv(P.plot("feature_table.csv"), res.feature_rows)
@@ -29,6 +30,9 @@ def main() -> None:
     P.plot("themes.md").write_text(res.themes_markdown())
     write_json(P.metric("features.json"), res.metrics_json())
     write_json(P.metric("enrichment.json"), res.enrichment)
+    if units.loaded:
+        print(units.note("features"))
+    units.done()
     for trait, why in res.skipped_traits.items():
         print(f"features: warning: trait {trait!r} skipped in the graded ranking: {why}")
     print(f"features: {len(res.enrichment_rows)} themes, {len(res.graded_rows)} graded rankings")

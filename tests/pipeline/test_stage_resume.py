@@ -383,7 +383,7 @@ def _killed_after(repo: Path, stage: str, n: int, tmp: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["steer", "behaviour", "heads", "sae_eval"])
+@pytest.mark.parametrize("stage", ["steer", "behaviour", "heads", "sae_eval", "features"])
 def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, stage):
     """SIGKILL part-way through a stage that keeps its finished units (resume.Units); the rerun loads them, computes
     the rest and writes exactly the outputs of an uninterrupted run, then removes the kept units."""

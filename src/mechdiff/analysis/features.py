@@ -24,6 +24,7 @@ from mechdiff.analysis.themes import (
     stability_note,
 )
 from mechdiff.errors import MechdiffError
+from mechdiff.resume import compute_all
 from mechdiff.sae.sources import check_paired, encode_rows, prompt_feature_means, source_rows
 
 
@@ -722,7 +723,8 @@ def decoder_themes_markdown(summary: dict, *, title: str | None = None) -> str:
 
 def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], base: Any, tuned: Any,
                      prompts: Sequence[Any], decode: Callable[[int], str], *, view: str,
-                     settings: FeatureSettings = FeatureSettings()) -> FeatureResults:
+                     settings: FeatureSettings = FeatureSettings(),
+                     units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> FeatureResults:
     """The feature analysis of every layer's SAEs (no crosscoder) at L<layer>.resid_post.
 
     Per layer: Type A/B/C (`sae_types`) on a row sample; per SAE the cultural-vs-control
@@ -732,7 +734,9 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
     trait the graded ranking (`graded_rankings`, unrankable traits skipped); on the tokens view, the top
     examples of the tuned SAE's most cultural features, from the tuned store. `decode` maps a tuned-model token id
     to its text. The Type A/B/C statistics set base and tuned rows side by side, so on the tokens view both models
-    must hold the same tokens (`check_paired`).
+    must hold the same tokens (`check_paired`). `units` (`resume.Units`) keeps the per-prompt feature means, the
+    cultural features, the text embeddings and the themes of each layer as they finish, so an interrupted run
+    resumes them.
     """
     st = settings
     check_paired(base, tuned, view, what="token rows of the base-vs-tuned Type A/B/C statistics")
@@ -749,16 +753,19 @@ def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], ba
         types = sae_types(saes, base.read(site, view, sample), tuned.read(site, view, sample), st)
         for src, (_, c, _) in types.items():
             res.metrics[f"{src}_L{layer}"] = {f"type_{t}": n for t, n in c.items()}
-        means = {src: prompt_feature_means(sae, src, base, tuned, site, view, cc) for src, sae in saes.items()}
-        n_cult, top, cult = cultural_features(means, datasets[cc] == "cultural", st)
+        means = units(f"means/L{layer}", lambda saes=saes, site=site: {
+            src: prompt_feature_means(sae, src, base, tuned, site, view, cc) for src, sae in saes.items()})
+        n_cult, top, cult = units(f"cultural/L{layer}",
+                                  lambda means=means: cultural_features(means, datasets[cc] == "cultural", st))
         res.feature_rows += feature_table(layer, types, cult)
         for src, n in n_cult.items():
             res.metrics.setdefault(f"{src}_L{layer}", {})["n_cultural_features"] = n
         if "delta" in saes and len(saes) > 1:
             texts = [prompts[i].text for i in cc]
             if "minilm" in st.embeddings and text_vectors is None:
-                text_vectors = embed_texts(texts)  # the same prompts at every layer: embedded once
-            rows, enrich, text, summary = pooled_themes(saes, means, texts, st, text_vectors)
+                text_vectors = units("minilm", lambda texts=texts: embed_texts(texts))  # every layer's prompts
+            rows, enrich, text, summary = units(f"themes/L{layer}", lambda saes=saes, means=means, texts=texts,
+                                                tv=text_vectors: pooled_themes(saes, means, texts, st, tv))
             res.enrichment_rows += [{"layer": layer, **r} for r in rows]
             res.enrichment.update({f"L{layer}.{k}": v for k, v in enrich.items()})
             res.metrics[f"themes_L{layer}"] = summary
