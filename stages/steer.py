@@ -72,22 +72,23 @@ def main() -> None:
     groups = {name: site_group(name, s.layers) for name in s.sites}
     sites = sorted({x for g in groups.values() for x in g} | {Site(g[0].layer, "resid_pre") for g in groups.values()})
     fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
+    units = P.stage_units("steer")  # an interrupted run resumes the finished activations, scores, cells, summaries
     models, encs, acts = {}, {}, {}
     for which in ("base", "tuned"):
         models[which] = load_saved(P.model_dir(which), device=p.steer.device, dtype=p.pair.dtype)
         pack_for_inference(models[which][0])
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
-        acts[which] = collect_decision_acts(models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size)
+        acts[which] = units(f"acts/{which}", lambda which=which: collect_decision_acts(
+            models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size))
     neutral_texts = {split: [prompts[i].text for i in rows[f"neutral_{split}"]] for split in ("dev", "test")}
     arms = make_arms(models, encs, rows, neutral_texts, mc, [p.behaviour.markers[s.marker]],
                      allowed=dict(zip(("base", "tuned"), allowed_ids())), chat=p.data.chat, max_len=p.data.max_len,
-                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token)
+                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token, units=units)
     n_t = len(rows["train_target"])
     extra = direction_inputs(s.source, [x for g in groups.values() for x in g])
 
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
                                         "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
-    units = P.stage_units("steer")  # an interrupted run resumes the finished sweep cells and summaries
     grid, best_rows = [], []
     for name, group in groups.items():
         def handles_for(k: int, group=group) -> dict:

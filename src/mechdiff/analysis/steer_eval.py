@@ -284,33 +284,55 @@ def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded]
               neutral_texts: dict[str, Sequence[str]],
               neutral_mc: dict[str, tuple[list[str], list[list[str]], list[int]]], patterns: Sequence[str], *,
               allowed: dict[str, np.ndarray | None], chat: bool, max_len: int, max_new_tokens: int, batch_size: int,
-              from_token: str = "decision", neutral_tokens: int = 8) -> dict[str, Arm]:
+              from_token: str = "decision", neutral_tokens: int = 8,
+              units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> dict[str, Arm]:
     """The steer arm (base, goal tuned) and the ablate arm (tuned, goal base), scored once without intervention.
 
     `rows` holds the target rows "dev" and "test" and the neutral rows "neutral_dev" and "neutral_test";
-    `neutral_texts` and `neutral_mc` the neutral prompts' texts and the multiple-choice sets of each split."""
+    `neutral_texts` and `neutral_mc` the neutral prompts' texts and the multiple-choice sets of each split.
+    `units` (`resume.Units`) keeps each model's unintervened scores (a resumed arm fills its prefix cache as the
+    interventions ask for it)."""
     arms: dict[str, Arm] = {}
     own: dict[str, dict] = {}
     for which in ("base", "tuned"):
         model, tok = models[which]
         enc = encs[which]
-        neutral = {}
-        for split in ("dev", "test"):
-            nrows = rows[f"neutral_{split}"]
-            texts = greedy_continuations(model, tok, enc, nrows, max_new_tokens=neutral_tokens, batch_size=batch_size)
-            keep = [i for i, t in enumerate(texts) if t.strip()]
-            if not keep:
-                raise MechdiffError(f"the {which} model's continuations of every neutral {split} prompt are empty: "
-                                    "side effects cannot be measured")
-            q, c, a = neutral_mc[split]
-            neutral[split] = Neutral(rows=nrows, prompts=[neutral_texts[split][i] for i in keep],
-                                     continuations=[texts[i] for i in keep], mc_questions=q, mc_choices=c,
-                                     mc_answers=a)
-        arms[which] = Arm(which, model, tok, enc, {"dev": rows["dev"], "test": rows["test"]}, {}, {}, neutral,
-                          list(patterns), allowed_self=allowed[which], allowed_goal=None, chat=chat, max_len=max_len,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, from_first=from_token == "first")
-        arms[which].prepare()
-        own[which] = {"logits": arms[which].own_logits, "hits": arms[which].own_hits}
+
+        def arm_with(neutral: dict[str, Neutral], which: str = which, model: nn.Module = model, tok: Any = tok,
+                     enc: Encoded = enc) -> Arm:
+            return Arm(which, model, tok, enc, {"dev": rows["dev"], "test": rows["test"]}, {}, {}, neutral,
+                       list(patterns), allowed_self=allowed[which], allowed_goal=None, chat=chat, max_len=max_len,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, from_first=from_token == "first")
+
+        made: dict[str, Arm] = {}
+
+        def scored(which: str = which, model: nn.Module = model, tok: Any = tok, enc: Encoded = enc,
+                   arm_with=arm_with, made=made) -> tuple[dict[str, Neutral], dict, dict]:
+            neutral = {}
+            for split in ("dev", "test"):
+                nrows = rows[f"neutral_{split}"]
+                texts = greedy_continuations(model, tok, enc, nrows, max_new_tokens=neutral_tokens,
+                                             batch_size=batch_size)
+                keep = [i for i, t in enumerate(texts) if t.strip()]
+                if not keep:
+                    raise MechdiffError(f"the {which} model's continuations of every neutral {split} prompt are "
+                                        "empty: side effects cannot be measured")
+                q, c, a = neutral_mc[split]
+                neutral[split] = Neutral(rows=nrows, prompts=[neutral_texts[split][i] for i in keep],
+                                         continuations=[texts[i] for i in keep], mc_questions=q, mc_choices=c,
+                                         mc_answers=a)
+            made["arm"] = arm = arm_with(neutral).prepare()
+            return neutral, arm.own_hits, arm.own_logits
+
+        neutral, own_hits, own_logits = units(f"arm/{which}", scored)
+        arm = made.get("arm")
+        if arm is None:  # resumed: the scores were kept, the prefix cache fills again on use
+            arm = arm_with(neutral)
+            arm.own_hits, arm.own_logits = own_hits, own_logits
+            if not arm.from_first:
+                arm.prefix = PrefixCache(model)
+        arms[which] = arm
+        own[which] = {"logits": arm.own_logits, "hits": arm.own_hits}
     for which, goal in (("base", "tuned"), ("tuned", "base")):
         arms[which].goal_logits = own[goal]["logits"]
         arms[which].goal_hits = own[goal]["hits"]
