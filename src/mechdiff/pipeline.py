@@ -21,7 +21,7 @@ PROMPTS = ARTIFACTS / "prompts" / "prompts.jsonl"
 FAIRNESS = ARTIFACTS / "prompts" / "fairness.npz"
 EVAL_PROMPTS = ARTIFACTS / "prompts" / "eval.jsonl"  # scored sets (multiple choice, reference answers), split
 PARTIAL = ARTIFACTS / "partial"  # finished units of interrupted stages (resume.Units), removed when a stage ends
-BIG_FILE = 1 << 24  # stage_fingerprint: files above this size enter by size and modification time, not contents
+BIG_FILE = 1 << 24  # stage_fingerprint: files above this size (or under ARTIFACTS) enter by size and time
 
 
 def model_dir(which: str) -> Path:
@@ -162,8 +162,9 @@ def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of
-    files up to `BIG_FILE`, the modification time of larger ones) and the values of its params. None when the stage
-    is not in `dvc_yaml`. Work kept under it is reused only when DVC would see the same stage."""
+    files up to `BIG_FILE`; the modification time of larger ones and of every file under ARTIFACTS, the outputs of
+    earlier stages, which a rerun of theirs rewrites) and the values of its params. None when the stage is not in
+    `dvc_yaml`. Work kept under it is reused only when DVC would see the same stage."""
     import hashlib
 
     import yaml
@@ -188,7 +189,8 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
         for f in files:
             size = f.stat().st_size
             h.update(f"\0{f.relative_to(path) if f != path else f.name} {size}".encode())
-            h.update(f.read_bytes() if size <= BIG_FILE else str(f.stat().st_mtime_ns).encode())
+            by_time = size > BIG_FILE or path.parts[:1] == (ARTIFACTS.name,)  # earlier stages' outputs: by time
+            h.update(str(f.stat().st_mtime_ns).encode() if by_time else f.read_bytes())
     for entry in st.get("params") or []:
         keys = [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]
         for key in keys:

@@ -5,7 +5,8 @@ of the settings that made it and whether it is complete. A plain output folder k
 (`mechdiff_run.json`); an activation store keeps them in its own attributes (`store_record`), committed
 atomically with its rows. `prepare_output` is the one decision: keep an unfinished output with the same
 fingerprint (the run resumes), else remove it. A stage calls it only after its inputs are validated, so a
-failed check never destroys a previous output.
+failed check never destroys a previous output. A stage whose outputs are not persisted keeps its finished units
+of work instead (`Units`, in a scratch folder prepared the same way), so a rerun after a kill redoes only the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,17 @@ class Units:
     def __init__(self, path: str | Path | None, fp: str, *, enabled: bool = True) -> None:
         self.path = Path(path) if (path is not None and enabled) else None
         self.loaded = self.computed = 0
+        self._seen: set[str] = set()
         if self.path is not None:
-            prepare_output(self.path, fp)
+            try:
+                prepare_output(self.path, fp)
+            except OSError as e:  # keeping units only saves time: go on without
+                self._stop(e)
+
+    def _stop(self, e: OSError) -> None:
+        print(f"mechdiff: warning: cannot keep finished units in {self.path} ({e}); an interrupted run will start "
+              "over", file=sys.stderr)
+        self.path = None
 
     def _file(self, key: str) -> Path:
         assert self.path is not None
@@ -128,8 +139,13 @@ class Units:
     def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
         import pickle
 
+        if key in self._seen:  # a second unit under one key would be answered with the first one's result
+            raise RuntimeError(f"resume.Units: unit key {key!r} used twice in one run")
+        self._seen.add(key)
         if self.path is None:
-            return compute()
+            value = compute()
+            self.computed += 1
+            return value
         f = self._file(key)
         if f.is_file():
             try:
@@ -138,13 +154,18 @@ class Units:
                 if got_key == key:
                     self.loaded += 1
                     return value
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError):
-                pass  # unreadable: compute it again
+            except Exception:  # unreadable (damaged, or written by other library versions): compute it again
+                pass
         value = compute()
-        tmp = f.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            pickle.dump((key, value), fh, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(f)
+        if self.path is not None:
+            tmp = f.with_suffix(".tmp")
+            try:
+                with tmp.open("wb") as fh:
+                    pickle.dump((key, value), fh, protocol=pickle.HIGHEST_PROTOCOL)
+                tmp.replace(f)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                self._stop(e)
         self.computed += 1
         return value
 

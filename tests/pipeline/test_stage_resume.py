@@ -341,7 +341,7 @@ def test_files_digest_follows_names_and_contents(tmp_path):
 
 def _declared_outputs(repo: Path, stage: str) -> list[Path]:
     st = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
-    return [repo / (next(iter(o)) if isinstance(o, dict) else o) for kind in ("metrics", "plots")
+    return [repo / (next(iter(o)) if isinstance(o, dict) else o) for kind in ("outs", "metrics", "plots")
             for o in st.get(kind) or []]
 
 
@@ -352,61 +352,89 @@ def _without_seconds(obj):
 
 
 def _outputs(repo: Path, stage: str) -> dict:
+    """Every file of the stage's declared outputs (JSON without its `seconds` fields, the rest as bytes)."""
     out = {}
-    for f in _declared_outputs(repo, stage):
-        out[f.name] = _without_seconds(json.loads(f.read_text())) if f.suffix == ".json" else f.read_text()
+    for o in _declared_outputs(repo, stage):
+        for f in sorted(o.rglob("*")) if o.is_dir() else [o]:
+            if f.is_file():
+                key = str(f.relative_to(repo))
+                out[key] = _without_seconds(json.loads(f.read_text())) if f.suffix == ".json" else f.read_bytes()
     return out
+
+
+def _remove_outputs(repo: Path, stage: str) -> None:
+    """What DVC does before it runs a stage: remove its (non-persistent) outputs."""
+    import shutil
+
+    for o in _declared_outputs(repo, stage):
+        shutil.rmtree(o) if o.is_dir() else o.unlink(missing_ok=True)
 
 
 KILLER = """
 import os, signal
 from mechdiff import resume
 _after = int(os.environ["KILL_AFTER_UNITS"])
+_log = os.environ.get("UNITS_LOG")
 _call = resume.Units.__call__
 def _killing_call(self, key, compute):
     value = _call(self, key, compute)
-    if self.computed >= _after:
+    if _log:
+        with open(_log, "a") as f:
+            f.write(key + "\\n")
+    if _after and self.computed >= _after:
         os.kill(os.getpid(), signal.SIGKILL)
     return value
 resume.Units.__call__ = _killing_call
 """
 
 
-def _killed_after(repo: Path, stage: str, n: int, tmp: Path) -> None:
-    """Run `stage` and SIGKILL it right after its n-th computed unit is written (a sitecustomize on PYTHONPATH
-    wraps resume.Units, so the kill lands at the same point on any machine)."""
+def _with_killer(repo: Path, stage: str, n: int, tmp: Path, log: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `stage` and SIGKILL it right after its n-th computed unit is written (n 0: never; `log` lists the keys
+    of the units), through a sitecustomize on PYTHONPATH that wraps resume.Units, so the kill lands at the same
+    point on any machine."""
     (tmp / "killer").mkdir(exist_ok=True)
     (tmp / "killer" / "sitecustomize.py").write_text(KILLER)
     path = os.pathsep.join(x for x in (str(tmp / "killer"), os.environ.get("PYTHONPATH")) if x)
-    r = _stage(repo, stage, env={"PYTHONPATH": path, "KILL_AFTER_UNITS": str(n)})
-    assert r.returncode == -signal.SIGKILL, f"{stage} was not killed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    env = {"PYTHONPATH": path, "KILL_AFTER_UNITS": str(n), **({"UNITS_LOG": str(log)} if log else {})}
+    r = _stage(repo, stage, env=env)
+    if n:
+        assert r.returncode == -signal.SIGKILL, f"{stage} was not killed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    return r
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["steer", "behaviour", "heads", "sae_eval", "features"])
 def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, stage):
-    """SIGKILL part-way through a stage that keeps its finished units (resume.Units); the rerun loads them, computes
-    the rest and writes exactly the outputs of an uninterrupted run, then removes the kept units."""
+    """SIGKILL a stage that keeps its finished units (resume.Units) after its third unit and before its last; each
+    rerun loads them, computes the rest and writes exactly the outputs of an uninterrupted run, then removes the
+    kept units; a changed param starts over."""
     import shutil
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns(".git"))
-    r = _stage(repo, stage)
+    keys = tmp_path / "keys.txt"
+    r = _with_killer(repo, stage, 0, tmp_path, log=keys)
     assert r.returncode == 0 and "resumed" not in r.stdout, r.stderr
+    n_units = len(keys.read_text().splitlines())
+    assert n_units >= 4, keys.read_text()
     clean = _outputs(repo, stage)
+    assert clean
     partial = repo / "artifacts" / "partial" / stage
     assert not partial.exists()  # an uninterrupted run leaves nothing behind
-    for f in _declared_outputs(repo, stage):  # as DVC does before it reruns the stage
-        f.unlink()
-    _killed_after(repo, stage, 3, tmp_path)
-    assert len(list(partial.glob("*.pkl"))) == 3
-    r = _stage(repo, stage)
-    assert r.returncode == 0, r.stderr
-    assert f"{stage}: 3 units resumed from an interrupted run" in r.stdout, r.stdout
-    assert not partial.exists()
-    assert _outputs(repo, stage) == clean
+    for kill_at in (3, n_units - 1):
+        _remove_outputs(repo, stage)
+        _with_killer(repo, stage, kill_at, tmp_path)
+        assert len(list(partial.glob("*.pkl"))) == kill_at
+        r = _stage(repo, stage)
+        assert r.returncode == 0, r.stderr
+        assert f"{stage}: {kill_at} units resumed from an interrupted run, {n_units - kill_at} computed" in r.stdout, \
+            r.stdout
+        assert not partial.exists()
+        got = _outputs(repo, stage)
+        assert got.keys() == clean.keys()
+        assert [k for k in clean if got[k] != clean[k]] == []
     # a changed param the stage reads: the kept units of the old settings are not reused
-    _killed_after(repo, stage, 3, tmp_path)
+    _with_killer(repo, stage, 3, tmp_path)
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["seed"] = int(p["seed"]) + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -156,5 +157,63 @@ def test_stage_fingerprint_takes_large_files_by_size_and_time(tmp_path, monkeypa
     f.write_bytes(b"\1" + b"\0" * 99)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and time: a large file's contents are not read
     assert stage_fingerprint("s") == before
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert stage_fingerprint("s") != before
+
+
+def test_a_key_used_twice_in_one_run_is_refused(tmp_path):
+    units = Units(tmp_path / "p", "fp")
+    units("a", lambda: 1)
+    with pytest.raises(RuntimeError, match="used twice"):
+        units("a", lambda: 2)
+    with pytest.raises(RuntimeError, match="used twice"):  # also when nothing is kept
+        compute = Units(None, "")
+        compute("b", lambda: 1)
+        compute("b", lambda: 1)
+
+
+def test_a_unit_file_of_another_key_is_not_taken(tmp_path):
+    path = tmp_path / "p"
+    u = Units(path, "fp")
+    u("a", lambda: "value of a")
+    other = Units(path, "fp")
+    other._file("a").rename(other._file("b"))  # b's file now holds a's result
+    calls: list[str] = []
+    assert other("b", lambda: calls.append("b") or "value of b") == "value of b" and calls == ["b"]
+
+
+def test_units_that_cannot_be_written_warn_and_compute(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    units = Units(blocker / "p", "fp")  # cannot make a folder under a file
+    assert units("a", lambda: 3) == 3 and units.path is None
+    assert "cannot keep finished units" in capsys.readouterr().err
+    path = tmp_path / "full"
+    units = Units(path, "fp")
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pickle, "dump", no_space)  # the disk fills up while a unit is written
+    assert units("a", lambda: 4) == 4 and units.path is None
+    assert units("b", lambda: 5) == 5 and units.computed == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list(path.glob("*.tmp"))
+
+
+def test_stage_fingerprint_takes_earlier_stages_outputs_by_time(tmp_path, monkeypatch):
+    repo = _stage_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    (repo / "artifacts" / "m").mkdir(parents=True)
+    f = repo / "artifacts" / "m" / "w.bin"
+    f.write_bytes(b"\0" * 10)
+    spec = yaml.safe_load(Path("dvc.yaml").read_text())
+    spec["stages"]["s"]["deps"].append("artifacts/m")
+    Path("dvc.yaml").write_text(yaml.safe_dump(spec))
+    before = stage_fingerprint("s")
+    st = f.stat()
+    f.write_bytes(b"\1" * 10)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert stage_fingerprint("s") == before  # contents are not read under artifacts/
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert stage_fingerprint("s") != before

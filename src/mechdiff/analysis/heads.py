@@ -26,6 +26,7 @@ attention shares keys and values, not outputs, so every query head is one block)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -413,7 +414,9 @@ def cumulative(patcher: Patcher, order: Sequence[tuple[int, int]], target: float
 
     def at(n: int) -> dict[str, float]:
         if n not in done:
-            done[n] = units(f"cumulative/{n}", lambda: patcher.patch(order[:n]))
+            heads = ",".join(f"L{a}H{b}" for a, b in order[:n])  # the heads themselves: the order is recomputed
+            done[n] = units(f"cumulative/{hashlib.sha256(heads.encode()).hexdigest()[:16]}",
+                            lambda: patcher.patch(order[:n]))
         return done[n]
 
     first = None
