@@ -39,13 +39,11 @@ def main() -> None:
             model, tok, enc, gen_rows, patterns, mc=mc, refs=refs,
             allowed=allowed["tuned"] if which == "tuned" else None, chat=p.data.chat, max_len=p.data.max_len + 64,
             max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True, mc_score=b.mc_score,
-            units=lambda key, compute, which=which: units(f"{which}/{key}", compute))
+            units=units.scoped(f"{which}/"))
         del model
     rows, metrics = behaviour_table(scores["base"], scores["tuned"], n_boot=b.n_boot, seed=p.seed)
     write_csv(P.plot("behaviour.csv"), rows)
     write_json(P.metric("behaviour.json"), {**metrics, "seconds": time.time() - t0})
-    if units.loaded:
-        print(units.note("behaviour"))
     units.done()
     for r in rows:
         print(f"behaviour: {r['label']:<40} base {r['base'] if r['base'] is None else round(r['base'], 3)} "

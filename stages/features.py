@@ -30,8 +30,6 @@ def main() -> None:
     P.plot("themes.md").write_text(res.themes_markdown())
     write_json(P.metric("features.json"), res.metrics_json())
     write_json(P.metric("enrichment.json"), res.enrichment)
-    if units.loaded:
-        print(units.note("features"))
     units.done()
     for trait, why in res.skipped_traits.items():
         print(f"features: warning: trait {trait!r} skipped in the graded ranking: {why}")

@@ -73,8 +73,6 @@ def main() -> None:
     examples = sorted({conts[i] for i in keep}, key=lambda c: (-sum(x == c for x in conts), c))[:3]  # ties: by text
     write_json(P.metric("heads.json"), {**m, "dataset": h.dataset, "target": h.target, "continuations": examples,
                                         "seconds": time.time() - t0})
-    if units.loaded:
-        print(units.note("heads"))
     units.done()
     print(f"heads: churn {m['churn']:.3f} (|dz| > {h.z_threshold}), top-{h.top_k} Jaccard {m['jaccard_top_k']:.2f}, "
           f"{m['heads_for_target']} heads close {h.target_effect:.0%} of the gap ({m['gap']:.3f} nats), "

@@ -38,8 +38,6 @@ def main() -> None:
     plot_series(P.plot("crosscoder_norms.csv"), P.plot("crosscoder.png"), x="rel_norm_tuned", y="n_latents",
                 group="layer", title="crosscoder latents by tuned decoder-norm share (0 = base-only, 1 = tuned-only)")
     write_json(P.metric("sae.json"), metrics)
-    if units.loaded:
-        print(units.note("sae_eval"))
     units.done()
     failed = [f"{name} ({m['failed']})" for name, m in metrics.items() if not m["passed"]]
     print(f"sae_eval: {len(metrics) - len(failed)}/{len(metrics)} SAEs pass (FVU <= {v.max_fvu}, width/L0 >= "

@@ -96,7 +96,7 @@ def main() -> None:
                                  groups=target_groups, extra=extra, affine=s.affine, ablation=s.ablation)
 
         rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
-                       progress=True, units=lambda key, compute, name=name: units(f"{name}/{key}", compute))
+                       progress=True, units=units.scoped(f"{name}/"))
 
         def summary_of(group=group, handles_for=handles_for, rows_g=rows_g) -> tuple[dict, list]:
             summary, best = summarise(rows_g, arms, handles_for, target=s.target_effect, k=s.k, n_boot=s.n_boot,
@@ -119,8 +119,6 @@ def main() -> None:
     write_csv(P.plot("steer_grid.csv"), grid)
     metrics["seconds"] = time.time() - t0
     write_json(P.metric("steer.json"), metrics)
-    if units.loaded:
-        print(units.note("steer"))
     units.done()
     for name in groups:
         for op in ("steer", "ablate"):

@@ -170,6 +170,7 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
     import yaml
 
     from mechdiff import trace
+    from mechdiff.resume import fingerprint
 
     try:
         with trace.quiet():  # the stage's definition and its declared params' values, not inputs of its results
@@ -179,26 +180,25 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
         return None
     if not isinstance(st, dict):
         return None
-    h = hashlib.sha256(str(st.get("cmd", "")).encode())
+    files: list[list] = []
     for dep in st.get("deps") or []:
         path = Path(str(dep))
-        h.update(b"\0dep " + str(path).encode())
         if not path.exists():
-            h.update(b" missing")
-        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"\0{f.relative_to(path) if f != path else f.name} {size}".encode())
-            by_time = size > BIG_FILE or path.parts[:1] == (ARTIFACTS.name,)  # earlier stages' outputs: by time
-            h.update(str(f.stat().st_mtime_ns).encode() if by_time else f.read_bytes())
+            files.append([path.as_posix(), "missing"])
+        by_time = path.parts[:1] == (ARTIFACTS.name,)  # earlier stages' outputs: by modification time
+        for f in [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()):
+            info = f.stat()
+            big = by_time or info.st_size > BIG_FILE
+            files.append([f.as_posix(), info.st_size,
+                          info.st_mtime_ns if big else hashlib.sha256(f.read_bytes()).hexdigest()])
+    params = {}
     for entry in st.get("params") or []:
-        keys = [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]
-        for key in keys:
+        for key in [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]:
             v = values
             for part in str(key).split("."):
                 v = v.get(part) if isinstance(v, dict) else None
-            h.update(f"\0param {key}=".encode() + repr(v).encode())
-    return h.hexdigest()[:16]
+            params[str(key)] = v
+    return fingerprint([st.get("cmd", ""), files, params])
 
 
 def stage_units(stage: str, *, enabled: bool = True):
@@ -207,4 +207,4 @@ def stage_units(stage: str, *, enabled: bool = True):
     from mechdiff.resume import Units
 
     fp = stage_fingerprint(stage)
-    return Units(PARTIAL / stage if fp is not None else None, fp or "", enabled=enabled)
+    return Units(PARTIAL / stage if fp is not None else None, fp or "", enabled=enabled, label=stage)

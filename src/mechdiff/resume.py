@@ -114,11 +114,13 @@ class Units:
     fingerprint covers (the stage's inputs, params and code), so a resumed run gives the uninterrupted run's
     outputs bit for bit; results are pickled as they are (numpy arrays, floats, dicts). `path` None (or
     `enabled` False) keeps nothing: every unit is computed. `done()` removes the folder once the stage's outputs
-    are written; a run with another fingerprint replaces it (`prepare_output`).
+    are written (and, given a `label`, logs what was resumed); a run with another fingerprint replaces it
+    (`prepare_output`).
     """
 
-    def __init__(self, path: str | Path | None, fp: str, *, enabled: bool = True) -> None:
+    def __init__(self, path: str | Path | None, fp: str, *, enabled: bool = True, label: str | None = None) -> None:
         self.path = Path(path) if (path is not None and enabled) else None
+        self._home, self.label = self.path, label  # path becomes None when units cannot be written
         self.loaded = self.computed = 0
         self._seen: set[str] = set()
         if self.path is not None:
@@ -169,14 +171,20 @@ class Units:
         self.computed += 1
         return value
 
+    def scoped(self, prefix: str) -> Callable[[str, Callable[[], Any]], Any]:
+        """These units under keys that start with `prefix` (one library call's units among the stage's)."""
+        return lambda key, compute: self(prefix + key, compute)
+
     def note(self, what: str) -> str:
         """A line for the stage's log: how many units were resumed and how many computed."""
         return f"{what}: {self.loaded} units resumed from an interrupted run, {self.computed} computed"
 
     def done(self) -> None:
-        """The stage finished: its kept units are no longer needed."""
-        if self.path is not None and self.path.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
+        """The stage finished: its kept units are no longer needed (with a `label`, say what was resumed)."""
+        if self.label and self.loaded:
+            print(self.note(self.label))
+        if self._home is not None and self._home.is_dir():
+            shutil.rmtree(self._home, ignore_errors=True)
 
 
 def compute_all(key: str, compute: Callable[[], Any]) -> Any:
