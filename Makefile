@@ -37,7 +37,7 @@ test: data  ## run the whole test suite
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will fail under CI"; }
 	$(BIN)/pytest -q --timeout=1800
 
-test-fast: setup  ## the tests not marked slow
+test-fast: data  ## the tests not marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: setup  ## ruff

@@ -4,7 +4,6 @@ leakage on concept contexts, the seed's targets, and which parents' children the
 
 import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +18,7 @@ from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
-from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
+from mechdiff.resume import files_digest, fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae.hsae import (
     HierarchicalSAE,
     compare_children,
@@ -57,7 +56,7 @@ def main() -> None:
     prompts = P.kept_prompts()
     val = P.pick_rows(prompts, split="val", n=h.eval_prompts, seed=p.seed)
     metrics: dict = {"site": site.name, "view": h.view}
-    code = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (hsae_module.__file__, train_module.__file__)]
+    code = [files_digest(f) for f in (hsae_module.__file__, train_module.__file__)]
     rows_out, saes, matches = [], {}, {}
     for which in ("base", "tuned"):
         store = stores[which]

@@ -21,7 +21,7 @@ from mechdiff.data import store as _store_mod
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
-from mechdiff.resume import fingerprint, finished_output, mark_complete, prepare_output
+from mechdiff.resume import files_digest, fingerprint, finished_output, mark_complete, prepare_output
 from mechdiff.sae import SAEConfig, eval_sae, save_sae, train_sae
 from mechdiff.sae.pretrained import digest, load_pretrained, resolve
 from mechdiff.sae.sources import (
@@ -40,7 +40,7 @@ MAX_VAL_ROWS = 4096  # held-out rows for the plateau check (a seeded subsample o
 def code_hash() -> str:
     """Hash of the code that trains an SAE: a finished SAE is reused by a sibling stage only if it is the same."""
     files = sorted([*Path(_sae_pkg.__file__).parent.glob("*.py"), Path(_store_mod.__file__), Path(__file__)])
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    return fingerprint([files_digest(f) for f in files])
 
 
 def job(p, base, tuned, source: str, layer: int):

@@ -15,7 +15,7 @@ def _prefix_kv(model, ids):
 
 def _next_logits(model, cache, tok, pos):
     with torch.no_grad():
-        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, position_ids=pos, cache=cache, use_cache=True)
     return out.logits[:, -1]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, prefilled_cache
-from mechdiff.model.memo import keep
+from mechdiff.model.memo import Memo
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
 from mechdiff.resume import compute_all
@@ -107,8 +106,8 @@ class PrefixCache:
         # what a sweep asks for again and again, kept up to `keep_bytes` each (least recently used dropped first):
         # the left-padded key/value batches (`batch`) and the lower blocks' outputs (`lower_blocks`)
         self.keep_bytes = int(keep_bytes)
-        self._padded: OrderedDict[tuple, tuple[list, list, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lower: OrderedDict[tuple, Any] = OrderedDict()
+        self._padded = Memo(self.keep_bytes)  # key -> (keys, values, prefix mask, lengths)
+        self._lower = Memo(self.keep_bytes)
         self._share, self._checked = True, False  # run each batch's shared opening once (`fill`), checked once
 
     def __len__(self) -> int:
@@ -199,9 +198,7 @@ class PrefixCache:
         hit = self._padded.get(key)
         if hit is None:
             hit = self._pad(prefixes)
-            keep(self._padded, key, hit, self.keep_bytes)
-        else:
-            self._padded.move_to_end(key)
+            self._padded.put(key, hit)
         Ks, Vs, mask, lens = hit
         if not Ks:
             return None, mask.clone(), lens.clone()
@@ -249,7 +246,6 @@ class PrefixCache:
                tuple(tuple(int(t) for t in x) for x in suffixes))
         kept = self._lower.get(key)
         if kept is not None:
-            self._lower.move_to_end(key)
             with reuse_blocks(self.model, [kept] * int(upto), int(upto)):
                 yield
             return
@@ -260,7 +256,7 @@ class PrefixCache:
         finally:
             handle.remove()
         if store:
-            keep(self._lower, key, store[-1], self.keep_bytes)
+            self._lower.put(key, store[-1])
 
 
 def first_block(intervene: Intervene | None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.memo import keep
+from mechdiff.model.memo import Memo
 from mechdiff.model.sites import (
     Site,
     capture,
@@ -249,20 +248,13 @@ class _Clean:
     losses: dict[str, float] | None = None
 
 
-class CleanMemo:
+class CleanMemo(Memo):
     """Clean passes by (id of the model, site name, the batch's token ids and mask), shared by the SAEs that
-    `evaluate_saes` splices in at one site; at most `keep_bytes` kept (`memo.keep`: the oldest dropped first,
-    then run again when asked for: the same tensors either way)."""
+    `evaluate_saes` splices in at one site; at most `keep_bytes` kept (a `memo.Memo`: the least recently used
+    dropped first, then run again when asked for: the same tensors either way)."""
 
     def __init__(self, keep_bytes: int = 2 << 30) -> None:
-        self.keep_bytes = int(keep_bytes)
-        self._items: OrderedDict[tuple, _Clean] = OrderedDict()
-
-    def get(self, key: tuple) -> _Clean | None:
-        return self._items.get(key)
-
-    def __setitem__(self, key: tuple, value: _Clean) -> None:
-        keep(self._items, key, value, self.keep_bytes)
+        super().__init__(keep_bytes)
 
 
 def _clean_pass(model: nn.Module, site: Site, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,
@@ -287,7 +279,7 @@ def _clean_pass(model: nn.Module, site: Site, ids: torch.Tensor, mask: torch.Ten
         _add_losses(losses, "clean", lg, ids, mask, pos, dec)
         c = _Clean(got["a"], kept[: site.layer], dec, losses)
     if memo is not None:
-        memo[key] = c
+        memo.put(key, c)
     return c
 
 
