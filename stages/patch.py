@@ -55,6 +55,8 @@ def main() -> None:
             blend=blend)
         if blend is not None:
             metrics[site_name]["attn_pinv_rank"] = blend.rank  # singular directions of W_o the split keeps
+            if not blend.identified:  # heads wider than the stream: a subset's parts are not its own
+                metrics[site_name]["attn_heads_identified"] = False
         rank_rows += ranks
         alpha_rows += alphas
         write_csv(P.plot(f"rank_k/{site_name}.csv"), ranks)

@@ -487,3 +487,36 @@ def test_prefix_cache_stops_sharing_the_opening_when_its_check_fails(world, monk
     for p in prefixes:
         for (k, v), (k2, v2) in zip(cache.get(p), want.get(p)):
             assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("window", [12, 64])
+def test_prefix_cache_equals_one_prompt_at_a_time_under_a_sliding_window(world, window):
+    """A sliding-window model (Mistral's layout) scored through the prefix cache gives each prompt's own unpadded
+    forward: batches whose cache would outgrow a 12-token window (the prompts are 6-20 tokens, in batches of 2
+    sorted by length) run full forwards, which attend by position, the shortest keep the cache path; a window
+    every batch fits in (64) keeps the cache path throughout."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mechdiff.analysis.behaviour import PrefixCache
+
+    tok, _ = world
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=D, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=window, max_position_embeddings=256)).eval()
+    enc = encode(tok, PROMPTS)
+    assert max(enc.decision) + 1 > 12 >= min(enc.decision) + 1
+    rows = list(range(len(PROMPTS)))
+    vec = 4.0 * torch.randn(D, generator=torch.Generator().manual_seed(1))
+    for iv in (None, _adder(1, vec, "from")):
+        cache = PrefixCache(model)
+        one = np.concatenate([decision_logits(model, enc, [r], batch_size=1, intervene=iv) for r in rows])
+        np.testing.assert_allclose(decision_logits(model, enc, rows, batch_size=2, intervene=iv, prefix=cache),
+                                   one, atol=1e-4)
+        assert greedy_continuations(model, tok, enc, rows, max_new_tokens=3, batch_size=2, intervene=iv,
+                                    prefix=cache) == \
+            [greedy_continuations(model, tok, enc, [r], max_new_tokens=3, intervene=iv)[0] for r in rows]
+        lp_one = [continuation_logprobs(model, tok, [p], [c], intervene=iv)[0][0] for p, c in zip(PROMPTS, CONTS)]
+        np.testing.assert_allclose(continuation_logprobs(model, tok, PROMPTS, CONTS, batch_size=2, intervene=iv,
+                                                         prefix=cache)[0], lp_one, rtol=1e-4)
+        assert len(cache) > 0  # the cache path ran (for the batches that fit)

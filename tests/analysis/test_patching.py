@@ -474,3 +474,101 @@ def test_head_blend_drops_the_ill_conditioned_directions_of_w_o():
     Wn = proj.weight.detach().double().numpy()
     z = 0.1 * U[:, 0] @ np.linalg.pinv(Wn, rcond=1e-3).T  # numpy's truncated split
     np.testing.assert_allclose(h0, np.tile(np.where(np.arange(d) < 4, z, 0) @ Wn.T, (5, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [8, 40])
+def test_prefix_cache_under_a_sliding_window_equals_one_prompt_at_a_time(window):
+    """A sliding-window model (Mistral's layout) patched through the default prefix-cache path gives each prompt's
+    own unpadded forward with the same patch. The first batch (the shortest prompts, 5 tokens) fits an 8-token
+    window and later ones (12-21 tokens) do not, which a check of the first batch alone would miss: the run
+    falls back to full forwards with a warning naming the window. A 40-token window holds every prompt and keeps
+    the cache path (no warning)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mechdiff.model.tokens import Encoded
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                             max_position_embeddings=128)).eval()
+    rng = np.random.default_rng(0)
+    lengths = [5, 5, 5, 5, 12, 15, 18, 21]
+    enc = Encoded([rng.integers(1, 64, size=n).tolist() for n in lengths], [n - 1 for n in lengths], pad=0)
+    rows = np.arange(len(lengths))
+    site = Site(1, "attn_out")
+    vec = rng.normal(size=(len(rows), 32)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = patched_logits(model, enc, rows, site, vec, batch_size=4)
+    one = np.concatenate([patched_logits(model, enc, [r], site, vec[[r]], batch_size=1, prefix_cache=False)
+                          for r in rows])
+    np.testing.assert_allclose(got, one, atol=1e-5)
+    fallback = [str(w.message) for w in caught if "using full forwards" in str(w.message)]
+    assert (len(fallback) == 1 and "sliding attention window (8 tokens)" in fallback[0]) if window == 8 \
+        else not fallback
+
+
+def test_sliding_window_is_read_from_the_config():
+    """`cache.sliding_window`: the window of models that attend through one, None for those that do not (a Qwen2
+    config carries a window but uses it only with `use_sliding_window`, and only in layers from
+    `max_window_layers` on)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    from mechdiff.model.cache import fits_window, sliding_window
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, sliding_window=10))
+    assert sliding_window(gemma) == 10 and fits_window(gemma, 8) and not fits_window(gemma, 9)
+    assert sliding_window(LlamaForCausalLM(LlamaConfig(**small))) is None
+    assert sliding_window(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=10, use_sliding_window=False))) is None
+    assert sliding_window(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=10, use_sliding_window=True))) is None
+    assert sliding_window(Qwen2ForCausalLM(Qwen2Config(**small, sliding_window=10, use_sliding_window=True,
+                                                       max_window_layers=1))) == 10
+
+
+def test_head_blend_warns_where_heads_are_wider_than_the_stream():
+    """Heads whose concatenated outputs are wider than the residual stream (Gemma's layout: 5 x 10 over d = 32)
+    have no unique per-head split of an attn_out difference: a change planted in head 2's queries alone is
+    partly taken by the other heads' pinv parts (their patch moves the output toward the base model's by a
+    visible share of the gap), so a subset is warned about and flagged, while `all` is not."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from mechdiff.analysis.patching import head_blend
+    from mechdiff.model.sites import attention_heads
+    from mechdiff.model.tokens import Encoded
+
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=5, num_key_value_heads=1, head_dim=10)).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[1].self_attn.q_proj.weight[20:30] *= -3.0  # head 2's queries only
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 64, size=int(n)).tolist() for n in rng.integers(4, 12, size=30)]
+    enc = Encoded(ids, [len(x) - 1 for x in ids], pad=0)
+    rows, site = np.arange(30), Site(1, "attn_out")
+
+    def last(model):
+        return np.stack([capture(model, torch.tensor([s]), None, [site])[0][site.name][0, -1].double().numpy()
+                         for s in ids])
+
+    vb, vt = last(base), last(tuned)
+    heads = attention_heads(tuned)
+    ref = reference_logits(base, enc, rows)
+    gap = patch_kl(tuned, enc, rows, site, None, ref).mean()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        others = head_blend(heads, 1, vt, [0, 1, 3, 4])
+    assert not others.identified and any("wider than the residual stream" in str(w.message) for w in caught)
+    moved = 1 - patch_kl(tuned, enc, rows, site, others(vb), ref).mean() / gap
+    assert moved > 0.1  # the unchanged heads' parts carry part of head 2's change: why the subset is flagged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        every = head_blend(heads, 1, vt, "all")
+    assert every.identified and patch_kl(tuned, enc, rows, site, every(vb), ref).mean() < 1e-6 * gap + 1e-12

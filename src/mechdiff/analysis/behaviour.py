@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, prefilled_cache
+from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, fits_window, prefilled_cache
 from mechdiff.model.memo import Memo
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
@@ -271,6 +271,18 @@ def _split_at_decision(seq: Sequence[int], decision: int) -> tuple[list[int], li
     return list(seq[:cut]), list(seq[cut:])
 
 
+def _cached_parts(prefix: PrefixCache | None, model: nn.Module, seqs: Sequence[Sequence[int]],
+                  decisions: Sequence[int], extra: int = 0) -> list[tuple[list[int], list[int]]] | None:
+    """The batch's (prefix, suffix) splits (`_split_at_decision`) when `prefix` can serve it: None without a
+    prefix cache, or when the batch's cache (its longest prefix, longest suffix and `extra` generated tokens)
+    would outgrow the model's sliding window (`cache.fits_window`), where the caller runs full forwards."""
+    if prefix is None:
+        return None
+    parts = [_split_at_decision(x, d) for x, d in zip(seqs, decisions)]
+    slots = max(len(a) for a, _ in parts) + max(len(b) for _, b in parts) + int(extra)
+    return parts if fits_window(model, slots) else None
+
+
 def _suffix_forward(model: nn.Module, prefix: PrefixCache, prefixes: list[list[int]], suffixes: list[list[int]],
                     starts: Sequence[int], pad: int, intervene: Intervene | None):
     """Forward right-padded `suffixes` after cached left-padded `prefixes`; returns (output, attention mask,
@@ -397,14 +409,14 @@ def continuation_logprobs(
     bar = _progress(len(seqs), progress, "logprobs")
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
-        if prefix is None:
+        parts = _cached_parts(prefix, model, [seqs[r] for r in rows], [dec[r] for r in rows])
+        if parts is None:
             ids, mask = right_pad([seqs[r] for r in rows], pad, dev)
             start = torch.tensor([dec[r] for r in rows], dtype=torch.long, device=dev)
             with _ctx(intervene, model, start):
                 hidden = _hidden(body(input_ids=ids, attention_mask=mask, use_cache=False))
             shift = [0] * len(rows)
         else:
-            parts = [_split_at_decision(seqs[r], dec[r]) for r in rows]
             shift = [len(a) for a, _ in parts]
             out, _, _ = _suffix_forward(model, prefix, [a for a, _ in parts], [b for _, b in parts],
                                         [dec[r] - sh for r, sh in zip(rows, shift)], pad, intervene)
@@ -491,12 +503,13 @@ def decision_logits(
     out: np.ndarray | None = None
     bar = _progress(len(r), progress, "logits")
     for i, ids, mask, pos in batches(sub, np.arange(len(r)), batch_size, sub.pad, dev, sort_by_length=True):
-        if prefix is None:
+        parts = _cached_parts(prefix, model, [sub.ids[j][: sub.decision[j] + 1] for j in i],
+                              [sub.decision[j] for j in i])
+        if parts is None:
             with _ctx(intervene, model, pos):
                 hidden = _hidden(body(input_ids=ids, attention_mask=mask, use_cache=False))
             at = pos
         else:
-            parts = [_split_at_decision(sub.ids[j][: sub.decision[j] + 1], sub.decision[j]) for j in i]
             o, _, _ = _suffix_forward(model, prefix, [a for a, _ in parts], [b for _, b in parts],
                                       [len(b) - 1 for _, b in parts], sub.pad, intervene)
             hidden = _hidden(o)
@@ -554,7 +567,8 @@ def greedy_continuations(
         rows_b = order[s : s + batch_size]
         new = torch.full((len(rows_b), max_new_tokens), -1, dtype=torch.long, device=dev)
         done = torch.zeros(len(rows_b), dtype=torch.bool, device=dev)
-        parts = [_split_at_decision(seqs[i], len(seqs[i]) - 1) for i in rows_b] if prefix is not None else None
+        parts = _cached_parts(prefix, model, [seqs[i] for i in rows_b], [len(seqs[i]) - 1 for i in rows_b],
+                              extra=max_new_tokens)
         if parts is not None and len({len(b) for _, b in parts}) == 1:
             cache, pmask, plen = prefix.batch([a for a, _ in parts])
             if cache is None:

@@ -105,3 +105,31 @@ def cache_check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tu
     err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return err, max(1e-3, 2.0 * eps)
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's attention window in tokens when any of its layers attends through a sliding window (Mistral,
+    Gemma 2 / 3, Qwen2 with `use_sliding_window`), else None: from its (text) config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    text = getattr(cfg, "get_text_config", None)
+    cfg = text() if callable(text) else cfg
+    w = getattr(cfg, "sliding_window", None)
+    if isinstance(w, bool) or not isinstance(w, int) or w <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return w
+
+
+def fits_window(model: nn.Module, slots: int) -> bool:
+    """Whether a cache of `slots` positions (prefix, padding and what is appended) stays inside the model's
+    sliding window, with a slot to spare (transformers keeps window - 1 of them): a cache whose middle holds
+    padding, or which is cut to length from a longer forward, then attends exactly as an unpadded forward would.
+    Beyond it a sliding-window layer drops or masks slots by their index, not by the tokens' positions, so the
+    callers (the prefix caches of patching and of behaviour scoring) run full forwards instead. Always true for
+    models without a sliding window."""
+    w = sliding_window(model)
+    return w is None or int(slots) < w - 1
