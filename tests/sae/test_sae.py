@@ -390,7 +390,9 @@ def test_checkpoint_loads_without_project_and_metrics_match_numpy(tmp_path):
         with torch.no_grad():
             ours = sae(torch.from_numpy(X[:500])).double().numpy()
         np.testing.assert_allclose(xh, ours, atol=1e-4)
-        ev = eval_sae(sae, X[:500])
+        fired = np.zeros(sae.width, dtype=bool)
+        ev = eval_sae(sae, X[:500], fired_out=fired)
+        np.testing.assert_array_equal(fired, (z > 0).any(0))
         assert ev["fvu"] == pytest.approx(((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
         assert ev["fvu"] == pytest.approx(1 - r2_score(x, xh, multioutput="variance_weighted"), rel=1e-4)
         assert ev["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-6)
@@ -697,6 +699,11 @@ def test_crosscoder_norm_shares_planted():
                                      dtype=torch.float32))
     counts, rows = crosscoder_norm_shares(cc)
     assert counts == {"n_base_only": 2, "n_tuned_only": 2, "n_shared": 3}
+    live = np.array([1, 0, 1, 0, 0, 1, 1, 0], dtype=bool)  # dead latents leave the *_live counts only
+    counts_live, _ = crosscoder_norm_shares(cc, live=live)
+    assert counts_live == {**counts, "n_base_only_live": 1, "n_tuned_only_live": 1, "n_shared_live": 1}
+    with pytest.raises(MechdiffError, match="flags"):
+        crosscoder_norm_shares(cc, live=live[:3])
     hist, edges = np.histogram(shares, bins=20, range=(0, 1))
     assert [r["n_latents"] for r in rows] == hist.tolist()
     np.testing.assert_allclose([r["rel_norm_tuned"] for r in rows], (edges[:-1] + edges[1:]) / 2, atol=1e-3)

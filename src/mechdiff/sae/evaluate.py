@@ -48,11 +48,13 @@ def _as_matrix(X: np.ndarray | torch.Tensor, d: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 4096) -> dict:
+def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 4096,
+             fired_out: np.ndarray | None = None) -> dict:
     """FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2, mean L0, dead % (never active on X), MSE per element.
 
     FVU equals 1 - sklearn's r2_score(X, X_hat, multioutput="variance_weighted"); it is summed here batch by
-    batch so that X_hat is never held whole.
+    batch so that X_hat is never held whole. `fired_out` (a bool array of the SAE's width) receives which
+    latents fired on X.
     """
     X = _as_matrix(X, sae.d_total)
     n = X.shape[0]
@@ -69,6 +71,8 @@ def eval_sae(sae: TopKSAE, X: np.ndarray | torch.Tensor, *, batch_size: int = 40
         act = z > 0
         l0 += float(act.sum())
         fired |= act.any(0)
+    if fired_out is not None:
+        fired_out[:] = fired.cpu().numpy()
     return {
         "fvu": sse / sst if sst > 0 else float("nan"),
         "l0": l0 / n,
@@ -381,17 +385,28 @@ def spliced_metrics(model: nn.Module | Mapping[str, nn.Module], enc: Encoded | M
 
 
 def crosscoder_norm_shares(sae: TopKSAE, *, base_only: float = 0.1, tuned_only: float = 0.9,
-                           shared: tuple[float, float] = (0.3, 0.7), bins: int = 20) -> tuple[dict, list[dict]]:
+                           shared: tuple[float, float] = (0.3, 0.7), bins: int = 20,
+                           live: np.ndarray | None = None) -> tuple[dict, list[dict]]:
     """Crosscoder latents by their tuned decoder-norm share r = ||d_tuned|| / (||d_base|| + ||d_tuned||).
 
     Counts n_base_only (r < base_only), n_tuned_only (r > tuned_only), n_shared (shared[0] <= r <= shared[1]),
-    and a histogram over [0, 1]: rows {rel_norm_tuned (bin centre, 3 decimals), n_latents}.
+    and a histogram over [0, 1]: rows {rel_norm_tuned (bin centre, 3 decimals), n_latents}. Every latent is
+    counted, dead ones too, and a dead latent keeps the share it was initialised with (about 0.5 under the joint
+    scale: "shared"); with `live` (bool, one per latent: fired on held-out rows) the same counts over the live
+    latents alone are added as n_*_live.
     """
     if sae.n_blocks != 2:
         raise MechdiffError(f"decoder-norm shares need a crosscoder (n_blocks=2), got n_blocks={sae.n_blocks}")
     rel = sae.relative_norms(block=1).cpu().numpy()
     counts = {"n_base_only": int((rel < base_only).sum()), "n_tuned_only": int((rel > tuned_only).sum()),
               "n_shared": int(((rel >= shared[0]) & (rel <= shared[1])).sum())}
+    if live is not None:
+        live = np.asarray(live, dtype=bool)
+        if live.shape != rel.shape:
+            raise MechdiffError(f"live: {live.shape} flags for {rel.shape[0]} latents")
+        r = rel[live]
+        counts.update({"n_base_only_live": int((r < base_only).sum()), "n_tuned_only_live": int((r > tuned_only).sum()),
+                       "n_shared_live": int(((r >= shared[0]) & (r <= shared[1])).sum())})
     hist, edges = np.histogram(rel, bins=bins, range=(0.0, 1.0))
     centres = edges[:-1] + 0.5 / bins
     return counts, [{"rel_norm_tuned": round(float(c), 3), "n_latents": int(h)} for c, h in zip(centres, hist)]
@@ -452,7 +467,9 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
         def one(source: str, layer: int = layer, site: str = site, memo: CleanMemo = memo
                 ) -> tuple[dict, list[dict]]:
             sae = load(source, layer)
-            m = eval_sae(sae, read_source(source, base, tuned, site, view, rows_of(source, base, tuned, view, val)))
+            fired = np.zeros(sae.width, dtype=bool)
+            m = eval_sae(sae, read_source(source, base, tuned, site, view, rows_of(source, base, tuned, view, val)),
+                         fired_out=fired)
             names = ("base", "tuned") if source in ("delta", "crosscoder") else (source,)
             loaded = {n: models(n) for n in names}
             if len(names) == 2 and not (paired and _vocab(loaded["base"][0]) == _vocab(loaded["tuned"][0])):
@@ -466,7 +483,7 @@ def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[
                 m.update({k: v for k, v in sp.items() if k.startswith(("ce_", "kl_"))})
             rows: list[dict] = []
             if source == "crosscoder":
-                counts, hist = crosscoder_norm_shares(sae)
+                counts, hist = crosscoder_norm_shares(sae, live=fired)
                 m.update(counts)
                 rows = [{"layer": layer, **r} for r in hist]
             if criteria is not None:
