@@ -489,14 +489,15 @@ def test_prefix_cache_stops_sharing_the_opening_when_its_check_fails(world, monk
             assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
-@pytest.mark.parametrize("window", [12, 64])
-def test_prefix_cache_equals_one_prompt_at_a_time_under_a_sliding_window(world, window):
+@pytest.mark.parametrize("window", [12, 20, 64])
+def test_prefix_cache_equals_one_prompt_at_a_time_under_a_sliding_window(world, window, monkeypatch):
     """A sliding-window model (Mistral's layout) scored through the prefix cache gives each prompt's own unpadded
-    forward: batches whose cache would outgrow a 12-token window (the prompts are 6-20 tokens, in batches of 2
-    sorted by length) run full forwards, which attend by position, the shortest keep the cache path; a window
-    every batch fits in (64) keeps the cache path throughout."""
+    forward: batches whose cache would outgrow the window (the prompts are 6-20 tokens, in batches of 2 sorted
+    by length) run full forwards, which attend by position, and the others keep the cache path. At 12 tokens
+    only the shortest decision batch fits, at 20 each function mixes both paths, at 64 every batch is cached."""
     from transformers import MistralConfig, MistralForCausalLM
 
+    import mechdiff.analysis.behaviour as behaviour
     from mechdiff.analysis.behaviour import PrefixCache
 
     tok, _ = world
@@ -508,15 +509,35 @@ def test_prefix_cache_equals_one_prompt_at_a_time_under_a_sliding_window(world, 
     assert max(enc.decision) + 1 > 12 >= min(enc.decision) + 1
     rows = list(range(len(PROMPTS)))
     vec = 4.0 * torch.randn(D, generator=torch.Generator().manual_seed(1))
+    real, used = behaviour._cached_parts, []  # per batch: did it take the cache path
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(behaviour, "_cached_parts", spy)
+    paths = {}
     for iv in (None, _adder(1, vec, "from")):
         cache = PrefixCache(model)
         one = np.concatenate([decision_logits(model, enc, [r], batch_size=1, intervene=iv) for r in rows])
+        used.clear()
         np.testing.assert_allclose(decision_logits(model, enc, rows, batch_size=2, intervene=iv, prefix=cache),
                                    one, atol=1e-4)
+        paths["decision"] = set(used)
+        want = [greedy_continuations(model, tok, enc, [r], max_new_tokens=3, intervene=iv)[0] for r in rows]
+        used.clear()
         assert greedy_continuations(model, tok, enc, rows, max_new_tokens=3, batch_size=2, intervene=iv,
-                                    prefix=cache) == \
-            [greedy_continuations(model, tok, enc, [r], max_new_tokens=3, intervene=iv)[0] for r in rows]
+                                    prefix=cache) == want
+        paths["greedy"] = set(used)
         lp_one = [continuation_logprobs(model, tok, [p], [c], intervene=iv)[0][0] for p, c in zip(PROMPTS, CONTS)]
+        used.clear()
         np.testing.assert_allclose(continuation_logprobs(model, tok, PROMPTS, CONTS, batch_size=2, intervene=iv,
                                                          prefix=cache)[0], lp_one, rtol=1e-4)
-        assert len(cache) > 0  # the cache path ran (for the batches that fit)
+        paths["logprobs"] = set(used)
+    if window == 20:
+        assert all(p == {True, False} for p in paths.values()), paths
+    elif window == 64:
+        assert all(p == {True} for p in paths.values()), paths
+    else:
+        assert paths["decision"] == {True, False}, paths

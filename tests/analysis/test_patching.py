@@ -430,7 +430,11 @@ def test_head_blend_splits_through_pinv_and_patches_only_the_chosen_heads(world)
     z_b, z_t = vb @ np.linalg.pinv(W).T, vt @ np.linalg.pinv(W).T
     diff = np.abs(z_b - z_t).reshape(len(rows), H, hd).max(axis=(0, 2))
     assert diff[2] > 0.1 and max(diff[[0, 1, 3]]) < 1e-4  # only the planted head's part differs
-    only2 = head_blend(heads, last, vt, [2])(vb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # heads exactly as wide as the stream: a subset's split is unique
+        blend2 = head_blend(heads, last, vt, [2])
+    assert blend2.identified
+    only2 = blend2(vb)
     want = (np.where(np.repeat(np.arange(H), hd) == 2, z_b, z_t)) @ W.T
     np.testing.assert_allclose(only2, want, atol=1e-5)
     kl = {name: patch_kl(tuned, enc, rows, site, v, lg_base[rows]) for name, v in
@@ -508,12 +512,56 @@ def test_prefix_cache_under_a_sliding_window_equals_one_prompt_at_a_time(window)
         else not fallback
 
 
+def test_a_later_batch_the_cache_gets_wrong_sends_the_run_to_full_forwards(monkeypatch):
+    """The per-batch safeguards of prefix-cache patching, with the window rule switched off: the first batch (5
+    tokens) fits the 8-token window, a later one does not; its cache keeps fewer positions than the batch
+    (transformers keeps window - 1), so the whole run falls back to full forwards with a warning saying so, and
+    the logits are each prompt's own. With that check off too, the batch's own full forward catches it."""
+    import mechdiff.analysis.patching as patching
+    from mechdiff.model.tokens import Encoded
+
+    torch.manual_seed(0)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                             max_position_embeddings=128)).eval()
+    rng = np.random.default_rng(0)
+    lengths = [5, 5, 5, 5, 12, 15, 18, 21]
+    enc = Encoded([rng.integers(1, 64, size=n).tolist() for n in lengths], [n - 1 for n in lengths], pad=0)
+    rows, site = np.arange(len(lengths)), Site(1, "attn_out")
+    vec = rng.normal(size=(len(rows), 32)).astype(np.float32)
+    one = np.concatenate([patched_logits(model, enc, [r], site, vec[[r]], batch_size=1, prefix_cache=False)
+                          for r in rows])
+    monkeypatch.setattr(patching, "fits_window", lambda model, slots: True)
+    with pytest.warns(RuntimeWarning, match="its cache keeps 7 of a batch's"):
+        got = patched_logits(model, enc, rows, site, vec, batch_size=4)
+    np.testing.assert_allclose(got, one, atol=1e-5)
+    real_kv = patching.cache_kv
+
+    def padded_kv(cache):  # a cache that claims every position: the kept slots, zeros in front of them
+        T = cache.get_seq_length()
+        return [(torch.nn.functional.pad(k, (0, 0, T - k.shape[-2], 0)),
+                 torch.nn.functional.pad(v, (0, 0, T - v.shape[-2], 0))) for k, v in real_kv(cache)]
+
+    monkeypatch.setattr(patching, "cache_kv", padded_kv)
+    with pytest.warns(RuntimeWarning, match="prefix-cache logits differ from a full forward"):
+        got = patched_logits(model, enc, rows, site, vec, batch_size=4)
+    np.testing.assert_allclose(got, one, atol=1e-5)
+
+
 def test_sliding_window_is_read_from_the_config():
     """`cache.sliding_window`: the window of models that attend through one, None for those that do not (a Qwen2
     config carries a window but uses it only with `use_sliding_window`, and only in layers from
     `max_window_layers` on)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from mechdiff.model.cache import fits_window, sliding_window
 
@@ -566,6 +614,8 @@ def test_head_blend_warns_where_heads_are_wider_than_the_stream():
         warnings.simplefilter("always")
         others = head_blend(heads, 1, vt, [0, 1, 3, 4])
     assert not others.identified and any("wider than the residual stream" in str(w.message) for w in caught)
+    with pytest.warns(RuntimeWarning, match="wider than the residual stream"):
+        assert not head_blend(heads, 1, vt, [0, 0, 1, 2, 3]).identified  # a repeated head is not all five
     moved = 1 - patch_kl(tuned, enc, rows, site, others(vb), ref).mean() / gap
     assert moved > 0.1  # the unchanged heads' parts carry part of head 2's change: why the subset is flagged
     with warnings.catch_warnings():

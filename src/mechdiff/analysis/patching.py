@@ -247,8 +247,8 @@ def _run_prefix(model, enc, rows, jobs, reduce, *, batch_size, decode_batch, dev
     first = [_first_changed_block(s if v is not None else None, nb) for s, v in jobs]
     job_order = sorted(range(len(jobs)), key=lambda j: (jobs[j][1] is not None, first[j]))  # unpatched first
     if len(dec) and not fits_window(model, int(dec.max()) + 1):
-        raise _NoPrefixCache(f"its sliding attention window ({sliding_window(model)} tokens) is shorter than the "
-                             f"longest prompt ({int(dec.max()) + 1} tokens)")
+        raise _NoPrefixCache(f"its sliding attention window ({sliding_window(model)} tokens) does not hold the "
+                             f"longest prompt ({int(dec.max()) + 1} tokens) with two slots to spare")
     bar = _progress(len(rows) * len(jobs), progress, "patch")
     for s in range(0, len(order), batch_size):
         pidx = order[s : s + batch_size]
@@ -697,7 +697,7 @@ def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str
     attribute is the number of singular directions kept.
 
     The split is the heads' own only where their concatenated outputs are no wider than the residual stream
-    (n_heads * head_dim <= d, as in Llama-style models). Wider ones (Gemma, Qwen3: e.g. 16 x 128 = 2048 over
+    (n_heads * head_dim <= d, as in Llama-style models). Wider ones (Gemma-7B, Qwen3-0.6B: e.g. 16 x 128 = 2048 over
     d = 1024) leave a null space of W in which any part can be moved between heads: the pseudo-inverse then gives
     the minimum-norm split, so a subset of heads takes parts of the other heads' change (a change planted in one
     head's queries of such a tiny model: the four unchanged heads' parts removed 36 % of its KL). A subset is
@@ -724,7 +724,7 @@ def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str
         return (c + (x - c) @ share).float().numpy()
 
     blend.rank = int((sv > rtol * sv[0]).sum())  # type: ignore[attr-defined]
-    blend.identified = W.shape[1] <= W.shape[0] or len(chosen) == H  # type: ignore[attr-defined]
+    blend.identified = W.shape[1] <= W.shape[0] or len(set(chosen)) == H  # type: ignore[attr-defined]
     if not blend.identified:  # type: ignore[attr-defined]
         warnings.warn(f"head blend at layer {layer}: the heads' outputs ({H} x {W.shape[1] // H} = {W.shape[1]}) are "
                       f"wider than the residual stream ({W.shape[0]}), so the split of a patch into heads' parts is "

@@ -391,9 +391,9 @@ def crosscoder_norm_shares(sae: TopKSAE, *, base_only: float = 0.1, tuned_only: 
 
     Counts n_base_only (r < base_only), n_tuned_only (r > tuned_only), n_shared (shared[0] <= r <= shared[1]),
     and a histogram over [0, 1]: rows {rel_norm_tuned (bin centre, 3 decimals), n_latents}. Every latent is
-    counted, dead ones too, and a dead latent keeps the share it was initialised with (about 0.5 under the joint
-    scale: "shared"); with `live` (bool, one per latent: fired on held-out rows) the same counts over the live
-    latents alone are added as n_*_live.
+    counted, dead ones too, and a dead latent's decoder stays near its initialisation (a share of about 0.5
+    under the joint scale: "shared"); with `live` (bool, one per latent: fired on held-out rows) the same counts
+    over the live latents alone are added as n_*_live.
     """
     if sae.n_blocks != 2:
         raise MechdiffError(f"decoder-norm shares need a crosscoder (n_blocks=2), got n_blocks={sae.n_blocks}")
