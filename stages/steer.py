@@ -1,6 +1,7 @@
 """Stage steer: steer the base toward the tuned model and ablate the change in the tuned model along k directions,
 sweeping k and alpha; effect on the target behaviour, side effects on neutral prompts, conditional steering."""
 
+import functools
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import numpy as np
 import mechdiff.pipeline as P
 from mechdiff.analysis.steer_eval import (
     conditional,
+    from_first,
     group_handles,
     make_arms,
     report_rows,
@@ -16,7 +18,7 @@ from mechdiff.analysis.steer_eval import (
     summarise,
     sweep,
 )
-from mechdiff.analysis.steering import collect_decision_acts
+from mechdiff.analysis.steering import collect_decision_acts, intervention
 from mechdiff.data.corpus import load_prompts, prompt_form
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
@@ -90,10 +92,19 @@ def main() -> None:
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
                                         "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
     grid, best_rows = [], []
+    def refit(which: str, handles: list, site: Site) -> np.ndarray:
+        """The fitting rows' activations at `site` with upstream handles acting (group_handles, several sites)."""
+        iv = intervention(handles, 1.0)
+        iv = from_first(iv) if s.from_token == "first" else iv
+        return collect_decision_acts(models[which][0], encs[which], fit_rows, [site], batch_size=s.batch_size,
+                                     intervene=iv)[site.name]
+
     for name, group in groups.items():
+        @functools.cache  # a several-site group refits through the models: once per k
         def handles_for(k: int, group=group) -> dict:
             return group_handles(group, acts["base"], acts["tuned"], k, source=s.source, n_target=n_t,
-                                 groups=target_groups, extra=extra, affine=s.affine, ablation=s.ablation)
+                                 groups=target_groups, extra=extra, affine=s.affine, ablation=s.ablation,
+                                 refit=refit)
 
         rows_g = sweep(arms, handles_for, s.k_sweep, s.alpha_grid, ppl_budget=s.ppl_budget, mc_budget=s.mc_budget,
                        progress=True, units=units.scoped(f"{name}/"))

@@ -4,6 +4,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from mechdiff.analysis.behaviour import greedy_continuations
 from mechdiff.analysis.steer_eval import (
@@ -176,3 +177,57 @@ def test_group_handles_skip_unchanged_sites_and_make_either_ablation():
         group_handles([same], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups)
     with pytest.raises(MechdiffError, match="steer.ablation"):
         group_handles([moved], Xb, Xt, 1, source="dim", n_target=n_t, groups=groups, ablation="zero")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layers_configuration_fits_each_handle_after_the_ones_upstream(arch):
+    """Known answer for `layers` (attn_out and mlp_out of a block, one handle each): a rank-2 change planted in
+    the last block's attention output, whose MLP then reads it. Steering the base's attention output already
+    turns its MLP output into the tuned model's, so an MLP handle fitted on the unintervened activations adds
+    that part a second time; fitted on the steered base (`refit`) it adds nothing more, and the configuration
+    reproduces (steer) and removes (ablate) the change like the single attn_out handle does: KL share 1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mechdiff.analysis.behaviour import decision_logits
+    from mechdiff.stats.kl import kl_divergence
+
+    texts = random_texts(120, hi=12)
+    tok = make_tiny_tokenizer(texts, extra_words=WORDS)
+    if arch == "llama":
+        base = make_tiny_model(len(tok), n_layers=4, d_model=32, seed=0)
+    else:
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=4, n_head=4, n_positions=128)).eval()
+    with torch.no_grad():  # larger weights: the MLP reacts visibly to the edit
+        for p in base.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    tuned = copy.deepcopy(base)
+    plant_edit(tuned, layer=3, kind="attn_out", rank=2, scale=6.0, seed=1)
+    enc = encode(tok, texts)
+    fit, test = np.arange(80), np.arange(80, 120)
+    group = site_group("layers", [3])
+    models = {"base": base, "tuned": tuned}
+    acts = {w: collect_decision_acts(m, enc, fit, group) for w, m in models.items()}
+
+    def refit(which, handles, site):
+        return collect_decision_acts(models[which], enc, fit, [site], intervene=intervention(handles, 1.0))[site.name]
+
+    lb, lt = decision_logits(base, enc, test), decision_logits(tuned, enc, test)
+    gap_s, gap_a = kl_divergence(lt, lb).mean(), kl_divergence(lb, lt).mean()
+
+    def shares(h):
+        ls = decision_logits(base, enc, test, intervene=intervention(h["steer"], 1.0))
+        la = decision_logits(tuned, enc, test, intervene=intervention(h["ablate"], 1.0))
+        return 1 - kl_divergence(lt, ls).mean() / gap_s, 1 - kl_divergence(lb, la).mean() / gap_a
+
+    for k in (2, 4):
+        h = group_handles(group, acts["base"], acts["tuned"], k, source="delta", n_target=80, groups=["g"] * 80,
+                          refit=refit)
+        assert [x.site for x in h["steer"]] == group
+        steer, ablate = shares(h)
+        assert steer > 0.999 and ablate > 0.999, (k, steer, ablate)
+    # the same handles fitted on the unintervened activations count the MLP's part twice
+    twice = shares(group_handles(group, acts["base"], acts["tuned"], 2, source="delta", n_target=80,
+                                 groups=["g"] * 80))
+    assert min(twice) < 0.995, twice

@@ -36,6 +36,7 @@ from mechdiff.analysis.steering import (
     dim_directions,
     fit_gate,
     fit_handle,
+    forward_key,
     gap_closed,
     intervention,
     mean_ablation_handle,
@@ -379,26 +380,47 @@ def directions_for(source: str, k: int, site: Site, delta: np.ndarray, *, n_targ
 ABLATIONS = ("fitted", "mean")  # how the ablate handles are made: `fit_handle` tuned -> base, or `mean_ablation_handle`
 
 
+# (model "base" | "tuned", handles acting upstream, site) -> that model's decision-token activations at the site
+# (fitting rows, in order) with the handles applied: what `group_handles` fits a downstream handle on
+Refit = Callable[[str, list[Handle], Site], np.ndarray]
+
+
 def group_handles(group: Sequence[Site], acts_base: dict[str, np.ndarray], acts_tuned: dict[str, np.ndarray], k: int,
                   *, source: str, n_target: int, groups: Sequence[str], extra: dict[str, Any] | None = None,
-                  affine: bool = True, ablation: str = "fitted") -> dict[str, list[Handle]]:
+                  affine: bool = True, ablation: str = "fitted", refit: Refit | None = None
+                  ) -> dict[str, list[Handle]]:
     """The steer and ablate handles of one configuration at rank k: per site of `group`, directions from `source`
     (`directions_for`) on the change tuned - base of the fitting rows (`acts_*[site.name]`, target rows first), a
     steer handle fitted base -> tuned and an ablate handle (`ablation`: fitted tuned -> base, or the directional
     ablation to the base mean). A site where the two models' activations are identical on every fitting row (a
     layer before the change, or a site the change bypasses, e.g. a parallel-residual MLP) gets no handle: there
-    is nothing to steer there. {"steer": [...], "ablate": [...]}; an error when no site of the group changed."""
+    is nothing to steer there. {"steer": [...], "ablate": [...]}; an error when no site of the group changed.
+
+    With several sites, a site downstream of another's handle already sees part of the change through it (an
+    MLP reads its block's steered attention output), so fitting every handle on the unintervened activations
+    would count that part twice. With `refit`, the sites are taken in forward order and each later one is
+    fitted on its model's activations with the earlier handles applied (`refit(model, handles, site)`): the
+    steer handle on the steered base against the tuned model, the ablate handle on the ablated tuned model
+    against the base. Without it (one site, or a caller that cannot run the models), every site is fitted on
+    the unintervened activations."""
     if ablation not in ABLATIONS:
         raise MechdiffError(f"steer.ablation {ablation!r}: choose {' or '.join(ABLATIONS)}")
     out: dict[str, list[Handle]] = {"steer": [], "ablate": []}
-    for site in group:
+    for site in sorted(group, key=forward_key):
         Xb, Xt = acts_base[site.name], acts_tuned[site.name]
         if np.array_equal(Xb, Xt):
             continue
-        V = directions_for(source, k, site, Xt - Xb, n_target=n_target, groups=groups, extra=extra)
-        out["steer"].append(fit_handle(site, V, Xb, Xt, affine=affine))
-        out["ablate"].append(fit_handle(site, V, Xt, Xb, affine=affine) if ablation == "fitted"
-                             else mean_ablation_handle(site, V, Xb))
+        fb, ft = Xb, Xt  # the steer handle maps fb -> Xt, the ablate handle ft -> Xb
+        if refit is not None and out["steer"]:
+            fb, ft = refit("base", out["steer"], site), refit("tuned", out["ablate"], site)
+        V = directions_for(source, k, site, Xt - fb, n_target=n_target, groups=groups, extra=extra)
+        out["steer"].append(fit_handle(site, V, fb, Xt, affine=affine))
+        if ablation == "fitted":
+            Va = V if ft is Xt else directions_for(source, k, site, ft - Xb, n_target=n_target, groups=groups,
+                                                   extra=extra)
+            out["ablate"].append(fit_handle(site, Va, ft, Xb, affine=affine))
+        else:
+            out["ablate"].append(mean_ablation_handle(site, V, Xb))
     if not out["steer"]:
         raise MechdiffError(f"the tuned model equals the base at every site of {', '.join(s.name for s in group)} on "
                             "the fitting prompts: nothing to steer there; choose sites after the change (steer.sites, "
@@ -484,7 +506,7 @@ def report_rows(grid: list[dict[str, Any]], best: list[dict[str, Any]], metrics:
     return k_rows, alpha_rows
 
 
-__all__ = ["ABLATIONS", "Arm", "Neutral", "choose", "conditional", "directions_for", "from_first", "group_handles",
+__all__ = ["ABLATIONS", "Arm", "Neutral", "Refit", "choose", "conditional", "directions_for", "from_first", "group_handles",
            "make_arms", "report_rows",
            "robustness", "summarise", "evaluate", "gap_share", "kl_share", "site_group", "sweep",
            "within_budget"]

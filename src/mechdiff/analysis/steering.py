@@ -123,7 +123,8 @@ def _orthonormal(V: Any, what: str) -> np.ndarray:
     return v
 
 
-def _forward_key(site: Site) -> tuple[int, int]:
+def forward_key(site: Site) -> tuple[int, int]:
+    """Sort key of sites in the order a forward pass reaches them (layer, then resid_pre, attn_out, ...)."""
     return site.layer, FORWARD_ORDER[site.kind]
 
 
@@ -441,8 +442,8 @@ def intervention(handles: Sequence[Handle], alpha: float, *, gate: Gate | None =
         if not isinstance(gate, Gate):
             raise MechdiffError(f"gate must be a steering.Gate, got {type(gate).__name__}")
         if hs:
-            first = min((h.site for h in hs), key=_forward_key)
-            if _forward_key(gate.site) > _forward_key(first):
+            first = min((h.site for h in hs), key=forward_key)
+            if forward_key(gate.site) > forward_key(first):
                 raise MechdiffError(f"gate site {gate.site.name} comes after the first handle site {first.name}: "
                                     "the gate must read its activation before any handle modifies the forward")
 
@@ -510,8 +511,12 @@ def _intervene(model: nn.Module, start: torch.Tensor, hs: list[Handle], alpha: f
 
 
 def collect_decision_acts(model: nn.Module, enc: Encoded, rows: Any, sites: Sequence[Site | str], *,
-                          batch_size: int = 16) -> dict[str, np.ndarray]:
-    """{site name: (len(rows), d) float64} activations at each prompt's decision token, in `rows` order."""
+                          batch_size: int = 16, intervene: Intervene | None = None) -> dict[str, np.ndarray]:
+    """{site name: (len(rows), d) float64} activations at each prompt's decision token, in `rows` order.
+
+    With `intervene` (an `intervention`), read while it acts from each prompt's decision token on (an
+    intervention wrapped by `steer_eval.from_first` acts from the first token): what a site downstream of
+    the intervention's handles sees. Full forwards then, without the shared-opening cache."""
     if not isinstance(enc, Encoded):
         raise MechdiffError(f"enc must be a mechdiff.model.tokens.Encoded, got {type(enc).__name__}")
     r = np.asarray(rows, dtype=np.int64).ravel()
@@ -529,10 +534,15 @@ def collect_decision_acts(model: nn.Module, enc: Encoded, rows: Any, sites: Sequ
     sub = Encoded([enc.ids[i] for i in r], [enc.decision[i] for i in r], enc.pad)
     out: dict[str, np.ndarray] = {}
     # the prompts' shared opening (a chat template's) runs once when there are enough prompts to pay for it
-    pre = SharedPrefix.checked(model, sub, ss, pass_mask=True, device=device) if r.size > 2 * batch_size else None
+    pre = SharedPrefix.checked(model, sub, ss, pass_mask=True, device=device) \
+        if r.size > 2 * batch_size and intervene is None else None
     P = pre.n if pre is not None else 0
     for pos_rows, ids, mask, pos in batches(sub, np.arange(r.size), batch_size, sub.pad, device):
-        acts, _ = pre.capture(model, ids, mask, ss) if pre is not None else capture(model, ids, mask, ss)
+        if intervene is not None:
+            with intervene(model, pos):
+                acts, _ = capture(model, ids, mask, ss)
+        else:
+            acts, _ = pre.capture(model, ids, mask, ss) if pre is not None else capture(model, ids, mask, ss)
         ar = torch.arange(len(pos_rows), device=device)
         for s in ss:
             a = acts[s.name][ar, pos - P].double().cpu().numpy()
@@ -579,6 +589,6 @@ def choose_alpha(alphas: Sequence[float], dev_effects: Sequence[float], within_b
 
 __all__ = [
     "FORWARD_ORDER", "Gate", "Handle", "Intervene", "choose_alpha", "collect_decision_acts", "delta_directions",
-    "dim_directions", "fit_gate", "fit_handle", "gap_closed", "intervention", "mean_ablation_handle",
+    "dim_directions", "fit_gate", "fit_handle", "forward_key", "gap_closed", "intervention", "mean_ablation_handle",
     "mean_difference", "min_k_within", "sae_directions", "shift", "svd_basis", "transport_directions",
 ]
