@@ -412,7 +412,9 @@ def group_handles(group: Sequence[Site], acts_base: dict[str, np.ndarray], acts_
             continue
         fb, ft = Xb, Xt  # the steer handle maps fb -> Xt, the ablate handle ft -> Xb
         if refit is not None and out["steer"]:
-            fb, ft = refit("base", out["steer"], site), refit("tuned", out["ablate"], site)
+            fb = refit("base", out["steer"], site)
+            if ablation == "fitted":  # a mean ablation reads only the base activations
+                ft = refit("tuned", out["ablate"], site)
         V = directions_for(source, k, site, Xt - fb, n_target=n_target, groups=groups, extra=extra)
         out["steer"].append(fit_handle(site, V, fb, Xt, affine=affine))
         if ablation == "fitted":
