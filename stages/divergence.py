@@ -27,7 +27,8 @@ def main() -> None:
     base, tuned = stores["base"], stores["tuned"]
     prompts = kept_prompts()
 
-    cka = cka_by_site(base, tuned, n_boot=d.n_boot, seed=p.seed)
+    units = P.stage_units("divergence")  # an interrupted run resumes each site's CKA and each finished direction
+    cka = cka_by_site(base, tuned, n_boot=d.n_boot, seed=p.seed, units=units)
     resid = {r["site"]: Site.parse(r["site"]).kind == "resid_post" for r in cka}
     write_csv(P.plot("cka.csv"), [r for r in cka if resid[r["site"]]])
     write_csv(P.plot("cka_sites.csv"), [r for r in cka if not resid[r["site"]]])
@@ -45,15 +46,16 @@ def main() -> None:
         rows = pick_rows(prompts, split="val", n=d.layer_patch_prompts, seed=p.seed)
         train = pick_rows(prompts, split="train")
         layer_sites = [s for s in map(Site.parse, base.sites) if s.kind == "resid_post"]
-        results = {}
-        for direction, (src, dst) in LAYER_PATCH_DIRECTIONS.items():
+
+        def one_direction(src: str, dst: str):
             model, tok = load_saved(P.model_dir(dst), dtype=p.pair.dtype)
             pack_for_inference(model)
             enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
-            results[direction] = layer_patch_direction(model, enc, stores[src], stores[dst], layer_sites, rows, train,
-                                                       allowed=allowed[dst], allowed_src=allowed[src],
-                                                       batch_size=p.extract.batch_size)
-            del model
+            return layer_patch_direction(model, enc, stores[src], stores[dst], layer_sites, rows, train,
+                                         allowed=allowed[dst], allowed_src=allowed[src], batch_size=p.extract.batch_size)
+
+        results = {direction: units(f"layer_patch/{direction}", lambda src=src, dst=dst: one_direction(src, dst))
+                   for direction, (src, dst) in LAYER_PATCH_DIRECTIONS.items()}
         lp_rows, metrics["layer_patch"] = layer_patch_table(results)
         flip_rows, metrics["layer_patch_decisions"] = layer_patch_decisions(results)
     write_csv(P.plot("layer_patch.csv"), lp_rows)
@@ -65,6 +67,7 @@ def main() -> None:
                         "cka_lowest_site": low, "cka_top_layers": most_changed_layers(metrics["cka"]),
                         "layer_patch_layer": kl_onset(metrics.get("layer_patch", {}).get("base_into_tuned", {}))}
     write_json(P.metric("divergence.json"), metrics)
+    units.done()
     print(f"divergence: KL cultural {metrics['kl'].get('cultural', np.nan):.4f} "
           f"control {metrics['kl'].get('control', np.nan):.4f}")
     for direction, dd in metrics.get("layer_patch_decisions", {}).items():

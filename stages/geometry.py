@@ -3,6 +3,7 @@ vectors, hierarchical orthogonality with controls, separation, the children's po
 interventions, context vectors), and how the pair
 differs; saves each model's vectors and the H-SAE teacher directions."""
 
+import functools
 import time
 
 import numpy as np
@@ -67,24 +68,29 @@ def main() -> None:
     t0 = time.time()
     concepts = hierarchy(load_concepts(p.data.dir))
     geos, metrics = {}, {}
-    for which in ("base", "tuned"):
+    units = P.stage_units("geometry")  # an interrupted run resumes each model's finished geometry
+
+    def one_model(which: str) -> tuple:
         model, tok = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         pack_for_inference(model, avx512_fp32=False)  # numbers as unpacked on Intel AVX-512 fp32
         geo = model_geometry(model, tok, concepts, method=g.estimator, test_frac=g.test_frac, seed=p.seed,
                              prompts=g.prompts, steer_scale=g.steer_scale, batch_size=g.batch_size)
+        return geo, teacher_arrays(geo, model)
+
+    for which in ("base", "tuned"):
+        geo, teacher = units(f"model/{which}", functools.partial(one_model, which))
         geos[which] = geo
         metrics[which] = geo.summary
         names = geo.cs.names
         out = P.geometry_file(which)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, names=np.array(names), vectors=np.stack([geo.vectors[n] for n in names]),
-                 **teacher_arrays(geo, model))
+                 **teacher)
         s = geo.summary
         print(f"geometry: {which}: {s['coverage']['words']}/{s['coverage']['words_total']} words single tokens, "
               f"median child angle {_fmt(s['median_child'])} deg (random parents "
               f"{_fmt(s['controls']['random_parents']['median_child'])}), separation AUC {_fmt(s['separation_auc'])}, "
               f"children at their own vertex {_fmt(s['polytope']['accuracy'])} (chance {_fmt(s['polytope']['chance'])})")
-        del model
     pair, pair_rows = compare_pair(geos["base"], geos["tuned"])
     metrics["pair"] = pair
     metrics["seconds"] = time.time() - t0
@@ -109,6 +115,7 @@ def main() -> None:
                for w, geo in geos.items() for r in geo.separation])
     print(f"geometry: pair: min unembedding cos {_fmt(pair['min_cos_unembedding'])}, median context cos "
           f"{_fmt(pair['median_cos_context'])}, most moved {pair['most_moved'][:3]}")
+    units.done()
 
 
 if __name__ == "__main__":

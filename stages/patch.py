@@ -1,6 +1,8 @@
 """Stage patch: raw vs mapped patch KL per site, rank-k and alpha sweeps, min_k and the saturation rank; at attn_out
 sites optionally per head through pinv(W_o) (`patch.attn_heads`)."""
 
+import functools
+
 import mechdiff.pipeline as P
 from mechdiff.analysis.patching import head_blend, rank_alpha_sweep, reference_logits
 from mechdiff.analysis.transport import load_map
@@ -25,7 +27,16 @@ def main() -> None:
     pack_for_inference(model)  # CPU: linear layers on weights packed once (mechdiff.model.kernels)
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     _, allowed = allowed_ids()
-    ref = reference_logits(model, enc, rows, batch_size=pp.batch_size)
+    units = P.stage_units("patch")  # an interrupted run resumes the reference logits and each finished site
+    ref = functools.cache(lambda: units("ref", lambda: reference_logits(model, enc, rows, batch_size=pp.batch_size)))
+
+    def sweep_site(site: Site, name: str, blend) -> tuple[list, list, dict]:
+        return rank_alpha_sweep(
+            model, enc, rows, site, load_map(P.map_dir(name)), base.read(name, "last", rows), ranks=pp.ranks,
+            alphas=pp.alphas, rank=p.rank, alpha=p.alpha, target_drop=pp.target_drop, allowed=allowed,
+            datasets=[prompts[r].dataset for r in rows], n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size,
+            ref_logits=ref(), saturation=pp.saturation, blend=blend)
+
     metrics: dict = {}
     rank_rows, alpha_rows = [], []
     heads, tuned = None, None
@@ -47,12 +58,8 @@ def main() -> None:
             if blend.rank < d:
                 print(f"patch: {site_name}: the output projection's split keeps {blend.rank} of {d} directions; "
                       "the rest of each patch vector is not patched")
-        ranks, alphas, metrics[site_name] = rank_alpha_sweep(
-            model, enc, rows, site, load_map(P.map_dir(site_name)),
-            base.read(site_name, "last", rows), ranks=pp.ranks, alphas=pp.alphas, rank=p.rank, alpha=p.alpha,
-            target_drop=pp.target_drop, allowed=allowed, datasets=[prompts[r].dataset for r in rows],
-            n_boot=pp.n_boot, seed=p.seed, batch_size=pp.batch_size, ref_logits=ref, saturation=pp.saturation,
-            blend=blend)
+        ranks, alphas, metrics[site_name] = units(f"site/{site_name}", functools.partial(sweep_site, site, site_name,
+                                                                                     blend))
         if blend is not None:
             metrics[site_name]["attn_pinv_rank"] = blend.rank  # singular directions of W_o the split keeps
             if not blend.identified:  # heads wider than the stream: a subset's parts are not its own
@@ -68,6 +75,7 @@ def main() -> None:
     plot_series(P.plot("rank_k.csv"), P.plot("rank_k.png"), x="k", y="kl_drop", group="site",
                 title=f"KL drop % of the mapped patch vs rank k (alpha={p.alpha})", logx=True)
     write_json(P.metric("patch.json"), metrics)
+    units.done()
 
 
 if __name__ == "__main__":

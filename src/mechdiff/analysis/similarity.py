@@ -19,6 +19,7 @@ import torch
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
+from mechdiff.resume import compute_all
 from mechdiff.stats.bootstrap import mean_ci, rows_ci
 from mechdiff.stats.checks import as_f64, matrix
 from mechdiff.stats.kl import allowed_index, kl_divergence
@@ -118,16 +119,15 @@ def cka_bootstrap(
 
 
 def cka_by_site(base: Any, tuned: Any, *, views: Sequence[str] = ("last", "mean"), n_boot: int = 200,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> list[dict]:
     """One record per site of two stores: {'layer', 'site', 'cka_<view>', 'cka_<view>_lo', 'cka_<view>_hi'}.
 
     `base` and `tuned` are activation stores (anything with `.sites` and `.read(site, view)`); sites are those
-    of `base`, in its order; each CKA has a percentile bootstrap CI over prompts (`cka_bootstrap`).
+    of `base`, in its order; each CKA has a percentile bootstrap CI over prompts (`cka_bootstrap`). `units`
+    (`resume.Units`) keeps each site's record as it finishes, so an interrupted run resumes.
     """
-    out = []
-    for name in base.sites:
-        site = Site.parse(name)
-        rec: dict[str, Any] = {"layer": site.layer, "site": name}
+    def record(name: str) -> dict[str, Any]:
+        rec: dict[str, Any] = {"layer": Site.parse(name).layer, "site": name}
         for view in views:
             try:
                 c, lo, hi = cka_bootstrap(base.read(name, view), tuned.read(name, view), n_boot=n_boot, seed=seed)
@@ -135,8 +135,9 @@ def cka_by_site(base: Any, tuned: Any, *, views: Sequence[str] = ("last", "mean"
                 where = " / ".join(str(getattr(st, "path", "")) for st in (base, tuned) if getattr(st, "path", ""))
                 raise MechdiffError(f"CKA at {name}/{view}{f' ({where})' if where else ''}: {e}") from e
             rec.update({f"cka_{view}": c, f"cka_{view}_lo": lo, f"cka_{view}_hi": hi})
-        out.append(rec)
-    return out
+        return rec
+
+    return [units(f"cka/{name}", lambda name=name: record(name)) for name in base.sites]
 
 
 def next_token_kl(p_logits: Any, q_logits: Any, allowed_p: Any = None, allowed_q: Any = None) -> np.ndarray:
