@@ -69,12 +69,14 @@ def main() -> None:
                       max_features=g.max_features, min_effect=g.min_effect, min_kl=g.min_kl, d_min=g.d_min,
                       sd_max=g.sd_max, side_budget=g.side_budget, ccis_min=g.ccis_min, alpha=g.alpha,
                       n_perm=g.n_perm, seed=p.seed)
-    res = run_gates(inp, st, progress=lambda m: print(f"gates: {m}", flush=True))
+    units = P.stage_units("gates")  # an interrupted run resumes each measured feature
+    res = run_gates(inp, st, progress=lambda m: print(f"gates: {m}", flush=True), units=units)
     res.seconds["stage"] = time.time() - t0
     write_csv(P.plot("gates_funnel.csv"), res.funnel_rows())
     write_csv(P.plot("gates_features.csv"), [{"source": r["source"], "layer": g.layer, **r} for r in res.features])
     write_csv(P.plot("gates_corruptions.csv"), res.corruption_rows)
     write_json(P.metric("gates.json"), res.metrics_json())
+    units.done()
     print(f"gates: funnel {res.funnel}; {res.n_ccis} features with CCIS > {g.ccis_min} at p < {g.alpha} "
           f"({time.time() - t0:.0f}s)")
 

@@ -38,13 +38,15 @@ def main() -> None:
     base, tuned = P.open_stores()
     prompts = P.kept_prompts()
     saes = {(src, layer): load_sae(P.sae_dir(src, layer)) for layer in s.layers for src in s.sources}
-    run = run_probes(base, tuned, prompts, saes, input_embedding_matrix, settings, progress=print, t0=t0)
+    units = P.stage_units("probes")  # an interrupted run resumes each finished family of probes
+    run = run_probes(base, tuned, prompts, saes, input_embedding_matrix, settings, progress=print, t0=t0, units=units)
     run.metrics["seconds"] = time.time() - t0
 
     write_csv(P.plot("probes_layers.csv"), layer_table(run.rows))
     write_csv(P.plot("probes_sparse.csv"), run.sparse_rows)
     plot_layers(run.rows, P.plot("probes_layers.png"))
     write_json(P.metric("probes.json"), run.metrics)
+    units.done()
     print(f"probes: done in {time.time() - t0:.0f}s")
 
 

@@ -28,6 +28,7 @@ causal pool. Definitions in docs/ALGORITHMS.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from mechdiff.analysis.features import cohens_d, decoder_dirs
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, edit_at, keep_block_outputs, read_at, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches
+from mechdiff.resume import compute_all
 from mechdiff.sae.sources import encode_rows, first_position, read_source, rows_of
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
@@ -402,9 +404,10 @@ def cheap_gates(inp: GateInputs, st: GateSettings) -> dict[str, dict[str, np.nda
     return out
 
 
-def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: Callable[[str], None] | None = None
-              ) -> GateResults:
-    """The whole funnel (module docstring): cheap gates on every feature, model-based gates on the survivors."""
+def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: Callable[[str], None] | None = None,
+              units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> GateResults:
+    """The whole funnel (module docstring): cheap gates on every feature, model-based gates on the survivors.
+    `units` (`resume.Units`) keeps each measured feature's result, so an interrupted run resumes."""
     import time
 
     say = progress or (lambda _m: None)
@@ -427,13 +430,13 @@ def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: C
     res.seconds["cheap"] = time.time() - t0
     say(f"cheap gates: {res.funnel}")
     if cand:
-        _model_gates(inp, st, cheap, cand, res, say)
+        _model_gates(inp, st, cheap, cand, res, say, units)
     res.seconds["total"] = time.time() - t0
     return res
 
 
 def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res: GateResults,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> None:
     """Causal sufficiency on the pool for every measured feature; corruptions and side effects for the features
     that pass it or whose CCIS could still exceed ccis_min (effect x identifiability / eps > ccis_min, p < alpha);
     the others get NaN there and their CCIS upper bound."""
@@ -488,7 +491,10 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
         return _latents(inp.saes[src], X, [feat], skip)[..., 0]
 
     nan = float("nan")
-    for var, src, feat in cand:
+
+    def measure(var: float, src: str, feat: int) -> tuple[dict, list[dict]]:
+        """One measured feature: its row and its corruption rows."""
+        cor_rows: list[dict] = []
         t1 = time.time()
         mdl = _model_of(src)
         contrib = feature_contribution(inp.saes[src], feat)
@@ -536,16 +542,21 @@ def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res
                         "neutral_signature_ablated": rate_a, "mc_acc_clean": acc_c, "mc_acc_ablated": acc_a,
                         "task_loss": task, "side_ok": side, "illusion": illusion, "ccis": score, "measured": True})
             for meth, d in cc["d"].items():
-                res.corruption_rows.append({"source": src, "feature": feat, "method": meth, "d": d})
+                cor_rows.append({"source": src, "feature": feat, "method": meth, "d": d})
         else:  # cannot pass the causal gate nor reach ccis_min: the costly measurements are skipped
             row.update({**{f"d_{m}": nan for m in inp.corrupted}, "mean_d": nan, "sd_d": nan, "consistent": False,
                         "neutral_kl": nan, "neutral_signature_clean": nan, "neutral_signature_ablated": nan,
                         "mc_acc_clean": nan, "mc_acc_ablated": nan, "task_loss": nan, "side_ok": False,
                         "illusion": nan, "ccis": nan, "measured": False})
         row["ccis_significant"] = bool(row["measured"] and row["ccis"] > st.ccis_min and p_val < st.alpha)
-        res.features.append(row)
         say(f"{src}:{feat} effect {effect:.3f} kl {kl_mine:.4f} p {p_val:.4f} ccis "
             f"{row['ccis']:.2f} (upper {upper:.2f}) ({time.time() - t1:.1f}s)")
+        return row, cor_rows
+
+    for var, src, feat in cand:
+        row, cor_rows = units(f"feature/{src}/{feat}", functools.partial(measure, var, src, feat))
+        res.features.append(row)
+        res.corruption_rows += cor_rows
     rows = res.features
     res.funnel["causal"] = sum(r["causal"] for r in rows)
     res.funnel["consistent"] = sum(r["causal"] and r["consistent"] for r in rows)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from mechdiff.analysis.probes import (
 from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
+from mechdiff.resume import compute_all
 from mechdiff.sae.sources import first_position, prompt_feature_means, read_source, rows_of
 
 MODELS = ("base", "tuned")
@@ -206,11 +208,14 @@ def _summary_line(name: str, d: dict) -> str:
 
 def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping[tuple[str, int], object],
                embeddings: Callable[[str], np.ndarray], st: ProbeRunSettings, *,
-               progress: Callable[[str], None] | None = None, t0: float | None = None) -> ProbeRun:
+               progress: Callable[[str], None] | None = None, t0: float | None = None,
+               units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> ProbeRun:
     """The whole probes run. `prompts` are the stores' rows in order; `saes` maps (source, layer) to a loaded SAE
     (visited in that order; the base and tuned SAEs of the first of `st.sae_layers` give the feature targets);
     `embeddings(model)` is that model's input-embedding matrix (vocab, d), called only for embedding -> feature.
-    `progress` receives one line per step, with the seconds since `t0` (default: the call)."""
+    `progress` receives one line per step, with the seconds since `t0` (default: the call). `units`
+    (`resume.Units`) keeps each finished step (each family of probes, the controls, the SAE quality), so an
+    interrupted run resumes."""
     t0 = time.time() if t0 is None else t0
     say = progress or (lambda _: None)
     stores = {"base": base, "tuned": tuned}
@@ -241,23 +246,27 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     reader = CachedReader(stores)
     kw = {"models": MODELS, "compare_sites": compare, "estimators": st.estimators, "settings": s, "layer_of": _layer,
           "progress": progress is not None}
-    rows = probe_by_layer(tasks, sites, reader.view(st.view), **kw)
+    rows = units("concept", lambda: probe_by_layer(tasks, sites, reader.view(st.view), **kw))
     say(f"probes: hidden -> concept: {len(tasks)} tasks x {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
     if concat:
-        rows += probe_by_layer(tasks, [concat], concat_reader(stores, concat_layers, st.view), models=MODELS,
-                               settings=s, layer_of=lambda _: CONCAT_LAYER, progress=progress is not None)
+        rows += units("concat", lambda: probe_by_layer(
+            tasks, [concat], concat_reader(stores, concat_layers, st.view), models=MODELS, settings=s,
+            layer_of=lambda _: CONCAT_LAYER, progress=progress is not None))
         say(f"probes: hidden -> concept on {concat} side by side ({time.time() - t0:.0f}s)")
     if ftasks:
-        rows += probe_by_layer(ftasks, sites, reader.view(st.feature_view), **kw)
+        rows += units("feature", lambda: probe_by_layer(ftasks, sites, reader.view(st.feature_view), **kw))
         say(f"probes: hidden -> feature: {len(sites)} layers x 2 models ({time.time() - t0:.0f}s)")
         if st.embedding:
-            emb = {m: mean_token_embeddings(embeddings(m), stores[m].index("tok_id"), stores[m].index("tok_prompt"),
-                                            stores[m].index("tok_pos"), stores[m].n,
-                                            first=first_position(stores[m])) for m in MODELS}
-            et = feature_task(prompts, {m: feats[m, feat_layer] for m in MODELS}, n_features=st.n_features,
-                              strategy="embedding->feature", name=ftasks[0].name)
-            erows = probe_by_layer([et], [EMBED], lambda m, _: emb[m], models=MODELS, settings=s,
-                                   layer_of=lambda _: -1)
+            def embedding_rows() -> list[dict]:
+                emb = {m: mean_token_embeddings(embeddings(m), stores[m].index("tok_id"),
+                                                stores[m].index("tok_prompt"), stores[m].index("tok_pos"),
+                                                stores[m].n, first=first_position(stores[m])) for m in MODELS}
+                et = feature_task(prompts, {m: feats[m, feat_layer] for m in MODELS}, n_features=st.n_features,
+                                  strategy="embedding->feature", name=ftasks[0].name)
+                return probe_by_layer([et], [EMBED], lambda m, _: emb[m], models=MODELS, settings=s,
+                                      layer_of=lambda _: -1)
+
+            erows = units("embedding", embedding_rows)
             rows += erows
             say("probes: embedding -> feature: " + ", ".join(f"{r['model']} R^2 {r['test']:.3f}" for r in erows))
     for r in rows:
@@ -269,10 +278,16 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
     hidden_rows = [r for r in rows if r["layer"] >= 0]  # one layer each: not the embedding or concatenated rows
     summary = summarise(hidden_rows, tasks + ftasks, models=MODELS, compare_sites=compare)
     if compare:
-        for t in tasks + ftasks:
-            view = st.view if t.strategy == "hidden->concept" else st.feature_view
-            summary[t.name]["shuffled_test"] = {m: shuffled_control(t, stores[m].read(compare[0], view), m,
-                                                                    settings=s) for m in MODELS}
+        def shuffled() -> dict[str, dict]:
+            out = {}
+            for t in tasks + ftasks:
+                view = st.view if t.strategy == "hidden->concept" else st.feature_view
+                out[t.name] = {m: shuffled_control(t, stores[m].read(compare[0], view), m, settings=s)
+                               for m in MODELS}
+            return out
+
+        for name, got in units("shuffled", shuffled).items():
+            summary[name]["shuffled_test"] = got
     for t in ftasks:
         summary[t.name]["features"] = t.info["features"]
         emb_rows = [r for r in rows if r["site"] == EMBED and r["task"] == t.name]
@@ -288,7 +303,8 @@ def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping
         say(_summary_line(name, d))
 
     # SAE quality: sparse probing (SAEBench) and relative reconstruction bias on the test prompts' token rows
-    sparse_rows, sparse, bias = sae_quality(feats, saes, base, tuned, prompts, st, progress=progress)
+    sparse_rows, sparse, bias = units("sae_quality",
+                                      lambda: sae_quality(feats, saes, base, tuned, prompts, st, progress=progress))
     metrics["sparse_probing"] = sparse
     metrics["reconstruction_bias"] = bias
     return ProbeRun(rows=rows, sparse_rows=sparse_rows, metrics=metrics)
