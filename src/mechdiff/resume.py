@@ -21,6 +21,9 @@ from typing import Any
 
 MARK = "mechdiff_run.json"
 
+# what a library function takes as `units`: a `Units`, its `scoped` part, or `compute_all` (keep nothing)
+UnitsFn = Callable[[str, Callable[[], Any]], Any]
+
 
 def fingerprint(obj: Any) -> str:
     """A stable hash of JSON-able settings (what made an output)."""
@@ -171,7 +174,7 @@ class Units:
         self.computed += 1
         return value
 
-    def scoped(self, prefix: str) -> Callable[[str, Callable[[], Any]], Any]:
+    def scoped(self, prefix: str) -> UnitsFn:
         """These units under keys that start with `prefix` (one library call's units among the stage's)."""
         return lambda key, compute: self(prefix + key, compute)
 

@@ -28,7 +28,7 @@ from mechdiff.model.cache import cache_kv, empty_cache, expanded_cache, fits_win
 from mechdiff.model.memo import Memo
 from mechdiff.model.sites import find_blocks, get_body, head_logits, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches, encode, pad_id, right_pad, shared_prefix
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.stats.bootstrap import check_boot, mean_ci, mean_diff_ci
 from mechdiff.stats.checks import as_f64
 from mechdiff.stats.kl import allowed_index, log_softmax
@@ -706,7 +706,7 @@ def score_model(
     *, mc: dict[str, tuple[list[str], list[list[str]], list[int]]] | None = None,
     refs: dict[str, tuple[list[str], list[str]]] | None = None, allowed: Any | None = None, chat: bool = True,
     max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False, mc_score: str = "sum",
-    units: Callable[[str, Callable[[], Any]], Any] = compute_all,
+    units: UnitsFn = compute_all,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Per-record behaviour of one model: {(dataset, metric): values}.
 

@@ -24,7 +24,7 @@ from mechdiff.analysis.themes import (
     stability_note,
 )
 from mechdiff.errors import MechdiffError
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import check_paired, encode_rows, prompt_feature_means, source_rows
 
 
@@ -724,7 +724,7 @@ def decoder_themes_markdown(summary: dict, *, title: str | None = None) -> str:
 def analyse_features(layers: Sequence[int], load_saes: Callable[[int], dict], base: Any, tuned: Any,
                      prompts: Sequence[Any], decode: Callable[[int], str], *, view: str,
                      settings: FeatureSettings = FeatureSettings(),
-                     units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> FeatureResults:
+                     units: UnitsFn = compute_all) -> FeatureResults:
     """The feature analysis of every layer's SAEs (no crosscoder) at L<layer>.resid_post.
 
     Per layer: Type A/B/C (`sae_types`) on a row sample; per SAE the cultural-vs-control

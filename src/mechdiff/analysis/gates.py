@@ -42,7 +42,7 @@ from mechdiff.analysis.features import cohens_d, decoder_dirs
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, edit_at, keep_block_outputs, read_at, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import encode_rows, first_position, read_source, rows_of
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
@@ -405,7 +405,7 @@ def cheap_gates(inp: GateInputs, st: GateSettings) -> dict[str, dict[str, np.nda
 
 
 def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: Callable[[str], None] | None = None,
-              units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> GateResults:
+              units: UnitsFn = compute_all) -> GateResults:
     """The whole funnel (module docstring): cheap gates on every feature, model-based gates on the survivors.
     `units` (`resume.Units`) keeps each measured feature's result, so an interrupted run resumes."""
     import time
@@ -436,7 +436,7 @@ def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: C
 
 
 def _model_gates(inp: GateInputs, st: GateSettings, cheap: dict, cand: list, res: GateResults,
-                 say: Callable[[str], None], units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> None:
+                 say: Callable[[str], None], units: UnitsFn) -> None:
     """Causal sufficiency on the pool for every measured feature; corruptions and side effects for the features
     that pass it or whose CCIS could still exceed ccis_min (effect x identifiability / eps > ccis_min, p < alpha);
     the others get NaN there and their CCIS upper bound."""

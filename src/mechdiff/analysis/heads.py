@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from mechdiff.model.sites import (
     reuse_blocks,
 )
 from mechdiff.model.tokens import right_pad
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.stats.bootstrap import mean_ci
 from mechdiff.stats.kl import kl_divergence, log_softmax
 
@@ -402,7 +402,7 @@ class Patcher:
 
 
 def cumulative(patcher: Patcher, order: Sequence[tuple[int, int]], target: float, *,
-               progress: bool = False, units: Callable[[str, Callable[[], Any]], Any] = compute_all
+               progress: bool = False, units: UnitsFn = compute_all
                ) -> tuple[list[dict[str, float]], int | None]:
     """Patch the first 1, 2, 4, ... heads of `order` (and all of them) together; the fewest heads whose joint
     patch closes `target` of the gap (bisection between the powers of two; None when all heads do not).
@@ -449,7 +449,7 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 def diff_heads(base: nn.Module, tuned: nn.Module, batches: Sequence[Batch], *, z_threshold: float = 2.0,
                abs_threshold: float = 0.1, top_k: int = 10, n_patch: int = 10, n_random: int = 10,
                target_effect: float = 0.5, ig_steps: int = 0, rank_by: str = "pred", seed: int = 0,
-               progress: bool = False, units: Callable[[str, Callable[[], Any]], Any] = compute_all
+               progress: bool = False, units: UnitsFn = compute_all
                ) -> dict[str, Any]:
     """Attribution in both models, churn and overlap, single-head patching and zero ablation of the top heads and
     of a seeded random sample of the others, and the cumulative patching curve.

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from mechdiff.analysis.probes import (
 from mechdiff.data.store import ActStore
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import first_position, prompt_feature_means, read_source, rows_of
 
 MODELS = ("base", "tuned")
@@ -209,7 +208,7 @@ def _summary_line(name: str, d: dict) -> str:
 def run_probes(base: ActStore, tuned: ActStore, prompts: Sequence, saes: Mapping[tuple[str, int], object],
                embeddings: Callable[[str], np.ndarray], st: ProbeRunSettings, *,
                progress: Callable[[str], None] | None = None, t0: float | None = None,
-               units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> ProbeRun:
+               units: UnitsFn = compute_all) -> ProbeRun:
     """The whole probes run. `prompts` are the stores' rows in order; `saes` maps (source, layer) to a loaded SAE
     (visited in that order; the base and tuned SAEs of the first of `st.sae_layers` give the feature targets);
     `embeddings(model)` is that model's input-embedding matrix (vocab, d), called only for embedding -> feature.

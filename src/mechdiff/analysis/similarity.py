@@ -19,7 +19,7 @@ import torch
 
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.stats.bootstrap import mean_ci, rows_ci
 from mechdiff.stats.checks import as_f64, matrix
 from mechdiff.stats.kl import allowed_index, kl_divergence
@@ -119,7 +119,7 @@ def cka_bootstrap(
 
 
 def cka_by_site(base: Any, tuned: Any, *, views: Sequence[str] = ("last", "mean"), n_boot: int = 200,
-                seed: int = 0, units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> list[dict]:
+                seed: int = 0, units: UnitsFn = compute_all) -> list[dict]:
     """One record per site of two stores: {'layer', 'site', 'cka_<view>', 'cka_<view>_lo', 'cka_<view>_hi'}.
 
     `base` and `tuned` are activation stores (anything with `.sites` and `.read(site, view)`); sites are those

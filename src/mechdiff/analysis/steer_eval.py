@@ -47,7 +47,7 @@ from mechdiff.analysis.steering import (
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site
 from mechdiff.model.tokens import Encoded
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.stats.bootstrap import drop_pct, rows_ci
 
 
@@ -219,7 +219,7 @@ def site_group(name: str, layers: Sequence[int]) -> list[Site]:
 
 def sweep(arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list[Handle]]], ks: Sequence[int],
           alphas: Sequence[float], *, ppl_budget: float, mc_budget: float, progress: bool = False,
-          units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> list[dict[str, Any]]:
+          units: UnitsFn = compute_all) -> list[dict[str, Any]]:
     """Every (operation, k, alpha): dev and test effect, KL share and the side effects; one row each. `units`
     (`resume.Units`) keeps each row as it finishes, so an interrupted sweep resumes; the handles of a k are fitted
     only when one of its rows is still to compute."""
@@ -286,7 +286,7 @@ def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded]
               neutral_mc: dict[str, tuple[list[str], list[list[str]], list[int]]], patterns: Sequence[str], *,
               allowed: dict[str, np.ndarray | None], chat: bool, max_len: int, max_new_tokens: int, batch_size: int,
               from_token: str = "decision", neutral_tokens: int = 8,
-              units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> dict[str, Arm]:
+              units: UnitsFn = compute_all) -> dict[str, Arm]:
     """The steer arm (base, goal tuned) and the ablate arm (tuned, goal base), scored once without intervention.
 
     `rows` holds the target rows "dev" and "test" and the neutral rows "neutral_dev" and "neutral_test";

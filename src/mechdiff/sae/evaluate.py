@@ -7,7 +7,6 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from mechdiff.model.sites import (
     reuse_blocks,
 )
 from mechdiff.model.tokens import Encoded, batches
-from mechdiff.resume import compute_all
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.model import TopKSAE
 from mechdiff.sae.sources import first_position, read_source, rows_of, tokens_paired
 from mechdiff.stats.kl import kl_divergence
@@ -447,7 +446,7 @@ def check_sae(m: Mapping[str, float], width: int, criteria: Criteria) -> dict:
 def evaluate_saes(layers: Sequence[int], sources: Sequence[str], load: Callable[[str, int], TopKSAE], base, tuned,
                   val: np.ndarray, models: ModelLoader, *, view: str, batch_size: int,
                   criteria: Criteria | None = None, log: Callable[[str], None] = print,
-                  units: Callable[[str, Callable[[], Any]], Any] = compute_all) -> tuple[dict, list[dict]]:
+                  units: UnitsFn = compute_all) -> tuple[dict, list[dict]]:
     """Every SAE at L<layer>.resid_post on the held-out prompts `val`: `eval_sae` on its source's activations,
     `spliced_metrics` into the model(s) it was trained on (delta and crosscoder only when `tokens_paired`),
     and for a crosscoder `crosscoder_norm_shares`; with `criteria`, `check_sae`'s pass / fail.
