@@ -207,6 +207,10 @@ def test_effect_helpers():
     assert choose_alpha([0.5, 1.0, 2.0, 4.0], [0.2, 0.6, 0.6, 0.9], [True, True, True, False]) == 1.0
     assert choose_alpha([4.0, 2.0, 1.0], [0.9, 0.5, 0.1], [False, False, False]) == 1.0
     assert choose_alpha([1.0, 2.0], [np.nan, 0.3], [True, True]) == 2.0
+    # an overshoot counts as far from the goal as the same shortfall: 1.05 beats 0.9 and 1.5, 1.2 ties 0.8
+    assert choose_alpha([0.5, 1.0, 2.0], [0.9, 1.05, 1.5], [True, True, True]) == 1.0
+    assert choose_alpha([1.0, 2.0, 3.0], [0.8, 1.2, 2.0], [True, True, True]) == 1.0
+    assert choose_alpha([1.0, 2.0], [1.0, 1.0], [True, True]) == 1.0
 
 
 def test_fit_gate_predicts_and_evaluates_in_torch():

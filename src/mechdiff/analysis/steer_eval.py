@@ -248,7 +248,7 @@ def sweep(arms: dict[str, Arm], handles_for: Callable[[int], dict[str, list[Hand
 
 def choose(rows: list[dict[str, Any]], op: str, *, target: float, k: int | str = "auto"
            ) -> tuple[list[dict[str, Any]], int | None, int]:
-    """Per k of one operation: alpha chosen on dev (largest dev effect within budget); min k = the smallest k
+    """Per k of one operation: alpha chosen on dev (dev effect within budget closest to 1); min k = the smallest k
     whose test effect at its alpha reaches `target` within budget; the reported k = `k`, or min k when "auto"
     (the largest k when no k reaches the target). Returns (the chosen row per k, min k, reported k)."""
     mine = [r for r in rows if r["op"] == op]

@@ -55,8 +55,10 @@ Effect helpers: ``gap_closed(base_val, tuned_val, new_val) = (new - base) / (tun
 share of the base -> tuned gap the intervention closes; ablation: call gap_closed(tuned_val, base_val,
 new_val), the share of the change removed); NaN when |tuned - base| <= eps (`stats.bootstrap.drop_pct`'s
 floor: a share of nothing is undefined). ``min_k_within`` picks the smallest k reaching a target within
-budget; ``choose_alpha`` the alpha with the largest dev effect within budget (ties: the smaller alpha; none
-within budget, or none with a finite effect: the smallest alpha, the most conservative setting).
+budget; ``choose_alpha`` the alpha whose dev effect comes closest to the goal, 1 (the largest effect up to 1; an
+effect past 1 overshoots and counts as far from the goal as it lies beyond it, so 1.3 ranks with 0.7), within
+budget (ties: the smaller alpha; none within budget, or none with a finite effect: the smallest alpha, the most
+conservative setting).
 """
 
 from __future__ import annotations
@@ -575,7 +577,8 @@ def min_k_within(ks: Sequence[int], effects: Sequence[float], within_budget: Seq
 
 
 def choose_alpha(alphas: Sequence[float], dev_effects: Sequence[float], within_budget: Sequence[bool]) -> float:
-    """The alpha with the largest dev effect within budget (ties: smaller alpha); none within budget: the smallest."""
+    """The alpha whose dev effect within budget lies closest to 1, the goal model's value (|1 - effect|: an overshoot
+    past the goal is as far from it as the same shortfall; ties: smaller alpha); none within budget: the smallest."""
     if not len(alphas) == len(dev_effects) == len(within_budget) or len(alphas) == 0:
         raise MechdiffError(f"alphas, dev_effects and within_budget must be non-empty with one entry per alpha, got "
                             f"{len(alphas)}, {len(dev_effects)} and {len(within_budget)}")
@@ -584,7 +587,7 @@ def choose_alpha(alphas: Sequence[float], dev_effects: Sequence[float], within_b
           if bool(w) and e is not None and np.isfinite(e)]
     if not ok:
         return min(al)
-    return max(ok, key=lambda ea: (float(ea[0]), -ea[1]))[1]
+    return min(ok, key=lambda ea: (abs(1.0 - float(ea[0])), ea[1]))[1]
 
 
 __all__ = [
