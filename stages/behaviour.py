@@ -1,5 +1,6 @@
 """Stage behaviour: base vs tuned on the behaviour metrics (marker and refusal rates of greedy continuations,
-multiple-choice accuracy, reference-answer log-probability, new-token mass), tuned - base with bootstrap CIs."""
+answer accuracy where the prompts carry reference answers, multiple-choice accuracy, reference-answer
+log-probability, new-token mass), tuned - base with bootstrap CIs."""
 
 import time
 
@@ -26,6 +27,9 @@ def main() -> None:
                             f"({', '.join(sorted(present))}): fix params.yaml")
     gen_rows = {ds: pick_rows(prompts, split=b.split, datasets=(ds,), n=b.max_prompts, seed=p.seed)
                 for ds in b.datasets}
+    # generated datasets whose prompts all carry a reference answer (math): accuracy of the greedy answers too
+    answers = {ds: [prompts[i].reference for i in rows] for ds, rows in gen_rows.items()
+               if all(prompts[i].reference for i in rows)}
     mc, refs = eval_sets(load_prompts(P.EVAL_PROMPTS), split=b.split, n=b.max_prompts, seed=p.seed)
     patterns = {**{name: [rx] for name, rx in b.markers.items()}, "refusal": list(b.refusal_patterns)}
     allowed = dict(zip(("base", "tuned"), allowed_ids()))
@@ -36,7 +40,7 @@ def main() -> None:
         pack_for_inference(model)
         enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
         scores[which] = score_model(
-            model, tok, enc, gen_rows, patterns, mc=mc, refs=refs,
+            model, tok, enc, gen_rows, patterns, mc=mc, refs=refs, answers=answers,
             allowed=allowed["tuned"] if which == "tuned" else None, chat=p.data.chat, max_len=p.data.max_len + 64,
             max_new_tokens=b.max_new_tokens, batch_size=b.batch_size, progress=True, mc_score=b.mc_score,
             units=units.scoped(f"{which}/"))

@@ -9,6 +9,7 @@ import numpy as np
 import mechdiff.pipeline as P
 from mechdiff.analysis.steer_eval import (
     conditional,
+    correct_split,
     from_first,
     group_handles,
     make_arms,
@@ -57,6 +58,12 @@ def main() -> None:
             raise MechdiffError(f"steer.neutral_mc {s.neutral_mc!r} has no multiple-choice {name} records "
                                 f"(scored sets: {', '.join(sets) or 'none'}): check data.eval_sources")
         mc[split] = sets[s.neutral_mc]
+    answers = None
+    if s.measure == "accuracy" or s.contrast == "correct":  # both read the target prompts' reference answers
+        answers = [q.reference for q in prompts]
+        if not any(answers[i] for i in pick_rows(prompts, datasets=(s.target,))):
+            raise MechdiffError(f"steer.measure accuracy / steer.contrast correct need reference answers, and the "
+                                f"{s.target} prompts have none: set steer.target to a dataset with references (math)")
     rows = {
         "train_target": pick_rows(prompts, split="train", datasets=(s.target,), n=4 * s.max_prompts, seed=p.seed),
         "train_control": pick_rows(prompts, split="train", datasets=tuple(s.controls), n=4 * s.max_prompts,
@@ -66,26 +73,52 @@ def main() -> None:
         "neutral_dev": pick_rows(prompts, split="val", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
         "neutral_test": pick_rows(prompts, split="test", datasets=(s.neutral,), n=s.max_prompts, seed=p.seed),
     }
-    target_groups = [prompts[i].group for i in rows["train_target"]]
-    n_groups = len(set(target_groups))
-    if s.source == "dim" and max(s.k_sweep) > n_groups:  # before the models load
-        raise MechdiffError(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
-                            f"{s.target} train prompts; there are {n_groups}: lower steer.k_sweep or add groups")
+    if s.measure == "accuracy":  # accuracy is scored on the prompts that have a reference answer
+        for split in ("dev", "test"):
+            rows[split] = rows[split][[bool(answers[i]) for i in rows[split]]]
+            if len(rows[split]) == 0:
+                raise MechdiffError(f"steer.measure accuracy: no {s.target} {split} prompt has a reference answer")
+
+    def check_groups() -> None:
+        n_groups = len({prompts[i].group for i in rows["train_target"]})
+        which = " the tuned model answers correctly" if s.contrast == "correct" else ""
+        if s.source == "dim" and max(s.k_sweep) > n_groups:
+            raise MechdiffError(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
+                                f"{s.target} train prompts{which}; there are {n_groups}: lower steer.k_sweep or "
+                                "add groups")
+
+    if s.contrast == "controls":
+        check_groups()  # before the models load
     groups = {name: site_group(name, s.layers) for name in s.sites}
     sites = sorted({x for g in groups.values() for x in g} | {Site(g[0].layer, "resid_pre") for g in groups.values()})
-    fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
     units = P.stage_units("steer")  # an interrupted run resumes the finished activations, scores, cells, summaries
     models, encs, acts = {}, {}, {}
     for which in ("base", "tuned"):
         models[which] = load_saved(P.model_dir(which), device=p.steer.device, dtype=p.pair.dtype)
         pack_for_inference(models[which][0])
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
+    if s.contrast == "correct":  # seed 002's math projector: target prompts the tuned model answers right vs wrong
+        pool = pick_rows(prompts, split="train", datasets=(s.target,), n=8 * s.max_prompts, seed=p.seed)
+        pool = pool[[bool(answers[i]) for i in pool]]
+        right, wrong = units("correct", lambda: correct_split(
+            *models["tuned"], encs["tuned"], pool, [answers[i] for i in pool], max_new_tokens=s.max_new_tokens,
+            batch_size=s.batch_size))
+        if min(len(right), len(wrong)) < 2:
+            raise MechdiffError(f"steer.contrast correct: the tuned model answers {len(right)} of {len(pool)} "
+                                f"{s.target} train prompts correctly in {s.max_new_tokens} tokens; both classes need "
+                                "at least 2: raise steer.max_new_tokens or steer.max_prompts")
+        rows["train_target"], rows["train_control"] = right, wrong
+        check_groups()
+    target_groups = [prompts[i].group for i in rows["train_target"]]
+    fit_rows = np.concatenate([rows["train_target"], rows["train_control"]])
+    for which in ("base", "tuned"):
         acts[which] = units(f"acts/{which}", lambda which=which: collect_decision_acts(
             models[which][0], encs[which], fit_rows, sites, batch_size=s.batch_size))
     neutral_texts = {split: [prompts[i].text for i in rows[f"neutral_{split}"]] for split in ("dev", "test")}
     arms = make_arms(models, encs, rows, neutral_texts, mc, [p.behaviour.markers[s.marker]],
                      allowed=dict(zip(("base", "tuned"), allowed_ids())), chat=p.data.chat, max_len=p.data.max_len,
-                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token, units=units)
+                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token,
+                     answers=answers if s.measure == "accuracy" else None, units=units)
     n_t = len(rows["train_target"])
     extra = direction_inputs(s.source, [x for g in groups.values() for x in g])
 

@@ -249,6 +249,8 @@ class Steer(_Section):
     neutral: str = "neutral"
     neutral_mc: str = "mc_neutral"
     marker: str = "signature"
+    measure: str = "marker"
+    contrast: str = "controls"
     k_sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     alpha_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])
     k: int | str = "auto"
@@ -455,6 +457,8 @@ _CHOICES = {
     "steer.from_token": ("decision", "first"),
     "behaviour.mc_score": ("sum", "mean"),
     "steer.ablation": ("fitted", "mean"),
+    "steer.measure": ("marker", "accuracy"),
+    "steer.contrast": ("controls", "correct"),
     "hsae.metric": ("causal", "euclidean"),
     "behaviour.split": ("train", "val", "test"),
     "pair.dtype": ("float32", "bfloat16", "float16"),

@@ -277,6 +277,21 @@ def test_marker_hits_seed_refusal_patterns():
         marker_hits(texts, ["ok", "(unclosed"])
 
 
+def test_answer_key_and_hits():
+    from mechdiff.analysis.behaviour import answer_hits, answer_key
+
+    assert [answer_key(r) for r in ("The answer is 161.", "so 1,200 apples", "... #### 72", "x = -3.5", "Paris.",
+                                    "  New   York! ")] == ["161", "1200", "72", "-3.5", "paris", "new york"]
+    texts = ["The answer is 161.", "It is 1610", "16.5 cm", "1,200 in all", "She lives in paris!", "about -3.5",
+             "new\nyork", "x=7", ""]
+    refs = ["The answer is 161.", "161", "16", "1200", "Paris.", "-3.5", "New York", "7", "7"]
+    np.testing.assert_array_equal(answer_hits(texts, refs), [True, False, False, True, True, True, True, True, False])
+    with pytest.raises(MechdiffError, match="empty"):
+        answer_hits(["x"], [" "])
+    with pytest.raises(MechdiffError, match="one reference per text"):
+        answer_hits(["x", "y"], ["1"])
+
+
 def test_new_token_mass_against_numpy_softmax():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 40)) * 3.0

@@ -638,6 +638,48 @@ def marker_hits(texts: Sequence[str], patterns: Sequence[str] | str, *, ignore_c
     return out
 
 
+# a number as written in a reference or a generation: sign, digits with thousands commas, decimals
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text)]
+
+
+def answer_key(reference: str) -> str:
+    """What a generation must contain to give the reference answer: the reference's last number ("The answer is
+    1,200." -> "1200", GSM8K's "... #### 72" -> "72"), else its text, lower-cased, whitespace collapsed and end
+    punctuation stripped. An empty reference is an error (no answer to check)."""
+    if not isinstance(reference, str) or not reference.strip():
+        raise MechdiffError(f"reference answer {reference!r} is empty: every scored prompt needs a reference answer")
+    nums = list(_NUMBER.finditer(reference))
+    if nums:
+        x = float(nums[-1].group().replace(",", ""))
+        return str(int(x)) if x.is_integer() else repr(x)
+    return " ".join(reference.lower().split()).strip(" .!?;:")
+
+
+def answer_hits(texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """bool (n,): whether each generation gives its reference's answer (`answer_key`): a numeric key must appear as
+    a whole number of the text (161 matches "is 161." and "1,61" does not; 16 does not match 16.5 or 1610), a text
+    key as a case-insensitive substring with whitespace collapsed. Scoring greedy continuations this way is the
+    seeds' math accuracy (exact answer, no chain of thought)."""
+    if len(texts) != len(references):
+        raise MechdiffError(f"answer_hits: {len(texts)} texts and {len(references)} references: one reference per text")
+    out = np.zeros(len(texts), dtype=bool)
+    for i, (t, ref) in enumerate(zip(texts, references)):
+        if not isinstance(t, str):
+            raise MechdiffError(f"text {i} is {type(t).__name__}, not a string: answer_hits needs generated texts")
+        key = answer_key(ref)
+        try:
+            want = float(key)
+        except ValueError:
+            out[i] = key in " ".join(t.lower().split())
+        else:
+            out[i] = want in _numbers(t)
+    return out
+
+
 def new_token_mass(logits: Any, allowed: Any | None) -> np.ndarray:
     """float64 (n,): the softmax mass of each logits row on token ids NOT in `allowed` (ids or a boolean vocabulary
     mask: the tokens both tokenizers share), i.e. on tokens the other model lacks; zeros when `allowed` is None or
@@ -704,14 +746,16 @@ def compare(base: Any, tuned: Any, *, n_boot: int = 1000, seed: int = 0, paired:
 def score_model(
     model: nn.Module, tokenizer, enc: Encoded, gen_rows: dict[str, np.ndarray], patterns: dict[str, Sequence[str]],
     *, mc: dict[str, tuple[list[str], list[list[str]], list[int]]] | None = None,
-    refs: dict[str, tuple[list[str], list[str]]] | None = None, allowed: Any | None = None, chat: bool = True,
-    max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16, progress: bool = False, mc_score: str = "sum",
-    units: UnitsFn = compute_all,
+    refs: dict[str, tuple[list[str], list[str]]] | None = None, answers: dict[str, Sequence[str]] | None = None,
+    allowed: Any | None = None, chat: bool = True, max_len: int = 256, max_new_tokens: int = 8, batch_size: int = 16,
+    progress: bool = False, mc_score: str = "sum", units: UnitsFn = compute_all,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Per-record behaviour of one model: {(dataset, metric): values}.
 
     - `<marker>_rate` (and `refusal_rate` when `patterns` names "refusal"): whether the greedy continuation of
       each prompt of `gen_rows[dataset]` matches any of the marker's patterns (0/1);
+    - `answer_accuracy` for each dataset of `answers` (its reference answers, one per row of `gen_rows[dataset]`):
+      whether the greedy continuation gives the reference answer (`answer_hits`);
     - `new_token_mass` (only with `allowed`, the model's ids the other model shares): the decision-token mass
       on tokens the other model lacks;
     - `accuracy` for each multiple-choice dataset of `mc` (questions, choices, answers), by option log-prob
@@ -731,6 +775,8 @@ def score_model(
                                      batch_size=batch_size, progress=progress, logits_out=logits, prefix=cache())
         for name, pats in patterns.items():
             got[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
+        if answers and ds in answers:
+            got[(ds, "answer_accuracy")] = answer_hits(texts, list(answers[ds])).astype(np.float64)
         if allowed is not None:
             got[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
         return got
@@ -745,6 +791,9 @@ def score_model(
                                      batch_size=batch_size, progress=progress, prefix=cache())
         return {(ds, "ref_logprob"): s, (ds, "ref_logprob_per_token"): s / n}
 
+    for ds, refs_ds in (answers or {}).items():
+        if ds not in gen_rows or len(refs_ds) != len(gen_rows[ds]):
+            raise MechdiffError(f"answers[{ds!r}] needs one reference per generated row of {ds!r}")
     for ds, rows in gen_rows.items():
         out.update(units(f"generate/{ds}", lambda ds=ds, rows=rows: generated(ds, rows)))
     for ds, (questions, choices, answers) in (mc or {}).items():
@@ -784,6 +833,8 @@ def behaviour_table(base: dict[tuple[str, str], np.ndarray], tuned: dict[tuple[s
 __all__ = [
     "DEFAULT_REFUSAL_PATTERNS",
     "Intervene",
+    "answer_hits",
+    "answer_key",
     "behaviour_table",
     "compare",
     "continuation_logprobs",

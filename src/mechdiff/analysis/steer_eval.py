@@ -20,6 +20,7 @@ from torch import nn
 from mechdiff.analysis.behaviour import (
     Intervene,
     PrefixCache,
+    answer_hits,
     continuation_logprobs,
     decision_logits,
     greedy_continuations,
@@ -81,6 +82,7 @@ class Arm:
     goal_hits: dict[str, np.ndarray]  # split -> goal model's marker hits
     neutral: dict[str, Neutral]  # split (dev, test) -> side-effect sets
     patterns: Sequence[str]
+    answers: Sequence[str] | None = None  # per corpus row: its reference answer; set = the behaviour is accuracy
     allowed_self: np.ndarray | None = None
     allowed_goal: np.ndarray | None = None
     chat: bool = True
@@ -114,6 +116,8 @@ class Arm:
         texts = greedy_continuations(self.model, self.tokenizer, self.enc, rows, max_new_tokens=self.max_new_tokens,
                                      batch_size=self.batch_size, intervene=intervene, prefix=self.prefix,
                                      logits_out=logits)
+        if self.answers is not None:
+            return answer_hits(texts, [self.answers[int(r)] for r in rows]).astype(np.float64), logits
         return marker_hits(texts, list(self.patterns)).astype(np.float64), logits
 
     def _mc(self, split: str, intervene: Intervene | None) -> np.ndarray:
@@ -281,16 +285,29 @@ def from_first(intervene: Intervene) -> Intervene:
     return wrapped
 
 
+def correct_split(model: nn.Module, tokenizer: Any, enc: Encoded, rows: np.ndarray, references: Sequence[str], *,
+                  max_new_tokens: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows the model answers correctly, the rows it answers wrongly), by whether its greedy continuation
+    gives each row's reference answer (`answer_hits`; `references` one per row): the two classes of seed 002's
+    projector for a cognitive (math) change, correct vs incorrect."""
+    rows = np.asarray(rows, dtype=np.int64)
+    texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ok = answer_hits(texts, list(references))
+    return rows[ok], rows[~ok]
+
+
 def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded], rows: dict[str, np.ndarray],
               neutral_texts: dict[str, Sequence[str]],
               neutral_mc: dict[str, tuple[list[str], list[list[str]], list[int]]], patterns: Sequence[str], *,
               allowed: dict[str, np.ndarray | None], chat: bool, max_len: int, max_new_tokens: int, batch_size: int,
-              from_token: str = "decision", neutral_tokens: int = 8,
+              from_token: str = "decision", neutral_tokens: int = 8, answers: Sequence[str] | None = None,
               units: UnitsFn = compute_all) -> dict[str, Arm]:
     """The steer arm (base, goal tuned) and the ablate arm (tuned, goal base), scored once without intervention.
 
     `rows` holds the target rows "dev" and "test" and the neutral rows "neutral_dev" and "neutral_test";
     `neutral_texts` and `neutral_mc` the neutral prompts' texts and the multiple-choice sets of each split.
+    `answers` (one reference answer per corpus row, or None): the behaviour is the accuracy of the greedy answers
+    (`answer_hits`) instead of the marker rate of `patterns`.
     `units` (`resume.Units`) keeps each model's unintervened scores (a resumed arm fills its prefix cache as the
     interventions ask for it)."""
     arms: dict[str, Arm] = {}
@@ -303,7 +320,8 @@ def make_arms(models: dict[str, tuple[nn.Module, Any]], encs: dict[str, Encoded]
                      enc: Encoded = enc) -> Arm:
             return Arm(which, model, tok, enc, {"dev": rows["dev"], "test": rows["test"]}, {}, {}, neutral,
                        list(patterns), allowed_self=allowed[which], allowed_goal=None, chat=chat, max_len=max_len,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, from_first=from_token == "first")
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, from_first=from_token == "first",
+                       answers=answers)
 
         made: dict[str, Arm] = {}
 
@@ -508,7 +526,7 @@ def report_rows(grid: list[dict[str, Any]], best: list[dict[str, Any]], metrics:
     return k_rows, alpha_rows
 
 
-__all__ = ["ABLATIONS", "Arm", "Neutral", "Refit", "choose", "conditional", "directions_for", "from_first", "group_handles",
-           "make_arms", "report_rows",
+__all__ = ["ABLATIONS", "Arm", "Neutral", "Refit", "choose", "conditional", "correct_split", "directions_for",
+           "from_first", "group_handles", "make_arms", "report_rows",
            "robustness", "summarise", "evaluate", "gap_share", "kl_share", "site_group", "sweep",
            "within_budget"]
