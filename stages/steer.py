@@ -124,6 +124,8 @@ def main() -> None:
 
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
                                         "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
+    if s.contrast == "correct":  # the fitting classes: train target prompts the tuned model answers right / wrong
+        metrics["contrast"] = {"right": len(rows["train_target"]), "wrong": len(rows["train_control"])}
     grid, best_rows = [], []
     def refit(which: str, handles: list, site: Site) -> np.ndarray:
         """The fitting rows' activations at `site` with upstream handles acting (group_handles, several sites)."""
