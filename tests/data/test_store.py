@@ -137,6 +137,26 @@ def test_sharded_file_count(tmp_path):
     assert len(files) - len(data_files) == 1 + 8 + 16 + 5  # zarr.json: root, groups, site arrays, index arrays
 
 
+def test_a_damaged_chunk_is_a_one_line_error(tmp_path):
+    """A truncated shard file fails its decode (the shard index's checksum): the read names the store and the
+    array. (Flipped bytes inside a chunk's data are not checksummed; DVC's md5 of the store catches them.)"""
+    data = make_data(n=20, seed=1)
+    st = write_all(tmp_path / "d.zarr", data)
+    chunks = [os.path.join(r, f) for r, _d, fs in os.walk(tmp_path / "d.zarr" / "L0.resid_post" / "last")
+              for f in fs if f != "zarr.json"]
+    assert chunks
+    for f in chunks:
+        os.truncate(f, 10)
+    st = ActStore.open(tmp_path / "d.zarr")
+    with pytest.raises(MechdiffError, match=r"L0\.resid_post/last is damaged .*dvc checkout"):
+        st.read("L0.resid_post", "last")
+    with pytest.raises(MechdiffError, match="damaged"):
+        st.read("L0.resid_post", "last", rows=np.array([0, 3]))
+    with pytest.raises(MechdiffError, match="damaged"):
+        next(iter(st.iter_batches("L0.resid_post", "last", batch_size=4)))
+    np.testing.assert_array_equal(st.read("L0.resid_post", "mean"), data[("L0.resid_post", "mean")])
+
+
 def test_resume_after_crash_between_blocks(tmp_path):
     data = make_data()
     ref = write_all(tmp_path / "ref.zarr", data)

@@ -314,6 +314,15 @@ def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):
     assert next(half.parameters()).dtype == torch.bfloat16
     with pytest.raises(MechdiffError, match="no saved model"):
         load_saved(tmp_path / "empty")
+    # truncated weights (an interrupted copy or download): one line naming the folder, not a safetensors traceback
+    import os
+
+    for folder in (out, d):
+        os.truncate(folder / "model.safetensors", 1000)
+    with pytest.raises(MechdiffError, match=r"cannot load the saved model in .*saved: SafetensorError.*dvc"):
+        load_saved(out)
+    with pytest.raises(MechdiffError, match=r"cannot load model from .*m: SafetensorError.*re-download"):
+        load_model(str(d))
 
 
 def test_save_refuses_a_tokenizer_that_reloads_differently(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ slice); `finalize_ranks` then writes the pieces, merges the statistics (Chan et 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -518,23 +519,42 @@ class ActStore(_Reader):
     def _block_rows(self, site: str, view: str) -> int:
         return int(self._lay["tok_chunk_rows"] if view == "tokens" else self._lay["chunk_rows"])
 
+    @contextlib.contextmanager
+    def _damaged(self, what: str) -> Iterator[None]:
+        """Chunk reads: a chunk that fails to decode (a checksum mismatch, a truncated or corrupt file) is a
+        one-line error naming the store and the array, not a codec traceback."""
+        try:
+            yield
+        except MechdiffError:
+            raise
+        except (ValueError, RuntimeError, OSError) as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise MechdiffError(f"store {self.path}: a chunk of {what} is damaged ({type(exc).__name__}: {first}): "
+                                "restore it with `dvc checkout`, or delete the store and rerun its extract stage"
+                                ) from exc
+
     def _read_range(self, site: str, view: str, a: int, b: int) -> np.ndarray:
-        return np.asarray(self.array(site, view)[a:b], dtype=np.float32)
+        z = self.array(site, view)
+        with self._damaged(f"{site}/{view}"):
+            return np.asarray(z[a:b], dtype=np.float32)
 
     def read(self, site: str | None, view: str = "last", rows: np.ndarray | None = None) -> np.ndarray:
         """Rows of a view as float32 (all rows when `rows` is None); site None or 'logits' reads the logits."""
         z = self.array(site, view)
         self._check_complete()
+        what = "logits" if site is None or site == "logits" else f"{site}/{view}"
         if rows is None:
-            return np.asarray(z[:], dtype=np.float32)
+            with self._damaged(what):
+                return np.asarray(z[:], dtype=np.float32)
         r = _as_rows(rows, z.shape[0], f"read({site}, {view})")
         if r.size == 0:
             return np.zeros((0, z.shape[1]), dtype=np.float32)
         u, inv = np.unique(r, return_inverse=True)
-        if len(u) == u[-1] - u[0] + 1:  # contiguous: one slice read
-            x = z[int(u[0]) : int(u[-1]) + 1]
-        else:
-            x = z.get_orthogonal_selection((u, slice(None)))
+        with self._damaged(what):
+            if len(u) == u[-1] - u[0] + 1:  # contiguous: one slice read
+                x = z[int(u[0]) : int(u[-1]) + 1]
+            else:
+                x = z.get_orthogonal_selection((u, slice(None)))
         return np.asarray(x, dtype=np.float32)[inv]
 
     def read_logits(self, rows: np.ndarray | None = None) -> np.ndarray:
@@ -548,7 +568,8 @@ class ActStore(_Reader):
         if name not in self._cache:
             if name not in self._root:
                 raise MechdiffError(f"store {self.path} has no {name!r} index (no tokens view, decision or token ids stored)")
-            a = np.asarray(self._root[name][:])
+            with self._damaged(f"the {name} index"):
+                a = np.asarray(self._root[name][:])
             if name in ("dataset", "split"):
                 a = np.asarray(self._lay[name + "s"], dtype=str)[a]
             self._cache[name] = a

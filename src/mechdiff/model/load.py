@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from mechdiff.errors import MechdiffError
@@ -276,6 +277,15 @@ def gguf_read_once():
             setattr(gguf, name, f)
 
 
+# what loading a damaged or unreadable model raises: a truncated safetensors file, bad JSON, missing keys
+_DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, SafetensorError)
+
+
+def _why(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if isinstance(exc, SafetensorError) else first
+
+
 def load_model(
     spec: str, *, gguf_file: str | None = None, revision: str | None = None, dtype: str = "float32",
     device: str = "cpu",
@@ -290,8 +300,9 @@ def load_model(
         try:
             tok = spec_tokenizer(info)
             model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=tdt)
-        except (OSError, ValueError, KeyError) as exc:
-            raise MechdiffError(f"cannot load model from {info['path']}: {str(exc).splitlines()[0]}") from exc
+        except _DAMAGED as exc:
+            raise MechdiffError(f"cannot load model from {info['path']}: {_why(exc)}: check or re-download its "
+                                "weights") from exc
         return _finish(model, device), tok
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]
@@ -301,8 +312,8 @@ def load_model(
                 gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {str(exc).splitlines()[0]}") from exc
+        except (*_DAMAGED, RuntimeError) as exc:
+            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {_why(exc)}") from exc
         model = _rebuild_plain(gg)
         del gg
         return _finish(model, device), tok
@@ -320,8 +331,11 @@ def load_model(
         try:
             tok = spec_tokenizer(info, revision=revision, local_only=False)
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
-        except (OSError, ValueError) as exc2:
-            raise MechdiffError(f"cannot load hub model {model_id!r}: {str(exc2).splitlines()[0]}") from exc2
+        except _DAMAGED as exc2:
+            raise MechdiffError(f"cannot load hub model {model_id!r}: {_why(exc2)}") from exc2
+    except SafetensorError as exc:  # a damaged file in the local cache
+        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}: delete its "
+                            "cached files and download it again") from exc
     if info.get("gguf_file"):
         model = _rebuild_plain(model)
     return _finish(model, device), tok
@@ -384,7 +398,11 @@ def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cp
     if not (out / "config.json").is_file():
         raise MechdiffError(f"no saved model in {out}: run the model stages first (dvc repro model_base model_tuned)")
     tok = load_tokenizer(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=tdt)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=tdt)
+    except _DAMAGED as exc:
+        raise MechdiffError(f"cannot load the saved model in {out}: {_why(exc)}: rerun its stage (dvc repro -f "
+                            f"model_{out.name}) or `dvc checkout` it") from exc
     return _finish(model, device), tok
 
 
