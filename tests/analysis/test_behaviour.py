@@ -288,8 +288,13 @@ def test_answer_key_and_hits():
     np.testing.assert_array_equal(answer_hits(texts, refs), [True, False, False, True, True, True, True, True, False])
     with pytest.raises(MechdiffError, match="empty"):
         answer_hits(["x"], [" "])
-    with pytest.raises(MechdiffError, match="one reference per text"):
+    with pytest.raises(MechdiffError, match="one per text"):
         answer_hits(["x", "y"], ["1"])
+    # a number ending a generation cut off at the token limit may be a prefix ("16" of "161"): it counts only when
+    # the generation finished there
+    cut = ["The answer is 16", "The answer is 16", "The answer is 16.", "16 apples"]
+    np.testing.assert_array_equal(answer_hits(cut, ["16"] * 4, [False, True, False, False]), [False, True, True, True])
+    np.testing.assert_array_equal(answer_hits(cut, ["16"] * 4), [True] * 4)
 
 
 def test_new_token_mass_against_numpy_softmax():

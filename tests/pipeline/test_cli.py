@@ -33,6 +33,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "a2": save_tiny_pair_dir(d / "a2", TEXTS, n_layers=2, d_model=32, seed=1),
             "b": save_tiny_pair_dir(d / "b", [*TEXTS, "sherkala kazakh"], n_layers=2, d_model=32),
             "other": save_tiny_pair_dir(d / "other", [" ".join(f"zq{i}" for i in range(40))], n_layers=2, d_model=32),
+            "few": save_tiny_pair_dir(d / "few", ["the"], n_layers=2, d_model=32),
             "deep": save_tiny_pair_dir(d / "deep", TEXTS, n_layers=3, d_model=32),
             "wide": save_tiny_pair_dir(d / "wide", TEXTS, n_layers=2, d_model=48)}
 
@@ -132,6 +133,9 @@ def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
     # a tokenizer with almost nothing in common: no fairness mode can compare them
     _fails(_check(tmp_path, corpora, _both(models["a"], models["other"], True), capsys),
            "tokenizers share only", "pair.tuned.id")
+    # a tuned tokenizer of a few tokens, every one of them the base's: still not a fine-tune of this base
+    _fails(_check(tmp_path, corpora, _both(models["a"], models["few"], True), capsys),
+           "tokenizers share only", "of the base's", "pair.tuned.id")
 
 
 def test_pair_must_share_depth_and_width(tmp_path, corpora, models, capsys):

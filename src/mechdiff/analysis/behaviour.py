@@ -537,12 +537,13 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
 def greedy_continuations(
     model: nn.Module, tokenizer, enc: Encoded, rows: Any, *, max_new_tokens: int = 8, batch_size: int = 16,
     intervene: Intervene | None = None, progress: bool = False, prefix: PrefixCache | None = None,
-    logits_out: np.ndarray | None = None,
+    logits_out: np.ndarray | None = None, finished_out: np.ndarray | None = None,
 ) -> list[str]:
     """Greedy (argmax) continuations of up to `max_new_tokens` tokens of prompts `rows`, in `rows` order.
 
     With `logits_out` (a float32 (len(rows), V) array) the decision-token logits of the same pass are written
-    into it (what `decision_logits` returns, without a second forward).
+    into it (what `decision_logits` returns, without a second forward); with `finished_out` (a bool (len(rows),)
+    array), whether each continuation ended at an end-of-sequence id rather than at the token limit.
 
     Each prompt is its tokens up to and including the decision token. Batches are left-padded with position ids
     counted from each row's first real token, so a batch gives the tokens of one-at-a-time decoding; decoding
@@ -610,6 +611,8 @@ def greedy_continuations(
         for b, i in enumerate(rows_b):
             toks = [int(t) for t in new[b].tolist() if t >= 0]
             texts[i] = tokenizer.decode(toks, skip_special_tokens=True)
+        if finished_out is not None:
+            finished_out[rows_b] = done.cpu().numpy()
         bar.update(len(rows_b))
     bar.close()
     return texts
@@ -642,8 +645,9 @@ def marker_hits(texts: Sequence[str], patterns: Sequence[str] | str, *, ignore_c
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text)]
+def _numbers(text: str, *, whole: bool = True) -> list[float]:
+    """The numbers written in `text`; with `whole` False, not one that ends the text (it may be cut off)."""
+    return [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text) if whole or m.end() < len(text)]
 
 
 def answer_key(reference: str) -> str:
@@ -659,13 +663,19 @@ def answer_key(reference: str) -> str:
     return " ".join(reference.lower().split()).strip(" .!?;:")
 
 
-def answer_hits(texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
+def answer_hits(texts: Sequence[str], references: Sequence[str], finished: Sequence[bool] | None = None
+                ) -> np.ndarray:
     """bool (n,): whether each generation gives its reference's answer (`answer_key`): a numeric key must appear as
     a whole number of the text (161 matches "is 161." and "1,61" does not; 16 does not match 16.5 or 1610), a text
     key as a case-insensitive substring with whitespace collapsed. Scoring greedy continuations this way is the
-    seeds' math accuracy (exact answer, no chain of thought)."""
-    if len(texts) != len(references):
-        raise MechdiffError(f"answer_hits: {len(texts)} texts and {len(references)} references: one reference per text")
+    seeds' math accuracy (exact answer, no chain of thought).
+
+    `finished` (one per text: the generation ended at an end-of-sequence id, `greedy_continuations(finished_out=)`):
+    a number that ends an unfinished generation may have been cut off by the token limit ("... is 16" of 161) and
+    does not count; without it every number counts."""
+    if len(texts) != len(references) or (finished is not None and len(finished) != len(texts)):
+        raise MechdiffError(f"answer_hits: {len(texts)} texts, {len(references)} references"
+                            f"{'' if finished is None else f' and {len(finished)} finished flags'}: one per text")
     out = np.zeros(len(texts), dtype=bool)
     for i, (t, ref) in enumerate(zip(texts, references)):
         if not isinstance(t, str):
@@ -676,7 +686,7 @@ def answer_hits(texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
         except ValueError:
             out[i] = key in " ".join(t.lower().split())
         else:
-            out[i] = want in _numbers(t)
+            out[i] = want in _numbers(t, whole=finished is None or bool(finished[i]))
     return out
 
 
@@ -771,12 +781,14 @@ def score_model(
     def generated(ds: str, rows: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         got = {}
         logits = np.empty((len(rows), model.get_output_embeddings().weight.shape[0]), dtype=np.float32)
+        finished = np.zeros(len(rows), dtype=bool)
         texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, progress=progress, logits_out=logits, prefix=cache())
+                                     batch_size=batch_size, progress=progress, logits_out=logits, prefix=cache(),
+                                     finished_out=finished)
         for name, pats in patterns.items():
             got[(ds, f"{name}_rate")] = marker_hits(texts, list(pats)).astype(np.float64)
         if answers and ds in answers:
-            got[(ds, "answer_accuracy")] = answer_hits(texts, list(answers[ds])).astype(np.float64)
+            got[(ds, "answer_accuracy")] = answer_hits(texts, list(answers[ds]), finished).astype(np.float64)
         if allowed is not None:
             got[(ds, "new_token_mass")] = new_token_mass(logits, allowed)
         return got
