@@ -154,12 +154,15 @@ def _check_models_read(p, root: Path) -> list[str]:
                                       key=f"pair.{which}.id")
         except MechdiffError as e:
             problems.append(str(e))
-    shapes = {}
+    shapes, bad_config = {}, set()
     for w, info in infos.items():
         try:
             shapes[w] = spec_shape(info, revision=specs[w].revision)
-        except (OSError, ValueError):  # a hub model not cached yet: the stages check their layers after download
-            pass
+        except (OSError, ValueError) as e:  # a hub model not cached yet: the stages check their layers after download
+            if info["kind"] == "dir":
+                bad_config.add(w)
+                problems.append(f"pair.{w}.id: cannot read the model's config.json in {info['path']} "
+                                f"({str(e).splitlines()[0][:120]}): fix or re-download it")
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None, None))[1]
@@ -175,6 +178,8 @@ def _check_models_read(p, root: Path) -> list[str]:
                                 "against its own fine-tune")
     toks = {}
     for w, info in infos.items():  # every model needs its tokenizer; a hub one not cached yet is checked later
+        if w in bad_config:  # the tokenizer loader reads config.json too: its error would blame the tokenizer
+            continue
         try:
             toks[w] = spec_tokenizer(info, revision=specs[w].revision)
         except (OSError, ValueError, KeyError) as e:

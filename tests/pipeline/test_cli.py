@@ -282,6 +282,12 @@ def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):
     for f in broken.glob("tokenizer*"):
         f.unlink()
     _fails(_check(tmp_path, corpora, _both(models["a"], broken, False), capsys), "pair.tuned.id: no usable tokenizer")
+    # a config.json that is not JSON: the config is named, not the tokenizer
+    bad = tmp_path / "badconfig"
+    shutil.copytree(models["a2"], bad)
+    (bad / "config.json").write_text("{not json")
+    _fails(_check(tmp_path, corpora, _both(models["a"], bad, True), capsys),
+           "pair.tuned.id: cannot read the model's config.json", "re-download")
 
     def alone(base):  # base only (the tuned model comes from a recipe): its tokenizer is still checked
         both = _both(base, base, False)
