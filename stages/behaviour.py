@@ -6,7 +6,7 @@ import time
 
 import mechdiff.pipeline as P
 from mechdiff.analysis.behaviour import behaviour_table, score_model
-from mechdiff.data.corpus import load_prompts
+from mechdiff.data.corpus import has_reference, load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
@@ -29,7 +29,7 @@ def main() -> None:
                 for ds in b.datasets}
     # generated datasets whose prompts all carry a reference answer (math): accuracy of the greedy answers too
     answers = {ds: [prompts[i].reference for i in rows] for ds, rows in gen_rows.items()
-               if all(prompts[i].reference for i in rows)}
+               if all(has_reference(prompts[i]) for i in rows)}
     mc, refs = eval_sets(load_prompts(P.EVAL_PROMPTS), split=b.split, n=b.max_prompts, seed=p.seed)
     patterns = {**{name: [rx] for name, rx in b.markers.items()}, "refusal": list(b.refusal_patterns)}
     allowed = dict(zip(("base", "tuned"), allowed_ids()))

@@ -20,7 +20,7 @@ from mechdiff.analysis.steer_eval import (
     sweep,
 )
 from mechdiff.analysis.steering import collect_decision_acts, intervention
-from mechdiff.data.corpus import load_prompts, prompt_form
+from mechdiff.data.corpus import has_reference, load_prompts, prompt_form
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
 from mechdiff.model.fast import pack_for_inference
@@ -58,10 +58,10 @@ def main() -> None:
             raise MechdiffError(f"steer.neutral_mc {s.neutral_mc!r} has no multiple-choice {name} records "
                                 f"(scored sets: {', '.join(sets) or 'none'}): check data.eval_sources")
         mc[split] = sets[s.neutral_mc]
-    answers = None
+    answers, has_ref = None, np.array([has_reference(q) for q in prompts])
     if s.measure == "accuracy" or s.contrast == "correct":  # both read the target prompts' reference answers
         answers = [q.reference for q in prompts]
-        if not any(answers[i] for i in pick_rows(prompts, datasets=(s.target,))):
+        if not has_ref[pick_rows(prompts, datasets=(s.target,))].any():
             raise MechdiffError(f"steer.measure accuracy / steer.contrast correct need reference answers, and the "
                                 f"{s.target} prompts have none: set steer.target to a dataset with references (math)")
     rows = {
@@ -75,7 +75,7 @@ def main() -> None:
     }
     if s.measure == "accuracy":  # accuracy is scored on the prompts that have a reference answer
         for split in ("dev", "test"):
-            rows[split] = rows[split][[bool(answers[i]) for i in rows[split]]]
+            rows[split] = rows[split][has_ref[rows[split]]]
             if len(rows[split]) == 0:
                 raise MechdiffError(f"steer.measure accuracy: no {s.target} {split} prompt has a reference answer")
 
@@ -97,9 +97,10 @@ def main() -> None:
         models[which] = load_saved(P.model_dir(which), device=p.steer.device, dtype=p.pair.dtype)
         pack_for_inference(models[which][0])
         encs[which] = encode_prompts(models[which][1], prompts, chat=p.data.chat, max_len=p.data.max_len)
+    gate_rows = None
     if s.contrast == "correct":  # seed 002's math projector: target prompts the tuned model answers right vs wrong
         pool = pick_rows(prompts, split="train", datasets=(s.target,), n=8 * s.max_prompts, seed=p.seed)
-        pool = pool[[bool(answers[i]) for i in pool]]
+        pool = pool[has_ref[pool]]
         right, wrong = units("correct", lambda: correct_split(
             *models["tuned"], encs["tuned"], pool, [answers[i] for i in pool], max_new_tokens=s.max_new_tokens,
             batch_size=s.batch_size))
@@ -107,6 +108,7 @@ def main() -> None:
             raise MechdiffError(f"steer.contrast correct: the tuned model answers {len(right)} of {len(pool)} "
                                 f"{s.target} train prompts correctly in {s.max_new_tokens} tokens; both classes need "
                                 "at least 2: raise steer.max_new_tokens or steer.max_prompts")
+        gate_rows = (rows["train_target"], rows["train_control"])  # the gate still tells target from controls
         rows["train_target"], rows["train_control"] = right, wrong
         check_groups()
     target_groups = [prompts[i].group for i in rows["train_target"]]
@@ -120,12 +122,24 @@ def main() -> None:
                      max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, from_token=s.from_token,
                      answers=answers if s.measure == "accuracy" else None, units=units)
     n_t = len(rows["train_target"])
+    gate_acts, n_gate = acts["base"], n_t  # the conditional gate's fitting rows: target prompts vs controls
+    if gate_rows is not None:
+        gate_sites = sorted({Site(g[0].layer, "resid_pre") for g in groups.values()})
+        gate_acts = units("acts/gate", lambda: collect_decision_acts(
+            models["base"][0], encs["base"], np.concatenate(gate_rows), gate_sites, batch_size=s.batch_size))
+        n_gate = len(gate_rows[0])
     extra = direction_inputs(s.source, [x for g in groups.values() for x in g])
 
     metrics: dict = {"baseline": {op: {"rate_own": float(a.own_hits["test"].mean()),
                                         "rate_goal": float(a.goal_hits["test"].mean())} for op, a in arms.items()}}
+    metrics["measure"], metrics["contrast"] = s.measure, s.contrast
     if s.contrast == "correct":  # the fitting classes: train target prompts the tuned model answers right / wrong
-        metrics["contrast"] = {"right": len(rows["train_target"]), "wrong": len(rows["train_control"])}
+        metrics["correct_split"] = {"right": len(rows["train_target"]), "wrong": len(rows["train_control"])}
+    for op, b in metrics["baseline"].items():
+        if b["rate_own"] == b["rate_goal"]:
+            print(f"steer: warning: the {op} arm's model and its goal have the same {s.measure} on the test prompts "
+                  f"({b['rate_own']:.3f}), so its effects are undefined: raise steer.max_new_tokens (room for the "
+                  "answer) or steer.max_prompts", flush=True)
     grid, best_rows = [], []
     def refit(which: str, handles: list, site: Site) -> np.ndarray:
         """The fitting rows' activations at `site` with upstream handles acting (group_handles, several sites)."""
@@ -150,7 +164,7 @@ def main() -> None:
             gate_site = Site(group[0].layer, "resid_pre")
             summary["conditional"] = conditional(
                 arms["steer"], handles_for(summary["steer"]["k"])["steer"], summary["steer"]["alpha"], gate_site,
-                acts["base"][gate_site.name][:n_t], acts["base"][gate_site.name][n_t:], seed=p.seed)
+                gate_acts[gate_site.name][:n_gate], gate_acts[gate_site.name][n_gate:], seed=p.seed)
             summary["robustness"] = robustness(arms, handles_for, summary,
                                                forms=[prompt_form(prompts[i].text) for i in rows["test"]])
             return summary, best

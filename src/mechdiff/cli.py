@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import MechdiffError, first_line
 
 EPILOG = """\
 typical use:
@@ -162,7 +162,7 @@ def _check_models_read(p, root: Path) -> list[str]:
             if info["kind"] == "dir":
                 bad_config.add(w)
                 problems.append(f"pair.{w}.id: cannot read the model's config.json in {info['path']} "
-                                f"({str(e).splitlines()[0][:120]}): fix or re-download it")
+                                f"({first_line(e, 120)}): fix or re-download it")
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None, None))[1]

@@ -99,6 +99,8 @@ def eval_sets(prompts: list, *, split: str, n: int | None = None, seed: int = 0
               ) -> tuple[dict[str, tuple[list[str], list[list[str]], list[int]]], dict[str, tuple[list[str], list[str]]]]:
     """The scored sets of `split`: ({dataset: (questions, choices, answers)} for records with choices,
     {dataset: (prompts, references)} for records with a reference answer), each a seeded subsample of at most n."""
+    from mechdiff.data.corpus import has_reference
+
     mc: dict = {}
     refs: dict = {}
     for ds in sorted({q.dataset for q in prompts}):
@@ -107,7 +109,7 @@ def eval_sets(prompts: list, *, split: str, n: int | None = None, seed: int = 0
             keep = np.sort(np.random.default_rng(seed).choice(len(qs), size=n, replace=False))
             qs = [qs[i] for i in keep]
         with_choices = [q for q in qs if q.choices]
-        with_ref = [q for q in qs if q.reference]
+        with_ref = [q for q in qs if has_reference(q)]
         if with_choices:
             mc[ds] = ([q.text for q in with_choices], [list(q.choices) for q in with_choices],
                       [int(q.answer) for q in with_choices])

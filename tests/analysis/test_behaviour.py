@@ -280,21 +280,47 @@ def test_marker_hits_seed_refusal_patterns():
 def test_answer_key_and_hits():
     from mechdiff.analysis.behaviour import answer_hits, answer_key
 
-    assert [answer_key(r) for r in ("The answer is 161.", "so 1,200 apples", "... #### 72", "x = -3.5", "Paris.",
-                                    "  New   York! ")] == ["161", "1200", "72", "-3.5", "paris", "new york"]
-    texts = ["The answer is 161.", "It is 1610", "16.5 cm", "1,200 in all", "She lives in paris!", "about -3.5",
-             "new\nyork", "x=7", ""]
-    refs = ["The answer is 161.", "161", "16", "1200", "Paris.", "-3.5", "New York", "7", "7"]
-    np.testing.assert_array_equal(answer_hits(texts, refs), [True, False, False, True, True, True, True, True, False])
+    refs = ["The answer is 161.", "so 1,200 apples", "... #### 72", "x = -3.5", "Paris.", "  New   York! ", "1/2",
+            "It is 3:00", "\\frac{1}{2}", "3,4", "1,2000"]
+    assert [answer_key(r) for r in refs] == ["161", "1200", "72", "-3.5", "paris", "new york", "1/2", "3:00",
+                                             "\\frac{1}{2}", "4", "2000"]
+    cases = [  # (generation, reference, right)
+        ("The answer is 161.", "The answer is 161.", True),
+        ("65 + 96 = 161", "161", True),  # the last number is the answer
+        ("161 apples and 5 pears", "161", False),
+        ("It is 1610", "161", False), ("16.5 cm", "16", False), ("1,61", "161", False), ("1,61", "61", True),
+        ("1,200 in all", "1200", True), ("about -3.5", "-3.5", True),
+        ("She lives in paris!", "Paris.", True), ("I know", "no", False), ("no, it is not", "no", True),
+        ("new\nyork", "New York", True), ("the answer is 1 / 2", "1/2", True), ("it is 2", "1/2", False),
+        ("at 3:00 pm", "3:00", True), ("at 0 pm", "3:00", False), ("", "7", False), ("x=7", "7", True),
+    ]
+    got = answer_hits([c[0] for c in cases], [c[1] for c in cases])
+    np.testing.assert_array_equal(got, [c[2] for c in cases], err_msg=str([c for c, g in zip(cases, got) if c[2] != g]))
     with pytest.raises(MechdiffError, match="empty"):
         answer_hits(["x"], [" "])
     with pytest.raises(MechdiffError, match="one per text"):
         answer_hits(["x", "y"], ["1"])
     # a number ending a generation cut off at the token limit may be a prefix ("16" of "161"): it counts only when
-    # the generation finished there
+    # the generation finished there, or a character after it ends it
     cut = ["The answer is 16", "The answer is 16", "The answer is 16.", "16 apples"]
     np.testing.assert_array_equal(answer_hits(cut, ["16"] * 4, [False, True, False, False]), [False, True, True, True])
     np.testing.assert_array_equal(answer_hits(cut, ["16"] * 4), [True] * 4)
+
+
+def test_greedy_continuations_report_which_finished(world, monkeypatch):
+    """finished_out: True where an end-of-sequence id stopped a continuation, False where the token limit did."""
+    import mechdiff.analysis.behaviour as B
+
+    tok, model = world
+    enc = encode(tok, PROMPTS, chat=True)
+    rows = np.arange(len(PROMPTS))
+    V = model.get_output_embeddings().weight.shape[0]
+    for stop_ids, want in ((set(range(V)), True), (set(), False)):  # every id ends it at once / none ever does
+        monkeypatch.setattr(B, "_eos_ids", lambda m, t, ids=stop_ids: ids)
+        done = np.zeros(len(rows), dtype=bool) if want else np.ones(len(rows), dtype=bool)
+        texts = greedy_continuations(model, tok, enc, rows, max_new_tokens=3, finished_out=done)
+        assert (done == want).all()
+        assert all(t == "" for t in texts) == want
 
 
 def test_new_token_mass_against_numpy_softmax():

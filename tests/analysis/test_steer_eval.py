@@ -157,17 +157,16 @@ def test_conditional_gate_keeps_the_effect_and_removes_side_effects(world):
 
 def test_accuracy_measure_and_correct_split_on_planted_answers(world):
     """Reference answers planted as the tuned model's own continuations: `correct_split` finds exactly the rows
-    given them, the tuned arm scores accuracy 1, and the rank-2 handles of the planted edit close the accuracy gap
-    (steer: the base gives the tuned answers; ablate: the tuned model loses them)."""
-    from mechdiff.analysis.behaviour import answer_hits
+    given them, `make_arms(answers=...)` scores the tuned model's accuracy 1 and the base's lower, and the rank-2
+    handles of the planted edit close the accuracy gap (steer: the base gives the tuned answers; ablate: the
+    tuned model loses them)."""
     from mechdiff.analysis.steer_eval import correct_split
 
     arms, acts, _, texts = world
     base, tuned = arms["steer"], arms["ablate"]
     tok = tuned.tokenizer
     n = len(texts)
-    said = {i: t for i, t in zip(range(n), greedy_continuations(tuned.model, tok, tuned.enc, np.arange(n),
-                                                                  max_new_tokens=2))}
+    said = dict(enumerate(greedy_continuations(tuned.model, tok, tuned.enc, np.arange(n), max_new_tokens=2)))
     usable = np.array([i for i in range(n) if said[i].strip()])
     # correct_split: a reference is the model's own answer on even rows, a word it never writes on odd rows
     pool = usable[usable < 80]
@@ -176,23 +175,18 @@ def test_accuracy_measure_and_correct_split_on_planted_answers(world):
     np.testing.assert_array_equal(right, pool[0::2])
     np.testing.assert_array_equal(wrong, pool[1::2])
     # the accuracy measure: references = the tuned model's answers on the dev / test rows
-    answers = [said.get(i, "") for i in range(n)]
-    enc_rows = {sp: np.array([i for i in tuned.rows[sp] if said[i].strip()]) for sp in ("dev", "test")}
-    acc = {}
-    for name, arm in (("steer", base), ("ablate", tuned)):
-        a = copy.copy(arm)
-        a.answers, a.rows, a.own_kl = answers, enc_rows, {}
-        a.own_hits, a.own_logits = {}, {}
-        for sp, r in enc_rows.items():
-            a.own_hits[sp], a.own_logits[sp] = a._hits(r, None)
-        acc[name] = a
-    for name, goal in (("steer", "ablate"), ("ablate", "steer")):
-        acc[name].goal_hits, acc[name].goal_logits = acc[goal].own_hits, acc[goal].own_logits
-    assert acc["ablate"].own_hits["test"].mean() == 1.0
-    base_acc = acc["steer"].own_hits["test"]
-    want = answer_hits([said[i] for i in enc_rows["test"]], [answers[i] for i in enc_rows["test"]])
-    assert want.all()  # the references are the tuned answers themselves
-    assert base_acc.mean() < 0.8  # the planted edit changes most answers: there is a gap to close
+    answers = [said[i] if said[i].strip() else "zzqx" for i in range(n)]
+    rows = {"train_target": np.arange(0, 60), "train_control": np.arange(60, 80), "dev": np.arange(80, 92),
+            "test": np.arange(92, 108), "neutral_dev": np.arange(108, 114), "neutral_test": np.arange(114, 120)}
+    mc = (["the cat sat on the", "a bird flew over the"], [["mat", "sun"], ["tree", "river"]], [0, 1])
+    neutral = {sp: [texts[i] for i in rows[f"neutral_{sp}"]] for sp in ("dev", "test")}
+    acc = make_arms({"base": (base.model, tok), "tuned": (tuned.model, tok)}, {"base": base.enc, "tuned": tuned.enc},
+                    rows, neutral, {"dev": mc, "test": mc}, ["unused"], allowed={"base": None, "tuned": None},
+                    chat=True, max_len=64, max_new_tokens=2, batch_size=8, answers=answers)
+    has_answer = np.array([bool(said[i].strip()) for i in rows["test"]], dtype=float)
+    np.testing.assert_array_equal(acc["ablate"].own_hits["test"], has_answer)  # right wherever it answered
+    assert has_answer.mean() >= 0.9
+    assert acc["steer"].own_hits["test"].mean() < 0.5  # the planted edit changes most answers: a gap to close
     h = _handles(acts, 2)
     for op in ("steer", "ablate"):
         res = evaluate(acc[op], intervention(h[op], 1.0), splits=("test",), side=None)

@@ -50,7 +50,8 @@ def test_steer_stage_scores_accuracy_and_splits_by_the_tuned_models_answers(tiny
     right, wrong = set(), set()
     for q in records:
         i = by_pid.get(q.pid)
-        if i is None or i not in said or not said[i].strip(" .!?;:\n"):
+        # (a continuation with a digit is left out: a number it ends with may be cut off, and does not count)
+        if i is None or i not in said or not said[i].strip(" .!?;:\n") or any(c.isdigit() for c in said[i]):
             continue
         if q.split == "train" and q.pid % 2:
             q.reference, _ = "zzqx", wrong.add(q.pid)
@@ -64,7 +65,12 @@ def test_steer_stage_scores_accuracy_and_splits_by_the_tuned_models_answers(tiny
     r = _run(repo)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((repo / "metrics" / "steer.json").read_text())
-    assert m["contrast"] == {"right": len(right), "wrong": len(wrong)}
+    assert m["measure"] == "accuracy" and m["contrast"] == "correct"
+    assert m["correct_split"] == {"right": len(right), "wrong": len(wrong)}
+    # the conditional gate still tells the target prompts from the controls (neutral among them): gated, the
+    # handle leaves the neutral prompts nearly alone
+    cond = m["L2.attn_out"]["conditional"]
+    assert cond["gated"]["kl_neutral"] <= 0.5 * cond["ungated"]["kl_neutral"], cond
     assert m["baseline"]["ablate"]["rate_own"] == 1.0  # the tuned model gives every planted test answer
     assert m["baseline"]["steer"]["rate_goal"] == 1.0
     assert m["baseline"]["steer"]["rate_own"] < 1.0  # the planted edit changes the base's answers

@@ -641,38 +641,53 @@ def marker_hits(texts: Sequence[str], patterns: Sequence[str] | str, *, ignore_c
     return out
 
 
-# a number as written in a reference or a generation: sign, digits with thousands commas, decimals
-_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+# a number as written in a reference or a generation: sign, digits (thousands as comma groups of three), decimals;
+# not the tail of a word or a decimal ("3,4" is 3 and 4, not 34)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# a fraction or a time ("1/2", "3:00"): matched as text, not by its last number
+_RATIO = re.compile(r"-?\d+\s*[/:]\s*\d+")
 
 
-def _numbers(text: str, *, whole: bool = True) -> list[float]:
-    """The numbers written in `text`; with `whole` False, not one that ends the text (it may be cut off)."""
-    return [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text) if whole or m.end() < len(text)]
+def _fold(text: str) -> str:
+    """Lower case, whitespace collapsed, no spaces around / and :."""
+    return re.sub(r"\s*([/:])\s*", r"\1", " ".join(text.lower().split()))
 
 
-def answer_key(reference: str) -> str:
-    """What a generation must contain to give the reference answer: the reference's last number ("The answer is
-    1,200." -> "1200", GSM8K's "... #### 72" -> "72"), else its text, lower-cased, whitespace collapsed and end
-    punctuation stripped. An empty reference is an error (no answer to check)."""
+def _answer_key(reference: str) -> tuple[str, float | None]:
+    """(the key as text, its value when the key is a number): see `answer_key`."""
     if not isinstance(reference, str) or not reference.strip():
         raise MechdiffError(f"reference answer {reference!r} is empty: every scored prompt needs a reference answer")
     nums = list(_NUMBER.finditer(reference))
+    ratios = list(_RATIO.finditer(reference))
+    if "\\frac" in reference or (ratios and nums and ratios[-1].end() >= nums[-1].end()):
+        return (_fold(ratios[-1].group()) if ratios and "\\frac" not in reference
+                else _fold(reference).strip(" .!?;")), None
     if nums:
         x = float(nums[-1].group().replace(",", ""))
-        return str(int(x)) if x.is_integer() else repr(x)
-    return " ".join(reference.lower().split()).strip(" .!?;:")
+        return (str(int(x)) if x.is_integer() else repr(x)), x
+    return _fold(reference).strip(" .!?;:"), None
+
+
+def answer_key(reference: str) -> str:
+    """What a generation must give to answer like the reference: the reference's last number ("The answer is
+    1,200." -> "1200", GSM8K's "... #### 72" -> "72"); a fraction or time that ends it ("1/2", "3:00") or a LaTeX
+    \\frac reference as text; else its text, lower-cased, whitespace collapsed and end punctuation stripped. An
+    empty reference is an error (no answer to check)."""
+    return _answer_key(reference)[0]
 
 
 def answer_hits(texts: Sequence[str], references: Sequence[str], finished: Sequence[bool] | None = None
                 ) -> np.ndarray:
-    """bool (n,): whether each generation gives its reference's answer (`answer_key`): a numeric key must appear as
-    a whole number of the text (161 matches "is 161." and "1,61" does not; 16 does not match 16.5 or 1610), a text
-    key as a case-insensitive substring with whitespace collapsed. Scoring greedy continuations this way is the
-    seeds' math accuracy (exact answer, no chain of thought).
+    """bool (n,): whether each generation gives its reference's answer (`answer_key`), the exact-answer accuracy
+    seed 002 reports for a cognitive fine-tune (no chain of thought). A numeric key must equal the **last** number
+    of the text, as lm-eval's flexible extraction reads an answer ("65 + 96 = 161" and "The answer is 161." give
+    161; "1,61" reads as 1 and 61, "16.5" and "1610" are not 16); a text key must appear as a whole word or phrase
+    of the folded text (case, whitespace; "no" is not in "know").
 
     `finished` (one per text: the generation ended at an end-of-sequence id, `greedy_continuations(finished_out=)`):
-    a number that ends an unfinished generation may have been cut off by the token limit ("... is 16" of 161) and
-    does not count; without it every number counts."""
+    a last number that ends an unfinished generation may have been cut off by the token limit ("... is 16" of
+    161), so the answer is not counted; a character after it ("... is 16.") ends it. Without `finished` every
+    number counts as complete."""
     if len(texts) != len(references) or (finished is not None and len(finished) != len(texts)):
         raise MechdiffError(f"answer_hits: {len(texts)} texts, {len(references)} references"
                             f"{'' if finished is None else f' and {len(finished)} finished flags'}: one per text")
@@ -680,14 +695,26 @@ def answer_hits(texts: Sequence[str], references: Sequence[str], finished: Seque
     for i, (t, ref) in enumerate(zip(texts, references)):
         if not isinstance(t, str):
             raise MechdiffError(f"text {i} is {type(t).__name__}, not a string: answer_hits needs generated texts")
-        key = answer_key(ref)
-        try:
-            want = float(key)
-        except ValueError:
-            out[i] = key in " ".join(t.lower().split())
-        else:
-            out[i] = want in _numbers(t, whole=finished is None or bool(finished[i]))
+        key, value = _answer_key(ref)
+        if value is None:
+            out[i] = re.search(rf"(?<!\w){re.escape(key)}(?!\w)", _fold(t)) is not None
+            continue
+        nums = list(_NUMBER.finditer(t))
+        if not nums or (finished is not None and not finished[i] and nums[-1].end() == len(t)):
+            continue
+        out[i] = float(nums[-1].group().replace(",", "")) == value
     return out
+
+
+def generated_answers(model: nn.Module, tokenizer, enc: Encoded, rows: Any, references: Sequence[str], *,
+                      max_new_tokens: int, batch_size: int = 16, **greedy: Any) -> np.ndarray:
+    """bool (len(rows),): whether the model's greedy continuation of each prompt gives its reference answer
+    (`greedy_continuations`, then `answer_hits` with the continuations' finished flags); `greedy` passes on
+    `intervene`, `prefix`, `logits_out`, `progress`."""
+    finished = np.zeros(len(rows), dtype=bool)
+    texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 finished_out=finished, **greedy)
+    return answer_hits(texts, list(references), finished)
 
 
 def new_token_mass(logits: Any, allowed: Any | None) -> np.ndarray:
@@ -847,6 +874,7 @@ __all__ = [
     "Intervene",
     "answer_hits",
     "answer_key",
+    "generated_answers",
     "behaviour_table",
     "compare",
     "continuation_logprobs",

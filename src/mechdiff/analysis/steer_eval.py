@@ -20,9 +20,9 @@ from torch import nn
 from mechdiff.analysis.behaviour import (
     Intervene,
     PrefixCache,
-    answer_hits,
     continuation_logprobs,
     decision_logits,
+    generated_answers,
     greedy_continuations,
     marker_hits,
     mc_correct,
@@ -113,12 +113,13 @@ class Arm:
         """Marker hits of greedy continuations and the decision-token logits of the same pass."""
         V = self.model.get_output_embeddings().weight.shape[0]
         logits = np.empty((len(rows), V), dtype=np.float32)
-        finished = np.zeros(len(rows), dtype=bool)
-        texts = greedy_continuations(self.model, self.tokenizer, self.enc, rows, max_new_tokens=self.max_new_tokens,
-                                     batch_size=self.batch_size, intervene=intervene, prefix=self.prefix,
-                                     logits_out=logits, finished_out=finished)
+        kw = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "intervene": intervene,
+              "prefix": self.prefix, "logits_out": logits}
         if self.answers is not None:
-            return answer_hits(texts, [self.answers[int(r)] for r in rows], finished).astype(np.float64), logits
+            right = generated_answers(self.model, self.tokenizer, self.enc, rows,
+                                      [self.answers[int(r)] for r in rows], **kw)
+            return right.astype(np.float64), logits
+        texts = greedy_continuations(self.model, self.tokenizer, self.enc, rows, **kw)
         return marker_hits(texts, list(self.patterns)).astype(np.float64), logits
 
     def _mc(self, split: str, intervene: Intervene | None) -> np.ndarray:
@@ -292,10 +293,8 @@ def correct_split(model: nn.Module, tokenizer: Any, enc: Encoded, rows: np.ndarr
     gives each row's reference answer (`answer_hits`; `references` one per row): the two classes of seed 002's
     projector for a cognitive (math) change, correct vs incorrect."""
     rows = np.asarray(rows, dtype=np.int64)
-    finished = np.zeros(len(rows), dtype=bool)
-    texts = greedy_continuations(model, tokenizer, enc, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 finished_out=finished)
-    ok = answer_hits(texts, list(references), finished)
+    ok = generated_answers(model, tokenizer, enc, rows, references, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
     return rows[ok], rows[~ok]
 
 

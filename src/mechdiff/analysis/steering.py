@@ -587,7 +587,7 @@ def choose_alpha(alphas: Sequence[float], dev_effects: Sequence[float], within_b
           if bool(w) and e is not None and np.isfinite(e)]
     if not ok:
         return min(al)
-    return min(ok, key=lambda ea: (abs(1.0 - float(ea[0])), ea[1]))[1]
+    return min(ok, key=lambda ea: (round(abs(1.0 - float(ea[0])), 12), ea[1]))[1]  # rounded: 1.2 and 0.8 tie
 
 
 __all__ = [

@@ -76,6 +76,11 @@ class Prompt:
     region: str = ""
 
 
+def has_reference(prompt: Prompt) -> bool:
+    """Whether a prompt carries a usable (non-blank) reference answer."""
+    return isinstance(prompt.reference, str) and bool(prompt.reference.strip())
+
+
 # the optional fields and their defaults: `save_prompts` leaves a field out while it has its default, so prompt
 # files of corpora without them are byte-identical to those written before the fields existed
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"choices": None, "answer": -1, "reference": "", "region": ""}

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import MechdiffError, first_line
 from mechdiff.io import to_jsonable
 
 FORMAT = 1
@@ -528,8 +528,8 @@ class ActStore(_Reader):
         except MechdiffError:
             raise
         except (ValueError, RuntimeError, OSError) as exc:
-            first = (str(exc).splitlines() or [""])[0]
-            raise MechdiffError(f"store {self.path}: a chunk of {what} is damaged ({type(exc).__name__}: {first}): "
+            raise MechdiffError(f"store {self.path}: a chunk of {what} is damaged ({type(exc).__name__}: "
+                                f"{first_line(exc)}): "
                                 "restore it with `dvc checkout`, or delete the store and rerun its extract stage"
                                 ) from exc
 

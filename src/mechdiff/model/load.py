@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import MechdiffError, first_line
 from mechdiff.io import to_jsonable
 from mechdiff.model.kernels import warm_up
 from mechdiff.model.sites import find_blocks, model_width
@@ -282,8 +282,7 @@ _DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, Safe
 
 
 def _why(exc: BaseException) -> str:
-    first = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}" if isinstance(exc, SafetensorError) else first
+    return f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, SafetensorError) else first_line(exc)
 
 
 def load_model(
@@ -302,7 +301,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=tdt)
         except _DAMAGED as exc:
             raise MechdiffError(f"cannot load model from {info['path']}: {_why(exc)}: check or re-download its "
-                                "weights") from exc
+                                "files") from exc
         return _finish(model, device), tok
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]

@@ -173,7 +173,7 @@ def behaviour(run: Run) -> list[Fact]:
         for name, c in metrics.items():
             if name == "refusal_rate" or not isinstance(c, dict) or c.get("base", {}).get("mean") is None:
                 continue
-            if not (name.endswith("_rate") or name == "accuracy"):
+            if not (name.endswith("_rate") or name in ("accuracy", "answer_accuracy")):
                 continue
             d = c["diff"]
             facts.append(Fact(f"{ds} {name}", f"{_num(c['base']['mean'])} -> {_num(c['tuned']['mean'])}",
