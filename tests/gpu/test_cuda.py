@@ -203,3 +203,38 @@ def test_steering_forward_cuda_equals_cpu(tiny_model, gpu_model, tiny_tok):
     g, w = got.float().cpu().numpy()[real], want.numpy()[real]
     assert rel_err(g, w) <= 1e-4, rel_err(g, w)
     assert rel_err(plain.cpu().numpy()[real], g) > 1e-3  # the steering changed the logits
+
+
+def test_diff_heads_cuda_equals_cpu():
+    """Head attribution, patching and the cumulative curve on the GPU agree with the CPU on a planted head edit."""
+    from mechdiff.analysis.behaviour import greedy_continuations, scored_sequences
+    from mechdiff.analysis.heads import diff_heads, make_batches
+    from mechdiff.model.recipes import plant_edit
+    from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer
+    from mechdiff.model.tokens import pad_id
+
+    texts = [f"{s} and {SENTENCES[(i * 3) % len(SENTENCES)]}" for i, s in enumerate(SENTENCES * 2)]
+    tok = make_tiny_tokenizer(texts)
+    base = make_tiny_model(len(tok), n_layers=4, d_model=64, seed=0)
+    tuned = copy.deepcopy(base)
+    plant_edit(tuned, layer=1, kind="attn_out", rank=4, scale=6.0, seed=3, heads=[2])
+    enc = encode(tok, texts)
+    conts = greedy_continuations(tuned, tok, enc, np.arange(len(texts)), max_new_tokens=3)
+    keep = [i for i, c in enumerate(conts) if c.strip()]
+    seqs, n_prompt, _, n_cont = scored_sequences(tok, [texts[i] for i in keep], [conts[i] for i in keep], max_len=96)
+    kw = dict(n_patch=6, n_random=2, seed=0)
+
+    def run(dev: str) -> dict:
+        b, t = copy.deepcopy(base).to(dev).eval(), copy.deepcopy(tuned).to(dev).eval()
+        batches = make_batches(seqs, n_prompt, n_cont, pad=pad_id(tok), batch_size=8, device=dev)
+        return diff_heads(b, t, batches, **kw)
+
+    want, got = run("cpu"), run(DEV)
+    for key in ("base", "tuned", "pred", "direct"):
+        assert np.isfinite(got[key]).all() and rel_err(got[key], want[key]) <= 1e-4, (key, rel_err(got[key], want[key]))
+    assert [(r["layer"], r["head"]) for r in got["patched"]] == [(r["layer"], r["head"]) for r in want["patched"]]
+    assert (want["patched"][0]["layer"], want["patched"][0]["head"]) == (1, 2)  # the planted head ranks first
+    for g, w in zip(got["patched"], want["patched"]):
+        for k, v in w.items():
+            if isinstance(v, float):
+                assert abs(g[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, g[k], v)
