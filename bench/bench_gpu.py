@@ -578,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after which no new measurement starts (default 330, quick 150; CPU 1800, 600)")
     args = ap.parse_args(argv)
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file() and \
+            not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
+        ap.error(f"--tokenizer {args.tokenizer}: not a tokenizer folder (no tokenizer.json or tokenizer_config.json; "
+                 "write one with tokenizer.save_pretrained(DIR))")
 
     t0 = time.perf_counter()
     if args.device:
