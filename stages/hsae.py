@@ -27,7 +27,7 @@ from mechdiff.sae.hsae import (
     load_hsae,
     teacher_targets,
 )
-from mechdiff.sae.sources import source_batches, source_rows
+from mechdiff.sae.sources import check_finite, source_batches, source_rows
 from mechdiff.sae.train import SAEConfig, train_sae
 
 VARIANTS = ("random", "teacher")
@@ -79,7 +79,12 @@ def main() -> None:
             t_par, t_kids = geo["teacher_parents"], [geo["teacher_children"][i, : n_ch[i]] for i in range(len(names))]
         enc = P.encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
         train_rows = source_rows(store, h.view, store.rows_where(split="train"))
+        # a NaN in the store names the store before any H-SAE output is touched
+        check_finite(which, stores["base"], stores["tuned"], site.name, h.view, train_rows)
         X_val = store.read(site.name, h.view, source_rows(store, h.view, val))
+        if not np.isfinite(X_val).all():
+            raise MechdiffError(f"{store.path} has NaN or inf at {site.name}/{h.view}: delete it and rerun its "
+                                "extract stage")
         d = store.width(site.name)
         metrics[which] = {}
         # the teacher must fit hsae.width / hsae.children: checked before the random variant trains

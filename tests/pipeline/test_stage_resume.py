@@ -464,3 +464,27 @@ def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, s
     r = _stage(repo, stage)
     assert r.returncode == 0 and "units resumed" not in r.stdout, r.stdout
     assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_hsae_stage_names_a_store_with_nan_and_keeps_its_outputs(tiny_repo, tmp_path):
+    """A NaN in the base store at the H-SAE's site fails the stage in one line that names the store, before any
+    H-SAE output is touched."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns(".git"))
+    before = _outputs(repo, "hsae")
+    assert before
+    h = yaml.safe_load((repo / "params.yaml").read_text())["hsae"]
+    store = repo / "artifacts" / "acts" / "base.zarr"
+    arr = zarr.open_array(store / f"L{h['layer']}.resid_post" / h["view"], mode="r+")
+    x = arr[:]
+    x[::2] = np.nan  # every other row: some of them are training rows
+    arr[:] = x
+    r = _stage(repo, "hsae")
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    err = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]  # (progress bars besides)
+    assert len(err) == 1 and err[0].startswith("mechdiff: error: artifacts/acts/base.zarr has NaN or inf at "
+                                               f"L{h['layer']}.resid_post/{h['view']}"), r.stderr[-2000:]
+    assert _outputs(repo, "hsae") == before
