@@ -64,12 +64,13 @@ def main() -> None:
         saes = {(src, layer): load_sae(P.sae_dir(src, layer)) for layer in s.layers for src in sources}
         toks = {w: load_tokenizer(P.model_dir(w)) for w in ("base", "tuned")}
         dec = {w: functools.lru_cache(maxsize=None)(lambda i, t=toks[w]: t.decode([i])) for w in toks}
+        units = P.stage_units("feature_pages")  # an interrupted run resumes each SAE's finished pages
         out = build_feature_pages(
             base=base, tuned=tuned, saes=saes, prompts=prompts, sources=sources, layers=s.layers, graded=graded,
             gates=gates, lens=lens, decoders=dec, gates_table=str(P.plot("gates_features.csv")),
             settings=PageSettings(n_top=fp.n_top, max_gated=fp.max_gated, n_contexts=fp.n_contexts,
                                   n_logit_tokens=fp.n_logit_tokens, hist_bins=fp.hist_bins,
-                                  plot_prompts=fp.plot_prompts))
+                                  plot_prompts=fp.plot_prompts), units=units)
     # every input has been read and every page rendered: only now replace the previous outputs
     for d in (pages_dir, png_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -79,6 +80,8 @@ def main() -> None:
     for name, png in out.pngs.items():
         (png_dir / f"{name}.png").write_bytes(png)
     (pages_dir / "index.html").write_text(out.index(), encoding="utf-8")
+    if not note:
+        units.done()
     print(f"feature_pages: {len(out.pages)} feature pages in {pages_dir}, {len(out.pngs)} token plots in {png_dir}")
 
 

@@ -421,7 +421,7 @@ UNIT_PARAMS = {"gates": {"max_freq": 1.0, "min_regions": 1, "top_share": 0.5, "m
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["steer", "behaviour", "heads", "sae_eval", "features", "divergence", "patch",
-                                   "geometry", "probes", "gates"])
+                                   "geometry", "probes", "gates", "feature_pages"])
 def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, stage):
     """SIGKILL a stage that keeps its finished units (resume.Units) after its third unit (its first, when it has
     fewer than four) and before its last; each rerun loads them, computes the rest and writes exactly the outputs
@@ -459,7 +459,10 @@ def test_killed_analysis_stage_resumes_its_finished_units(tiny_repo, tmp_path, s
     # a changed param the stage reads: the kept units of the old settings are not reused
     _with_killer(repo, stage, first, tmp_path)
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["seed"] = int(p["seed"]) + 1
+    if stage == "feature_pages":  # it reads no seed
+        p["feature_pages"]["n_contexts"] = int(p["feature_pages"]["n_contexts"]) + 1
+    else:
+        p["seed"] = int(p["seed"]) + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     r = _stage(repo, stage)
     assert r.returncode == 0 and "units resumed" not in r.stdout, r.stdout

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mechdiff.errors import MechdiffError
+from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import SparseCodes, encode_sparse
 
 if TYPE_CHECKING:
@@ -645,7 +646,7 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
                         lens: Callable[[str], tuple[Any, Any | None]],
                         decoders: Mapping[str, Callable[[int], str]], settings: PageSettings,
                         gates_table: str = "gates_features.csv", warn: Callable[[str], None] = print,
-                        progress: bool = True) -> FeaturePages:
+                        progress: bool = True, units: UnitsFn = compute_all) -> FeaturePages:
     """Every reported feature's page and token plot (site L<layer>.resid_post, view tokens).
 
     base / tuned: the activation stores, holding `prompts` (objects with pid, text, dataset, region) in order;
@@ -655,7 +656,8 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
 
     Each (SAE, rows) pair is encoded once: the SAE of each picked source on the base and the tuned store's token
     rows, the delta SAE also on tuned - base; the tuned SAE's encoding of the tuned store also gives the cultural
-    ranking (`top_cultural` of the cultural and control prompts' means).
+    ranking (`top_cultural` of the cultural and control prompts' means). `units` (`resume.Units`) keeps each
+    layer's cultural ranking and each SAE's finished pages, so an interrupted run redoes only the rest.
     """
     from tqdm import tqdm
 
@@ -700,16 +702,15 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
     is_c = datasets[cc] == "cultural"
     if "tuned" in sources and is_c.any() and (~is_c).any():
         for layer in layers:
-            A = prompt_means(encoded("tuned", layer, "tuned"), rprompt["tuned"], cc)
-            cultural[layer] = top_cultural(A, is_c, settings.n_top)
+            cultural[layer] = units(f"cultural/L{layer}", lambda layer=layer: top_cultural(
+                prompt_means(encoded("tuned", layer, "tuned"), rprompt["tuned"], cc), is_c, settings.n_top))
     picks = pick_features(sources=sources, layers=layers, cultural=cultural, graded=graded, gates=gates,
                           max_gated=settings.max_gated, gates_table=gates_table, warn=warn)
     by_sae: dict[tuple[str, int], list[int]] = {}
     for key in page_order(picks):
         by_sae.setdefault(key[:2], []).append(key[2])
-    out = FeaturePages()
-    bar = tqdm(total=len(picks), desc="feature_pages", unit="feature", disable=not progress)
-    for (src, layer), feats in by_sae.items():
+    def sae_pages(src: str, layer: int, feats: list[int]) -> list[tuple[str, bytes | None, str, dict]]:
+        """(name, token plot or None, page, index entry) of each picked feature of the SAE (src, layer)."""
         sae, fi = saes[src, layer], np.array(feats)
         Z = {w: encoded(src, layer, w).columns(fi) for w in stores}
         own_store = "tuned" if src == "tuned" else "base"
@@ -723,6 +724,7 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
         lens_model = "base" if src == "base" else "tuned"  # a delta direction acts on the tuned model
         W_U, norm_w = lens(lens_model)
         dirs = decoder_dirs(sae)
+        done = []
         for j, f in enumerate(feats):
             pk = picks[src, layer, f]
             data = feature_page_data(
@@ -735,12 +737,24 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
             if data.contexts:
                 data.token_png = token_activation_png(data.contexts, title=data.title,
                                                       max_prompts=settings.plot_prompts)
-                out.pngs[data.name] = data.token_png
-            out.pages[data.name] = render_feature_page(data)
-            out.entries.append({"href": f"{data.name}.html", "source": src, "layer": layer, "feature": f,
-                                "reasons": data.reasons, "headline": data.headline})
+            done.append((data.name, data.token_png if data.contexts else None, render_feature_page(data),
+                         {"href": f"{data.name}.html", "source": src, "layer": layer, "feature": f,
+                          "reasons": data.reasons, "headline": data.headline}))
             bar.update(1)
         for w in ("base", "tuned", "delta"):  # this SAE's encodings are done with
             codes.pop((src, layer, w), None)
+        return done
+
+    out = FeaturePages()
+    bar = tqdm(total=len(picks), desc="feature_pages", unit="feature", disable=not progress)
+    for (src, layer), feats in by_sae.items():
+        before = bar.n
+        for name, png, page, entry in units(f"pages/{src}/L{layer}", lambda src=src, layer=layer, feats=feats:
+                                            sae_pages(src, layer, feats)):
+            if png is not None:
+                out.pngs[name] = png
+            out.pages[name] = page
+            out.entries.append(entry)
+        bar.update(len(feats) - (bar.n - before))  # a resumed SAE's pages count too
     bar.close()
     return out
