@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run, for a machine with one CUDA card (about 7 minutes on an H200):
-#   1. tests/gpu (extraction, SAE training, patching and steering on CUDA against the CPU; skipped without CUDA)
+# Every GPU check of the project in one run, for a machine with one CUDA card (4-5 minutes on an H200):
+#   1. tests/gpu (extraction, SAE training, patching, steering and heads on CUDA against the CPU; skipped without
+#      CUDA)
 #   2. bench/bench_gpu.py on SmolLM2-135M: extraction vs a plain HF forward (bf16 and fp32), SAE training vs
 #      SAELens (when sae_lens imports)
 #   3. bench/bench_gpu.py, extraction only, on Llama-3-8B's shape with random weights (bf16, 8 middle layers):
