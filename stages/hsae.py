@@ -79,12 +79,10 @@ def main() -> None:
             t_par, t_kids = geo["teacher_parents"], [geo["teacher_children"][i, : n_ch[i]] for i in range(len(names))]
         enc = P.encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
         train_rows = source_rows(store, h.view, store.rows_where(split="train"))
-        # a NaN in the store names the store before any H-SAE output is touched
-        check_finite(which, stores["base"], stores["tuned"], site.name, h.view, train_rows)
-        X_val = store.read(site.name, h.view, source_rows(store, h.view, val))
-        if not np.isfinite(X_val).all():
-            raise MechdiffError(f"{store.path} has NaN or inf at {site.name}/{h.view}: delete it and rerun its "
-                                "extract stage")
+        val_rows = source_rows(store, h.view, val)
+        for rows in (train_rows, val_rows):  # a NaN names the store before any H-SAE output is touched
+            check_finite(which, stores["base"], stores["tuned"], site.name, h.view, rows)
+        X_val = store.read(site.name, h.view, val_rows)
         d = store.width(site.name)
         metrics[which] = {}
         # the teacher must fit hsae.width / hsae.children: checked before the random variant trains

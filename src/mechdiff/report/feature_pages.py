@@ -737,7 +737,7 @@ def build_feature_pages(*, base: Any, tuned: Any, saes: Mapping[tuple[str, int],
             if data.contexts:
                 data.token_png = token_activation_png(data.contexts, title=data.title,
                                                       max_prompts=settings.plot_prompts)
-            done.append((data.name, data.token_png if data.contexts else None, render_feature_page(data),
+            done.append((data.name, data.token_png, render_feature_page(data),
                          {"href": f"{data.name}.html", "source": src, "layer": layer, "feature": f,
                           "reasons": data.reasons, "headline": data.headline}))
             bar.update(1)
