@@ -18,7 +18,14 @@ from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
-from mechdiff.resume import files_digest, fingerprint, finished_output, mark_complete, prepare_output
+from mechdiff.resume import (
+    environment,
+    files_digest,
+    fingerprint,
+    finished_output,
+    mark_complete,
+    prepare_output,
+)
 from mechdiff.sae.hsae import (
     HierarchicalSAE,
     compare_children,
@@ -99,7 +106,7 @@ def main() -> None:
             out = P.hsae_dir(which, variant)
             fp = fingerprint([h.layer, h.view, h.width, h.children, h.k, h.lr, h.batch_size, h.epochs, h.teacher,
                               h.ortho_coef, h.freeze_steps, p.seed, variant, store.attrs.get("fingerprint"),
-                              _digest(m.state_dict()), code])
+                              _digest(m.state_dict()), code, environment()])
             if finished_output(out, fp):  # an interrupted run finished this one already
                 print(f"hsae: reusing the finished {out}")
             else:

@@ -19,7 +19,7 @@ from mechdiff.model.recipes import (
     plant_edit,
 )
 from mechdiff.params import load_params
-from mechdiff.resume import files_digest, fingerprint, prepare_output
+from mechdiff.resume import environment, files_digest, fingerprint, prepare_output
 
 
 def main() -> None:
@@ -72,18 +72,14 @@ def main() -> None:
                        batch_size=ft.batch_size, max_len=ft.max_len)
         # an interrupted fine-tune resumes from its last state in the (persisted) output folder, if that state
         # came from these settings, this base model, these prompts (texts, datasets, splits, references) and this
-        # code (the package, this script, torch and transformers)
-        import torch
-        import transformers
-
+        # code (the package and this script), in this environment (libraries, CPU kind: `resume.environment`)
         import mechdiff.model.cache  # noqa: F401  (the fine-tune imports it lazily: hashed with the rest)
 
         pkg = Path(_recipes.__file__).parents[1]  # the package's modules this process runs: the stage's code deps
         code = sorted({Path(m.__file__) for m in list(sys.modules.values())
                        if getattr(m, "__file__", None) and Path(m.__file__).is_relative_to(pkg)}) + [Path(__file__)]
         fp = fingerprint([vars(ft), p.seed, p.data.chat, p.pair.dtype, files_digest(P.model_dir("base")),
-                          files_digest(P.PROMPTS), [files_digest(f) for f in code], torch.__version__,
-                          transformers.__version__])
+                          files_digest(P.PROMPTS), [files_digest(f) for f in code], environment()])
         prepare_output(P.model_dir("tuned"), fp)
         resume = dict(checkpoint=P.model_dir("tuned") / "finetune_state.pt", checkpoint_every=every_s)
         if ft.objective in ("signature", "answer"):

@@ -21,7 +21,14 @@ from mechdiff.data import store as _store_mod
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv
 from mechdiff.params import load_params
-from mechdiff.resume import files_digest, fingerprint, finished_output, mark_complete, prepare_output
+from mechdiff.resume import (
+    environment,
+    files_digest,
+    fingerprint,
+    finished_output,
+    mark_complete,
+    prepare_output,
+)
 from mechdiff.sae import SAEConfig, eval_sae, save_sae, train_sae
 from mechdiff.sae.pretrained import digest, load_pretrained, resolve
 from mechdiff.sae.sources import (
@@ -56,7 +63,7 @@ def job(p, base, tuned, source: str, layer: int):
     # the activations themselves (their running statistics), not only the settings that made the stores
     data = hashlib.sha256(b"".join(a.tobytes() for st in (base, tuned) for a in st.stats(site, s.view))).hexdigest()
     fp = fingerprint([training, p.seed, source, layer, base.attrs.get("fingerprint"), tuned.attrs.get("fingerprint"),
-                      data[:16], code_hash()])
+                      data[:16], code_hash(), environment()])
     return site, P.sae_dir(source, layer), fp
 
 

@@ -165,14 +165,14 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of
     files up to `BIG_FILE`; the modification time of larger ones and of every file under ARTIFACTS, the outputs of
-    earlier stages, which a rerun of theirs rewrites) and the values of its params. None when the stage is not in
+    earlier stages, which a rerun of theirs rewrites), the values of its params and `resume.environment`. None when the stage is not in
     `dvc_yaml`. Work kept under it is reused only when DVC would see the same stage."""
     import hashlib
 
     import yaml
 
     from mechdiff import trace
-    from mechdiff.resume import fingerprint
+    from mechdiff.resume import environment, fingerprint
 
     try:
         with trace.quiet():  # the stage's definition and its declared params' values, not inputs of its results
@@ -200,7 +200,7 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
             for part in str(key).split("."):
                 v = v.get(part) if isinstance(v, dict) else None
             params[str(key)] = v
-    return fingerprint([st.get("cmd", ""), files, params])
+    return fingerprint([st.get("cmd", ""), files, params, environment()])
 
 
 def stage_units(stage: str, *, enabled: bool = True):

@@ -11,6 +11,7 @@ of work instead (`Units`, in a scratch folder prepared the same way), so a rerun
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -23,6 +24,43 @@ MARK = "mechdiff_run.json"
 
 # what a library function takes as `units`: a `Units`, its `scoped` part, or `compute_all` (keep nothing)
 UnitsFn = Callable[[str, Callable[[], Any]], Any]
+
+
+# libraries whose version can change an output's bits (kernels, rounding, defaults, the store format)
+ENV_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "transformers", "safetensors", "zarr")
+# CPU flags that choose other kernels, so other rounding: AVX2 vs AVX-512 code, native bf16 units
+ENV_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict:
+    """What decides an output's bits besides its settings and inputs: Python's and `ENV_PACKAGES`' versions and the
+    CPU kind (machine, vendor and `ENV_CPU_FLAGS`). It enters every resume fingerprint, so unfinished work or kept
+    units made under other libraries or on another CPU kind (a workspace shared by machines) are recomputed, not
+    mixed with this machine's: a resumed run stays equal to an uninterrupted run here."""
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for name in ENV_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    vendor, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the processor string stands in for the flags
+        vendor = platform.processor() or None
+    return {"python": platform.python_version(), "packages": versions, "machine": platform.machine(),
+            "cpu": vendor, "cpu_flags": [f for f in ENV_CPU_FLAGS if f in flags]}
 
 
 def fingerprint(obj: Any) -> str:

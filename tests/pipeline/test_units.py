@@ -217,3 +217,51 @@ def test_stage_fingerprint_takes_earlier_stages_outputs_by_time(tmp_path, monkey
     assert stage_fingerprint("s") == before  # contents are not read under artifacts/
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert stage_fingerprint("s") != before
+
+
+def test_environment_reads_the_installed_versions_and_the_cpu_kind():
+    import platform
+    from importlib import metadata
+
+    from mechdiff.resume import ENV_CPU_FLAGS, ENV_PACKAGES, environment
+
+    env = environment()
+    assert set(env["packages"]) == set(ENV_PACKAGES)
+    assert env["packages"]["numpy"] == np.__version__ == metadata.version("numpy")
+    assert env["packages"]["torch"] == metadata.version("torch")
+    assert env["python"] == platform.python_version() and env["machine"] == platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+        assert env["cpu_flags"] == [f for f in ENV_CPU_FLAGS if f in flags]
+        assert env["cpu"] in text
+
+
+def test_units_kept_under_another_environment_are_recomputed(tmp_path, monkeypatch):
+    """Units kept before a library upgrade (or on another CPU kind, in a shared workspace) are not resumed: the
+    stage fingerprint holds `resume.environment`, so the rerun computes them here."""
+    import copy
+
+    import mechdiff.resume as R
+
+    repo = _stage_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    here = R.environment()
+    fp = stage_fingerprint("s")
+    calls: list[str] = []
+    with pytest.raises(Interrupt):
+        _work(Units(repo / "partial" / "s", fp), calls, stop_after=3)
+    assert stage_fingerprint("s") == fp  # same environment: the same fingerprint, the units resume
+    for change in (("packages", "torch", "0.0.1"), ("cpu_flags", None, ["avx2"]), ("cpu", None, "OtherVendor")):
+        other = copy.deepcopy(here)
+        key, sub, value = change
+        if sub is None:
+            other[key] = value if value != here[key] else value + ["x"]
+        else:
+            other[key][sub] = value
+        monkeypatch.setattr(R, "environment", lambda other=other: other)
+        assert stage_fingerprint("s") != fp, change
+    calls = []
+    units = Units(repo / "partial" / "s", stage_fingerprint("s"))  # the upgraded run: nothing of the old one loads
+    _work(units, calls)
+    assert calls == [f"u{i}" for i in range(6)] and units.loaded == 0
