@@ -11,6 +11,7 @@ of work instead (`Units`, in a scratch folder prepared the same way), so a rerun
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -28,16 +29,26 @@ UnitsFn = Callable[[str, Callable[[], Any]], Any]
 
 # libraries whose version can change an output's bits (kernels, rounding, defaults, the store format)
 ENV_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "transformers", "safetensors", "zarr")
-# CPU flags that choose other kernels, so other rounding: AVX2 vs AVX-512 code, native bf16 units
-ENV_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# CPU flags that choose other kernels, so other rounding: x86 AVX2 / AVX-512 code and native bf16 units; Arm's
+# NEON, SVE and bf16 / int8 matrix instructions (/proc/cpuinfo "flags" on x86, "Features" on Arm)
+ENV_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve", "sve2", "bf16", "i8mm")
+# /proc/cpuinfo keys that name the CPU: x86's vendor, Arm's implementer and part number
+_CPU_KEYS = ("vendor_id", "CPU implementer", "CPU part")
+
+
+def environment() -> dict:
+    """The environment that computes a stage's work: Python's and `ENV_PACKAGES`' versions and the CPU kind (machine,
+    vendor / Arm implementer and part, `ENV_CPU_FLAGS`). It enters the resume fingerprints of kept units
+    (`pipeline.stage_units`), the fine-tune, the SAEs and the H-SAEs, so their unfinished work made under other
+    libraries or on another CPU kind (a workspace shared by machines) is recomputed, not mixed with this machine's.
+    Not the activation store's: its rows are computed one by one, and the ranks of a multi-node extraction may
+    differ in CPU kind. Not covered either: the thread count, kernel-dispatch variables (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA, MKL_CBWR) and the GPU model. A fresh copy on each call (callers may change it)."""
+    return copy.deepcopy(_environment())
 
 
 @functools.lru_cache(maxsize=1)
-def environment() -> dict:
-    """What decides an output's bits besides its settings and inputs: Python's and `ENV_PACKAGES`' versions and the
-    CPU kind (machine, vendor and `ENV_CPU_FLAGS`). It enters every resume fingerprint, so unfinished work or kept
-    units made under other libraries or on another CPU kind (a workspace shared by machines) are recomputed, not
-    mixed with this machine's: a resumed run stays equal to an uninterrupted run here."""
+def _environment() -> dict:
     import platform
     from importlib import metadata
 
@@ -45,22 +56,25 @@ def environment() -> dict:
     for name in ENV_PACKAGES:
         try:
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    vendor, flags = None, set()
+        except metadata.PackageNotFoundError:  # e.g. a source build: the imported module's own version
+            module = sys.modules.get(name.replace("-", "_").replace("scikit_learn", "sklearn"))
+            versions[name] = getattr(module, "__version__", None)
+    cpu: dict[str, str] = {}
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id" and vendor is None:
-                    vendor = value.strip()
-                elif key.strip() == "flags":
+                key = key.strip()
+                if key in _CPU_KEYS and key not in cpu:
+                    cpu[key] = value.strip()
+                elif key in ("flags", "Features") and not flags:
                     flags = set(value.split())
-                    break
     except OSError:  # not Linux: the processor string stands in for the flags
-        vendor = platform.processor() or None
+        cpu = {"processor": platform.processor()} if platform.processor() else {}
     return {"python": platform.python_version(), "packages": versions, "machine": platform.machine(),
-            "cpu": vendor, "cpu_flags": [f for f in ENV_CPU_FLAGS if f in flags]}
+            "cpu": " ".join(cpu[k] for k in sorted(cpu)) or None,
+            "cpu_flags": [f for f in ENV_CPU_FLAGS if f in flags]}
 
 
 def fingerprint(obj: Any) -> str:

@@ -231,10 +231,16 @@ def test_environment_reads_the_installed_versions_and_the_cpu_kind():
     assert env["packages"]["torch"] == metadata.version("torch")
     assert env["python"] == platform.python_version() and env["machine"] == platform.machine()
     if Path("/proc/cpuinfo").is_file():
-        text = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+        lines = [line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()]
+        fields = {}
+        for key, _, value in lines:
+            fields.setdefault(key.strip(), value.strip())
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())  # x86 | Arm
         assert env["cpu_flags"] == [f for f in ENV_CPU_FLAGS if f in flags]
-        assert env["cpu"] in text
+        named = [fields[k] for k in ("CPU implementer", "CPU part", "vendor_id") if k in fields]
+        assert sorted((env["cpu"] or "").split()) == sorted(" ".join(named).split())
+    env["packages"]["torch"] = "changed"  # each call gives a fresh copy: a caller's edit changes no fingerprint
+    assert environment()["packages"]["torch"] == metadata.version("torch")
 
 
 def test_units_kept_under_another_environment_are_recomputed(tmp_path, monkeypatch):
