@@ -29,11 +29,10 @@ UnitsFn = Callable[[str, Callable[[], Any]], Any]
 
 # libraries whose version can change an output's bits (kernels, rounding, defaults, the store format)
 ENV_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "transformers", "safetensors", "zarr")
+_MODULES = {"scikit-learn": "sklearn"}  # the import name where it is not the distribution's
 # CPU flags that choose other kernels, so other rounding: x86 AVX2 / AVX-512 code and native bf16 units; Arm's
 # NEON, SVE and bf16 / int8 matrix instructions (/proc/cpuinfo "flags" on x86, "Features" on Arm)
 ENV_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve", "sve2", "bf16", "i8mm")
-# /proc/cpuinfo keys that name the CPU: x86's vendor, Arm's implementer and part number
-_CPU_KEYS = ("vendor_id", "CPU implementer", "CPU part")
 
 
 def environment() -> dict:
@@ -52,29 +51,19 @@ def _environment() -> dict:
     import platform
     from importlib import metadata
 
+    from mechdiff.cpu import cpu_info
+
     versions = {}
     for name in ENV_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:  # e.g. a source build: the imported module's own version
-            module = sys.modules.get(name.replace("-", "_").replace("scikit_learn", "sklearn"))
+            module = sys.modules.get(_MODULES.get(name, name))
             versions[name] = getattr(module, "__version__", None)
-    cpu: dict[str, str] = {}
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in _CPU_KEYS and key not in cpu:
-                    cpu[key] = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:  # not Linux: the processor string stands in for the flags
-        cpu = {"processor": platform.processor()} if platform.processor() else {}
+    cpu = cpu_info()
     return {"python": platform.python_version(), "packages": versions, "machine": platform.machine(),
-            "cpu": " ".join(cpu[k] for k in sorted(cpu)) or None,
-            "cpu_flags": [f for f in ENV_CPU_FLAGS if f in flags]}
+            "cpu": cpu.name(),
+            "cpu_flags": [f for f in ENV_CPU_FLAGS if f in cpu.flags]}
 
 
 def fingerprint(obj: Any) -> str:

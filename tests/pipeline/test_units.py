@@ -271,3 +271,30 @@ def test_units_kept_under_another_environment_are_recomputed(tmp_path, monkeypat
     units = Units(repo / "partial" / "s", stage_fingerprint("s"))  # the upgraded run: nothing of the old one loads
     _work(units, calls)
     assert calls == [f"u{i}" for i in range(6)] and units.loaded == 0
+
+
+def test_every_trained_output_is_kept_under_the_environment():
+    """The fine-tune's, the SAEs' and the H-SAEs' resume fingerprints hold `resume.environment()`: each
+    `fingerprint([...])` call of a stage script that marks an output has it among its items. The exceptions are
+    the ones docs/ARCHITECTURE.md names: the activation store (rows computed one by one, ranks may differ in CPU
+    kind), an imported SAE (nothing computed) and `code_hash` (a digest of files, not a fingerprint of work)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "stages"
+    found, missing = [], []
+    for script in sorted(root.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or fn.name in ("code_hash",):
+                continue
+            for call in ast.walk(fn):
+                if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "fingerprint"):
+                    continue
+                items = call.args[0].elts if call.args and isinstance(call.args[0], ast.List) else []
+                if script.name == "extract.py" or (items and isinstance(items[0], ast.Constant)
+                                                   and items[0].value == "pretrained"):
+                    continue
+                has_env = any(isinstance(i, ast.Call) and getattr(i.func, "id", None) == "environment" for i in items)
+                (found if has_env else missing).append(f"{script.name}:{call.lineno}")
+    assert not missing, f"fingerprints without environment(): {missing}"
+    assert {f.split(":")[0] for f in found} == {"models.py", "sae.py", "hsae.py"}

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mechdiff.cpu import cpu_info
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -48,10 +50,7 @@ def cpu_bf16_units() -> str | None:
             except RuntimeError:
                 pass
         return None
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return None
+    flags = cpu_info().flags
     if "amx_bf16" in flags:
         return "AMX"
     return "AVX512-BF16" if "avx512_bf16" in flags else None
@@ -76,14 +75,7 @@ _FP32_PACKED_ROWS = (2, 512)
 
 def cpu_vendor() -> str | None:
     """The CPU's vendor string from the Linux CPU flags ('GenuineIntel', 'AuthenticAMD', ...), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return cpu_info().vendor
 
 
 def _blas_avx512() -> bool:
