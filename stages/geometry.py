@@ -89,7 +89,8 @@ def main() -> None:
         s = geo.summary
         print(f"geometry: {which}: {s['coverage']['words']}/{s['coverage']['words_total']} words single tokens, "
               f"median child angle {_fmt(s['median_child'])} deg (random parents "
-              f"{_fmt(s['controls']['random_parents']['median_child'])}), separation AUC {_fmt(s['separation_auc'])}, "
+              f"{_fmt(s['controls']['random_parents']['median_child'])}; orthogonality "
+              f"{'holds' if s['orthogonality']['holds'] else 'does not hold'}), separation AUC {_fmt(s['separation_auc'])}, "
               f"children at their own vertex {_fmt(s['polytope']['accuracy'])} (chance {_fmt(s['polytope']['chance'])})")
     pair, pair_rows = compare_pair(geos["base"], geos["tuned"])
     metrics["pair"] = pair

@@ -21,6 +21,7 @@ from mechdiff.analysis.geometry import (
     hierarchy_angles,
     identity_deviation,
     model_geometry,
+    orthogonality_verdict,
     polytope,
     polytope_summary,
     set_shifts,
@@ -111,9 +112,10 @@ def test_hierarchy_of_the_project_file(tmp_path):
     assert "dog" in animal.words and any(c.name == "animal/mammal" and c.parent == "animal" for c in cs)
 
 
-@pytest.fixture(scope="module")
-def planted():
-    """A tiny model whose unembedding carries a planted hierarchy: each word's row = 3 u_parent + 2 v_child + noise."""
+def planted_model(tilt: float = 0.0):
+    """A tiny model whose unembedding carries a planted hierarchy: each word's row = 3 u_parent + 2 v_child + noise,
+    v_child orthogonal to u_parent; with `tilt` t each parent's first child leans along its parent and the second
+    away from it (v = sqrt(1 - t^2) v + / - t u_parent), the third stays orthogonal."""
     concepts = planted_concepts()
     words = [w for ws in PARENTS.values() for w in ws]
     filler = [f"w{i}" for i in range(300)]
@@ -125,11 +127,18 @@ def planted():
     W = rng.normal(size=(len(tok), d))
     for i, ws in enumerate(PARENTS.values()):
         for j in range(3):
+            sign = (1, -1, 0)[j]
+            v = np.sqrt(1 - (tilt * sign) ** 2) * U[3 + 3 * i + j] + tilt * sign * U[i]
             for w in ws[4 * j : 4 * j + 4]:
-                W[tok.convert_tokens_to_ids(w)] = 3 * U[i] + 2 * U[3 + 3 * i + j] + 0.3 * rng.normal(size=d)
+                W[tok.convert_tokens_to_ids(w)] = 3 * U[i] + 2 * v + 0.3 * rng.normal(size=d)
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.from_numpy(W).float())
     return model, tok, concepts
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model()
 
 
 def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
@@ -141,12 +150,34 @@ def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
     assert 80 <= s["median_child"] <= 100 and s["share_80_100"] >= 0.8
     assert 80 <= s["median_parent_root"] <= 100, s["median_parent_root"]
     assert s["controls"]["random_parents"]["median_child"] > 100
+    assert s["orthogonality"] == {"estimator": True, "mean_estimator": True, "random_parents_breaks": True,
+                                  "holds": True}
     assert s["separation_auc"] > 0.95 and s["controls"]["shuffled"]["separation_auc"] < 0.8
     assert s["intervention"]["share_own_up"] == 1.0 and s["intervention"]["median_effect"] > 0
     # parents are far apart and children sit closer to their own parent than to the others
     for c in (c for c in concepts if not c.is_parent):
         own = np.corrcoef(geo.vectors[c.name], geo.vectors[c.parent])[0, 1]
         assert all(own > np.corrcoef(geo.vectors[c.name], geo.vectors[q])[0, 1] for q in PARENTS if q != c.parent)
+
+
+def test_children_planted_leaning_on_their_parent_fail_the_orthogonality_verdict():
+    """Children planted at about +-30 degrees from orthogonal to their parent: the LDA estimator's angle still reads
+    about 90 degrees (by construction), the plain means show the lean, so the verdict is that orthogonality does not
+    hold; the verdict's parts against hand-made summaries."""
+    model, tok, concepts = planted_model(tilt=0.5)
+    s = model_geometry(model, tok, concepts, seed=0).summary
+    mean = s["controls"]["mean_estimator"]
+    assert mean["share_80_100"] <= 0.34, mean  # only the third child of each parent is orthogonal
+    assert s["orthogonality"]["mean_estimator"] is False and s["orthogonality"]["holds"] is False
+    lda_angles = s["share_80_100"]
+    assert lda_angles >= 0.5, s  # what the LDA estimator alone would claim
+    hand = {"share_80_100": 0.9, "controls": {"mean_estimator": {"share_80_100": 0.5},
+                                              "random_parents": {"share_80_100": 0.05}}}
+    assert orthogonality_verdict(hand)["holds"] is True
+    hand["controls"]["random_parents"]["share_80_100"] = 0.6  # the control passes too: no power
+    assert orthogonality_verdict(hand) == {"estimator": True, "mean_estimator": True, "random_parents_breaks": False,
+                                           "holds": False}
+    assert orthogonality_verdict({"share_80_100": None, "controls": {}})["holds"] is False
 
 
 def test_lda_needs_three_rows_and_concepts_with_fewer_train_tokens_are_left_out(planted):

@@ -269,6 +269,30 @@ def angle_summary(rows: Sequence[dict]) -> dict:
     return out
 
 
+ORTHO_SHARE = 0.5  # hierarchical orthogonality holds on an estimate when at least this share of child angles is 80-100 deg
+
+
+def orthogonality_verdict(summary: Mapping) -> dict:
+    """Whether hierarchical orthogonality holds, read from `model_geometry`'s summary and its controls.
+
+    `estimator`: at least `ORTHO_SHARE` of the estimator's child angles lie within 80-100 degrees. `mean_estimator`:
+    the same of the plain-mean control. The LDA estimator makes every token of a concept project onto its direction
+    about as the mean does, and a child's tokens are some of its parent's, so its angle comes out near 90 degrees by
+    construction, also for a planted hierarchy whose children lean along their parent (+-30 degrees off); the plain
+    means show such a lean. `random_parents_breaks`: the random-parents control falls below that share (else the
+    test cannot tell a hierarchy from none). `holds` = all three."""
+    def ok(part: Mapping | None) -> bool:
+        share = (part or {}).get("share_80_100")
+        return share is not None and share >= ORTHO_SHARE
+
+    controls = summary.get("controls") or {}
+    est = ok(summary)
+    mean = ok(controls.get("mean_estimator")) if "mean_estimator" in controls else est
+    breaks = not ok(controls.get("random_parents")) if "random_parents" in controls else False
+    return {"estimator": est, "mean_estimator": mean, "random_parents_breaks": breaks,
+            "holds": bool(est and mean and breaks)}
+
+
 def random_parent_vectors(g: np.ndarray, cs: ConceptSet, method: str, seed: int) -> dict[str, np.ndarray]:
     """Control: each parent's vector from a random token set of the same size (children kept)."""
     rng = np.random.default_rng(seed)
@@ -631,6 +655,7 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
         r = hierarchy_angles(vecs, concepts)
         summ["controls"][name] = angle_summary(r)
         rows += [{**x, "kind": f"{x['kind']}:{name}"} for x in r]
+    summ["orthogonality"] = orthogonality_verdict(summ)
     sep = separation(g, cs, seed=seed)
     summ["separation_auc"] = median_of(sep, "auc")
     shuffled = ConceptSet(cs.concepts, cs.train, cs.test, cs.split, controls["shuffled"])

@@ -204,8 +204,14 @@ def geometry(run: Run) -> list[Fact]:
     if not isinstance(b, dict) or b.get("median_child") is None:
         return []
     c = b["controls"]
+    verdict = b.get("orthogonality") or {}
+    mean = c.get("mean_estimator") or {}
+    holds = ("" if "holds" not in verdict else
+             f"orthogonality {'holds' if verdict['holds'] else 'does not hold'} "
+             f"(plain means {_pct(mean.get('share_80_100'))} within 80-100 deg); ")
     facts = [Fact("parent vs child-delta angle (base)", f"{b['median_child']:.1f} deg",
-                  f"{b['share_80_100']:.0%} within 80-100 deg; random parents {c['random_parents']['median_child']:.1f}, "
+                  f"{holds}{b['share_80_100']:.0%} within 80-100 deg; random parents "
+                  f"{c['random_parents']['median_child']:.1f}, "
                   f"shuffled {c['shuffled']['median_child']:.1f}, Euclidean {c['euclidean']['median_child']:.1f}"),
              Fact("held-out words vs random tokens", f"AUC {_num(b['separation_auc'])}",
                   f"shuffled unembedding {_num(c['shuffled'].get('separation_auc'))}")]
