@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 
 import numpy as np
@@ -290,6 +291,47 @@ def test_bogus_hub_id_fails_fast_without_offline_flag(monkeypatch, tmp_path):
         load_model("nonexistent-org/nonexistent-model-xyz")
     assert time.perf_counter() - t0 < 30
     assert "\n" not in str(ei.value)
+
+
+def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
+    """A hub id whose cached copy is unreadable (a truncated config) gets its own one-line error offline, not the
+    'not in the local cache' one; the intact cache loads the same weights as the folder it came from. In a fresh
+    process: the hub library reads HF_HOME when it is imported."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=4)
+    repo = tmp_path / "hf" / "hub" / "models--some-org--tiny"
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(d, repo / "snapshots" / rev)
+    script = (
+        "import sys, torch\n"
+        "from mechdiff.errors import MechdiffError\n"
+        "from mechdiff.model.load import load_model\n"
+        "try:\n"
+        "    m, _ = load_model('some-org/tiny')\n"
+        "except MechdiffError as e:\n"
+        "    print('ERROR', e); sys.exit(0)\n"
+        "ref, _ = load_model(sys.argv[1])\n"
+        "print('SAME', all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values())))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+    def run() -> str:
+        out = subprocess.run([sys.executable, "-c", script, str(d)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run() == "SAME True"
+    cfg = repo / "snapshots" / rev / "config.json"
+    cfg.write_text(cfg.read_text()[:40])
+    msg = run()
+    assert re.match(r"ERROR cannot load hub model 'some-org/tiny' from the local cache: .*delete-cache", msg), msg
 
 
 def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):

@@ -325,11 +325,17 @@ def load_model(
             tok = spec_tokenizer(info, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
     except (OSError, ValueError) as exc:
+        # cached but unreadable (a truncated or damaged file) is not the same as absent
+        cached = _hub_cached(model_id, revision, info.get("gguf_file"))
         if not _hub_reachable():
+            if cached:
+                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}: delete its "
+                                    "cached files (`huggingface-cli delete-cache`) and download it again on a "
+                                    "connected machine") from exc
             raise _no_network(model_id) from exc
         try:
             tok = spec_tokenizer(info, revision=revision, local_only=False)
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, force_download=cached, **kw)
         except _DAMAGED as exc2:
             raise MechdiffError(f"cannot load hub model {model_id!r}: {_why(exc2)}") from exc2
     except SafetensorError as exc:  # a damaged file in the local cache
