@@ -765,6 +765,27 @@ def validate(p: Params) -> Params:
     return p
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping, as DVC's parser does (PyYAML would keep the
+    last value silently, so the check would pass a file `dvc repro` then cannot read)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says what is wrong with it
+                    continue
+                if first is not None and key != "<<":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {first + 1}): keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml into typed dataclasses."""
     path = Path(path)
@@ -772,7 +793,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise MechdiffError(f"no {path}: run from the repository root (where params.yaml lives)")
     try:
         with trace.quiet():  # DVC tracks params.yaml by the keys a stage declares, not as a file
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -331,12 +331,18 @@ def test_load_errors(tmp_path):
     _err(load_corpus, tmp_path, [{"name": "n", "path": "notext.jsonl"}], match="no text")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     _err(load_corpus, tmp_path, [{"name": "b", "path": "bad.jsonl"}], match="bad.jsonl:2")
+    # a Latin-1 file: the line and the byte, not a UnicodeDecodeError traceback
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "fine"}\n{"text": "Caf\u00e9 au lait"}\n'.encode("latin-1"))
+    _err(load_corpus, tmp_path, [{"name": "l", "path": "latin.jsonl"}],
+         match=r"latin\.jsonl:2 is not UTF-8 \(byte 0xe9 at column 14\): re-save")
     _err(load_corpus, tmp_path, [{"name": "x"}])
     _err(load_corpus, tmp_path, [{"name": "x", "path": "a.jsonl", "hf": "json"}])
     _err(load_corpus, tmp_path, [])
     _err(load_concepts, tmp_path, match="make data")
     (tmp_path / "concepts.json").write_text('{"parents": {"animal": {"children": {"bird": []}}}}')
     _err(load_concepts, tmp_path, match="animal")
+    (tmp_path / "concepts.json").write_bytes(b'{"parents": {"caf\xe9": {}}}')
+    _err(load_concepts, tmp_path, match=r"concepts\.json is not UTF-8 \(byte 0xe9")
 
 
 # ---------------------------------------------------------------- splits

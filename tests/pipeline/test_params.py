@@ -126,6 +126,14 @@ def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(MechdiffError, match=r"not valid YAML \(line \d+, column \d+\)") as e:
         load_params(bad)
     assert "\n" not in str(e.value)
+    # a key given twice (DVC's parser refuses the file; PyYAML alone would keep the last value), top level or nested
+    for text, line, first in (("seed: 17\nrank: 8\nrank: 3\n", 3, 2),
+                              ("seed: 17\nsae:\n  k: 32\n  layers: [1]\n  k: 16\n", 5, 3),
+                              ("seed: 17\nsae: {k: 32, k: 16}\n", 2, 2)):
+        bad.write_text(text)
+        with pytest.raises(MechdiffError, match=rf"\(line {line}, column \d+\): key '(rank|k)' is given twice "
+                                                rf"\(first on line {first}\): keep one$"):
+            load_params(bad)
 
 
 def test_int_accepted_for_float(tmp_path):

@@ -517,12 +517,23 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
 
 
+def _utf8(raw: bytes, path: Path, line: int | None = None) -> str:
+    """`raw` decoded as UTF-8, or a one-line error naming the file (and line) and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise MechdiffError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): re-save the "
+                            "file as UTF-8") from e
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise MechdiffError(f"corpus file {path} not found: {_MISSING_HINT}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _utf8(raw, path, n)
             if not line.strip():
                 continue
             try:
@@ -919,7 +930,7 @@ def load_concepts(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise MechdiffError(f"concept file {path} not found: {_MISSING_HINT}")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise MechdiffError(f"{path} is not valid JSON ({e.msg}): regenerate it with `make data`") from e
     parents = obj.get("parents") if isinstance(obj, dict) else None
