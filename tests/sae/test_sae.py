@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -324,6 +325,32 @@ def test_resume_matches_uninterrupted(tmp_path, batchtopk):
             SAEConfig(d_in=8, width=64, k=3, batch_size=64, **wrong).validate()
     with pytest.raises(MechdiffError, match="width"):
         train_sae(_stream(X, 64, 0), bad, tmp_path / "c", total_tokens=total, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["optim.pt", "model.safetensors", "train_state.safetensors", "state.json",
+                                    "latest.json"])
+def test_a_damaged_checkpoint_is_one_line_that_says_what_to_delete(tmp_path, damage):
+    """A checkpoint file truncated on disk (a disk fault; kills cannot do it): a one-line error naming the folder to
+    delete, not a torch / safetensors traceback; once deleted, training starts over and matches a clean run."""
+    import shutil
+
+    X = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    cfg = SAEConfig(d_in=8, width=32, k=3, batch_size=64, lr=3e-3, ckpt_every=5, ckpt_seconds=0, seed=1)
+    total = 20 * 64
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(_crashing(_stream(X, 64, 0), 13), cfg, tmp_path / "b", total_tokens=total, progress=False)
+    root = tmp_path / "b" / "checkpoints"
+    target = root / "latest.json" if damage == "latest.json" else next(root.glob(f"*/{damage}"))
+    with open(target, "r+b") as f:
+        f.truncate(max(1, target.stat().st_size // 3))
+    with pytest.raises(MechdiffError, match=rf"^SAE checkpoint in {re.escape(str(root))} is unreadable \(.*\): "
+                                            rf"delete {re.escape(str(root))} to train this SAE from scratch$") as e:
+        train_sae(_stream(X, 64, 0), cfg, tmp_path / "b", total_tokens=total, progress=False)
+    assert "\n" not in str(e.value)
+    shutil.rmtree(root)
+    got = train_sae(_stream(X, 64, 0), cfg, tmp_path / "b", total_tokens=total, progress=False)
+    ref = train_sae(_stream(X, 64, 0), cfg, tmp_path / "a", total_tokens=total, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), got.parameters()))
 
 
 def test_per_model_scale_resumes_from_a_checkpoint(tmp_path):

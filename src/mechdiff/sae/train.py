@@ -231,13 +231,30 @@ def _save_checkpoint(out_dir: Path, sae: torch.nn.Module, opt: torch.optim.Optim
 
 
 def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tuple[dict, _State] | None:
-    """Load the newest checkpoint's weights into `sae` (a fresh model of the same kind); (optimizer state, state)."""
-    from safetensors.torch import load_file
+    """Load the newest checkpoint's weights into `sae` (a fresh model of the same kind); (optimizer state, state).
+
+    A damaged checkpoint (a truncated or missing file: a disk fault, a full disk; a kill cannot do it, checkpoints
+    are renamed into place) is a one-line error that says to delete it, as the fine-tune's is."""
+    import pickle
+
+    from safetensors import SafetensorError
 
     root = _ckpt_root(out_dir)
-    ptr = root / "latest.json"
-    if not ptr.is_file():
+    if not (root / "latest.json").is_file():
         return None
+    try:
+        return _read_checkpoint(root, cfg, sae)
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100] or type(e).__name__
+        raise MechdiffError(f"SAE checkpoint in {root} is unreadable ({why}): delete {root} to train this SAE from "
+                            "scratch") from e
+
+
+def _read_checkpoint(root: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tuple[dict, _State]:
+    from safetensors.torch import load_file
+
+    ptr = root / "latest.json"
     d = root / json.loads(ptr.read_text())["dir"]
     state = json.loads((d / "state.json").read_text())
     saved = state["cfg"]
