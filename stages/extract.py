@@ -49,7 +49,7 @@ def main() -> None:
                       model_meta.read_text() if model_meta.exists() else which])
     if rank == 0 and prepare_output(path, fp, record=store_record, create=False):
         done = store_record(path).get("rows_done", 0)
-        print(f"extract: resuming {path}" + (f" from row {done}" if world == 1 else ""))
+        print(f"extract: resuming {path}" + (f" from row {done}" if world == 1 else ""), flush=True)
     store = extract(model, tok, prompts, sites, plan, str(path), batch_size=e.batch_size,
                     dtype=e.dtype, chat=p.data.chat, max_len=p.data.max_len, store_logits=e.store_logits,
                     device=dist.device_for_rank(e.device), shard_rows=e.shard_rows, resume=True,

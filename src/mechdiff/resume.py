@@ -120,6 +120,9 @@ def prepare_output(path: str | Path, fp: str, *, record: Callable[[Path], dict] 
         info = record(path) if path.is_dir() and not path.is_symlink() else {}
         if info.get("fingerprint") == fp and info.get("complete") is False:
             return True
+        if info.get("complete") is False:  # someone's unfinished work is lost: say so (and why)
+            print(f"{path}: unfinished work made with other settings, code or environment is discarded; starting "
+                  "over", file=sys.stderr, flush=True)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:

@@ -251,17 +251,21 @@ def test_prepare_rejects_an_empty_source_by_name(tmp_path):
     assert time.time() - t0 < 60 and not (tmp_path / "artifacts" / "prompts" / "prompts.jsonl").exists()
 
 
-def test_prepare_output_keeps_only_own_unfinished_work(tmp_path):
+def test_prepare_output_keeps_only_own_unfinished_work(tmp_path, capsys):
     from mechdiff.resume import mark_complete, prepare_output, read_mark
 
     out = tmp_path / "out"
     assert prepare_output(out, "fp1") is False and read_mark(out) == {"fingerprint": "fp1", "complete": False}
     (out / "ckpt").write_text("step 3")
     assert prepare_output(out, "fp1") is True and (out / "ckpt").read_text() == "step 3"  # resumed
+    assert capsys.readouterr().err == ""
     assert prepare_output(out, "fp2") is False and not (out / "ckpt").exists()  # other settings: replaced
+    assert capsys.readouterr().err == f"{out}: unfinished work made with other settings, code or environment is " \
+                                      "discarded; starting over\n"  # and it says so
     (out / "ckpt").write_text("done")
     mark_complete(out)
     assert prepare_output(out, "fp2") is False and not (out / "ckpt").exists()  # finished: never written into
+    assert capsys.readouterr().err == ""  # a finished output is replaced without a word: no work is lost
     (out / "mechdiff_run.json").unlink()
     (out / "foreign").write_text("x")
     assert prepare_output(out, "fp2") is False and not (out / "foreign").exists()  # no record: not ours
