@@ -25,7 +25,7 @@ from mechdiff.resume import fingerprint, prepare_output, store_record
 
 
 def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else ""
+    which = sys.argv[1] if len(sys.argv) == 2 else ""
     if which not in ("base", "tuned"):
         raise MechdiffError("usage: python stages/extract.py base|tuned")
     p = load_params()

@@ -23,7 +23,7 @@ from mechdiff.resume import environment, files_digest, fingerprint, prepare_outp
 
 
 def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else ""
+    which = sys.argv[1] if len(sys.argv) == 2 else ""
     if which not in ("base", "tuned"):
         raise MechdiffError("usage: python stages/models.py base|tuned")
     p = load_params()

@@ -6,13 +6,18 @@ import mechdiff.pipeline as P
 from mechdiff.analysis.transport import fit_site, save_map
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_json
+from mechdiff.model.sites import Site
 from mechdiff.params import load_params
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
+    if len(sys.argv) != 2:
         raise MechdiffError("usage: python stages/transport.py <site, e.g. L20.attn_out>")
     site = sys.argv[1]
+    try:
+        Site.parse(site)
+    except MechdiffError as e:
+        raise MechdiffError(f"usage: python stages/transport.py <site, e.g. L20.attn_out>: {site}: {e}") from e
     p = load_params()
     t = p.transport
     base, tuned = P.open_stores()

@@ -167,6 +167,9 @@ def _check_models_read(p, root: Path) -> list[str]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None, None))[1]
     problems += _check_heads(p, shapes.get("base", (None, None, None))[2])
+    edit = p.pair.edit
+    if width and not p.pair.tuned.id and p.pair.tuned.recipe == "edit" and not 1 <= edit.rank <= width:
+        problems.append(f"pair.edit.rank must be an integer in 1..{width} (the model width), got {edit.rank!r}")
     if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
         problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "
                         "'full'")
@@ -270,6 +273,15 @@ def _check_data(p, root: Path) -> list[str]:
         if missing:
             problems.append(f"{what}: {', '.join(missing)} not in the corpus (datasets: {have}): "
                             f"choose among them or add a source to {key}")
+    local = all(not (isinstance(src, dict) and "hf" in src) for src in p.data.sources or [])
+    if local and not problems:  # the prepare stage's prompts: no dataset may leave a split empty (hub ones: there)
+        from mechdiff.data.corpus import prepared_prompts
+
+        try:
+            prepared_prompts(root / p.data.dir, p.data.sources, max_per_dataset=p.data.max_per_dataset,
+                             splits=p.data.splits, seed=p.seed)
+        except MechdiffError as e:
+            problems.append(str(e))
     from mechdiff.data.corpus import MC_SOURCES
 
     ekey = "data.eval_sources" if p.data.eval_sources is not None else "data.dir"

@@ -65,7 +65,7 @@ class TunedSpec(_Section):
     """The tuned model: a spec like the base, or a recipe applied to the base."""
 
     id: str | None = None
-    recipe: str = "finetune"
+    recipe: str | None = "finetune"  # used when id is null; null is fine beside an id
     gguf_file: str | None = None
     revision: str | None = None
 
@@ -448,7 +448,7 @@ class Params(_Section):
 
 
 _CHOICES = {
-    "pair.tuned.recipe": ("finetune", "edit"),
+    "pair.tuned.recipe": ("finetune", "edit", None),
     "pair.finetune.objective": ("signature", "answer", "lm"),
     "heads.split": ("train", "val", "test"),
     "heads.target": ("tuned", "signature", "reference"),
@@ -617,6 +617,9 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v not in choices:
             raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
+    if p.pair.tuned.id is None and p.pair.tuned.recipe is None:
+        raise MechdiffError("params.yaml: pair.tuned needs an id (a tuned model) or a recipe (finetune | edit) to "
+                            "build one from the base")
     for key, v in _values(p):
         if isinstance(v, float) and not math.isfinite(v):
             raise MechdiffError(f"params.yaml: {key} must be a finite number, got {v}")

@@ -172,6 +172,23 @@ def test_finetune_layers_are_checked_only_when_the_pipeline_fine_tunes(tmp_path,
     _fails(_check(tmp_path, corpora, finetune_pair, capsys), "pair.finetune.layers: layer 20", "out of range")
 
 
+def test_edit_rank_and_empty_splits_fail_before_any_stage(tmp_path, corpora, models, capsys):
+    """What the model_tuned and prepare stages would refuse only after DVC removed their outputs: an edit rank
+    beyond the model's width (32), and a dataset cap that leaves a split empty."""
+    def edit_rank(rank):
+        def mutate(raw: dict) -> None:
+            _both(models["a"], models["a"], True)(raw)
+            raw["pair"]["tuned"] = {"id": None, "recipe": "edit"}
+            raw["pair"]["edit"].update({"layer": 1, "rank": rank})
+        return mutate
+    assert _check(tmp_path, corpora, edit_rank(32), capsys)[0] == 0
+    _fails(_check(tmp_path, corpora, edit_rank(33), capsys),
+           "pair.edit.rank must be an integer in 1..32 (the model width), got 33")
+    _fails(_check(tmp_path, corpora, _set("data.max_per_dataset", 2), capsys),
+           "data.dir: dataset", "has 2 prompt(s) and data.splits [0.6, 0.2, 0.2] leave its", "split empty")
+    assert _check(tmp_path, corpora, _set("data.max_per_dataset", 40), capsys)[0] == 0
+
+
 def test_edit_heads_are_checked_against_the_base_model(tmp_path, corpora, models, capsys):
     """The tiny model has 4 heads: a planted edit on head 4 fails before any stage runs; heads 0-3 pass."""
     def edit_heads(heads):
@@ -335,6 +352,20 @@ def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Stage transport@<site>: fit a base -> tuned map") and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["extract.py", "base", "extra"], "usage: python stages/extract.py base|tuned"),
+    (["models.py", "tuned", "extra"], "usage: python stages/models.py base|tuned"),
+    (["transport.py", "L2.attn_out", "extra"], "usage: python stages/transport.py <site, e.g. L20.attn_out>"),
+    (["transport.py", "L2.attn_outt"], "L2.attn_outt: unknown site kind 'attn_outt': use one of"),
+])
+def test_stage_arguments_are_checked_before_anything_runs(tmp_path, argv, usage):
+    """A stage given arguments it does not take (or a misspelt site) says how to call it and writes nothing."""
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / argv[0]), *argv[1:]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and usage in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit_codes(tmp_path):

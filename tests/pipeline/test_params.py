@@ -59,6 +59,7 @@ def test_repo_params_load():
     (lambda r: r["steer"].__setitem__("source", "pca"), "choose one of"),
     (lambda r: r["steer"].__setitem__("sites", ["L3x"]), "bad site name"),
     (lambda r: r["pair"]["finetune"].__setitem__("objective", "dpo"), "choose one of"),
+    (lambda r: r["pair"]["tuned"].__setitem__("recipe", None), r"pair.tuned needs an id \(a tuned model\) or a recipe"),
     (lambda r: r.__setitem__("seed", -1), "seed must be >= 0"),
     (lambda r: r["patch"].__setitem__("ranks", []), "patch.ranks is empty"),
     (lambda r: r["transport"].__setitem__("sites", []), "transport.sites is empty"),
@@ -134,6 +135,14 @@ def test_missing_and_invalid_yaml(tmp_path):
         with pytest.raises(MechdiffError, match=rf"\(line {line}, column \d+\): key '(rank|k)' is given twice "
                                                 rf"\(first on line {first}\): keep one$"):
             load_params(bad)
+
+
+def test_a_tuned_model_needs_no_recipe(tmp_path):
+    """pair.tuned.recipe is read only when pair.tuned.id is null: beside an id it may be null."""
+    def given(r):
+        r["pair"]["tuned"].update({"id": "org/tuned", "recipe": None})
+    p = load_params(_write(tmp_path, given))
+    assert p.pair.tuned.id == "org/tuned" and p.pair.tuned.recipe is None
 
 
 def test_int_accepted_for_float(tmp_path):

@@ -882,6 +882,17 @@ def check_splits(prompts: Sequence[Prompt], fractions: Sequence[float], *, key: 
                                 f"{' and '.join(empty)} split empty: give it more prompts (or groups), or raise data.max_per_dataset if it caps them")
 
 
+def prepared_prompts(data_dir: str | Path, sources: list | None, *, max_per_dataset: int | None,
+                     splits: Sequence[float], seed: int) -> list[Prompt]:
+    """The pipeline's prompts: the sources loaded (each dataset capped at `max_per_dataset`), split by group and
+    checked for empty splits (`check_splits`, its message naming data.sources or data.dir). What the prepare
+    stage writes, and what `mechdiff params --check` builds to find an empty split before any stage runs."""
+    prompts = load_corpus(data_dir, sources, max_per_dataset=max_per_dataset, seed=seed)
+    prompts = split_prompts(prompts, tuple(splits), seed=seed)
+    check_splits(prompts, splits, key="data.sources" if sources is not None else "data.dir")
+    return prompts
+
+
 # ---------------------------------------------------------------- prompt files
 
 
