@@ -283,6 +283,11 @@ def check_remote(
                 f"DVC remote '{name}' is the directory {path}, which does not exist: "
                 f"mount/create it or fix it with `dvc remote modify {name} url <path>`"
             )
+        if for_pull and not any(path.iterdir()):
+            raise MechdiffError(
+                f"DVC remote '{name}' ({path}) is reachable but holds nothing yet: "
+                "run `dvc push` where the data was produced, or check the URL"
+            )
         if not for_pull:
             anc = path
             while not anc.exists() and anc != anc.parent:

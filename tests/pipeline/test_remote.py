@@ -150,6 +150,10 @@ def test_check_remote_messages(toy_repo: Path, tmp_path: Path) -> None:
     with pytest.raises(MechdiffError, match=r"which does not exist"):
         check_remote(clone)
     check_remote(clone, for_pull=False)  # a push would create it
+    (tmp_path / "store").mkdir()  # there, but nothing pushed yet: a pull would find nothing
+    with pytest.raises(MechdiffError, match=r"\(.*store\) is reachable but holds nothing yet: run `dvc push`"):
+        check_remote(clone)
+    check_remote(clone, for_pull=False)
     (tmp_path / "afile").write_text("x")  # a push could not create a directory under a file
     configure_remote(clone, str(tmp_path / "afile" / "store"))
     with pytest.raises(MechdiffError, match=r"which is a file, not a directory"):
