@@ -194,7 +194,7 @@ def main() -> None:
     s = p.sae
     if dist.in_worker():
         return worker(p, argv)
-    if len(argv) < 2 or argv[0] not in SOURCES:
+    if len(argv) != 2 or argv[0] not in SOURCES:
         raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>")
     if not argv[1].lstrip("-").isdigit():
         raise MechdiffError(f"usage: python stages/sae.py {{{'|'.join(SOURCES)}}} <layer>: the layer must be an "

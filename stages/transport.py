@@ -17,7 +17,8 @@ def main() -> None:
     try:
         Site.parse(site)
     except MechdiffError as e:
-        raise MechdiffError(f"usage: python stages/transport.py <site, e.g. L20.attn_out>: {site}: {e}") from e
+        said = str(e) if site in str(e) else f"{site}: {e}"
+        raise MechdiffError(f"usage: python stages/transport.py <site, e.g. L20.attn_out>: {said}") from e
     p = load_params()
     t = p.transport
     base, tuned = P.open_stores()

@@ -167,9 +167,13 @@ def _check_models_read(p, root: Path) -> list[str]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None, None))[1]
     problems += _check_heads(p, shapes.get("base", (None, None, None))[2])
-    edit = p.pair.edit
-    if width and not p.pair.tuned.id and p.pair.tuned.recipe == "edit" and not 1 <= edit.rank <= width:
-        problems.append(f"pair.edit.rank must be an integer in 1..{width} (the model width), got {edit.rank!r}")
+    if width and not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
+        from mechdiff.model.recipes import check_edit_rank
+
+        try:
+            check_edit_rank(p.pair.edit.rank, width)
+        except MechdiffError as e:
+            problems.append(str(e))
     if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
         problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "
                         "'full'")

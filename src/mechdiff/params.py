@@ -448,7 +448,7 @@ class Params(_Section):
 
 
 _CHOICES = {
-    "pair.tuned.recipe": ("finetune", "edit", None),
+    "pair.tuned.recipe": ("finetune", "edit"),
     "pair.finetune.objective": ("signature", "answer", "lm"),
     "heads.split": ("train", "val", "test"),
     "heads.target": ("tuned", "signature", "reference"),
@@ -613,13 +613,15 @@ def _rank_ok(v: Any) -> bool:
 
 def validate(p: Params) -> Params:
     """Check values beyond their types (choices, ranges, consistency); raise a one-line MechdiffError."""
-    for key, choices in _CHOICES.items():
-        v = _get(p, key)
-        if v not in choices:
-            raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
     if p.pair.tuned.id is None and p.pair.tuned.recipe is None:
         raise MechdiffError("params.yaml: pair.tuned needs an id (a tuned model) or a recipe (finetune | edit) to "
                             "build one from the base")
+    for key, choices in _CHOICES.items():
+        v = _get(p, key)
+        if v is None and key == "pair.tuned.recipe":  # beside an id (checked above): no recipe is read
+            continue
+        if v not in choices:
+            raise MechdiffError(f"params.yaml: {key} = {v!r}; choose one of {', '.join('null' if c is None else str(c) for c in choices)}")
     for key, v in _values(p):
         if isinstance(v, float) and not math.isfinite(v):
             raise MechdiffError(f"params.yaml: {key} must be a finite number, got {v}")
@@ -770,22 +772,26 @@ def validate(p: Params) -> Params:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key given twice in one mapping, as DVC's parser does (PyYAML would keep the
-    last value silently, so the check would pass a file `dvc repro` then cannot read)."""
+    last value silently, so the check would pass a file `dvc repro` then cannot read). Merge keys (`<<: *anchor`)
+    are YAML's own way to override: their keys are not counted."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 try:
-                    first = seen.get(key)
+                    first = seen.get((type(key), key))  # yes (True) and 1 are two keys, as DVC reads them
                 except TypeError:  # an unhashable key: the base class says what is wrong with it
                     continue
-                if first is not None and key != "<<":
+                if first is not None:
+                    spelt = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {first + 1}): keep one",
+                        None, None, f"key {spelt!r} is given twice (first on line {first + 1}): keep one",
                         key_node.start_mark)
-                seen[key] = key_node.start_mark.line
+                seen[(type(key), key)] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 

@@ -283,7 +283,12 @@ def check_remote(
                 f"DVC remote '{name}' is the directory {path}, which does not exist: "
                 f"mount/create it or fix it with `dvc remote modify {name} url <path>`"
             )
-        if for_pull and not any(path.iterdir()):
+        try:
+            empty = for_pull and not any(path.iterdir())
+        except OSError as e:
+            raise MechdiffError(f"DVC remote '{name}' ({path}) cannot be read here ({e.strerror or e}): fix its "
+                                "permissions or the URL") from e
+        if empty:
             raise MechdiffError(
                 f"DVC remote '{name}' ({path}) is reachable but holds nothing yet: "
                 "run `dvc push` where the data was produced, or check the URL"

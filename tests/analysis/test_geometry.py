@@ -151,7 +151,7 @@ def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
     assert 80 <= s["median_parent_root"] <= 100, s["median_parent_root"]
     assert s["controls"]["random_parents"]["median_child"] > 100
     assert s["orthogonality"] == {"estimator": True, "mean_estimator": True, "random_parents_breaks": True,
-                                  "holds": True}
+                                  "separates": True, "holds": True}
     assert s["separation_auc"] > 0.95 and s["controls"]["shuffled"]["separation_auc"] < 0.8
     assert s["intervention"]["share_own_up"] == 1.0 and s["intervention"]["median_effect"] > 0
     # parents are far apart and children sit closer to their own parent than to the others
@@ -171,13 +171,35 @@ def test_children_planted_leaning_on_their_parent_fail_the_orthogonality_verdict
     assert s["orthogonality"]["mean_estimator"] is False and s["orthogonality"]["holds"] is False
     lda_angles = s["share_80_100"]
     assert lda_angles >= 0.5, s  # what the LDA estimator alone would claim
-    hand = {"share_80_100": 0.9, "controls": {"mean_estimator": {"share_80_100": 0.5},
-                                              "random_parents": {"share_80_100": 0.05}}}
+    hand = {"share_80_100": 0.9, "separation_auc": 0.95,
+            "controls": {"mean_estimator": {"share_80_100": 0.5}, "random_parents": {"share_80_100": 0.05},
+                         "shuffled": {"share_80_100": 0.9, "separation_auc": 0.5}}}
     assert orthogonality_verdict(hand)["holds"] is True
     hand["controls"]["random_parents"]["share_80_100"] = 0.6  # the control passes too: no power
     assert orthogonality_verdict(hand) == {"estimator": True, "mean_estimator": True, "random_parents_breaks": False,
-                                           "holds": False}
+                                           "separates": True, "holds": False}
+    hand["controls"]["random_parents"]["share_80_100"] = 0.05
+    hand["controls"]["shuffled"]["separation_auc"] = 0.8  # the vectors pick out their words no better than chance
+    assert orthogonality_verdict(hand)["separates"] is False and orthogonality_verdict(hand)["holds"] is False
+    del hand["controls"]["mean_estimator"]  # a missing control fails
+    hand["controls"]["shuffled"]["separation_auc"] = 0.5
+    assert orthogonality_verdict(hand)["mean_estimator"] is False
     assert orthogonality_verdict({"share_80_100": None, "controls": {}})["holds"] is False
+
+
+def test_a_shuffled_unembedding_passes_the_angles_but_not_the_verdict(planted):
+    """No hierarchy at all (the planted rows shuffled over the vocabulary): the LDA child angles still read about 90
+    degrees (the plain means' too, noisily, with three train words per child), so only separation tells, and the
+    verdict fails."""
+    model, tok, concepts = planted
+    shuffled = copy.deepcopy(model)
+    with torch.no_grad():
+        w = shuffled.lm_head.weight
+        w.copy_(w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))])
+    s = model_geometry(shuffled, tok, concepts, seed=0).summary
+    v = s["orthogonality"]
+    assert v["estimator"] and 80 <= s["median_child"] <= 100, s  # the angles alone would claim a hierarchy
+    assert not v["separates"] and not v["holds"], (s["separation_auc"], s["controls"]["shuffled"])
 
 
 def test_lda_needs_three_rows_and_concepts_with_fewer_train_tokens_are_left_out(planted):

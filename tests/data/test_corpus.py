@@ -334,7 +334,7 @@ def test_load_errors(tmp_path):
     # a Latin-1 file: the line and the byte, not a UnicodeDecodeError traceback
     (tmp_path / "latin.jsonl").write_bytes('{"text": "fine"}\n{"text": "Caf\u00e9 au lait"}\n'.encode("latin-1"))
     _err(load_corpus, tmp_path, [{"name": "l", "path": "latin.jsonl"}],
-         match=r"latin\.jsonl:2 is not UTF-8 \(byte 0xe9 at column 14\): re-save")
+         match=r"latin\.jsonl:2 is not UTF-8 \(byte 0xe9, byte 14 of the line\): re-save")
     _err(load_corpus, tmp_path, [{"name": "x"}])
     _err(load_corpus, tmp_path, [{"name": "x", "path": "a.jsonl", "hf": "json"}])
     _err(load_corpus, tmp_path, [])

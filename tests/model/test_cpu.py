@@ -41,7 +41,7 @@ def test_parse_reads_the_first_processor_of_x86_and_arm():
     assert CpuInfo(processor="arm").name() == "arm"
 
 
-def test_environment_and_kernels_read_the_same_cpu(monkeypatch):
+def test_environment_and_kernels_read_the_same_cpu():
     from mechdiff.model import kernels
     from mechdiff.resume import ENV_CPU_FLAGS, _environment
 

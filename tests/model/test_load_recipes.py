@@ -280,7 +280,7 @@ def test_bogus_hub_id_fails_fast_offline(monkeypatch, tmp_path):
         load_model("nonexistent-org/nonexistent-model-xyz")
     assert time.perf_counter() - t0 < 30
     msg = str(ei.value)
-    assert "\n" not in msg and "huggingface-cli download nonexistent-org/nonexistent-model-xyz" in msg
+    assert "\n" not in msg and "hf download nonexistent-org/nonexistent-model-xyz" in msg
 
 
 def test_bogus_hub_id_fails_fast_without_offline_flag(monkeypatch, tmp_path):
@@ -331,7 +331,8 @@ def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
     cfg = repo / "snapshots" / rev / "config.json"
     cfg.write_text(cfg.read_text()[:40])
     msg = run()
-    assert re.match(r"ERROR cannot load hub model 'some-org/tiny' from the local cache: .*delete-cache", msg), msg
+    assert re.match(r"ERROR cannot load hub model 'some-org/tiny' from the local cache: .*`hf cache verify "
+                    r"some-org/tiny` names a damaged file; `hf cache rm model/some-org/tiny` removes", msg), msg
 
 
 def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):
@@ -415,7 +416,7 @@ def test_check_spec_and_spec_tokenizer_load_no_model(tmp_path, monkeypatch):
     # a hub id that is neither cached nor reachable: one line naming the key, no download attempted
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(MechdiffError, match=r"^pair\.base\.id: .*huggingface-cli download no-org/no-model") as e:
+    with pytest.raises(MechdiffError, match=r"^pair\.base\.id: .*hf download no-org/no-model") as e:
         check_spec("no-org/no-model")
     assert "\n" not in str(e.value) and not (tmp_path / "hf" / "hub" / "models--no-org--no-model").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
            "pair.base.id:", str(fake), "not a GGUF file")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
     _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),
-           "pair.base.id:", "huggingface-cli download no-org/no-model")
+           "pair.base.id:", "hf download no-org/no-model")
 
 
 def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
@@ -359,13 +360,15 @@ def test_every_stage_script_explains_itself_with_help_and_runs_nothing(tmp_path)
     (["models.py", "tuned", "extra"], "usage: python stages/models.py base|tuned"),
     (["transport.py", "L2.attn_out", "extra"], "usage: python stages/transport.py <site, e.g. L20.attn_out>"),
     (["transport.py", "L2.attn_outt"], "L2.attn_outt: unknown site kind 'attn_outt': use one of"),
+    (["sae.py", "base", "20", "extra"], "usage: python stages/sae.py {base|tuned|delta|crosscoder} <layer>"),
 ])
 def test_stage_arguments_are_checked_before_anything_runs(tmp_path, argv, usage):
     """A stage given arguments it does not take (or a misspelt site) says how to call it and writes nothing."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # sae.py reads its params first (its workers need them)
     r = subprocess.run([sys.executable, str(ROOT / "stages" / argv[0]), *argv[1:]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and usage in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not list(tmp_path.iterdir())
+    assert [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
 
 
 def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit_codes(tmp_path):

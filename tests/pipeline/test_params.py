@@ -135,6 +135,19 @@ def test_missing_and_invalid_yaml(tmp_path):
         with pytest.raises(MechdiffError, match=rf"\(line {line}, column \d+\): key '(rank|k)' is given twice "
                                                 rf"\(first on line {first}\): keep one$"):
             load_params(bad)
+    # YAML's own overrides are no duplicates: an anchor merged in (`<<`) and a key of it set again; nor are keys
+    # that only compare equal in Python (yes = True and 1)
+    text = (ROOT / "params.yaml").read_text().replace("\nsae:\n", "\nsae_defaults: &sd {k: 16, expansion: 4}\nsae:\n  <<: *sd\n", 1)
+    assert "<<: *sd" in text
+    bad.write_text(text.replace("sae_defaults: &sd", "x-sae: &sd"))
+    with pytest.raises(MechdiffError, match="unknown key"):  # the anchor's own section is not a params section
+        load_params(bad)
+    merged = yaml.safe_load(text)
+    assert merged["sae"]["k"] == 32 and merged["sae"]["expansion"] == 8  # the explicit keys win over the merged ones
+    import mechdiff.params as P
+
+    assert yaml.load(text, Loader=P._UniqueKeyLoader) == merged
+    assert yaml.load("a: {yes: 1, 1: 2}\n", Loader=P._UniqueKeyLoader)["a"][1] == 2  # refused before: one dict key
 
 
 def test_a_tuned_model_needs_no_recipe(tmp_path):

@@ -275,9 +275,9 @@ def test_units_kept_under_another_environment_are_recomputed(tmp_path, monkeypat
 
 def test_every_trained_output_is_kept_under_the_environment():
     """The fine-tune's, the SAEs' and the H-SAEs' resume fingerprints hold `resume.environment()`: each
-    `fingerprint([...])` call of a stage script that marks an output has it among its items. The exceptions are
-    the ones docs/ARCHITECTURE.md names: the activation store (rows computed one by one, ranks may differ in CPU
-    kind), an imported SAE (nothing computed) and `code_hash` (a digest of files, not a fingerprint of work)."""
+    `fingerprint([...])` call of a stage script that marks an output has it among its items, but for the
+    activation store's (README, "A pipeline you can trust": rows computed one by one, ranks may differ in CPU
+    kind), an imported SAE's (nothing is computed) and `code_hash` (a digest of files, not a fingerprint of work)."""
     import ast
 
     root = Path(__file__).resolve().parents[2] / "stages"

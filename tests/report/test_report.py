@@ -116,6 +116,24 @@ def test_summary_numbers_match_metrics(run_dir: Path) -> None:
     assert {f.label: f.value for f in S.map_fit(run)} == {k: f"R² {m['r2_val']:.3f}" for k, m in maps.items()}
 
 
+def test_geometry_fact_states_the_orthogonality_verdict(tmp_path: Path) -> None:
+    """The geometry fact says whether the verdict holds and how many plain-mean angles lie within 80-100 deg (read
+    from a geometry.json written here); a metrics file from before the verdict existed reads as before."""
+    shutil.copytree(ROOT / "metrics", tmp_path / "metrics")
+    path = tmp_path / "metrics" / "geometry.json"
+    m = json.loads(path.read_text())
+    m["base"]["orthogonality"] = {"estimator": True, "mean_estimator": False, "random_parents_breaks": True,
+                                  "separates": True, "holds": False}
+    m["base"]["controls"]["mean_estimator"]["share_80_100"] = 1 / 3
+    path.write_text(json.dumps(m))
+    fact = S.geometry(Run({"metrics": tmp_path / "metrics", "plots": ROOT / "plots"}))[0]
+    assert fact.note.startswith("orthogonality does not hold (plain means 33% within 80-100 deg); ")
+    del m["base"]["orthogonality"]
+    path.write_text(json.dumps(m))
+    fact = S.geometry(Run({"metrics": tmp_path / "metrics", "plots": ROOT / "plots"}))[0]
+    assert fact.note.startswith(f"{m['base']['share_80_100']:.0%} within 80-100 deg")
+
+
 def test_each_declared_figure_once(run_dir: Path, report: Path) -> None:
     """One <img> per registered figure with data, none other; the layer-patch figure is drawn from its real columns."""
     page = report.read_text()

@@ -270,6 +270,7 @@ def angle_summary(rows: Sequence[dict]) -> dict:
 
 
 ORTHO_SHARE = 0.5  # hierarchical orthogonality holds on an estimate when at least this share of child angles is 80-100 deg
+SEPARATION_MIN, SEPARATION_GAIN = 0.75, 0.2  # the concepts exist: held-out AUC at least this, and this above shuffled
 
 
 def orthogonality_verdict(summary: Mapping) -> dict:
@@ -279,18 +280,23 @@ def orthogonality_verdict(summary: Mapping) -> dict:
     the same of the plain-mean control. The LDA estimator makes every token of a concept project onto its direction
     about as the mean does, and a child's tokens are some of its parent's, so its angle comes out near 90 degrees by
     construction, also for a planted hierarchy whose children lean along their parent (+-30 degrees off); the plain
-    means show such a lean. `random_parents_breaks`: the random-parents control falls below that share (else the
-    test cannot tell a hierarchy from none). `holds` = all three."""
+    means show such a lean. `random_parents_breaks`: the random-parents control falls below that share. `separates`:
+    the concept vectors pick out their held-out words (median AUC >= `SEPARATION_MIN`, and `SEPARATION_GAIN` above the
+    shuffled-rows control): the angles alone pass on a shuffled unembedding too (a subset's mean is uncorrelated
+    with its difference from the whole set's), so without concepts that exist they say nothing. `holds` = all four;
+    a missing control counts as failed."""
     def ok(part: Mapping | None) -> bool:
         share = (part or {}).get("share_80_100")
         return share is not None and share >= ORTHO_SHARE
 
     controls = summary.get("controls") or {}
-    est = ok(summary)
-    mean = ok(controls.get("mean_estimator")) if "mean_estimator" in controls else est
-    breaks = not ok(controls.get("random_parents")) if "random_parents" in controls else False
-    return {"estimator": est, "mean_estimator": mean, "random_parents_breaks": breaks,
-            "holds": bool(est and mean and breaks)}
+    auc = summary.get("separation_auc")
+    auc_shuffled = (controls.get("shuffled") or {}).get("separation_auc")
+    verdict = {"estimator": ok(summary), "mean_estimator": ok(controls.get("mean_estimator")),
+               "random_parents_breaks": "random_parents" in controls and not ok(controls["random_parents"]),
+               "separates": auc is not None and auc_shuffled is not None and auc >= SEPARATION_MIN
+               and auc - auc_shuffled >= SEPARATION_GAIN}
+    return {**verdict, "holds": all(verdict.values())}
 
 
 def random_parent_vectors(g: np.ndarray, cs: ConceptSet, method: str, seed: int) -> dict[str, np.ndarray]:
@@ -655,12 +661,12 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
         r = hierarchy_angles(vecs, concepts)
         summ["controls"][name] = angle_summary(r)
         rows += [{**x, "kind": f"{x['kind']}:{name}"} for x in r]
-    summ["orthogonality"] = orthogonality_verdict(summ)
     sep = separation(g, cs, seed=seed)
     summ["separation_auc"] = median_of(sep, "auc")
     shuffled = ConceptSet(cs.concepts, cs.train, cs.test, cs.split, controls["shuffled"])
     summ["controls"]["shuffled"]["separation_auc"] = median_of(
         separation(g_shuffled, shuffled, seed=seed), "auc")
+    summ["orthogonality"] = orthogonality_verdict(summ)
     poly = polytope(g, cs)
     summ["polytope"] = polytope_summary(poly)
     summ["controls"]["shuffled"]["polytope"] = polytope_summary(polytope(g_shuffled, shuffled))

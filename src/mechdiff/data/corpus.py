@@ -523,8 +523,8 @@ def _utf8(raw: bytes, path: Path, line: int | None = None) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         where = f"{path}:{line}" if line is not None else str(path)
-        raise MechdiffError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): re-save the "
-                            "file as UTF-8") from e
+        raise MechdiffError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x}, byte {e.start + 1} of the "
+                            f"{'line' if line is not None else 'file'}): re-save the file as UTF-8") from e
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

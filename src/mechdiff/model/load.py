@@ -160,9 +160,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _no_network(model_id: str) -> MechdiffError:
     return MechdiffError(
         f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached (no network): "
-        f"run `huggingface-cli download {model_id}` on a connected machine, copy the folder here and point "
+        f"run `hf download {model_id}` on a connected machine, copy the folder here and point "
         "pair.base.id / pair.tuned.id at that local directory"
     )
+
+
+def _cache_hint(model_id: str) -> str:
+    """What to do about a model whose cached copy does not load."""
+    return (f": `hf cache verify {model_id}` names a damaged file; `hf cache rm model/{model_id}` removes the "
+            "model, to download it again")
 
 
 def _rebuild_plain(model: nn.Module) -> nn.Module:
@@ -325,22 +331,22 @@ def load_model(
             tok = spec_tokenizer(info, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
     except (OSError, ValueError) as exc:
-        # cached but unreadable (a truncated or damaged file) is not the same as absent
+        # cached but unreadable (a truncated or damaged file, a partial download) is not the same as absent
         cached = _hub_cached(model_id, revision, info.get("gguf_file"))
         if not _hub_reachable():
             if cached:
-                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}: delete its "
-                                    "cached files (`huggingface-cli delete-cache`) and download it again on a "
-                                    "connected machine") from exc
+                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}"
+                                    f"{_cache_hint(model_id)} on a connected machine") from exc
             raise _no_network(model_id) from exc
-        try:
+        try:  # the hub answers: fetch what the cache lacks
             tok = spec_tokenizer(info, revision=revision, local_only=False)
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, force_download=cached, **kw)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
         except _DAMAGED as exc2:
-            raise MechdiffError(f"cannot load hub model {model_id!r}: {_why(exc2)}") from exc2
+            raise MechdiffError(f"cannot load hub model {model_id!r}: {_why(exc2)}"
+                                f"{_cache_hint(model_id) if cached else ''}") from exc2
     except SafetensorError as exc:  # a damaged file in the local cache
-        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}: delete its "
-                            "cached files and download it again") from exc
+        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}"
+                            f"{_cache_hint(model_id)}") from exc
     if info.get("gguf_file"):
         model = _rebuild_plain(model)
     return _finish(model, device), tok

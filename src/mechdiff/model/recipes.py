@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import UNREADABLE, MechdiffError, why
 from mechdiff.model.kernels import onednn_linears
 from mechdiff.model.sites import (
     Site,
@@ -77,6 +76,12 @@ def random_directions(d: int, rank: int, seed: int) -> np.ndarray:
     return (q * sign[None, :]).numpy()
 
 
+def check_edit_rank(rank: object, width: int) -> None:
+    """A planted edit's rank is an integer in 1..the model's width (`plant_edit`; `mechdiff params --check`)."""
+    if not isinstance(rank, int | np.integer) or isinstance(rank, bool) or not 1 <= int(rank) <= width:
+        raise MechdiffError(f"pair.edit.rank must be an integer in 1..{width} (the model width), got {rank!r}")
+
+
 @torch.no_grad()
 def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: float, seed: int,
                heads: list[int] | None = None) -> EditInfo:
@@ -92,8 +97,7 @@ def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: flo
         raise MechdiffError(f"pair.edit.layer {layer} out of range: the model has {n} blocks (0..{n - 1})")
     layer = int(layer)
     d = model_width(model)
-    if not isinstance(rank, int | np.integer) or not 1 <= int(rank) <= d:
-        raise MechdiffError(f"pair.edit.rank must be an integer in 1..{d} (the model width), got {rank!r}")
+    check_edit_rank(rank, d)
     if not np.isfinite(scale) or float(scale) == 0.0:
         raise MechdiffError(f"pair.edit.scale must be a finite non-zero number, got {scale!r}")
     if kind == "resid_pre" and layer == 0:
@@ -198,9 +202,8 @@ def _load_state(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimiz
         st = torch.load(path, map_location="cpu", weights_only=True)
         ok = (len(st["params"]) == len(params) and len(st["draws"]) == len(draws) and st["step"] <= steps
               and all(a.shape == b.shape for a, b in zip(st["params"], params)))
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
-        raise MechdiffError(f"fine-tune checkpoint {path} is unreadable ({why}): delete it to start the fine-tune "
+    except UNREADABLE as e:
+        raise MechdiffError(f"fine-tune checkpoint {path} is unreadable ({why(e)}): delete it to start the fine-tune "
                             "over") from e
     if not ok:
         raise MechdiffError(f"fine-tune checkpoint {path} does not fit this fine-tune (other blocks, step count or "

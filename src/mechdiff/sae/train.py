@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import UNREADABLE, MechdiffError, why
 from mechdiff.io import to_jsonable
 from mechdiff.sae.model import TopKSAE, save_sae
 
@@ -235,20 +235,14 @@ def _load_checkpoint(out_dir: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tup
 
     A damaged checkpoint (a truncated or missing file: a disk fault, a full disk; a kill cannot do it, checkpoints
     are renamed into place) is a one-line error that says to delete it, as the fine-tune's is."""
-    import pickle
-
-    from safetensors import SafetensorError
-
     root = _ckpt_root(out_dir)
     if not (root / "latest.json").is_file():
         return None
     try:
         return _read_checkpoint(root, cfg, sae)
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError,
-            SafetensorError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:100] or type(e).__name__
-        raise MechdiffError(f"SAE checkpoint in {root} is unreadable ({why}): delete {root} to train this SAE from "
-                            "scratch") from e
+    except UNREADABLE as e:
+        raise MechdiffError(f"SAE checkpoint in {root} is unreadable ({why(e)}): delete {root} to train this SAE "
+                            "from scratch") from e
 
 
 def _read_checkpoint(root: Path, cfg: SAEConfig, sae: torch.nn.Module) -> tuple[dict, _State]:
