@@ -188,6 +188,10 @@ def test_edit_rank_and_empty_splits_fail_before_any_stage(tmp_path, corpora, mod
     _fails(_check(tmp_path, corpora, _set("data.max_per_dataset", 2), capsys),
            "data.dir: dataset", "has 2 prompt(s) and data.splits [0.6, 0.2, 0.2] leave its", "split empty")
     assert _check(tmp_path, corpora, _set("data.max_per_dataset", 40), capsys)[0] == 0
+    # steering's difference-in-means directions need as many prompt groups as the largest k of the sweep
+    groups = {json.loads(line)["group"] for line in (corpora / "cultural.jsonl").read_text().splitlines()}
+    _fails(_check(tmp_path, corpora, _set("steer.k_sweep", [1, 2, len(groups) + 1]), capsys),
+           f"steer.k_sweep: k {len(groups) + 1} needs at least as many prompt groups among the cultural train prompts")
 
 
 def test_edit_heads_are_checked_against_the_base_model(tmp_path, corpora, models, capsys):
