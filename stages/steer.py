@@ -80,12 +80,10 @@ def main() -> None:
                 raise MechdiffError(f"steer.measure accuracy: no {s.target} {split} prompt has a reference answer")
 
     def check_groups() -> None:
-        n_groups = len({prompts[i].group for i in rows["train_target"]})
         which = " the tuned model answers correctly" if s.contrast == "correct" else ""
-        if s.source == "dim" and max(s.k_sweep) > n_groups:
-            raise MechdiffError(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
-                                f"{s.target} train prompts{which}; there are {n_groups}: lower steer.k_sweep or "
-                                "add groups")
+        wrong = s.groups_problem(len({prompts[i].group for i in rows["train_target"]}), which=which)
+        if wrong:
+            raise MechdiffError(wrong)
 
     if s.contrast == "controls":
         check_groups()  # before the models load

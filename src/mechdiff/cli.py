@@ -287,12 +287,10 @@ def _check_data(p, root: Path) -> list[str]:
         except MechdiffError as e:
             problems.append(str(e))
         else:  # the steer stage's rule, on every train prompt (the stage counts those fairness keeps: fewer or as many)
-            s = p.steer
-            groups = {q.group for q in prompts if q.dataset == s.target and q.split == "train"}
-            if s.source == "dim" and s.contrast == "controls" and groups and max(s.k_sweep) > len(groups):
-                problems.append(f"steer.k_sweep: k {max(s.k_sweep)} needs at least as many prompt groups among the "
-                                f"{s.target} train prompts; there are {len(groups)} at most: lower steer.k_sweep or "
-                                "add groups")
+            groups = {q.group for q in prompts if q.dataset == p.steer.target and q.split == "train"}
+            wrong = p.steer.groups_problem(len(groups), at_most=True) if p.steer.contrast == "controls" else None
+            if groups and wrong:
+                problems.append(wrong)
     from mechdiff.data.corpus import MC_SOURCES
 
     ekey = "data.eval_sources" if p.data.eval_sources is not None else "data.dir"

@@ -6,10 +6,11 @@ import pickle
 
 from safetensors import SafetensorError
 
-# what reading a damaged (truncated or half-written) checkpoint raises: torch.load's zip and pickle errors,
-# safetensors' and JSON's (ValueError), a missing piece (OSError, KeyError) or a state of the wrong shape (TypeError)
-UNREADABLE: tuple[type[BaseException], ...] = (OSError, RuntimeError, KeyError, EOFError, ValueError, TypeError,
-                                               pickle.UnpicklingError, SafetensorError)
+# what reading a damaged (truncated or half-written) file raises: a missing piece (OSError, KeyError), bad JSON
+# (ValueError) or a truncated safetensors file; loading a model catches these alone (a RuntimeError there is a bug)
+DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, SafetensorError)
+# ... and reading a checkpoint: also torch.load's zip and pickle errors and a state of the wrong shape (TypeError)
+UNREADABLE: tuple[type[BaseException], ...] = (*DAMAGED, RuntimeError, EOFError, TypeError, pickle.UnpicklingError)
 
 
 class MechdiffError(Exception):
@@ -25,5 +26,6 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 
 def why(exc: BaseException) -> str:
     """What a one-line error says of the library error under it: its first line (100 characters at most), else the
-    error's type."""
-    return first_line(exc, 100) or type(exc).__name__
+    error's type; a safetensors error is named (its messages do not say what failed)."""
+    line = first_line(exc, 100)
+    return f"{type(exc).__name__}: {line}" if line and isinstance(exc, SafetensorError) else line or type(exc).__name__

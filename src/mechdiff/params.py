@@ -267,6 +267,17 @@ class Steer(_Section):
     n_boot: int = 500
     device: str = "cpu"
 
+    def groups_problem(self, n_groups: int, *, which: str = "", at_most: bool = False) -> str | None:
+        """What is wrong when difference-in-means directions (source dim) of rank up to max(k_sweep) are fitted on
+        train target prompts from `n_groups` prompt groups (`which`: what else those prompts are), else None: the
+        steer stage's rule, which `mechdiff params --check` applies too (`at_most`: to a count that can only
+        shrink by the time the stage runs)."""
+        if self.source != "dim" or max(self.k_sweep) <= n_groups:
+            return None
+        return (f"steer.k_sweep: k {max(self.k_sweep)} needs at least as many prompt groups among the {self.target} "
+                f"train prompts{which}; there are {n_groups}{' at most' if at_most else ''}: lower steer.k_sweep or "
+                "add groups")
+
 
 @dataclass
 class Geometry(_Section):

@@ -158,6 +158,17 @@ def test_a_tuned_model_needs_no_recipe(tmp_path):
     assert p.pair.tuned.id == "org/tuned" and p.pair.tuned.recipe is None
 
 
+def test_steer_groups_rule_is_the_largest_k_against_the_groups():
+    """Difference-in-means directions of rank k need k prompt groups: the rule the steer stage and the check share."""
+    s = Params().steer
+    assert s.source == "dim" and max(s.k_sweep) == 8
+    assert s.groups_problem(8) is None and s.groups_problem(40) is None
+    assert s.groups_problem(7) == ("steer.k_sweep: k 8 needs at least as many prompt groups among the cultural train "
+                                   "prompts; there are 7: lower steer.k_sweep or add groups")
+    assert "prompts right; there are 3 at most:" in s.groups_problem(3, which=" right", at_most=True)
+    assert dataclasses.replace(s, source="delta").groups_problem(1) is None  # only the dim directions need groups
+
+
 def test_int_accepted_for_float(tmp_path):
     p = load_params(_write(tmp_path, lambda r: r["pair"]["finetune"].__setitem__("lr", 1)))
     assert p.pair.finetune.lr == 1.0 and isinstance(p.pair.finetune.lr, float)

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from mechdiff.errors import MechdiffError, first_line
+from mechdiff.errors import DAMAGED, MechdiffError, why
 from mechdiff.io import to_jsonable
 from mechdiff.model.kernels import warm_up
 from mechdiff.model.sites import find_blocks, model_width
@@ -283,14 +283,6 @@ def gguf_read_once():
             setattr(gguf, name, f)
 
 
-# what loading a damaged or unreadable model raises: a truncated safetensors file, bad JSON, missing keys
-_DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, SafetensorError)
-
-
-def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, SafetensorError) else first_line(exc)
-
-
 def load_model(
     spec: str, *, gguf_file: str | None = None, revision: str | None = None, dtype: str = "float32",
     device: str = "cpu",
@@ -305,8 +297,8 @@ def load_model(
         try:
             tok = spec_tokenizer(info)
             model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=tdt)
-        except _DAMAGED as exc:
-            raise MechdiffError(f"cannot load model from {info['path']}: {_why(exc)}: check or re-download its "
+        except DAMAGED as exc:
+            raise MechdiffError(f"cannot load model from {info['path']}: {why(exc)}: check or re-download its "
                                 "files") from exc
         return _finish(model, device), tok
     if kind in ("gguf", "package"):
@@ -317,8 +309,8 @@ def load_model(
                 gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
-        except (*_DAMAGED, RuntimeError) as exc:
-            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {_why(exc)}") from exc
+        except (*DAMAGED, RuntimeError) as exc:
+            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}") from exc
         model = _rebuild_plain(gg)
         del gg
         return _finish(model, device), tok
@@ -335,17 +327,17 @@ def load_model(
         cached = _hub_cached(model_id, revision, info.get("gguf_file"))
         if not _hub_reachable():
             if cached:
-                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}"
+                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {why(exc)}"
                                     f"{_cache_hint(model_id)} on a connected machine") from exc
             raise _no_network(model_id) from exc
         try:  # the hub answers: fetch what the cache lacks
             tok = spec_tokenizer(info, revision=revision, local_only=False)
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
-        except _DAMAGED as exc2:
-            raise MechdiffError(f"cannot load hub model {model_id!r}: {_why(exc2)}"
+        except DAMAGED as exc2:
+            raise MechdiffError(f"cannot load hub model {model_id!r}: {why(exc2)}"
                                 f"{_cache_hint(model_id) if cached else ''}") from exc2
     except SafetensorError as exc:  # a damaged file in the local cache
-        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {_why(exc)}"
+        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {why(exc)}"
                             f"{_cache_hint(model_id)}") from exc
     if info.get("gguf_file"):
         model = _rebuild_plain(model)
@@ -411,8 +403,8 @@ def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cp
     tok = load_tokenizer(out)
     try:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=tdt)
-    except _DAMAGED as exc:
-        raise MechdiffError(f"cannot load the saved model in {out}: {_why(exc)}: rerun its stage (dvc repro -f "
+    except DAMAGED as exc:
+        raise MechdiffError(f"cannot load the saved model in {out}: {why(exc)}: rerun its stage (dvc repro -f "
                             f"model_{out.name}) or `dvc checkout` it") from exc
     return _finish(model, device), tok
 
