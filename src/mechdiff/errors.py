@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 
 from safetensors import SafetensorError
@@ -29,3 +30,19 @@ def why(exc: BaseException) -> str:
     error's type; a safetensors error is named (its messages do not say what failed)."""
     line = first_line(exc, 100)
     return f"{type(exc).__name__}: {line}" if line and isinstance(exc, SafetensorError) else line or type(exc).__name__
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is the disk running full: an OSError with ENOSPC, or a
+    library's wrapping of one that keeps only its text (safetensors, zarr's codecs: "os error 28")."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False

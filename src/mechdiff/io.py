@@ -89,6 +89,15 @@ def run_stage(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        from mechdiff.errors import disk_full
+
+        if not disk_full(e):
+            raise
+        print(f"mechdiff: error: the disk is full ({type(e).__name__}: {str(e)[:120]}): free space (`df -h .`; "
+              "`dvc gc -w` drops cached outputs the workspace does not use) and rerun `dvc repro`: finished stages and "
+              "this stage's finished units are kept", file=sys.stderr)
+        sys.exit(2)
     finally:
         if lock is not None:
             lock.close()

@@ -418,6 +418,53 @@ def test_a_finished_stage_exits_at_once_with_its_output_atexit_handlers_and_exit
     assert (tmp_path / "atexit.txt").read_text() == "ran"
 
 
+def test_a_full_disk_ends_a_stage_with_one_line(tmp_path):
+    """A stage that runs out of disk (an OSError, or a library's error that keeps only the OS message, like
+    safetensors') ends with one line saying so and exit 2; any other error keeps its traceback."""
+    import textwrap
+
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent("""
+        import errno, os, sys
+        from safetensors import SafetensorError
+        from mechdiff.io import run_stage
+
+        def main():
+            if sys.argv[1] == "os":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "artifacts/acts/base.zarr/c/0")
+            if sys.argv[1] == "wrapped":
+                try:
+                    raise OSError(errno.ENOSPC, "full")
+                except OSError as e:
+                    raise RuntimeError("cannot write shard") from e
+            if sys.argv[1] == "safetensors":
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise OSError(errno.EACCES, "Permission denied")
+
+        run_stage(main)
+    """))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+    for how in ("os", "wrapped", "safetensors"):
+        r = subprocess.run([sys.executable, str(script), how], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (how, r.stderr)
+        assert lines[0].startswith("mechdiff: error: the disk is full (") and "rerun `dvc repro`" in lines[0], how
+    r = subprocess.run([sys.executable, str(script), "other"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "Permission denied" in r.stderr
+
+
+def test_disk_full_reads_errno_and_text():
+    import errno
+
+    from mechdiff.errors import disk_full
+
+    assert disk_full(OSError(errno.ENOSPC, "x")) and disk_full(OSError(errno.EDQUOT, "x"))
+    assert not disk_full(OSError(errno.ENOENT, "x")) and not disk_full(ValueError("bad value"))
+    assert disk_full(ValueError("zarr: No space left on device"))
+
+
 def test_a_second_copy_of_a_running_stage_stops_and_the_lock_dies_with_the_process(tmp_path):
     """Two copies of one stage command in one repository (a stage left running after `dvc repro` was killed, and
     a rerun): the second stops with one line naming the first's pid; once the first is killed, the command runs."""
