@@ -32,9 +32,11 @@ def why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line and isinstance(exc, SafetensorError) else line or type(exc).__name__
 
 
-def disk_full(exc: BaseException) -> bool:
+def disk_full(exc: BaseException, free_bytes: int | None = None) -> bool:
     """Whether `exc`, or an error it was raised from, is the disk running full: an OSError with ENOSPC, or a
-    library's wrapping of one that keeps only its text (safetensors, zarr's codecs: "os error 28")."""
+    library's wrapping of one that keeps only its text (safetensors, zarr's codecs: "os error 28"), or a write
+    that failed without saying why (torch.save's "file write failed") while `free_bytes` (the disk's free space,
+    when given) is under 256 MiB."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -43,6 +45,8 @@ def disk_full(exc: BaseException) -> bool:
             return True
         text = str(e)
         if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        if free_bytes is not None and free_bytes < 1 << 28 and ("write failed" in text or "failed writing" in text):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -90,9 +90,15 @@ def run_stage(fn: Callable[[], Any]) -> None:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        import shutil
+
         from mechdiff.errors import disk_full
 
-        if not disk_full(e):
+        try:
+            free = shutil.disk_usage(".").free
+        except OSError:
+            free = None
+        if not disk_full(e, free):
             raise
         print(f"mechdiff: error: the disk is full ({type(e).__name__}: {str(e)[:120]}): free space (`df -h .`; "
               "`dvc gc -w` drops cached outputs the workspace does not use) and rerun `dvc repro`: finished stages and "

@@ -463,6 +463,10 @@ def test_disk_full_reads_errno_and_text():
     assert disk_full(OSError(errno.ENOSPC, "x")) and disk_full(OSError(errno.EDQUOT, "x"))
     assert not disk_full(OSError(errno.ENOENT, "x")) and not disk_full(ValueError("bad value"))
     assert disk_full(ValueError("zarr: No space left on device"))
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                              "data/0: file write failed")
+    assert disk_full(torch_save, free_bytes=0) and not disk_full(torch_save, free_bytes=10 << 30)
+    assert not disk_full(torch_save)
 
 
 def test_a_second_copy_of_a_running_stage_stops_and_the_lock_dies_with_the_process(tmp_path):
