@@ -92,7 +92,7 @@ def run_stage(fn: Callable[[], Any]) -> None:
     except Exception as e:
         import shutil
 
-        from mechdiff.errors import disk_full
+        from mechdiff.errors import disk_full, first_line
 
         try:
             free = shutil.disk_usage(".").free
@@ -100,7 +100,7 @@ def run_stage(fn: Callable[[], Any]) -> None:
             free = None
         if not disk_full(e, free):
             raise
-        print(f"mechdiff: error: the disk is full ({type(e).__name__}: {str(e)[:120]}): free space (`df -h .`; "
+        print(f"mechdiff: error: the disk is full ({type(e).__name__}: {first_line(e, 120)}): free space (`df -h .`; "
               "`dvc gc -w` drops cached outputs the workspace does not use) and rerun `dvc repro`: finished stages and "
               "this stage's finished units are kept", file=sys.stderr)
         sys.exit(2)
