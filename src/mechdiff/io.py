@@ -78,11 +78,15 @@ def run_stage(fn: Callable[[], Any]) -> None:
 
         print(stage_help(sys.argv[0], getattr(module, "__doc__", None)))
         sys.exit(0)
+    from mechdiff import resume  # notes the process that started this one (`resume.parent_gone`)
+
     trace.start()
     lock = None
     try:
         lock = stage_lock(sys.argv)  # held while the stage runs
         fn()
+        if resume.parent_gone():
+            orphan_note(sys.argv)
     except MechdiffError as e:
         print(f"mechdiff: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -108,6 +112,18 @@ def run_stage(fn: Callable[[], Any]) -> None:
         if lock is not None:
             lock.close()
     exit_now(0)
+
+
+def orphan_note(argv: Sequence[str]) -> None:
+    """Say what to do when the stage finished after the `dvc repro` that started it was killed: DVC recorded nothing,
+    so a rerun would run the stage again (resuming its kept units); `dvc commit` records the finished outputs."""
+    from mechdiff.pipeline import stage_name
+
+    name = stage_name(list(argv))
+    target = f" {name}" if name else ""
+    print(f"mechdiff: `python {' '.join(argv)}` finished after the `dvc repro` that started it was stopped; its outputs "
+          f"are complete: `dvc commit -f{target}` records them, then `dvc repro` goes on from the next stage",
+          file=sys.stderr, flush=True)
 
 
 def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:

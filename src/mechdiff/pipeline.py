@@ -161,6 +161,30 @@ def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.
     return "\n".join(lines)
 
 
+def stage_name(argv: list[str], dvc_yaml: str | Path = "dvc.yaml") -> str | None:
+    """The dvc.yaml stage whose command `argv` runs (`python stages/sae.py base 20` -> `sae@base-20`: a matrix
+    stage's name joins its arguments, in the order of its matrix keys, with "-"); None when no stage runs it."""
+    import yaml
+
+    if not argv:
+        return None
+    script, args = f"stages/{Path(argv[0]).name}", [str(a) for a in argv[1:]]
+    try:
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for name, st in stages.items():
+        cmd = str(st.get("cmd", "")).split() if isinstance(st, dict) else []
+        if len(cmd) < 2 or cmd[1] != script:
+            continue
+        if isinstance(st.get("matrix"), dict):
+            if len(args) == len(st["matrix"]):
+                return f"{name}@{'-'.join(args)}"
+        elif cmd[2:] == args:
+            return str(name)
+    return None
+
+
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of

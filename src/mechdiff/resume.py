@@ -15,6 +15,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -25,6 +26,17 @@ MARK = "mechdiff_run.json"
 
 # what a library function takes as `units`: a `Units`, its `scoped` part, or `compute_all` (keep nothing)
 UnitsFn = Callable[[str, Callable[[], Any]], Any]
+
+
+# the process that started this one (`dvc repro`, or a shell), as it was when the stage began
+_PARENT = os.getppid()
+
+
+def parent_gone() -> bool:
+    """Whether the process that started this stage has gone (this one was handed to another parent): `dvc repro`
+    was killed while its stage kept running. DVC then records nothing of this stage, and its rerun runs the stage
+    again."""
+    return os.getppid() != _PARENT
 
 
 # libraries whose version can change an output's bits (kernels, rounding, defaults, the store format)
@@ -227,9 +239,13 @@ class Units:
         return f"{what}: {self.loaded} units resumed from an interrupted run, {self.computed} computed"
 
     def done(self) -> None:
-        """The stage finished: its kept units are no longer needed (with a `label`, say what was resumed)."""
+        """The stage finished: its kept units are no longer needed (with a `label`, say what was resumed). When the
+        `dvc repro` that started the stage has gone (`parent_gone`), DVC records nothing and its rerun runs the stage
+        again, so the units are kept: that rerun resumes every one of them."""
         if self.label and self.loaded:
             print(self.note(self.label))
+        if parent_gone():
+            return
         if self._home is not None and self._home.is_dir():
             shutil.rmtree(self._home, ignore_errors=True)
 

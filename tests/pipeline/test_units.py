@@ -298,3 +298,82 @@ def test_every_trained_output_is_kept_under_the_environment():
                 (found if has_env else missing).append(f"{script.name}:{call.lineno}")
     assert not missing, f"fingerprints without environment(): {missing}"
     assert {f.split(":")[0] for f in found} == {"models.py", "sae.py", "hsae.py"}
+
+
+def test_stage_name_maps_a_command_to_its_dvc_stage():
+    from mechdiff.pipeline import stage_name
+
+    root = Path(__file__).resolve().parents[2]
+    y = root / "dvc.yaml"
+    assert stage_name(["stages/sae.py", "base", "20"], y) == "sae@base-20"
+    assert stage_name(["stages/extract.py", "tuned"], y) == "extract@tuned"
+    assert stage_name(["stages/transport.py", "L24.resid_post"], y) == "transport@L24.resid_post"
+    assert stage_name(["stages/models.py", "tuned"], y) == "model_tuned"
+    assert stage_name(["/abs/path/stages/patch.py"], y) == "patch"
+    assert stage_name(["stages/patch.py", "extra"], y) is None
+    assert stage_name(["stages/nothing.py"], y) is None
+    assert stage_name(["stages/patch.py"], root / "missing.yaml") is None
+
+
+_ORPHAN_STAGE = """
+import os, sys, time
+from pathlib import Path
+from mechdiff.io import run_stage
+from mechdiff.resume import Units
+
+def main():
+    units = Units(Path("partial"), "fp", label="toy")
+    units("a", lambda: 1)
+    Path("started").write_text("x")
+    for _ in range(600):  # the launcher (standing in for `dvc repro`) is killed meanwhile
+        if Path("launcher-gone").exists():
+            break
+        time.sleep(0.05)
+    units("b", lambda: 2)
+    Path("out.txt").write_text("done")
+    units.done()
+
+run_stage(main)
+"""
+
+_LAUNCHER = """
+import subprocess, sys
+err = open("stage.err", "w")
+subprocess.Popen([sys.executable, "stage.py"], stderr=err)
+import time
+time.sleep(600)
+"""
+
+
+def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_record_it(tmp_path):
+    """`dvc repro` killed while its stage runs: the stage finishes as an orphan. DVC records nothing, so the units
+    are kept (the rerun resumes them) and the stage says how to record its outputs instead (`dvc commit`)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "stage.py").write_text(_ORPHAN_STAGE)
+    (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    launcher = subprocess.Popen([sys.executable, "launcher.py"], cwd=tmp_path, env=env)
+    for _ in range(600):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    (tmp_path / "launcher-gone").write_text("x")
+    for _ in range(600):
+        if (tmp_path / "out.txt").exists() and "dvc commit" in (tmp_path / "stage.err").read_text():
+            break
+        time.sleep(0.05)
+    err = (tmp_path / "stage.err").read_text()
+    assert "finished after the `dvc repro` that started it was stopped" in err and "`dvc commit -f`" in err, err
+    assert len(list((tmp_path / "partial").glob("*.pkl"))) == 2  # both units kept for the rerun
+    calls: list[str] = []
+    again = Units(tmp_path / "partial", "fp")
+    assert again("a", lambda: calls.append("a")) == 1 and again("b", lambda: calls.append("b")) == 2 and not calls
+    again.done()  # an ordinary finish (this process's parent is alive) removes them
+    assert not (tmp_path / "partial").exists()
