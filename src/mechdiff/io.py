@@ -78,15 +78,17 @@ def run_stage(fn: Callable[[], Any]) -> None:
 
         print(stage_help(sys.argv[0], getattr(module, "__doc__", None)))
         sys.exit(0)
+    import time
+
     from mechdiff import resume  # notes the process that started this one (`resume.parent_gone`)
 
     trace.start()
-    lock = None
+    lock, started = None, time.time()
     try:
         lock = stage_lock(sys.argv)  # held while the stage runs
         fn()
         if resume.parent_gone():
-            orphan_note(sys.argv)
+            orphan_note(sys.argv, started)
     except MechdiffError as e:
         print(f"mechdiff: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -114,16 +116,20 @@ def run_stage(fn: Callable[[], Any]) -> None:
     exit_now(0)
 
 
-def orphan_note(argv: Sequence[str]) -> None:
+def orphan_note(argv: Sequence[str], started: float) -> None:
     """Say what to do when the stage finished after the `dvc repro` that started it was killed: DVC recorded nothing,
-    so a rerun would run the stage again (resuming its kept units); `dvc commit` records the finished outputs."""
-    from mechdiff.pipeline import stage_name
+    so a rerun would run the stage again (resuming its kept units). `dvc commit` records the finished outputs, which
+    is right only when nothing the stage read changed while it ran (since `started`)."""
+    from mechdiff.pipeline import changed_since, stage_name
 
     name = stage_name(list(argv))
-    target = f" {name}" if name else ""
-    print(f"mechdiff: `python {' '.join(argv)}` finished after the `dvc repro` that started it was stopped; its outputs "
-          f"are complete: `dvc commit -f{target}` records them, then `dvc repro` goes on from the next stage",
-          file=sys.stderr, flush=True)
+    cmd = f"`python {' '.join(argv)}` finished after the `dvc repro` that started it was stopped"
+    changed = changed_since(name, started) if name else None
+    if changed:
+        print(f"mechdiff: {cmd}, and {changed} changed while it ran: rerun `dvc repro`", file=sys.stderr, flush=True)
+    else:
+        print(f"mechdiff: {cmd}; its outputs are complete: `dvc commit -f{' ' + name if name else ''}` records them, "
+              "then `dvc repro` goes on from the next stage", file=sys.stderr, flush=True)
 
 
 def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:

@@ -185,6 +185,29 @@ def stage_name(argv: list[str], dvc_yaml: str | Path = "dvc.yaml") -> str | None
     return None
 
 
+def changed_since(stage: str, since: float, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
+                  ) -> str | None:
+    """The first of `stage`'s definition (`dvc_yaml`), params file and declared dependencies modified after `since`
+    (a `time.time()`), or None: whether what the stage read may have changed while it ran."""
+    import yaml
+
+    try:
+        st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage.split("@")[0])
+    except (OSError, yaml.YAMLError):
+        return str(dvc_yaml)
+    deps = [Path(str(d)) for d in (st.get("deps") or [] if isinstance(st, dict) else [])]
+    for path in [Path(dvc_yaml), Path(params_yaml), *deps]:
+        if "${" in str(path):  # a matrix stage's templated path: its folder
+            path = Path(str(path).split("${")[0]).parent
+        for f in [path] if not path.is_dir() else [path, *path.rglob("*")]:
+            try:
+                if f.stat().st_mtime > since:
+                    return f.as_posix()
+            except OSError:
+                continue
+    return None
+
+
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of

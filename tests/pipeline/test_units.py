@@ -337,25 +337,29 @@ run_stage(main)
 """
 
 _LAUNCHER = """
-import subprocess, sys
+import subprocess, sys, time
 err = open("stage.err", "w")
-subprocess.Popen([sys.executable, "stage.py"], stderr=err)
-import time
+subprocess.Popen([sys.executable, "stages/toy.py"], stderr=err)
 time.sleep(600)
 """
 
 
-def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_record_it(tmp_path):
-    """`dvc repro` killed while its stage runs: the stage finishes as an orphan. DVC records nothing, so the units
-    are kept (the rerun resumes them) and the stage says how to record its outputs instead (`dvc commit`)."""
+def _orphan_run(tmp_path: Path, *, touch: bool) -> str:
+    """Run stages/toy.py from a launcher that is killed (SIGKILL) while the stage runs; `touch` rewrites the
+    stage's declared input meanwhile. Returns the stage's stderr once it finished."""
     import signal
     import subprocess
     import sys
     import time
 
     root = Path(__file__).resolve().parents[2]
-    (tmp_path / "stage.py").write_text(_ORPHAN_STAGE)
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "toy.py").write_text(_ORPHAN_STAGE)
     (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    (tmp_path / "in.txt").write_text("1")
+    (tmp_path / "params.yaml").write_text("x: 1\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"toy": {
+        "cmd": "python stages/toy.py", "deps": ["in.txt", "stages/toy.py"], "outs": ["out.txt"]}}}))
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
     launcher = subprocess.Popen([sys.executable, "launcher.py"], cwd=tmp_path, env=env)
     for _ in range(600):
@@ -364,16 +368,31 @@ def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_reco
         time.sleep(0.05)
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
+    if touch:
+        time.sleep(0.02)
+        (tmp_path / "in.txt").write_text("2")
     (tmp_path / "launcher-gone").write_text("x")
     for _ in range(600):
-        if (tmp_path / "out.txt").exists() and "dvc commit" in (tmp_path / "stage.err").read_text():
+        if (tmp_path / "out.txt").exists() and "dvc repro" in (tmp_path / "stage.err").read_text():
             break
         time.sleep(0.05)
-    err = (tmp_path / "stage.err").read_text()
-    assert "finished after the `dvc repro` that started it was stopped" in err and "`dvc commit -f`" in err, err
+    return (tmp_path / "stage.err").read_text()
+
+
+def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_record_it(tmp_path):
+    """`dvc repro` killed while its stage runs: the stage finishes as an orphan. DVC records nothing, so the units
+    are kept (the rerun resumes them) and the stage says how to record its outputs instead (`dvc commit`)."""
+    err = _orphan_run(tmp_path, touch=False)
+    assert "`python stages/toy.py` finished after the `dvc repro` that started it was stopped" in err, err
+    assert "`dvc commit -f toy` records them" in err and err.count("\n") == 1, err
     assert len(list((tmp_path / "partial").glob("*.pkl"))) == 2  # both units kept for the rerun
     calls: list[str] = []
     again = Units(tmp_path / "partial", "fp")
     assert again("a", lambda: calls.append("a")) == 1 and again("b", lambda: calls.append("b")) == 2 and not calls
     again.done()  # an ordinary finish (this process's parent is alive) removes them
     assert not (tmp_path / "partial").exists()
+
+
+def test_an_orphan_stage_whose_input_changed_asks_for_a_rerun_not_a_commit(tmp_path):
+    err = _orphan_run(tmp_path, touch=True)
+    assert "in.txt changed while it ran: rerun `dvc repro`" in err and "dvc commit" not in err, err
