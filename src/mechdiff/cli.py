@@ -23,6 +23,7 @@ typical use:
   mechdiff sites                  # which sites/views `extract` stores for the current params
   mechdiff remote add s3://bucket/path [--endpoint-url URL]   # configure the default DVC remote
   mechdiff remote check           # is the remote configured and reachable?
+  mechdiff plots-offline          # `dvc plots show/diff` pages that work without a network
 """
 
 
@@ -35,6 +36,29 @@ def _sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True)
 
 
+def _same_as_recorded(root: Path) -> bool:
+    """Whether data/ holds the files data.dvc records. DVC does not compare a workspace whose recorded files are not in
+    its cache (`dvc status` says "not in cache" for an edited data/ too), so hash data/ with `dvc commit` (which puts
+    its files into the cache) and compare the hash with the recorded one; data.dvc is left as it was."""
+    import yaml
+
+    dvcfile = root / "data.dvc"
+    recorded = dvcfile.read_text()
+
+    def md5(text: str) -> object:
+        try:
+            return ((yaml.safe_load(text) or {}).get("outs") or [{}])[0].get("md5")
+        except (yaml.YAMLError, AttributeError, IndexError):
+            return None
+
+    try:
+        r = _sh([_dvc(), "commit", "-f", "-q", "data.dvc"], root)
+        now, then = md5(dvcfile.read_text()), md5(recorded)
+        return r.returncode == 0 and then is not None and now == then
+    finally:
+        dvcfile.write_text(recorded)
+
+
 def cmd_data(ns: argparse.Namespace) -> int:
     """Materialise data/ so that `dvc status data.dvc` is clean."""
     root = Path(ns.root)
@@ -44,6 +68,9 @@ def cmd_data(ns: argparse.Namespace) -> int:
         st = _sh([_dvc(), "status", "data.dvc"], root)
         if st.returncode == 0 and "changed" not in st.stdout and "deleted" not in st.stdout:
             print("data/ is up to date")
+            return 0
+        if st.returncode == 0 and "not in cache" in st.stdout and "modified" not in st.stdout and _same_as_recorded(root):
+            print("data/ is up to date (its files are now in the DVC cache too)")
             return 0
     if dvcfile.exists() and data_dir.exists() and any(data_dir.iterdir()):  # edited or partial: keep it, never delete a user's edit
         keep = root / f"data.bak-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -431,6 +458,26 @@ def cmd_remote(ns: argparse.Namespace) -> int:
     return 0
 
 
+OFFLINE_TEMPLATE = "tmp/plots_offline.html"  # under .dvc/ (ignored by git), as DVC reads plots.html_template
+
+
+def cmd_plots_offline(ns: argparse.Namespace) -> int:
+    """Write an offline page template for DVC's plots pages and make it this clone's default."""
+    from mechdiff.report.dvc_plots import offline_template
+
+    root = Path(ns.root)
+    if not (root / ".dvc").is_dir():
+        raise MechdiffError(f"{root.resolve()} is not a DVC repository (no .dvc/): run it from the project root")
+    path = offline_template(root / ".dvc" / OFFLINE_TEMPLATE)
+    r = _sh([_dvc(), "config", "--local", "plots.html_template", OFFLINE_TEMPLATE], root)
+    if r.returncode != 0:
+        raise MechdiffError(f"`dvc config --local plots.html_template` failed: {(r.stderr or '').strip()[:200]}")
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB, Vega inlined) and set it as plots.html_template in "
+          ".dvc/config.local: `dvc plots show` and `dvc plots diff` pages now work offline "
+          "(undo: dvc config --local --unset plots.html_template)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per task."""
     ap = argparse.ArgumentParser(
@@ -480,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--for-push", action="store_true",
                    help="check: only that the remote is reachable (an empty remote is fine before the first push)")
     r.set_defaults(fn=cmd_remote)
+    o = sub.add_parser(
+        "plots-offline", help="make `dvc plots show/diff` pages work without a network",
+        description="DVC's plots pages load Vega from a CDN, so offline they are blank. This writes a page "
+        f"template with Vega, Vega-Lite and Vega-Embed inlined to .dvc/{OFFLINE_TEMPLATE} (vl-convert-python's "
+        "bundle) and sets it as this clone's plots.html_template (.dvc/config.local), so every later `dvc plots "
+        "show` / `dvc plots diff` page works offline.")
+    o.set_defaults(fn=cmd_plots_offline)
     return ap
 
 

@@ -283,6 +283,33 @@ def test_data_keeps_an_edited_corpus(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "data"]) == 0 and len(list(tmp_path.glob("data.bak-*"))) == 1
 
 
+def test_data_without_its_cache_tells_an_edit_from_the_tracked_corpus(tmp_path, capsys):
+    """With the DVC cache gone (a fresh clone without a remote), `dvc status` says "not in cache" whether or not
+    data/ was edited: `mechdiff data` keeps an unchanged data/ (and caches it) and still moves an edited one aside."""
+    import shutil
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    assert main(["--root", str(tmp_path), "data"]) == 0
+    recorded = (tmp_path / "data.dvc").read_text()
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    capsys.readouterr()
+    assert main(["--root", str(tmp_path), "data"]) == 0
+    assert "data/ is up to date" in capsys.readouterr().out and not list(tmp_path.glob("data.bak-*"))
+    assert (tmp_path / "data.dvc").read_text() == recorded
+    st = subprocess.run([dvc, "status", "data.dvc"], cwd=tmp_path, capture_output=True, text=True)
+    assert "up to date" in st.stdout  # its files are in the cache now
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    victim = sorted((tmp_path / "data").rglob("*.jsonl"))[0]
+    tracked = victim.read_text()
+    victim.write_text(tracked + '{"text": "my own prompt"}\n')
+    assert main(["--root", str(tmp_path), "data"]) == 0
+    (bak,) = tmp_path.glob("data.bak-*")
+    assert "my own prompt" in (bak / victim.name).read_text() and victim.read_text() == tracked
+    assert "moved it to data.bak-" in capsys.readouterr().out and (tmp_path / "data.dvc").read_text() == recorded
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("transport.sites", ["L20.attn_out", "L99.resid_post"], "transport.sites (L99.resid_post): layer 99"),
     ("sae.layers", [20, 30], "sae.layers: layer 30: out of range, the base model has 30 blocks (0..29)"),
@@ -549,3 +576,19 @@ def test_sae_width_gates_layer_and_probe_datasets_are_checked(tmp_path, corpora,
     _fails(_check(tmp_path, corpora, with_(gates__layer=0), capsys), "gates.layer:", "L0", "sae.layers [1]")
     _fails(_check(tmp_path, corpora, with_(probes__target="klingon"), capsys), "probes.target: klingon")
     assert _check(tmp_path, corpora, with_(sae__k=256, probes__sparse_k=[256]), capsys)[0] == 0
+
+
+def test_plots_offline_sets_a_template_that_inlines_vega(tmp_path, capsys):
+    """`mechdiff plots-offline`: a page template with Vega inlined, set as this clone's plots.html_template."""
+    assert main(["--root", str(tmp_path), "plots-offline"]) == 2  # not a DVC repository
+    assert "is not a DVC repository" in capsys.readouterr().err
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    assert main(["--root", str(tmp_path), "plots-offline"]) == 0
+    page = (tmp_path / ".dvc" / "tmp" / "plots_offline.html").read_text()
+    assert "{plot_divs}" in page and "vegaEmbed" in page and "cdn.jsdelivr" not in page
+    got = subprocess.run([dvc, "config", "plots.html_template"], cwd=tmp_path, capture_output=True, text=True)
+    assert got.stdout.strip() == "tmp/plots_offline.html"
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "plots_offline" not in status and "config.local" not in status  # nothing for git to pick up

@@ -235,21 +235,14 @@ def test_queued_rank_sweep(producer: Path, work: Path) -> None:
 
 
 def _offline_template(path: Path) -> Path | None:
-    """An HTML template for `dvc plots --html-template` that inlines Vega/Vega-Lite/Vega-Embed (no CDN)."""
+    """The project's offline template for `dvc plots --html-template` (None without vl-convert-python)."""
+    from mechdiff.errors import MechdiffError
+    from mechdiff.report.dvc_plots import offline_template
+
     try:
-        import vl_convert
-    except ImportError:
+        return offline_template(path)
+    except MechdiffError:
         return None
-    # DVC's templates are Vega-Lite v5 specs: use a v5 build when this vl-convert has one
-    v5 = [v for v in vl_convert.get_vegalite_versions() if v.startswith("5.")]
-    bundle = vl_convert.javascript_bundle(vl_version=v5[-1] if v5 else None)
-    assert "</script" not in bundle.lower()
-    path.write_text(
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>DVC plots</title>\n"
-        "<script>(function () {\n" + bundle + "\n})();</script>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n",
-        encoding="utf8",
-    )
-    return path
 
 
 def _specs(page: Path) -> dict[str, dict]:
@@ -438,7 +431,7 @@ def _write_doc(work: Path) -> None:
     doc = f"""## Share results
 
 Real outputs below come from the test suite's run on the tiny test pair (a 4-layer random Llama model
-and a copy of it with a planted rank-2 change at `L2.attn_out`), captured by `tests/test_share.py`
+and a copy of it with a planted rank-2 change at `L2.attn_out`), captured by `tests/pipeline/test_share.py`
 with `MECHDIFF_WRITE_DOCS=1`. Temporary directories are shown as the paths in the commands.
 
 On the machine that ran the pipeline, point the project at a shared remote, commit that, and push:
@@ -529,7 +522,7 @@ dvc plots diff main -o plots_diff
 {_block(clean(br["plots_diff"]))}
 DVC 3.67 writes a page that loads Vega, Vega-Lite and Vega-Embed from cdn.jsdelivr.net, so it needs a
 network connection to show the plots. Offline, pass `--html-template` with a page that inlines them
-(`tests/test_share.py` builds one with `vl_convert.javascript_bundle()`); with it, chromium rendered
+(`mechdiff plots-offline` writes one with `vl_convert.javascript_bundle()`); with it, chromium rendered
 all {br["n_rendered"]} plots of `dvc plots diff main procrustes` with both revisions in each legend
 (plus {br["n_empty"]} empty one: `plots/finetune_loss.csv` has no rows under the edit recipe, and DVC embeds `{{}}`).
 A screenshot is kept at `tests/_output/plots_diff.png`.
