@@ -90,7 +90,7 @@ def run_stage(fn: Callable[[], Any]) -> None:
         if resume.parent_gone():
             orphan_note(sys.argv, started)
     except MechdiffError as e:
-        print(f"mechdiff: error: {e}", file=sys.stderr)
+        print(f"mechdiff: error: {e}{restore_hint()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
@@ -116,20 +116,42 @@ def run_stage(fn: Callable[[], Any]) -> None:
     exit_now(0)
 
 
+def restore_hint() -> str:
+    """Under `dvc repro` (which names the stage in DVC_STAGE), how to bring back what it deleted of the failed stage's
+    earlier outputs before running it; "" when nothing is missing or outside DVC."""
+    stage = os.environ.get("DVC_STAGE", "").rsplit(":", 1)[-1]
+    if not stage:
+        return ""
+    from mechdiff.pipeline import removed_outputs
+
+    in_git, cached = removed_outputs(stage)
+    how = []
+    if in_git:
+        shown = " ".join(in_git[:4]) + (" ..." if len(in_git) > 4 else "")
+        how.append(f"`git checkout HEAD -- {shown}`")
+    if cached:
+        how.append(f"`dvc checkout {stage}`")
+    if not how:
+        return ""
+    return f" (dvc repro removed this stage's earlier outputs before it ran: {' and '.join(how)} restore them)"
+
+
 def orphan_note(argv: Sequence[str], started: float) -> None:
     """Say what to do when the stage finished after the `dvc repro` that started it was killed: DVC recorded nothing,
     so a rerun would run the stage again (resuming its kept units). `dvc commit` records the finished outputs, which
     is right only when nothing the stage read changed while it ran (since `started`)."""
-    from mechdiff.pipeline import changed_since, stage_name
+    from mechdiff.pipeline import PARTIAL, changed_since, stage_name
 
     name = stage_name(list(argv))
+    units = PARTIAL / name if name else None
     cmd = f"`python {' '.join(argv)}` finished after the `dvc repro` that started it was stopped"
     changed = changed_since(name, started) if name else None
     if changed:
         print(f"mechdiff: {cmd}, and {changed} changed while it ran: rerun `dvc repro`", file=sys.stderr, flush=True)
     else:
-        print(f"mechdiff: {cmd}; its outputs are complete: `dvc commit -f{' ' + name if name else ''}` records them, "
-              "then `dvc repro` goes on from the next stage", file=sys.stderr, flush=True)
+        tidy = f" (then `rm -r {units.as_posix()}`, its units kept for a rerun)" if units and units.is_dir() else ""
+        print(f"mechdiff: {cmd}; its outputs are complete: `dvc commit -f{' ' + name if name else ''}` records them"
+              f"{tidy}, then `dvc repro` goes on from the next stage", file=sys.stderr, flush=True)
 
 
 def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:

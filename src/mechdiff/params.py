@@ -507,7 +507,7 @@ _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself 
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
     "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
     "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
-    "patch.saturation": (0.0, False),
+    "patch.saturation": (0.0, False), "pair.fairness.min_shared_ratio": (0.0, True),
 }
 _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings")
 

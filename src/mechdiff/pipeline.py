@@ -208,6 +208,35 @@ def changed_since(stage: str, since: float, dvc_yaml: str | Path = "dvc.yaml", p
     return None
 
 
+def removed_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[list[str], bool]:
+    """What `dvc repro` deleted of `stage`'s earlier outputs before running it (every output not `persist`), as far
+    as the workspace shows: (its missing git-tracked outputs (`cache: false`), whether any DVC-cached one is missing
+    or unknown (a matrix stage's templated path)). ([], False) when the stage is not in `dvc_yaml`."""
+    import yaml
+
+    try:
+        st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage.split("@")[0])
+    except (OSError, yaml.YAMLError):
+        return [], False
+    if not isinstance(st, dict):
+        return [], False
+    in_git, cached = [], False
+    for kind in ("metrics", "plots", "outs"):
+        for o in st.get(kind) or []:
+            path, opts = (next(iter(o.items())) if isinstance(o, dict) else (o, None))
+            opts = opts if isinstance(opts, dict) else {}
+            if opts.get("persist"):
+                continue
+            if "${" in str(path):
+                cached = cached or opts.get("cache", True)
+            elif not Path(str(path)).exists():
+                if opts.get("cache", True):
+                    cached = True
+                else:
+                    in_git.append(str(path))
+    return in_git, bool(cached)
+
+
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of

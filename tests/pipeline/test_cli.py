@@ -592,3 +592,42 @@ def test_plots_offline_sets_a_template_that_inlines_vega(tmp_path, capsys):
     assert got.stdout.strip() == "tmp/plots_offline.html"
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
     assert "plots_offline" not in status and "config.local" not in status  # nothing for git to pick up
+
+
+def test_a_stage_failing_under_dvc_says_how_to_restore_what_dvc_removed(tmp_path):
+    """`dvc repro` deletes a stage's earlier outputs (all but `persist` ones) before running it; when the stage then
+    stops on a bad input, its one error line says how to bring them back (git for `cache: false`, dvc checkout)."""
+    import textwrap
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "toy.py").write_text(textwrap.dedent("""
+        from pathlib import Path
+        from mechdiff.errors import MechdiffError
+        from mechdiff.io import run_stage
+
+        def main():
+            if Path("bad").read_text().strip() == "1":
+                raise MechdiffError("toy.value is bad: set it right")
+            Path("metrics").mkdir(exist_ok=True)
+            Path("metrics/toy.json").write_text("{}")
+            Path("out.bin").write_bytes(b"x")
+
+        run_stage(main)
+    """))
+    (tmp_path / "bad").write_text("0")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"toy": {
+        "cmd": f"{sys.executable} stages/toy.py", "deps": ["bad", "stages/toy.py"],
+        "metrics": [{"metrics/toy.json": {"cache": False}}], "outs": ["out.bin"]}}}))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "repro", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    (tmp_path / "bad").write_text("1")
+    r = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("mechdiff: error:")]
+    assert r.returncode != 0 and len(ours) == 1, r.stdout + r.stderr
+    assert "toy.value is bad: set it right (dvc repro removed this stage's earlier outputs" in ours[0]
+    assert "`git checkout HEAD -- metrics/toy.json` and `dvc checkout toy` restore them" in ours[0]
+    assert not (tmp_path / "out.bin").exists()
+    subprocess.run([dvc, "checkout", "toy"], cwd=tmp_path, env=env, capture_output=True)
+    assert (tmp_path / "out.bin").read_bytes() == b"x"  # the advice works

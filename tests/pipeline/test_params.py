@@ -64,6 +64,8 @@ def test_repo_params_load():
     (lambda r: r["patch"].__setitem__("ranks", []), "patch.ranks is empty"),
     (lambda r: r["transport"].__setitem__("sites", []), "transport.sites is empty"),
     (lambda r: r["features"].__setitem__("fdr", 2), r"features.fdr must lie in \(0, 1\]"),
+    (lambda r: r["pair"]["fairness"].__setitem__("min_shared_ratio", 2), r"min_shared_ratio must lie in \[0, 1\]"),
+    (lambda r: r["pair"]["fairness"].__setitem__("min_shared_ratio", -1), r"min_shared_ratio must lie in \[0, 1\]"),
     (lambda r: r["features"].__setitem__("n_perm", 0), "features.n_perm must be >= 1"),
     (lambda r: r["features"].__setitem__("max_themes", 1), "features.max_themes must be >= 2"),
     (lambda r: r["sae"].__setitem__("eval_prompts", 0), "sae.eval_prompts must be >= 1"),

@@ -322,7 +322,7 @@ from mechdiff.io import run_stage
 from mechdiff.resume import Units
 
 def main():
-    units = Units(Path("partial"), "fp", label="toy")
+    units = Units(Path("artifacts/partial/toy"), "fp", label="toy")
     units("a", lambda: 1)
     Path("started").write_text("x")
     for _ in range(600):  # the launcher (standing in for `dvc repro`) is killed meanwhile
@@ -384,13 +384,13 @@ def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_reco
     are kept (the rerun resumes them) and the stage says how to record its outputs instead (`dvc commit`)."""
     err = _orphan_run(tmp_path, touch=False)
     assert "`python stages/toy.py` finished after the `dvc repro` that started it was stopped" in err, err
-    assert "`dvc commit -f toy` records them" in err and err.count("\n") == 1, err
-    assert len(list((tmp_path / "partial").glob("*.pkl"))) == 2  # both units kept for the rerun
+    assert "`dvc commit -f toy` records them (then `rm -r artifacts/partial/toy`" in err and err.count("\n") == 1, err
+    assert len(list((tmp_path / "artifacts/partial/toy").glob("*.pkl"))) == 2  # both units kept for the rerun
     calls: list[str] = []
-    again = Units(tmp_path / "partial", "fp")
+    again = Units(tmp_path / "artifacts/partial/toy", "fp")
     assert again("a", lambda: calls.append("a")) == 1 and again("b", lambda: calls.append("b")) == 2 and not calls
     again.done()  # an ordinary finish (this process's parent is alive) removes them
-    assert not (tmp_path / "partial").exists()
+    assert not (tmp_path / "artifacts/partial/toy").exists()
 
 
 def test_an_orphan_stage_whose_input_changed_asks_for_a_rerun_not_a_commit(tmp_path):

@@ -736,10 +736,10 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
     for i, rec in enumerate(rows):
         text = rec.get(text_field)
         if not isinstance(text, str) or not text.strip():
-            raise MechdiffError(f"{where}: record {i} has no text in field {text_field!r}: fix the record or set "
+            raise MechdiffError(f"{where}: record {i + 1} has no text in field {text_field!r}: fix the record or set "
                                 f"text_field")
         dataset = str(rec.get("dataset") or name)
-        label = _to_label(rec.get(label_field) if label_field else None, f"{where} record {i}")
+        label = _to_label(rec.get(label_field) if label_field else None, f"{where} record {i + 1}")
         group = str(rec.get("group") or f"{name}:{i}")
         trait = str(rec.get("trait") or src.get("trait") or "")
         rec_where = f"source {name!r} ({where}) record {i}" if "path" in src else f"{where} record {i}"
@@ -943,7 +943,8 @@ def load_concepts(data_dir: str | Path) -> dict:
     try:
         obj = json.loads(_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as e:
-        raise MechdiffError(f"{path} is not valid JSON ({e.msg}): regenerate it with `make data`") from e
+        raise MechdiffError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): regenerate it "
+                            "with `make data`") from e
     parents = obj.get("parents") if isinstance(obj, dict) else None
     if not isinstance(parents, dict) or not parents:
         raise MechdiffError(f"{path} needs a non-empty \"parents\" object: regenerate it with `make data`")
