@@ -127,8 +127,7 @@ def restore_hint() -> str:
     in_git, cached = removed_outputs(stage)
     how = []
     if in_git:
-        shown = " ".join(in_git[:4]) + (" ..." if len(in_git) > 4 else "")
-        how.append(f"`git checkout HEAD -- {shown}`")
+        how.append(f"`git checkout HEAD -- {' '.join(in_git)}`")  # all of them: a command to copy (at most ~230 chars)
     if cached:
         how.append(f"`dvc checkout {stage}`")
     if not how:
