@@ -36,13 +36,18 @@ def _sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True)
 
 
-def _same_as_recorded(root: Path) -> bool:
+def _same_as_recorded(root: Path, *, may_be_edited: bool = False) -> bool:
     """Whether data/ holds the files data.dvc records. DVC does not compare a workspace whose recorded files are not in
     its cache (`dvc status` says "not in cache" for an edited data/ too), so hash data/ with `dvc commit` (which puts
-    its files into the cache) and compare the hash with the recorded one; data.dvc is left as it was."""
+    its files into the cache) and compare the hash with the recorded one; data.dvc is left as it was. A data/ that
+    `may_be_edited` is not committed under a link cache type (its files would become links into the cache, which a
+    later `dvc gc` may delete): False then."""
     import yaml
 
     dvcfile = root / "data.dvc"
+    link = _sh([_dvc(), "config", "cache.type"], root).stdout if may_be_edited else ""
+    if "symlink" in link or "hardlink" in link:
+        return False
     recorded = dvcfile.read_text()
 
     def md5(text: str) -> object:
@@ -69,7 +74,8 @@ def cmd_data(ns: argparse.Namespace) -> int:
         if st.returncode == 0 and "changed" not in st.stdout and "deleted" not in st.stdout:
             print("data/ is up to date")
             return 0
-        if st.returncode == 0 and "not in cache" in st.stdout and "modified" not in st.stdout and _same_as_recorded(root):
+        if st.returncode == 0 and "not in cache" in st.stdout and "modified" not in st.stdout and _same_as_recorded(
+                root, may_be_edited=True):
             print("data/ is up to date (its files are now in the DVC cache too)")
             return 0
     if dvcfile.exists() and data_dir.exists() and any(data_dir.iterdir()):  # edited or partial: keep it, never delete a user's edit
@@ -92,10 +98,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
         files = write_default_corpora(data_dir)
         print(f"wrote {len(files)} corpus files into {data_dir}")
     if dvcfile.exists():
-        recorded = dvcfile.read_text()
-        _sh([_dvc(), "commit", "-f", "-q", "data.dvc"], root)  # hash the files and put them into the local cache
-        if dvcfile.read_text() != recorded:
-            dvcfile.write_text(recorded)
+        if not _same_as_recorded(root):  # hashes the files and puts them into the local cache
             raise MechdiffError(
                 "the rebuilt data/ differs from data.dvc (the corpus code changed): run `dvc add data` and commit data.dvc"
             )

@@ -78,19 +78,19 @@ def run_stage(fn: Callable[[], Any]) -> None:
 
         print(stage_help(sys.argv[0], getattr(module, "__doc__", None)))
         sys.exit(0)
-    import time
-
     from mechdiff import resume  # notes the process that started this one (`resume.parent_gone`)
 
     trace.start()
-    lock, started = None, time.time()
+    lock, address = None, os.environ.get("DVC_STAGE", "")  # the stage `dvc repro` runs (DVC sets it)
     try:
         lock = stage_lock(sys.argv)  # held while the stage runs
+        before = _fingerprint(address)  # what the stage reads, to tell whether it changed by the end
         fn()
         if resume.parent_gone():
-            orphan_note(sys.argv, started)
+            orphan_note(address, before)
     except MechdiffError as e:
-        print(f"mechdiff: error: {e}{restore_hint()}", file=sys.stderr)
+        # past the lock, `dvc repro` deleted the stage's earlier outputs before this run: say how to restore them
+        print(f"mechdiff: error: {e}{restore_hint(address) if lock is not None else ''}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
@@ -116,41 +116,63 @@ def run_stage(fn: Callable[[], Any]) -> None:
     exit_now(0)
 
 
-def restore_hint() -> str:
-    """Under `dvc repro` (which names the stage in DVC_STAGE), how to bring back what it deleted of the failed stage's
-    earlier outputs before running it; "" when nothing is missing or outside DVC."""
-    stage = os.environ.get("DVC_STAGE", "").rsplit(":", 1)[-1]
-    if not stage:
-        return ""
-    from mechdiff.pipeline import removed_outputs
+def _fingerprint(address: str) -> str | None:
+    """`pipeline.stage_fingerprint` of the stage `dvc repro` runs (None outside DVC or for a stage not in ./dvc.yaml)."""
+    if not address:
+        return None
+    from mechdiff.pipeline import stage_fingerprint
 
-    in_git, cached = removed_outputs(stage)
+    try:
+        return stage_fingerprint(address)
+    except Exception:  # advice only: never fail a stage over it
+        return None
+
+
+def restore_hint(address: str) -> str:
+    """Under `dvc repro` (stage `address`, from DVC_STAGE), how to bring back what it deleted of the failed stage's
+    earlier outputs before running it: the committed versions of its git-tracked outputs, its DVC-cached ones;
+    "" when nothing is missing or outside DVC."""
+    if not address:
+        return ""
+    try:
+        import subprocess
+
+        from mechdiff.pipeline import removed_outputs
+
+        in_git, cached = removed_outputs(address)
+        if in_git:  # only paths HEAD has: `git checkout HEAD --` restores nothing when one path is unknown to it
+            r = subprocess.run(["git", "ls-tree", "--name-only", "HEAD", "--", *in_git], capture_output=True,
+                               text=True, timeout=30)
+            known = set(r.stdout.split()) if r.returncode == 0 else set()
+            in_git = [p for p in in_git if p in known]
+    except Exception:  # advice only: never turn the one-line error into a traceback
+        return ""
     how = []
     if in_git:
-        how.append(f"`git checkout HEAD -- {' '.join(in_git)}`")  # all of them: a command to copy (at most ~230 chars)
+        how.append(f"`git checkout HEAD -- {' '.join(in_git)}` restores the committed versions")  # every one: to copy
     if cached:
-        how.append(f"`dvc checkout {stage}`")
+        how.append(f"`dvc checkout {address}` restores the cached ones")
     if not how:
         return ""
-    return f" (dvc repro removed this stage's earlier outputs before it ran: {' and '.join(how)} restore them)"
+    return f" (dvc repro removed this stage's earlier outputs before it ran: {'; '.join(how)})"
 
 
-def orphan_note(argv: Sequence[str], started: float) -> None:
+def orphan_note(address: str, before: str | None) -> None:
     """Say what to do when the stage finished after the `dvc repro` that started it was killed: DVC recorded nothing,
-    so a rerun would run the stage again (resuming its kept units). `dvc commit` records the finished outputs, which
-    is right only when nothing the stage read changed while it ran (since `started`)."""
-    from mechdiff.pipeline import PARTIAL, changed_since, stage_name
+    so a rerun would run the stage again. `dvc commit` records the finished outputs, which is right only when
+    nothing the stage reads changed while it ran (its `pipeline.stage_fingerprint`, `before` it ran, is the same)."""
+    from mechdiff.pipeline import PARTIAL
 
-    name = stage_name(list(argv))
-    units = PARTIAL / name if name else None
-    cmd = f"`python {' '.join(argv)}` finished after the `dvc repro` that started it was stopped"
-    changed = changed_since(name, started) if name else None
-    if changed:
-        print(f"mechdiff: {cmd}, and {changed} changed while it ran: rerun `dvc repro`", file=sys.stderr, flush=True)
-    else:
-        tidy = f" (then `rm -r {units.as_posix()}`, its units kept for a rerun)" if units and units.is_dir() else ""
-        print(f"mechdiff: {cmd}; its outputs are complete: `dvc commit -f{' ' + name if name else ''}` records them"
-              f"{tidy}, then `dvc repro` goes on from the next stage", file=sys.stderr, flush=True)
+    cmd = f"`python {' '.join(sys.argv)}` finished after the `dvc repro` that started it was stopped"
+    same = before is not None and _fingerprint(address) == before
+    if not same:
+        print(f"mechdiff: {cmd}, and what it reads changed while it ran (or cannot be checked): rerun `dvc repro`",
+              file=sys.stderr, flush=True)
+        return
+    units = PARTIAL / address
+    tidy = f" (then `rm -r {units.as_posix()}`, its units kept for a rerun)" if units.is_dir() else ""
+    print(f"mechdiff: {cmd}; its outputs are complete: `dvc commit -f {address}` records them{tidy}, then `dvc repro` "
+          "goes on from the next stage", file=sys.stderr, flush=True)
 
 
 def stage_lock(argv: Sequence[str], root: str | Path = ".") -> Any:

@@ -161,88 +161,86 @@ def stage_help(script: str | Path, doc: str | None, dvc_yaml: str | Path = "dvc.
     return "\n".join(lines)
 
 
-def stage_name(argv: list[str], dvc_yaml: str | Path = "dvc.yaml") -> str | None:
-    """The dvc.yaml stage whose command `argv` runs (`python stages/sae.py base 20` -> `sae@base-20`: a matrix
-    stage's name joins its arguments, in the order of its matrix keys, with "-"); None when no stage runs it."""
+def stage_def(address: str, dvc_yaml: str | Path = "dvc.yaml") -> dict | None:
+    """The definition of the dvc.yaml stage `address` (`patch`, or a matrix stage's `sae@base-20`: its values joined
+    by "-" in the order of its matrix keys, as DVC names it), with a matrix stage's `${item.<key>}` filled in;
+    None when there is no such stage."""
+    import itertools
+    import re
+
     import yaml
 
-    if not argv:
-        return None
-    script, args = f"stages/{Path(argv[0]).name}", [str(a) for a in argv[1:]]
+    from mechdiff import trace
+
+    name, _, item = str(address).partition("@")
     try:
-        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+        with trace.quiet():  # the stage's definition, not an input of its results
+            st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(name)
     except (OSError, yaml.YAMLError):
         return None
-    for name, st in stages.items():
-        cmd = str(st.get("cmd", "")).split() if isinstance(st, dict) else []
-        if len(cmd) < 2 or cmd[1] != script:
-            continue
-        if isinstance(st.get("matrix"), dict):
-            if len(args) == len(st["matrix"]):
-                return f"{name}@{'-'.join(args)}"
-        elif cmd[2:] == args:
-            return str(name)
-    return None
-
-
-def changed_since(stage: str, since: float, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
-                  ) -> str | None:
-    """The first of `stage`'s definition (`dvc_yaml`), params file and declared dependencies modified after `since`
-    (a `time.time()`), or None: whether what the stage read may have changed while it ran."""
-    import yaml
-
-    try:
-        st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage.split("@")[0])
-    except (OSError, yaml.YAMLError):
-        return str(dvc_yaml)
-    deps = [Path(str(d)) for d in (st.get("deps") or [] if isinstance(st, dict) else [])]
-    for path in [Path(dvc_yaml), Path(params_yaml), *deps]:
-        if "${" in str(path):  # a matrix stage's templated path: its folder
-            path = Path(str(path).split("${")[0]).parent
-        for f in [path] if not path.is_dir() else [path, *path.rglob("*")]:
-            try:
-                if f.stat().st_mtime > since:
-                    return f.as_posix()
-            except OSError:
-                continue
-    return None
-
-
-def removed_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[list[str], bool]:
-    """What `dvc repro` deleted of `stage`'s earlier outputs before running it (every output not `persist`), as far
-    as the workspace shows: (its missing git-tracked outputs (`cache: false`), whether any DVC-cached one is missing
-    or unknown (a matrix stage's templated path)). ([], False) when the stage is not in `dvc_yaml`."""
-    import yaml
-
-    try:
-        st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage.split("@")[0])
-    except (OSError, yaml.YAMLError):
-        return [], False
     if not isinstance(st, dict):
-        return [], False
+        return None
+    matrix = st.get("matrix")
+    if not isinstance(matrix, dict):
+        return None if item else st
+    keys = list(matrix)
+
+    def values_of(v):  # a list, or `${a.b}`: a list from params.yaml (DVC's default vars), next to dvc.yaml
+        m = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", v) if isinstance(v, str) else None
+        if m is None:
+            return v if isinstance(v, list) else []
+        try:
+            with trace.quiet():
+                v = yaml.safe_load((Path(dvc_yaml).parent / "params.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return []
+        for part in m.group(1).split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        return v if isinstance(v, list) else []
+
+    for values in itertools.product(*(values_of(matrix[k]) for k in keys)):
+        if "-".join(str(v) for v in values) == item:
+            fill = dict(zip(keys, values))
+
+            def sub(x, fill=fill):
+                if isinstance(x, str):
+                    return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(fill.get(m.group(1), m.group(0))), x)
+                if isinstance(x, list):
+                    return [sub(v) for v in x]
+                if isinstance(x, dict):
+                    return {sub(k): sub(v) for k, v in x.items()}
+                return x
+
+            return sub({k: v for k, v in st.items() if k != "matrix"})
+    return None
+
+
+def removed_outputs(address: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[list[str], bool]:
+    """What `dvc repro` deleted of stage `address`'s earlier outputs before running it (every output not `persist`),
+    as far as the workspace shows: (its missing git-tracked outputs (`cache: false`), whether any DVC-cached one is
+    missing). ([], False) when there is no such stage."""
+    st = stage_def(address, dvc_yaml)
     in_git, cached = [], False
     for kind in ("metrics", "plots", "outs"):
-        for o in st.get(kind) or []:
-            path, opts = (next(iter(o.items())) if isinstance(o, dict) else (o, None))
+        for o in (st or {}).get(kind) or []:
+            path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
             opts = opts if isinstance(opts, dict) else {}
-            if opts.get("persist"):
+            if opts.get("persist") or Path(str(path)).exists():
                 continue
-            if "${" in str(path):
-                cached = cached or opts.get("cache", True)
-            elif not Path(str(path)).exists():
-                if opts.get("cache", True):
-                    cached = True
-                else:
-                    in_git.append(str(path))
-    return in_git, bool(cached)
+            if opts.get("cache", True):
+                cached = True
+            else:
+                in_git.append(str(path))
+    return in_git, cached
 
 
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
-    """A hash of everything dvc.yaml says `stage` reads: each dependency's files (name and size, and the contents of
-    files up to `BIG_FILE`; the modification time of larger ones and of every file under ARTIFACTS, the outputs of
-    earlier stages, which a rerun of theirs rewrites), the values of its params and `resume.environment`. None when the stage is not in
-    `dvc_yaml`. Work kept under it is reused only when DVC would see the same stage."""
+    """A hash of everything dvc.yaml says `stage` reads (a matrix stage by its full name, `sae@base-20`): each
+    dependency's files (name and size, and the contents of files up to `BIG_FILE`; the modification time of larger
+    ones and of every file under ARTIFACTS, the outputs of earlier stages, which a rerun of theirs rewrites), the
+    values of its params and `resume.environment`. None when the stage is not in `dvc_yaml`. Work kept under it is
+    reused only when DVC would see the same stage."""
     import hashlib
 
     import yaml
@@ -250,13 +248,13 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
     from mechdiff import trace
     from mechdiff.resume import environment, fingerprint
 
+    st = stage_def(stage, dvc_yaml)
+    if st is None:
+        return None
     try:
-        with trace.quiet():  # the stage's definition and its declared params' values, not inputs of its results
-            st = ((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}).get(stage)
+        with trace.quiet():  # the declared params' values, not inputs of its results
             values = yaml.safe_load(Path(params_yaml).read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(st, dict):
         return None
     files: list[list] = []
     for dep in st.get("deps") or []:

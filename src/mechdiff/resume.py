@@ -28,15 +28,15 @@ MARK = "mechdiff_run.json"
 UnitsFn = Callable[[str, Callable[[], Any]], Any]
 
 
-# the process that started this one (`dvc repro`, or a shell), as it was when the stage began
-_PARENT = os.getppid()
+# this process and the one that started it (`dvc repro`, or a shell), as they were when the stage began
+_PID, _PARENT = os.getpid(), os.getppid()
 
 
 def parent_gone() -> bool:
-    """Whether the process that started this stage has gone (this one was handed to another parent): `dvc repro`
-    was killed while its stage kept running. DVC then records nothing of this stage, and its rerun runs the stage
-    again."""
-    return os.getppid() != _PARENT
+    """Whether the `dvc repro` that started this stage has gone (this process, the stage DVC started, named in
+    DVC_STAGE, was handed to another parent): it was killed while the stage kept running. DVC then records nothing
+    of this stage, and its rerun runs the stage again. False outside `dvc repro` and in a forked child."""
+    return bool(os.environ.get("DVC_STAGE")) and os.getpid() == _PID and os.getppid() != _PARENT
 
 
 # libraries whose version can change an output's bits (kernels, rounding, defaults, the store format)

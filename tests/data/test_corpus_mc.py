@@ -257,7 +257,7 @@ def test_jsonl_mc_fields_and_letters(tmp_path):
 def test_bad_mc_records_are_one_line_errors(tmp_path, rec, match):
     _write(tmp_path / "bad.jsonl", [{"text": "fine?", "choices": ["a", "b"], "answer": 0}, {"text": "q?", **rec}])
     msg = _err(load_corpus, tmp_path, [{"name": "badsrc", "path": "bad.jsonl"}], match=match)
-    assert "badsrc" in msg and "bad.jsonl" in msg and "record 1" in msg
+    assert "badsrc" in msg and "bad.jsonl" in msg and "record 2" in msg  # the second record, counted from 1
 
 
 def test_explicit_answer_field_without_choices(tmp_path):
@@ -278,4 +278,4 @@ def test_hf_mc_fields(tmp_path):
         load_corpus(tmp_path, [{**src, "choices_field": "options"}])
     _write(tmp_path / "bad.jsonl", [*rows[:2], {**rows[2], "answer": "E"}])
     msg = _err(load_corpus, tmp_path, [{**src, "data_files": "bad.jsonl"}], match="A..D")
-    assert "hfmc" in msg and "record 2" in msg
+    assert "hfmc" in msg and "record 3" in msg  # the third record, counted from 1

@@ -620,14 +620,18 @@ def test_a_stage_failing_under_dvc_says_how_to_restore_what_dvc_removed(tmp_path
         "cmd": f"{sys.executable} stages/toy.py", "deps": ["bad", "stages/toy.py"],
         "metrics": [{"metrics/toy.json": {"cache": False}}], "outs": ["out.bin"]}}}))
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "repro", "-q"]):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "repro", "-q"], [*git, "add", "-A"],
+                [*git, "commit", "-qm", "run"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     (tmp_path / "bad").write_text("1")
     r = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("mechdiff: error:")]
     assert r.returncode != 0 and len(ours) == 1, r.stdout + r.stderr
-    assert "toy.value is bad: set it right (dvc repro removed this stage's earlier outputs" in ours[0]
-    assert "`git checkout HEAD -- metrics/toy.json` and `dvc checkout toy` restore them" in ours[0]
-    assert not (tmp_path / "out.bin").exists()
-    subprocess.run([dvc, "checkout", "toy"], cwd=tmp_path, env=env, capture_output=True)
-    assert (tmp_path / "out.bin").read_bytes() == b"x"  # the advice works
+    assert "toy.value is bad: set it right (dvc repro removed this stage's earlier outputs before it ran: " in ours[0]
+    assert ("`git checkout HEAD -- metrics/toy.json` restores the committed versions; `dvc checkout toy` restores "
+            "the cached ones)") in ours[0]
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "metrics" / "toy.json").exists()
+    for cmd in (["git", "checkout", "HEAD", "--", "metrics/toy.json"], [dvc, "checkout", "toy"]):  # the advice
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert (tmp_path / "out.bin").read_bytes() == b"x" and (tmp_path / "metrics" / "toy.json").read_text() == "{}"

@@ -300,19 +300,22 @@ def test_every_trained_output_is_kept_under_the_environment():
     assert {f.split(":")[0] for f in found} == {"models.py", "sae.py", "hsae.py"}
 
 
-def test_stage_name_maps_a_command_to_its_dvc_stage():
-    from mechdiff.pipeline import stage_name
+def test_stage_def_fills_a_matrix_stage_and_removed_outputs_reads_it(tmp_path, monkeypatch):
+    from mechdiff.pipeline import removed_outputs, stage_def
 
     root = Path(__file__).resolve().parents[2]
     y = root / "dvc.yaml"
-    assert stage_name(["stages/sae.py", "base", "20"], y) == "sae@base-20"
-    assert stage_name(["stages/extract.py", "tuned"], y) == "extract@tuned"
-    assert stage_name(["stages/transport.py", "L24.resid_post"], y) == "transport@L24.resid_post"
-    assert stage_name(["stages/models.py", "tuned"], y) == "model_tuned"
-    assert stage_name(["/abs/path/stages/patch.py"], y) == "patch"
-    assert stage_name(["stages/patch.py", "extra"], y) is None
-    assert stage_name(["stages/nothing.py"], y) is None
-    assert stage_name(["stages/patch.py"], root / "missing.yaml") is None
+    sae = stage_def("sae@base-20", y)
+    assert sae["cmd"] == "python stages/sae.py base 20" and "${" not in str(sae) and "matrix" not in sae
+    assert stage_def("transport@L24.resid_post", y)["cmd"] == "python stages/transport.py L24.resid_post"
+    assert stage_def("patch", y)["cmd"] == "python stages/patch.py"
+    assert stage_def("sae@base-99", y) is None and stage_def("patch@x", y) is None and stage_def("nothing", y) is None
+    monkeypatch.chdir(tmp_path)  # nothing exists here: every output counts as removed
+    in_git, cached = removed_outputs("transport@L20.attn_out", y)
+    assert in_git == ["metrics/transport/L20.attn_out.json"] and cached  # the map folder is DVC-cached
+    assert removed_outputs("sae@base-20", y) == (["plots/sae/base_L20.csv"], False)  # the SAE itself persists
+    assert removed_outputs("patch", y)[0][0] == "metrics/patch.json"
+    assert removed_outputs("nothing", y) == ([], False)
 
 
 _ORPHAN_STAGE = """
@@ -337,9 +340,9 @@ run_stage(main)
 """
 
 _LAUNCHER = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 err = open("stage.err", "w")
-subprocess.Popen([sys.executable, "stages/toy.py"], stderr=err)
+subprocess.Popen([sys.executable, "stages/toy.py"], stderr=err, env={**os.environ, "DVC_STAGE": "toy"})
 time.sleep(600)
 """
 
@@ -395,4 +398,5 @@ def test_a_stage_that_outlives_a_killed_dvc_keeps_its_units_and_says_how_to_reco
 
 def test_an_orphan_stage_whose_input_changed_asks_for_a_rerun_not_a_commit(tmp_path):
     err = _orphan_run(tmp_path, touch=True)
-    assert "in.txt changed while it ran: rerun `dvc repro`" in err and "dvc commit" not in err, err
+    assert "what it reads changed while it ran (or cannot be checked): rerun `dvc repro`" in err, err
+    assert "dvc commit" not in err and err.count("\n") == 1, err

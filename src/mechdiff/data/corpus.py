@@ -742,7 +742,7 @@ def _source_prompts(src: Any, data_dir: Path) -> list[Prompt]:
         label = _to_label(rec.get(label_field) if label_field else None, f"{where} record {i + 1}")
         group = str(rec.get("group") or f"{name}:{i}")
         trait = str(rec.get("trait") or src.get("trait") or "")
-        rec_where = f"source {name!r} ({where}) record {i}" if "path" in src else f"{where} record {i}"
+        rec_where = f"source {name!r} ({where}) record {i + 1}" if "path" in src else f"{where} record {i + 1}"
         extra = _mc_fields(rec, rec_where, mc_fields, "answer_field" in src)
         region = rec.get("region")
         if region is not None and not isinstance(region, str):
