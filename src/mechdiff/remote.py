@@ -300,8 +300,13 @@ def check_remote(
             if not anc.is_dir():
                 raise MechdiffError(f"DVC remote '{name}' ({path}) lies under {anc}, which is a file, not a directory: "
                                     f"fix it with `dvc remote modify {name} url <path>`")
-            if not os.access(anc, os.W_OK):
-                raise MechdiffError(f"DVC remote '{name}' ({path}) is not writable here: fix permissions or the URL")
+            try:  # a real write, not os.access: root passes that on folders where nothing can be made (/proc)
+                import tempfile
+
+                os.rmdir(tempfile.mkdtemp(prefix=".mechdiff-probe-", dir=anc))
+            except OSError as e:
+                raise MechdiffError(f"DVC remote '{name}' ({path}) is not writable here ({e.strerror or e}): fix "
+                                    "permissions or the URL") from None
         return
     try:
         proc = subprocess.run(

@@ -158,6 +158,11 @@ def test_check_remote_messages(toy_repo: Path, tmp_path: Path) -> None:
     configure_remote(clone, str(tmp_path / "afile" / "store"))
     with pytest.raises(MechdiffError, match=r"which is a file, not a directory"):
         check_remote(clone, for_pull=False)
+    if Path("/proc/self").is_dir():  # a folder where nothing can be made, even by root (os.access says yes there)
+        configure_remote(clone, "/proc/mechdiff-nope/store")
+        with pytest.raises(MechdiffError, match=r"is not writable here"):
+            check_remote(clone, for_pull=False)
+    assert not list(tmp_path.glob(".mechdiff-probe-*"))  # the write probe leaves nothing behind
 
     with pytest.raises(MechdiffError, match=r"no DVC remote 'other' \(configured: storage\)"):
         check_remote(clone, "other")
