@@ -241,7 +241,8 @@ class Units:
     def done(self) -> None:
         """The stage finished: its kept units are no longer needed (with a `label`, say what was resumed). When the
         `dvc repro` that started the stage has gone (`parent_gone`), DVC records nothing and its rerun runs the stage
-        again, so the units are kept: that rerun resumes every one of them."""
+        again, so the units are kept: a rerun with the same inputs, params and code (the same fingerprint) resumes
+        every one of them."""
         if self.label and self.loaded:
             print(self.note(self.label))
         if parent_gone():
