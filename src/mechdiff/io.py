@@ -116,14 +116,15 @@ def run_stage(fn: Callable[[], Any]) -> None:
     exit_now(0)
 
 
-def _fingerprint(address: str) -> str | None:
-    """`pipeline.stage_fingerprint` of the stage `dvc repro` runs (None outside DVC or for a stage not in ./dvc.yaml)."""
+def _fingerprint(address: str, *, now: bool = False) -> str | None:
+    """`pipeline.stage_fingerprint` of the stage `dvc repro` runs (None outside DVC or for a stage not in ./dvc.yaml):
+    as taken at the start (`pipeline.start_fingerprint`, which the stage's kept units share), or `now`."""
     if not address:
         return None
-    from mechdiff.pipeline import stage_fingerprint
+    from mechdiff.pipeline import stage_fingerprint, start_fingerprint
 
     try:
-        return stage_fingerprint(address)
+        return stage_fingerprint(address) if now else start_fingerprint(address)
     except Exception:  # advice only: never fail a stage over it
         return None
 
@@ -164,7 +165,7 @@ def orphan_note(address: str, before: str | None) -> None:
     from mechdiff.pipeline import PARTIAL
 
     cmd = f"`python {' '.join(sys.argv)}` finished after the `dvc repro` that started it was stopped"
-    same = before is not None and _fingerprint(address) == before
+    same = before is not None and _fingerprint(address, now=True) == before
     if not same:
         print(f"mechdiff: {cmd}, and what it reads changed while it ran (or cannot be checked): rerun `dvc repro`",
               file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ the rest of the library takes paths and arrays as arguments. Also: kept prompts,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -185,15 +186,19 @@ def stage_def(address: str, dvc_yaml: str | Path = "dvc.yaml") -> dict | None:
         return None if item else st
     keys = list(matrix)
 
-    def values_of(v):  # a list, or `${a.b}`: a list from params.yaml (DVC's default vars), next to dvc.yaml
+    params: list = []  # params.yaml (DVC's default vars, next to dvc.yaml), read at most once
+
+    def values_of(v):  # a list, or `${a.b}`: a list from params.yaml
         m = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", v) if isinstance(v, str) else None
         if m is None:
             return v if isinstance(v, list) else []
-        try:
-            with trace.quiet():
-                v = yaml.safe_load((Path(dvc_yaml).parent / "params.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            return []
+        if not params:
+            try:
+                with trace.quiet():
+                    params.append(yaml.safe_load((Path(dvc_yaml).parent / "params.yaml").read_text()) or {})
+            except (OSError, yaml.YAMLError):
+                params.append({})
+        v = params[0]
         for part in m.group(1).split("."):
             v = v.get(part) if isinstance(v, dict) else None
         return v if isinstance(v, list) else []
@@ -277,10 +282,22 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
     return fingerprint([st.get("cmd", ""), files, params, environment()])
 
 
+_AT_START: dict[tuple[str, str], str | None] = {}
+
+
+def start_fingerprint(stage: str) -> str | None:
+    """`stage_fingerprint(stage)` as first taken in this process (by `io.run_stage` before the stage runs, or by
+    `stage_units`): one hash serves both. A later check of whether the inputs changed calls `stage_fingerprint`."""
+    key = (stage, os.getcwd())
+    if key not in _AT_START:
+        _AT_START[key] = stage_fingerprint(stage)
+    return _AT_START[key]
+
+
 def stage_units(stage: str, *, enabled: bool = True):
     """The kept units of `stage`'s work (`resume.Units` in PARTIAL/<stage>, under `stage_fingerprint`): an
     interrupted run of the same stage resumes them; a stage dvc.yaml does not declare keeps nothing."""
     from mechdiff.resume import Units
 
-    fp = stage_fingerprint(stage)
+    fp = start_fingerprint(stage)
     return Units(PARTIAL / stage if fp is not None else None, fp or "", enabled=enabled, label=stage)

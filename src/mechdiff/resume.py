@@ -180,6 +180,7 @@ class Units:
     def __init__(self, path: str | Path | None, fp: str, *, enabled: bool = True, label: str | None = None) -> None:
         self.path = Path(path) if (path is not None and enabled) else None
         self._home, self.label = self.path, label  # path becomes None when units cannot be written
+        self.fingerprint = fp  # what the kept units are valid for
         self.loaded = self.computed = 0
         self._seen: set[str] = set()
         if self.path is not None:

@@ -145,6 +145,21 @@ def test_stage_fingerprint_follows_exactly_what_the_stage_declares(tmp_path, mon
     assert not changed(lambda: Path("notes.txt").write_text("x"))
 
 
+def test_start_fingerprint_is_taken_once_and_shared_by_the_kept_units(tmp_path, monkeypatch):
+    """run_stage's fingerprint at the start and the stage's kept units use one hash; a later check takes it anew."""
+    import mechdiff.pipeline as P
+
+    repo = _stage_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(P, "_AT_START", {})
+    start = P.start_fingerprint("s")
+    assert start == stage_fingerprint("s")
+    Path("code.py").write_text("print(3)\n")  # an input changes while the stage runs
+    assert P.start_fingerprint("s") == start  # the start's value, not computed again
+    assert P.stage_units("s").fingerprint == start
+    assert stage_fingerprint("s") != start  # what the end-of-run check sees
+
+
 def test_stage_fingerprint_takes_large_files_by_size_and_time(tmp_path, monkeypatch):
     import mechdiff.pipeline as P
 

@@ -99,9 +99,9 @@ def _slot_update(layer: Any, k: torch.Tensor, v: torch.Tensor, n: int):
 def cache_check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
     """(relative error, tolerance) of outputs computed on a KV cache against a full forward's:
     ||got - want|| / ||want|| against max(1e-3, 2 x the machine epsilon of the model's dtype). A float32 model
-    agrees to ~1e-7; bf16 to ~0.2-0.6 % (two summation orders of a 30-block model) on an AMX CPU, but 2.3-2.5 %
-    on an AVX512-BF16 one (SmolLM2's L20.attn_out and logits), which then falls back to full forwards, while a
-    cache off by one position misses by ~5 %."""
+    agrees to ~1e-7; bf16 to ~0.2-0.6 % (two summation orders of a 30-block model) at some sites, but 2.3-2.9 %
+    at SmolLM2's L20.attn_out (extraction's check, on AMX and AVX512-BF16 CPUs alike; 2.5 % on the logits of an
+    AVX512-BF16 one), which then falls back to full forwards, while a cache off by one position misses by ~5 %."""
     err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return err, max(1e-3, 2.0 * eps)
