@@ -548,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     except MechdiffError as e:
         print(f"mechdiff: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mechdiff params | head`: the reader closed the pipe; stop quietly, as `cat` does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
 
 
 if __name__ == "__main__":

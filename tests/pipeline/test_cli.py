@@ -635,3 +635,20 @@ def test_a_stage_failing_under_dvc_says_how_to_restore_what_dvc_removed(tmp_path
     for cmd in (["git", "checkout", "HEAD", "--", "metrics/toy.json"], [dvc, "checkout", "toy"]):  # the advice
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     assert (tmp_path / "out.bin").read_bytes() == b"x" and (tmp_path / "metrics" / "toy.json").read_text() == "{}"
+
+
+def test_output_cut_short_by_the_reader_stops_quietly():
+    """`mechdiff ... | head -1`: the reader closes the pipe early; the command stops without a traceback."""
+    code = ("import sys, mechdiff.cli as c\n"
+            "def flood(ns):\n"
+            "    for i in range(200000):\n"
+            "        print('line', i)\n"
+            "c.cmd_sites = flood\n"
+            "sys.exit(c.main(['sites']))\n")
+    head = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = head.stdout.readline()
+    head.stdout.close()
+    err = head.stderr.read().decode()
+    assert head.wait(timeout=60) == 141
+    assert first == b"line 0\n"
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
