@@ -9,12 +9,12 @@ import mechdiff.pipeline as P
 from mechdiff.analysis.gates import GateInputs, GateSettings, run_gates
 from mechdiff.data.corpus import corruptible, corruptions, cultural_entities, load_prompts
 from mechdiff.errors import MechdiffError
-from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.io import run_stage, write_csv, write_json, write_skipped
 from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
-from mechdiff.pipeline import encode_prompts, eval_sets, kept_prompts, pick_rows
+from mechdiff.pipeline import allowed_ids, encode_prompts, eval_sets, kept_prompts, pick_rows
 from mechdiff.sae import load_sae
 
 
@@ -22,6 +22,12 @@ def main() -> None:
     p = load_params()
     g = p.gates
     t0 = time.time()
+    if any(a is not None for a in allowed_ids()):  # every other stage still runs: this one writes why it did not
+        write_skipped("gates", "this pair's tokenizers differ, and the gates splice delta features with base and "
+                      "tuned activations of the same tokens", P.metric("gates.json"),
+                      {P.plot("gates_funnel.csv"): ("gate", "n", "base", "tuned", "delta"),
+                       P.plot("gates_features.csv"): (), P.plot("gates_corruptions.csv"): ()})
+        return
     prompts = kept_prompts()
     table = cultural_entities()
     # the region of each prompt: its own field, else its entity's (prompts prepared before regions existed)
@@ -38,9 +44,6 @@ def main() -> None:
         models[which], t = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         pack_for_inference(models[which])
         tok = t if which == "tuned" else tok
-    if len(models["base"].get_input_embeddings().weight) != len(models["tuned"].get_input_embeddings().weight):
-        raise MechdiffError("the gates splice delta features with base and tuned activations of the same tokens: "
-                            "the pair needs one tokenizer")
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     held = pick_rows(prompts, split="val", datasets=("cultural",))
     held = np.union1d(held, pick_rows(prompts, split="test", datasets=("cultural",)))

@@ -9,7 +9,7 @@ import mechdiff.pipeline as P
 from mechdiff.analysis.behaviour import greedy_continuations, scored_sequences
 from mechdiff.analysis.heads import diff_heads, head_rows, make_batches
 from mechdiff.errors import MechdiffError
-from mechdiff.io import run_stage, write_csv, write_json
+from mechdiff.io import run_stage, write_csv, write_json, write_skipped
 from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.tokens import pad_id
@@ -33,13 +33,26 @@ def continuations(target: str, tuned, tok, prompts: list, *, signature: str, cha
                                 batch_size=batch_size, progress=True)
 
 
+# the plot files' columns (header-only files when the stage does not apply to the pair)
+SKIPPED_COLUMNS = (
+    ("heads_attribution.csv", ("layer", "head", "label", "base", "tuned", "delta", "z_base", "z_tuned", "dz", "pred",
+                               "direct")),
+    ("heads_dz.csv", ("layer", "head", "dz")), ("heads_base.csv", ("layer", "head", "z_base")),
+    ("heads_tuned.csv", ("layer", "head", "z_tuned")),
+    ("heads_patch.csv", ("layer", "head", "group", "rank", "delta_attr", "pred", "direct", "attr_tuned", "patch_effect",
+                         "patch_share", "patch_kl", "patch_kl_share", "zero_effect", "zero_share")),
+    ("heads_curve.csv", ("n_heads", "share", "kl_share", "effect")),
+)
+
+
 def main() -> None:
     p = load_params()
     h = p.heads
     t0 = time.time()
-    if allowed_ids() != (None, None):
-        raise MechdiffError("heads needs one tokenizer for base and tuned (head patching runs both on the same "
-                            "tokens): this pair's tokenizers differ")
+    if any(a is not None for a in allowed_ids()):  # every other stage still runs: this one writes why it did not
+        write_skipped("heads", "this pair's tokenizers differ, and head attribution and patching run both models on "
+                      "the same tokens", P.metric("heads.json"), {P.plot(name): cols for name, cols in SKIPPED_COLUMNS})
+        return
     prompts = kept_prompts()
     present = {q.dataset for q in prompts}
     if h.dataset not in present:

@@ -4,7 +4,14 @@ artifacts/prompts/prompts.jsonl (the extraction corpus) and artifacts/prompts/ev
 from collections import Counter
 
 import mechdiff.pipeline as P
-from mechdiff.data.corpus import MC_SOURCES, load_corpus, prepared_prompts, save_prompts, split_prompts
+from mechdiff.data.corpus import (
+    MC_SOURCES,
+    check_scored,
+    load_corpus,
+    prepared_prompts,
+    save_prompts,
+    split_prompts,
+)
 from mechdiff.io import run_stage, write_json
 from mechdiff.params import load_params
 
@@ -17,6 +24,7 @@ def main() -> None:
     # scored sets (multiple choice, reference answers): split the same way, never extracted
     evals = load_corpus(p.data.dir, p.data.eval_sources or MC_SOURCES, max_per_dataset=p.data.max_per_dataset,
                         seed=p.seed)
+    check_scored(evals)
     evals = split_prompts(evals, tuple(p.data.splits), seed=p.seed)
     save_prompts(P.EVAL_PROMPTS, evals)
     counts = Counter((q.dataset, q.split) for q in [*prompts, *evals])

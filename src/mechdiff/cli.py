@@ -89,7 +89,8 @@ def cmd_data(ns: argparse.Namespace) -> int:
         if remotes:
             r = _sh([_dvc(), "pull", "-q", "data.dvc"], root)
             pulled = r.returncode == 0
-            print("pulled data/ from the DVC remote" if pulled else "DVC remote did not answer; rebuilding data/")
+            print("restored data/ with `dvc pull` (from the DVC cache or remote)" if pulled
+                  else "DVC remote did not answer; rebuilding data/")
     if not pulled:
         from mechdiff.data.corpus import write_default_corpora
 

@@ -50,12 +50,13 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write records as CSV (header from the union of keys, in first-seen order) atomically."""
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = ()) -> Path:
+    """Write records as CSV (header: `columns`, then the union of the rows' other keys, in first-seen order)
+    atomically."""
     rows = [_clean(dict(r)) for r in rows]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys: list[str] = []
+    keys: list[str] = list(columns)
     for r in rows:
         keys.extend(k for k in r if k not in keys)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -66,6 +67,16 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
     os.replace(tmp, path)
     return path
+
+
+def write_skipped(stage: str, reason: str, metric: str | Path, plots: Mapping[str | Path, Sequence[str]]) -> None:
+    """Outputs of a stage that does not apply to this pair (e.g. one that needs a single tokenizer): the metrics
+    file says why (`{"skipped": reason}`) and each plot file holds only its header, so `dvc repro` goes on, DVC
+    records the outputs, and `dvc plots` and the report show them empty. Prints one line saying so."""
+    write_json(metric, {"skipped": reason})
+    for path, cols in plots.items():
+        write_csv(path, [], columns=cols)
+    print(f"{stage}: skipped: {reason}", flush=True)
 
 
 def run_stage(fn: Callable[[], Any]) -> None:

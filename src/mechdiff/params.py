@@ -650,6 +650,8 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v < 0:
             raise MechdiffError(f"params.yaml: {key} must be >= 0, got {v!r}")
+    if p.seed >= 2**31:  # numpy's legacy seeding takes < 2**32, and stages derive seeds from it by small offsets
+        raise MechdiffError(f"params.yaml: seed must be below 2**31 (2147483648), got {p.seed!r}")
     for key, (lo, closed) in _UNIT.items():
         v = _get(p, key)
         if not (v >= lo if closed else v > lo) or v > 1:
@@ -752,6 +754,9 @@ def validate(p: Params) -> Params:
     for s in p.steer.sites:
         if s != "layers":
             Site.parse(s)
+    if "layers" in p.steer.sites and not p.steer.layers:
+        raise MechdiffError("params.yaml: steer.layers is empty, but steer.sites has the 'layers' configuration: list "
+                            "the layers it intervenes at, or drop 'layers' from steer.sites")
     if not p.steer.k_sweep or any(k < 1 for k in p.steer.k_sweep):
         raise MechdiffError(f"params.yaml: steer.k_sweep must list integers >= 1, got {p.steer.k_sweep}")
     if not p.steer.alpha_grid or any(a <= 0 for a in p.steer.alpha_grid):

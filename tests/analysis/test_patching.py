@@ -269,6 +269,10 @@ def test_src_decisions_map_through_the_shared_vocabulary():
     np.testing.assert_array_equal(src_decisions_in_dst(logits), [3, 0])
     with pytest.raises(MechdiffError, match="of both models"):
         src_decisions_in_dst(logits, [0, 1, 2], None)
+    # src's whole vocabulary is shared: the same tokens under other ids (a permutation) ...
+    np.testing.assert_array_equal(src_decisions_in_dst(logits, [3, 2, 1, 0], [0, 1, 2, 3]), [0, 3])
+    # ... or dst has tokens of its own (a tuned tokenizer that adds words): src id j is still dst id allowed_dst[j]
+    np.testing.assert_array_equal(src_decisions_in_dst(logits, [0, 1, 2, 3], [4, 0, 2, 1]), [1, 4])
 
 
 def test_layer_patch_table():

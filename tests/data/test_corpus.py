@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 
 from mechdiff.data.corpus import (
+    MC_SOURCES,
     Prompt,
+    check_scored,
     check_splits,
     load_concepts,
     load_corpus,
@@ -473,3 +476,19 @@ def test_cultural_regions_and_corruptions(tmp_path):
     other = {n for n, _ in _fragments("counterfactual")["topics"][r["topic"]]}
     assert any(n in c["counterfactual"] for n in other) and r["entity"] not in c["counterfactual"]
     assert r["entity"] not in c["entity"] and r["entity"] in c["paraphrase"] and c["paraphrase"] != r["text"]
+
+
+def test_scored_set_without_scorable_records_is_rejected(data_dir, tmp_path):
+    """A scored set whose answers lost their options (no choices, no reference) is an error, not silently empty."""
+    evals = load_corpus(data_dir, MC_SOURCES)
+    check_scored(evals)  # the shipped sets are all scorable
+    recs = [json.loads(line) for line in (data_dir / "mc_neutral.jsonl").read_text().splitlines()]
+    (tmp_path / "mc_neutral.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "choices"}) + "\n" for r in recs))
+    broken = load_corpus(tmp_path, [{"name": "mc_neutral", "path": "mc_neutral.jsonl"}])
+    assert len(broken) == len(recs) and not any(q.choices or q.reference for q in broken)
+    with pytest.raises(MechdiffError, match="'mc_neutral' has no record with choices"):
+        check_scored([*(q for q in evals if q.dataset != "mc_neutral"), *broken])
+    # one scorable record is enough (a set may mix free-text and scored records)
+    fixed = dataclasses.replace(broken[0], choices=["yes", "no"], answer=0)
+    check_scored([fixed, *broken[1:]])

@@ -176,6 +176,11 @@ def test_check_remote_messages(toy_repo: Path, tmp_path: Path) -> None:
     configure_remote(clone, "https://mechdiff-remote.invalid/dvc")
     with pytest.raises(MechdiffError, match=r"cannot reach DVC remote 'storage' \(https://.*gaierror"):
         check_remote(clone, timeout=60)
+    # ... and so is one whose server refuses the connection
+    configure_remote(clone, f"http://127.0.0.1:{free_port()}/dvc")
+    for for_pull in (True, False):
+        with pytest.raises(MechdiffError, match=r"cannot reach DVC remote 'storage' \(http://.*Connection refused"):
+            check_remote(clone, for_pull=for_pull, timeout=60)
 
     with moto_server() as endpoint:
         configure_remote(clone, "s3://no-such-bucket/x", endpoint_url=endpoint, **keys)

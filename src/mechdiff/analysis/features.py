@@ -35,7 +35,8 @@ def _mat(a: object, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise MechdiffError(f"{name} must be a non-empty (n_samples, n_features) array, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise MechdiffError(f"{name} contains NaN or inf: check the SAE activations")
+        raise MechdiffError(f"{name} contains NaN or inf: the activation store or the SAE it encodes holds "
+                            "non-finite values (rerun the damaged store's extract stage, or the SAE's stage)")
     return arr
 
 

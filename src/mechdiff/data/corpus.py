@@ -791,6 +791,20 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
     return [replace(p, pid=i) for i, p in enumerate(prompts)]
 
 
+def check_scored(prompts: list[Prompt]) -> None:
+    """Raise when a dataset of scored sets (data.eval_sources) has no record that can be scored: neither
+    `choices` + `answer` (multiple choice) nor a `reference` answer, e.g. a file whose answers lost their options
+    (an answer without choices is ignored unless `answer_field` is set)."""
+    scorable: dict[str, bool] = {}
+    for q in prompts:
+        scorable[q.dataset] = scorable.get(q.dataset, False) or bool(q.choices) or bool(q.reference)
+    empty = sorted(d for d, ok in scorable.items() if not ok)
+    if empty:
+        raise MechdiffError(f"scored set {', '.join(map(repr, empty))} has no record with choices + answer or a "
+                            "reference answer: fix its records (or choices_field / answer_field / reference_field "
+                            "in data.eval_sources)")
+
+
 def source_datasets(data_dir: str | Path, sources: list[dict] | None = None) -> set[str]:
     """The dataset names the sources provide, checking that every local file exists and has records.
 

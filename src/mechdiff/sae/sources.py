@@ -61,7 +61,8 @@ def check_paired(base: ActStore, tuned: ActStore, view: str, prompt_rows: np.nda
     base row beside a tuned row (delta, crosscoder, base-vs-tuned statistics) needs it. Per-prompt views always
     pair; 'tokens' pairs only when both models hold the same tokens (`tokens_paired`)."""
     if view == "tokens" and not tokens_paired(base, tuned, prompt_rows):
-        raise MechdiffError(f"the two models tokenise the prompts differently, so {what} do not pair up: "
+        raise MechdiffError(f"the two models' prompts do not hold the same token ids position by position (their "
+                            f"tokenizers split or number the tokens differently), so {what} do not pair up: "
                             "set sae.view to last or mean")
 
 
