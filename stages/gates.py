@@ -16,24 +16,29 @@ from mechdiff.model.sites import Site
 from mechdiff.params import load_params
 from mechdiff.pipeline import allowed_ids, encode_prompts, eval_sets, kept_prompts, pick_rows
 from mechdiff.sae import load_sae
+from mechdiff.sae.sources import tokens_paired
 
 
 def main() -> None:
     p = load_params()
     g = p.gates
     t0 = time.time()
-    if any(a is not None for a in allowed_ids()):  # every other stage still runs: this one writes why it did not
-        write_skipped("gates", "this pair's tokenizers differ, and the gates splice delta features with base and "
-                      "tuned activations of the same tokens", P.metric("gates.json"),
+    base, tuned = P.open_stores()
+    # tokenizers that differ only where the prompts do not reach (e.g. a renamed unused special token) still give
+    # both models the same token ids; otherwise every other stage runs and this one writes why it did not
+    def skip(why: str) -> None:
+        write_skipped("gates", f"{why}, and the gates splice delta features with base and tuned activations of the "
+                      "same tokens", P.metric("gates.json"),
                       {P.plot("gates_funnel.csv"): ("gate", "n", "base", "tuned", "delta"),
                        P.plot("gates_features.csv"): (), P.plot("gates_corruptions.csv"): ()})
-        return
+
+    if any(a is not None for a in allowed_ids()) and not tokens_paired(base, tuned):
+        return skip("the two models' prompts do not hold the same token ids (their tokenizers differ)")
     prompts = kept_prompts()
     table = cultural_entities()
     # the region of each prompt: its own field, else its entity's (prompts prepared before regions existed)
     regions = np.array([q.region or table.get(q.group, {}).get("region", "") if q.dataset == "cultural" else ""
                         for q in prompts], dtype=object)
-    base, tuned = P.open_stores()
     for src in ("base", "tuned", "delta"):
         if not P.sae_dir(src, g.layer).is_dir():
             raise MechdiffError(f"gates.layer {g.layer}: there is no {src} SAE at L{g.layer} ({P.sae_dir(src, g.layer)}):"
@@ -44,6 +49,9 @@ def main() -> None:
         models[which], t = load_saved(P.model_dir(which), dtype=p.pair.dtype)
         pack_for_inference(models[which])
         tok = t if which == "tuned" else tok
+    if len(models["base"].get_input_embeddings().weight) != len(models["tuned"].get_input_embeddings().weight):
+        return skip("the two models' vocabularies differ in size (the corruptions, signature and questions would "
+                    "reach tokens one of them lacks)")
     enc = encode_prompts(tok, prompts, chat=p.data.chat, max_len=p.data.max_len)
     held = pick_rows(prompts, split="val", datasets=("cultural",))
     held = np.union1d(held, pick_rows(prompts, split="test", datasets=("cultural",)))

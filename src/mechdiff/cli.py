@@ -7,6 +7,7 @@ sits around it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -549,11 +550,24 @@ def main(argv: list[str] | None = None) -> int:
     except MechdiffError as e:
         print(f"mechdiff: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `mechdiff params | head`: the reader closed the pipe; stop quietly, as `cat` does
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+    except BrokenPipeError:  # `mechdiff params | head`: the reader closed stdout; stop quietly, as `cat` does
+        if not _reader_gone(sys.stdout):
+            raise  # a broken pipe elsewhere (a socket, a child's stdin) is a real error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         return 141
+
+
+def _reader_gone(stream) -> bool:
+    """Whether the pipe behind `stream` has lost its reader (poll reports an error on its write end); True when
+    that cannot be told (no poll, no file descriptor)."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(stream.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 if __name__ == "__main__":

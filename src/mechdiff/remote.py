@@ -234,7 +234,7 @@ try:
         if u.scheme in ("http", "https", "webdav", "webdavs") and u.hostname and not proxied:
             socket.getaddrinfo(u.hostname, u.port or None)  # a host that does not resolve: "error", not "missing"
             port = u.port or (443 if u.scheme in ("https", "webdavs") else 80)
-            socket.create_connection((u.hostname, port), timeout=15).close()  # refused: "error", not "missing"
+            socket.create_connection((u.hostname, port), timeout=10).close()  # refused: "error", not "missing"
         from dvc.fs import get_cloud_fs
         cls, config, path = get_cloud_fs(r.config, name=name)
         fs = cls(**config)

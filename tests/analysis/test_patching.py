@@ -273,6 +273,10 @@ def test_src_decisions_map_through_the_shared_vocabulary():
     np.testing.assert_array_equal(src_decisions_in_dst(logits, [3, 2, 1, 0], [0, 1, 2, 3]), [0, 3])
     # ... or dst has tokens of its own (a tuned tokenizer that adds words): src id j is still dst id allowed_dst[j]
     np.testing.assert_array_equal(src_decisions_in_dst(logits, [0, 1, 2, 3], [4, 0, 2, 1]), [1, 4])
+    # torch ids and a dst boolean mask (its True positions in id order) give the same
+    np.testing.assert_array_equal(
+        src_decisions_in_dst(logits, torch.tensor([0, 1, 2]), np.array([0, 1, 0, 1, 1, 0], bool)), [3, 1])
+    np.testing.assert_array_equal(src_decisions_in_dst(logits, torch.tensor([3, 2, 1, 0]), torch.arange(4)), [0, 3])
 
 
 def test_layer_patch_table():

@@ -652,3 +652,15 @@ def test_output_cut_short_by_the_reader_stops_quietly():
     assert head.wait(timeout=60) == 141
     assert first == b"line 0\n"
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_broken_pipe_elsewhere_is_still_an_error():
+    """Only a closed stdout is quiet: a broken pipe to anything else (a socket, a child) still fails loudly."""
+    code = ("import sys, mechdiff.cli as c\n"
+            "def broken(ns):\n"
+            "    print('working')\n"
+            "    raise BrokenPipeError(32, 'Broken pipe (a child process)')\n"
+            "c.cmd_sites = broken\n"
+            "sys.exit(c.main(['sites']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "BrokenPipeError" in r.stderr and r.stdout == "working\n"

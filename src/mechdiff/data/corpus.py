@@ -794,10 +794,11 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
 def check_scored(prompts: list[Prompt]) -> None:
     """Raise when a dataset of scored sets (data.eval_sources) has no record that can be scored: neither
     `choices` + `answer` (multiple choice) nor a `reference` answer, e.g. a file whose answers lost their options
-    (an answer without choices is ignored unless `answer_field` is set)."""
+    (an answer without choices is ignored unless `answer_field` is set). Checked before the split: a stage that scores
+    val or test prompts says so itself when its split has none."""
     scorable: dict[str, bool] = {}
     for q in prompts:
-        scorable[q.dataset] = scorable.get(q.dataset, False) or bool(q.choices) or bool(q.reference)
+        scorable[q.dataset] = scorable.get(q.dataset, False) or bool(q.choices) or has_reference(q)
     empty = sorted(d for d, ok in scorable.items() if not ok)
     if empty:
         raise MechdiffError(f"scored set {', '.join(map(repr, empty))} has no record with choices + answer or a "
