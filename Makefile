@@ -55,5 +55,5 @@ bench-gpu: setup  ## GPU benchmarks (extraction vs plain HF, SAE vs SAELens) on 
 bench-scale: setup  ## synthetic-scale store: 1M x 1024 rows (4 GB) written, read back, pushed / pulled (docs/SCALE.md)
 	$(BIN)/python bench/bench_scale.py
 
-clean-venv:
+clean-venv:  ## remove .venv (the next target makes it again)
 	rm -rf $(VENV)
