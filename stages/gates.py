@@ -24,14 +24,15 @@ def main() -> None:
     g = p.gates
     t0 = time.time()
     base, tuned = P.open_stores()
-    # tokenizers that differ only where the prompts do not reach (e.g. a renamed unused special token) still give
-    # both models the same token ids; otherwise every other stage runs and this one writes why it did not
-    def skip(why: str) -> None:
+
+    def skip(why: str) -> None:  # every other stage still runs: this one writes why it did not
         write_skipped("gates", f"{why}, and the gates splice delta features with base and tuned activations of the "
                       "same tokens", P.metric("gates.json"),
                       {P.plot("gates_funnel.csv"): ("gate", "n", "base", "tuned", "delta"),
                        P.plot("gates_features.csv"): (), P.plot("gates_corruptions.csv"): ()})
 
+    # tokenizers that differ only where the prompts do not reach (e.g. a renamed unused special token) still give
+    # both models the same token ids
     if any(a is not None for a in allowed_ids()) and not tokens_paired(base, tuned):
         return skip("the two models' prompts do not hold the same token ids (their tokenizers differ)")
     prompts = kept_prompts()

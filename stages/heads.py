@@ -34,15 +34,15 @@ def continuations(target: str, tuned, tok, prompts: list, *, signature: str, cha
 
 
 # the plot files' columns (header-only files when the stage does not apply to the pair)
-SKIPPED_COLUMNS = (
-    ("heads_attribution.csv", ("layer", "head", "label", "base", "tuned", "delta", "z_base", "z_tuned", "dz", "pred",
-                               "direct")),
-    ("heads_dz.csv", ("layer", "head", "dz")), ("heads_base.csv", ("layer", "head", "z_base")),
-    ("heads_tuned.csv", ("layer", "head", "z_tuned")),
-    ("heads_patch.csv", ("layer", "head", "group", "rank", "delta_attr", "pred", "direct", "attr_tuned", "patch_effect",
-                         "patch_share", "patch_kl", "patch_kl_share", "zero_effect", "zero_share")),
-    ("heads_curve.csv", ("n_heads", "share", "kl_share", "effect")),
-)
+SKIPPED_COLUMNS = {
+    "heads_attribution.csv": ("layer", "head", "label", "base", "tuned", "delta", "z_base", "z_tuned", "dz", "pred",
+                              "direct"),
+    "heads_dz.csv": ("layer", "head", "dz"), "heads_base.csv": ("layer", "head", "z_base"),
+    "heads_tuned.csv": ("layer", "head", "z_tuned"),
+    "heads_patch.csv": ("layer", "head", "group", "rank", "delta_attr", "pred", "direct", "attr_tuned", "patch_effect",
+                        "patch_share", "patch_kl", "patch_kl_share", "zero_effect", "zero_share"),
+    "heads_curve.csv": ("n_heads", "share", "kl_share", "effect"),
+}
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     t0 = time.time()
     if any(a is not None for a in allowed_ids()):  # every other stage still runs: this one writes why it did not
         write_skipped("heads", "this pair's tokenizers differ, and head attribution and patching run both models on "
-                      "the same tokens", P.metric("heads.json"), {P.plot(name): cols for name, cols in SKIPPED_COLUMNS})
+                      "the same tokens", P.metric("heads.json"), {P.plot(name): cols for name, cols in SKIPPED_COLUMNS.items()})
         return
     prompts = kept_prompts()
     present = {q.dataset for q in prompts}

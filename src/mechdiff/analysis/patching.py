@@ -54,7 +54,7 @@ from mechdiff.model.sites import (
 )
 from mechdiff.model.tokens import Encoded, right_pad
 from mechdiff.stats.bootstrap import drop_pct_ci, mean_ci
-from mechdiff.stats.kl import allowed_index, kl_divergence
+from mechdiff.stats.kl import allowed_index, kl_divergence, token_ids
 
 Job = tuple[Site, "torch.Tensor | None"]
 Reducer = Callable[[int, np.ndarray, torch.Tensor], None]
@@ -543,11 +543,10 @@ def src_decisions_in_dst(src_logits: Any, allowed_src: Any = None, allowed_dst: 
         return lg.argmax(1)
     if allowed_src is None or allowed_dst is None:
         raise MechdiffError("give the shared token ids of both models (allowed_src and allowed_dst) or of neither")
-    # the ids in their aligned order: a side whose whole vocabulary is shared (a tuned tokenizer that only adds
-    # tokens, or the same tokens under other ids) still maps position by position, so no identity shortcut here
-    allowed_index(allowed_src, lg.shape[1])  # validates: non-empty, in range
-    a_src, a_dst = (np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in (allowed_src, allowed_dst))
-    a_src, a_dst = (np.flatnonzero(a) if a.dtype == bool else a.astype(np.int64).ravel() for a in (a_src, a_dst))
+    # in their aligned order: a side whose whole vocabulary is shared (a tuned tokenizer that only adds tokens, or
+    # the same tokens under other ids) still maps position by position
+    a_src = allowed_index(allowed_src, lg.shape[1], keep_order=True)
+    a_dst = token_ids(allowed_dst)
     if a_src.shape != a_dst.shape:
         raise MechdiffError(f"shared token ids differ in length ({a_src.size} vs {a_dst.size}): re-run fairness")
     return a_dst[lg[:, a_src].argmax(1)]

@@ -17,24 +17,29 @@ from mechdiff.errors import MechdiffError
 from mechdiff.stats.checks import as_f64
 
 
-def allowed_index(allowed: Any, vocab: int) -> np.ndarray | None:
-    """Validated int64 token ids from ids or a boolean (vocab,) mask; None when they are the whole vocabulary."""
+def token_ids(allowed: Any, vocab: int | None = None) -> np.ndarray:
+    """int64 token ids, in their order, from ids (numpy, a list or a torch tensor) or a boolean mask (its True
+    positions; of shape (vocab,) when `vocab` is given)."""
+    ids = np.asarray(allowed.detach().cpu().numpy() if hasattr(allowed, "detach") else allowed)
+    if ids.dtype != bool:
+        return ids.astype(np.int64).ravel()
+    if vocab is not None and ids.shape != (vocab,):
+        raise MechdiffError(f"allowed mask has shape {ids.shape}, expected ({vocab},)")
+    return np.flatnonzero(ids)
+
+
+def allowed_index(allowed: Any, vocab: int, *, keep_order: bool = False) -> np.ndarray | None:
+    """Validated int64 token ids from ids or a boolean (vocab,) mask; None when they are the whole vocabulary,
+    unless `keep_order` (ids aligned with another vocabulary's, where a permutation of every id is not a no-op)."""
     if allowed is None:
         return None
-    if hasattr(allowed, "detach"):
-        allowed = allowed.detach().cpu().numpy()
-    ids = np.asarray(allowed)
-    if ids.dtype == bool:
-        if ids.shape != (vocab,):
-            raise MechdiffError(f"allowed mask has shape {ids.shape}, expected ({vocab},)")
-        ids = np.flatnonzero(ids)
-    ids = ids.astype(np.int64).ravel()
+    ids = token_ids(allowed, vocab)
     if ids.size == 0:
         raise MechdiffError("allowed token ids are empty: the two tokenizers share no vocabulary")
     if ids.min() < 0 or ids.max() >= vocab:
         raise MechdiffError(f"allowed token ids out of range for a vocabulary of {vocab}: the tokenizer does not "
                             "match the model")
-    if ids.size == vocab and np.array_equal(np.sort(ids), np.arange(vocab)):
+    if not keep_order and ids.size == vocab and np.array_equal(np.sort(ids), np.arange(vocab)):
         return None  # identical tokenizers: the restriction is a no-op and costs nothing
     return ids
 
@@ -117,4 +122,4 @@ def kl_divergence(p_logits: Any, q_logits: Any, allowed: Any = None) -> Any:
         return np.where(pp > 0.0, pp * (lp - lq), 0.0).sum(axis=1)
 
 
-__all__ = ["allowed_index", "kl_divergence", "log_softmax"]
+__all__ = ["allowed_index", "kl_divergence", "log_softmax", "token_ids"]
