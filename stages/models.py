@@ -10,7 +10,15 @@ import mechdiff.pipeline as P
 from mechdiff.data.corpus import load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json
-from mechdiff.model.load import check_pair, load_model, load_saved, save_model
+from mechdiff.model.load import (
+    check_pair,
+    load_model,
+    load_saved,
+    load_spec_tokenizer,
+    save_model,
+    shared_chat_template,
+    templates_differ,
+)
 from mechdiff.model.recipes import (
     CHECKPOINT_EVERY_S,
     check_finetune,
@@ -31,7 +39,16 @@ def main() -> None:
     if which == "base":
         spec = p.pair.base
         model, tok = load_model(spec.id, gguf_file=spec.gguf_file, revision=spec.revision, dtype=p.pair.dtype)
-        save_model(model, tok, P.model_dir("base"), {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file})
+        meta = {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file}
+        t = p.pair.tuned
+        if t.id:  # a base tokenizer without a chat template reads the prompts as its chat tune does
+            template = shared_chat_template(tok, load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision))
+            if template:
+                tok.chat_template = template
+                meta["chat_template"] = "the tuned model's (the base tokenizer has none)"
+                print("models: the base tokenizer has no chat template: it takes the tuned model's, so both models "
+                      "read the same prompts (data.chat: false feeds both the raw text)")
+        save_model(model, tok, P.model_dir("base"), meta)
         print(f"models: base {spec.id} saved in {time.time() - t0:.0f}s")
         return
     t = p.pair.tuned
@@ -40,6 +57,16 @@ def main() -> None:
         base, btok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         check_pair(base, btok, model, tok, fairness=p.pair.fairness.enabled)
         meta = {"role": "tuned", "spec": t.id}
+        template = shared_chat_template(tok, btok)
+        if template:  # the mirror case: a tuned tokenizer saved without the base's template
+            tok.chat_template = template
+            meta["chat_template"] = "the base model's (the tuned tokenizer has none)"
+            print("models: the tuned tokenizer has no chat template: it takes the base model's, so both models read "
+                  "the same prompts")
+        elif templates_differ(tok, btok) and p.data.chat:
+            print("models: warning: base and tuned have different chat templates, so they read differently formatted "
+                  "prompts: token-level comparisons (sae.view: tokens) will refuse the pair; use sae.view: last or "
+                  "mean, or data.chat: false")
         summary = {"recipe": 0}
     elif t.recipe == "finetune":
         model, tok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)

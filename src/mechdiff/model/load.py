@@ -246,6 +246,46 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
     return _from_spec(AutoTokenizer, info, revision=revision, local_only=local_only)
 
 
+def load_spec_tokenizer(spec: str, *, gguf_file: str | None = None, revision: str | None = None) -> Any:
+    """The tokenizer of a model spec without its weights: from a directory, a GGUF file or the local hub cache, else
+    downloaded when the hub answers (as `load_model` would)."""
+    info = resolve_spec(spec, gguf_file)
+    try:
+        return spec_tokenizer(info, revision=revision)
+    except (OSError, ValueError) as exc:
+        if info["kind"] != "hub":
+            raise MechdiffError(f"no usable tokenizer for {spec!r}: {why(exc)}") from exc
+        if not _hub_reachable():
+            raise _no_network(info["id"]) from exc
+        try:
+            return spec_tokenizer(info, revision=revision, local_only=False)
+        except (OSError, ValueError) as exc2:
+            raise MechdiffError(f"cannot load the tokenizer of hub model {info['id']!r}: {why(exc2)}") from exc2
+
+
+def shared_chat_template(tok: Any, other: Any) -> str | dict | None:
+    """The chat template `tok` takes from the other model of its pair, or None to keep `tok` as it is.
+
+    Both models of a pair must read the same prompts. A base model's tokenizer often ships without a chat template
+    while its chat tune has one; with `data.chat` the base would then read the raw text and the tune the templated
+    prompt, and every comparison would mix the tuning with the input format. So a tokenizer without a template
+    takes the other's (None when it has one, or neither has one: then both read the same raw text)."""
+    own, theirs = getattr(tok, "chat_template", None), getattr(other, "chat_template", None)
+    return theirs if not own and theirs else None
+
+
+def templates_differ(tok: Any, other: Any) -> bool:
+    """Whether both tokenizers have a chat template and they render a user message to different token ids (the
+    models then read differently formatted prompts, and their token rows do not pair)."""
+    from mechdiff.model.tokens import render
+
+    if not (getattr(tok, "chat_template", None) and getattr(other, "chat_template", None)):
+        return False
+    probe = "What do people eat for breakfast?"
+    a, b = (list(tk(render(tk, probe), add_special_tokens=False)["input_ids"]) for tk in (tok, other))
+    return a != b
+
+
 @contextlib.contextmanager
 def gguf_read_once():
     """Within this block each GGUF file is parsed once and each tensor-name map built once. transformers parses

@@ -1,0 +1,107 @@
+"""Both models of a pair read the same prompts: a tokenizer saved without a chat template (a base model beside its
+chat tune, or a tune saved without its base's template) takes the other model's, in the model stages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechdiff.model.load import load_tokenizer, shared_chat_template, templates_differ
+from mechdiff.model.tiny import CHAT_TEMPLATE, make_tiny_tokenizer, save_tiny_pair_dir
+from mechdiff.model.tokens import encode
+
+ROOT = Path(__file__).resolve().parents[2]
+OTHER = CHAT_TEMPLATE.replace("<|im_start|>assistant", "<|im_start|>system")  # another generation prompt
+TEXTS = ["what do people eat for breakfast ?", "name a festival of lights .", "how many legs has a spider ?"]
+
+
+def _tok(template: str | None):
+    tok = make_tiny_tokenizer(TEXTS)
+    tok.chat_template = template
+    return tok
+
+
+def test_a_tokenizer_without_a_template_takes_the_others():
+    with_t, without = _tok(CHAT_TEMPLATE), _tok(None)
+    assert shared_chat_template(without, with_t) == CHAT_TEMPLATE
+    assert shared_chat_template(with_t, without) is None  # it keeps its own
+    assert shared_chat_template(with_t, _tok(OTHER)) is None
+    assert shared_chat_template(without, _tok(None)) is None  # neither: both read the raw text
+    # before, the two read other tokens (raw text after a BOS vs the templated prompt); after, the same
+    assert encode(without, TEXTS, chat=True).ids != encode(with_t, TEXTS, chat=True).ids
+    without.chat_template = shared_chat_template(without, with_t)
+    a, b = encode(without, TEXTS, chat=True), encode(with_t, TEXTS, chat=True)
+    assert a.ids == b.ids and a.decision == b.decision
+
+
+def test_templates_differ_compares_rendered_tokens():
+    assert not templates_differ(_tok(CHAT_TEMPLATE), _tok(CHAT_TEMPLATE))
+    assert not templates_differ(_tok(CHAT_TEMPLATE), _tok(None))  # a missing one is shared, not different
+    # the same rendering from another template text is no difference; another role name is
+    assert not templates_differ(_tok(CHAT_TEMPLATE), _tok(CHAT_TEMPLATE.replace("{{", "{{ ").replace("}}", " }}")))
+    assert templates_differ(_tok(CHAT_TEMPLATE), _tok(OTHER))
+
+
+def _model_dir(path: Path, template: str | None) -> Path:
+    d = save_tiny_pair_dir(path, TEXTS, n_layers=2, d_model=16, seed=0)
+    tok = load_tokenizer(d)
+    if template is None:
+        for f in d.glob("chat_template*"):
+            f.unlink()
+        tok.chat_template = None
+        tok.save_pretrained(d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert load_tokenizer(d).chat_template is None
+    return d
+
+
+def _run(repo: Path, which: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "models.py"), which], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.mark.parametrize("missing", ["base", "tuned"])
+def test_model_stages_give_the_pair_one_template(tmp_path, missing):
+    dirs = {w: _model_dir(tmp_path / f"src_{w}", None if w == missing else CHAT_TEMPLATE) for w in ("base", "tuned")}
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["pair"]["base"] = {"id": str(dirs["base"]), "gguf_file": None, "revision": None}
+    p["pair"]["tuned"] = {"id": str(dirs["tuned"]), "recipe": None}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = _run(repo, "base").stdout + _run(repo, "tuned").stdout
+    assert f"the {missing} tokenizer has no chat template" in out
+    assert "different chat templates" not in out
+    saved = {w: load_tokenizer(repo / "artifacts" / "models" / w) for w in ("base", "tuned")}
+    assert saved["base"].chat_template == saved["tuned"].chat_template == CHAT_TEMPLATE
+    a, b = (encode(saved[w], TEXTS, chat=True) for w in ("base", "tuned"))
+    assert a.ids == b.ids and a.decision == b.decision
+    meta = json.loads((repo / "artifacts" / "models" / missing / "mechdiff_model.json").read_text())
+    assert "chat_template" in meta
+
+
+def test_model_tuned_warns_when_the_templates_render_differently(tmp_path):
+    base = _model_dir(tmp_path / "src_base", CHAT_TEMPLATE)
+    tuned = _model_dir(tmp_path / "src_tuned", CHAT_TEMPLATE)
+    tok = load_tokenizer(tuned)
+    tok.chat_template = OTHER
+    tok.save_pretrained(tuned)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
+    p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    _run(repo, "base")
+    assert "different chat templates" in _run(repo, "tuned").stdout
+    shutil.rmtree(repo / "artifacts")
