@@ -41,7 +41,7 @@ def main() -> None:
         model, tok = load_model(spec.id, gguf_file=spec.gguf_file, revision=spec.revision, dtype=p.pair.dtype)
         meta = {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file}
         t = p.pair.tuned
-        if t.id:  # a base tokenizer without a chat template reads the prompts as its chat tune does
+        if t.id and not getattr(tok, "chat_template", None):  # without a template it reads prompts as its tune does
             template = shared_chat_template(tok, load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision))
             if template:
                 tok.chat_template = template

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechdiff.model.load import load_tokenizer, shared_chat_template, templates_differ
+from mechdiff.errors import MechdiffError
+from mechdiff.model.load import load_spec_tokenizer, load_tokenizer, shared_chat_template, templates_differ
 from mechdiff.model.tiny import CHAT_TEMPLATE, make_tiny_tokenizer, save_tiny_pair_dir
 from mechdiff.model.tokens import encode
 
@@ -105,3 +106,11 @@ def test_model_tuned_warns_when_the_templates_render_differently(tmp_path):
     _run(repo, "base")
     assert "different chat templates" in _run(repo, "tuned").stdout
     shutil.rmtree(repo / "artifacts")
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
+    d = _model_dir(tmp_path / "m", CHAT_TEMPLATE)
+    for f in [*d.glob("tokenizer*"), *d.glob("chat_template*"), *d.glob("special_tokens*")]:
+        f.unlink()
+    with pytest.raises(MechdiffError, match="no usable tokenizer"):
+        load_spec_tokenizer(str(d))

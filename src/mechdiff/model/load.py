@@ -252,7 +252,7 @@ def load_spec_tokenizer(spec: str, *, gguf_file: str | None = None, revision: st
     info = resolve_spec(spec, gguf_file)
     try:
         return spec_tokenizer(info, revision=revision)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         if info["kind"] != "hub":
             raise MechdiffError(f"no usable tokenizer for {spec!r}: {why(exc)}") from exc
         if not _hub_reachable():
