@@ -42,12 +42,17 @@ def main() -> None:
         meta = {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file}
         t = p.pair.tuned
         if t.id and not getattr(tok, "chat_template", None):  # without a template it reads prompts as its tune does
-            template = shared_chat_template(tok, load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision))
+            ttok = load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision)
+            template = shared_chat_template(tok, ttok)
             if template:
                 tok.chat_template = template
                 meta["chat_template"] = "the tuned model's (the base tokenizer has none)"
                 print("models: the base tokenizer has no chat template: it takes the tuned model's, so both models "
                       "read the same prompts (data.chat: false feeds both the raw text)")
+            elif getattr(ttok, "chat_template", None) and p.data.chat:
+                print("models: warning: the base tokenizer has no chat template and lacks the tuned template's "
+                      "tokens: the base reads the raw text, the tuned model the templated prompt; data.chat: false "
+                      "feeds both the raw text")
         save_model(model, tok, P.model_dir("base"), meta)
         print(f"models: base {spec.id} saved in {time.time() - t0:.0f}s")
         return
@@ -63,6 +68,10 @@ def main() -> None:
             meta["chat_template"] = "the base model's (the tuned tokenizer has none)"
             print("models: the tuned tokenizer has no chat template: it takes the base model's, so both models read "
                   "the same prompts")
+        elif p.data.chat and bool(getattr(btok, "chat_template", None)) != bool(getattr(tok, "chat_template", None)):
+            print("models: warning: only one of the two tokenizers has a chat template and the other cannot take "
+                  "it: one model reads the raw text, the other the templated prompt; data.chat: false feeds both "
+                  "the raw text")
         elif templates_differ(tok, btok) and p.data.chat:
             print("models: warning: base and tuned have different chat templates, so they read differently formatted "
                   "prompts: token-level comparisons (sae.view: tokens) will refuse the pair; use sae.view: last or "

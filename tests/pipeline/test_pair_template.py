@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from mechdiff.errors import MechdiffError
-from mechdiff.model.load import load_spec_tokenizer, load_tokenizer, shared_chat_template, templates_differ
+from mechdiff.model.load import (
+    load_spec_tokenizer,
+    load_tokenizer,
+    shared_chat_template,
+    template_fits,
+    templates_differ,
+)
 from mechdiff.model.tiny import CHAT_TEMPLATE, make_tiny_tokenizer, save_tiny_pair_dir
 from mechdiff.model.tokens import encode
 
@@ -39,6 +45,23 @@ def test_a_tokenizer_without_a_template_takes_the_others():
     without.chat_template = shared_chat_template(without, with_t)
     a, b = encode(without, TEXTS, chat=True), encode(with_t, TEXTS, chat=True)
     assert a.ids == b.ids and a.decision == b.decision
+
+
+def _plain_tokenizer():
+    """A word-level tokenizer of TEXTS without the template's markers (<|im_start|>, <|im_end|>) in its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in TEXTS for w in t.split()} | {"user", "assistant"})
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_a_template_whose_tokens_the_vocabulary_lacks_is_not_shared():
+    plain, with_t = _plain_tokenizer(), _tok(CHAT_TEMPLATE)
+    assert not template_fits(plain, with_t) and template_fits(_tok(None), with_t)
+    assert shared_chat_template(plain, with_t) is None  # it would read the markers as unknown pieces
 
 
 def test_templates_differ_compares_rendered_tokens():
@@ -114,3 +137,22 @@ def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
         f.unlink()
     with pytest.raises(MechdiffError, match="no usable tokenizer"):
         load_spec_tokenizer(str(d))
+
+
+def test_model_base_warns_when_it_cannot_take_the_template(tmp_path):
+    from mechdiff.model.tiny import make_tiny_model
+
+    plain = _plain_tokenizer()
+    base = tmp_path / "src_base"
+    make_tiny_model(len(plain), n_layers=2, d_model=16, seed=0).save_pretrained(base)
+    plain.save_pretrained(base)
+    tuned = _model_dir(tmp_path / "src_tuned", CHAT_TEMPLATE)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
+    p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = _run(repo, "base").stdout
+    assert "lacks the tuned template's tokens" in out
+    assert not load_tokenizer(repo / "artifacts" / "models" / "base").chat_template

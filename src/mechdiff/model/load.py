@@ -269,9 +269,21 @@ def shared_chat_template(tok: Any, other: Any) -> str | dict | None:
     Both models of a pair must read the same prompts. A base model's tokenizer often ships without a chat template
     while its chat tune has one; with `data.chat` the base would then read the raw text and the tune the templated
     prompt, and every comparison would mix the tuning with the input format. So a tokenizer without a template
-    takes the other's (None when it has one, or neither has one: then both read the same raw text)."""
+    takes the other's (None when it has one, or neither has one: then both read the same raw text), provided its
+    vocabulary holds the template's tokens (`template_fits`; a tune that added its chat markers as new tokens
+    leaves the base without them: None then, and the base reads the raw text)."""
     own, theirs = getattr(tok, "chat_template", None), getattr(other, "chat_template", None)
-    return theirs if not own and theirs else None
+    return theirs if not own and theirs and template_fits(tok, other) else None
+
+
+def template_fits(tok: Any, other: Any) -> bool:
+    """Whether `tok` reads a prompt rendered by `other`'s chat template as the same token strings `other` does
+    (its vocabulary holds the template's markers as tokens)."""
+    from mechdiff.model.tokens import render
+
+    text = render(other, "What do people eat for breakfast?")
+    a, b = (tk.convert_ids_to_tokens(list(tk(text, add_special_tokens=False)["input_ids"])) for tk in (tok, other))
+    return a == b
 
 
 def templates_differ(tok: Any, other: Any) -> bool:
