@@ -64,6 +64,12 @@ def test_a_template_whose_tokens_the_vocabulary_lacks_is_not_shared():
     assert shared_chat_template(plain, with_t) is None  # it would read the markers as unknown pieces
 
 
+def test_a_template_that_cannot_render_a_user_message_is_not_shared():
+    broken = _tok("{{ raise_exception('a system message first') }}")
+    assert shared_chat_template(_tok(None), broken) is None
+    assert templates_differ(_tok(CHAT_TEMPLATE), broken)
+
+
 def test_templates_differ_compares_rendered_tokens():
     assert not templates_differ(_tok(CHAT_TEMPLATE), _tok(CHAT_TEMPLATE))
     assert not templates_differ(_tok(CHAT_TEMPLATE), _tok(None))  # a missing one is shared, not different

@@ -281,7 +281,10 @@ def template_fits(tok: Any, other: Any) -> bool:
     (its vocabulary holds the template's markers as tokens)."""
     from mechdiff.model.tokens import render
 
-    text = render(other, "What do people eat for breakfast?")
+    try:
+        text = render(other, "What do people eat for breakfast?")
+    except Exception:  # noqa: BLE001  (a template that cannot render a lone user message is not one to share)
+        return False
     a, b = (tk.convert_ids_to_tokens(list(tk(text, add_special_tokens=False)["input_ids"])) for tk in (tok, other))
     return a == b
 
@@ -294,7 +297,10 @@ def templates_differ(tok: Any, other: Any) -> bool:
     if not (getattr(tok, "chat_template", None) and getattr(other, "chat_template", None)):
         return False
     probe = "What do people eat for breakfast?"
-    a, b = (list(tk(render(tk, probe), add_special_tokens=False)["input_ids"]) for tk in (tok, other))
+    try:
+        a, b = (list(tk(render(tk, probe), add_special_tokens=False)["input_ids"]) for tk in (tok, other))
+    except Exception:  # noqa: BLE001  (one renders, the other cannot: they differ)
+        return True
     return a != b
 
 
