@@ -17,6 +17,7 @@ from mechdiff.model.load import (
     load_spec_tokenizer,
     save_model,
     shared_chat_template,
+    template_fits,
     templates_differ,
 )
 from mechdiff.model.recipes import (
@@ -40,18 +41,21 @@ def main() -> None:
         spec = p.pair.base
         model, tok = load_model(spec.id, gguf_file=spec.gguf_file, revision=spec.revision, dtype=p.pair.dtype)
         meta = {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file}
-        t = p.pair.tuned
-        if t.id and not getattr(tok, "chat_template", None):  # without a template it reads prompts as its tune does
+        t, mode = p.pair.tuned, p.data.chat_template
+        # one prompt format per pair: the base takes the tuned model's template when it has none (auto) or always
+        if t.id and (mode == "tuned" or (mode == "auto" and not getattr(tok, "chat_template", None))):
             ttok = load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision)
-            template = shared_chat_template(tok, ttok)
+            had = bool(getattr(tok, "chat_template", None))
+            template = shared_chat_template(tok, ttok, force=mode == "tuned")
             if template:
                 tok.chat_template = template
-                meta["chat_template"] = "the tuned model's (the base tokenizer has none)"
-                print("models: the base tokenizer has no chat template: it takes the tuned model's, so both models "
-                      "read the same prompts (data.chat: false feeds both the raw text)")
-            elif getattr(ttok, "chat_template", None) and p.data.chat:
-                print("models: warning: the base tokenizer has no chat template and lacks the tuned template's "
-                      "tokens: the base reads the raw text, the tuned model the templated prompt; data.chat: false "
+                meta["chat_template"] = "the tuned model's" + ("" if had else " (the base tokenizer has none)")
+                print(f"models: the base tokenizer takes the tuned model's chat template "
+                      f"({'data.chat_template: tuned' if had else 'it has none'}), so both models read the same "
+                      "prompts (data.chat: false feeds both the raw text)")
+            elif getattr(ttok, "chat_template", None) and not template_fits(tok, ttok) and p.data.chat:
+                print("models: warning: the base vocabulary lacks the tuned chat template's tokens, so the base "
+                      "keeps its own format and the two models read differently formatted prompts; data.chat: false "
                       "feeds both the raw text")
         save_model(model, tok, P.model_dir("base"), meta)
         print(f"models: base {spec.id} saved in {time.time() - t0:.0f}s")
@@ -62,20 +66,21 @@ def main() -> None:
         base, btok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         check_pair(base, btok, model, tok, fairness=p.pair.fairness.enabled)
         meta = {"role": "tuned", "spec": t.id}
-        template = shared_chat_template(tok, btok)
-        if template:  # the mirror case: a tuned tokenizer saved without the base's template
+        mode, had = p.data.chat_template, bool(getattr(tok, "chat_template", None))
+        # the mirror case: the tuned model takes the base's template when it has none (auto) or always (base)
+        template = shared_chat_template(tok, btok, force=mode == "base") if mode in ("auto", "base") else None
+        if template:
             tok.chat_template = template
-            meta["chat_template"] = "the base model's (the tuned tokenizer has none)"
-            print("models: the tuned tokenizer has no chat template: it takes the base model's, so both models read "
-                  "the same prompts")
-        elif p.data.chat and bool(getattr(btok, "chat_template", None)) != bool(getattr(tok, "chat_template", None)):
-            print("models: warning: only one of the two tokenizers has a chat template and the other cannot take "
-                  "it: one model reads the raw text, the other the templated prompt; data.chat: false feeds both "
-                  "the raw text")
+            meta["chat_template"] = "the base model's" + ("" if had else " (the tuned tokenizer has none)")
+            print(f"models: the tuned tokenizer takes the base model's chat template "
+                  f"({'data.chat_template: base' if had else 'it has none'}), so both models read the same prompts")
+        elif p.data.chat and bool(getattr(btok, "chat_template", None)) != had:
+            print("models: warning: only one of the two tokenizers has a chat template (and the other did not take "
+                  "it: data.chat_template, or its vocabulary lacks the template's tokens): one model reads the raw "
+                  "text, the other the templated prompt; data.chat: false feeds both the raw text")
         elif templates_differ(tok, btok) and p.data.chat:
             print("models: warning: base and tuned have different chat templates, so they read differently formatted "
-                  "prompts: token-level comparisons (sae.view: tokens) will refuse the pair; use sae.view: last or "
-                  "mean, or data.chat: false")
+                  "prompts and their token rows do not pair: data.chat_template: base or tuned gives both one format")
         summary = {"recipe": 0}
     elif t.recipe == "finetune":
         model, tok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)

@@ -127,6 +127,7 @@ class Data(_Section):
     max_per_dataset: int | None = None
     splits: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     chat: bool = True
+    chat_template: str = "auto"
     max_len: int = 128
     eval_sources: list[dict] | None = None
 
@@ -459,6 +460,7 @@ class Params(_Section):
 
 
 _CHOICES = {
+    "data.chat_template": ("auto", "own", "base", "tuned"),
     "pair.tuned.recipe": ("finetune", "edit"),
     "pair.finetune.objective": ("signature", "answer", "lm"),
     "heads.split": ("train", "val", "test"),

@@ -4,7 +4,6 @@ chat tune, or a tune saved without its base's template) takes the other model's,
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,19 +99,36 @@ def _run(repo: Path, which: str) -> subprocess.CompletedProcess:
     return r
 
 
-@pytest.mark.parametrize("missing", ["base", "tuned"])
-def test_model_stages_give_the_pair_one_template(tmp_path, missing):
-    dirs = {w: _model_dir(tmp_path / f"src_{w}", None if w == missing else CHAT_TEMPLATE) for w in ("base", "tuned")}
+def _pair(tmp_path: Path, templates: dict, mode: str = "auto") -> tuple[Path, str]:
+    """Run model_base and model_tuned on two tiny model folders with these chat templates (None = none) under
+    data.chat_template `mode`; (repo, both stages' output)."""
+    dirs = {w: _model_dir(tmp_path / f"src_{w}", None if templates[w] is None else CHAT_TEMPLATE)
+            for w in ("base", "tuned")}
+    for w, t in templates.items():
+        if t not in (None, CHAT_TEMPLATE):
+            tok = load_tokenizer(dirs[w])
+            tok.chat_template = t
+            tok.save_pretrained(dirs[w])
     repo = tmp_path / "repo"
     repo.mkdir()
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["pair"]["base"] = {"id": str(dirs["base"]), "gguf_file": None, "revision": None}
     p["pair"]["tuned"] = {"id": str(dirs["tuned"]), "recipe": None}
+    p["data"]["chat_template"] = mode
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    out = _run(repo, "base").stdout + _run(repo, "tuned").stdout
-    assert f"the {missing} tokenizer has no chat template" in out
-    assert "different chat templates" not in out
-    saved = {w: load_tokenizer(repo / "artifacts" / "models" / w) for w in ("base", "tuned")}
+    return repo, _run(repo, "base").stdout + _run(repo, "tuned").stdout
+
+
+def _saved(repo: Path) -> dict:
+    return {w: load_tokenizer(repo / "artifacts" / "models" / w) for w in ("base", "tuned")}
+
+
+@pytest.mark.parametrize("missing", ["base", "tuned"])
+def test_model_stages_give_the_pair_one_template(tmp_path, missing):
+    repo, out = _pair(tmp_path, {"base": CHAT_TEMPLATE, "tuned": CHAT_TEMPLATE, missing: None})
+    assert f"the {missing} tokenizer takes the" in out and "it has none" in out
+    assert "warning" not in out
+    saved = _saved(repo)
     assert saved["base"].chat_template == saved["tuned"].chat_template == CHAT_TEMPLATE
     a, b = (encode(saved[w], TEXTS, chat=True) for w in ("base", "tuned"))
     assert a.ids == b.ids and a.decision == b.decision
@@ -120,21 +136,27 @@ def test_model_stages_give_the_pair_one_template(tmp_path, missing):
     assert "chat_template" in meta
 
 
-def test_model_tuned_warns_when_the_templates_render_differently(tmp_path):
-    base = _model_dir(tmp_path / "src_base", CHAT_TEMPLATE)
-    tuned = _model_dir(tmp_path / "src_tuned", CHAT_TEMPLATE)
-    tok = load_tokenizer(tuned)
-    tok.chat_template = OTHER
-    tok.save_pretrained(tuned)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
-    p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    _run(repo, "base")
-    assert "different chat templates" in _run(repo, "tuned").stdout
-    shutil.rmtree(repo / "artifacts")
+@pytest.mark.parametrize("mode", ["base", "tuned"])
+def test_chat_template_param_gives_both_models_the_named_ones(tmp_path, mode):
+    templates = {"base": CHAT_TEMPLATE, "tuned": OTHER}
+    repo, out = _pair(tmp_path, templates, mode)
+    assert f"data.chat_template: {mode}" in out and "warning" not in out
+    saved = _saved(repo)
+    assert saved["base"].chat_template == saved["tuned"].chat_template == templates[mode]
+    assert encode(saved["base"], TEXTS).ids == encode(saved["tuned"], TEXTS).ids
+
+
+def test_different_templates_are_kept_with_a_warning_under_auto(tmp_path):
+    repo, out = _pair(tmp_path, {"base": CHAT_TEMPLATE, "tuned": OTHER})
+    assert "different chat templates" in out and "data.chat_template: base or tuned" in out
+    saved = _saved(repo)
+    assert (saved["base"].chat_template, saved["tuned"].chat_template) == (CHAT_TEMPLATE, OTHER)
+
+
+def test_own_keeps_a_missing_template_missing_with_a_warning(tmp_path):
+    repo, out = _pair(tmp_path, {"base": None, "tuned": CHAT_TEMPLATE}, "own")
+    assert "only one of the two tokenizers has a chat template" in out
+    assert not _saved(repo)["base"].chat_template
 
 
 def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
@@ -160,5 +182,5 @@ def test_model_base_warns_when_it_cannot_take_the_template(tmp_path):
     p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = _run(repo, "base").stdout
-    assert "lacks the tuned template's tokens" in out
+    assert "lacks the tuned chat template's tokens" in out
     assert not load_tokenizer(repo / "artifacts" / "models" / "base").chat_template

@@ -38,6 +38,8 @@ def test_repo_params_load():
     (lambda r: r["data"].__setitem__("splits", [0.5, 0.5, 0.5]), "sum"),
     (lambda r: r["data"].__setitem__("splits", [0.5, 0.5, 0.0]), "three positive fractions"),
     (lambda r: r["data"].__setitem__("sources", []), "data.sources is empty"),
+    (lambda r: r["data"].__setitem__("chat_template", "chatml"),
+     "data.chat_template = 'chatml'; choose one of auto, own, base, tuned"),
     (lambda r: r["extract"].__setitem__("bogus", 1), "unknown key extract.bogus"),
     (lambda r: r["extract"].__setitem__("store_dtype", "int8"), "extract.store_dtype = 'int8'; choose one of float32, float16"),
     (lambda r: r["extract"].__setitem__("compressor", "gzip"), "extract.compressor = 'gzip'; choose one of null, lz4, zstd"),

@@ -263,7 +263,7 @@ def load_spec_tokenizer(spec: str, *, gguf_file: str | None = None, revision: st
             raise MechdiffError(f"cannot load the tokenizer of hub model {info['id']!r}: {why(exc2)}") from exc2
 
 
-def shared_chat_template(tok: Any, other: Any) -> str | dict | None:
+def shared_chat_template(tok: Any, other: Any, *, force: bool = False) -> str | dict | None:
     """The chat template `tok` takes from the other model of its pair, or None to keep `tok` as it is.
 
     Both models of a pair must read the same prompts. A base model's tokenizer often ships without a chat template
@@ -271,9 +271,12 @@ def shared_chat_template(tok: Any, other: Any) -> str | dict | None:
     prompt, and every comparison would mix the tuning with the input format. So a tokenizer without a template
     takes the other's (None when it has one, or neither has one: then both read the same raw text), provided its
     vocabulary holds the template's tokens (`template_fits`; a tune that added its chat markers as new tokens
-    leaves the base without them: None then, and the base reads the raw text)."""
+    leaves the base without them: None then, and the base reads the raw text). With `force` (`data.chat_template`
+    naming the other model) it takes the other's template also in place of a different one of its own."""
     own, theirs = getattr(tok, "chat_template", None), getattr(other, "chat_template", None)
-    return theirs if not own and theirs and template_fits(tok, other) else None
+    if not theirs or own == theirs or (own and not force):
+        return None
+    return theirs if template_fits(tok, other) else None
 
 
 def template_fits(tok: Any, other: Any) -> bool:
