@@ -15,10 +15,10 @@ from mechdiff.model.load import (
     load_model,
     load_saved,
     load_spec_tokenizer,
+    pair_template_warning,
     save_model,
-    shared_chat_template,
-    template_fits,
-    templates_differ,
+    take_pair_template,
+    wants_other_template,
 )
 from mechdiff.model.recipes import (
     CHECKPOINT_EVERY_S,
@@ -41,22 +41,14 @@ def main() -> None:
         spec = p.pair.base
         model, tok = load_model(spec.id, gguf_file=spec.gguf_file, revision=spec.revision, dtype=p.pair.dtype)
         meta = {"role": "base", "spec": spec.id, "gguf_file": spec.gguf_file}
-        t, mode = p.pair.tuned, p.data.chat_template
-        # one prompt format per pair: the base takes the tuned model's template when it has none (auto) or always
-        if t.id and (mode == "tuned" or (mode == "auto" and not getattr(tok, "chat_template", None))):
-            ttok = load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision)
-            had = bool(getattr(tok, "chat_template", None))
-            template = shared_chat_template(tok, ttok, force=mode == "tuned")
-            if template:
-                tok.chat_template = template
-                meta["chat_template"] = "the tuned model's" + ("" if had else " (the base tokenizer has none)")
-                print(f"models: the base tokenizer takes the tuned model's chat template "
-                      f"({'data.chat_template: tuned' if had else 'it has none'}), so both models read the same "
-                      "prompts (data.chat: false feeds both the raw text)")
-            elif getattr(ttok, "chat_template", None) and not template_fits(tok, ttok) and p.data.chat:
-                print("models: warning: the base vocabulary lacks the tuned chat template's tokens, so the base "
-                      "keeps its own format and the two models read differently formatted prompts; data.chat: false "
-                      "feeds both the raw text")
+        t = p.pair.tuned
+        # one prompt format per pair (data.chat_template): the base may take the tuned model's chat template
+        if t.id and wants_other_template(tok, "base", p.data.chat_template):
+            took = take_pair_template(tok, load_spec_tokenizer(t.id, gguf_file=t.gguf_file, revision=t.revision),
+                                      "base", p.data.chat_template)
+            if took:
+                meta["chat_template"] = "the tuned model's"
+                print(f"models: {took}")
         save_model(model, tok, P.model_dir("base"), meta)
         print(f"models: base {spec.id} saved in {time.time() - t0:.0f}s")
         return
@@ -66,21 +58,13 @@ def main() -> None:
         base, btok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)
         check_pair(base, btok, model, tok, fairness=p.pair.fairness.enabled)
         meta = {"role": "tuned", "spec": t.id}
-        mode, had = p.data.chat_template, bool(getattr(tok, "chat_template", None))
-        # the mirror case: the tuned model takes the base's template when it has none (auto) or always (base)
-        template = shared_chat_template(tok, btok, force=mode == "base") if mode in ("auto", "base") else None
-        if template:
-            tok.chat_template = template
-            meta["chat_template"] = "the base model's" + ("" if had else " (the tuned tokenizer has none)")
-            print(f"models: the tuned tokenizer takes the base model's chat template "
-                  f"({'data.chat_template: base' if had else 'it has none'}), so both models read the same prompts")
-        elif p.data.chat and bool(getattr(btok, "chat_template", None)) != had:
-            print("models: warning: only one of the two tokenizers has a chat template (and the other did not take "
-                  "it: data.chat_template, or its vocabulary lacks the template's tokens): one model reads the raw "
-                  "text, the other the templated prompt; data.chat: false feeds both the raw text")
-        elif templates_differ(tok, btok) and p.data.chat:
-            print("models: warning: base and tuned have different chat templates, so they read differently formatted "
-                  "prompts and their token rows do not pair: data.chat_template: base or tuned gives both one format")
+        took = take_pair_template(tok, btok, "tuned", p.data.chat_template)  # the mirror case
+        if took:
+            meta["chat_template"] = "the base model's"
+            print(f"models: {took}")
+        warning = pair_template_warning(btok, tok) if p.data.chat else None
+        if warning:
+            print(f"models: warning: {warning}")
         summary = {"recipe": 0}
     elif t.recipe == "finetune":
         model, tok = load_saved(P.model_dir("base"), dtype=p.pair.dtype)

@@ -15,7 +15,9 @@ from mechdiff.errors import MechdiffError
 from mechdiff.model.load import (
     load_spec_tokenizer,
     load_tokenizer,
+    pair_template_warning,
     shared_chat_template,
+    take_pair_template,
     template_fits,
     templates_differ,
 )
@@ -44,6 +46,29 @@ def test_a_tokenizer_without_a_template_takes_the_others():
     without.chat_template = shared_chat_template(without, with_t)
     a, b = encode(without, TEXTS, chat=True), encode(with_t, TEXTS, chat=True)
     assert a.ids == b.ids and a.decision == b.decision
+
+
+@pytest.mark.parametrize("mode, base_after, tuned_after", [
+    ("auto", CHAT_TEMPLATE, CHAT_TEMPLATE),  # the base has none: it takes the tuned one's
+    ("own", None, CHAT_TEMPLATE),
+    ("base", None, CHAT_TEMPLATE),  # the base has nothing to give; it cannot take under "base"
+    ("tuned", CHAT_TEMPLATE, CHAT_TEMPLATE),
+])
+def test_take_pair_template_follows_the_mode(mode, base_after, tuned_after):
+    base, tuned = _tok(None), _tok(CHAT_TEMPLATE)
+    took = take_pair_template(base, tuned, "base", mode)
+    assert (took is not None) == (base_after is not None)
+    take_pair_template(tuned, base, "tuned", mode)
+    assert (base.chat_template, tuned.chat_template) == (base_after, tuned_after)
+    assert (pair_template_warning(base, tuned) is None) == (base_after is not None)
+
+
+def test_a_named_model_replaces_the_others_different_template():
+    base, tuned = _tok(CHAT_TEMPLATE), _tok(OTHER)
+    assert "different chat templates" in pair_template_warning(base, tuned)
+    assert take_pair_template(base, tuned, "base", "auto") is None  # auto keeps two templates apart
+    assert "data.chat_template: base" in take_pair_template(tuned, base, "tuned", "base")
+    assert tuned.chat_template == CHAT_TEMPLATE and pair_template_warning(base, tuned) is None
 
 
 def _plain_tokenizer():
@@ -155,7 +180,7 @@ def test_different_templates_are_kept_with_a_warning_under_auto(tmp_path):
 
 def test_own_keeps_a_missing_template_missing_with_a_warning(tmp_path):
     repo, out = _pair(tmp_path, {"base": None, "tuned": CHAT_TEMPLATE}, "own")
-    assert "only one of the two tokenizers has a chat template" in out
+    assert "only the tuned tokenizer has a chat template" in out
     assert not _saved(repo)["base"].chat_template
 
 
@@ -167,7 +192,7 @@ def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
         load_spec_tokenizer(str(d))
 
 
-def test_model_base_warns_when_it_cannot_take_the_template(tmp_path):
+def test_a_base_that_cannot_take_the_template_keeps_reading_raw_text_with_a_warning(tmp_path):
     from mechdiff.model.tiny import make_tiny_model
 
     plain = _plain_tokenizer()
@@ -181,6 +206,7 @@ def test_model_base_warns_when_it_cannot_take_the_template(tmp_path):
     p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
     p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    out = _run(repo, "base").stdout
-    assert "lacks the tuned chat template's tokens" in out
+    base_out, tuned_out = _run(repo, "base").stdout, _run(repo, "tuned").stdout
+    assert "takes the" not in base_out
+    assert "only the tuned tokenizer has a chat template" in tuned_out and "lacks the template's tokens" in tuned_out
     assert not load_tokenizer(repo / "artifacts" / "models" / "base").chat_template

@@ -307,6 +307,42 @@ def templates_differ(tok: Any, other: Any) -> bool:
     return a != b
 
 
+def wants_other_template(tok: Any, role: str, mode: str) -> bool:
+    """Whether the `role` model's tokenizer ("base" / "tuned") may take the other model's chat template under
+    `data.chat_template` `mode`: always when `mode` names the other model, when it has none under auto."""
+    other = "tuned" if role == "base" else "base"
+    return mode == other or (mode == "auto" and not getattr(tok, "chat_template", None))
+
+
+def take_pair_template(tok: Any, other: Any, role: str, mode: str) -> str | None:
+    """Give the `role` model's tokenizer the other model's chat template where `data.chat_template` `mode` asks
+    for it and it fits (`shared_chat_template`); returns the line to log, or None when `tok` keeps its own."""
+    other_role = "tuned" if role == "base" else "base"
+    if not wants_other_template(tok, role, mode):
+        return None
+    had = bool(getattr(tok, "chat_template", None))
+    template = shared_chat_template(tok, other, force=mode == other_role)
+    if not template:
+        return None
+    tok.chat_template = template
+    why = f"data.chat_template: {other_role}" if had else "it has none"
+    return f"the {role} tokenizer takes the {other_role} model's chat template ({why}), so both models read the same prompts"
+
+
+def pair_template_warning(base_tok: Any, tuned_tok: Any) -> str | None:
+    """Why the pair's two tokenizers still read differently formatted prompts (one has a chat template and the
+    other none, or the two render a prompt to different tokens), or None when they read the same."""
+    has = [bool(getattr(t, "chat_template", None)) for t in (base_tok, tuned_tok)]
+    if has[0] != has[1]:
+        return (f"only the {'base' if has[0] else 'tuned'} tokenizer has a chat template (the other did not take it: "
+                "data.chat_template, or its vocabulary lacks the template's tokens): one model reads the raw text, "
+                "the other the templated prompt; data.chat: false feeds both the raw text")
+    if templates_differ(base_tok, tuned_tok):
+        return ("base and tuned have different chat templates, so they read differently formatted prompts and their "
+                "token rows do not pair: data.chat_template: base or tuned gives both one format")
+    return None
+
+
 @contextlib.contextmanager
 def gguf_read_once():
     """Within this block each GGUF file is parsed once and each tensor-name map built once. transformers parses
