@@ -325,8 +325,9 @@ def take_pair_template(tok: Any, other: Any, role: str, mode: str) -> str | None
     if not template:
         return None
     tok.chat_template = template
-    why = f"data.chat_template: {other_role}" if had else "it has none"
-    return f"the {role} tokenizer takes the {other_role} model's chat template ({why}), so both models read the same prompts"
+    reason = f"data.chat_template: {other_role}" if had else "it has none"
+    return (f"the {role} tokenizer takes the {other_role} model's chat template ({reason}), so both models read the "
+            "same prompts")
 
 
 def pair_template_warning(base_tok: Any, tuned_tok: Any) -> str | None:
