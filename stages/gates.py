@@ -14,7 +14,7 @@ from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.sites import Site
 from mechdiff.params import load_params
-from mechdiff.pipeline import allowed_ids, encode_prompts, eval_sets, kept_prompts, pick_rows
+from mechdiff.pipeline import encode_prompts, eval_sets, kept_prompts, pick_rows
 from mechdiff.sae import load_sae
 from mechdiff.sae.sources import tokens_paired
 
@@ -33,7 +33,7 @@ def main() -> None:
 
     # tokenizers that differ only where the prompts do not reach (e.g. a renamed unused special token) still give
     # both models the same token ids
-    if any(a is not None for a in allowed_ids()) and not tokens_paired(base, tuned):
+    if not P.tokenizers_identical() and not tokens_paired(base, tuned):
         return skip("the two models' prompts do not hold the same token ids (their tokenizers differ)")
     prompts = kept_prompts()
     table = cultural_entities()

@@ -14,7 +14,7 @@ from mechdiff.model.fast import pack_for_inference
 from mechdiff.model.load import load_saved
 from mechdiff.model.tokens import pad_id
 from mechdiff.params import load_params
-from mechdiff.pipeline import allowed_ids, encode_prompts, kept_prompts, pick_rows
+from mechdiff.pipeline import encode_prompts, kept_prompts, pick_rows
 
 
 def continuations(target: str, tuned, tok, prompts: list, *, signature: str, chat: bool, max_len: int,
@@ -49,7 +49,7 @@ def main() -> None:
     p = load_params()
     h = p.heads
     t0 = time.time()
-    if any(a is not None for a in allowed_ids()):  # every other stage still runs: this one writes why it did not
+    if not P.tokenizers_identical():  # every other stage still runs: this one writes why it did not
         write_skipped("heads", "this pair's tokenizers differ, and head attribution and patching run both models on "
                       "the same tokens", P.metric("heads.json"), {P.plot(name): cols for name, cols in SKIPPED_COLUMNS.items()})
         return

@@ -18,6 +18,11 @@ class MechdiffError(Exception):
     """A user-facing error: bad input, params or environment, with a one-line fix."""
 
 
+# where NaN or inf in SAE activations comes from, and the fix (features, feature pages)
+NON_FINITE_ACTS = ("the activation store or the SAE it encodes holds non-finite values (rerun the damaged store's "
+                   "extract stage, or the SAE's stage)")
+
+
 def first_line(exc: BaseException, limit: int | None = None) -> str:
     """The first line of an exception's message ("" when it has none), cut to `limit` characters: what a one-line
     error quotes of the library error under it."""

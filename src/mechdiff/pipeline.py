@@ -83,11 +83,16 @@ def kept_prompts(prompts_path: Path = PROMPTS, fairness_path: Path = FAIRNESS) -
     return prompts
 
 
+def tokenizers_identical(fairness_path: Path = FAIRNESS) -> bool:
+    """Whether base and tuned have one tokenizer (the fairness stage's record)."""
+    return bool(np.load(fairness_path)["identical"])
+
+
 def allowed_ids(fairness_path: Path = FAIRNESS) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Shared token ids (base, tuned), aligned string by string, or (None, None) when the tokenizers are identical."""
-    f = np.load(fairness_path)
-    if bool(f["identical"]):
+    if tokenizers_identical(fairness_path):
         return None, None
+    f = np.load(fairness_path)
     return f["allowed_base"], f["allowed_tuned"]
 
 

@@ -23,7 +23,7 @@ from mechdiff.analysis.themes import (
     embed_texts,
     stability_note,
 )
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import NON_FINITE_ACTS, MechdiffError
 from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import check_paired, encode_rows, prompt_feature_means, source_rows
 
@@ -35,8 +35,7 @@ def _mat(a: object, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise MechdiffError(f"{name} must be a non-empty (n_samples, n_features) array, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise MechdiffError(f"{name} contains NaN or inf: the activation store or the SAE it encodes holds "
-                            "non-finite values (rerun the damaged store's extract stage, or the SAE's stage)")
+        raise MechdiffError(f"{name} contains NaN or inf: {NON_FINITE_ACTS}")
     return arr
 
 

@@ -279,45 +279,50 @@ def shared_chat_template(tok: Any, other: Any, *, force: bool = False) -> str | 
     return theirs if template_fits(tok, other) else None
 
 
-def template_fits(tok: Any, other: Any) -> bool:
-    """Whether `tok` reads a prompt rendered by `other`'s chat template as the same token strings `other` does
-    (its vocabulary holds the template's markers as tokens)."""
+def _probe_ids(tok: Any, template_of: Any) -> list[int] | None:
+    """The token ids `tok` gives a user message rendered by `template_of`'s chat template; None when that template
+    cannot render a lone user message."""
     from mechdiff.model.tokens import render
 
     try:
-        text = render(other, "What do people eat for breakfast?")
-    except Exception:  # noqa: BLE001  (a template that cannot render a lone user message is not one to share)
-        return False
-    a, b = (tk.convert_ids_to_tokens(list(tk(text, add_special_tokens=False)["input_ids"])) for tk in (tok, other))
-    return a == b
+        text = render(template_of, "What do people eat for breakfast?")
+    except Exception:  # noqa: BLE001  (jinja errors, or a template's raise_exception)
+        return None
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def template_fits(tok: Any, other: Any) -> bool:
+    """Whether `tok` reads a prompt rendered by `other`'s chat template as the same token strings `other` does
+    (its vocabulary holds the template's markers as tokens); False for a template that cannot render a lone user
+    message (not one to share)."""
+    a, b = _probe_ids(tok, other), _probe_ids(other, other)
+    return a is not None and tok.convert_ids_to_tokens(a) == other.convert_ids_to_tokens(b)
 
 
 def templates_differ(tok: Any, other: Any) -> bool:
     """Whether both tokenizers have a chat template and they render a user message to different token ids (the
-    models then read differently formatted prompts, and their token rows do not pair)."""
-    from mechdiff.model.tokens import render
-
+    models then read differently formatted prompts, and their token rows do not pair; one that cannot render
+    differs)."""
     if not (getattr(tok, "chat_template", None) and getattr(other, "chat_template", None)):
         return False
-    probe = "What do people eat for breakfast?"
-    try:
-        a, b = (list(tk(render(tk, probe), add_special_tokens=False)["input_ids"]) for tk in (tok, other))
-    except Exception:  # noqa: BLE001  (one renders, the other cannot: they differ)
-        return True
-    return a != b
+    a, b = _probe_ids(tok, tok), _probe_ids(other, other)
+    return a is None or b is None or a != b
+
+
+def _other_role(role: str) -> str:
+    return "tuned" if role == "base" else "base"
 
 
 def wants_other_template(tok: Any, role: str, mode: str) -> bool:
     """Whether the `role` model's tokenizer ("base" / "tuned") may take the other model's chat template under
     `data.chat_template` `mode`: always when `mode` names the other model, when it has none under auto."""
-    other = "tuned" if role == "base" else "base"
-    return mode == other or (mode == "auto" and not getattr(tok, "chat_template", None))
+    return mode == _other_role(role) or (mode == "auto" and not getattr(tok, "chat_template", None))
 
 
 def take_pair_template(tok: Any, other: Any, role: str, mode: str) -> str | None:
     """Give the `role` model's tokenizer the other model's chat template where `data.chat_template` `mode` asks
     for it and it fits (`shared_chat_template`); returns the line to log, or None when `tok` keeps its own."""
-    other_role = "tuned" if role == "base" else "base"
+    other_role = _other_role(role)
     if not wants_other_template(tok, role, mode):
         return None
     had = bool(getattr(tok, "chat_template", None))

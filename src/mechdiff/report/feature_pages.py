@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import NON_FINITE_ACTS, MechdiffError
 from mechdiff.resume import UnitsFn, compute_all
 from mechdiff.sae.sources import SparseCodes, encode_sparse
 
@@ -87,8 +87,7 @@ def _vec(a: Any, name: str, *, n: int | None = None, dtype: Any = np.float64) ->
     if n is not None and arr.shape[0] != n:
         raise MechdiffError(f"{name} has {arr.shape[0]} entries, expected {n} (one per token row)")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise MechdiffError(f"{name} contains NaN or inf: the activation store or the SAE it encodes holds "
-                            "non-finite values (rerun the damaged store's extract stage, or the SAE's stage)")
+        raise MechdiffError(f"{name} contains NaN or inf: {NON_FINITE_ACTS}")
     return arr
 
 
