@@ -134,14 +134,20 @@ def _pair(tmp_path: Path, templates: dict, mode: str = "auto") -> tuple[Path, st
             tok = load_tokenizer(dirs[w])
             tok.chat_template = t
             tok.save_pretrained(dirs[w])
+    repo = _repo(tmp_path, dirs["base"], dirs["tuned"], mode)
+    return repo, _run(repo, "base").stdout + _run(repo, "tuned").stdout
+
+
+def _repo(tmp_path: Path, base: Path, tuned: Path, mode: str = "auto") -> Path:
+    """A folder with the project's params.yaml pointed at the two model folders, under data.chat_template `mode`."""
     repo = tmp_path / "repo"
     repo.mkdir()
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["pair"]["base"] = {"id": str(dirs["base"]), "gguf_file": None, "revision": None}
-    p["pair"]["tuned"] = {"id": str(dirs["tuned"]), "recipe": None}
+    p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
+    p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
     p["data"]["chat_template"] = mode
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    return repo, _run(repo, "base").stdout + _run(repo, "tuned").stdout
+    return repo
 
 
 def _saved(repo: Path) -> dict:
@@ -199,13 +205,7 @@ def test_a_base_that_cannot_take_the_template_keeps_reading_raw_text_with_a_warn
     base = tmp_path / "src_base"
     make_tiny_model(len(plain), n_layers=2, d_model=16, seed=0).save_pretrained(base)
     plain.save_pretrained(base)
-    tuned = _model_dir(tmp_path / "src_tuned", CHAT_TEMPLATE)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["pair"]["base"] = {"id": str(base), "gguf_file": None, "revision": None}
-    p["pair"]["tuned"] = {"id": str(tuned), "recipe": None}
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    repo = _repo(tmp_path, base, _model_dir(tmp_path / "src_tuned", CHAT_TEMPLATE))
     base_out, tuned_out = _run(repo, "base").stdout, _run(repo, "tuned").stdout
     assert "takes the" not in base_out
     assert "only the tuned tokenizer has a chat template" in tuned_out and "lacks the template's tokens" in tuned_out
