@@ -503,6 +503,10 @@ _POSITIVE = {
     "gates.mc_questions", "gates.n_perm", "gates.min_regions", "feature_pages.n_top", "feature_pages.n_contexts",
     "feature_pages.n_logit_tokens", "feature_pages.hist_bins", "feature_pages.plot_prompts",
 }
+# bootstrap replicates and permutations: a 95 % interval or a p-value needs a few dozen draws to mean anything
+# (one replicate gives lo = hi, and a p from n permutations is at least 1 / (n + 1))
+_RESAMPLES = ("divergence.n_boot", "patch.n_boot", "behaviour.n_boot", "steer.n_boot", "features.n_perm", "gates.n_perm")
+MIN_RESAMPLES = 20
 _NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
                  "feature_pages.max_gated", "sae.validate.min_sparsity"}
 _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself is allowed)
@@ -642,6 +646,11 @@ def validate(p: Params) -> Params:
         v = _get(p, key)
         if v < 1:
             raise MechdiffError(f"params.yaml: {key} must be >= 1, got {v!r}")
+    for key in _RESAMPLES:
+        v = _get(p, key)
+        if v < MIN_RESAMPLES:
+            raise MechdiffError(f"params.yaml: {key} must be >= {MIN_RESAMPLES} (resamples behind a confidence interval "
+                                f"or p-value; fewer give a degenerate one), got {v!r}")
     if p.data.max_per_dataset is not None and p.data.max_per_dataset < 1:
         raise MechdiffError(f"params.yaml: data.max_per_dataset must be >= 1 or null (every prompt), got "
                             f"{p.data.max_per_dataset!r}")

@@ -335,6 +335,51 @@ def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
                     r"some-org/tiny` names a damaged file; `hf cache rm model/some-org/tiny` removes", msg), msg
 
 
+def test_a_hub_tokenizer_alone_loads_from_the_cache_and_names_a_damaged_file_offline(tmp_path):
+    """`load_spec_tokenizer` on a hub id goes the way `load_model` does (`_hub_load`): the cached tokenizer loads
+    offline with the folder's vocabulary, a damaged one gets the same one-line error naming the cache, and an
+    absent model says the hub cannot be reached. In a fresh process: the hub library reads HF_HOME on import."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=4)
+    repo = tmp_path / "hf" / "hub" / "models--some-org--tiny"
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(d, repo / "snapshots" / rev)
+    script = (
+        "import sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from mechdiff.errors import MechdiffError\n"
+        "from mechdiff.model.load import load_spec_tokenizer\n"
+        "try:\n"
+        "    t = load_spec_tokenizer(sys.argv[2])\n"
+        "except MechdiffError as e:\n"
+        "    print('ERROR', e); sys.exit(0)\n"
+        "print('SAME', t.get_vocab() == AutoTokenizer.from_pretrained(sys.argv[1]).get_vocab())\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+    def run(model_id: str) -> str:
+        out = subprocess.run([sys.executable, "-c", script, str(d), model_id], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run("some-org/tiny") == "SAME True"
+    assert run("other-org/absent").startswith("ERROR model 'other-org/absent' is not in the local Hugging Face "
+                                              "cache and the hub cannot be reached")
+    tj = repo / "snapshots" / rev / "tokenizer.json"
+    tj.write_text(tj.read_text()[:40])
+    msg = run("some-org/tiny")
+    assert re.match(r"ERROR cannot load the tokenizer of hub model 'some-org/tiny' from the local cache: .*"
+                    r"`hf cache verify some-org/tiny` names a damaged file", msg), msg
+    assert "\n" not in msg
+
+
 def test_load_dir_save_and_load_saved_round_trip(tmp_path, tok):
     d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=2)
     model, tk = load_model(str(d))

@@ -72,6 +72,8 @@ def test_repo_params_load():
     (lambda r: r["pair"]["fairness"].__setitem__("min_shared_ratio", 2), r"min_shared_ratio must lie in \[0, 1\]"),
     (lambda r: r["pair"]["fairness"].__setitem__("min_shared_ratio", -1), r"min_shared_ratio must lie in \[0, 1\]"),
     (lambda r: r["features"].__setitem__("n_perm", 0), "features.n_perm must be >= 1"),
+    (lambda r: r["divergence"].__setitem__("n_boot", 1), r"divergence.n_boot must be >= 20 \(resamples"),
+    (lambda r: r["gates"].__setitem__("n_perm", 19), r"gates.n_perm must be >= 20"),
     (lambda r: r["features"].__setitem__("max_themes", 1), "features.max_themes must be >= 2"),
     (lambda r: r["sae"].__setitem__("eval_prompts", 0), "sae.eval_prompts must be >= 1"),
     (lambda r: r["sae"].__setitem__("k_aux", 0), "sae.k_aux must be >= 1"),

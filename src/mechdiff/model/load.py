@@ -171,6 +171,30 @@ def _cache_hint(model_id: str) -> str:
             "model, to download it again")
 
 
+def _hub_load(model_id: str, revision: str | None, gguf_file: str | None, what: str, fetch: Any) -> Any:
+    """`fetch(local_only=True)` (from the local Hugging Face cache alone), else `fetch(local_only=False)` (downloads
+    what the cache lacks) when the hub answers; one-line errors that tell a damaged cached copy from an absent one
+    and an unreachable hub. `what` names the thing in them ("hub model", "the tokenizer of hub model")."""
+    try:
+        return fetch(True)
+    except (OSError, ValueError, KeyError) as exc:
+        # cached but unreadable (a truncated or damaged file, a partial download) is not the same as absent
+        cached = _hub_cached(model_id, revision, gguf_file)
+        if not _hub_reachable():
+            if cached:
+                raise MechdiffError(f"cannot load {what} {model_id!r} from the local cache: {why(exc)}"
+                                    f"{_cache_hint(model_id)} on a connected machine") from exc
+            raise _no_network(model_id) from exc
+        try:  # the hub answers: fetch what the cache lacks
+            return fetch(False)
+        except DAMAGED as exc2:
+            raise MechdiffError(f"cannot load {what} {model_id!r}: {why(exc2)}"
+                                f"{_cache_hint(model_id) if cached else ''}") from exc2
+    except SafetensorError as exc:  # a damaged file in the local cache
+        raise MechdiffError(f"cannot load {what} {model_id!r} from the local cache: {why(exc)}"
+                            f"{_cache_hint(model_id)}") from exc
+
+
 def _rebuild_plain(model: nn.Module) -> nn.Module:
     """A plain (non-GGUF) copy of a model: built from its config, weights loaded from its state dict."""
     from transformers import AutoModelForCausalLM
@@ -248,19 +272,15 @@ def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_o
 
 def load_spec_tokenizer(spec: str, *, gguf_file: str | None = None, revision: str | None = None) -> Any:
     """The tokenizer of a model spec without its weights: from a directory, a GGUF file or the local hub cache, else
-    downloaded when the hub answers (as `load_model` would)."""
+    downloaded when the hub answers (`_hub_load`, as `load_model`)."""
     info = resolve_spec(spec, gguf_file)
-    try:
-        return spec_tokenizer(info, revision=revision)
-    except (OSError, ValueError, KeyError) as exc:
-        if info["kind"] != "hub":
-            raise MechdiffError(f"no usable tokenizer for {spec!r}: {why(exc)}") from exc
-        if not _hub_reachable():
-            raise _no_network(info["id"]) from exc
+    if info["kind"] != "hub":
         try:
-            return spec_tokenizer(info, revision=revision, local_only=False)
-        except (OSError, ValueError) as exc2:
-            raise MechdiffError(f"cannot load the tokenizer of hub model {info['id']!r}: {why(exc2)}") from exc2
+            return spec_tokenizer(info, revision=revision)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MechdiffError(f"no usable tokenizer for {spec!r}: {why(exc)}") from exc
+    return _hub_load(info["id"], revision, info.get("gguf_file"), "the tokenizer of hub model",
+                     lambda local_only: spec_tokenizer(info, revision=revision, local_only=local_only))
 
 
 def shared_chat_template(tok: Any, other: Any, *, force: bool = False) -> str | dict | None:
@@ -421,27 +441,13 @@ def load_model(
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     if info.get("gguf_file"):
         kw["gguf_file"] = info["gguf_file"]
-    try:
+
+    def fetch(local_only: bool) -> tuple[Any, Any]:
         with gguf_read_once() if info.get("gguf_file") else contextlib.nullcontext():
-            tok = spec_tokenizer(info, revision=revision)
-            model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True, dtype=tdt, **kw)
-    except (OSError, ValueError) as exc:
-        # cached but unreadable (a truncated or damaged file, a partial download) is not the same as absent
-        cached = _hub_cached(model_id, revision, info.get("gguf_file"))
-        if not _hub_reachable():
-            if cached:
-                raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {why(exc)}"
-                                    f"{_cache_hint(model_id)} on a connected machine") from exc
-            raise _no_network(model_id) from exc
-        try:  # the hub answers: fetch what the cache lacks
-            tok = spec_tokenizer(info, revision=revision, local_only=False)
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=tdt, **kw)
-        except DAMAGED as exc2:
-            raise MechdiffError(f"cannot load hub model {model_id!r}: {why(exc2)}"
-                                f"{_cache_hint(model_id) if cached else ''}") from exc2
-    except SafetensorError as exc:  # a damaged file in the local cache
-        raise MechdiffError(f"cannot load hub model {model_id!r} from the local cache: {why(exc)}"
-                            f"{_cache_hint(model_id)}") from exc
+            tok = spec_tokenizer(info, revision=revision, local_only=local_only)
+            return AutoModelForCausalLM.from_pretrained(model_id, local_files_only=local_only, dtype=tdt, **kw), tok
+
+    model, tok = _hub_load(model_id, revision, info.get("gguf_file"), "hub model", fetch)
     if info.get("gguf_file"):
         model = _rebuild_plain(model)
     return _finish(model, device), tok
