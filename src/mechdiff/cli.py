@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from mechdiff.errors import MechdiffError, first_line
+from mechdiff.errors import DAMAGED, MechdiffError, first_line
 
 EPILOG = """\
 typical use:
@@ -190,11 +190,16 @@ def _check_models_read(p, root: Path) -> list[str]:
     for w, info in infos.items():
         try:
             shapes[w] = spec_shape(info, revision=specs[w].revision)
-        except (OSError, ValueError) as e:  # a hub model not cached yet: the stages check their layers after download
+        except DAMAGED as e:  # a hub model not cached yet: the stages check their layers after download
             if info["kind"] == "dir":
                 bad_config.add(w)
                 problems.append(f"pair.{w}.id: cannot read the model's config.json in {info['path']} "
                                 f"({first_line(e, 120)}): fix or re-download it")
+            elif info["kind"] in ("gguf", "package"):
+                bad_config.add(w)
+                problems.append(f"pair.{w}.id: cannot read the GGUF file {Path(info['path']) / info['gguf_file']} "
+                                f"({first_line(e, 120)}): it is damaged or cut short (an "
+                                "interrupted download?): re-download it")
     if shapes.get("base", (None,))[0]:
         problems += _check_layers(p, shapes["base"][0]) or _check_stored_layers(p, shapes["base"][0])
     width = shapes.get("base", (None, None, None))[1]
@@ -361,19 +366,15 @@ def _check_devices(p) -> list[str]:
 
 
 def _check_sections(path: Path) -> list[str]:
-    """Every top-level key of the params is written in params.yaml: `dvc repro` reads them from the file, where a
-    missing one stops it (`load_params` would fill in the default and hide that)."""
-    import dataclasses
+    """Every key of the params is written in params.yaml: `dvc repro` reads them from the file, where a missing one
+    stops it (`load_params` would fill in the default and hide that)."""
+    from mechdiff.params import missing_keys, read_raw
 
-    import yaml
-
-    from mechdiff.params import Params
-
-    raw = yaml.safe_load(path.read_text()) or {}
-    missing = [f.name for f in dataclasses.fields(Params) if f.name not in raw]
+    missing = missing_keys(read_raw(path))
     if not missing:
         return []
-    return [f"params.yaml: {', '.join(missing)} missing: every stage reads its section from the file; restore "
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    return [f"params.yaml: {shown} missing: every stage reads its keys from the file; restore "
             f"{'them' if len(missing) > 1 else 'it'} (git checkout params.yaml, or copy from the repository's params.yaml)"]
 
 
@@ -388,8 +389,9 @@ def cmd_params(ns: argparse.Namespace) -> int:
     p = load_params(root / "params.yaml")
     if not ns.check:
         print(json.dumps(dataclasses.asdict(p), indent=2))
-    problems = (_check_sections(root / "params.yaml") + _check_models(p, root) + _check_data(p, root)
-                + _check_devices(p))
+    # a missing key first, alone: the other checks would read its default, which dvc repro never runs with
+    problems = (_check_sections(root / "params.yaml")
+                or _check_models(p, root) + _check_data(p, root) + _check_devices(p))
     for msg in problems:
         print(f"mechdiff: error: {msg}", file=sys.stderr)
     if problems:

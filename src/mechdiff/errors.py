@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import pickle
+import struct
 
 from safetensors import SafetensorError
 
 # what reading a damaged (truncated or half-written) file raises: a missing piece (OSError, KeyError), bad JSON
-# (ValueError) or a truncated safetensors file; loading a model catches these alone (a RuntimeError there is a bug)
-DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, SafetensorError)
+# (ValueError), a truncated safetensors file or a truncated binary header (struct.error: a cut GGUF file); loading a
+# model catches these alone (a RuntimeError there is a bug)
+DAMAGED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, SafetensorError, struct.error)
 # ... and reading a checkpoint: also torch.load's zip and pickle errors and a state of the wrong shape (TypeError)
 UNREADABLE: tuple[type[BaseException], ...] = (*DAMAGED, RuntimeError, EOFError, TypeError, pickle.UnpicklingError)
 

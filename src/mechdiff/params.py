@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -357,9 +358,12 @@ class ProbesParams(_Section):
             raise MechdiffError(f"params.yaml: probes.view and probes.feature_view must be last or mean, got "
                                 f"{self.view!r}, {self.feature_view!r}")
         bad = [e for e in self.estimators if e not in ("logistic", "ridge", "forest", "svm")]
-        if bad or not self.estimators:
-            raise MechdiffError(f"params.yaml: probes.estimators entry {bad[0] if bad else None!r}; choose from "
-                                "logistic, ridge, forest, svm")
+        if not self.estimators:
+            raise MechdiffError("params.yaml: probes.estimators is empty: list at least one of logistic, ridge, "
+                                "forest, svm")
+        if bad:
+            raise MechdiffError(f"params.yaml: probes.estimators entry {bad[0]!r}; choose from logistic, ridge, "
+                                "forest, svm")
         if self.folds < 2 or self.n_trees < 1 or self.n_features < 1 or (self.n_jobs is not None and self.n_jobs < 1):
             raise MechdiffError("params.yaml: probes.folds must be >= 2 and probes.n_trees, n_features >= 1; "
                                 "probes.n_jobs >= 1 or null (every CPU)")
@@ -515,7 +519,8 @@ _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself 
     "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
     "patch.saturation": (0.0, False), "pair.fairness.min_shared_ratio": (0.0, True),
 }
-_NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings")
+_NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings",
+              "steer.sites", "steer.controls", "behaviour.datasets")
 
 
 def _values(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -673,6 +678,21 @@ def validate(p: Params) -> Params:
     if p.data.sources is not None and not p.data.sources:
         raise MechdiffError("params.yaml: data.sources is empty: list at least one corpus, or null for the project's "
                             "cultural, control, neutral and trait corpora")
+    if p.data.eval_sources is not None and not p.data.eval_sources:
+        raise MechdiffError("params.yaml: data.eval_sources is empty: list at least one scored set, or null for the "
+                            "project's mc_cultural, mc_neutral and mc_numbers")
+    if p.steer.target in p.steer.controls:
+        raise MechdiffError(f"params.yaml: steer.target {p.steer.target!r} is also among steer.controls: the "
+                            "directions contrast the target prompts with prompts that lack the behaviour")
+    if not p.features.cohens_d > 0:
+        raise MechdiffError(f"params.yaml: features.cohens_d is a threshold on |d| and must be > 0, got "
+                            f"{p.features.cohens_d}")
+    if p.features.theme_points < 10:
+        raise MechdiffError(f"params.yaml: features.theme_points must be >= 10 (the stability sample), got "
+                            f"{p.features.theme_points}")
+    if p.pair.edit.scale == 0:
+        raise MechdiffError("params.yaml: pair.edit.scale is 0: the planted edit would change nothing; use a "
+                            "non-zero scale")
     if not 0 < p.patch.target_drop <= 100:
         raise MechdiffError(f"params.yaml: patch.target_drop is a percent of the KL removed, in (0, 100], "
                             f"got {p.patch.target_drop}")
@@ -822,8 +842,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml into typed dataclasses."""
+# YAML 1.2 (DVC's reader) takes 2e-4 for a number; PyYAML's YAML 1.1 rules want a dot (2.0e-4) and read a string
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
+
+
+def read_raw(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as plain YAML values, read as DVC reads them (a number like 2e-4, a key given twice refused);
+    one-line errors for a missing file, invalid YAML or a file that is not a mapping."""
     path = Path(path)
     if not path.exists():
         raise MechdiffError(f"no {path}: run from the repository root (where params.yaml lives)")
@@ -837,6 +864,32 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise MechdiffError(f"{path} is not valid YAML{where}: {problem}") from e
     if not isinstance(raw, dict):
         raise MechdiffError(f"{path} must be a mapping of sections")
-    p = validate(_build(Params, raw))
+    return raw
+
+
+def missing_keys(raw: dict) -> list[str]:
+    """The params keys a raw params.yaml (`read_raw`) does not write, dotted (a missing section by its own name).
+    `dvc repro` reads every key a stage declares from the file and stops on an absent one, where `load_params`
+    would fill in the default and hide it. A model spec's `gguf_file` and `revision` may be left out (null): the
+    stages read the spec as a whole."""
+    out: list[str] = []
+
+    def walk(cls: type, d: dict, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            if f.name not in d:
+                if not (issubclass(cls, ModelSpec | TunedSpec) and f.name in ("gguf_file", "revision")):
+                    out.append(key)
+            elif dataclasses.is_dataclass(hints[f.name]) and isinstance(d[f.name], dict):
+                walk(hints[f.name], d[f.name], key)
+
+    walk(Params, raw, "")
+    return out
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml into typed dataclasses."""
+    p = validate(_build(Params, read_raw(path)))
     _track(p)
     return p

@@ -66,10 +66,12 @@ def plot(name: str) -> Path:
 
 
 def open_stores():
-    """The base and tuned activation stores."""
-    from mechdiff.data.store import ActStore
+    """The base and tuned activation stores, checked to hold the same prompts (`store.check_pair_stores`)."""
+    from mechdiff.data.store import ActStore, check_pair_stores
 
-    return ActStore.open(acts_path("base")), ActStore.open(acts_path("tuned"))
+    base, tuned = ActStore.open(acts_path("base")), ActStore.open(acts_path("tuned"))
+    check_pair_stores(base, tuned, one_vocab=FAIRNESS.exists() and tokenizers_identical())
+    return base, tuned
 
 
 def kept_prompts(prompts_path: Path = PROMPTS, fairness_path: Path = FAIRNESS) -> list:

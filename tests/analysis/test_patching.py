@@ -363,6 +363,11 @@ def test_summarise_sweep_planted_drops():
     none = summarise_sweep(kls, site="s", width=64, ranks=[0, 2], alphas=["auto"], rank=2, alpha="auto",
                            target_drop=95.0, n_boot=20)[2]
     assert none["min_k"] == -1
+    # a rank beyond the width keeps every direction: it is the full map (k = width), whose drop kl_drop_full reports
+    wide = summarise_sweep(kls, site="s", width=3, ranks=[0, 2, 4], alphas=["auto"], rank=2, alpha="auto",
+                           target_drop=50.0, n_boot=20)
+    assert [r["k"] for r in wide[0]] == [0, 2, 3] and [r["k_label"] for r in wide[0]] == ["0", "2", "4"]
+    assert wide[2]["kl_drop_full"] == pytest.approx(70.0) and wide[2]["k_saturated"] == 3
 
 
 def test_rank_alpha_configs_are_the_map_at_each_rank_and_alpha():

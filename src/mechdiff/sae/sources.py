@@ -68,7 +68,15 @@ def check_paired(base: ActStore, tuned: ActStore, view: str, prompt_rows: np.nda
 
 def check_finite(source: str, base: ActStore, tuned: ActStore, site: str, view: str, rows: np.ndarray) -> None:
     """Raise unless every row the SAE of `source` reads (`rows` = `rows_of`) is finite (one streamed pass, before any
-    output is touched)."""
+    output is touched), and, for the delta SAE, unless the two models' activations differ at the site (their stores'
+    running statistics are not all equal: equal ones mean a delta of zeros, with nothing to learn)."""
+    if source == "delta":
+        (mb, sb), (mt, st_) = base.stats(site, view), tuned.stats(site, view)
+        if np.array_equal(mb, mt) and np.array_equal(sb, st_):
+            raise MechdiffError(f"the tuned model's activations at {site}/{view} equal the base's (the same mean and "
+                                "spread over every prompt), so the delta SAE has nothing to learn: pair.tuned is the "
+                                "base itself, or the tuning left this layer unchanged (sae.layers); drop delta from "
+                                "sae.sources otherwise")
     stores = {"base": [base], "tuned": [tuned]}.get(source, [base, tuned])
     for st in stores:
         for x in st.iter_batches(site, view, 1 << 16, rows=rows, shuffle=False):
