@@ -78,6 +78,7 @@ def test_steer_stage_scores_accuracy_and_splits_by_the_tuned_models_answers(tiny
     # a target without reference answers: a one-line error before the models load, earlier outputs kept
     before = (repo / "metrics" / "steer.json").read_text()
     p["steer"]["target"] = "control"
+    p["steer"]["controls"] = [c for c in p["steer"]["controls"] if c != "control"]
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     r = _run(repo)
     assert r.returncode != 0 and "Traceback" not in r.stderr
