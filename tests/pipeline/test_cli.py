@@ -130,7 +130,7 @@ def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
         cut.write_bytes(f.read(200_000))
     _fails(_check(tmp_path, corpora, _set("pair.base.id", str(cut)), capsys),
            "pair.base.id: cannot read the GGUF file", str(cut), "cut short", "re-download it")
-    with pytest.raises(MechdiffError, match="damaged or cut short .*re-download it"):
+    with pytest.raises(MechdiffError, match="damaged or cut short.*re-download it"):
         load_model(str(cut))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
     _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),

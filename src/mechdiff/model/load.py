@@ -434,8 +434,8 @@ def load_model(
         except ImportError as exc:
             raise MechdiffError(f"loading GGUF needs the gguf and accelerate packages: {exc}") from exc
         except struct.error as exc:
-            raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}: the file is damaged or cut short "
-                                "(an interrupted download?): re-download it") from exc
+            raise MechdiffError(f"cannot load GGUF {name} from {folder}: its contents end before its header says "
+                                "(the file is damaged or cut short: an interrupted download?): re-download it") from exc
         except (*DAMAGED, RuntimeError) as exc:
             raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}") from exc
         model = _rebuild_plain(gg)
