@@ -870,8 +870,8 @@ def read_raw(path: str | Path = "params.yaml") -> dict:
 def missing_keys(raw: dict) -> list[str]:
     """The params keys a raw params.yaml (`read_raw`) does not write, dotted (a missing section by its own name).
     `dvc repro` reads every key a stage declares from the file and stops on an absent one, where `load_params`
-    would fill in the default and hide it. A model spec's `gguf_file` and `revision` may be left out (null): the
-    stages read the spec as a whole."""
+    would fill in the default and hide it. A model spec's `gguf_file` and `revision` (and the tuned spec's `recipe`,
+    beside an id) may be left out: the stages read the spec as a whole."""
     out: list[str] = []
 
     def walk(cls: type, d: dict, prefix: str) -> None:
@@ -879,7 +879,7 @@ def missing_keys(raw: dict) -> list[str]:
         for f in dataclasses.fields(cls):
             key = f"{prefix}.{f.name}" if prefix else f.name
             if f.name not in d:
-                if not (issubclass(cls, ModelSpec | TunedSpec) and f.name in ("gguf_file", "revision")):
+                if not (issubclass(cls, ModelSpec | TunedSpec) and f.name in ("gguf_file", "revision", "recipe")):
                     out.append(key)
             elif dataclasses.is_dataclass(hints[f.name]) and isinstance(d[f.name], dict):
                 walk(hints[f.name], d[f.name], key)

@@ -168,7 +168,7 @@ def test_missing_keys_inside_sections_are_named(tmp_path, corpora, capsys):
     model spec's gguf_file / revision may be left out."""
     def drop(raw: dict) -> None:
         del raw["sae"]["k"], raw["sae"]["validate"]["max_fvu"], raw["transport"]["sites"]
-        del raw["pair"]["base"]["revision"], raw["pair"]["base"]["gguf_file"]
+        del raw["pair"]["base"]["revision"], raw["pair"]["base"]["gguf_file"], raw["pair"]["tuned"]["recipe"]
     _fails(_check(tmp_path, corpora, drop, capsys), "params.yaml: transport.sites, sae.k, sae.validate.max_fvu "
            "missing", "git checkout params.yaml")
 
