@@ -293,22 +293,35 @@ def test_bogus_hub_id_fails_fast_without_offline_flag(monkeypatch, tmp_path):
     assert "\n" not in str(ei.value)
 
 
-def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
-    """A hub id whose cached copy is unreadable (a truncated config) gets its own one-line error offline, not the
-    'not in the local cache' one; the intact cache loads the same weights as the folder it came from. In a fresh
-    process: the hub library reads HF_HOME when it is imported."""
+def _offline_hub(tmp_path, script: str):
+    """A tiny model saved as hub id some-org/tiny in a local Hugging Face cache (HF_HOME = tmp_path/hf, offline):
+    (its source folder, its snapshot folder, run(*args) -> the last stdout line of `script` run in a fresh process
+    with argv [source folder, *args]; a fresh process because the hub library reads HF_HOME when it is imported)."""
     import os
     import shutil
     import subprocess
     import sys
 
     d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=4)
-    repo = tmp_path / "hf" / "hub" / "models--some-org--tiny"
-    rev = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    shutil.copytree(d, repo / "snapshots" / rev)
-    script = (
+    snap = tmp_path / "hf" / "hub" / "models--some-org--tiny" / "snapshots" / ("0" * 40)
+    (snap.parents[1] / "refs").mkdir(parents=True)
+    (snap.parents[1] / "refs" / "main").write_text(snap.name)
+    shutil.copytree(d, snap)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-c", script, str(d), *args], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    return d, snap, run
+
+
+def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
+    """A hub id whose cached copy is unreadable (a truncated config) gets its own one-line error offline, not the
+    'not in the local cache' one; the intact cache loads the same weights as the folder it came from."""
+    _, snap, run = _offline_hub(tmp_path, (
         "import sys, torch\n"
         "from mechdiff.errors import MechdiffError\n"
         "from mechdiff.model.load import load_model\n"
@@ -318,17 +331,9 @@ def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
         "    print('ERROR', e); sys.exit(0)\n"
         "ref, _ = load_model(sys.argv[1])\n"
         "print('SAME', all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values())))\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-
-    def run() -> str:
-        out = subprocess.run([sys.executable, "-c", script, str(d)], env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip().splitlines()[-1]
-
+    ))
     assert run() == "SAME True"
-    cfg = repo / "snapshots" / rev / "config.json"
+    cfg = snap / "config.json"
     cfg.write_text(cfg.read_text()[:40])
     msg = run()
     assert re.match(r"ERROR cannot load hub model 'some-org/tiny' from the local cache: .*`hf cache verify "
@@ -338,19 +343,8 @@ def test_a_damaged_file_in_the_hub_cache_is_named_offline(tmp_path):
 def test_a_hub_tokenizer_alone_loads_from_the_cache_and_names_a_damaged_file_offline(tmp_path):
     """`load_spec_tokenizer` on a hub id goes the way `load_model` does (`_hub_load`): the cached tokenizer loads
     offline with the folder's vocabulary, a damaged one gets the same one-line error naming the cache, and an
-    absent model says the hub cannot be reached. In a fresh process: the hub library reads HF_HOME on import."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    d = save_tiny_pair_dir(tmp_path / "m", TEXTS, n_layers=2, d_model=32, seed=4)
-    repo = tmp_path / "hf" / "hub" / "models--some-org--tiny"
-    rev = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    shutil.copytree(d, repo / "snapshots" / rev)
-    script = (
+    absent model says the hub cannot be reached."""
+    _, snap, run = _offline_hub(tmp_path, (
         "import sys\n"
         "from transformers import AutoTokenizer\n"
         "from mechdiff.errors import MechdiffError\n"
@@ -360,19 +354,11 @@ def test_a_hub_tokenizer_alone_loads_from_the_cache_and_names_a_damaged_file_off
         "except MechdiffError as e:\n"
         "    print('ERROR', e); sys.exit(0)\n"
         "print('SAME', t.get_vocab() == AutoTokenizer.from_pretrained(sys.argv[1]).get_vocab())\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-
-    def run(model_id: str) -> str:
-        out = subprocess.run([sys.executable, "-c", script, str(d), model_id], env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip().splitlines()[-1]
-
+    ))
     assert run("some-org/tiny") == "SAME True"
     assert run("other-org/absent").startswith("ERROR model 'other-org/absent' is not in the local Hugging Face "
                                               "cache and the hub cannot be reached")
-    tj = repo / "snapshots" / rev / "tokenizer.json"
+    tj = snap / "tokenizer.json"
     tj.write_text(tj.read_text()[:40])
     msg = run("some-org/tiny")
     assert re.match(r"ERROR cannot load the tokenizer of hub model 'some-org/tiny' from the local cache: .*"

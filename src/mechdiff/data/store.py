@@ -950,8 +950,7 @@ def check_pair_stores(base: ActStore, tuned: ActStore, *, one_vocab: bool) -> No
     d = (nt - nb)[(nb < nb.max()) & (nt < nt.max())]
     if d.size == 0:
         return
-    values, counts = np.unique(d, return_counts=True)
-    off = int(d.size - counts.max())
+    off = int(d.size - np.unique(d, return_counts=True)[1].max())  # prompts off the commonest difference
     if off:
         raise MechdiffError(f"stores {base.path} and {tuned.path} tokenised {off} of {base.n} prompts to other lengths "
                             "although the two models share one vocabulary: one store is older than the prompts (a text "
