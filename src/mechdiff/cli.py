@@ -154,6 +154,11 @@ def _check_stored_layers(p, n_layers: int) -> list[str]:
     stored = sorted(Site.parse(s).layer for s in plan if s.endswith(".resid_post"))
     missing = [x for x in p.probes.concat_layers if x not in stored] if isinstance(p.probes.concat_layers, list) else []
     problems = []
+    beyond = [x for x in missing if x >= n_layers]
+    if beyond:
+        problems.append(f"probes.concat_layers: layer {', '.join(map(str, beyond))}: out of range, the base model "
+                        f"has {n_layers} blocks (0..{n_layers - 1})")
+        missing = [x for x in missing if x < n_layers]
     if missing:
         problems.append(f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract "
                         f"(resid_post at {', '.join(map(str, stored))}): pick stored layers or add them to "

@@ -255,18 +255,15 @@ def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml
     reused only when DVC would see the same stage."""
     import hashlib
 
-    import yaml
-
-    from mechdiff import trace
+    from mechdiff.params import read_raw
     from mechdiff.resume import environment, fingerprint
 
     st = stage_def(stage, dvc_yaml)
     if st is None:
         return None
-    try:
-        with trace.quiet():  # the declared params' values, not inputs of its results
-            values = yaml.safe_load(Path(params_yaml).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    try:  # the declared params' values as DVC and the stage read them (2e-4 a number)
+        values = read_raw(params_yaml)
+    except (OSError, MechdiffError):
         return None
     files: list[list] = []
     for dep in st.get("deps") or []:

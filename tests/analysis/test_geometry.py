@@ -24,8 +24,11 @@ from mechdiff.analysis.geometry import (
     orthogonality_verdict,
     polytope,
     polytope_summary,
+    random_parent_draws,
+    random_parent_vectors,
     set_shifts,
     target_leakage,
+    unembedding,
     whitening,
 )
 from mechdiff.data.corpus import load_concepts, write_default_corpora
@@ -150,6 +153,9 @@ def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
     assert 80 <= s["median_child"] <= 100 and s["share_80_100"] >= 0.8
     assert 80 <= s["median_parent_root"] <= 100, s["median_parent_root"]
     assert s["controls"]["random_parents"]["median_child"] > 100
+    # nine child angles: the random parents are drawn three times and pooled (27 angles), the others once
+    assert s["n_child"] == 9 and s["controls"]["random_parents"]["draws"] == 3
+    assert s["controls"]["random_parents"]["n_child"] == 27 and s["controls"]["mean_estimator"]["n_child"] == 9
     assert s["orthogonality"] == {"estimator": True, "mean_estimator": True, "random_parents_breaks": True,
                                   "separates": True, "holds": True}
     assert s["separation_auc"] > 0.95 and s["controls"]["shuffled"]["separation_auc"] < 0.8
@@ -158,6 +164,23 @@ def test_planted_hierarchy_is_found_and_the_controls_are_not(planted):
     for c in (c for c in concepts if not c.is_parent):
         own = np.corrcoef(geo.vectors[c.name], geo.vectors[c.parent])[0, 1]
         assert all(own > np.corrcoef(geo.vectors[c.name], geo.vectors[q])[0, 1] for q in PARENTS if q != c.parent)
+
+
+def test_random_parents_pool_draws_only_for_a_small_hierarchy(planted):
+    """One draw from 24 child angles on; below, enough draws to reach 24. The first draw does not depend on how many
+    follow (a large hierarchy's control is the single draw it always was), and later draws differ from it."""
+    assert [random_parent_draws(n) for n in (0, 1, 8, 9, 23, 24, 42)] == [24, 24, 3, 3, 2, 1, 1]
+    model, tok, concepts = planted
+    geo = model_geometry(model, tok, concepts, seed=0)
+    g = geo.whitening.apply(unembedding(model))
+    one, three = random_parent_vectors(g, geo.cs, "lda", 0), random_parent_vectors(g, geo.cs, "lda", 0, draws=3)
+    assert len(one) == 1 and len(three) == 3
+    for name in PARENTS:
+        np.testing.assert_array_equal(one[0][name], three[0][name])
+        assert not np.allclose(three[0][name], three[1][name])
+    for c in concepts:
+        if not c.is_parent:  # children keep their own vectors in every draw
+            assert all(np.array_equal(d[c.name], geo.vectors[c.name]) for d in three)
 
 
 def test_children_planted_leaning_on_their_parent_fail_the_orthogonality_verdict():

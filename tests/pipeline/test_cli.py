@@ -336,6 +336,7 @@ def test_data_without_its_cache_tells_an_edit_from_the_tracked_corpus(tmp_path, 
     ("sae.layers", [20, 30], "sae.layers: layer 30: out of range, the base model has 30 blocks (0..29)"),
     ("gates.layer", 45, "gates.layer: layer 45"),
     ("probes.concat_layers", [0, 3], "probes.concat_layers: layer 3 is not stored by extract (resid_post at 0, 2, "),
+    ("probes.concat_layers", [0, 30], "probes.concat_layers: layer 30: out of range, the base model has 30 blocks"),
     ("patch.attn_heads", [0, 9], "patch.attn_heads: head 9 is out of range, the base model has 9 attention heads (0..8)"),
 ])
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):

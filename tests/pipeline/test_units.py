@@ -136,6 +136,11 @@ def test_stage_fingerprint_follows_exactly_what_the_stage_declares(tmp_path, mon
     assert not changed(lambda: set_param(["x", "other"], 6))
     assert changed(lambda: set_param(["x", "y"], 2))
     assert changed(lambda: set_param(["z"], [1, 3]))
+    # values read as DVC reads them (YAML 1.2): 2e-4 is the number 0.0002, not a string
+    set_param(["x", "y"], 0.0002)
+    as_decimal = stage_fingerprint("s")
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("0.0002", "2e-4"))
+    assert "2e-4" in Path("params.yaml").read_text() and stage_fingerprint("s") == as_decimal
     # the contents of a dependency file, a file inside a dependency folder, a new file there, a missing dep appearing
     assert changed(lambda: Path("code.py").write_text("print(2)\n"))
     assert changed(lambda: Path("inputs/sub/b.bin").write_bytes(b"\1" + b"\0" * 99))

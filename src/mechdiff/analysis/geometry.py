@@ -299,14 +299,30 @@ def orthogonality_verdict(summary: Mapping) -> dict:
     return {**verdict, "holds": all(verdict.values())}
 
 
-def random_parent_vectors(g: np.ndarray, cs: ConceptSet, method: str, seed: int) -> dict[str, np.ndarray]:
-    """Control: each parent's vector from a random token set of the same size (children kept)."""
+RANDOM_PARENT_ANGLES = 24  # the random-parents control pools draws until it has at least this many child angles
+
+
+def random_parent_draws(n_child: int) -> int:
+    """How many random-parents draws the control pools for a hierarchy of `n_child` child angles: one when it has
+    `RANDOM_PARENT_ANGLES` or more, else enough to reach that many. With a few parents a single draw's share within
+    80-100 degrees is a handful of angles and reaches `ORTHO_SHARE` by chance (2 of 20 planted two-parent
+    hierarchies read `holds: false` with one draw)."""
+    return max(1, -(-RANDOM_PARENT_ANGLES // max(1, n_child)))
+
+
+def random_parent_vectors(g: np.ndarray, cs: ConceptSet, method: str, seed: int,
+                          draws: int = 1) -> list[dict[str, np.ndarray]]:
+    """Control: each parent's vector from a random token set of the same size (children kept), in `draws`
+    independent draws from one generator (the first draw is the same whatever their number)."""
     rng = np.random.default_rng(seed)
-    out = dict(cs.vectors)
-    for c in cs.concepts:
-        if c.is_parent and c.name in out:
-            ids = rng.choice(g.shape[0], size=len(cs.train[c.name]), replace=False)
-            out[c.name] = concept_vector(g[ids], method)
+    out = []
+    for _ in range(draws):
+        vecs = dict(cs.vectors)
+        for c in cs.concepts:
+            if c.is_parent and c.name in vecs:
+                ids = rng.choice(g.shape[0], size=len(cs.train[c.name]), replace=False)
+                vecs[c.name] = concept_vector(g[ids], method)
+        out.append(vecs)
     return out
 
 
@@ -650,20 +666,23 @@ def model_geometry(model: nn.Module, tokenizer, concepts: Sequence[Concept], *, 
     up = [angle(root, cs.vectors[c.name] - root) for c in concepts if c.is_parent and c.name in cs.vectors]
     summ["median_parent_root"] = float(np.median(up))
     g_shuffled = g[np.random.default_rng(seed).permutation(g.shape[0])]  # tokens keep their sets, not their rows
-    controls = {
-        "shuffled": estimate(g_shuffled, cs, method, min_tokens),
-        "random_parents": random_parent_vectors(g, cs, method, seed),
-        "euclidean": estimate(gamma - wh.mean, cs, method, min_tokens),
-        "mean_estimator": estimate(g, cs, "mean", min_tokens),
+    n_child = sum(r["kind"] == "child" for r in rows)
+    controls = {  # each control's vector sets (the random parents pooled over draws when the hierarchy is small)
+        "shuffled": [estimate(g_shuffled, cs, method, min_tokens)],
+        "random_parents": random_parent_vectors(g, cs, method, seed, random_parent_draws(n_child)),
+        "euclidean": [estimate(gamma - wh.mean, cs, method, min_tokens)],
+        "mean_estimator": [estimate(g, cs, "mean", min_tokens)],
     }
     summ["controls"] = {}
-    for name, vecs in controls.items():
-        r = hierarchy_angles(vecs, concepts)
+    for name, draws in controls.items():
+        r = [x for vecs in draws for x in hierarchy_angles(vecs, concepts)]
         summ["controls"][name] = angle_summary(r)
+        if len(draws) > 1:
+            summ["controls"][name]["draws"] = len(draws)
         rows += [{**x, "kind": f"{x['kind']}:{name}"} for x in r]
     sep = separation(g, cs, seed=seed)
     summ["separation_auc"] = median_of(sep, "auc")
-    shuffled = ConceptSet(cs.concepts, cs.train, cs.test, cs.split, controls["shuffled"])
+    shuffled = ConceptSet(cs.concepts, cs.train, cs.test, cs.split, controls["shuffled"][0])
     summ["controls"]["shuffled"]["separation_auc"] = median_of(
         separation(g_shuffled, shuffled, seed=seed), "auc")
     summ["orthogonality"] = orthogonality_verdict(summ)
