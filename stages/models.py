@@ -123,8 +123,9 @@ def main() -> None:
         e = p.pair.edit
         info = plant_edit(model, layer=e.layer, kind=e.site, rank=e.rank, scale=e.scale, seed=p.seed, heads=e.heads)
         meta = {"role": "tuned", "recipe": "edit", "edit": info.to_json()}
+        # heads as text ("1,5", or "all" for the whole site): DVC's metrics tables leave out lists and nulls
         summary = {"edit_layer": e.layer, "edit_site": e.site, "edit_rank": e.rank, "edit_scale": e.scale,
-                   "edit_heads": list(e.heads) if e.heads is not None else None}
+                   "edit_heads": "all" if e.heads is None else ",".join(map(str, e.heads))}
     if not (t.recipe == "finetune" and not t.id):
         write_csv(P.plot("finetune_loss.csv"), [])
     save_model(model, tok, P.model_dir("tuned"), meta)

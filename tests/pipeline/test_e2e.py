@@ -29,7 +29,7 @@ def test_pipeline_outputs(tiny_repo):
     assert div["cka"]["L2.resid_post"]["last"] < 0.999
     assert div["kl"]["all"] > 0
     tuned = _metrics(tiny_repo, "model_tuned.json")  # the plant, recorded where `dvc exp show` lists it
-    assert (tuned["edit_layer"], tuned["edit_site"], tuned["edit_rank"], tuned["edit_heads"]) == (2, "attn_out", 2, None)
+    assert (tuned["edit_layer"], tuned["edit_site"], tuned["edit_rank"], tuned["edit_heads"]) == (2, "attn_out", 2, "all")
     patch = _metrics(tiny_repo, "patch.json")
     site = patch["L2.attn_out"]
     assert site["kl_drop_full"] > 90  # the map is exact at the planted site
@@ -197,8 +197,8 @@ def test_exp_ordering_of_rank_and_heads(tiny_repo):
                 got[name] = {Path(k).name: v["data"] for k, v in metrics.items()}
     assert set(got) == set(runs), shown
     one, four = got["one-head"], got["four-heads"]
-    assert (one["model_tuned.json"]["edit_heads"], one["model_tuned.json"]["edit_rank"]) == ([1], 1)
-    assert (four["model_tuned.json"]["edit_heads"], four["model_tuned.json"]["edit_scale"]) == ([0, 1, 2, 3], 4.0)
+    assert (one["model_tuned.json"]["edit_heads"], one["model_tuned.json"]["edit_rank"]) == ("1", 1)
+    assert (four["model_tuned.json"]["edit_heads"], four["model_tuned.json"]["edit_scale"]) == ("0,1,2,3", 4.0)
     assert one["patch.json"]["L2.attn_out"]["min_k"] == 1
     assert four["patch.json"]["L2.attn_out"]["min_k"] > one["patch.json"]["L2.attn_out"]["min_k"]
     assert one["heads.json"]["heads_for_target"] == 1  # the one planted head closes half the gap alone
