@@ -89,7 +89,7 @@ def main() -> None:
     units.done()
     print(f"heads: churn {m['churn']:.3f} (|dz| > {h.z_threshold}), top-{h.top_k} Jaccard {m['jaccard_top_k']:.2f}, "
           f"{m['heads_for_target']} heads close {h.target_effect:.0%} of the gap ({m['gap']:.3f} nats), "
-          f"Spearman patch {m['spearman_patch'] if m['spearman_patch'] is None else round(m['spearman_patch'], 3)}, in {time.time() - t0:.0f}s")
+          f"Spearman patch {m['spearman_patch'] and round(m['spearman_patch'], 3)}, in {time.time() - t0:.0f}s")
     if not m["gap_significant"]:
         print(f"heads: warning: the base -> tuned gap {m['gap']:.3g} nats has a 95% CI [{m['gap_lo']:.3g}, "
               f"{m['gap_hi']:.3g}] that reaches 0: every share of it (patch_share, zero_share, the curve, "

@@ -125,6 +125,8 @@ def layer_params(p) -> list[tuple[str, int]]:
     out += [(f"steer.sites ({s})", Site.parse(s).layer) for s in p.steer.sites if s != "layers"]
     lists = {"steer.layers": p.steer.layers, "extract.detail_layers": p.extract.detail_layers,
              "sae.layers": p.sae.layers}
+    if isinstance(p.probes.concat_layers, list):  # else "auto": the stored layers
+        lists["probes.concat_layers"] = p.probes.concat_layers
     if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune":  # read only when the pipeline fine-tunes
         lists["pair.finetune.layers"] = p.pair.finetune.layers or []
     for key, layers in lists.items():
@@ -154,11 +156,6 @@ def _check_stored_layers(p, n_layers: int) -> list[str]:
     stored = sorted(Site.parse(s).layer for s in plan if s.endswith(".resid_post"))
     missing = [x for x in p.probes.concat_layers if x not in stored] if isinstance(p.probes.concat_layers, list) else []
     problems = []
-    beyond = [x for x in missing if x >= n_layers]
-    if beyond:
-        problems.append(f"probes.concat_layers: layer {', '.join(map(str, beyond))}: out of range, the base model "
-                        f"has {n_layers} blocks (0..{n_layers - 1})")
-        missing = [x for x in missing if x < n_layers]
     if missing:
         problems.append(f"probes.concat_layers: layer {', '.join(map(str, missing))} is not stored by extract "
                         f"(resid_post at {', '.join(map(str, stored))}): pick stored layers or add them to "
