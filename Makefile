@@ -33,12 +33,14 @@ run: data  ## run the whole pipeline on the default pair (checks params, models 
 	$(BIN)/dvc repro
 	@echo "results: metrics/ (dvc metrics show), plots/ (dvc plots show), report/index.html"
 
+# two pytest workers (pytest-xdist): the pipeline tests spend much of their time starting stage processes on one
+# core; a result does not depend on the worker count (each test process keeps its own torch threads)
 test: data  ## run the whole test suite
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will fail under CI"; }
-	$(BIN)/pytest -q --timeout=1800
+	$(BIN)/pytest -q -n 2 --timeout=1800
 
 test-fast: data  ## the tests not marked slow
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 -m "not slow"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src stages tests bench

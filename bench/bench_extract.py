@@ -127,6 +127,14 @@ def store_size(path: Path) -> tuple[int, int]:
     return b, n
 
 
+def other_load(own_threads: int) -> float:
+    """The 1-minute load average beyond this benchmark's own threads (0 where the system keeps none)."""
+    try:
+        return max(0.0, os.getloadavg()[0] - own_threads)
+    except OSError:
+        return 0.0
+
+
 def main() -> int:
     """Run the benchmark and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,10 +190,12 @@ def main() -> int:
     }
     plain_forward(model, enc, args.batch_size, pad, True)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cases}
+    busy = [other_load(nthreads)]
     for _ in range(repeats):  # interleaved, so load changes on a shared machine hit every case alike
         for k, fn in cases.items():
             times[k].append(fn())
             print(f"  {k}: {times[k][-1]:.2f}s", flush=True)
+            busy.append(other_load(nthreads))
     for k, fn in once.items():
         times[k] = [fn()]
         print(f"  {k}: {times[k][-1]:.2f}s", flush=True)
@@ -212,6 +222,10 @@ def main() -> int:
     for tag, (b, nf) in sizes.items():
         print(f"store {tag:9s}: {b / 2**20:7.2f} MiB in {nf} files")
     print(f"total {time.perf_counter() - t0:.0f}s")
+    if max(busy) > 0.5:
+        print(f"warning: other work ran on this machine (load average up to {max(busy):.1f} above this benchmark's "
+              f"{nthreads} threads, {os.cpu_count()} CPUs): the ratios are unreliable, and one slow round moves a "
+              "median of 2; rerun when the machine is idle, or with --repeats 3")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

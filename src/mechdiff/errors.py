@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import pickle
 import struct
+import sys
+from collections.abc import Callable
 
 from safetensors import SafetensorError
 
@@ -57,3 +59,13 @@ def disk_full(exc: BaseException, free_bytes: int | None = None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def exit_on_error(main: Callable[[], object], prog: str) -> None:
+    """Run a script's `main`; a MechdiffError prints `prog: error: <its line>` to stderr and exits 2 (no traceback).
+    The benchmark and known-answer scripts under bench/ end this way, as the stages and the `mechdiff` command do."""
+    try:
+        main()
+    except MechdiffError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)

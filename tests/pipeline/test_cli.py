@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -686,3 +687,47 @@ def test_a_broken_pipe_elsewhere_is_still_an_error():
             "sys.exit(c.main(['sites']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "BrokenPipeError" in r.stderr and r.stdout == "working\n"
+
+
+def test_exit_on_error_prints_one_line_and_exits_2(capsys):
+    from mechdiff.errors import exit_on_error
+
+    def bad():
+        raise MechdiffError("--layer 40: the model has 30 blocks")
+
+    with pytest.raises(SystemExit) as e:
+        exit_on_error(bad, "script.py")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "script.py: error: --layer 40: the model has 30 blocks\n"
+    seen = []
+    exit_on_error(lambda: seen.append(1), "script.py")  # a main that returns: nothing printed, no exit
+    assert seen == [1] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["known_answer_heads.py", "--plants", "20:3,22:1"], "one layer per planted set"),
+    (["known_answer_heads.py", "--plants", "20"], "write layer:head"),
+    (["known_answer_heads.py", "--plants", "20:3,20:3"], "a head is listed twice"),
+    (["known_answer.py", "--ranks", "0"], "--ranks >= 1"),
+    (["known_answer.py", "--site", "foo"], "invalid choice"),
+    (["known_answer_steer.py", "--prompts", "1"], "--prompts >= 3"),
+])
+def test_known_answer_scripts_refuse_bad_arguments_in_one_line(args, message):
+    """Checked before the model loads: one usage error, no traceback."""
+    script = Path(__file__).resolve().parents[2] / "bench" / args[0]
+    r = subprocess.run([sys.executable, str(script), *args[1:]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_known_answer_heads_reads_planted_sets():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "known_answer_heads.py"
+    spec = importlib.util.spec_from_file_location("known_answer_heads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.plant_set("24:1,24:6") == [(24, 1), (24, 6)] and mod.plant_set("0:0") == [(0, 0)]
+    for bad in ("24:1,25:6", "24", "24:x", "1:2:3", "24:1,24:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mod.plant_set(bad)
