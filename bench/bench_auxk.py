@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if min(args.k, args.k_aux, args.batch, args.repeats, args.threads, *args.dims) < 1 or args.width < args.k:
+        ap.error("--k, --k-aux, --batch, --repeats, --threads and --dims must be >= 1, and --width >= --k")
+    if any(not 0 <= d <= args.width for d in args.dead):
+        ap.error(f"--dead counts latents: each in 0..--width ({args.width}), got {args.dead}")
     set_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"B {args.batch}, width {args.width}, k {args.k}, k_aux {args.k_aux}, {torch.get_num_threads()} threads; "
@@ -67,4 +71,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mechdiff.errors import exit_on_error
+
+    exit_on_error(main, "bench_auxk.py")

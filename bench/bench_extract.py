@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if any(v is not None and v < 1 for v in (args.prompts, args.repeats, args.batch_size, args.threads)):
+        ap.error("--prompts, --repeats, --batch-size and --threads must be >= 1")
     n_prompts = args.prompts or (64 if args.quick else 200)
     repeats = args.repeats or 2
     nthreads = set_threads(args.threads)
@@ -231,4 +233,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mechdiff.errors import exit_on_error
+
+    exit_on_error(lambda: sys.exit(main()), "bench_extract.py")

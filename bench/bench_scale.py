@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args(argv)
+    if min(a.rows, a.width, a.shard_rows) < 1:
+        ap.error(f"--rows, --width and --shard-rows must be >= 1 (got {a.rows}, {a.width}, {a.shard_rows})")
     if a.quick:
         a.rows = 100_000
 
@@ -455,4 +457,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mechdiff.errors import exit_on_error
+
+    exit_on_error(lambda: sys.exit(main()), "bench_scale.py")

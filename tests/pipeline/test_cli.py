@@ -711,9 +711,14 @@ def test_exit_on_error_prints_one_line_and_exits_2(capsys):
     (["known_answer.py", "--ranks", "0"], "--ranks >= 1"),
     (["known_answer.py", "--site", "foo"], "invalid choice"),
     (["known_answer_steer.py", "--prompts", "1"], "--prompts >= 3"),
+    (["bench_extract.py", "--prompts", "0"], "must be >= 1"),
+    (["bench_patch.py", "--prompts", "0"], "must be >= 1"),
+    (["bench_auxk.py", "--dead", "99999"], "each in 0..--width"),
+    (["bench_sae.py", "--seconds", "0"], "--seconds must be > 0"),
+    (["bench_scale.py", "--rows", "0", "--no-dvc"], "must be >= 1"),
 ])
-def test_known_answer_scripts_refuse_bad_arguments_in_one_line(args, message):
-    """Checked before the model loads: one usage error, no traceback."""
+def test_bench_scripts_refuse_bad_arguments_in_one_line(args, message):
+    """Checked before any model loads or store is written: one usage error, no traceback."""
     script = Path(__file__).resolve().parents[2] / "bench" / args[0]
     r = subprocess.run([sys.executable, str(script), *args[1:]], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
