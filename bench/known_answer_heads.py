@@ -34,12 +34,11 @@ from mechdiff.model.tokens import encode, pad_id
 
 def plant_set(text: str) -> list[tuple[int, int]]:
     """One --plants item, "layer:head[,layer:head...]" with one layer and no head twice, as [(layer, head), ...]."""
+    items = [p.split(":") for p in text.split(",")]
     try:
-        pairs = [(int(p.split(":")[0]), int(p.split(":")[1])) for p in text.split(",")]
-    except (ValueError, IndexError):
+        pairs = [(int(layer), int(head)) for layer, head in items]  # an item without exactly one ":" fails here too
+    except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: write layer:head[,layer:head], e.g. 20:3 or 24:1,24:6") from None
-    if any(len(p.split(":")) != 2 for p in text.split(",")):
-        raise argparse.ArgumentTypeError(f"{text!r}: write layer:head[,layer:head], e.g. 20:3 or 24:1,24:6")
     if len({layer for layer, _ in pairs}) != 1:
         raise argparse.ArgumentTypeError(f"{text!r}: one layer per planted set (give other layers as separate sets)")
     if len(set(pairs)) != len(pairs):
