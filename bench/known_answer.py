@@ -27,8 +27,8 @@ from mechdiff.analysis.transport import fit_map, principal_cosines, recolour
 from mechdiff.data.corpus import load_corpus, split_prompts, write_default_corpora
 from mechdiff.errors import MechdiffError, exit_on_error
 from mechdiff.model.load import load_model
-from mechdiff.model.recipes import EDIT_KINDS, plant_edit
-from mechdiff.model.sites import Site, capture, n_layers
+from mechdiff.model.recipes import EDIT_KINDS, check_edit_layer, check_edit_rank, plant_edit
+from mechdiff.model.sites import Site, capture, model_width, n_layers
 from mechdiff.model.tokens import batches, encode, pad_id
 
 
@@ -59,10 +59,8 @@ def main() -> None:
     t0 = time.time()
     base, tok = load_model(a.model)
     L = n_layers(base)
-    if not 0 <= a.layer < L or (a.site == "resid_pre" and a.layer == 0):
-        raise MechdiffError(f"--layer {a.layer}: the model has {L} blocks (0..{L - 1}; resid_pre needs >= 1)")
-    if max(a.ranks) > base.config.hidden_size:  # now, not after the base activations
-        raise MechdiffError(f"--ranks {max(a.ranks)}: at most the model width, {base.config.hidden_size}")
+    check_edit_layer(a.layer, a.site, L, layer_name="--layer", site_name="--site")
+    check_edit_rank(max(a.ranks), model_width(base), name="--ranks")  # now, not after the base activations
     data = Path("data")
     if not data.exists():
         write_default_corpora(data)

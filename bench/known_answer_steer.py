@@ -30,10 +30,10 @@ from mechdiff.analysis.steering import (
 )
 from mechdiff.analysis.transport import principal_cosines
 from mechdiff.data.corpus import load_corpus, write_default_corpora
-from mechdiff.errors import MechdiffError, exit_on_error
+from mechdiff.errors import exit_on_error
 from mechdiff.model.load import load_model
-from mechdiff.model.recipes import EDIT_KINDS, plant_edit
-from mechdiff.model.sites import Site, n_layers
+from mechdiff.model.recipes import EDIT_KINDS, check_edit_layer, check_edit_rank, plant_edit
+from mechdiff.model.sites import Site, model_width, n_layers
 from mechdiff.model.tokens import encode
 from mechdiff.stats.kl import kl_divergence
 
@@ -53,10 +53,9 @@ def main() -> None:
         ap.error(f"need --prompts >= 3, --rank >= 1 and --target in (0, 1] (got {a.prompts}, {a.rank}, {a.target})")
     t0 = time.time()
     base, tok = load_model(a.model)
-    layer = n_layers(base) - 1 if a.layer < 0 else a.layer
-    if layer >= n_layers(base) or (a.site == "resid_pre" and layer == 0):
-        raise MechdiffError(f"--layer {a.layer}: the model has {n_layers(base)} blocks (0..{n_layers(base) - 1}, "
-                            "-1 = the last; resid_pre needs >= 1)")
+    layer = check_edit_layer(n_layers(base) - 1 if a.layer < 0 else a.layer, a.site, n_layers(base),
+                             layer_name="--layer", site_name="--site")
+    check_edit_rank(a.rank, model_width(base), name="--rank")
     tuned = copy.deepcopy(base)
     info = plant_edit(tuned, layer=layer, kind=a.site, rank=a.rank, scale=a.scale, seed=a.seed)
     with tempfile.TemporaryDirectory() as d:

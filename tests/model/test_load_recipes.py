@@ -21,7 +21,7 @@ from mechdiff.model.load import (
     save_model,
     spec_tokenizer,
 )
-from mechdiff.model.recipes import EditInfo, finetune, plant_edit
+from mechdiff.model.recipes import EditInfo, check_edit_layer, check_edit_rank, finetune, plant_edit
 from mechdiff.model.sites import KINDS, Site, capture
 from mechdiff.model.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair_dir
 
@@ -134,6 +134,20 @@ def test_plant_edit_bad_inputs(model):
         plant_edit(model, layer=1, kind="mlp_out", rank=D + 1, scale=1.0, seed=0)
     with pytest.raises(MechdiffError, match=r"pair\.edit\.scale"):
         plant_edit(model, layer=1, kind="mlp_out", rank=1, scale=float("nan"), seed=0)
+
+
+def test_edit_checks_name_the_callers_key_or_flag():
+    # one range rule for the params and the known-answer scripts, each message naming what to change
+    assert check_edit_layer(np.int64(3), "resid_pre", 4) == 3
+    for bad in (4, -1, True, 1.0, "2"):
+        with pytest.raises(MechdiffError, match=r"^--layer .* out of range: the model has 4 blocks \(0\.\.3\)$"):
+            check_edit_layer(bad, "mlp_out", 4, layer_name="--layer", site_name="--site")
+    with pytest.raises(MechdiffError, match=r"raise --layer or set --site to resid_post$"):
+        check_edit_layer(0, "resid_pre", 4, layer_name="--layer", site_name="--site")
+    check_edit_rank(8, 8, name="--rank")
+    for bad in (0, 9, False, 2.0):
+        with pytest.raises(MechdiffError, match=r"^--rank must be an integer in 1\.\.8"):
+            check_edit_rank(bad, 8, name="--rank")
 
 
 def test_editinfo_json_round_trip(model):

@@ -725,6 +725,24 @@ def test_bench_scripts_refuse_bad_arguments_in_one_line(args, message):
     assert message in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["known_answer.py", "--layer", "4"], "--layer 4 out of range: the model has 4 blocks (0..3)"),
+    (["known_answer.py", "--layer", "0", "--site", "resid_pre"], "raise --layer or set --site to resid_post"),
+    (["known_answer.py", "--layer", "2", "--ranks", "2", "65"], "--ranks must be an integer in 1..64 (the model width), got 65"),
+    (["known_answer_steer.py", "--layer", "7"], "--layer 7 out of range: the model has 4 blocks (0..3)"),
+    (["known_answer_steer.py", "--rank", "65"], "--rank must be an integer in 1..64 (the model width), got 65"),
+])
+def test_known_answer_scripts_check_the_plant_against_the_loaded_model(tiny_model, tiny_tok, tmp_path, args, message):
+    """Checked once the model is loaded, before any forward pass, by the rule `plant_edit` uses, naming the flag."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    tiny_tok.save_pretrained(tmp_path / "m")
+    script = Path(__file__).resolve().parents[2] / "bench" / args[0]
+    r = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "m"), *args[1:]], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(message), r.stderr
+
+
 def test_known_answer_heads_reads_planted_sets():
     import importlib.util
 

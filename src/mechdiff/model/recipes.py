@@ -76,10 +76,26 @@ def random_directions(d: int, rank: int, seed: int) -> np.ndarray:
     return (q * sign[None, :]).numpy()
 
 
-def check_edit_rank(rank: object, width: int) -> None:
-    """A planted edit's rank is an integer in 1..the model's width (`plant_edit`; `mechdiff params --check`)."""
+def check_edit_layer(layer: object, kind: str, n_blocks: int, *, layer_name: str = "pair.edit.layer",
+                     site_name: str = "pair.edit.site") -> int:
+    """A planted edit's block: an integer in 0..n_blocks - 1, and not 0 for resid_pre (that is the embedding output).
+
+    The one range rule for planting (`plant_edit`, the known-answer scripts); the names are the caller's (a params
+    key or a script flag) so the one-line error names what to change.
+    """
+    if not isinstance(layer, int | np.integer) or isinstance(layer, bool) or not 0 <= int(layer) < n_blocks:
+        raise MechdiffError(f"{layer_name} {layer!r} out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})")
+    if kind == "resid_pre" and int(layer) == 0:
+        raise MechdiffError(f"cannot edit L0.resid_pre (it is the embedding output): raise {layer_name} or set "
+                            f"{site_name} to resid_post")
+    return int(layer)
+
+
+def check_edit_rank(rank: object, width: int, *, name: str = "pair.edit.rank") -> None:
+    """A planted edit's rank is an integer in 1..the model's width (`plant_edit`; `mechdiff params --check`; the
+    known-answer scripts, which pass their flag as `name`)."""
     if not isinstance(rank, int | np.integer) or isinstance(rank, bool) or not 1 <= int(rank) <= width:
-        raise MechdiffError(f"pair.edit.rank must be an integer in 1..{width} (the model width), got {rank!r}")
+        raise MechdiffError(f"{name} must be an integer in 1..{width} (the model width), got {rank!r}")
 
 
 @torch.no_grad()
@@ -92,16 +108,11 @@ def plant_edit(model: nn.Module, *, layer: int, kind: str, rank: int, scale: flo
     """
     if kind not in EDIT_KINDS:
         raise MechdiffError(f"pair.edit.site {kind!r} is not an edit site: use one of {', '.join(EDIT_KINDS)}")
-    n = len(find_blocks(model))
-    if not isinstance(layer, int | np.integer) or not 0 <= int(layer) < n:
-        raise MechdiffError(f"pair.edit.layer {layer} out of range: the model has {n} blocks (0..{n - 1})")
-    layer = int(layer)
+    layer = check_edit_layer(layer, kind, len(find_blocks(model)))
     d = model_width(model)
     check_edit_rank(rank, d)
     if not np.isfinite(scale) or float(scale) == 0.0:
         raise MechdiffError(f"pair.edit.scale must be a finite non-zero number, got {scale!r}")
-    if kind == "resid_pre" and layer == 0:
-        raise MechdiffError("cannot edit L0.resid_pre (it is the embedding output): raise pair.edit.layer or set pair.edit.site: resid_post")
     target_layer = layer - 1 if kind == "resid_pre" else layer
     target_kind = "attn_out" if kind == "attn_out" else "mlp_out"
     u = random_directions(d, int(rank), seed)
