@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--scale", type=float, default=8.0)
     ap.add_argument("--prompts", type=int, default=24)
-    ap.add_argument("--data", default="/tmp/mechdiff_known_heads_data")
+    ap.add_argument("--data", default=None, help="a corpus directory (default: the package's corpora, written to a "
+                    "temporary directory and removed at the end)")
     ap.add_argument("--seed", type=int, default=17)
     args = ap.parse_args()
     if args.prompts < 1 or args.rank < 1:
@@ -69,9 +71,11 @@ def main() -> None:
             if not (0 <= layer < lay.n_layers and 0 <= h < lay.n_heads):
                 raise MechdiffError(f"--plants {layer}:{h}: the model has layers 0..{lay.n_layers - 1} and heads "
                                     f"0..{lay.n_heads - 1}")
-    if not Path(args.data, "cultural.jsonl").exists():
-        write_default_corpora(args.data)
-    prompts = split_prompts(load_corpus(args.data), (0.6, 0.2, 0.2), args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or tmp
+        if not Path(data, "cultural.jsonl").exists():
+            write_default_corpora(data)
+        prompts = split_prompts(load_corpus(data), (0.6, 0.2, 0.2), args.seed)
     test = [q.text for q in prompts if q.dataset == "cultural" and q.split == "test"][: args.prompts]
     enc = encode(tok, test)
     print(f"model {args.model}, {len(test)} cultural test prompts, rank {args.rank}, scale {args.scale}")
