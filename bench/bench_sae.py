@@ -1,6 +1,8 @@
-"""Training throughput of mechdiff's TopK SAE vs SAELens's TopKTrainingSAE on the same activations.
+"""Training throughput of mechdiff's TopK SAE vs SAELens's TopKTrainingSAE and sparsify's SparseCoder on the same
+activations.
 
     .venv/bin/python bench/bench_sae.py [--seconds 10] [--repeats 3] [--mults 8 16] [--threads 2] [--no-saelens]
+                                        [--no-sparsify]
 
 Setup: d_in 576, k 32, batch 4096, Adam, fp32, on CPU. Each measurement runs in its own subprocess (clean
 peak RSS via resource.getrusage), with one warm-up step and then as many steps as fit in --seconds. The
@@ -8,7 +10,11 @@ implementations run interleaved, --repeats rounds, so that each round compares t
 load; the final table gives medians and the per-round (side-by-side) ratios.
 SAELens is never installed into the project environment: the script creates `bench/.venv-saelens`
 (python3 -m venv; torch==2.13.0 first, then sae-lens==6.54.12) and runs its measurement there. If that fails
-it says so and measures mechdiff alone. Activations are real rows of an activation store when --store is
+it says so and measures mechdiff alone. sparsify (EleutherAI's TopK trainer) runs likewise from
+`bench/.venv-sparsify` (torch==2.13.0, then eai-sparsify==1.3.3): each step is its trainer's (decoder normalised,
+forward with its fused encoder and, without triton on CPU, its eager embedding-bag decoder, FVU backward, the
+decoder gradient's parallel part removed, torch Adam, the dead counter), with Adam as the optimizer as for the
+others (sparsify's default is signum). Activations are real rows of an activation store when --store is
 given (a .npy file of shape (n, 576)), else seeded Gaussian rows with a low-rank structure.
 """
 
@@ -25,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-saelens"
+SPARSIFY_VENV = HERE / ".venv-sparsify"
 D_IN, K, BATCH = 576, 32, 4096
 
 
@@ -127,12 +134,43 @@ def child_saelens(mult: int, mode: str, seconds: float, store: str | None) -> di
     return {"impl": f"saelens-{mode}", "mult": mult, "steps": n, "tok_s": n * BATCH / dt}
 
 
+def child_sparsify(mult: int, mode: str, seconds: float, store: str | None) -> dict:
+    """sparsify's SparseCoder: one step of its Trainer (decoder normalised, forward, FVU backward, parallel gradient
+    removed, Adam, dead counter), auxk_alpha 0 as in its defaults."""
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    batches = [torch.from_numpy(b) for b in _data(4, store)]
+    sae = SparseCoder(D_IN, SparseCoderConfig(expansion_factor=mult, k=K))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+
+    def step(i: int) -> None:
+        x = batches[i % len(batches)]
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=None)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+            did_fire[out.latent_indices.flatten()] = True
+            since_fired.add_(x.shape[0])
+            since_fired[did_fire] = 0
+        float(out.fvu.detach())
+
+    n, dt = _timed(step, seconds)
+    return {"impl": f"sparsify-{mode}", "mult": mult, "steps": n, "tok_s": n * BATCH / dt}
+
+
 def _run_child(python: str, impl: str, mult: int, mode: str, args) -> dict | None:
     cmd = [python, str(Path(__file__).resolve()), "--child", impl, "--mult", str(mult), "--mode", mode,
            "--seconds", str(args.seconds), "--threads", str(args.threads)]
     if args.store:
         cmd += ["--store", args.store]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
+           "SPARSIFY_DISABLE_TRITON": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.seconds * 20 + 300)
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -141,27 +179,31 @@ def _run_child(python: str, impl: str, mult: int, mode: str, args) -> dict | Non
     return None
 
 
-def _ensure_saelens() -> str | None:
-    py = VENV / "bin" / "python"
-    ok = py.exists() and subprocess.run([str(py), "-c", "import sae_lens"], capture_output=True).returncode == 0
+def _ensure_venv(venv: Path, package: str, module: str, name: str) -> str | None:
+    """The python of a benchmark-only venv holding `package` (torch==2.13.0 installed first, from the local CPU
+    wheel), created on first use; None, said in one line, when it cannot be installed."""
+    py = venv / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True,
+                                        env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}).returncode == 0
     if ok:
         return str(py)
-    print(f"creating {VENV} (torch==2.13.0, then sae-lens==6.54.12) ...", flush=True)
+    print(f"creating {venv} (torch==2.13.0, then {package}) ...", flush=True)
     try:
         if not py.exists():
-            subprocess.run(["python3", "-m", "venv", str(VENV)],
-                           check=True)
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
         pip = [str(py), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "sae-lens==6.54.12"], check=True)
-        subprocess.run([str(py), "-c", "import sae_lens"], check=True, capture_output=True)
+        subprocess.run([*pip, package], check=True)
+        subprocess.run([str(py), "-c", f"import {module}"], check=True, capture_output=True)
         return str(py)
     except (subprocess.CalledProcessError, OSError) as e:
-        print(f"SAELens could not be installed ({e}); measuring mechdiff alone")
+        print(f"{name} could not be installed ({e}); measuring without it")
         return None
 
 
-IMPL_ORDER = ["mechdiff-sparse", "mechdiff-bf16", "mechdiff-dense", "saelens-dense", "saelens-sparse"]
+IMPL_ORDER = ["mechdiff-sparse", "mechdiff-bf16", "mechdiff-dense", "saelens-dense", "saelens-sparse",
+              "sparsify-eager"]
+OTHERS = ("saelens-dense", "saelens-sparse", "sparsify-eager", "mechdiff-dense")
 
 
 def _median(v: list[float]) -> float:
@@ -196,7 +238,7 @@ def _table(rows: list[dict], mults: list[int]) -> None:
     print("\nside-by-side ratios per repeat (same repeat = similar machine load), median [min - max]:")
     for mult in mults:
         for ours_name in ("mechdiff-sparse", "mechdiff-bf16"):
-            for other in ("saelens-dense", "saelens-sparse", "mechdiff-dense"):
+            for other in OTHERS:
                 rat = []
                 for rep in sorted({r["repeat"] for r in rows}):
                     a = [r for r in rows if r["mult"] == mult and r["impl"] == ours_name and r["repeat"] == rep]
@@ -209,12 +251,14 @@ def _table(rows: list[dict], mults: list[int]) -> None:
     print("\ntargets (issue): >= 10k tok/s at x8 and x16; >= 2x SAELens at x8, >= 3x at x16 (SAELens default = dense)")
     for mult in mults:
         med = summary[mult]
-        ours, sl = med.get("mechdiff-sparse"), med.get("saelens-dense")
+        ours, sl, sp = med.get("mechdiff-sparse"), med.get("saelens-dense"), med.get("sparsify-eager")
         need = 2.0 if mult <= 8 else 3.0
         if ours:
             line = f"  x{mult}: mechdiff-sparse {ours:.0f} tok/s ({'>=' if ours >= 10_000 else '<'} 10k)"
             if sl:
                 line += f", {ours / sl:.2f}x SAELens-dense ({'meets' if ours / sl >= need else 'misses'} {need:.0f}x)"
+            if sp:
+                line += f", {ours / sp:.2f}x sparsify"
             print(line)
 
 
@@ -227,13 +271,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--store", default=None, help="optional .npy of real activations (n, 576)")
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--no-sparsify", action="store_true", help="skip sparsify (EleutherAI) in bench/.venv-sparsify")
     ap.add_argument("--no-dense", action="store_true", help="skip mechdiff's dense autograd reference")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--saelens-sparse", action="store_true",
                     help="also time SAELens use_sparse_activations=True (fails on CPU with sae-lens 6.54.12: "
                          "aten::view is not implemented for SparseCPU)")
     ap.add_argument("--json", default=None, help="also write all measurements to this file")
-    ap.add_argument("--child", choices=["ours", "saelens"], default=None)
+    ap.add_argument("--child", choices=["ours", "saelens", "sparsify"], default=None)
     ap.add_argument("--mult", type=int, default=8)
     ap.add_argument("--mode", default="sparse")
     args = ap.parse_args()
@@ -243,13 +288,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        fn = child_ours if args.child == "ours" else child_saelens
+        fn = {"ours": child_ours, "saelens": child_saelens, "sparsify": child_sparsify}[args.child]
         res = fn(args.mult, args.mode, args.seconds, args.store)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         res["tok_per_cpu_s"] = res["steps"] * BATCH / CPU_S[-1] if CPU_S and CPU_S[-1] > 0 else None
         print(json.dumps(res))
         return
-    sl_py = None if args.no_saelens else _ensure_saelens()
+    sl_py = None if args.no_saelens else _ensure_venv(VENV, "sae-lens==6.54.12", "sae_lens", "SAELens")
+    sp_py = None if args.no_sparsify else _ensure_venv(SPARSIFY_VENV, "eai-sparsify==1.3.3", "sparsify", "sparsify")
     print(f"d_in={D_IN} k={K} batch={BATCH} Adam fp32 CPU threads={args.threads} ~{args.seconds:.0f}s each, "
           f"{args.repeats} interleaved repeats; load avg at start {os.getloadavg()[0]:.1f}", flush=True)
     jobs = [("ours", "sparse")]
@@ -259,6 +305,8 @@ def main() -> None:
         jobs += [("ours", "bf16")]
     if sl_py and args.saelens_sparse:
         jobs += [("saelens", "sparse")]
+    if sp_py:
+        jobs += [("sparsify", "eager")]
     if not args.no_dense:
         jobs += [("ours", "dense")]
     rows = []
@@ -266,7 +314,7 @@ def main() -> None:
         for mult in args.mults:
             for impl, mode in jobs:
                 load = os.getloadavg()[0]
-                r = _run_child(sys.executable if impl == "ours" else sl_py, impl, mult, mode, args)
+                r = _run_child({"ours": sys.executable, "saelens": sl_py, "sparsify": sp_py}[impl], impl, mult, mode, args)
                 if r:
                     r.update(repeat=rep, load=load)
                     rows.append(r)
