@@ -45,11 +45,12 @@ test-fast: data  ## the tests not marked slow
 lint: setup  ## ruff
 	$(BIN)/ruff check src stages tests bench
 
-bench: setup  ## benchmarks (extraction, patching, SAE training) printing ratios
+bench: setup  ## benchmarks (extraction, patching, SAE training, steering vectors) printing ratios
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_patch.py
 	$(BIN)/python bench/bench_sae.py
 	$(BIN)/python bench/bench_auxk.py
+	$(BIN)/python bench/bench_steer.py
 
 bench-gpu: setup  ## GPU benchmarks (extraction vs plain HF, SAE vs SAELens) on CUDA; says so and exits without a GPU
 	$(BIN)/python bench/bench_gpu.py --json bench/gpu.json

@@ -716,6 +716,7 @@ def test_exit_on_error_prints_one_line_and_exits_2(capsys):
     (["bench_auxk.py", "--dead", "99999"], "each in 0..--width"),
     (["bench_sae.py", "--seconds", "0"], "--seconds must be > 0"),
     (["bench_scale.py", "--rows", "0", "--no-dvc"], "must be >= 1"),
+    (["bench_steer.py", "--pairs", "0", "--no-steering-vectors"], "must be >= 1"),
 ])
 def test_bench_scripts_refuse_bad_arguments_in_one_line(args, message):
     """Checked before any model loads or store is written: one usage error, no traceback."""
