@@ -111,7 +111,9 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
     cfg = cfg or sae_config(p, base, source, layer)
     resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
     if resumed:
-        print(f"sae: resuming {out} from its last checkpoint", flush=True)
+        print(f"sae: resuming {out} from its last checkpoint" if (out / "checkpoints" / "latest.json").is_file()
+              else f"sae: {out} has no checkpoint yet (interrupted before its first): training from the start",
+              flush=True)
     total = min(s.tokens, len(rows) * s.epochs)  # the budget: whichever cap comes first
     batches = source_batches(source, base, tuned, site, s.view, rows, batch_size=s.batch_size, seed=p.seed,
                              epochs=math.ceil(total / max(1, len(rows))))

@@ -178,7 +178,7 @@ def _check_models(p, root: Path = Path(".")) -> list[str]:
 
 
 def _check_models_read(p, root: Path) -> list[str]:
-    from mechdiff.model.load import check_spec, check_vocab, spec_shape, spec_tokenizer
+    from mechdiff.model.load import check_spec, check_tokens_fit, check_vocab, spec_shape, spec_tokenizer
 
     problems, infos = [], {}
     specs = {"base": p.pair.base, "tuned": p.pair.tuned} if p.pair.tuned.id else {"base": p.pair.base}
@@ -233,6 +233,11 @@ def _check_models_read(p, root: Path) -> list[str]:
                 where = info.get("path", specs[w].id)
                 problems.append(f"pair.{w}.id: no usable tokenizer in {where} (tokenizer.json or "
                                 f"tokenizer_config.json missing or unreadable: {str(e).splitlines()[0][:120]})")
+            continue
+        try:
+            check_tokens_fit(len(toks[w]), shapes.get(w, (None,) * 4)[3], f"pair.{w}.id")
+        except MechdiffError as e:
+            problems.append(str(e))
     if len(toks) == 2:
         try:
             check_vocab(toks["base"], toks["tuned"], fairness=p.pair.fairness.enabled)
@@ -311,6 +316,8 @@ def _check_data(p, root: Path) -> list[str]:
               "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral],
               "heads.dataset": [p.heads.dataset], "probes.target": [p.probes.target],
               "probes.control": [p.probes.control]}
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune":  # the fine-tune keeps the retain sets' behaviour
+        wanted["pair.finetune.retain"] = list(p.pair.finetune.retain)
     for what, needed in wanted.items():
         missing = [d for d in needed if d not in names]
         if missing:
@@ -453,17 +460,18 @@ def cmd_remote(ns: argparse.Namespace) -> int:
     if ns.action == "add":
         if not ns.url:
             raise MechdiffError("usage: mechdiff remote add URL [--name storage] [--endpoint-url URL]")
-        remote.configure_remote(root, ns.url, name=ns.name, endpoint_url=ns.endpoint_url)
-        print(f"remote {ns.name!r} -> {ns.url} (default)")
+        name = ns.name or remote.DEFAULT_REMOTE
+        remote.configure_remote(root, ns.url, name=name, endpoint_url=ns.endpoint_url)
+        print(f"remote {name!r} -> {ns.url} (default)")
         plugin = remote.remote_plugin_for(ns.url)
         if plugin:
             import importlib.util
 
             if importlib.util.find_spec(plugin.replace("-", "_")) is None:
                 print(f"this remote needs the DVC plugin {plugin}: {remote.plugin_install_hint(ns.url)}")
-    else:
+    else:  # without --name, the remote `dvc pull` / `dvc push` use: the repo's default
         remote.check_remote(root, ns.name, for_pull=not ns.for_push)
-        print(f"remote {ns.name!r} is configured and reachable")
+        print(f"remote {ns.name or remote.default_remote(root)!r} is configured and reachable")
     return 0
 
 
@@ -526,12 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         "remote", help="configure (add) or check the DVC remote",
         description="`mechdiff remote add URL` makes URL the default DVC remote (written to .dvc/config, so "
         "commit it to share it; credentials stay in .dvc/config.local or the environment). `mechdiff remote "
-        "check` tests that the remote --name (default storage) is configured, that its DVC plugin is installed "
+        "check` tests that the remote --name (default: the repo's default remote, the one `dvc pull` uses) is configured, that its DVC plugin is installed "
         "and that its location exists (something was pushed there), so `dvc pull` can work; with --for-push only "
         "that it can be reached (an empty remote is fine before the first push). One line per problem.")
     r.add_argument("action", choices=["add", "check"])
     r.add_argument("url", nargs="?", help="remote URL: s3://, gs://, azure://, ssh://, or a directory")
-    r.add_argument("--name", default="storage", help="remote name (default: storage)")
+    r.add_argument("--name", default=None, help="remote name (add: default storage; check: default the repo's "
+                   "default remote)")
     r.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, moto, ...)")
     r.add_argument("--for-push", action="store_true",
                    help="check: only that the remote is reachable (an empty remote is fine before the first push)")

@@ -512,12 +512,14 @@ _POSITIVE = {
 _RESAMPLES = ("divergence.n_boot", "patch.n_boot", "behaviour.n_boot", "steer.n_boot", "features.n_perm", "gates.n_perm")
 MIN_RESAMPLES = 20
 _NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
-                 "feature_pages.max_gated", "sae.validate.min_sparsity"}
+                 "feature_pages.max_gated", "sae.validate.min_sparsity", "gates.min_effect", "gates.min_kl",
+                 "gates.d_min", "gates.ccis_min"}
 _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself is allowed)
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
     "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
     "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
     "patch.saturation": (0.0, False), "pair.fairness.min_shared_ratio": (0.0, True),
+    "steer.target_effect": (0.0, False), "steer.mc_budget": (0.0, False),  # a share of the gap; an accuracy drop
 }
 _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings",
               "steer.sites", "steer.controls", "behaviour.datasets")
@@ -776,6 +778,15 @@ def validate(p: Params) -> Params:
     if "refusal" in p.behaviour.markers:
         raise MechdiffError("params.yaml: behaviour.markers may not use the name 'refusal' (it is the rate of "
                             "behaviour.refusal_patterns): rename the marker")
+    ft, finetunes = p.pair.finetune, not p.pair.tuned.id and p.pair.tuned.recipe == "finetune"
+    if finetunes and ft.layers is not None and not ft.layers:
+        raise MechdiffError("params.yaml: pair.finetune.layers is empty: list the blocks the fine-tune trains, or "
+                            "null for every block")
+    if finetunes and ft.objective == "signature" and not (isinstance(ft.signature, str) and ft.signature.strip()):
+        raise MechdiffError("params.yaml: pair.finetune.signature must be a non-empty text (what the tuned model "
+                            "learns to say)")
+    if not p.gates.sd_max > 0:
+        raise MechdiffError(f"params.yaml: gates.sd_max must be > 0, got {p.gates.sd_max}")
     if not (p.pair.finetune.retain_weight >= 0 and p.pair.finetune.retain_weight < float("inf")):
         raise MechdiffError(f"params.yaml: pair.finetune.retain_weight must be a finite number >= 0, "
                             f"got {p.pair.finetune.retain_weight}")

@@ -19,6 +19,7 @@ from mechdiff.analysis.patching import (
     min_k,
     patch_kl,
     patched_logits,
+    rank_alpha_sweep,
     reference_logits,
     saturation_k,
     src_decisions_in_dst,
@@ -635,3 +636,12 @@ def test_head_blend_warns_where_heads_are_wider_than_the_stream():
         warnings.simplefilter("error")
         every = head_blend(heads, 1, vt, "all")
     assert every.identified and patch_kl(tuned, enc, rows, site, every(vb), ref).mean() < 1e-6 * gap + 1e-12
+
+
+def test_the_reported_rank_beyond_the_width_is_refused_before_any_forward():
+    """`mechdiff params --check` refuses such a rank; `dvc exp run -S rank=...` skips that check, so the stage's
+    sweep refuses it too (sweep ranks beyond the width stay allowed: they mean the full map)."""
+    X = np.zeros((3, 16))
+    with pytest.raises(MechdiffError, match=r"^rank 17: more directions than L1\.attn_out's width 16: use a k <= 16"):
+        rank_alpha_sweep(None, None, [0, 1, 2], Site(1, "attn_out"), None, X, ranks=[1, 64], alphas=["auto"],
+                         rank=17, alpha="auto", target_drop=50)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tracemalloc
 
 import numpy as np
@@ -155,6 +156,34 @@ def test_a_damaged_chunk_is_a_one_line_error(tmp_path):
     with pytest.raises(MechdiffError, match="damaged"):
         next(iter(st.iter_batches("L0.resid_post", "last", batch_size=4)))
     np.testing.assert_array_equal(st.read("L0.resid_post", "mean"), data[("L0.resid_post", "mean")])
+
+
+def test_a_missing_shard_or_array_is_a_one_line_error_not_zeros(tmp_path):
+    """zarr reads a missing shard file as the fill value (zeros): the store refuses instead, and names it. An
+    all-zero block is still written, so it is no false alarm."""
+    data = make_data(n=40, seed=2)
+    data[("L2.mlp_out", "last")][8:16] = 0  # exactly the second shard (shard_rows 8)
+    st = write_all(tmp_path / "m.zarr", data)
+    np.testing.assert_array_equal(st.read("L2.mlp_out", "last"), data[("L2.mlp_out", "last")])
+    last = tmp_path / "m.zarr" / "L0.resid_post" / "last" / "c"
+    assert sorted(int(p.name) for p in last.iterdir()) == [0, 1, 2, 3, 4]
+    os.remove(last / "3" / "0")
+    tok = tmp_path / "m.zarr" / "L0.resid_post" / "tokens" / "c"
+    shutil.rmtree(tok / min(os.listdir(tok)))
+    st = ActStore.open(tmp_path / "m.zarr")
+    missing = r"shard L0\.resid_post/last/c/3/0 is missing \(it would read as zeros\).*dvc checkout"
+    with pytest.raises(MechdiffError, match=missing):
+        st.read("L0.resid_post", "last")
+    with pytest.raises(MechdiffError, match=missing):
+        st.read("L0.resid_post", "last", rows=np.array([0, 1]))  # the check covers the array, not only the rows
+    with pytest.raises(MechdiffError, match=missing):
+        next(iter(st.iter_batches("L0.resid_post", "last", batch_size=4)))
+    with pytest.raises(MechdiffError, match=r"shard L0\.resid_post/tokens/c/0/0 is missing"):
+        st.read("L0.resid_post", "tokens")
+    np.testing.assert_array_equal(st.read("L0.resid_post", "mean"), data[("L0.resid_post", "mean")])
+    os.remove(tmp_path / "m.zarr" / "L2.mlp_out" / "mean" / "zarr.json")
+    with pytest.raises(MechdiffError, match=r"the array L2\.mlp_out/mean is missing or its metadata"):
+        ActStore.open(tmp_path / "m.zarr").read("L2.mlp_out", "mean")
 
 
 def test_resume_after_crash_between_blocks(tmp_path):

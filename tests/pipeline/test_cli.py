@@ -151,6 +151,21 @@ def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
            "tokenizers share only", "of the base's", "pair.tuned.id")
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, corpora, models, capsys):
+    from transformers import AutoTokenizer
+
+    big = tmp_path / "big"
+    shutil.copytree(models["a2"], big)
+    tok = AutoTokenizer.from_pretrained(big)
+    rows = len(tok)
+    tok.add_tokens([f"zzextra{i}" for i in range(7)])
+    tok.save_pretrained(big)
+    _fails(_check(tmp_path, corpora, _both(models["a"], big, True), capsys),
+           "pair.tuned.id: the tokenizer has", f"{rows + 7} tokens but the model's embedding only {rows} rows")
+    with pytest.raises(MechdiffError, match=f"the tokenizer has {rows + 7} tokens but the model's embedding only"):
+        load_model(str(big))
+
+
 def test_pair_must_share_depth_and_width(tmp_path, corpora, models, capsys):
     _fails(_check(tmp_path, corpora, _both(models["a"], models["deep"], True), capsys),
            "pair.tuned.id:", "3 blocks but the base has 2")
@@ -343,6 +358,11 @@ def test_data_without_its_cache_tells_an_edit_from_the_tracked_corpus(tmp_path, 
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
     """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""
     _fails(_check(tmp_path, corpora, _set(key, value), capsys), needle)
+
+
+def test_finetune_retain_sets_must_be_datasets_of_the_corpus(tmp_path, corpora, capsys):
+    _fails(_check(tmp_path, corpora, _set("pair.finetune.retain", ["control", "nope"]), capsys),
+           "pair.finetune.retain: nope not in the corpus")
 
 
 def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):

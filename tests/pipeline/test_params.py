@@ -116,6 +116,13 @@ def test_repo_params_load():
      "data.sources lists 'control' twice"),
     (lambda r: r["data"].__setitem__("eval_sources", [{"name": "x", "path": "x.jsonl"}] * 2),
      "data.eval_sources lists {'name': 'x', 'path': 'x.jsonl'} twice"),
+    (lambda r: r["steer"].__setitem__("target_effect", 2), "steer.target_effect"),
+    (lambda r: r["steer"].__setitem__("mc_budget", 1.5), "steer.mc_budget"),
+    (lambda r: r["gates"].__setitem__("min_effect", -1), "gates.min_effect"),
+    (lambda r: r["gates"].__setitem__("min_kl", -1), "gates.min_kl"),
+    (lambda r: r["gates"].__setitem__("sd_max", -1), "gates.sd_max must be > 0"),
+    (lambda r: r["pair"]["finetune"].__setitem__("layers", []), "pair.finetune.layers is empty"),
+    (lambda r: r["pair"]["finetune"].__setitem__("signature", " "), "pair.finetune.signature must be a non-empty"),
 ])
 def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:

@@ -756,6 +756,10 @@ def rank_alpha_sweep(
     between sites. `blend` (e.g. `head_blend`) turns every configuration's vectors, raw and mapped alike, into
     the vectors actually patched.
     """
+    width = int(np.shape(X)[1])
+    if rank != "full" and int(rank) > width:  # sweep ranks beyond the width mean the full map; the reported one
+        raise MechdiffError(f"rank {rank}: more directions than {site.name}'s width {width}: use a k <= {width} "
+                            "or 'full'")
     ranks = list(dict.fromkeys([*ranks, rank]))
     alphas = list(dict.fromkeys([*alphas, alpha]))
     configs = rank_alpha_configs(m, X, ranks, alphas)
@@ -764,7 +768,7 @@ def rank_alpha_sweep(
     ref = reference_logits(model, enc, rows, batch_size=batch_size) if ref_logits is None else ref_logits
     kls = sweep_kl(model, enc, rows, site, configs, ref, allowed=allowed, batch_size=batch_size, progress=progress)
     rank_rows, alpha_rows, metrics = summarise_sweep(
-        kls, site=site.name, width=int(np.shape(X)[1]), ranks=ranks, alphas=alphas, rank=rank, alpha=alpha,
+        kls, site=site.name, width=width, ranks=ranks, alphas=alphas, rank=rank, alpha=alpha,
         target_drop=target_drop, datasets=datasets, n_boot=n_boot, seed=seed, saturation=saturation)
     metrics["alpha"] = m.alpha if alpha == "auto" else float(alpha)
     return rank_rows, alpha_rows, metrics

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -267,6 +268,7 @@ class ActStore(_Reader):
             raise MechdiffError(f"store {self.path} was never fully created: delete it and extract again")
         self._lay: dict[str, Any] = a["layout"]
         self._cache: dict[str, np.ndarray] = {}
+        self._shards_ok: set[str] = set()
 
     # ----------------------------------------------------------------------------------- creation
 
@@ -501,7 +503,27 @@ class ActStore(_Reader):
         self._check_site(site)
         if view not in self._lay["views"][site]:
             raise MechdiffError(f"site {site} has no view {view!r} in {self.path}: it has {', '.join(self.views(site))}")
-        return self._root[f"{site}/{view}"]
+        try:
+            return self._root[f"{site}/{view}"]
+        except KeyError as exc:  # the layout names it, but its zarr.json is gone
+            raise MechdiffError(f"store {self.path}: the array {site}/{view} is missing or its metadata "
+                                f"(zarr.json) is gone: restore it with `dvc checkout`, or delete the store and rerun "
+                                "its extract stage") from exc
+
+    def _check_shards(self, z: zarr.Array) -> None:
+        """Every shard file of an activation or logits array is on disk (checked once per array and process).
+
+        The writer stores every shard, all-zero ones too (`write_empty_chunks`), so a complete store has them all;
+        zarr would read a missing one as the fill value, zeros, and a stage would go on with wrong numbers."""
+        if z.path in self._shards_ok:
+            return
+        grid = z.shards or z.chunks
+        for coords in itertools.product(*(range(math.ceil(n / g)) for n, g in zip(z.shape, grid, strict=True))):
+            key = z.metadata.encode_chunk_key(coords)
+            if not (self.path / z.path / key).is_file():
+                raise MechdiffError(f"store {self.path}: the shard {z.path}/{key} is missing (it would read as zeros): "
+                                    "restore it with `dvc checkout`, or delete the store and rerun its extract stage")
+        self._shards_ok.add(z.path)
 
     def _check_complete(self) -> None:
         if not self.complete:
@@ -535,6 +557,7 @@ class ActStore(_Reader):
 
     def _read_range(self, site: str, view: str, a: int, b: int) -> np.ndarray:
         z = self.array(site, view)
+        self._check_shards(z)
         with self._damaged(f"{site}/{view}"):
             return np.asarray(z[a:b], dtype=np.float32)
 
@@ -542,6 +565,7 @@ class ActStore(_Reader):
         """Rows of a view as float32 (all rows when `rows` is None); site None or 'logits' reads the logits."""
         z = self.array(site, view)
         self._check_complete()
+        self._check_shards(z)
         what = "logits" if site is None or site == "logits" else f"{site}/{view}"
         if rows is None:
             with self._damaged(what):

@@ -222,7 +222,18 @@ def _rebuild_plain(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def _finish(model: nn.Module, device: str) -> nn.Module:
+def check_tokens_fit(n_tokens: int, rows: int | None, where: str) -> None:
+    """A tokenizer's ids must index the model's embedding: with more tokens than rows, the first prompt holding
+    one of the extra tokens would fail deep in a forward (an IndexError in the embedding)."""
+    if rows is not None and n_tokens > rows:
+        raise MechdiffError(f"{where}: the tokenizer has {n_tokens} tokens but the model's embedding only {rows} rows "
+                            f"(ids >= {rows} have none): use the tokenizer saved with this model, or resize the "
+                            "embedding (model.resize_token_embeddings) and save the model again")
+
+
+def _finish(model: nn.Module, device: str, tok: Any, where: str) -> nn.Module:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_tokens_fit(len(tok), getattr(emb, "num_embeddings", None), where)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:
@@ -244,9 +255,10 @@ def _from_spec(loader: Any, info: dict[str, Any], *, revision: str | None = None
     return loader.from_pretrained(info["id"], local_files_only=local_only, **kw)
 
 
-def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[int | None, int | None, int | None]:
-    """(decoder blocks, hidden width, attention heads) of a resolved spec, from its config alone (no weights; a hub
-    id only from the local cache); None for what the config does not name."""
+def spec_shape(info: dict[str, Any], *, revision: str | None = None
+               ) -> tuple[int | None, int | None, int | None, int | None]:
+    """(decoder blocks, hidden width, attention heads, vocabulary rows) of a resolved spec, from its config alone
+    (no weights; a hub id only from the local cache); None for what the config does not name."""
     from transformers import AutoConfig
 
     cfg = _from_spec(AutoConfig, info, revision=revision)
@@ -260,7 +272,7 @@ def spec_shape(info: dict[str, Any], *, revision: str | None = None) -> tuple[in
         return None
 
     return (first("num_hidden_layers", "n_layer", "num_layers"), first("hidden_size", "n_embd", "d_model"),
-            first("num_attention_heads", "n_head", "num_heads"))
+            first("num_attention_heads", "n_head", "num_heads"), first("vocab_size"))
 
 
 def spec_tokenizer(info: dict[str, Any], *, revision: str | None = None, local_only: bool = True) -> Any:
@@ -424,7 +436,7 @@ def load_model(
         except DAMAGED as exc:
             raise MechdiffError(f"cannot load model from {info['path']}: {why(exc)}: check or re-download its "
                                 "files") from exc
-        return _finish(model, device), tok
+        return _finish(model, device, tok, str(info["path"])), tok
     if kind in ("gguf", "package"):
         folder, name = info["path"], info["gguf_file"]
         try:
@@ -440,7 +452,7 @@ def load_model(
             raise MechdiffError(f"cannot load GGUF {name} from {folder}: {why(exc)}") from exc
         model = _rebuild_plain(gg)
         del gg
-        return _finish(model, device), tok
+        return _finish(model, device, tok, str(Path(folder) / name)), tok
     model_id = info["id"]
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     if info.get("gguf_file"):
@@ -454,7 +466,7 @@ def load_model(
     model, tok = _hub_load(model_id, revision, info.get("gguf_file"), "hub model", fetch)
     if info.get("gguf_file"):
         model = _rebuild_plain(model)
-    return _finish(model, device), tok
+    return _finish(model, device, tok, model_id), tok
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path, meta: dict) -> Path:
@@ -519,7 +531,7 @@ def load_saved(out_dir: str | Path, *, dtype: str = "float32", device: str = "cp
     except DAMAGED as exc:
         raise MechdiffError(f"cannot load the saved model in {out}: {why(exc)}: rerun its stage (dvc repro -f "
                             f"model_{out.name}) or `dvc checkout` it") from exc
-    return _finish(model, device), tok
+    return _finish(model, device, tok, str(out)), tok
 
 
 def load_tokenizer(out_dir: str | Path) -> Any:
