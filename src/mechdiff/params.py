@@ -765,8 +765,14 @@ def validate(p: Params) -> Params:
         raise MechdiffError("params.yaml: learning rates (pair.finetune.lr, sae.lr) must be > 0")
     from mechdiff.model.sites import Site
 
+    def parse_site(key: str, s: str) -> None:
+        try:
+            Site.parse(s)
+        except MechdiffError as e:
+            raise MechdiffError(f"params.yaml: {key}: {e}") from e
+
     for s in p.transport.sites:
-        Site.parse(s)
+        parse_site("transport.sites", s)
     import re
 
     for name, rx in {**p.behaviour.markers, **{f"refusal_patterns[{i}]": r for i, r in
@@ -795,7 +801,7 @@ def validate(p: Params) -> Params:
                             f"({', '.join(p.behaviour.markers) or 'none'})")
     for s in p.steer.sites:
         if s != "layers":
-            Site.parse(s)
+            parse_site("steer.sites", s)
     if "layers" in p.steer.sites and not p.steer.layers:
         raise MechdiffError("params.yaml: steer.layers is empty, but steer.sites has the 'layers' configuration: list "
                             "the layers it intervenes at, or drop 'layers' from steer.sites")

@@ -166,6 +166,22 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, corpora, mod
         load_model(str(big))
 
 
+def test_a_cut_short_safetensors_file_is_found_by_the_check(tmp_path, corpora, models, capsys):
+    """The header gives every tensor's byte range: a file that ends before the last one is named before any stage
+    runs (a stage would fail loading it, after `dvc repro` removed its outputs)."""
+    import os
+
+    cut = tmp_path / "cut"
+    shutil.copytree(models["a2"], cut)
+    full = (cut / "model.safetensors").stat().st_size
+    os.truncate(cut / "model.safetensors", full - 100)
+    _fails(_check(tmp_path, corpora, _both(models["a"], cut, True), capsys),
+           "pair.tuned.id:", f"model.safetensors is cut short: {full - 100} of the {full} bytes", "re-download it")
+    os.truncate(cut / "model.safetensors", 4)
+    _fails(_check(tmp_path, corpora, _both(models["a"], cut, True), capsys), "shorter than its header")
+    assert _check(tmp_path, corpora, _both(models["a"], models["a2"], True), capsys)[0] == 0
+
+
 def test_pair_must_share_depth_and_width(tmp_path, corpora, models, capsys):
     _fails(_check(tmp_path, corpora, _both(models["a"], models["deep"], True), capsys),
            "pair.tuned.id:", "3 blocks but the base has 2")

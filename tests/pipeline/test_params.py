@@ -117,6 +117,8 @@ def test_repo_params_load():
     (lambda r: r["data"].__setitem__("eval_sources", [{"name": "x", "path": "x.jsonl"}] * 2),
      "data.eval_sources lists {'name': 'x', 'path': 'x.jsonl'} twice"),
     (lambda r: r["steer"].__setitem__("target_effect", 2), "steer.target_effect"),
+    (lambda r: r["transport"].__setitem__("sites", ["L3.foo"]), r"^params.yaml: transport.sites: .*unknown site kind 'foo'"),
+    (lambda r: r["steer"].__setitem__("sites", ["L3.foo"]), r"^params.yaml: steer.sites: .*unknown site kind 'foo'"),
     (lambda r: r["steer"].__setitem__("mc_budget", 1.5), "steer.mc_budget"),
     (lambda r: r["gates"].__setitem__("min_effect", -1), "gates.min_effect"),
     (lambda r: r["gates"].__setitem__("min_kl", -1), "gates.min_kl"),

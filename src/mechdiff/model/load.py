@@ -567,6 +567,11 @@ def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str 
     if info["kind"] == "dir" and not any(any(Path(info["path"]).glob(g)) for g in _WEIGHT_FILES):
         raise MechdiffError(f"{key}: {info['path']} has a config.json but no weights (model.safetensors, "
                             "pytorch_model.bin or their sharded index): point it at a complete model directory")
+    if info["kind"] == "dir":
+        for f in sorted(Path(info["path"]).glob("*.safetensors")):
+            short = safetensors_cut_short(f)
+            if short:
+                raise MechdiffError(f"{key}: {f} {short} (an interrupted copy or download?): re-download it")
     if info["kind"] in ("gguf", "package"):
         f = Path(info["path"]) / info["gguf_file"]
         try:
@@ -581,6 +586,27 @@ def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str 
 
 
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def safetensors_cut_short(path: Path) -> str | None:
+    """What is wrong with a safetensors file's length, from its header alone (no tensor is read), else None: the
+    header (8 bytes of length, then JSON) gives every tensor's byte range, so the file must end where the last
+    one does."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"is {size} bytes long, shorter than its header"
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                return f"is {size} bytes long, shorter than its {n}-byte header says"
+            header = json.loads(fh.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"cannot be read as safetensors ({type(e).__name__}: {why(e)})"
+    want = 8 + n + max(ends, default=0)
+    return None if size >= want else f"is cut short: {size} of the {want} bytes its header describes"
 
 
 def check_vocab(tok_base: Any, tok_tuned: Any, *, fairness: bool) -> None:
