@@ -85,24 +85,6 @@ def child_steering_vectors(model_dir: str, job: dict, threads: int) -> dict:
     return {"seconds": dt, "vectors": {str(k): v.double().tolist() for k, v in sv.layer_activations.items()}}
 
 
-def _ensure_venv() -> str | None:
-    py = VENV / "bin" / "python"
-    if py.exists() and subprocess.run([str(py), "-c", "import steering_vectors"], capture_output=True).returncode == 0:
-        return str(py)
-    print(f"creating {VENV} (torch==2.13.0, then {PACKAGE}) ...", flush=True)
-    try:
-        if not py.exists():
-            subprocess.run(["python3", "-m", "venv", str(VENV)], check=True)
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, PACKAGE], check=True)
-        subprocess.run([str(py), "-c", "import steering_vectors"], check=True, capture_output=True)
-        return str(py)
-    except (subprocess.CalledProcessError, OSError) as e:
-        print(f"steering-vectors could not be installed ({e}); timing mechdiff alone")
-        return None
-
-
 def _run(python: str, impl: str, model_dir: str, job_path: str, threads: int) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
     if impl != "ours":
@@ -191,7 +173,9 @@ def main() -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
-    sv_py = None if a.no_steering_vectors else _ensure_venv()
+    from bench_sae import _ensure_venv  # the benchmarks' one venv maker (this directory is on the path)
+
+    sv_py = None if a.no_steering_vectors else _ensure_venv(VENV, PACKAGE, "steering_vectors", "steering-vectors")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         job = _prepare(Path(tmp, "model"), a.pairs, a.layers, a.batch, a.seed)

@@ -207,15 +207,22 @@ def _check_models_read(p, root: Path) -> list[str]:
     width = shapes.get("base", (None, None, None))[1]
     problems += _check_heads(p, shapes.get("base", (None, None, None))[2])
     if width and not p.pair.tuned.id and p.pair.tuned.recipe == "edit":
-        from mechdiff.model.recipes import check_edit_rank
+        from mechdiff.model.recipes import check_edit_layer, check_edit_rank
 
         try:
+            n_blocks = shapes["base"][0]
+            if n_blocks and 0 <= p.pair.edit.layer < n_blocks:  # out of range: named by _check_layers above
+                check_edit_layer(p.pair.edit.layer, p.pair.edit.site, n_blocks)
             check_edit_rank(p.pair.edit.rank, width)
         except MechdiffError as e:
             problems.append(str(e))
-    if width and isinstance(p.rank, int) and p.rank > width:  # the reported rank (sweep ranks beyond it mean full)
-        problems.append(f"rank {p.rank}: more directions than the model's width {width}: use a k <= {width} or "
-                        "'full'")
+    if width:
+        from mechdiff.analysis.patching import check_reported_rank
+
+        try:
+            check_reported_rank(p.rank, width)
+        except MechdiffError as e:
+            problems.append(str(e))
     if len(shapes) == 2:
         for i, what in enumerate(("blocks", "hidden size")):
             b, t = shapes["base"][i], shapes["tuned"][i]
@@ -235,7 +242,7 @@ def _check_models_read(p, root: Path) -> list[str]:
                                 f"tokenizer_config.json missing or unreadable: {str(e).splitlines()[0][:120]})")
             continue
         try:
-            check_tokens_fit(len(toks[w]), shapes.get(w, (None,) * 4)[3], f"pair.{w}.id")
+            check_tokens_fit(toks[w], shapes.get(w, (None,) * 4)[3], f"pair.{w}.id")
         except MechdiffError as e:
             problems.append(str(e))
     if len(toks) == 2:
@@ -316,7 +323,8 @@ def _check_data(p, root: Path) -> list[str]:
               "steer.controls": list(p.steer.controls), "steer.neutral": [p.steer.neutral],
               "heads.dataset": [p.heads.dataset], "probes.target": [p.probes.target],
               "probes.control": [p.probes.control]}
-    if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune":  # the fine-tune keeps the retain sets' behaviour
+    if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune" and p.pair.finetune.objective in (
+            "signature", "answer"):  # those objectives keep the retain sets' behaviour (lm reads none)
         wanted["pair.finetune.retain"] = list(p.pair.finetune.retain)
     for what, needed in wanted.items():
         missing = [d for d in needed if d not in names]

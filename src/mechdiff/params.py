@@ -698,8 +698,7 @@ def validate(p: Params) -> Params:
     if not 0 < p.patch.target_drop <= 100:
         raise MechdiffError(f"params.yaml: patch.target_drop is a percent of the KL removed, in (0, 100], "
                             f"got {p.patch.target_drop}")
-    for key in ("steer.target_effect", "geometry.steer_scale", "hsae.steer_scale", "steer.ppl_budget",
-                "steer.mc_budget"):
+    for key in ("geometry.steer_scale", "hsae.steer_scale", "steer.ppl_budget"):  # shares in (0, 1]: _UNIT
         if not _get(p, key) > 0:
             raise MechdiffError(f"params.yaml: {key} must be > 0, got {_get(p, key)}")
     if p.features.max_themes < 2:

@@ -184,6 +184,29 @@ def test_a_missing_shard_or_array_is_a_one_line_error_not_zeros(tmp_path):
     os.remove(tmp_path / "m.zarr" / "L2.mlp_out" / "mean" / "zarr.json")
     with pytest.raises(MechdiffError, match=r"the array L2\.mlp_out/mean is missing or its metadata"):
         ActStore.open(tmp_path / "m.zarr").read("L2.mlp_out", "mean")
+    os.remove(tmp_path / "m.zarr" / "logits" / "zarr.json")
+    with pytest.raises(MechdiffError, match=r"the array logits is missing or its metadata"):
+        ActStore.open(tmp_path / "m.zarr").read_logits()
+
+
+def test_two_rank_store_with_an_all_zero_shared_token_shard_reads_back(tmp_path):
+    """A token shard two ranks share is written by `finalize_ranks` from both ranks' pieces: all zero, it is still
+    stored, so the missing-shard check does not refuse a valid store."""
+    data = make_data(n=40, seed=3)
+    data[("L0.resid_post", "tokens")][:] = 0
+    st = create(tmp_path / "r.zarr", data, tok_shard_rows=64)
+    off = np.concatenate([[0], np.cumsum(data["lens"])])
+    for rank in range(2):
+        lo, hi = st.rank_slice(rank, 2)
+        with st.writer(rows=(lo, hi), world=2) as w:
+            views = {s: {v: data[(s, v)][lo:hi] for v in VIEWS[s] if v != "tokens"} for s in SITES}
+            toks = {s: data[(s, "tokens")][off[lo] : off[hi]] for s in SITES if "tokens" in VIEWS[s]}
+            w.append(views, toks, data["logits"][lo:hi])
+    st.finalize_ranks(2)
+    st = ActStore.open(tmp_path / "r.zarr")
+    assert st.complete and (off[st.rank_slice(1, 2)[0]] % 64) != 0  # the slices' border falls inside a token shard
+    np.testing.assert_array_equal(st.read("L0.resid_post", "tokens"), data[("L0.resid_post", "tokens")])
+    np.testing.assert_array_equal(st.read("L2.mlp_out", "last"), data[("L2.mlp_out", "last")])
 
 
 def test_resume_after_crash_between_blocks(tmp_path):

@@ -164,6 +164,15 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, corpora, mod
            "pair.tuned.id: the tokenizer has", f"{rows + 7} tokens but the model's embedding only {rows} rows")
     with pytest.raises(MechdiffError, match=f"the tokenizer has {rows + 7} tokens but the model's embedding only"):
         load_model(str(big))
+    # a special token past the rows (a multimodal checkpoint's image token) is no text's token: allowed
+    img = tmp_path / "img"
+    shutil.copytree(models["a2"], img)
+    tok = AutoTokenizer.from_pretrained(img)
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tok.save_pretrained(img)
+    assert len(AutoTokenizer.from_pretrained(img)) == rows + 1
+    assert _check(tmp_path, corpora, _both(models["a"], img, True), capsys)[0] == 0
+    load_model(str(img))
 
 
 def test_a_cut_short_safetensors_file_is_found_by_the_check(tmp_path, corpora, models, capsys):
@@ -370,6 +379,7 @@ def test_data_without_its_cache_tells_an_edit_from_the_tracked_corpus(tmp_path, 
     ("probes.concat_layers", [0, 3], "probes.concat_layers: layer 3 is not stored by extract (resid_post at 0, 2, "),
     ("probes.concat_layers", [0, 30], "probes.concat_layers: layer 30: out of range, the base model has 30 blocks"),
     ("patch.attn_heads", [0, 9], "patch.attn_heads: head 9 is out of range, the base model has 9 attention heads (0..8)"),
+    ("rank", 100000, "rank 100000: more directions than the model's width 576: use a k <= 576 or 'full'"),
 ])
 def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, value, needle):
     """The base model's depth comes from its config (here the GGUF's metadata), before any stage runs."""
@@ -379,6 +389,17 @@ def test_layers_must_exist_in_the_base_model(tmp_path, corpora, capsys, key, val
 def test_finetune_retain_sets_must_be_datasets_of_the_corpus(tmp_path, corpora, capsys):
     _fails(_check(tmp_path, corpora, _set("pair.finetune.retain", ["control", "nope"]), capsys),
            "pair.finetune.retain: nope not in the corpus")
+
+    def lm(raw: dict) -> None:  # the lm objective reads no retain sets
+        raw["pair"]["finetune"].update({"objective": "lm", "retain": ["nope"]})
+    assert _check(tmp_path, corpora, lm, capsys)[0] == 0
+
+
+def test_an_edit_at_L0_resid_pre_is_refused_by_the_check(tmp_path, corpora, capsys):
+    def edit(raw: dict) -> None:
+        raw["pair"]["tuned"]["recipe"] = "edit"
+        raw["pair"]["edit"].update({"site": "resid_pre", "layer": 0})
+    _fails(_check(tmp_path, corpora, edit, capsys), "cannot edit L0.resid_pre", "raise pair.edit.layer")
 
 
 def test_local_model_without_tokenizer(tmp_path, corpora, models, capsys):

@@ -82,9 +82,11 @@ class GateSettings:
         for name in ("min_regions", "max_features", "n_perm", "max_rows", "batch_size"):
             if getattr(self, name) < 1:
                 raise MechdiffError(f"gates.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_effect", "min_kl", "d_min", "sd_max", "side_budget", "ccis_min", "ccis_eps"):
+        for name in ("min_effect", "min_kl", "d_min", "side_budget", "ccis_min", "ccis_eps"):
             if not getattr(self, name) >= 0:
                 raise MechdiffError(f"gates.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.sd_max > 0:  # the consistency gate keeps sd < sd_max: at 0 nothing could pass
+            raise MechdiffError(f"gates.sd_max must be > 0, got {self.sd_max}")
         if not 0 < self.alpha < 1:
             raise MechdiffError(f"gates.alpha must lie in (0, 1), got {self.alpha}")
 

@@ -742,6 +742,13 @@ def head_blend(heads: Heads, layer: int, clean: Any, select: Sequence[int] | str
     return blend
 
 
+def check_reported_rank(rank: int | str, width: int, what: str = "the model's width") -> None:
+    """The reported rank (params `rank`) is 'full' or at most the width. (Sweep ranks beyond the width stay
+    allowed: they mean the full map.)"""
+    if rank != "full" and int(rank) > width:
+        raise MechdiffError(f"rank {rank}: more directions than {what} {width}: use a k <= {width} or 'full'")
+
+
 def rank_alpha_sweep(
     model: nn.Module, enc: Encoded, rows: Any, site: Site, m: TransportMap, X: Any, *, ranks: Sequence[int | str],
     alphas: Sequence[float | str], rank: int | str, alpha: float | str, target_drop: float, allowed: Any = None,
@@ -757,9 +764,7 @@ def rank_alpha_sweep(
     the vectors actually patched.
     """
     width = int(np.shape(X)[1])
-    if rank != "full" and int(rank) > width:  # sweep ranks beyond the width mean the full map; the reported one
-        raise MechdiffError(f"rank {rank}: more directions than {site.name}'s width {width}: use a k <= {width} "
-                            "or 'full'")
+    check_reported_rank(rank, width, f"{site.name}'s width")
     ranks = list(dict.fromkeys([*ranks, rank]))
     alphas = list(dict.fromkeys([*alphas, alpha]))
     configs = rank_alpha_configs(m, X, ranks, alphas)
@@ -775,7 +780,7 @@ def rank_alpha_sweep(
 
 
 __all__ = [
-    "LAYER_PATCH_DIRECTIONS", "LayerPatch", "Sweep", "alpha_key", "decisions", "head_blend", "kl_drop", "layer_patch",
+    "LAYER_PATCH_DIRECTIONS", "LayerPatch", "Sweep", "alpha_key", "check_reported_rank", "decisions", "head_blend", "kl_drop", "layer_patch",
     "layer_patch_decisions", "layer_patch_direction", "layer_patch_table", "layer_recolour_stats", "min_k",
     "patch_kl", "patched_logits", "rank_alpha_configs", "rank_alpha_sweep", "reference_logits", "saturation_k",
     "src_decisions_in_dst", "summarise_sweep", "sweep_kl", "sweep_patch",

@@ -499,16 +499,19 @@ class ActStore(_Reader):
         if site is None or site == "logits":
             if not self.vocab_size:
                 raise MechdiffError(f"store {self.path} has no logits: extract with store_logits enabled")
-            return self._root["logits"]
-        self._check_site(site)
-        if view not in self._lay["views"][site]:
-            raise MechdiffError(f"site {site} has no view {view!r} in {self.path}: it has {', '.join(self.views(site))}")
+            key = "logits"
+        else:
+            self._check_site(site)
+            if view not in self._lay["views"][site]:
+                raise MechdiffError(f"site {site} has no view {view!r} in {self.path}: it has "
+                                    f"{', '.join(self.views(site))}")
+            key = f"{site}/{view}"
         try:
-            return self._root[f"{site}/{view}"]
+            return self._root[key]
         except KeyError as exc:  # the layout names it, but its zarr.json is gone
-            raise MechdiffError(f"store {self.path}: the array {site}/{view} is missing or its metadata "
-                                f"(zarr.json) is gone: restore it with `dvc checkout`, or delete the store and rerun "
-                                "its extract stage") from exc
+            raise MechdiffError(f"store {self.path}: the array {key} is missing or its metadata (zarr.json) is gone: "
+                                "restore it with `dvc checkout`, or delete the store and rerun its extract stage"
+                                ) from exc
 
     def _check_shards(self, z: zarr.Array) -> None:
         """Every shard file of an activation or logits array is on disk (checked once per array and process).
@@ -696,7 +699,8 @@ class ActStore(_Reader):
         pieces = sorted((self.path / RANK_DIR).glob("tok-*.npy"))
         for f in pieces:  # tok-<site>-<a>-<b>.npy: token rows [a, b) of a shard two ranks share
             site, a, b = f.stem[4:].rsplit("-", 2)
-            self._root[f"{site}/tokens"][int(a) : int(b)] = np.load(f)
+            # every shard is stored, all-zero ones too, as the writer does (`_check_shards` relies on it)
+            self._root[f"{site}/tokens"].with_config({"write_empty_chunks": True})[int(a) : int(b)] = np.load(f)
         nested: dict[str, dict[str, Any]] = {}
         for (site, v), w in merged.items():
             nested.setdefault(site, {})[v] = w.state()

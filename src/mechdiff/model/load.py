@@ -39,7 +39,7 @@ from torch import nn
 from mechdiff.errors import DAMAGED, MechdiffError, why
 from mechdiff.io import to_jsonable
 from mechdiff.model.kernels import warm_up
-from mechdiff.model.sites import find_blocks, model_width
+from mechdiff.model.sites import embedding_rows, find_blocks, model_width
 
 META_FILE = "mechdiff_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,18 +222,24 @@ def _rebuild_plain(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def check_tokens_fit(n_tokens: int, rows: int | None, where: str) -> None:
-    """A tokenizer's ids must index the model's embedding: with more tokens than rows, the first prompt holding
-    one of the extra tokens would fail deep in a forward (an IndexError in the embedding)."""
-    if rows is not None and n_tokens > rows:
-        raise MechdiffError(f"{where}: the tokenizer has {n_tokens} tokens but the model's embedding only {rows} rows "
+def check_tokens_fit(tok: Any, rows: int | None, where: str) -> None:
+    """A tokenizer's ids must index the model's embedding: a text holding a token whose id is past its rows would
+    fail deep in a forward (an IndexError in the embedding). Refused: a vocabulary larger than the rows, or added
+    tokens past them that are not special. Special tokens past the rows are allowed: text-only checkpoints of some
+    multimodal models (Gemma 3's) keep an image token one past their embedding, and a text prompt never holds it."""
+    if rows is None:
+        return
+    base = getattr(tok, "vocab_size", None)
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    beyond = [i for i, t in added.items() if int(i) >= rows and not getattr(t, "special", False)]
+    if (isinstance(base, int) and base > rows) or beyond:
+        raise MechdiffError(f"{where}: the tokenizer has {len(tok)} tokens but the model's embedding only {rows} rows "
                             f"(ids >= {rows} have none): use the tokenizer saved with this model, or resize the "
                             "embedding (model.resize_token_embeddings) and save the model again")
 
 
 def _finish(model: nn.Module, device: str, tok: Any, where: str) -> nn.Module:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    check_tokens_fit(len(tok), getattr(emb, "num_embeddings", None), where)
+    check_tokens_fit(tok, embedding_rows(model), where)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:

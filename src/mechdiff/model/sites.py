@@ -516,6 +516,12 @@ def add_at(model: nn.Module, site: Site, positions: torch.Tensor | None, vectors
         yield
 
 
+def embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (the ids it can read), or None when it has no such embedding."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
+
+
 def model_width(model: nn.Module) -> int:
     """Residual stream width (hidden size)."""
     cfg = model.config

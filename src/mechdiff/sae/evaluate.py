@@ -18,6 +18,7 @@ from mechdiff.model.memo import Memo
 from mechdiff.model.sites import (
     Site,
     capture,
+    embedding_rows,
     keep_block_outputs,
     model_width,
     read_at,
@@ -94,10 +95,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _vocab(model: nn.Module) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is None or not hasattr(emb, "num_embeddings"):
+    rows = embedding_rows(model)
+    if rows is None:
         raise MechdiffError(f"{type(model).__name__} has no input embedding: it is not a supported causal LM")
-    return int(emb.num_embeddings)
+    return rows
 
 
 def _plan(source: str, name: str, sae: TopKSAE) -> tuple[tuple[str, ...], tuple[str, ...], Replace]:
