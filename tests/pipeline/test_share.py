@@ -383,8 +383,11 @@ def test_missing_remote_is_one_actionable_line(producer: Path, work: Path) -> No
     repo = git_clone(producer, work / "lost")
     pull = dvc(["pull"], repo, check=False)
     assert pull.returncode != 0
-    msg = _one_line_error(_mechdiff(["remote", "check"], repo), "no DVC remote 'storage'",
+    msg = _one_line_error(_mechdiff(["remote", "check"], repo), "no default DVC remote",
                           "dvc remote add -d storage")
+    # a remote by name that is not configured
+    _one_line_error(_mechdiff(["remote", "check", "--name", "storage"], repo), "no DVC remote 'storage'",
+                    "dvc remote add -d storage")
     RECORD["no_remote"] = {"pull": pull.stdout + pull.stderr, "check": msg}
 
     nowhere = work / "not-mounted" / "store"
