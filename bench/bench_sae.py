@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-saelens"
@@ -206,12 +207,6 @@ IMPL_ORDER = ["mechdiff-sparse", "mechdiff-bf16", "mechdiff-dense", "saelens-den
 OTHERS = ("saelens-dense", "saelens-sparse", "sparsify-eager", "mechdiff-dense")
 
 
-def _median(v: list[float]) -> float:
-    v = sorted(v)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-
-
 def _table(rows: list[dict], mults: list[int]) -> None:
     """Final table: median tokens/s per implementation and width, peak RSS, and ratios of ours over SAELens."""
     print("\n=== median over repeats (tokens/s; min-max in brackets; tokens per process CPU-second, all threads; "
@@ -224,15 +219,15 @@ def _table(rows: list[dict], mults: list[int]) -> None:
         for r in rows:
             if r["mult"] == mult:
                 by.setdefault(r["impl"], []).append(r)
-        med = {name: _median([r["tok_s"] for r in rs]) for name, rs in by.items()}
+        med = {name: median([r["tok_s"] for r in rs]) for name, rs in by.items()}
         ours = med.get("mechdiff-sparse")
         for name in [n for n in IMPL_ORDER if n in by]:
             rs = by[name]
             ts = [r["tok_s"] for r in rs]
             ratio = f"{ours / med[name]:.2f}x" if ours else "-"
-            cpu = _median([r.get("tok_per_cpu_s") or 0.0 for r in rs])
+            cpu = median([r.get("tok_per_cpu_s") or 0.0 for r in rs])
             print(f"{'x' + str(mult):>6} {name:<17} {med[name]:>8.0f} [{min(ts):>7.0f} - {max(ts):>7.0f}] "
-                  f"{cpu:>9.0f} {max(r['peak_rss_mb'] for r in rs):>6.0f} MB {_median([r['load'] for r in rs]):>5.1f} "
+                  f"{cpu:>9.0f} {max(r['peak_rss_mb'] for r in rs):>6.0f} MB {median([r['load'] for r in rs]):>5.1f} "
                   f"{ratio:>16}")
         summary[mult] = med
     print("\nside-by-side ratios per repeat (same repeat = similar machine load), median [min - max]:")
@@ -246,7 +241,7 @@ def _table(rows: list[dict], mults: list[int]) -> None:
                     if a and b:
                         rat.append(a[0]["tok_s"] / b[0]["tok_s"])
                 if rat:
-                    print(f"  x{mult:<3} {ours_name} / {other:<15} = {_median(rat):.2f}x "
+                    print(f"  x{mult:<3} {ours_name} / {other:<15} = {median(rat):.2f}x "
                           f"[{min(rat):.2f} - {max(rat):.2f}] over {len(rat)} repeats")
     print("\ntargets (issue): >= 10k tok/s at x8 and x16; >= 2x SAELens at x8, >= 3x at x16 (SAELens default = dense)")
     for mult in mults:

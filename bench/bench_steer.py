@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-steering"
@@ -97,11 +98,6 @@ def _run(python: str, impl: str, model_dir: str, job_path: str, threads: int) ->
             return json.loads(line)
     print(f"  {impl} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     return None
-
-
-def _median(v: list[float]) -> float:
-    v = sorted(v)
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
 def _cosines(a: dict, b: dict) -> list[float]:
@@ -201,13 +197,13 @@ def _bench(a: argparse.Namespace) -> None:
     if not rows:
         return
     ours_s = [o["seconds"] for o, _ in rows]
-    print(f"\nmechdiff: {n / _median(ours_s):.1f} prompts/s ({rows[0][0]['tokens'] / _median(ours_s):.0f} tok/s), "
+    print(f"\nmechdiff: {n / median(ours_s):.1f} prompts/s ({rows[0][0]['tokens'] / median(ours_s):.0f} tok/s), "
           f"median of {len(ours_s)}")
     pairs = [(o, t) for o, t in rows if t]
     if pairs:
         ratios = [t["seconds"] / o["seconds"] for o, t in pairs]
-        th = _median([t["seconds"] for _, t in pairs])
-        print(f"steering-vectors: {n / th:.1f} prompts/s; mechdiff / steering-vectors = {_median(ratios):.2f}x "
+        th = median([t["seconds"] for _, t in pairs])
+        print(f"steering-vectors: {n / th:.1f} prompts/s; mechdiff / steering-vectors = {median(ratios):.2f}x "
               f"[{min(ratios):.2f} - {max(ratios):.2f}] (same-round ratios); vectors' min cosine "
               f"{min(min(_cosines(o['vectors'], t['vectors'])) for o, t in pairs):.6f}")
 

@@ -109,9 +109,10 @@ def train_one(p, base, tuned, source: str, layer: int, *, ddp: bool = False, pre
         rows = checked_rows(p, base, tuned, source, site)
     rows, val_rows = rows
     cfg = cfg or sae_config(p, base, source, layer)
-    resumed = prepare_output(out, fp) if prepare else (out / "checkpoints" / "latest.json").is_file()
+    has_checkpoint = (out / "checkpoints" / "latest.json").is_file()
+    resumed = prepare_output(out, fp) if prepare else has_checkpoint
     if resumed:
-        print(f"sae: resuming {out} from its last checkpoint" if (out / "checkpoints" / "latest.json").is_file()
+        print(f"sae: resuming {out} from its last checkpoint" if has_checkpoint
               else f"sae: {out} has no checkpoint yet (interrupted before its first): training from the start",
               flush=True)
     total = min(s.tokens, len(rows) * s.epochs)  # the budget: whichever cap comes first
