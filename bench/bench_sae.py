@@ -1,8 +1,8 @@
-"""Training throughput of mechdiff's TopK SAE vs SAELens's TopKTrainingSAE and sparsify's SparseCoder on the same
-activations.
+"""Training throughput of mechdiff's TopK SAE vs SAELens's TopKTrainingSAE, sparsify's SparseCoder and
+dictionary_learning's TopKTrainer on the same activations.
 
     .venv/bin/python bench/bench_sae.py [--seconds 10] [--repeats 3] [--mults 8 16] [--threads 2] [--no-saelens]
-                                        [--no-sparsify]
+                                        [--no-sparsify] [--no-dictlearn]
 
 Setup: d_in 576, k 32, batch 4096, Adam, fp32, on CPU. Each measurement runs in its own subprocess (clean
 peak RSS via resource.getrusage), with one warm-up step and then as many steps as fit in --seconds. The
@@ -14,7 +14,10 @@ it says so and measures mechdiff alone. sparsify (EleutherAI's TopK trainer) run
 `bench/.venv-sparsify` (torch==2.13.0, then eai-sparsify==1.3.3): each step is its trainer's (decoder normalised,
 forward with its fused encoder and, without triton on CPU, its eager embedding-bag decoder, FVU backward, the
 decoder gradient's parallel part removed, torch Adam, the dead counter), with Adam as the optimizer as for the
-others (sparsify's default is signum). Activations are real rows of an activation store when --store is
+others (sparsify's default is signum). dictionary_learning (the trainers behind dictionary_learning-based tools)
+runs from `bench/.venv-dictlearn` (torch==2.13.0, then dictionary-learning==0.1.0): each step is one
+`TopKTrainer.update` (its AuxK loss, the decoder gradient's parallel part removed, grad-norm clipping, Adam, its lr
+schedule, the decoder renormalised). Activations are real rows of an activation store when --store is
 given (a .npy file of shape (n, 576)), else seeded Gaussian rows with a low-rank structure.
 """
 
@@ -33,6 +36,7 @@ from statistics import median
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-saelens"
 SPARSIFY_VENV = HERE / ".venv-sparsify"
+DICTLEARN_VENV = HERE / ".venv-dictlearn"
 D_IN, K, BATCH = 576, 32, 4096
 
 
@@ -165,6 +169,24 @@ def child_sparsify(mult: int, mode: str, seconds: float, store: str | None) -> d
     return {"impl": f"sparsify-{mode}", "mult": mult, "steps": n, "tok_s": n * BATCH / dt}
 
 
+def child_dictlearn(mult: int, mode: str, seconds: float, store: str | None) -> dict:
+    """dictionary_learning's TopKTrainer (saprmarks et al.): one `update` per step (forward with its AuxK loss,
+    backward, the decoder gradient's parallel part removed, grad-norm clip, Adam, lr schedule, decoder renormalised).
+    Its first update (the warm-up step) also sets the decoder bias to the batch's geometric median."""
+    import torch
+    from dictionary_learning.trainers.top_k import TopKTrainer
+
+    batches = [torch.from_numpy(b) for b in _data(4, store)]
+    trainer = TopKTrainer(steps=100_000, activation_dim=D_IN, dict_size=D_IN * mult, k=K, layer=0,
+                          lm_name="bench", lr=1e-4, warmup_steps=1, seed=0, device="cpu")
+
+    def step(i: int) -> None:
+        trainer.update(i, batches[i % len(batches)])  # returns loss.item(): the step has finished
+
+    n, dt = _timed(step, seconds)
+    return {"impl": f"dictlearn-{mode}", "mult": mult, "steps": n, "tok_s": n * BATCH / dt}
+
+
 def _run_child(python: str, impl: str, mult: int, mode: str, args) -> dict | None:
     cmd = [python, str(Path(__file__).resolve()), "--child", impl, "--mult", str(mult), "--mode", mode,
            "--seconds", str(args.seconds), "--threads", str(args.threads)]
@@ -172,11 +194,17 @@ def _run_child(python: str, impl: str, mult: int, mode: str, args) -> dict | Non
         cmd += ["--store", args.store]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "SPARSIFY_DISABLE_TRITON": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.seconds * 20 + 300)
+    return run_json_child(cmd, env, args.seconds * 20 + 300, f"{impl}-{mode} x{mult}")
+
+
+def run_json_child(cmd: list[str], env: dict, timeout: float, label: str) -> dict | None:
+    """Run one benchmark child process; its result is the last stdout line that is a JSON object (None, said in
+    one line with the child's last error line, when it failed)."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
-    print(f"  {impl}-{mode} x{mult} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    print(f"  {label} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     return None
 
 
@@ -203,8 +231,8 @@ def _ensure_venv(venv: Path, package: str, module: str, name: str) -> str | None
 
 
 IMPL_ORDER = ["mechdiff-sparse", "mechdiff-bf16", "mechdiff-dense", "saelens-dense", "saelens-sparse",
-              "sparsify-eager"]
-OTHERS = ("saelens-dense", "saelens-sparse", "sparsify-eager", "mechdiff-dense")
+              "sparsify-eager", "dictlearn-topk"]
+OTHERS = ("saelens-dense", "saelens-sparse", "sparsify-eager", "dictlearn-topk", "mechdiff-dense")
 
 
 def _table(rows: list[dict], mults: list[int]) -> None:
@@ -247,6 +275,7 @@ def _table(rows: list[dict], mults: list[int]) -> None:
     for mult in mults:
         med = summary[mult]
         ours, sl, sp = med.get("mechdiff-sparse"), med.get("saelens-dense"), med.get("sparsify-eager")
+        dl = med.get("dictlearn-topk")
         need = 2.0 if mult <= 8 else 3.0
         if ours:
             line = f"  x{mult}: mechdiff-sparse {ours:.0f} tok/s ({'>=' if ours >= 10_000 else '<'} 10k)"
@@ -254,6 +283,8 @@ def _table(rows: list[dict], mults: list[int]) -> None:
                 line += f", {ours / sl:.2f}x SAELens-dense ({'meets' if ours / sl >= need else 'misses'} {need:.0f}x)"
             if sp:
                 line += f", {ours / sp:.2f}x sparsify"
+            if dl:
+                line += f", {ours / dl:.2f}x dictionary_learning"
             print(line)
 
 
@@ -267,13 +298,15 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="optional .npy of real activations (n, 576)")
     ap.add_argument("--no-saelens", action="store_true")
     ap.add_argument("--no-sparsify", action="store_true", help="skip sparsify (EleutherAI) in bench/.venv-sparsify")
+    ap.add_argument("--no-dictlearn", action="store_true",
+                    help="skip dictionary_learning (its TopKTrainer) in bench/.venv-dictlearn")
     ap.add_argument("--no-dense", action="store_true", help="skip mechdiff's dense autograd reference")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--saelens-sparse", action="store_true",
                     help="also time SAELens use_sparse_activations=True (fails on CPU with sae-lens 6.54.12: "
                          "aten::view is not implemented for SparseCPU)")
     ap.add_argument("--json", default=None, help="also write all measurements to this file")
-    ap.add_argument("--child", choices=["ours", "saelens", "sparsify"], default=None)
+    ap.add_argument("--child", choices=["ours", "saelens", "sparsify", "dictlearn"], default=None)
     ap.add_argument("--mult", type=int, default=8)
     ap.add_argument("--mode", default="sparse")
     args = ap.parse_args()
@@ -283,7 +316,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        fn = {"ours": child_ours, "saelens": child_saelens, "sparsify": child_sparsify}[args.child]
+        fn = {"ours": child_ours, "saelens": child_saelens, "sparsify": child_sparsify,
+              "dictlearn": child_dictlearn}[args.child]
         res = fn(args.mult, args.mode, args.seconds, args.store)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         res["tok_per_cpu_s"] = res["steps"] * BATCH / CPU_S[-1] if CPU_S and CPU_S[-1] > 0 else None
@@ -291,6 +325,8 @@ def main() -> None:
         return
     sl_py = None if args.no_saelens else _ensure_venv(VENV, "sae-lens==6.54.12", "sae_lens", "SAELens")
     sp_py = None if args.no_sparsify else _ensure_venv(SPARSIFY_VENV, "eai-sparsify==1.3.3", "sparsify", "sparsify")
+    dl_py = None if args.no_dictlearn else _ensure_venv(DICTLEARN_VENV, "dictionary-learning==0.1.0",
+                                                        "dictionary_learning.trainers.top_k", "dictionary_learning")
     print(f"d_in={D_IN} k={K} batch={BATCH} Adam fp32 CPU threads={args.threads} ~{args.seconds:.0f}s each, "
           f"{args.repeats} interleaved repeats; load avg at start {os.getloadavg()[0]:.1f}", flush=True)
     jobs = [("ours", "sparse")]
@@ -302,14 +338,17 @@ def main() -> None:
         jobs += [("saelens", "sparse")]
     if sp_py:
         jobs += [("sparsify", "eager")]
+    if dl_py:
+        jobs += [("dictlearn", "topk")]
     if not args.no_dense:
         jobs += [("ours", "dense")]
+    pythons = {"ours": sys.executable, "saelens": sl_py, "sparsify": sp_py, "dictlearn": dl_py}
     rows = []
     for rep in range(args.repeats):
         for mult in args.mults:
             for impl, mode in jobs:
                 load = os.getloadavg()[0]
-                r = _run_child({"ours": sys.executable, "saelens": sl_py, "sparsify": sp_py}[impl], impl, mult, mode, args)
+                r = _run_child(pythons[impl], impl, mult, mode, args)
                 if r:
                     r.update(repeat=rep, load=load)
                     rows.append(r)

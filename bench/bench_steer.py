@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,12 +91,9 @@ def _run(python: str, impl: str, model_dir: str, job_path: str, threads: int) ->
         env.pop("PYTHONPATH", None)  # its own venv, nothing of this project
     cmd = [python, str(Path(__file__).resolve()), "--child", impl, "--model-dir", model_dir, "--job", job_path,
            "--threads", str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    for line in r.stdout.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
-    print(f"  {impl} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    return None
+    from bench_sae import run_json_child  # the benchmarks' one child runner (this directory is on the path)
+
+    return run_json_child(cmd, env, 3600, impl)
 
 
 def _cosines(a: dict, b: dict) -> list[float]:

