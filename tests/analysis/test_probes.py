@@ -197,6 +197,10 @@ def test_tasks_from_prompts():
     bt = binary_sparse_tasks(prompts)
     assert [b[0] for b in bt] == ["cultural_vs_control", "trait:certainty", "trait:warmth"]
     assert bt[1][2].tolist() == [int(prompts[i].label >= 2) for i in bt[1][1]]
+    # another grade scale (1, 2, 4, 5): high vs low splits at its middle (3), not at the 0-3 scale's 2
+    five = [Prompt(q.pid, q.text, q.dataset, q.split, q.group, q.label + 1 + (q.label >= 2), q.trait) for q in prompts]
+    bt5 = binary_sparse_tasks(five)
+    assert bt5[1][2].tolist() == [int(five[i].label > 3) for i in bt5[1][1]] == bt[1][2].tolist()
     F = np.zeros((len(prompts), 6))
     F[:, 4] = np.arange(len(prompts))
     F[:, 1] = np.arange(len(prompts)) % 2

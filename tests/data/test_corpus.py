@@ -296,6 +296,10 @@ def test_hf_code_path_on_local_json(tmp_path):
         load_corpus(tmp_path, [{**src, "text_field": "prompt"}])
     with pytest.raises(MechdiffError, match="not an integer"):
         load_corpus(tmp_path, [{**src, "label_field": "question"}])
+    neg = tmp_path / "neg.jsonl"  # -1 is "no label"; a grade below it is an error, not silently unlabelled
+    neg.write_text('{"text": "a", "label": -1}\n{"text": "b", "label": -2}\n')
+    with pytest.raises(MechdiffError, match="record 2: label -2 is negative"):
+        load_corpus(tmp_path, [{"name": "neg", "path": "neg.jsonl"}])
     with pytest.raises(MechdiffError, match="missing.jsonl of source 'qa' not found: fix its data_files in data.sources"):
         load_corpus(tmp_path, [{**src, "data_files": "missing.jsonl"}])
     with pytest.raises(MechdiffError, match="of source 'mine' not found: fix its path in data.sources"):

@@ -470,7 +470,8 @@ def sae_reconstruction_bias(sae, X: np.ndarray, *, chunk: int = 4096) -> float:
 def binary_sparse_tasks(prompts: Sequence, *, target: str = "cultural", control: str = "control"
                         ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Binary tasks for sparse probing (SAEBench probes binary tasks): target vs control, and each trait's
-    high (label >= 2) vs low (label <= 1). Tuples (name, train rows, train labels, test rows, test labels)."""
+    high vs low grades, split at the middle of the trait's label range (labels 0-3: high = 2, 3; low = 0, 1).
+    Tuples (name, train rows, train labels, test rows, test labels)."""
     out = []
 
     def add(name: str, keep: Callable, label: Callable) -> None:
@@ -482,5 +483,7 @@ def binary_sparse_tasks(prompts: Sequence, *, target: str = "cultural", control:
 
     add(f"{target}_vs_{control}", lambda q: q.dataset in (target, control), lambda q: int(q.dataset == target))
     for trait in sorted({q.trait for q in prompts if q.trait and q.label >= 0}):
-        add(f"trait:{trait}", lambda q, t=trait: q.trait == t and q.label >= 0, lambda q: int(q.label >= 2))
+        grades = [q.label for q in prompts if q.trait == trait and q.label >= 0]
+        mid = (min(grades) + max(grades)) / 2
+        add(f"trait:{trait}", lambda q, t=trait: q.trait == t and q.label >= 0, lambda q, m=mid: int(q.label > m))
     return out

@@ -613,6 +613,8 @@ def _to_label(v: Any, where: str) -> int:
         f = math.nan
     if not math.isfinite(f) or f != int(f):
         raise MechdiffError(f"{where}: label {v!r} is not an integer: set label_field to an integer column or null")
+    if f < -1:  # a label is a grade (0, 1, 2, ...); -1 or null = none
+        raise MechdiffError(f"{where}: label {v!r} is negative: a label is a grade 0, 1, 2, ... (-1 or null for none)")
     return int(f)
 
 
@@ -759,7 +761,8 @@ def load_corpus(data_dir: str | Path, sources: list[dict] | None = None, *, max_
     A source is the name of a corpus the project ships (`cultural`, `control`, `neutral`, `trait`, `math`,
     `mc_*`), `{"name", "path"}` (JSONL relative to `data_dir` or absolute; optional `text_field`,
     `label_field`, `n`) or `{"name", "hf", "config", "split", "data_files", "text_field", "label_field", "n"}`
-    (first `n` rows). A record's `dataset` field wins over the source name. Multiple-choice records carry their
+    (first `n` rows). A record's `dataset` field wins over the source name; its label (`label_field`) is a grade
+    0, 1, 2, ... of its `trait` (-1 or null: none; other negative numbers are refused). Multiple-choice records carry their
     options in `choices` (a list of >= 2 non-empty strings, or `{"text": [...], "label": [...]}`) and the right
     one in `answer` (an index, a letter "A".."Z", or one of the labels); a `reference` answer text is optional;
     `choices_field` / `answer_field` / `reference_field` rename them (for `hf` sources the default names are read
