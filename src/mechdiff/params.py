@@ -503,8 +503,8 @@ _POSITIVE = {
     "geometry.batch_size", "hsae.width", "hsae.children", "hsae.k", "hsae.batch_size", "hsae.epochs",
     "hsae.eval_prompts", "heads.max_new_tokens", "heads.max_prompts", "heads.top_k", "heads.batch_size",
     "sae.eval_prompts", "features.n_perm", "features.n_top_cultural", "features.top_examples",
-    "features.theme_points", "features.graded_top", "gates.max_features", "gates.max_prompts", "gates.neutral_prompts",
-    "gates.mc_questions", "gates.n_perm", "gates.min_regions", "feature_pages.n_top", "feature_pages.n_contexts",
+    "features.theme_points", "features.graded_top", "gates.max_prompts", "gates.neutral_prompts",
+    "gates.mc_questions", "feature_pages.n_top", "feature_pages.n_contexts",
     "feature_pages.n_logit_tokens", "feature_pages.hist_bins", "feature_pages.plot_prompts",
 }
 # bootstrap replicates and permutations: a 95 % interval or a p-value needs a few dozen draws to mean anything
@@ -512,13 +512,10 @@ _POSITIVE = {
 _RESAMPLES = ("divergence.n_boot", "patch.n_boot", "behaviour.n_boot", "steer.n_boot", "features.n_perm", "gates.n_perm")
 MIN_RESAMPLES = 20
 _NON_NEGATIVE = {"seed", "divergence.layer_patch_prompts", "features.theme_seeds", "features.theme_boot",
-                 "feature_pages.max_gated", "sae.validate.min_sparsity", "gates.min_effect", "gates.min_kl",
-                 "gates.d_min", "gates.ccis_min"}
+                 "feature_pages.max_gated", "sae.validate.min_sparsity"}
 _UNIT = {  # fractions at most 1: key -> (lower bound, whether the bound itself is allowed)
     "features.fdr": (0.0, False), "features.active_freq": (0.0, True), "features.match_cos": (-1.0, True),
-    "features.stable_ari": (0.0, True), "gates.match_cos": (-1.0, True), "gates.top_share": (0.0, False),
-    "gates.max_freq": (0.0, False), "gates.side_budget": (0.0, True), "gates.alpha": (0.0, False),
-    "patch.saturation": (0.0, False), "pair.fairness.min_shared_ratio": (0.0, True),
+    "features.stable_ari": (0.0, True), "patch.saturation": (0.0, False), "pair.fairness.min_shared_ratio": (0.0, True),
     "steer.target_effect": (0.0, False), "steer.mc_budget": (0.0, False),  # a share of the gap; an accuracy drop
 }
 _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "sae.layers", "features.embeddings",
@@ -790,8 +787,6 @@ def validate(p: Params) -> Params:
     if finetunes and ft.objective == "signature" and not (isinstance(ft.signature, str) and ft.signature.strip()):
         raise MechdiffError("params.yaml: pair.finetune.signature must be a non-empty text (what the tuned model "
                             "learns to say)")
-    if not p.gates.sd_max > 0:
-        raise MechdiffError(f"params.yaml: gates.sd_max must be > 0, got {p.gates.sd_max}")
     if not (p.pair.finetune.retain_weight >= 0 and p.pair.finetune.retain_weight < float("inf")):
         raise MechdiffError(f"params.yaml: pair.finetune.retain_weight must be a finite number >= 0, "
                             f"got {p.pair.finetune.retain_weight}")

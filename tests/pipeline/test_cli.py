@@ -107,6 +107,11 @@ def test_bf16_tip_follows_the_detected_cpu(tmp_path, corpora, capsys, monkeypatc
     assert rc == 0 and "tip:" not in out
 
 
+def test_gates_thresholds_checked_before_the_run(tmp_path, corpora, capsys):
+    """A gates value the gates stage refuses fails `params --check` (run before `dvc repro`) in one line."""
+    _fails(_check(tmp_path, corpora, _set("gates.alpha", 1.0), capsys), "params.yaml: gates.alpha must lie in (0, 1)")
+
+
 def test_device_params_must_exist_here(tmp_path, corpora, capsys, monkeypatch):
     import torch
 

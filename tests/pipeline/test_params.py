@@ -92,7 +92,6 @@ def test_repo_params_load():
     (lambda r: r["steer"].__setitem__("target_effect", float("nan")), "steer.target_effect must be a finite"),
     (lambda r: r["patch"].__setitem__("target_drop", -5), "patch.target_drop"),
     (lambda r: r["geometry"].__setitem__("steer_scale", -1), "geometry.steer_scale must be > 0"),
-    (lambda r: r["gates"].__setitem__("max_freq", -1), r"gates.max_freq must lie in \(0, 1\]"),
     (lambda r: r["gates"].__setitem__("max_prompts", 0), "gates.max_prompts must be >= 1"),
     (lambda r: r["data"].__setitem__("max_per_dataset", 0), "data.max_per_dataset must be >= 1 or null"),
     (lambda r: r["data"].__setitem__("max_len", 2), "data.max_len must be >= 8"),
@@ -120,9 +119,6 @@ def test_repo_params_load():
     (lambda r: r["transport"].__setitem__("sites", ["L3.foo"]), r"^params.yaml: transport.sites: .*unknown site kind 'foo'"),
     (lambda r: r["steer"].__setitem__("sites", ["L3.foo"]), r"^params.yaml: steer.sites: .*unknown site kind 'foo'"),
     (lambda r: r["steer"].__setitem__("mc_budget", 1.5), "steer.mc_budget"),
-    (lambda r: r["gates"].__setitem__("min_effect", -1), "gates.min_effect"),
-    (lambda r: r["gates"].__setitem__("min_kl", -1), "gates.min_kl"),
-    (lambda r: r["gates"].__setitem__("sd_max", -1), "gates.sd_max must be > 0"),
     (lambda r: r["pair"]["finetune"].__setitem__("layers", []), "pair.finetune.layers is empty"),
     (lambda r: r["pair"]["finetune"].__setitem__("signature", " "), "pair.finetune.signature must be a non-empty"),
 ])
@@ -130,6 +126,29 @@ def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     with pytest.raises(MechdiffError, match=match) as e:
         load_params(_write(tmp_path, mutate))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("min_effect", -1, "gates.min_effect must be >= 0"),
+    ("min_kl", -1, "gates.min_kl must be >= 0"),
+    ("sd_max", -1, "gates.sd_max must be > 0"),
+    ("max_freq", -1, r"gates.max_freq must lie in \(0, 1\]"),
+    # the gates' own rules (GateSettings), not a looser copy: these passed the check and failed the stage before
+    ("match_cos", 0.0, r"gates.match_cos must lie in \(0, 1\]"),
+    ("alpha", 1.0, r"gates.alpha must lie in \(0, 1\)"),
+    ("min_regions", 0, r"gates.min_regions must be >= 1"),
+])
+def test_gates_params_are_checked_by_the_gates_rules(tmp_path, key, value, match):
+    from mechdiff.analysis.gate_settings import GateSettings
+    from mechdiff.cli import check_gates
+
+    p = load_params(_write(tmp_path, lambda r: r["gates"].__setitem__(key, value)))
+    with pytest.raises(MechdiffError, match="^params.yaml: " + match) as e:
+        check_gates(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(MechdiffError, match="^" + match):  # the stage's settings: the same rule, the same words
+        GateSettings(**{key: value})
+    check_gates(load_params(_write(tmp_path, lambda r: None)))  # the shipped values pass
 
 
 def test_lists_that_may_repeat_values_load(tmp_path):

@@ -39,6 +39,7 @@ from torch import nn
 
 from mechdiff.analysis.behaviour import decision_logits, mc_correct, option_logprobs
 from mechdiff.analysis.features import cohens_d, decoder_dirs
+from mechdiff.analysis.gate_settings import GateSettings
 from mechdiff.errors import MechdiffError
 from mechdiff.model.sites import Site, capture, edit_at, keep_block_outputs, read_at, reuse_blocks
 from mechdiff.model.tokens import Encoded, batches
@@ -49,46 +50,6 @@ from mechdiff.stats.kl import kl_divergence, log_softmax
 GATE_SOURCES = ("base", "tuned", "delta")
 FUNNEL = ("candidates", "variance", "sparsity", "coverage", "measured", "causal", "consistent", "side_effects")
 PAN_INDIAN = "pan-Indian"
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """Thresholds and sizes of the gates (mirroring params `gates.*`; defaults are the seed's values)."""
-
-    match_cos: float = 0.7  # counterparts across SAEs: |decoder cosine| >= this
-    top_share: float = 0.1  # distribution variance: the top share of all features pass (seed: 10%)
-    max_freq: float = 20 / 615  # sparsity: token firing frequency on held-out cultural prompts below (seed: L0 < 20 of 615)
-    min_regions: int = 3  # coverage: regions fired on (seed: >= 3 subcultures)
-    max_features: int = 3  # survivors of the cheap gates measured with the models, per SAE (largest variance first)
-    min_effect: float = 0.05  # causal: relative behaviour change above this (seed: > 5%) ...
-    min_kl: float = 0.05  # ... or decision-token KL (nats) above this
-    prob_floor: float = 1e-3  # relative behaviour change is 0 when the clean mean probability is below this
-    d_min: float = 0.8  # corruption consistency: mean Cohen's d above this ...
-    sd_max: float = 0.3  # ... and SD across methods below this
-    side_budget: float = 0.2  # side effects: relative neutral accuracy change and signature-rate change below (seed: 20%)
-    ccis_min: float = 1.5
-    alpha: float = 0.001
-    n_perm: int = 2000
-    ccis_eps: float = 0.01  # keeps the CCIS finite when every loss term is 0
-    max_rows: int = 16384  # token rows of train cultural prompts for the mean activations
-    batch_size: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("match_cos", "top_share", "max_freq"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise MechdiffError(f"gates.{name} must lie in (0, 1], got {v}")
-        for name in ("min_regions", "max_features", "n_perm", "max_rows", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MechdiffError(f"gates.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_effect", "min_kl", "d_min", "side_budget", "ccis_min", "ccis_eps"):
-            if not getattr(self, name) >= 0:
-                raise MechdiffError(f"gates.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.sd_max > 0:  # the consistency gate keeps sd < sd_max: at 0 nothing could pass
-            raise MechdiffError(f"gates.sd_max must be > 0, got {self.sd_max}")
-        if not 0 < self.alpha < 1:
-            raise MechdiffError(f"gates.alpha must lie in (0, 1), got {self.alpha}")
 
 
 # ---------------------------------------------------------------- cheap gates (numpy)
@@ -406,12 +367,14 @@ def cheap_gates(inp: GateInputs, st: GateSettings) -> dict[str, dict[str, np.nda
     return out
 
 
-def run_gates(inp: GateInputs, st: GateSettings = GateSettings(), *, progress: Callable[[str], None] | None = None,
+def run_gates(inp: GateInputs, st: GateSettings | None = None, *, progress: Callable[[str], None] | None = None,
               units: UnitsFn = compute_all) -> GateResults:
     """The whole funnel (module docstring): cheap gates on every feature, model-based gates on the survivors.
-    `units` (`resume.Units`) keeps each measured feature's result, so an interrupted run resumes."""
+    `units` (`resume.Units`) keeps each measured feature's result, so an interrupted run resumes. `st`: the
+    seed's settings when None."""
     import time
 
+    st = GateSettings() if st is None else st
     say = progress or (lambda _m: None)
     t0 = time.time()
     res = GateResults(settings=asdict(st))
