@@ -16,8 +16,8 @@ forward with its fused encoder and, without triton on CPU, its eager embedding-b
 decoder gradient's parallel part removed, torch Adam, the dead counter), with Adam as the optimizer as for the
 others (sparsify's default is signum). dictionary_learning (the trainers behind dictionary_learning-based tools)
 runs from `bench/.venv-dictlearn` (torch==2.13.0, then dictionary-learning==0.1.0): each step is one
-`TopKTrainer.update` (its AuxK loss, the decoder gradient's parallel part removed, grad-norm clipping, Adam, its lr
-schedule, the decoder renormalised). Activations are real rows of an activation store when --store is
+`TopKTrainer.update` (the decoder gradient's parallel part removed, grad-norm clipping, Adam, its lr schedule, the
+decoder renormalised; its AuxK term waits for latents dead over 10M tokens, so it is 0 within a run here). Activations are real rows of an activation store when --store is
 given (a .npy file of shape (n, 576)), else seeded Gaussian rows with a low-rank structure.
 """
 
@@ -170,9 +170,10 @@ def child_sparsify(mult: int, mode: str, seconds: float, store: str | None) -> d
 
 
 def child_dictlearn(mult: int, mode: str, seconds: float, store: str | None) -> dict:
-    """dictionary_learning's TopKTrainer (saprmarks et al.): one `update` per step (forward with its AuxK loss,
-    backward, the decoder gradient's parallel part removed, grad-norm clip, Adam, lr schedule, decoder renormalised).
-    Its first update (the warm-up step) also sets the decoder bias to the batch's geometric median."""
+    """dictionary_learning's TopKTrainer: one `update` per step (forward and loss, backward, the decoder gradient's
+    parallel part removed, grad-norm clip, Adam, lr schedule, decoder renormalised; AuxK waits for latents dead
+    over 10M tokens). Its first update (the untimed warm-up step) also sets the decoder bias to the batch's
+    geometric median."""
     import torch
     from dictionary_learning.trainers.top_k import TopKTrainer
 
@@ -208,22 +209,30 @@ def run_json_child(cmd: list[str], env: dict, timeout: float, label: str) -> dic
     return None
 
 
+TORCH = "2.13.0"  # every library is timed on the same torch (the local CPU wheel), as mechdiff is
+
+
 def _ensure_venv(venv: Path, package: str, module: str, name: str) -> str | None:
-    """The python of a benchmark-only venv holding `package` (torch==2.13.0 installed first, from the local CPU
-    wheel), created on first use; None, said in one line, when it cannot be installed."""
+    """The python of a benchmark-only venv holding `package` on torch==2.13.0 (installed first, from the local CPU
+    wheel, and held there while `package` installs), created on first use; None, said in one line, when it cannot
+    be installed. A torchvision that `package` pulls in is removed: the registry's build is not the CPU wheel's
+    (its operators fail to load beside it) and no benchmarked trainer uses it."""
     py = venv / "bin" / "python"
-    ok = py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True,
-                                        env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}).returncode == 0
-    if ok:
+    probe = f"import torch, {module}; assert torch.__version__.split('+')[0] == {TORCH!r}, torch.__version__"
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
+    if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True, env=env).returncode == 0:
         return str(py)
-    print(f"creating {venv} (torch==2.13.0, then {package}) ...", flush=True)
+    print(f"creating {venv} (torch=={TORCH}, then {package}) ...", flush=True)
     try:
         if not py.exists():
             subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, package], check=True)
-        subprocess.run([str(py), "-c", f"import {module}"], check=True, capture_output=True)
+        pin = venv / "torch-constraint.txt"
+        pin.write_text(f"torch=={TORCH}\n")
+        pip = [str(py), "-m", "pip"]
+        subprocess.run([*pip, "install", "-q", f"torch=={TORCH}"], check=True)
+        subprocess.run([*pip, "install", "-q", "-c", str(pin), package], check=True)
+        subprocess.run([*pip, "uninstall", "-q", "-y", "torchvision"], check=True, capture_output=True)
+        subprocess.run([str(py), "-c", probe], check=True, capture_output=True, env=env)
         return str(py)
     except (subprocess.CalledProcessError, OSError) as e:
         print(f"{name} could not be installed ({e}); measuring without it")
@@ -320,6 +329,7 @@ def main() -> None:
               "dictlearn": child_dictlearn}[args.child]
         res = fn(args.mult, args.mode, args.seconds, args.store)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["torch"] = torch.__version__
         res["tok_per_cpu_s"] = res["steps"] * BATCH / CPU_S[-1] if CPU_S and CPU_S[-1] > 0 else None
         print(json.dumps(res))
         return
@@ -354,7 +364,7 @@ def main() -> None:
                     rows.append(r)
                     print(f"  rep {rep} x{mult:<3} {r['impl']:<17} {r['tok_s']:>8.0f} tok/s  "
                           f"{r['tok_per_cpu_s'] or 0:>7.0f} tok/CPU-s  peak RSS {r['peak_rss_mb']:.0f} MB  "
-                          f"load {load:.1f}", flush=True)
+                          f"load {load:.1f}  torch {r.get('torch')}", flush=True)
     _table(rows, args.mults)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -7,7 +7,7 @@ the target is the tuned model's greedy continuation of cultural test prompts. Pr
 planted heads rank by the direct estimate (each head's own change), by the attribution-patching estimate
 (pred) and by |delta attribution|, the largest |direct| of any other head, the planted heads' smallest |pred|
 against the largest of any other head, the patch share of each planted head ("not patched" when it is not among
-the planted count + 4 heads patched one at a time, the top ones by pred) and the largest of any other patched head,
+the heads patched one at a time: the planted count + 4 top ones by pred, and 4 drawn at random from the rest) and the largest of any other patched head,
 and the fewest heads closing half the gap. After the table, the plants whose gap's 95 % bootstrap
 interval holds 0 are named: their shares are shares of almost nothing.
 

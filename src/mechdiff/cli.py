@@ -404,7 +404,6 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
     root = Path(ns.root)
     p = load_params(root / "params.yaml")
-    check_gates(p)
     if not ns.check:
         print(json.dumps(dataclasses.asdict(p), indent=2))
     # a missing key first, alone: the other checks would read its default, which dvc repro never runs with
@@ -419,20 +418,6 @@ def cmd_params(ns: argparse.Namespace) -> int:
     if tip:
         print(tip)
     return 0
-
-
-def check_gates(p) -> None:
-    """`gates.*` by the gates' own rules (`GateSettings`, the one place they live), before `dvc repro`: the gates
-    stage builds the same settings when it starts. Not in `params.validate`, so that no other stage imports them."""
-    import dataclasses
-
-    from mechdiff.analysis.gate_settings import GateSettings
-
-    names = {f.name for f in dataclasses.fields(GateSettings)}
-    try:
-        GateSettings(**{k: v for k, v in dataclasses.asdict(p.gates).items() if k in names})
-    except MechdiffError as e:
-        raise MechdiffError(f"params.yaml: {e}") from None
 
 
 def dtype_tip(p) -> str | None:

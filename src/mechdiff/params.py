@@ -522,6 +522,17 @@ _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "
               "steer.sites", "steer.controls", "behaviour.datasets")
 
 
+def _check_gates(g: GatesParams) -> None:
+    """`gates.*` by the gates' own rules (`GateSettings`, the one place they live), in every stage's params check."""
+    from mechdiff.analysis.gate_settings import GateSettings
+
+    names = {f.name for f in dataclasses.fields(GateSettings)}
+    try:
+        GateSettings(**{k: v for k, v in dataclasses.asdict(g).items() if k in names})
+    except MechdiffError as e:
+        raise MechdiffError(f"params.yaml: {e}") from None
+
+
 def _values(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every value in the params below the sections (dotted key, value): lists and mappings, then their items."""
     if dataclasses.is_dataclass(obj):
@@ -787,6 +798,7 @@ def validate(p: Params) -> Params:
     if finetunes and ft.objective == "signature" and not (isinstance(ft.signature, str) and ft.signature.strip()):
         raise MechdiffError("params.yaml: pair.finetune.signature must be a non-empty text (what the tuned model "
                             "learns to say)")
+    _check_gates(p.gates)
     if not (p.pair.finetune.retain_weight >= 0 and p.pair.finetune.retain_weight < float("inf")):
         raise MechdiffError(f"params.yaml: pair.finetune.retain_weight must be a finite number >= 0, "
                             f"got {p.pair.finetune.retain_weight}")

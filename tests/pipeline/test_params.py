@@ -137,18 +137,16 @@ def test_bad_params_give_one_line_errors(tmp_path, mutate, match):
     ("match_cos", 0.0, r"gates.match_cos must lie in \(0, 1\]"),
     ("alpha", 1.0, r"gates.alpha must lie in \(0, 1\)"),
     ("min_regions", 0, r"gates.min_regions must be >= 1"),
+    ("side_budget", 5.0, r"gates.side_budget must lie in \[0, 1\]"),
 ])
 def test_gates_params_are_checked_by_the_gates_rules(tmp_path, key, value, match):
     from mechdiff.analysis.gate_settings import GateSettings
-    from mechdiff.cli import check_gates
 
-    p = load_params(_write(tmp_path, lambda r: r["gates"].__setitem__(key, value)))
-    with pytest.raises(MechdiffError, match="^params.yaml: " + match) as e:
-        check_gates(p)
+    with pytest.raises(MechdiffError, match="^params.yaml: " + match) as e:  # every stage's params check
+        load_params(_write(tmp_path, lambda r: r["gates"].__setitem__(key, value)))
     assert "\n" not in str(e.value)
     with pytest.raises(MechdiffError, match="^" + match):  # the stage's settings: the same rule, the same words
         GateSettings(**{key: value})
-    check_gates(load_params(_write(tmp_path, lambda r: None)))  # the shipped values pass
 
 
 def test_lists_that_may_repeat_values_load(tmp_path):

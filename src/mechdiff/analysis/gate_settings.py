@@ -1,6 +1,6 @@
-"""The gates' thresholds and sizes, and their one set of rules: `analysis.gates` runs with them and
-`params.validate` checks `gates.*` by building one, before any stage runs. Light on purpose (no numpy or torch),
-since every stage's params check imports it."""
+"""The gates' thresholds and sizes, and their one set of rules: `analysis.gates` runs with them, and
+`params.validate` (every stage's params check, and `mechdiff params --check`) checks `gates.*` by building one.
+Light on purpose (no numpy or torch), since every stage imports it."""
 
 from __future__ import annotations
 
@@ -40,9 +40,11 @@ class GateSettings:
         for name in ("min_regions", "max_features", "n_perm", "max_rows", "batch_size"):
             if getattr(self, name) < 1:
                 raise MechdiffError(f"gates.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_effect", "min_kl", "d_min", "side_budget", "ccis_min", "ccis_eps"):
+        for name in ("min_effect", "min_kl", "d_min", "ccis_min", "ccis_eps"):
             if not getattr(self, name) >= 0:
                 raise MechdiffError(f"gates.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.side_budget <= 1:  # a relative change and a rate change: above 1 nothing could fail it
+            raise MechdiffError(f"gates.side_budget must lie in [0, 1], got {self.side_budget}")
         if not self.sd_max > 0:  # the consistency gate keeps sd < sd_max: at 0 nothing could pass
             raise MechdiffError(f"gates.sd_max must be > 0, got {self.sd_max}")
         if not 0 < self.alpha < 1:

@@ -470,7 +470,8 @@ def sae_reconstruction_bias(sae, X: np.ndarray, *, chunk: int = 4096) -> float:
 def binary_sparse_tasks(prompts: Sequence, *, target: str = "cultural", control: str = "control"
                         ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Binary tasks for sparse probing (SAEBench probes binary tasks): target vs control, and each trait's
-    high vs low grades, split at the middle of the trait's label range (labels 0-3: high = 2, 3; low = 0, 1).
+    high vs low grades, split at the middle of the grades the trait's prompts carry (0-3: high = 2, 3; low = 0, 1;
+    a subsample that lost a trait's top or bottom grade moves the middle with it).
     Tuples (name, train rows, train labels, test rows, test labels)."""
     out = []
 
