@@ -358,9 +358,17 @@ def _check_data(p, root: Path) -> list[str]:
     from mechdiff.data.corpus import load_concepts
 
     try:
-        load_concepts(root / p.data.dir)
+        parents = load_concepts(root / p.data.dir)["parents"]
     except MechdiffError as e:
         problems.append(f"data.dir (the geometry stage's concept hierarchy): {e}")
+    else:  # the hsae stage's teacher: one parent latent per concept parent, its children under it
+        name, kids = max(((k, len(v["children"])) for k, v in parents.items()), key=lambda kv: kv[1])
+        if kids > p.hsae.children:
+            problems.append(f"hsae.children: {p.hsae.children} child latents per parent, but concept parent {name!r} "
+                            f"has {kids} children ({p.data.dir}/concepts.json): raise hsae.children to {kids}")
+        if len(parents) > p.hsae.width:
+            problems.append(f"hsae.width: {p.hsae.width} parent latents, fewer than the {len(parents)} concept "
+                            f"parents the teacher initialises ({p.data.dir}/concepts.json): raise hsae.width")
     if p.hsae.view == "tokens" and p.hsae.layer not in p.sae.layers:
         problems.append(f"hsae.layer: L{p.hsae.layer} has no `tokens` view in the store (every-token rows are kept "
                         f"at sae.layers {p.sae.layers}): add {p.hsae.layer} to sae.layers or set hsae.view to last")

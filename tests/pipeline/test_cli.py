@@ -107,6 +107,21 @@ def test_bf16_tip_follows_the_detected_cpu(tmp_path, corpora, capsys, monkeypatc
     assert rc == 0 and "tip:" not in out
 
 
+def test_hsae_must_hold_the_concept_hierarchy(tmp_path, corpora, capsys):
+    """The H-SAE's teacher needs a parent latent per concept parent and room for its children: refused before the
+    run (the stage refused it only after extraction and the SAEs)."""
+    from mechdiff.data.corpus import load_concepts
+
+    parents = load_concepts(corpora)["parents"]
+    most = max(len(v["children"]) for v in parents.values())
+    _fails(_check(tmp_path, corpora, _set("hsae.children", most - 1), capsys),
+           "hsae.children:", f"has {most} children", f"raise hsae.children to {most}")
+    _fails(_check(tmp_path, corpora, _set("hsae.width", len(parents) - 1), capsys),
+           "hsae.width:", f"fewer than the {len(parents)} concept parents")
+    rc, _, _ = _check(tmp_path, corpora, _set("hsae.children", most), capsys)
+    assert rc == 0
+
+
 def test_gates_thresholds_checked_before_the_run(tmp_path, corpora, capsys):
     """A gates value the gates stage refuses fails `params --check` (run before `dvc repro`) in one line."""
     _fails(_check(tmp_path, corpora, _set("gates.alpha", 1.0), capsys), "params.yaml: gates.alpha must lie in (0, 1)")
