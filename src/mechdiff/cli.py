@@ -123,8 +123,9 @@ def layer_params(p) -> list[tuple[str, int]]:
 
     out = [(f"transport.sites ({s})", Site.parse(s).layer) for s in p.transport.sites]
     out += [(f"steer.sites ({s})", Site.parse(s).layer) for s in p.steer.sites if s != "layers"]
-    lists = {"steer.layers": p.steer.layers, "extract.detail_layers": p.extract.detail_layers,
-             "sae.layers": p.sae.layers}
+    lists = {"extract.detail_layers": p.extract.detail_layers, "sae.layers": p.sae.layers}
+    if "layers" in p.steer.sites:  # read only by the "layers" configuration of the steering stage
+        lists["steer.layers"] = p.steer.layers
     if isinstance(p.probes.concat_layers, list):  # else "auto": the stored layers
         lists["probes.concat_layers"] = p.probes.concat_layers
     if not p.pair.tuned.id and p.pair.tuned.recipe == "finetune":  # read only when the pipeline fine-tunes

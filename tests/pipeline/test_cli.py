@@ -255,6 +255,20 @@ def test_finetune_layers_are_checked_only_when_the_pipeline_fine_tunes(tmp_path,
     _fails(_check(tmp_path, corpora, finetune_pair, capsys), "pair.finetune.layers: layer 20", "out of range")
 
 
+def test_steer_layers_are_checked_only_with_the_layers_configuration(tmp_path, corpora, models, capsys):
+    """steer.layers is read only by the "layers" entry of steer.sites (as for a 24-block model whose steer.sites
+    name a site inside it while steer.layers keeps the defaults)."""
+    def one_site(raw: dict) -> None:
+        _both(models["a"], models["a"], True)(raw)
+        raw["steer"].update({"sites": ["L1.attn_out"], "layers": [20, 21]})  # out of range for 2 blocks, not read
+    assert _check(tmp_path, corpora, one_site, capsys)[0] == 0
+
+    def with_layers(raw: dict) -> None:
+        one_site(raw)
+        raw["steer"]["sites"].append("layers")
+    _fails(_check(tmp_path, corpora, with_layers, capsys), "steer.layers: layer 20", "out of range")
+
+
 def test_edit_rank_and_empty_splits_fail_before_any_stage(tmp_path, corpora, models, capsys):
     """What the model_tuned and prepare stages would refuse only after DVC removed their outputs: an edit rank
     beyond the model's width (32), and a dataset cap that leaves a split empty."""
