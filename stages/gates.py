@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 import mechdiff.pipeline as P
-from mechdiff.analysis.gates import GateInputs, GateSettings, run_gates
+from mechdiff.analysis.gates import GateInputs, run_gates
 from mechdiff.data.corpus import corruptible, corruptions, cultural_entities, load_prompts
 from mechdiff.errors import MechdiffError
 from mechdiff.io import run_stage, write_csv, write_json, write_skipped
@@ -77,10 +77,7 @@ def main() -> None:
         corrupted=corrupted, neutral_rows=pick_rows(prompts, split="test", datasets=("neutral",),
                                                     n=g.neutral_prompts, seed=p.seed),
         mc=mc["mc_neutral"], chat=p.data.chat, max_len=p.data.max_len)
-    st = GateSettings(match_cos=g.match_cos, top_share=g.top_share, max_freq=g.max_freq, min_regions=g.min_regions,
-                      max_features=g.max_features, min_effect=g.min_effect, min_kl=g.min_kl, d_min=g.d_min,
-                      sd_max=g.sd_max, side_budget=g.side_budget, ccis_min=g.ccis_min, alpha=g.alpha,
-                      n_perm=g.n_perm, seed=p.seed)
+    st = g.settings(seed=p.seed)
     units = P.stage_units("gates")  # an interrupted run resumes each measured feature
     res = run_gates(inp, st, progress=lambda m: print(f"gates: {m}", flush=True), units=units)
     res.seconds["stage"] = time.time() - t0

@@ -17,12 +17,15 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mechdiff import trace
 from mechdiff.errors import MechdiffError
+
+if TYPE_CHECKING:
+    from mechdiff.analysis.gate_settings import GateSettings
 
 
 class _Section:
@@ -437,6 +440,14 @@ class GatesParams(_Section):
     alpha: float = 0.001
     n_perm: int = 2000
 
+    def settings(self, seed: int = 0) -> GateSettings:
+        """These params as the gates' settings (`analysis.gate_settings.GateSettings`, whose rules check them; its
+        fields that are not params keep their defaults)."""
+        from mechdiff.analysis.gate_settings import GateSettings
+
+        names = {f.name for f in dataclasses.fields(GateSettings)}
+        return GateSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}, seed=seed)
+
 
 @dataclass
 class Params(_Section):
@@ -524,11 +535,8 @@ _NON_EMPTY = ("patch.ranks", "patch.alphas", "transport.sites", "sae.sources", "
 
 def _check_gates(g: GatesParams) -> None:
     """`gates.*` by the gates' own rules (`GateSettings`, the one place they live), in every stage's params check."""
-    from mechdiff.analysis.gate_settings import GateSettings
-
-    names = {f.name for f in dataclasses.fields(GateSettings)}
     try:
-        GateSettings(**{k: v for k, v in dataclasses.asdict(g).items() if k in names})
+        g.settings()
     except MechdiffError as e:
         raise MechdiffError(f"params.yaml: {e}") from None
 
