@@ -242,3 +242,71 @@ def test_a_prompt_cut_by_max_len_shortens_the_shared_prefix_and_says_so(tiny, tm
     assert st.shared_prefix == 0 and first_position(st) == 1
     ok = extract(model, tok, prompts[:5], [Site(0)], {"*": ["last", "tokens"]}, tmp_path / "ok.zarr", progress=False)
     assert ok.shared_prefix >= n and first_position(ok) == ok.shared_prefix
+
+
+def _with_opening(prompts):
+    opening = "the cat sat on a mat while dogs ran"
+    return [P(q.pid, f"{opening} {q.text}", q.dataset, q.split) for q in prompts]
+
+
+def test_bf16_checks_its_cache_on_a_float32_copy_and_stays_as_close_to_float32(tiny, tmp_path):
+    """extract.dtype bfloat16: the shared-prefix cache is checked on a float32 copy of the weights, not in bf16
+    (whose own rounding of two summation orders is near a wrong cache's error), so the cache stays on; the
+    cached bf16 store is as close to the float32 store as a bf16 store of full forwards is."""
+    import warnings
+
+    model, tok, prompts = tiny
+    shared = _with_opening(prompts)
+    kw = dict(batch_size=4, shard_rows=8, store_logits=True, progress=False)
+    f32 = extract(model, tok, shared, SITES, VIEWS, tmp_path / "f32.zarr", **kw)
+    calls = {"twin": 0}
+    real_twin = ex._sites.float32_twin
+
+    def twin(m, **k):
+        calls["twin"] += 1
+        out = real_twin(m, **k)
+        assert out is not m and next(out.parameters()).dtype == torch.float32
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "cache unavailable" fallback
+        ex._sites.float32_twin, saved = twin, ex._sites.float32_twin
+        try:
+            cached = extract(model, tok, shared, SITES, VIEWS, tmp_path / "bc.zarr", dtype="bfloat16", **kw)
+        finally:
+            ex._sites.float32_twin = saved
+    assert calls["twin"] == 1
+    full = extract(model, tok, shared, SITES, VIEWS, tmp_path / "bf.zarr", dtype="bfloat16", prefix_cache=False, **kw)
+    for s, vs in VIEWS.items():
+        for v in vs:
+            ref = f32.read(s, v)
+            e_cached = np.linalg.norm(cached.read(s, v) - ref) / np.linalg.norm(ref)
+            e_full = np.linalg.norm(full.read(s, v) - ref) / np.linalg.norm(ref)
+            assert e_cached < 0.03 and e_cached <= 2 * e_full + 1e-3, (s, v, e_cached, e_full)
+
+
+def test_bf16_cache_check_on_the_float32_copy_still_refuses_a_wrong_cache(tiny, tmp_path, monkeypatch):
+    """A cache continued at the wrong positions (one off) fails the float32 check of a bf16 extraction: it warns
+    and the store equals the one of full bf16 forwards."""
+    from mechdiff.model.sites import SharedPrefix
+
+    model, tok, prompts = tiny
+    shared = _with_opening(prompts)
+    kw = dict(batch_size=4, shard_rows=8, progress=False, dtype="bfloat16")
+    from mechdiff.model.cache import expanded_cache
+    from mechdiff.model.sites import capture
+
+    def shifted(self, m, ids, mask, sites, *, logits_at=None):  # SharedPrefix.capture with positions one off
+        B, T = ids.shape
+        pos = torch.arange(self.n + 1, T + 1).expand(B, -1)
+        return capture(m, ids[:, self.n :], mask, sites, cache=expanded_cache(m, self.kv, B), position_ids=pos,
+                       logits_at=None if logits_at is None else logits_at - self.n)
+
+    monkeypatch.setattr(SharedPrefix, "capture", shifted)
+    with pytest.warns(RuntimeWarning, match="shared-prefix cache is unavailable"):
+        a = extract(model, tok, shared, SITES, VIEWS, tmp_path / "a.zarr", **kw)
+    monkeypatch.undo()
+    b = extract(model, tok, shared, SITES, VIEWS, tmp_path / "b.zarr", prefix_cache=False, **kw)
+    for s, vs in VIEWS.items():
+        for v in vs:
+            np.testing.assert_array_equal(a.read(s, v), b.read(s, v))

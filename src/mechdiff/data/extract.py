@@ -200,6 +200,9 @@ def extract(
     run = _run_model(model, dtype, device)
     was_training = run.training
     run.eval()
+    prefix = enc.shared_prefix if prefix_cache else 0
+    # bf16 / fp16: the cache is checked on a float32 copy (`SharedPrefix.checked`), made before the weights pack
+    twin = _sites.float32_twin(run) if prefix >= 2 and next(run.parameters()).dtype != torch.float32 else None
     try:
         with store.writer(rows, world) as writer, torch.inference_mode(), \
                 packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
@@ -210,9 +213,13 @@ def extract(
             _sites.capture(run, warm, None, site_list,
                            logits_at=torch.tensor([3], device=device) if store_logits else None)
             lo = 0 if rows is None else rows[0]
+            pre = _sites.SharedPrefix.checked(run, enc, site_list, prefix, logits=store_logits,
+                                              pass_mask=attention_mask, device=device, check_model=twin) \
+                if writer.start < writer.end else None
+            twin = None
             _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
                   device=device, store_logits=store_logits, d=d, n=writer.end, shard_rows=shard_rows,
-                  pass_mask=attention_mask, prefix=enc.shared_prefix if prefix_cache else 0,
+                  pass_mask=attention_mask, pre=pre,
                   bar=tqdm(total=int(lengths[lo : writer.end].sum()), initial=int(lengths[lo : writer.start].sum()),
                            unit="tok", unit_scale=True, disable=not progress, position=rank,
                            desc=f"extract {Path(path).name}" + (f" [rank {rank}/{world}]" if world > 1 else "")))
@@ -264,16 +271,14 @@ def finish_ranks(store: ActStore, world: int, *, wait_s: float = 120.0) -> bool:
 
 def _loop(run: nn.Module, enc, pids: np.ndarray, site_list: list[Site], vw: dict[str, list[str]],
           writer: StoreWriter, *, batch_size: int, pad: int, device: str, store_logits: bool, d: int, n: int,
-          shard_rows: int, pass_mask: bool, bar, prefix: int = 0) -> None:
-    """Process prompts window by window (in store order), sorting by length within a window; with `prefix`,
-    the prompts' shared first `prefix` tokens run once (`sites.SharedPrefix`)."""
+          shard_rows: int, pass_mask: bool, bar, pre: _sites.SharedPrefix | None = None) -> None:
+    """Process prompts window by window (in store order), sorting by length within a window; with `pre`, the
+    prompts' shared opening ran once (`sites.SharedPrefix`) and every batch continues from it."""
     lengths = enc.lengths
     W = _window(shard_rows, batch_size)
     row_views = [(s.name, v) for s in site_list for v in vw[s.name] if v != "tokens"]
     tok_sites = [s.name for s in site_list if "tokens" in vw[s.name]]
     vocab = writer.vocab_size
-    pre = _sites.SharedPrefix.checked(run, enc, site_list, prefix, logits=store_logits, pass_mask=pass_mask,
-                                      device=device) if writer.start < n else None
     P = pre.n if pre is not None else 0
     # the prefix's own rows of every prompt's `tokens` view, converted once
     heads = {name: pre.acts[name].float().cpu().numpy() for name in tok_sites} if pre is not None else {}

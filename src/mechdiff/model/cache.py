@@ -101,7 +101,8 @@ def cache_check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tu
     ||got - want|| / ||want|| against max(1e-3, 2 x the machine epsilon of the model's dtype). A float32 model
     agrees to ~1e-7; bf16 to ~0.2-0.6 % (two summation orders of a 30-block model) at some sites, but 2.3-2.9 %
     at SmolLM2's L20.attn_out (extraction's check, on AMX and AVX512-BF16 CPUs alike; 2.5 % on the logits of an
-    AVX512-BF16 one), which then falls back to full forwards, while a cache off by one position misses by ~5 %."""
+    AVX512-BF16 one), while a cache off by one position misses by ~5 %: so a bf16 / fp16 extraction checks its
+    cache on a float32 copy (`sites.SharedPrefix.checked(check_model=)`)."""
     err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return err, max(1e-3, 2.0 * eps)

@@ -371,12 +371,19 @@ class SharedPrefix:
 
     @classmethod
     def checked(cls, model: nn.Module, enc: Any, sites: Sequence[Site], n: int | None = None, *,
-                logits: bool = False, pass_mask: bool = False, device: Any = None, check_rows: int = 4
-                ) -> SharedPrefix | None:
+                logits: bool = False, pass_mask: bool = False, device: Any = None, check_rows: int = 4,
+                check_model: nn.Module | None = None) -> SharedPrefix | None:
         """The shared prefix of the prompts of `enc` (first `n` tokens; default `enc.shared_prefix`) when it is
         worth running once (n >= 2) and the model continues a KV cache as its full forward computes: checked on
         the first `check_rows` prompts (`cache.cache_check`: float32 agrees to ~1e-7 relative). Else None, with a
-        warning when the check failed or the model keeps no usable cache: the caller runs full forwards."""
+        warning when the check failed or the model keeps no usable cache: the caller runs full forwards.
+
+        `check_model`: a float32 model with the same weights and no packed layers (`float32_twin`), on which the
+        check runs when `model` computes in bf16 / fp16. What the check asks (positions, mask and cache layout) does
+        not depend on the dtype, and half precision's own rounding of two summation orders (2-3 % at some sites of
+        SmolLM2 and of an 8B shape) is too close to a wrong cache's error (~5 %) to tell the two apart; in float32
+        they are 1e-7 against 5e-2. The prefix itself then runs on `model`. Without one, the check runs on `model`
+        in its own dtype."""
         import warnings
 
         from mechdiff.model.cache import CacheMismatch, UnknownCacheLayout, cache_check
@@ -386,13 +393,15 @@ class SharedPrefix:
         if n < 2:
             return None
         device = device if device is not None else next(model.parameters()).device
+        half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        judge = check_model if half and check_model is not None else model
         try:
-            pre = cls(model, enc.ids[0][:n], sites, logits, device)
+            pre = cls(judge, enc.ids[0][:n], sites, logits, device)
             _, ids, mask, pos = next(batches(enc, np.arange(min(len(enc), check_rows)), check_rows, enc.pad,
                                              device=device, sort_by_length=False))
             m = mask if pass_mask else None
-            got, lg = pre.capture(model, ids, m, sites, logits_at=pos if logits else None)
-            want, lw = capture(model, ids, m, sites, logits_at=pos if logits else None)
+            got, lg = pre.capture(judge, ids, m, sites, logits_at=pos if logits else None)
+            want, lw = capture(judge, ids, m, sites, logits_at=pos if logits else None)
             keep = mask[:, n:].bool().unsqueeze(-1)
             for s in sites:
                 g, w = got[s.name], want[s.name]
@@ -401,16 +410,43 @@ class SharedPrefix:
                 if not max(err, err2) <= tol:
                     raise CacheMismatch(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
             if logits:
-                err, tol = cache_check(lg, lw, next(model.parameters()).dtype)
+                err, tol = cache_check(lg, lw, next(judge.parameters()).dtype)
                 if not err <= tol:
                     raise CacheMismatch(f"logits differ from a full forward by {err:.3g} (relative)")
-            return pre
+            return pre if judge is model else cls(model, enc.ids[0][:n], sites, logits, device)
         # a model that takes no cache (TypeError, NotImplementedError), keeps one mechdiff does not read, or
         # continues it differently: full forwards; anything else (out of memory, a bug) is raised
         except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
             warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
                           "full forwards", RuntimeWarning, stacklevel=2)
             return None
+
+
+def float32_twin(model: nn.Module, *, headroom: float = 1.5) -> nn.Module | None:
+    """A float32 model with `model`'s weights for checking a cache path (`SharedPrefix.checked(check_model=)`):
+    `model` itself when it is float32, else a float32 copy on its device when that fits in the device's free
+    memory with `headroom` to spare (None when it does not, or `model` has no parameters). Call it on a model
+    without packed layers (before `packed_linears`): a copy keeps its own plain linear layers."""
+    import copy
+
+    p = next(model.parameters(), None)
+    if p is None:
+        return None
+    if p.dtype == torch.float32:
+        return model
+    need = headroom * 4 * sum(q.numel() for q in model.parameters())
+    try:
+        if p.device.type == "cuda":
+            free = torch.cuda.mem_get_info(p.device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+    except Exception:  # noqa: BLE001 - no reading of free memory: no copy, the check runs in the model's dtype
+        return None
+    if need > free:
+        return None
+    return copy.deepcopy(model).float().eval()
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
