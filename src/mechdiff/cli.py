@@ -333,6 +333,10 @@ def _check_data(p, root: Path) -> list[str]:
             problems.append(f"{what}: {', '.join(missing)} not in the corpus (datasets: {have}): "
                             f"choose among them or add a source to {key}")
     local = all(not (isinstance(src, dict) and "hf" in src) for src in p.data.sources or [])
+    for src in [*(p.data.sources or []), *(p.data.eval_sources or [])]:  # hub datasets: here, or reachable
+        why = _hf_source_problem(src, root / p.data.dir) if isinstance(src, dict) and "hf" in src else None
+        if why:
+            problems.append(why)
     if local and not problems:  # the prepare stage's prompts: no dataset may leave a split empty (hub ones: there)
         from mechdiff.data.corpus import prepared_prompts
 
@@ -469,6 +473,33 @@ def cmd_sites(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_source_problem(src: dict, data_dir: Path) -> str | None:
+    """Why an `hf` source cannot load here, found without downloading (`mechdiff params --check`): a hub dataset
+    that is in neither local cache (the hub's files or `datasets`' prepared copy) while the hub does not answer.
+    None when it may load: a local builder ("json", "csv", ...) or folder, a cached dataset, or a reachable hub."""
+    hf, name = str(src["hf"]), src.get("name")
+    if src.get("data_files") is not None or "/" not in hf or (data_dir / hf).exists():
+        return None  # a packaged builder over local files, a canonical name, or a local folder: load_dataset's say
+    try:
+        from datasets import config as ds_config
+        from huggingface_hub import constants as hub_constants
+    except ImportError:  # pragma: no cover - both are dependencies
+        return None
+    roots = [Path(hub_constants.HF_HUB_CACHE) / f"datasets--{hf.replace('/', '--')}",
+             Path(ds_config.HF_DATASETS_CACHE) / hf.replace("/", "___")]
+    if src.get("cache_dir") is not None:
+        roots.append(Path(str(src["cache_dir"])) / hf.replace("/", "___"))
+    if any(r.is_dir() for r in roots):
+        return None
+    from mechdiff.model.load import hub_reachable
+
+    if hub_reachable():
+        return None
+    return (f"data.sources: dataset {hf!r} of source {name!r} is in no local cache and the Hugging Face hub does not "
+            f"answer: on a connected machine run datasets.load_dataset({hf!r}).to_json('{name}.jsonl'), copy it "
+            f"into {data_dir} and use {{\"name\": \"{name}\", \"path\": \"{name}.jsonl\"}}")
+
+
 def cmd_remote(ns: argparse.Namespace) -> int:
     """Configure or check the default DVC remote."""
     from mechdiff import remote
@@ -480,6 +511,11 @@ def cmd_remote(ns: argparse.Namespace) -> int:
         name = ns.name or remote.DEFAULT_REMOTE
         remote.configure_remote(root, ns.url, name=name, endpoint_url=ns.endpoint_url)
         print(f"remote {name!r} -> {ns.url} (default)")
+        if remote.is_local_url(ns.url):
+            where = remote.local_remote_path(ns.url, root)
+            if not where.is_dir():
+                print(f"note: {where} does not exist yet: `dvc push` creates it (`dvc pull` from it finds nothing), "
+                      "so check the path if it should hold shared results")
         plugin = remote.remote_plugin_for(ns.url)
         if plugin:
             import importlib.util

@@ -101,7 +101,7 @@ def run_stage(fn: Callable[[], Any]) -> None:
             orphan_note(address, before)
     except MechdiffError as e:
         # past the lock, `dvc repro` deleted the stage's earlier outputs before this run: say how to restore them
-        print(f"mechdiff: error: {e}{restore_hint(address) if lock is not None else ''}", file=sys.stderr)
+        print(f"mechdiff: error: {e}{restore_removed(address) if lock is not None else ''}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
@@ -138,6 +138,23 @@ def _fingerprint(address: str, *, now: bool = False) -> str | None:
         return stage_fingerprint(address) if now else start_fingerprint(address)
     except Exception:  # advice only: never fail a stage over it
         return None
+
+
+def restore_removed(address: str) -> str:
+    """Under `dvc repro` (stage `address`), bring back what it deleted of the failed stage's earlier outputs before
+    running it, where dvc.lock's record of them can be matched (`pipeline.restore_removed`), and say so; then how
+    to restore whatever is still missing (`restore_hint`). "" when nothing was missing or outside DVC."""
+    if not address:
+        return ""
+    try:
+        from mechdiff.pipeline import restore_removed as restore
+
+        back = restore(address)
+    except Exception:  # noqa: BLE001 - a convenience: never turn the one-line error into a traceback
+        back = []
+    said = f" (earlier outputs that DVC removed before this stage ran are restored: {', '.join(back)})" \
+        if back else ""
+    return said + restore_hint(address)
 
 
 def restore_hint(address: str) -> str:

@@ -246,6 +246,125 @@ def removed_outputs(address: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[li
     return in_git, cached
 
 
+def _dir_digest(files: dict[str, bytes]) -> str:
+    """DVC's hash of a directory from its files {relative path: contents}: the md5 of its sorted JSON manifest."""
+    import hashlib
+    import json
+
+    ents = [{"md5": hashlib.md5(files[k]).hexdigest(), "relpath": k} for k in sorted(files)]
+    return hashlib.md5(json.dumps(ents, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def _from_git(path: str, md5: str, root: Path) -> dict[str, bytes] | None:
+    """HEAD's version of a git-tracked output {relative path: contents} ({"": bytes} for a file), when its DVC hash
+    is `md5` (what dvc.lock records); else None."""
+    import hashlib
+    import subprocess
+
+    def blob(p: str) -> bytes | None:
+        r = subprocess.run(["git", "show", f"HEAD:{p}"], cwd=root, capture_output=True, timeout=60)
+        return r.stdout if r.returncode == 0 else None
+
+    if not md5.endswith(".dir"):
+        data = blob(path)
+        return {"": data} if data is not None and hashlib.md5(data).hexdigest() == md5 else None
+    r = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD", "--", path], cwd=root, capture_output=True,
+                       text=True, timeout=60)
+    names = r.stdout.split("\n") if r.returncode == 0 else []
+    files = {}
+    for n in filter(None, names):
+        data = blob(n)
+        if data is None:
+            return None
+        files[Path(n).relative_to(path).as_posix()] = data
+    return files if files and _dir_digest(files) == md5 else None
+
+
+def _from_cache(md5: str, root: Path) -> dict[str, Path] | None:
+    """The DVC cache's files of an output whose hash is `md5` {relative path: cache file} ({"": file} for a file);
+    None when the cache lacks any of them."""
+    import json
+
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            odb = repo.cache.local
+            where = Path(odb.oid_to_path(md5))
+            if not md5.endswith(".dir"):
+                return {"": where} if where.is_file() else None
+            files = {e["relpath"]: Path(odb.oid_to_path(e["md5"])) for e in json.loads(where.read_text())}
+    except Exception:  # noqa: BLE001 - no cache, no manifest, another layout: nothing to restore from
+        return None
+    return files if all(f.is_file() for f in files.values()) else None
+
+
+def _restore_one(path: str, md5: str, cached: bool | None, root: Path) -> bool:
+    """Write output `path` back as dvc.lock records it (hash `md5`): from the DVC cache (`cached` True), from git
+    HEAD where HEAD's version has that hash (False), or whichever holds it (None). True when restored."""
+    import shutil
+
+    found = _from_cache(md5, root) if cached in (True, None) else None
+    blobs = _from_git(path, md5, root) if found is None and cached in (False, None) else None
+    if found is None and blobs is None:
+        return False
+    for rel, src in (found or blobs).items():
+        dst = root / path / rel if rel else root / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if found is not None:
+            shutil.copyfile(src, dst)
+        else:
+            dst.write_bytes(src)
+    return True
+
+
+def restore_removed(address: str, root: str | Path = ".") -> list[str]:
+    """Bring back the earlier outputs that `dvc repro` / `dvc exp run` deleted before running stage `address`,
+    exactly as dvc.lock records them, so that a stage failing on bad input loses nothing: the stage's own outputs
+    (DVC-cached ones from the DVC cache, git-tracked ones, `cache: false`, from HEAD where HEAD's version has the
+    recorded hash), and the recorded outputs of other stages that are missing too (a changed matrix, e.g.
+    `transport.sites`, leaves the old sites' stages out of dvc.yaml, and `dvc exp run` removes their outputs).
+    Outputs DVC keeps (`persist`) and outputs still there are left alone. Returns the paths restored."""
+    import yaml
+
+    from mechdiff import trace
+
+    root = Path(root)
+    try:
+        with trace.quiet():  # what the last run recorded, not an input of this stage's results
+            locked = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
+            stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    kept, cache_flag = set(), {}  # persist outputs anywhere in dvc.yaml; this stage's outputs' cache flags
+    for st in stages.values():
+        for kind in ("metrics", "plots", "outs"):
+            for o in (st.get(kind) if isinstance(st, dict) else None) or []:
+                path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
+                if isinstance(opts, dict) and opts.get("persist"):
+                    kept.add(str(path).split("${")[0])
+    for kind in ("metrics", "plots", "outs"):
+        for o in (stage_def(address, root / "dvc.yaml") or {}).get(kind) or []:
+            path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
+            opts = opts if isinstance(opts, dict) else {}
+            if opts.get("persist"):
+                kept.add(str(path))
+            cache_flag[str(path)] = bool(opts.get("cache", True))
+    done = []
+    for name in [address, *(k for k in locked if k != address)]:
+        for o in (locked.get(name) or {}).get("outs") or []:
+            if not isinstance(o, dict):
+                continue
+            path, md5 = str(o.get("path", "")), str(o.get("md5", ""))
+            if not path or not md5 or (root / path).exists() or any(path.startswith(k) for k in kept if k):
+                continue
+            if name == address and path not in cache_flag:
+                continue
+            if _restore_one(path, md5, cache_flag.get(path) if name == address else None, root):
+                done.append(path)
+    return done
+
+
 def stage_fingerprint(stage: str, dvc_yaml: str | Path = "dvc.yaml", params_yaml: str | Path = "params.yaml"
                       ) -> str | None:
     """A hash of everything dvc.yaml says `stage` reads (a matrix stage by its full name, `sae@base-20`): each

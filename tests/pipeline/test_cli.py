@@ -156,6 +156,17 @@ def test_model_ids_must_resolve(tmp_path, corpora, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # neither cached nor reachable
     _fails(_check(tmp_path, corpora, _set("pair.base.id", "no-org/no-model"), capsys),
            "pair.base.id:", "hf download no-org/no-model")
+    # a hub dataset among the sources: refused when neither cached nor reachable, passed once it is cached
+    from huggingface_hub import constants as hub_constants
+
+    extra = {"name": "extra", "hf": "no-org/no-dataset", "split": "train", "text_field": "text"}
+    with_hub = _set("data.sources", ["cultural", "control", "neutral", "trait", extra])
+    _fails(_check(tmp_path, corpora, with_hub, capsys),
+           "data.sources: dataset 'no-org/no-dataset' of source 'extra'", "to_json('extra.jsonl')")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "datasets--no-org--no-dataset").mkdir(parents=True)
+    rc, err, _ = _check(tmp_path, corpora, with_hub, capsys)
+    assert not any("no-org/no-dataset" in e for e in err), err
 
 
 def test_tokenizers_against_fairness(tmp_path, corpora, models, capsys):
@@ -708,9 +719,11 @@ def test_plots_offline_sets_a_template_that_inlines_vega(tmp_path, capsys):
     assert "plots_offline" not in status and "config.local" not in status  # nothing for git to pick up
 
 
-def test_a_stage_failing_under_dvc_says_how_to_restore_what_dvc_removed(tmp_path):
+def test_a_stage_failing_under_dvc_restores_what_dvc_removed(tmp_path):
     """`dvc repro` deletes a stage's earlier outputs (all but `persist` ones) before running it; when the stage then
-    stops on a bad input, its one error line says how to bring them back (git for `cache: false`, dvc checkout)."""
+    stops on a bad input, it brings them back as dvc.lock records them (the DVC cache; git HEAD for `cache: false`
+    where HEAD's version is the recorded one) and its one error line says so; what it cannot match it names, with
+    how to restore it."""
     import textwrap
 
     dvc = str(Path(sys.executable).with_name("dvc"))
@@ -721,34 +734,54 @@ def test_a_stage_failing_under_dvc_says_how_to_restore_what_dvc_removed(tmp_path
         from mechdiff.io import run_stage
 
         def main():
-            if Path("bad").read_text().strip() == "1":
+            value = Path("bad").read_text().strip()
+            if value == "1":
                 raise MechdiffError("toy.value is bad: set it right")
             Path("metrics").mkdir(exist_ok=True)
-            Path("metrics/toy.json").write_text("{}")
-            Path("out.bin").write_bytes(b"x")
+            Path("metrics/toy.json").write_text('{"v": %s}' % value)
+            Path("out").mkdir(exist_ok=True)
+            Path("out/a.bin").write_bytes(b"x" + value.encode())
+            Path("out/b.bin").write_bytes(b"y")
 
         run_stage(main)
     """))
     (tmp_path / "bad").write_text("0")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"toy": {
         "cmd": f"{sys.executable} stages/toy.py", "deps": ["bad", "stages/toy.py"],
-        "metrics": [{"metrics/toy.json": {"cache": False}}], "outs": ["out.bin"]}}}))
+        "metrics": [{"metrics/toy.json": {"cache": False}}], "outs": ["out"]},
+        "other": {"cmd": "echo z > other.txt", "outs": ["other.txt"]}}}))
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "repro", "-q"], [*git, "add", "-A"],
                 [*git, "commit", "-qm", "run"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
-    (tmp_path / "bad").write_text("1")
-    r = subprocess.run([dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("mechdiff: error:")]
-    assert r.returncode != 0 and len(ours) == 1, r.stdout + r.stderr
-    assert "toy.value is bad: set it right (dvc repro removed this stage's earlier outputs before it ran: " in ours[0]
-    assert ("`git checkout HEAD -- metrics/toy.json` restores the committed versions; `dvc checkout toy` restores "
-            "the cached ones)") in ours[0]
-    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "metrics" / "toy.json").exists()
-    for cmd in (["git", "checkout", "HEAD", "--", "metrics/toy.json"], [dvc, "checkout", "toy"]):  # the advice
-        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
-    assert (tmp_path / "out.bin").read_bytes() == b"x" and (tmp_path / "metrics" / "toy.json").read_text() == "{}"
+
+    def failing_repro() -> str:
+        (tmp_path / "bad").write_text("1")
+        r = subprocess.run([dvc, "repro", "toy"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("mechdiff: error:")]
+        assert r.returncode != 0 and len(ours) == 1, r.stdout + r.stderr
+        return ours[0]
+
+    line = failing_repro()
+    assert line == ("mechdiff: error: toy.value is bad: set it right (earlier outputs that DVC removed before this "
+                    "stage ran are restored: metrics/toy.json, out)")
+    assert (tmp_path / "metrics" / "toy.json").read_text() == '{"v": 0}'
+    assert (tmp_path / "out" / "a.bin").read_bytes() == b"x0" and (tmp_path / "out" / "b.bin").read_bytes() == b"y"
+    # another stage's recorded output gone too (`dvc exp run` removes those of stages a changed matrix leaves out)
+    (tmp_path / "other.txt").unlink()
+    assert failing_repro().endswith("are restored: metrics/toy.json, out, other.txt)")
+    assert (tmp_path / "other.txt").read_text() == "z\n"
+    # a newer run that was not committed: the cached output comes back, HEAD's metrics are not the recorded ones
+    (tmp_path / "bad").write_text("2")
+    subprocess.run([dvc, "repro", "-q"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    line = failing_repro()
+    assert "are restored: out)" in line and "`git checkout HEAD -- metrics/toy.json` restores the committed" in line
+    assert (tmp_path / "out" / "a.bin").read_bytes() == b"x2" and not (tmp_path / "metrics" / "toy.json").exists()
+    (tmp_path / "bad").write_text("2")  # the recorded run's input again: DVC sees the restored output as its own
+    st = subprocess.run([dvc, "status", "toy"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    lines = [ln.split() for ln in st.stdout.splitlines()]
+    assert lines == [["toy:"], ["changed", "outs:"], ["deleted:", "metrics/toy.json"]], st.stdout
 
 
 def test_output_cut_short_by_the_reader_stops_quietly():
@@ -822,6 +855,7 @@ def test_bench_scripts_refuse_bad_arguments_in_one_line(args, message):
     (["known_answer.py", "--layer", "0", "--site", "resid_pre"], "raise --layer or set --site to resid_post"),
     (["known_answer.py", "--layer", "2", "--ranks", "2", "65"], "--ranks must be an integer in 1..64 (the model width), got 65"),
     (["known_answer_steer.py", "--layer", "7"], "--layer 7 out of range: the model has 4 blocks (0..3)"),
+    (["known_answer_steer.py", "--layer", "-7"], "--layer -7 out of range: the model has 4 blocks (-4..-1 count from the end)"),
     (["known_answer_steer.py", "--rank", "65"], "--rank must be an integer in 1..64 (the model width), got 65"),
 ])
 def test_known_answer_scripts_check_the_plant_against_the_loaded_model(tiny_model, tiny_tok, tmp_path, args, message):

@@ -117,6 +117,7 @@ def test_share_through_local_directory(producer: Path, work: Path) -> None:
     added = _mechdiff(["remote", "add", str(store)], alice)
     assert added.returncode == 0, added.stderr
     assert str(store) in added.stdout and "default" in added.stdout
+    assert "does not exist yet" in added.stdout  # a local path not there yet is said, and push creates it below
     git(["commit", "--quiet", "-am", "use the shared DVC store"], alice)
     t0 = time.perf_counter()
     push = dvc(["push"], alice, env=ENV)

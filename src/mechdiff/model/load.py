@@ -139,7 +139,7 @@ def resolve_spec(spec: str, gguf_file: str | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the HF hub answers a TCP connect within `timeout` s (DNS included, in a daemon thread)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
@@ -181,7 +181,7 @@ def _hub_load(model_id: str, revision: str | None, gguf_file: str | None, what: 
     except (OSError, ValueError, KeyError) as exc:
         # cached but unreadable (a truncated or damaged file, a partial download) is not the same as absent
         cached = _hub_cached(model_id, revision, gguf_file)
-        if not _hub_reachable():
+        if not hub_reachable():
             if cached:
                 raise MechdiffError(f"cannot load {what} {model_id!r} from the local cache: {why(exc)}"
                                     f"{_cache_hint(model_id)} on a connected machine") from exc
@@ -568,7 +568,7 @@ def check_spec(spec: str | None, *, gguf_file: str | None = None, revision: str 
         info = resolve_spec(spec, gguf_file)
     except MechdiffError as e:
         raise MechdiffError(f"{key}: {e}") from e
-    if info["kind"] == "hub" and not _hub_cached(info["id"], revision, gguf_file) and not _hub_reachable():
+    if info["kind"] == "hub" and not _hub_cached(info["id"], revision, gguf_file) and not hub_reachable():
         raise MechdiffError(f"{key}: {_no_network(info['id'])}")
     if info["kind"] == "dir" and not any(any(Path(info["path"]).glob(g)) for g in _WEIGHT_FILES):
         raise MechdiffError(f"{key}: {info['path']} has a config.json but no weights (model.safetensors, "
