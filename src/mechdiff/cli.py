@@ -333,10 +333,11 @@ def _check_data(p, root: Path) -> list[str]:
             problems.append(f"{what}: {', '.join(missing)} not in the corpus (datasets: {have}): "
                             f"choose among them or add a source to {key}")
     local = all(not (isinstance(src, dict) and "hf" in src) for src in p.data.sources or [])
-    for src in [*(p.data.sources or []), *(p.data.eval_sources or [])]:  # hub datasets: here, or reachable
-        why = _hf_source_problem(src, root / p.data.dir) if isinstance(src, dict) and "hf" in src else None
-        if why:
-            problems.append(why)
+    for key, srcs in (("data.sources", p.data.sources), ("data.eval_sources", p.data.eval_sources)):
+        for src in srcs or []:  # hub datasets: cached here, or the hub answers
+            why = _hf_source_problem(src, root) if isinstance(src, dict) and "hf" in src else None
+            if why:
+                problems.append(f"{key}: {why}")
     if local and not problems:  # the prepare stage's prompts: no dataset may leave a split empty (hub ones: there)
         from mechdiff.data.corpus import prepared_prompts
 
@@ -473,13 +474,16 @@ def cmd_sites(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _hf_source_problem(src: dict, data_dir: Path) -> str | None:
+def _hf_source_problem(src: dict, root: Path) -> str | None:
     """Why an `hf` source cannot load here, found without downloading (`mechdiff params --check`): a hub dataset
     that is in neither local cache (the hub's files or `datasets`' prepared copy) while the hub does not answer.
-    None when it may load: a local builder ("json", "csv", ...) or folder, a cached dataset, or a reachable hub."""
-    hf, name = str(src["hf"]), src.get("name")
-    if src.get("data_files") is not None or "/" not in hf or (data_dir / hf).exists():
-        return None  # a packaged builder over local files, a canonical name, or a local folder: load_dataset's say
+    None when it may load: data files, a builder or canonical name (no "/"), a folder under the repository root
+    (where the prepare stage runs `load_dataset`), a cached dataset, or a reachable hub."""
+    from mechdiff.data.corpus import hf_offline_hint
+
+    hf, name = str(src["hf"]), str(src.get("name"))
+    if src.get("data_files") is not None or "/" not in hf or (root / hf).exists():
+        return None
     try:
         from datasets import config as ds_config
         from huggingface_hub import constants as hub_constants
@@ -495,9 +499,8 @@ def _hf_source_problem(src: dict, data_dir: Path) -> str | None:
 
     if hub_reachable():
         return None
-    return (f"data.sources: dataset {hf!r} of source {name!r} is in no local cache and the Hugging Face hub does not "
-            f"answer: on a connected machine run datasets.load_dataset({hf!r}).to_json('{name}.jsonl'), copy it "
-            f"into {data_dir} and use {{\"name\": \"{name}\", \"path\": \"{name}.jsonl\"}}")
+    return (f"dataset {hf!r} of source {name!r} is in no local cache and the Hugging Face hub does not answer: "
+            + hf_offline_hint(hf, name))
 
 
 def cmd_remote(ns: argparse.Namespace) -> int:
@@ -509,10 +512,10 @@ def cmd_remote(ns: argparse.Namespace) -> int:
         if not ns.url:
             raise MechdiffError("usage: mechdiff remote add URL [--name storage] [--endpoint-url URL]")
         name = ns.name or remote.DEFAULT_REMOTE
-        remote.configure_remote(root, ns.url, name=name, endpoint_url=ns.endpoint_url)
+        stored = remote.configure_remote(root, ns.url, name=name, endpoint_url=ns.endpoint_url)
         print(f"remote {name!r} -> {ns.url} (default)")
-        if remote.is_local_url(ns.url):
-            where = remote.local_remote_path(ns.url, root)
+        if remote.is_local_url(stored):
+            where = remote.local_remote_path(stored, root)
             if not where.is_dir():
                 print(f"note: {where} does not exist yet: `dvc push` creates it (`dvc pull` from it finds nothing), "
                       "so check the path if it should hold shared results")

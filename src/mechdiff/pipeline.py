@@ -227,23 +227,25 @@ def stage_def(address: str, dvc_yaml: str | Path = "dvc.yaml") -> dict | None:
     return None
 
 
+def stage_outputs(address: str, dvc_yaml: str | Path = "dvc.yaml") -> list[tuple[str, bool, bool]]:
+    """Every output dvc.yaml declares for stage `address` (metrics, plots, outs): (path, cached, persist), where
+    `cached` is False for `cache: false` outputs (kept in git). [] when there is no such stage."""
+    st = stage_def(address, dvc_yaml) or {}
+    out = []
+    for kind in ("metrics", "plots", "outs"):
+        for o in st.get(kind) or []:
+            path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
+            opts = opts if isinstance(opts, dict) else {}
+            out.append((str(path), bool(opts.get("cache", True)), bool(opts.get("persist"))))
+    return out
+
+
 def removed_outputs(address: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[list[str], bool]:
     """What `dvc repro` deleted of stage `address`'s earlier outputs before running it (every output not `persist`),
     as far as the workspace shows: (its missing git-tracked outputs (`cache: false`), whether any DVC-cached one is
     missing). ([], False) when there is no such stage."""
-    st = stage_def(address, dvc_yaml)
-    in_git, cached = [], False
-    for kind in ("metrics", "plots", "outs"):
-        for o in (st or {}).get(kind) or []:
-            path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
-            opts = opts if isinstance(opts, dict) else {}
-            if opts.get("persist") or Path(str(path)).exists():
-                continue
-            if opts.get("cache", True):
-                cached = True
-            else:
-                in_git.append(str(path))
-    return in_git, cached
+    gone = [(p, c) for p, c, keep in stage_outputs(address, dvc_yaml) if not keep and not Path(p).exists()]
+    return [p for p, c in gone if not c], any(c for _, c in gone)
 
 
 def _dir_digest(files: dict[str, bytes]) -> str:
@@ -262,7 +264,7 @@ def _from_git(path: str, md5: str, root: Path) -> dict[str, bytes] | None:
     import subprocess
 
     def blob(p: str) -> bytes | None:
-        r = subprocess.run(["git", "show", f"HEAD:{p}"], cwd=root, capture_output=True, timeout=60)
+        r = subprocess.run(["git", "show", f"HEAD:./{p}"], cwd=root, capture_output=True, timeout=60)
         return r.stdout if r.returncode == 0 else None
 
     if not md5.endswith(".dir"):
@@ -299,32 +301,43 @@ def _from_cache(md5: str, root: Path) -> dict[str, Path] | None:
     return files if all(f.is_file() for f in files.values()) else None
 
 
-def _restore_one(path: str, md5: str, cached: bool | None, root: Path) -> bool:
-    """Write output `path` back as dvc.lock records it (hash `md5`): from the DVC cache (`cached` True), from git
-    HEAD where HEAD's version has that hash (False), or whichever holds it (None). True when restored."""
+def _restore_one(path: str, md5: str, cached: bool, root: Path) -> bool:
+    """Write output `path` (inside `root`) back as dvc.lock records it (hash `md5`): from the DVC cache (`cached`) or
+    from git HEAD where HEAD's version has that hash. Written beside it and renamed into place, so an interrupted
+    restore leaves no half output. True when restored."""
     import shutil
+    import tempfile
 
-    found = _from_cache(md5, root) if cached in (True, None) else None
-    blobs = _from_git(path, md5, root) if found is None and cached in (False, None) else None
-    if found is None and blobs is None:
+    dst = (root / path).resolve()
+    if not dst.is_relative_to(root.resolve()):
         return False
-    for rel, src in (found or blobs).items():
-        dst = root / path / rel if rel else root / path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if found is not None:
-            shutil.copyfile(src, dst)
-        else:
-            dst.write_bytes(src)
-    return True
+    found = _from_cache(md5, root) if cached else _from_git(path, md5, root)
+    if found is None:
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.restore-", dir=dst.parent))
+    try:
+        for rel, src in found.items():
+            f = (tmp / "out" / rel) if rel else tmp / "out"
+            if not f.resolve().is_relative_to(tmp.resolve()):
+                return False
+            f.parent.mkdir(parents=True, exist_ok=True)
+            if cached:
+                shutil.copyfile(src, f)
+            else:
+                f.write_bytes(src)
+        os.replace(tmp / "out", dst)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def restore_removed(address: str, root: str | Path = ".") -> list[str]:
-    """Bring back the earlier outputs that `dvc repro` / `dvc exp run` deleted before running stage `address`,
-    exactly as dvc.lock records them, so that a stage failing on bad input loses nothing: the stage's own outputs
-    (DVC-cached ones from the DVC cache, git-tracked ones, `cache: false`, from HEAD where HEAD's version has the
-    recorded hash), and the recorded outputs of other stages that are missing too (a changed matrix, e.g.
-    `transport.sites`, leaves the old sites' stages out of dvc.yaml, and `dvc exp run` removes their outputs).
-    Outputs DVC keeps (`persist`) and outputs still there are left alone. Returns the paths restored."""
+    """Bring back the earlier outputs of stage `address` that `dvc repro` / `dvc exp run` deleted before running it,
+    exactly as dvc.lock records them, so that a stage failing on bad input loses nothing: DVC-cached outputs from
+    the DVC cache, git-tracked ones (`cache: false`) from HEAD where HEAD's version has the recorded hash. Outputs
+    DVC keeps (`persist`), outputs still there and outputs of other stages are left alone. Returns the paths
+    restored (an output that fails to restore is skipped: the caller's hint names it)."""
     import yaml
 
     from mechdiff import trace
@@ -332,36 +345,19 @@ def restore_removed(address: str, root: str | Path = ".") -> list[str]:
     root = Path(root)
     try:
         with trace.quiet():  # what the last run recorded, not an input of this stage's results
-            locked = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
-            stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+            locked = ((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}).get(address) or {}
     except (OSError, yaml.YAMLError):
         return []
-    kept, cache_flag = set(), {}  # persist outputs anywhere in dvc.yaml; this stage's outputs' cache flags
-    for st in stages.values():
-        for kind in ("metrics", "plots", "outs"):
-            for o in (st.get(kind) if isinstance(st, dict) else None) or []:
-                path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
-                if isinstance(opts, dict) and opts.get("persist"):
-                    kept.add(str(path).split("${")[0])
-    for kind in ("metrics", "plots", "outs"):
-        for o in (stage_def(address, root / "dvc.yaml") or {}).get(kind) or []:
-            path, opts = next(iter(o.items())) if isinstance(o, dict) and o else (o, None)
-            opts = opts if isinstance(opts, dict) else {}
-            if opts.get("persist"):
-                kept.add(str(path))
-            cache_flag[str(path)] = bool(opts.get("cache", True))
+    recorded = {str(o.get("path")): str(o.get("md5") or "") for o in locked.get("outs") or [] if isinstance(o, dict)}
     done = []
-    for name in [address, *(k for k in locked if k != address)]:
-        for o in (locked.get(name) or {}).get("outs") or []:
-            if not isinstance(o, dict):
-                continue
-            path, md5 = str(o.get("path", "")), str(o.get("md5", ""))
-            if not path or not md5 or (root / path).exists() or any(path.startswith(k) for k in kept if k):
-                continue
-            if name == address and path not in cache_flag:
-                continue
-            if _restore_one(path, md5, cache_flag.get(path) if name == address else None, root):
+    for path, cached, keep in stage_outputs(address, root / "dvc.yaml"):
+        if keep or not recorded.get(path) or (root / path).exists():
+            continue
+        try:
+            if _restore_one(path, recorded[path], cached, root):
                 done.append(path)
+        except OSError:
+            continue
     return done
 
 

@@ -170,8 +170,9 @@ def configure_remote(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     region: str | None = None,
-) -> None:
-    """Add (or replace) remote NAME -> URL; endpoint/region in .dvc/config, credentials in .dvc/config.local."""
+) -> str:
+    """Add (or replace) remote NAME -> URL; endpoint/region in .dvc/config, credentials in .dvc/config.local.
+    Returns the URL as stored (a plain local path made absolute against the current directory)."""
     repo = _check_repo(repo)
     if not name or any(c.isspace() for c in name):
         raise MechdiffError(f"bad remote name {name!r}: use a plain word such as '{DEFAULT_REMOTE}'")
@@ -212,6 +213,7 @@ def configure_remote(
                 local["remote"][name] = secret
     except ConfigError as exc:
         raise MechdiffError(f"cannot configure DVC remote '{name}' -> {url}: {str(exc).splitlines()[0]}") from exc
+    return url
 
 
 # Runs in a child process (bounded by a timeout, so a black-holed endpoint cannot hang the caller).

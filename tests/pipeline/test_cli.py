@@ -721,9 +721,9 @@ def test_plots_offline_sets_a_template_that_inlines_vega(tmp_path, capsys):
 
 def test_a_stage_failing_under_dvc_restores_what_dvc_removed(tmp_path):
     """`dvc repro` deletes a stage's earlier outputs (all but `persist` ones) before running it; when the stage then
-    stops on a bad input, it brings them back as dvc.lock records them (the DVC cache; git HEAD for `cache: false`
-    where HEAD's version is the recorded one) and its one error line says so; what it cannot match it names, with
-    how to restore it."""
+    stops on a bad input, it brings them back as dvc.lock records them (the DVC cache; git HEAD for `cache: false`,
+    a file or a folder, where HEAD's version is the recorded one), leaves its persisted output and other stages'
+    outputs alone, and its one error line says so; what it cannot match it names, with how to restore it."""
     import textwrap
 
     dvc = str(Path(sys.executable).with_name("dvc"))
@@ -735,20 +735,24 @@ def test_a_stage_failing_under_dvc_restores_what_dvc_removed(tmp_path):
 
         def main():
             value = Path("bad").read_text().strip()
+            Path("keep").mkdir(exist_ok=True)
+            Path("keep/state.txt").write_text("started " + value)
             if value == "1":
                 raise MechdiffError("toy.value is bad: set it right")
             Path("metrics").mkdir(exist_ok=True)
             Path("metrics/toy.json").write_text('{"v": %s}' % value)
-            Path("out").mkdir(exist_ok=True)
-            Path("out/a.bin").write_bytes(b"x" + value.encode())
-            Path("out/b.bin").write_bytes(b"y")
+            for name in ("out", "plots/toy"):
+                Path(name).mkdir(parents=True, exist_ok=True)
+                Path(name, "a.csv").write_text("x," + value)
+                Path(name, "b.csv").write_text("y")
 
         run_stage(main)
     """))
     (tmp_path / "bad").write_text("0")
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"toy": {
-        "cmd": f"{sys.executable} stages/toy.py", "deps": ["bad", "stages/toy.py"],
-        "metrics": [{"metrics/toy.json": {"cache": False}}], "outs": ["out"]},
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "toy": {"cmd": f"{sys.executable} stages/toy.py", "deps": ["bad", "stages/toy.py"],
+                "metrics": [{"metrics/toy.json": {"cache": False}}], "plots": [{"plots/toy": {"cache": False}}],
+                "outs": ["out", {"keep": {"persist": True}}]},
         "other": {"cmd": "echo z > other.txt", "outs": ["other.txt"]}}}))
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -763,25 +767,29 @@ def test_a_stage_failing_under_dvc_restores_what_dvc_removed(tmp_path):
         assert r.returncode != 0 and len(ours) == 1, r.stdout + r.stderr
         return ours[0]
 
+    (tmp_path / "other.txt").unlink()  # another stage's output: not this stage's to restore
     line = failing_repro()
     assert line == ("mechdiff: error: toy.value is bad: set it right (earlier outputs that DVC removed before this "
-                    "stage ran are restored: metrics/toy.json, out)")
+                    "stage ran are restored: metrics/toy.json, plots/toy, out)")
     assert (tmp_path / "metrics" / "toy.json").read_text() == '{"v": 0}'
-    assert (tmp_path / "out" / "a.bin").read_bytes() == b"x0" and (tmp_path / "out" / "b.bin").read_bytes() == b"y"
-    # another stage's recorded output gone too (`dvc exp run` removes those of stages a changed matrix leaves out)
-    (tmp_path / "other.txt").unlink()
-    assert failing_repro().endswith("are restored: metrics/toy.json, out, other.txt)")
-    assert (tmp_path / "other.txt").read_text() == "z\n"
+    for name in ("out", "plots/toy"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["a.csv", "b.csv"]
+        assert (tmp_path / name / "a.csv").read_text() == "x,0" and (tmp_path / name / "b.csv").read_text() == "y"
+    assert (tmp_path / "keep" / "state.txt").read_text() == "started 1"  # the persisted output is the stage's own
+    assert not (tmp_path / "other.txt").exists()
+    assert not list(tmp_path.rglob("*.restore-*"))  # no temporary folder left behind
     # a newer run that was not committed: the cached output comes back, HEAD's metrics are not the recorded ones
     (tmp_path / "bad").write_text("2")
-    subprocess.run([dvc, "repro", "-q"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run([dvc, "repro", "-q", "toy"], cwd=tmp_path, env=env, check=True, capture_output=True)
     line = failing_repro()
-    assert "are restored: out)" in line and "`git checkout HEAD -- metrics/toy.json` restores the committed" in line
-    assert (tmp_path / "out" / "a.bin").read_bytes() == b"x2" and not (tmp_path / "metrics" / "toy.json").exists()
+    assert "are restored: out)" in line, line
+    assert "`git checkout HEAD -- metrics/toy.json plots/toy` restores the committed" in line, line
+    assert (tmp_path / "out" / "a.csv").read_text() == "x,2" and not (tmp_path / "metrics" / "toy.json").exists()
     (tmp_path / "bad").write_text("2")  # the recorded run's input again: DVC sees the restored output as its own
     st = subprocess.run([dvc, "status", "toy"], cwd=tmp_path, env=env, capture_output=True, text=True)
     lines = [ln.split() for ln in st.stdout.splitlines()]
-    assert lines == [["toy:"], ["changed", "outs:"], ["deleted:", "metrics/toy.json"]], st.stdout
+    assert lines == [["toy:"], ["changed", "outs:"], ["modified:", "keep"], ["deleted:", "metrics/toy.json"],
+                     ["deleted:", "plots/toy"]], st.stdout  # keep: the failed run's own state; out: as recorded
 
 
 def test_output_cut_short_by_the_reader_stops_quietly():

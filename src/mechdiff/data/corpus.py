@@ -551,6 +551,12 @@ def _resolve(p: str | Path, data_dir: Path) -> Path:
     return p if p.is_absolute() else data_dir / p
 
 
+def hf_offline_hint(hf: str, name: str) -> str:
+    """How to use hub dataset `hf` (source `name`) without network: a local JSONL copy."""
+    return (f"without network, run datasets.load_dataset({hf!r}).to_json('{name}.jsonl') on a connected machine, "
+            f"copy it into data/ and use {{\"name\": \"{name}\", \"path\": \"{name}.jsonl\"}}")
+
+
 def _read_hf(src: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
     """Rows of a `datasets.load_dataset` source (hub id, or "json"/"parquet"/"csv" with data_files)."""
     try:
@@ -577,11 +583,8 @@ def _read_hf(src: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(hf, src.get("config"), **kwargs)
     except Exception as e:
-        raise MechdiffError(
-            f"cannot load dataset {hf!r} for source {name!r} ({_one_line(e)}); without network, run "
-            f"datasets.load_dataset({hf!r}).to_json('{name}.jsonl') on a connected machine, copy it into data/ and "
-            f"use {{\"name\": \"{name}\", \"path\": \"{name}.jsonl\"}}"
-        ) from e
+        raise MechdiffError(f"cannot load dataset {hf!r} for source {name!r} ({_one_line(e)}); "
+                            + hf_offline_hint(hf, name)) from e
     cols = ds.column_names
     # optional fields: explicit names must exist; the default names are read only where the columns exist (the
     # answer only together with choices)

@@ -202,7 +202,8 @@ def extract(
     run.eval()
     prefix = enc.shared_prefix if prefix_cache else 0
     # bf16 / fp16: the cache is checked on a float32 copy (`SharedPrefix.checked`), made before the weights pack
-    twin = _sites.float32_twin(run) if prefix >= 2 and next(run.parameters()).dtype != torch.float32 else None
+    half = next(run.parameters()).dtype in (torch.bfloat16, torch.float16)
+    twin = _sites.float32_twin(run) if prefix >= 2 and half else None
     try:
         with store.writer(rows, world) as writer, torch.inference_mode(), \
                 packed_linears(_sites.get_body(run), rows_hint=batch_size * 64,
@@ -216,7 +217,10 @@ def extract(
             pre = _sites.SharedPrefix.checked(run, enc, site_list, prefix, logits=store_logits,
                                               pass_mask=attention_mask, device=device, check_model=twin) \
                 if writer.start < writer.end else None
-            twin = None
+            if twin is not None:
+                twin = None
+                if str(device).startswith("cuda"):
+                    torch.cuda.empty_cache()  # the copy's memory back to the device before the extraction's batches
             _loop(run, enc, pids, site_list, vw, writer, batch_size=batch_size, pad=pad_id(tokenizer),
                   device=device, store_logits=store_logits, d=d, n=writer.end, shard_rows=shard_rows,
                   pass_mask=attention_mask, pre=pre,

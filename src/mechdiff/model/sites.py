@@ -386,40 +386,59 @@ class SharedPrefix:
         in its own dtype."""
         import warnings
 
-        from mechdiff.model.cache import CacheMismatch, UnknownCacheLayout, cache_check
-        from mechdiff.model.tokens import batches
+        from mechdiff.model.cache import CacheMismatch, UnknownCacheLayout
 
         n = enc.shared_prefix if n is None else int(n)
         if n < 2:
             return None
         device = device if device is not None else next(model.parameters()).device
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        judge = check_model if half and check_model is not None else model
+        if half and check_model is not None:
+            try:
+                cls._agrees(check_model, enc, sites, n, logits, pass_mask, device, check_rows)
+            except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
+                warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
+                              "full forwards", RuntimeWarning, stacklevel=2)
+                return None
+            except Exception:  # noqa: BLE001 - the copy itself does not run (a tensor it left in half precision):
+                pass  # the check runs on the model, in its own dtype
+            else:
+                return cls(model, enc.ids[0][:n], sites, logits, device)
         try:
-            pre = cls(judge, enc.ids[0][:n], sites, logits, device)
-            _, ids, mask, pos = next(batches(enc, np.arange(min(len(enc), check_rows)), check_rows, enc.pad,
-                                             device=device, sort_by_length=False))
-            m = mask if pass_mask else None
-            got, lg = pre.capture(judge, ids, m, sites, logits_at=pos if logits else None)
-            want, lw = capture(judge, ids, m, sites, logits_at=pos if logits else None)
-            keep = mask[:, n:].bool().unsqueeze(-1)
-            for s in sites:
-                g, w = got[s.name], want[s.name]
-                err, tol = cache_check(torch.where(keep, g, 0), torch.where(keep, w[:, n:], 0), w.dtype)
-                err2, _ = cache_check(pre.acts[s.name], w[0, :n], w.dtype)
-                if not max(err, err2) <= tol:
-                    raise CacheMismatch(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
-            if logits:
-                err, tol = cache_check(lg, lw, next(judge.parameters()).dtype)
-                if not err <= tol:
-                    raise CacheMismatch(f"logits differ from a full forward by {err:.3g} (relative)")
-            return pre if judge is model else cls(model, enc.ids[0][:n], sites, logits, device)
+            return cls._agrees(model, enc, sites, n, logits, pass_mask, device, check_rows)
         # a model that takes no cache (TypeError, NotImplementedError), keeps one mechdiff does not read, or
         # continues it differently: full forwards; anything else (out of memory, a bug) is raised
         except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
             warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
                           "full forwards", RuntimeWarning, stacklevel=2)
             return None
+
+    @classmethod
+    def _agrees(cls, judge: nn.Module, enc: Any, sites: Sequence[Site], n: int, logits: bool, pass_mask: bool,
+                device: Any, check_rows: int) -> SharedPrefix:
+        """The prefix on `judge`, once its continuation of the first `check_rows` prompts agrees with their full
+        forwards (`cache.cache_check`); else CacheMismatch (or the model's own error)."""
+        from mechdiff.model.cache import CacheMismatch, cache_check
+        from mechdiff.model.tokens import batches
+
+        pre = cls(judge, enc.ids[0][:n], sites, logits, device)
+        _, ids, mask, pos = next(batches(enc, np.arange(min(len(enc), check_rows)), check_rows, enc.pad,
+                                         device=device, sort_by_length=False))
+        m = mask if pass_mask else None
+        got, lg = pre.capture(judge, ids, m, sites, logits_at=pos if logits else None)
+        want, lw = capture(judge, ids, m, sites, logits_at=pos if logits else None)
+        keep = mask[:, n:].bool().unsqueeze(-1)
+        for s in sites:
+            g, w = got[s.name], want[s.name]
+            err, tol = cache_check(torch.where(keep, g, 0), torch.where(keep, w[:, n:], 0), w.dtype)
+            err2, _ = cache_check(pre.acts[s.name], w[0, :n], w.dtype)
+            if not max(err, err2) <= tol:
+                raise CacheMismatch(f"{s.name} differs from a full forward by {max(err, err2):.3g} (relative)")
+        if logits:
+            err, tol = cache_check(lg, lw, next(judge.parameters()).dtype)
+            if not err <= tol:
+                raise CacheMismatch(f"logits differ from a full forward by {err:.3g} (relative)")
+        return pre
 
 
 def float32_twin(model: nn.Module, *, headroom: float = 1.5) -> nn.Module | None:
@@ -446,7 +465,10 @@ def float32_twin(model: nn.Module, *, headroom: float = 1.5) -> nn.Module | None
         return None
     if need > free:
         return None
-    return copy.deepcopy(model).float().eval()
+    try:
+        return copy.deepcopy(model).float().eval()
+    except Exception:  # noqa: BLE001 - a model that does not copy or cast (or no memory after all): no check copy
+        return None
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
