@@ -100,8 +100,8 @@ def run_stage(fn: Callable[[], Any]) -> None:
         if resume.parent_gone():
             orphan_note(address, before)
     except MechdiffError as e:
-        # past the lock, `dvc repro` deleted the stage's earlier outputs before this run: say how to restore them
-        print(f"mechdiff: error: {e}{restore_removed(address) if lock is not None else ''}", file=sys.stderr)
+        # past the lock, `dvc repro` deleted the stage's earlier outputs before this run: restore them, or say how
+        print(f"mechdiff: error: {e}{restored_note(address) if lock is not None else ''}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("mechdiff: interrupted; rerun `dvc repro` to resume", file=sys.stderr)
@@ -140,16 +140,16 @@ def _fingerprint(address: str, *, now: bool = False) -> str | None:
         return None
 
 
-def restore_removed(address: str) -> str:
+def restored_note(address: str) -> str:
     """Under `dvc repro` (stage `address`), bring back what it deleted of the failed stage's earlier outputs before
     running it, where dvc.lock's record of them can be matched (`pipeline.restore_removed`), and say so; then how
     to restore whatever is still missing (`restore_hint`). "" when nothing was missing or outside DVC."""
     if not address:
         return ""
     try:
-        from mechdiff.pipeline import restore_removed as restore
+        from mechdiff.pipeline import restore_removed
 
-        back = restore(address)
+        back = restore_removed(address)
     except Exception:  # noqa: BLE001 - a convenience: never turn the one-line error into a traceback
         back = []
     said = f" (earlier outputs that DVC removed before this stage ran are restored: {', '.join(back)})" \

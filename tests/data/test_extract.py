@@ -211,6 +211,13 @@ def test_shared_prefix_runs_once_and_matches_full_forwards(tiny, tmp_path):
     assert n_full - n_fast == len(shared) * Pn - Pn - 4 * (Tc - Pn) - 4 * Tc
 
 
+def _assert_same_views(a, b) -> None:
+    """Every view of VIEWS equal bit for bit in stores `a` and `b`."""
+    for s, vs in VIEWS.items():
+        for v in vs:
+            np.testing.assert_array_equal(a.read(s, v), b.read(s, v))
+
+
 def test_shared_prefix_falls_back_to_full_forwards_when_its_check_fails(tiny, tmp_path, monkeypatch):
     import mechdiff.model.cache as mc
 
@@ -221,9 +228,7 @@ def test_shared_prefix_falls_back_to_full_forwards_when_its_check_fails(tiny, tm
         a = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "a.zarr", **kw)
     monkeypatch.undo()
     b = extract(model, tok, prompts, SITES, VIEWS, tmp_path / "b.zarr", prefix_cache=False, **kw)
-    for s, vs in VIEWS.items():
-        for v in vs:
-            np.testing.assert_array_equal(a.read(s, v), b.read(s, v))
+    _assert_same_views(a, b)
 
 
 def test_a_prompt_cut_by_max_len_shortens_the_shared_prefix_and_says_so(tiny, tmp_path):
@@ -278,10 +283,10 @@ def test_bf16_checks_its_cache_on_a_float32_copy_and_stays_as_close_to_float32(t
     monkeypatch.setattr(ex._sites, "float32_twin", lambda m, **k: None)  # no copy: the failing bf16 check decides
     with pytest.warns(RuntimeWarning, match="shared-prefix cache is unavailable"):
         off = extract(model, tok, shared, SITES, VIEWS, tmp_path / "off.zarr", dtype="bfloat16", **kw)
+    _assert_same_views(off, full)
     differs = False
     for s, vs in VIEWS.items():
         for v in vs:
-            np.testing.assert_array_equal(off.read(s, v), full.read(s, v))
             differs |= not np.array_equal(cached.read(s, v), full.read(s, v))
             ref = f32.read(s, v)
             e_cached = np.linalg.norm(cached.read(s, v) - ref) / np.linalg.norm(ref)
@@ -312,6 +317,4 @@ def test_bf16_cache_check_on_the_float32_copy_still_refuses_a_wrong_cache(tiny, 
         a = extract(model, tok, shared, SITES, VIEWS, tmp_path / "a.zarr", **kw)
     monkeypatch.undo()
     b = extract(model, tok, shared, SITES, VIEWS, tmp_path / "b.zarr", prefix_cache=False, **kw)
-    for s, vs in VIEWS.items():
-        for v in vs:
-            np.testing.assert_array_equal(a.read(s, v), b.read(s, v))
+    _assert_same_views(a, b)

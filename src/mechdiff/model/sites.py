@@ -393,22 +393,20 @@ class SharedPrefix:
             return None
         device = device if device is not None else next(model.parameters()).device
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        if half and check_model is not None:
-            try:
-                cls._agrees(check_model, enc, sites, n, logits, pass_mask, device, check_rows)
-            except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
-                warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
-                              "full forwards", RuntimeWarning, stacklevel=2)
-                return None
-            except Exception:  # noqa: BLE001 - the copy itself does not run (a tensor it left in half precision):
-                pass  # the check runs on the model, in its own dtype
-            else:
-                return cls(model, enc.ids[0][:n], sites, logits, device)
+        refused = (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError)
         try:
+            if half and check_model is not None:
+                try:
+                    cls._agrees(check_model, enc, sites, n, logits, pass_mask, device, check_rows)
+                    return cls(model, enc.ids[0][:n], sites, logits, device)
+                except refused:
+                    raise
+                except Exception:  # noqa: BLE001 - the copy itself does not run (a tensor left in half precision):
+                    pass  # the check runs on the model, in its own dtype
             return cls._agrees(model, enc, sites, n, logits, pass_mask, device, check_rows)
         # a model that takes no cache (TypeError, NotImplementedError), keeps one mechdiff does not read, or
         # continues it differently: full forwards; anything else (out of memory, a bug) is raised
-        except (UnknownCacheLayout, CacheMismatch, TypeError, NotImplementedError) as exc:
+        except refused as exc:
             warnings.warn(f"the shared-prefix cache is unavailable for {type(model).__name__} ({exc}); running "
                           "full forwards", RuntimeWarning, stacklevel=2)
             return None
